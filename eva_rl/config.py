@@ -1,0 +1,137 @@
+"""Configuration dataclasses for LoRA adapters and EVA initialization.
+
+Both are validated on construction (``__post_init__``), the way PEFT validates its tuner configs: a bad value
+raises ``ValueError`` naming the field, the value and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+_ON_MAX_BATCHES = ("raise", "warn")
+_SVD_SOLVERS = ("lowrank", "full")
+
+
+def _bad(cls_name: str, field_name: str, value: Any, accepted: str) -> ValueError:
+    return ValueError(f"{cls_name}.{field_name}={value!r} is invalid: expected {accepted}")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the Linear/Conv2d layers of a policy: ``W x + (alpha / r) * B A x``, ``W`` frozen.
+
+    :param r: Default rank of every adapted layer (>= 1). EVA may redistribute it across layers.
+    :param alpha: Scaling numerator; the adapter output is multiplied by ``alpha / r``.
+        ``None`` means ``alpha = r`` (scaling 1).
+    :param target_modules: Which layers get adapters. ``None``: every ``nn.Linear`` and ``nn.Conv2d``
+        (excluding the heads when ``train_heads`` is set). A list of names matches a layer whose
+        qualified name equals an entry or ends with ``"." + entry``; a single string is a regular
+        expression that must match the whole name (PEFT's convention).
+    :param dropout: Dropout probability on the adapter input, in ``[0, 1)``. Keep it 0 for PPO:
+        rollouts run in eval mode, so dropout makes the PPO ratio differ from 1 before any update.
+    :param train_heads: Train ``action_net`` and ``value_net`` fully instead of adapting them.
+    :param train_bias: Train the biases of every Linear/Conv2d layer.
+    :param rank_pattern: Per-layer rank overrides, ``{name or pattern: rank}``; rank 0 means no adapter.
+        EVA writes its allocation here so that ``PPO.load`` rebuilds the same adapters.
+    :param alpha_pattern: Per-layer ``alpha`` overrides, ``{name or pattern: alpha}``.
+    """
+
+    r: int = 4
+    alpha: float | None = None
+    target_modules: list[str] | str | None = None
+    dropout: float = 0.0
+    train_heads: bool = False
+    train_bias: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise _bad(name, "r", self.r, "an integer >= 1")
+        if self.alpha is not None and not self.alpha > 0:
+            raise _bad(name, "alpha", self.alpha, "a number > 0, or None for alpha = r")
+        if not 0.0 <= self.dropout < 1.0:
+            raise _bad(name, "dropout", self.dropout, "a probability in [0, 1)")
+        if isinstance(self.target_modules, (list, tuple)):
+            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+                raise _bad(name, "target_modules", self.target_modules, "a non-empty list of layer names")
+            self.target_modules = list(self.target_modules)
+        elif self.target_modules is not None and not (isinstance(self.target_modules, str) and self.target_modules):
+            raise _bad(name, "target_modules", self.target_modules, "None, a list of layer names or a regex string")
+        for key, rank in self.rank_pattern.items():
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+                raise _bad(name, f"rank_pattern[{key!r}]", rank, "an integer >= 0 (0 = no adapter)")
+        for key, value in self.alpha_pattern.items():
+            if not value > 0:
+                raise _bad(name, f"alpha_pattern[{key!r}]", value, "a number > 0")
+
+    @property
+    def default_alpha(self) -> float:
+        """``alpha`` with the ``None`` default resolved to ``r``."""
+        return float(self.r) if self.alpha is None else float(self.alpha)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-``dict`` form, safe to store in SB3's ``policy_kwargs``."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | LoraConfig) -> LoraConfig:
+        if isinstance(data, LoraConfig):
+            return data
+        return cls(**data)
+
+
+@dataclass
+class EvaConfig:
+    """How EVA estimates the adapter directions and redistributes ranks.
+
+    :param rho: Rank redistribution factor (>= 1): a layer may get up to ``round(r * rho)`` rank, and
+        that many principal components are tracked per layer. ``rho=1`` keeps uniform ranks.
+    :param tau: Convergence threshold in ``[0, 1]``: a component has converged when the cosine between
+        two successive estimates is >= ``tau``.
+    :param batch_size: Activation rows (environment steps) per incremental SVD update. Must be at least
+        the number of tracked components.
+    :param max_batches: Stop after this many batches even if some layers have not converged
+        (peft loops forever). ``None`` means no cap.
+    :param on_max_batches: What to do when the cap is hit: ``"raise"`` an error naming the layers that did
+        not converge, or ``"warn"`` and use the current estimates.
+    :param whiten: Divide each A row by ``sqrt`` of its singular value, as peft does.
+    :param adjust_scaling_factors: Rescale alpha with the rank (``alpha * r_new / r``) so that
+        ``alpha / r`` is unchanged by the redistribution.
+    :param deterministic: Act greedily during the rollouts. Off by default: PPO trains on the states its
+        stochastic policy visits.
+    :param svd_solver: ``"lowrank"`` (randomized, peft's choice, seeded by ``seed``) or ``"full"`` (exact).
+    :param seed: Seed of the randomized SVD and of the rollout environments.
+    """
+
+    rho: float = 2.0
+    tau: float = 0.99
+    batch_size: int = 256
+    max_batches: int | None = 100
+    on_max_batches: Literal["raise", "warn"] = "raise"
+    whiten: bool = False
+    adjust_scaling_factors: bool = True
+    deterministic: bool = False
+    svd_solver: Literal["lowrank", "full"] = "lowrank"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if not self.rho >= 1.0:
+            raise _bad(name, "rho", self.rho, "a number >= 1.0 (1.0 keeps uniform ranks)")
+        if not 0.0 <= self.tau <= 1.0:
+            raise _bad(name, "tau", self.tau, "a cosine threshold in [0, 1]")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise _bad(name, "batch_size", self.batch_size, "an integer >= 1")
+        if self.max_batches is not None and (not isinstance(self.max_batches, int) or self.max_batches < 2):
+            raise _bad(name, "max_batches", self.max_batches, "None or an integer >= 2 (EVA needs two batches)")
+        if self.on_max_batches not in _ON_MAX_BATCHES:
+            raise _bad(name, "on_max_batches", self.on_max_batches, f"one of {_ON_MAX_BATCHES}")
+        if self.svd_solver not in _SVD_SOLVERS:
+            raise _bad(name, "svd_solver", self.svd_solver, f"one of {_SVD_SOLVERS}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,380 @@
+"""EVA: data-driven LoRA initialization from the principal directions of each layer's inputs.
+
+Model-agnostic: :func:`compute_eva` works on any ``nn.Module`` and any iterable of inputs. For SB3 policies the
+inputs come from rollouts (:mod:`eva_rl.rollouts`). The numerics follow peft's ``get_eva_state_dict``; see
+the README's "EVA numerics" section for where and why we differ.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from eva_rl.allocation import allocate_ranks
+from eva_rl.config import EvaConfig, LoraConfig
+from eva_rl.inject import disable_adapters, layer_fan_in, resolve_ranks
+from eva_rl.ipca import IncrementalPCA
+from eva_rl.layers import LoraLayer
+
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+
+class EvaConvergenceError(RuntimeError):
+    """EVA stopped (batch cap or end of data) before every layer's components converged."""
+
+
+@dataclass
+class EvaResult:
+    """What EVA computed, per target layer.
+
+    :ivar A: ``{layer: (rank, fan_in) tensor}``, the top principal directions of the layer input; rank may be 0.
+    :ivar ranks: ``{layer: rank}`` after redistribution.
+    :ivar explained_variance_ratio: ``{layer: ratios of the tracked components}`` (component variance over the
+        layer input's total variance).
+    :ivar batches_used: Batches consumed.
+    :ivar converged: ``{layer: whether its first ``rank`` components converged}``.
+    :ivar fan_in: ``{layer: input features}``; Conv2d layers count ``C*kh*kw`` patch features.
+    :ivar max_components: ``{layer: components tracked}`` (``round(r*rho)``, clipped to the fan-in).
+    :ivar shared_inputs: ``{layer: layer whose PCA it shares}`` for layers whose inputs are identical.
+    :ivar singular_values: ``{layer: singular values of the tracked components}``.
+    :ivar seconds: Wall time of the whole computation (data collection included).
+    :ivar env_steps: Environment steps consumed, when the batches came from rollouts.
+    """
+
+    A: dict[str, torch.Tensor]
+    ranks: dict[str, int]
+    explained_variance_ratio: dict[str, torch.Tensor]
+    batches_used: int
+    converged: dict[str, bool]
+    fan_in: dict[str, int] = field(default_factory=dict)
+    max_components: dict[str, int] = field(default_factory=dict)
+    shared_inputs: dict[str, str] = field(default_factory=dict)
+    singular_values: dict[str, torch.Tensor] = field(default_factory=dict)
+    seconds: float = 0.0
+    env_steps: int | None = None
+
+    def captured_variance(self, name: str) -> float:
+        """Fraction of layer ``name``'s input variance captured by its ``rank`` EVA directions."""
+        return float(self.explained_variance_ratio[name][: self.ranks[name]].sum())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready report: ranks, ratios, captured variance, batches, env steps, seconds."""
+        return {
+            "ranks": dict(self.ranks),
+            "explained_variance_ratio": {k: [float(x) for x in v] for k, v in self.explained_variance_ratio.items()},
+            "captured_variance": {k: self.captured_variance(k) for k in self.ranks},
+            "fan_in": dict(self.fan_in),
+            "max_components": dict(self.max_components),
+            "shared_inputs": dict(self.shared_inputs),
+            "converged": dict(self.converged),
+            "batches_used": self.batches_used,
+            "env_steps": self.env_steps,
+            "seconds": self.seconds,
+        }
+
+
+def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in totals):
+            raise ValueError(f"EVA cannot unfold Conv2d with padding='same' and asymmetric padding ({conv})")
+        return tuple(t // 2 for t in totals)
+    return tuple(conv.padding)
+
+
+def layer_input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rows a layer's weight sees: a Linear input flattened to ``(-1, in_features)``, a Conv2d input unfolded
+    into patches ``(-1, C*kh*kw)`` in the layout of ``weight.reshape(out, -1)``."""
+    base = layer.base_layer if isinstance(layer, LoraLayer) else layer
+    if isinstance(base, nn.Conv2d):
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        patches = F.unfold(x, base.kernel_size, base.dilation, _conv_padding(base), base.stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _to_device(v, device) for k, v in batch.items()})
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _default_forward(module: nn.Module, batch: Any) -> Any:
+    return module(batch)
+
+
+class _ComponentTracker:
+    """One incremental PCA plus its per-component convergence flags."""
+
+    def __init__(self, n_components: int, svd_solver: str, seed: int) -> None:
+        self.pca = IncrementalPCA(n_components, svd_solver=svd_solver, seed=seed)
+        self.converged = torch.zeros(n_components, dtype=torch.bool)
+        self.cosine = torch.full((n_components,), float("nan"))
+
+    def update(self, rows: torch.Tensor, tau: float) -> None:
+        previous = self.pca.components_
+        self.pca.partial_fit(rows)
+        if self.pca.zero_variance:
+            self.converged[:] = True
+        elif previous is not None:
+            self.cosine = F.cosine_similarity(self.pca.components_, previous, dim=1).cpu()
+            self.converged = self.cosine >= tau
+
+    def done(self, rank: int) -> bool:
+        return bool(self.converged[:rank].all())
+
+
+def _group_identical(rows: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``{layer: leader}``: each layer maps to the first layer with a bit-identical input."""
+    leader_of: dict[str, str] = {}
+    for name, x in rows.items():
+        leader = next(
+            (
+                lead
+                for lead in dict.fromkeys(leader_of.values())
+                if rows[lead].shape == x.shape and torch.equal(rows[lead], x)
+            ),
+            name,
+        )
+        leader_of[name] = leader
+    return leader_of
+
+
+def run_eva(
+    module: nn.Module,
+    batches: Iterable[Any],
+    lora: LoraConfig,
+    eva: EvaConfig,
+    forward_fn: ForwardFn | None = None,
+    exclude: Iterable[str] = (),
+    progress: bool = False,
+) -> EvaResult:
+    """EVA driven by config objects; :func:`compute_eva` is the keyword-argument front end.
+
+    :param module: Model whose target layers' inputs are analysed. Existing LoRA adapters are bypassed.
+    :param batches: Iterable of model inputs, consumed lazily, each batch once.
+    :param lora: Targets, per-layer ranks (``r`` / ``rank_pattern``; the rank budget is their sum).
+    :param eva: ``rho``, ``tau``, batch cap, whitening, SVD solver and seed.
+    :param forward_fn: ``forward_fn(module, batch)`` runs the model; defaults to ``module(batch)``.
+    :param exclude: Layer names never analysed.
+    :param progress: Show a progress bar.
+    """
+    start = time.perf_counter()
+    resolved = resolve_ranks(module, lora, exclude)
+    layers = {name: module.get_submodule(name) for name, (rank, _) in resolved.items() if rank > 0}
+    budget = sum(resolved[name][0] for name in layers)
+    fan_in = {name: layer_fan_in(layer) for name, layer in module.named_modules() if name in resolved}
+    caps: dict[str, int] = {}
+    for name in layers:
+        cap = round(resolved[name][0] * eva.rho)
+        if cap > fan_in[name]:
+            warnings.warn(
+                f"EVA: round(r*rho)={cap} exceeds the fan-in {fan_in[name]} of layer {name!r}; "
+                f"tracking {fan_in[name]} components there",
+                stacklevel=3,
+            )
+            cap = fan_in[name]
+        caps[name] = cap
+
+    device = next(module.parameters()).device
+    forward_fn = forward_fn or _default_forward
+    capturing: set[str] = set()
+    captured: dict[str, list[torch.Tensor]] = {}
+
+    def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(layer: nn.Module, args: tuple[Any, ...]) -> None:
+            if name in capturing:
+                captured.setdefault(name, []).append(layer_input_rows(layer, args[0]).detach())
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(name)) for name, layer in layers.items()]
+    trackers: dict[str, _ComponentTracker] = {}
+    leader_of: dict[str, str] = {}
+    ranks = dict(caps)
+    batches_used = 0
+    stop_reason: str | None = None
+    was_training = module.training
+    bar = tqdm(total=eva.max_batches, desc="EVA", unit="batch", disable=not progress, leave=False)
+
+    def group_done(leader: str) -> bool:
+        needed = max(ranks[n] for n, lead in leader_of.items() if lead == leader)
+        return trackers[leader].done(needed)
+
+    iterator = iter(batches)
+    try:
+        module.eval()
+        with torch.no_grad(), disable_adapters(module):
+            while not (trackers and all(group_done(lead) for lead in trackers)):
+                if eva.max_batches is not None and batches_used >= eva.max_batches:
+                    stop_reason = f"max_batches={eva.max_batches} reached"
+                    break
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    stop_reason = f"the batches ran out after {batches_used}"
+                    break
+                wanted = [lead for lead in trackers if not group_done(lead)] if trackers else list(layers)
+                captured.clear()
+                capturing.update(wanted)
+                try:
+                    forward_fn(module, _to_device(batch, device))
+                finally:
+                    capturing.clear()
+                batches_used += 1
+                rows = {}
+                for name in wanted:
+                    if name not in captured:
+                        raise RuntimeError(f"EVA: layer {name!r} was not called by forward_fn; it cannot be analysed")
+                    x = torch.cat(captured.pop(name))
+                    if not torch.isfinite(x).all():
+                        raise ValueError(
+                            f"EVA: non-finite activations (NaN/inf) at the input of layer {name!r} in batch "
+                            f"{batches_used}; check the observations and the policy's preprocessing"
+                        )
+                    rows[name] = x
+                if not trackers:
+                    leader_of = _group_identical(rows)
+                    for leader in dict.fromkeys(leader_of.values()):
+                        group = [n for n, lead in leader_of.items() if lead == leader]
+                        cap = max(caps[n] for n in group)
+                        for n in group:
+                            caps[n] = cap
+                        trackers[leader] = _ComponentTracker(cap, eva.svd_solver, eva.seed)
+                for leader in trackers:
+                    if leader not in rows:
+                        continue
+                    if rows[leader].shape[0] < caps[leader]:
+                        raise ValueError(
+                            f"EVA: batch {batches_used} gives {rows[leader].shape[0]} rows at layer {leader!r}, fewer "
+                            f"than the {caps[leader]} components tracked there (round(r*rho)); "
+                            f"use a batch size of at least {caps[leader]}"
+                        )
+                    trackers[leader].update(rows[leader], eva.tau)
+                ratios = {n: trackers[leader_of[n]].pca.explained_variance_ratio_ for n in layers}
+                ranks = allocate_ranks(ratios, caps, budget)
+                bar.update(1)
+                bar.set_postfix_str(f"{sum(group_done(lead) for lead in trackers)}/{len(trackers)} inputs converged")
+    finally:
+        bar.close()
+        if iterator is not batches and hasattr(iterator, "close"):
+            iterator.close()  # our own generator over `batches`: let it restore env state (VecNormalize) now
+        for handle in handles:
+            handle.remove()
+        module.train(was_training)
+
+    converged = {n: trackers[leader_of[n]].done(ranks[n]) for n in layers} if trackers else {}
+    not_converged = [n for n in layers if not converged.get(n, False)]
+    if not_converged:
+        details = ", ".join(
+            f"{n} ({int(trackers[leader_of[n]].converged[: ranks[n]].sum())}/{ranks[n]} components)" if trackers else n
+            for n in not_converged
+        )
+        message = f"EVA stopped ({stop_reason}) before these layers converged at tau={eva.tau}: {details}"
+        if eva.on_max_batches == "raise" or not trackers:
+            raise EvaConvergenceError(
+                message + ". Raise max_batches, lower tau, or set on_max_batches='warn' to use the current estimate"
+            )
+        warnings.warn(message + "; using the current estimate", stacklevel=3)
+    if sum(ranks.values()) < budget:
+        warnings.warn(
+            f"EVA: only {sum(ranks.values())} components with non-zero variance for a rank budget of {budget}",
+            stacklevel=3,
+        )
+
+    result = EvaResult(A={}, ranks={}, explained_variance_ratio={}, batches_used=batches_used, converged={})
+    for name in resolved:
+        result.fan_in[name] = fan_in[name]
+        if name not in layers:
+            result.A[name] = torch.zeros(0, fan_in[name], device=device)
+            result.ranks[name] = 0
+            result.explained_variance_ratio[name] = torch.zeros(0)
+            result.converged[name] = True
+            continue
+        pca = trackers[leader_of[name]].pca
+        rank = ranks[name]
+        directions = pca.components_[:rank]
+        if eva.whiten:
+            directions = directions / pca.singular_values_[:rank].sqrt().unsqueeze(1)
+        result.A[name] = directions.to(device=device, dtype=torch.float32)
+        result.ranks[name] = rank
+        result.explained_variance_ratio[name] = pca.explained_variance_ratio_[: caps[name]].float().cpu()
+        result.singular_values[name] = pca.singular_values_[: caps[name]].float().cpu()
+        result.converged[name] = converged[name]
+        result.max_components[name] = caps[name]
+        if leader_of[name] != name:
+            result.shared_inputs[name] = leader_of[name]
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def compute_eva(
+    module: nn.Module,
+    batches: Iterable[Any],
+    target_modules: list[str] | str | None = None,
+    r: int = 4,
+    rho: float = 2.0,
+    tau: float = 0.99,
+    whiten: bool = False,
+    max_batches: int | None = None,
+    forward_fn: ForwardFn | None = None,
+    seed: int = 0,
+    *,
+    rank_pattern: dict[str, int] | None = None,
+    on_max_batches: str = "raise",
+    svd_solver: str = "lowrank",
+    progress: bool = False,
+) -> EvaResult:
+    """Compute EVA's LoRA ``A`` matrices and rank allocation for the target layers of ``module``.
+
+    Each target layer's inputs are hooked and streamed through an incremental PCA until the components that
+    the current rank allocation needs stop moving (cosine between successive estimates >= ``tau``, at least
+    two batches). Layers whose inputs are bit-identical share one PCA. Ranks are redistributed by pooling the
+    explained-variance ratios of all layers and keeping the top ``sum(r)``, each layer capped at
+    ``round(r * rho)``.
+
+    :param module: Any ``nn.Module``.
+    :param batches: Iterable of inputs for ``forward_fn``; each batch is used once, never cached.
+    :param target_modules: Layers to analyse (see :class:`~eva_rl.config.LoraConfig`); ``None`` for all
+        Linear/Conv2d layers.
+    :param r: Rank per layer before redistribution; the budget is ``r`` times the number of layers.
+    :param rho: Redistribution factor (>= 1); ``rho=1`` keeps uniform ranks.
+    :param tau: Cosine threshold for convergence, in ``[0, 1]``.
+    :param whiten: Divide each direction by ``sqrt`` of its singular value.
+    :param max_batches: Stop after this many batches (``None``: run until converged or out of batches).
+    :param forward_fn: ``forward_fn(module, batch)``; defaults to ``module(batch)``.
+    :param seed: Seed of the randomized SVD.
+    :param rank_pattern: Per-layer rank overrides (0 = not adapted, not analysed).
+    :param on_max_batches: ``"raise"`` or ``"warn"`` when stopping before convergence.
+    :param svd_solver: ``"lowrank"`` (peft's randomized SVD) or ``"full"``.
+    :param progress: Show a progress bar.
+    :return: An :class:`EvaResult`.
+    :raises EvaConvergenceError: if the batches end or the cap is hit first (with ``on_max_batches="raise"``).
+    :raises ValueError: on non-finite activations, a batch with fewer rows than components, or bad arguments.
+    """
+    lora = LoraConfig(r=r, target_modules=target_modules, rank_pattern=dict(rank_pattern or {}))
+    eva = EvaConfig(
+        rho=rho,
+        tau=tau,
+        whiten=whiten,
+        max_batches=max_batches,
+        on_max_batches=on_max_batches,
+        svd_solver=svd_solver,
+        seed=seed,
+    )
+    return run_eva(module, batches, lora, eva, forward_fn=forward_fn, progress=progress)

@@ -1,0 +1,157 @@
+"""LoRA layer modules for ``nn.Linear`` and ``nn.Conv2d``.
+
+Output: ``base_layer(x) + scaling * B(A(dropout(x)))`` with ``scaling = alpha / r``; the base layer is frozen.
+``lora_A`` and ``lora_B`` are raw ``nn.Parameter`` s rather than ``nn.Linear`` modules, so that SB3's
+``ortho_init`` (which re-initializes every Linear/Conv2d module in reach) can never touch them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LoraLayer(nn.Module):
+    """Common part of the LoRA wrappers: rank, scaling, dropout, merge state.
+
+    :param base_layer: The layer to adapt; its parameters are frozen.
+    :param r: Adapter rank (>= 1).
+    :param alpha: Scaling numerator; the adapter output is multiplied by ``alpha / r``.
+    :param dropout: Dropout probability on the adapter input.
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        if r < 1:
+            raise ValueError(f"LoRA rank r={r} is invalid: expected an integer >= 1 (rank 0 means: do not wrap)")
+        self.base_layer = base_layer
+        for param in base_layer.parameters():
+            param.requires_grad_(False)
+        self.r = int(r)
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / self.r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.disabled = False
+
+    @property
+    def fan_in(self) -> int:
+        """Number of input features one output of the base layer sees (``in_features`` or ``C*kh*kw``)."""
+        return int(self.base_layer.weight[0].numel())
+
+    def reset_lora_parameters(self) -> None:
+        """Standard LoRA init: Kaiming-uniform A (as ``nn.Linear``), B = 0, so the layer starts as its base."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    @torch.no_grad()
+    def set_lora_A(self, directions: torch.Tensor) -> None:
+        """Copy ``directions`` (``r x fan_in``) into A, and zero B so the output is unchanged."""
+        if directions.shape != (self.r, self.fan_in):
+            raise ValueError(
+                f"A of shape {tuple(directions.shape)} does not fit this layer: expected ({self.r}, {self.fan_in})"
+            )
+        self.lora_A.copy_(directions.reshape(self.lora_A.shape))
+        self.lora_B.zero_()
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B A`` in the shape of the base weight."""
+        return (self.scaling * (self._b_matrix() @ self._a_matrix())).reshape(self.base_layer.weight.shape)
+
+    def _adapter(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the base weight; the forward then skips the adapter."""
+        if not self.merged:
+            self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`."""
+        if self.merged:
+            self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = False
+
+    def effective_weight(self) -> torch.Tensor:
+        """``W + scaling * B A``, differentiable in A and B."""
+        weight = self.base_layer.weight
+        flat = torch.addmm(weight.reshape(weight.shape[0], -1), self._b_matrix(), self._a_matrix(), alpha=self.scaling)
+        return flat.reshape(weight.shape)
+
+    def _a_matrix(self) -> torch.Tensor:
+        return self.lora_A.reshape(self.r, -1)
+
+    def _b_matrix(self) -> torch.Tensor:
+        return self.lora_B.reshape(-1, self.r)
+
+    def _base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.disabled:
+            return self.base_layer(x)
+        if isinstance(self.lora_dropout, nn.Identity):
+            # Without dropout, one call with W + s*BA is exact and far cheaper for RL-sized layers than the
+            # separate low-rank path: the cost of these small networks is the number of ops, not their flops.
+            return self._base_forward(x, self.effective_weight())
+        return self.base_layer(x) + self.scaling * self._adapter(self.lora_dropout(x))
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha:g}, merged={self.merged}"
+
+
+class LoraLinear(LoraLayer):
+    """LoRA wrapper of an ``nn.Linear``: ``A`` is ``(r, in_features)``, ``B`` is ``(out_features, r)``."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__(base_layer, r, alpha, dropout)
+        weight = base_layer.weight
+        self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, device=weight.device, dtype=weight.dtype))
+        self.lora_B = nn.Parameter(torch.empty(base_layer.out_features, r, device=weight.device, dtype=weight.dtype))
+        self.reset_lora_parameters()
+
+    def _base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, self.base_layer.bias)
+
+    def _adapter(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+
+class LoraConv2d(LoraLayer):
+    """LoRA wrapper of an ``nn.Conv2d``.
+
+    ``A`` is a convolution with the base kernel size, stride, padding and dilation and ``r`` output channels;
+    ``B`` is a 1x1 convolution to the base output channels. ``B A`` is then a single convolution with the base
+    geometry, which is what :meth:`merge` adds to the base kernel.
+    """
+
+    def __init__(self, base_layer: nn.Conv2d, r: int, alpha: float, dropout: float = 0.0) -> None:
+        if base_layer.groups != 1:
+            raise ValueError(f"LoRA on Conv2d needs groups=1, got groups={base_layer.groups}")
+        if base_layer.padding_mode != "zeros":
+            raise ValueError(f"LoRA on Conv2d needs padding_mode='zeros', got {base_layer.padding_mode!r}")
+        super().__init__(base_layer, r, alpha, dropout)
+        weight = base_layer.weight
+        kh, kw = base_layer.kernel_size
+        factory = dict(device=weight.device, dtype=weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_channels, kh, kw, **factory))
+        self.lora_B = nn.Parameter(torch.empty(base_layer.out_channels, r, 1, 1, **factory))
+        self.reset_lora_parameters()
+
+    def _base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.base_layer._conv_forward(x, weight, self.base_layer.bias)
+
+    def _adapter(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        hidden = F.conv2d(x, self.lora_A, None, base.stride, base.padding, base.dilation)
+        return F.conv2d(hidden, self.lora_B)
+
+
+LORA_LAYER_TYPES: dict[type[nn.Module], type[LoraLayer]] = {nn.Linear: LoraLinear, nn.Conv2d: LoraConv2d}
+"""Which LoRA wrapper adapts which base layer type."""

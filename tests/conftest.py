@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny environments and pretrained-looking agents for every policy variant."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import minigrid  # noqa: F401  (registers the MiniGrid ids)
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from minigrid.wrappers import ImgObsWrapper
+from stable_baselines3 import PPO
+
+from eva_rl.extractors import MinigridCNN
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+class DictPointEnv(gym.Env):
+    """A 2-D point that should reach the origin; observations are a Dict of two Boxes."""
+
+    def __init__(self) -> None:
+        self.observation_space = spaces.Dict(
+            {"position": spaces.Box(-2, 2, (2,), np.float32), "velocity": spaces.Box(-1, 1, (3,), np.float32)}
+        )
+        self.action_space = spaces.Discrete(4)
+        self._pos = np.zeros(2, np.float32)
+        self._t = 0
+
+    def _obs(self) -> dict[str, np.ndarray]:
+        vel = np.array([self._pos[0] * 0.5, self._pos[1] * 0.25, np.sin(self._t)], np.float32)
+        return {"position": self._pos.copy(), "velocity": np.clip(vel, -1, 1)}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._pos = self.np_random.uniform(-1.5, 1.5, 2).astype(np.float32)
+        self._t = 0
+        return self._obs(), {}
+
+    def step(self, action: int):
+        moves = np.array([[0.1, 0], [-0.1, 0], [0, 0.1], [0, -0.1]], np.float32)
+        self._pos = np.clip(self._pos + moves[int(action)], -2, 2)
+        self._t += 1
+        reward = -float(np.linalg.norm(self._pos))
+        return self._obs(), reward, False, self._t >= 50, {}
+
+
+def make_minigrid(env_id: str = "MiniGrid-Empty-5x5-v0") -> gym.Env:
+    return ImgObsWrapper(gym.make(env_id))
+
+
+VARIANTS = {
+    # name: (env factory, policy, policy_kwargs)
+    "mlp-discrete": (lambda: gym.make("CartPole-v1"), "MlpPolicy", {}),
+    "mlp-box": (lambda: gym.make("Pendulum-v1"), "MlpPolicy", {}),
+    "cnn-discrete": (
+        make_minigrid,
+        "CnnPolicy",
+        {"features_extractor_class": MinigridCNN, "features_extractor_kwargs": {"features_dim": 32}},
+    ),
+    "dict-discrete": (DictPointEnv, "MultiInputPolicy", {}),
+}
+
+
+def make_pretrained(variant: str, seed: int = 0, perturb: bool = True) -> PPO:
+    """A PPO agent for ``variant`` whose weights look trained (not SB3's ortho init, which zeroes biases)."""
+    env_fn, policy, policy_kwargs = VARIANTS[variant]
+    model = PPO(
+        policy, env_fn(), n_steps=64, batch_size=32, n_epochs=1, seed=seed, device="cpu", policy_kwargs=policy_kwargs
+    )
+    if perturb:
+        generator = torch.Generator().manual_seed(seed + 100)
+        with torch.no_grad():
+            for param in model.policy.parameters():
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant(request: pytest.FixtureRequest) -> str:
+    return request.param

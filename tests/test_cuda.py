@@ -1,0 +1,39 @@
+"""GPU checks, run with ``pytest -m cuda`` on a machine with CUDA; skipped elsewhere."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import pytest
+import torch
+
+import eva_rl
+from eva_rl import EvaConfig, LoraConfig, compute_eva
+from tests.conftest import make_minigrid, make_pretrained
+from tests.models import ActorCriticMLP, decaying_stream
+
+pytestmark = [pytest.mark.cuda, pytest.mark.filterwarnings("ignore:EVA:UserWarning")]
+
+
+def test_compute_eva_runs_on_the_gpu_and_agrees_with_cpu() -> None:
+    batches = decaying_stream(60, 64, 10)
+    cpu = compute_eva(ActorCriticMLP(), batches, r=3, svd_solver="full")
+    gpu = compute_eva(ActorCriticMLP().cuda(), batches, r=3, svd_solver="full")
+    assert gpu.ranks == cpu.ranks
+    for name, a in gpu.A.items():
+        assert a.device.type == "cuda"
+        cos = torch.nn.functional.cosine_similarity(a.cpu(), cpu.A[name], dim=1).abs()
+        assert cos.min() > 0.999
+
+
+@pytest.mark.parametrize("variant", ["mlp-discrete", "cnn-discrete"])
+def test_adapt_and_one_ppo_update_on_the_gpu(variant: str) -> None:
+    base = make_pretrained(variant)
+    base.policy.to("cuda")
+    base.device = torch.device("cuda")
+    env = make_minigrid() if variant.startswith("cnn") else gym.make("CartPole-v1")
+    model = eva_rl.adapt(base, env, lora=LoraConfig(r=2), eva=EvaConfig(batch_size=64), device="auto", n_steps=64)
+    assert model.device.type == "cuda"
+    assert all(p.device.type == "cuda" for p in model.policy.parameters())
+    before = {n: p.detach().clone() for n, p in model.policy.named_parameters() if "lora_B" in n}
+    model.learn(64)
+    assert any(not torch.equal(p, before[n]) for n, p in model.policy.named_parameters() if n in before)

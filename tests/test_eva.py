@@ -1,0 +1,232 @@
+"""compute_eva on plain nn.Modules, checked against exact SVDs of the stacked layer inputs."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from eva_rl import EvaConvergenceError, compute_eva
+from tests.models import ActorCriticMLP, ConvNet, decaying_stream, image_stream
+
+
+def exact_pca(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    centred = rows.double() - rows.double().mean(0)
+    _, s, vt = torch.linalg.svd(centred, full_matrices=False)
+    return vt[:k], s[:k].square() / centred.square().sum(), s
+
+
+def well_separated(s: torch.Tensor, k: int, gap: float = 0.1) -> list[int]:
+    """Indices j < k whose singular value is at least ``gap`` (relative) away from both neighbours."""
+    keep = []
+    for j in range(k):
+        left = (s[j - 1] - s[j]) / s[j] if j > 0 else torch.tensor(1.0)
+        right = (s[j] - s[j + 1]) / s[j]
+        if min(left, right) > gap:
+            keep.append(j)
+    return keep
+
+
+def explicit_patches(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """Patch rows of a stride-1, unpadded convolution, cut out by slicing (independent of F.unfold)."""
+    n, c, h, w = x.shape
+    rows = [
+        x[:, :, i : i + kh, j : j + kw].reshape(n, c * kh * kw) for i in range(h - kh + 1) for j in range(w - kw + 1)
+    ]
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("solver", ["lowrank", "full"])
+def test_linear_and_conv_directions_match_exact_svd(solver: str) -> None:
+    model = ConvNet()
+    batches = image_stream(40, 64)
+    result = compute_eva(model, batches, r=3, rho=2.0, tau=0.99, svd_solver=solver)
+    used = torch.cat(batches[: result.batches_used])
+    with torch.no_grad():
+        layer_inputs = {
+            "conv": explicit_patches(used, 2, 2),
+            "fc": torch.tanh(model.conv(used)).flatten(1),
+        }
+    checked = 0
+    for name, rows in layer_inputs.items():
+        k = result.max_components[name]
+        components, ratios, s = exact_pca(rows, k)
+        assert abs(float(result.explained_variance_ratio[name].sum()) - float(ratios.sum())) < 1e-3, name
+        rank = result.ranks[name]
+        cos = (result.A[name].double() @ components[:rank].T).diagonal().abs()
+        for j in well_separated(s, rank):
+            assert cos[j] >= 0.999, (name, j, cos)
+            checked += 1
+    assert checked >= 3
+    assert result.A["conv"].shape == (result.ranks["conv"], 8)
+
+
+def test_budget_conserved_caps_respected_and_rho_one_uniform() -> None:
+    model = ActorCriticMLP()
+    batches = decaying_stream(60, 64, 10)
+    result = compute_eva(model, batches, r=3, rho=2.0)
+    assert sum(result.ranks.values()) == 3 * 6
+    assert all(rank <= round(3 * 2.0) for rank in result.ranks.values())
+    for name, rank in result.ranks.items():
+        assert result.A[name].shape == (rank, model.get_submodule(name).in_features)
+    uniform = compute_eva(model, batches, r=3, rho=1.0)
+    assert uniform.ranks == dict.fromkeys(uniform.ranks, 3)
+
+
+class TwoInputs(nn.Module):
+    """Two layers reading different halves of the input: one isotropic, one with a fast-decaying spectrum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flat = nn.Linear(10, 4)
+        self.peaked = nn.Linear(10, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.flat(x[:, :10]), self.peaked(x[:, 10:])
+
+
+def test_ranks_move_to_where_the_variance_is() -> None:
+    generator = torch.Generator().manual_seed(0)
+    decay = 0.2 ** torch.arange(10.0)
+    batches = [
+        torch.cat([torch.randn(64, 10, generator=generator), torch.randn(64, 10, generator=generator) * decay], 1)
+        for _ in range(80)
+    ]
+    result = compute_eva(TwoInputs(), batches, r=3, rho=2.0, tau=0.9)
+    # "peaked" has one dominant direction (ratio ~0.96); "flat" spreads ~0.1 over each of its directions.
+    assert result.ranks == {"flat": 5, "peaked": 1}
+    assert result.explained_variance_ratio["peaked"][0] > 0.9
+
+
+def test_layers_with_identical_inputs_share_one_pca() -> None:
+    model = ActorCriticMLP()
+    result = compute_eva(model, decaying_stream(60, 64, 10), r=3, rho=2.0)
+    assert result.shared_inputs == {"value_net.0": "policy_net.0"}
+    leader, follower = result.A["policy_net.0"], result.A["value_net.0"]
+    assert result.ranks["policy_net.0"] >= result.ranks["value_net.0"]
+    assert torch.equal(leader[: follower.shape[0]], follower)
+
+
+def test_is_bit_for_bit_deterministic() -> None:
+    model = ActorCriticMLP()
+    batches = decaying_stream(60, 64, 10)
+    first = compute_eva(model, batches, r=3, seed=7)
+    second = compute_eva(model, batches, r=3, seed=7)
+    assert first.ranks == second.ranks
+    for name in first.A:
+        assert torch.equal(first.A[name], second.A[name])
+
+
+def test_streams_each_batch_once_from_a_generator() -> None:
+    consumed = []
+
+    def generate():
+        for i, batch in enumerate(decaying_stream(60, 64, 10)):
+            consumed.append(i)
+            yield batch
+
+    result = compute_eva(ActorCriticMLP(), generate(), r=2)
+    assert consumed == list(range(result.batches_used))
+
+
+def isotropic(n_batches: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(64, 10, generator=generator) for _ in range(n_batches)]
+
+
+def test_max_batches_error_names_the_unconverged_layers() -> None:
+    with pytest.raises(EvaConvergenceError, match=r"max_batches=3 reached.*policy_net\.0 \(\d/\d components\)"):
+        compute_eva(ActorCriticMLP(), isotropic(10), r=2, tau=0.999999, max_batches=3)
+
+
+def test_max_batches_warn_uses_the_current_estimate() -> None:
+    with pytest.warns(UserWarning, match="using the current estimate"):
+        result = compute_eva(ActorCriticMLP(), isotropic(10), r=2, tau=0.999999, max_batches=3, on_max_batches="warn")
+    assert result.batches_used == 3
+    assert not all(result.converged.values())
+    assert sum(result.ranks.values()) == 2 * 6
+
+
+def test_running_out_of_batches_is_an_error() -> None:
+    with pytest.raises(EvaConvergenceError, match="ran out after 1"):
+        compute_eva(ActorCriticMLP(), isotropic(1), r=2)
+
+
+class Exploding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.second = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.log(self.first(x)))
+
+
+def test_nan_activations_name_the_layer() -> None:
+    with pytest.raises(ValueError, match="non-finite activations .* layer 'second'"):
+        compute_eva(Exploding(), [torch.randn(32, 4)] * 5, r=2)
+
+
+class WithConstantBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = nn.Linear(10, 8)
+        self.dead = nn.Linear(10, 8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.live(x), self.dead(torch.ones_like(x) * 0.3)
+
+
+def test_zero_variance_input_gets_no_rank() -> None:
+    result = compute_eva(WithConstantBranch(), decaying_stream(40, 64, 10), r=2, rho=2.0)
+    assert result.ranks == {"live": 4, "dead": 0}
+    assert result.A["dead"].shape == (0, 10)
+    assert float(result.explained_variance_ratio["dead"].abs().sum()) == 0.0
+
+
+def test_batch_with_fewer_rows_than_components_is_an_error() -> None:
+    with pytest.raises(ValueError, match="gives 3 rows at layer 'policy_net.0', fewer than the 8 components"):
+        compute_eva(ActorCriticMLP(), [torch.randn(3, 10)] * 4, r=4, rho=2.0)
+
+
+def test_components_beyond_the_fan_in_are_clipped_with_a_warning() -> None:
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 4))
+    with pytest.warns(UserWarning, match=r"round\(r\*rho\)=4 exceeds the fan-in 3 of layer '0'"):
+        result = compute_eva(model, decaying_stream(40, 64, 3), r=2, rho=2.0)
+    assert result.max_components["0"] == 3
+    assert result.ranks["0"] <= 3
+
+
+def test_unknown_target_and_bad_hyperparameters_are_rejected() -> None:
+    batches = decaying_stream(4, 64, 10)
+    with pytest.raises(ValueError, match="'attention' matches no Linear/Conv2d layer"):
+        compute_eva(ActorCriticMLP(), batches, target_modules=["attention"])
+    with pytest.raises(ValueError, match=r"EvaConfig.tau=1.5 is invalid: expected a cosine threshold in \[0, 1\]"):
+        compute_eva(ActorCriticMLP(), batches, tau=1.5)
+    with pytest.raises(ValueError, match=r"LoraConfig.r=0 is invalid"):
+        compute_eva(ActorCriticMLP(), batches, r=0)
+
+
+def test_eva_leaves_module_mode_and_hooks_as_found() -> None:
+    model = ActorCriticMLP().train()
+    compute_eva(model, decaying_stream(40, 64, 10), r=2)
+    assert model.training
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_target_subset_and_rank_pattern_zero() -> None:
+    result = compute_eva(
+        ActorCriticMLP(),
+        decaying_stream(40, 64, 10),
+        target_modules=["policy_net.0", "policy_net.2", "critic"],
+        r=2,
+        rank_pattern={"critic": 0},
+    )
+    assert set(result.ranks) == {"policy_net.0", "policy_net.2", "critic"}
+    assert result.ranks["critic"] == 0
+    assert sum(result.ranks.values()) == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert result.to_dict()["captured_variance"]["critic"] == 0.0

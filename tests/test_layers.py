@@ -1,0 +1,162 @@
+"""LoRA layers and injection: forward, merge/unmerge, patterns, removal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eva_rl import LoraConfig, LoraConv2d, LoraLinear, disable_adapters, inject_adapters, lora_layers, remove_adapters
+from eva_rl.inject import find_target_layers, merged_state_dict
+
+
+def make_layer(kind: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Linear(6, 5), torch.randn(7, 6)
+    return nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)), torch.randn(2, 3, 9, 8)
+
+
+def randomize(lora: nn.Module) -> None:
+    with torch.no_grad():
+        lora.lora_A.normal_()
+        lora.lora_B.normal_()
+
+
+def lora_for(kind: str, base: nn.Module, r: int = 3, alpha: float = 6.0, dropout: float = 0.0) -> nn.Module:
+    return (LoraLinear if kind == "linear" else LoraConv2d)(base, r, alpha, dropout)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_zero_b_leaves_output_unchanged_and_base_frozen(kind: str) -> None:
+    base, x = make_layer(kind)
+    expected = base(x)
+    lora = lora_for(kind, base)
+    assert torch.equal(lora(x), expected)
+    assert not base.weight.requires_grad and not base.bias.requires_grad
+    assert lora.lora_A.requires_grad and lora.lora_B.requires_grad
+    assert lora.scaling == 2.0
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_forward_matches_explicit_low_rank_update(kind: str) -> None:
+    base, x = make_layer(kind)
+    lora = lora_for(kind, base)
+    randomize(lora)
+    if kind == "linear":
+        expected = base(x) + 2.0 * (x @ lora.lora_A.T @ lora.lora_B.T)
+    else:
+        hidden = F.conv2d(x, lora.lora_A, None, base.stride, base.padding, base.dilation)
+        expected = base(x) + 2.0 * torch.einsum("or,brhw->bohw", lora.lora_B[:, :, 0, 0], hidden)
+    torch.testing.assert_close(lora(x), expected)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_merge_and_unmerge_are_exact(kind: str) -> None:
+    base, x = make_layer(kind)
+    lora = lora_for(kind, base)
+    randomize(lora)
+    original = base.weight.detach().clone()
+    unmerged = lora(x)
+    lora.merge()
+    torch.testing.assert_close(lora(x), unmerged, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(base(x), unmerged, atol=1e-5, rtol=1e-5)
+    lora.unmerge()
+    torch.testing.assert_close(base.weight, original, atol=1e-6, rtol=0)
+    torch.testing.assert_close(lora(x), unmerged)
+
+
+def test_dropout_acts_on_the_adapter_input_only_in_training() -> None:
+    base, x = make_layer("linear")
+    lora = lora_for("linear", base, dropout=0.5)
+    randomize(lora)
+    lora.train()
+    assert not torch.allclose(lora(x), lora(x))
+    lora.eval()
+    assert torch.equal(lora(x), lora(x))
+
+
+def test_conv_rejects_grouped_convolutions() -> None:
+    with pytest.raises(ValueError, match="groups=1"):
+        LoraConv2d(nn.Conv2d(4, 4, 3, groups=2), 2, 2.0)
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 2)
+        self.body = nn.Sequential(nn.Linear(36, 8), nn.Tanh(), nn.Linear(8, 8))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.conv(x).flatten(1)))
+
+
+def test_inject_by_suffix_rank_pattern_and_remove_with_merge() -> None:
+    torch.manual_seed(0)
+    model, x = Tiny(), torch.randn(3, 2, 4, 4)
+    config = LoraConfig(r=2, target_modules=["conv", "body.0", "head"], rank_pattern={"head": 0, "conv": 3})
+    wrapped = inject_adapters(model, config)
+    assert sorted(wrapped) == ["body.0", "conv"]
+    assert isinstance(model.head, nn.Linear) and not isinstance(model.head, LoraLinear)
+    assert model.conv.r == 3 and model.body[0].r == 2
+    for layer in wrapped.values():
+        randomize(layer)
+    adapted = model(x)
+    with disable_adapters(model):
+        assert not torch.allclose(model(x), adapted)
+    torch.testing.assert_close(model(x), adapted)
+    remove_adapters(model, merge=True)
+    assert lora_layers(model) == {}
+    torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_merged_state_dict_matches_merging_in_place() -> None:
+    torch.manual_seed(0)
+    model = Tiny()
+    for layer in inject_adapters(model, LoraConfig(r=2)).values():
+        randomize(layer)
+    state = merged_state_dict(model)
+    assert lora_layers(model), "the model itself keeps its adapters"
+    remove_adapters(model, merge=True)
+    expected = model.state_dict()
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(state[key], value)
+
+
+def test_remove_without_merge_restores_the_base_model() -> None:
+    torch.manual_seed(0)
+    model, x = Tiny(), torch.randn(3, 2, 4, 4)
+    expected = model(x)
+    for layer in inject_adapters(model, LoraConfig(r=2)).values():
+        randomize(layer)
+    remove_adapters(model)
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_regex_targets_and_exclusion() -> None:
+    assert list(find_target_layers(Tiny(), r"body\.\d")) == ["body.0", "body.2"]
+    assert list(find_target_layers(Tiny(), None, exclude=["head"])) == ["conv", "body.0", "body.2"]
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (LoraConfig(target_modules=["nope"]), "'nope' matches no Linear/Conv2d layer; available: \\['conv'"),
+        (LoraConfig(target_modules="mlp.*"), "'mlp.\\*' matches no Linear/Conv2d layer"),
+        (LoraConfig(r=40, target_modules=["body.0"]), "rank 40 for layer 'body.0' exceeds its width \\(fan-in 36\\)"),
+        (LoraConfig(r=2, target_modules=["conv"], rank_pattern={"conv": 9}), "fan-in 8"),
+    ],
+)
+def test_bad_targets_and_ranks_get_specific_errors(config: LoraConfig, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        inject_adapters(Tiny(), config)
+
+
+def test_injecting_twice_is_refused() -> None:
+    model = Tiny()
+    inject_adapters(model, LoraConfig(r=2))
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+        inject_adapters(model, LoraConfig(r=2))
