@@ -14,7 +14,7 @@ from torch import nn
 
 from eva_rl.config import EvaConfig, LoraConfig
 from eva_rl.eva import EvaResult, run_eva
-from eva_rl.inject import merged_state_dict, pattern_value
+from eva_rl.inject import layer_fan_in, merged_state_dict, pattern_value, resolve_ranks
 from eva_rl.policies import HEADS, LORA_POLICY_FOR, PLAIN_POLICY_FOR, LoraPolicyMixin
 from eva_rl.rollouts import RolloutBatches, policy_forward
 
@@ -151,9 +151,17 @@ def adapt(
     vec_env = wrap_target_env(model, env)
     exclude = HEADS if lora.train_heads else ()
 
+    resolved = resolve_ranks(model.policy, lora, exclude)
     report = None
     result = None
     if method == "eva":
+        fan_in = {name: layer_fan_in(model.policy.get_submodule(name)) for name in resolved}
+        tracked = max(min(round(rank * eva.rho), fan_in[name]) for name, (rank, _) in resolved.items())
+        if eva.batch_size < tracked:
+            raise ValueError(
+                f"EvaConfig.batch_size={eva.batch_size} is below the {tracked} components EVA tracks per layer "
+                f"(round(r*rho), at most the fan-in); use batch_size >= {tracked}"
+            )
         rollouts = RolloutBatches(model.policy, vec_env, eva.batch_size, eva.deterministic, eva.seed)
         result = run_eva(
             model.policy, rollouts, lora, eva, forward_fn=policy_forward, exclude=exclude, progress=progress

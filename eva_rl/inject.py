@@ -96,15 +96,21 @@ def layer_fan_in(layer: nn.Module) -> int:
 
 
 def resolve_ranks(module: nn.Module, config: LoraConfig, exclude: Iterable[str] = ()) -> dict[str, tuple[int, float]]:
-    """``{layer name: (rank, alpha)}`` for every target layer of ``module`` under ``config`` (rank may be 0)."""
-    targets = find_target_layers(module, config.target_modules, exclude)
-    return {
-        name: (
-            pattern_value(config.rank_pattern, name, config.r),
-            float(pattern_value(config.alpha_pattern, name, config.default_alpha)),
-        )
-        for name in targets
-    }
+    """``{layer name: (rank, alpha)}`` for every target layer of ``module`` under ``config`` (rank may be 0).
+
+    :raises ValueError: if a pattern matches nothing or a rank exceeds its layer's width (fan-in).
+    """
+    resolved = {}
+    for name, layer in find_target_layers(module, config.target_modules, exclude).items():
+        rank = pattern_value(config.rank_pattern, name, config.r)
+        fan_in = layer_fan_in(layer)
+        if rank > fan_in:
+            raise ValueError(
+                f"LoRA rank {rank} for layer {name!r} exceeds its width (fan-in {fan_in}); "
+                f"use r <= {fan_in} or set rank_pattern[{name!r}] to at most {fan_in}"
+            )
+        resolved[name] = (rank, float(pattern_value(config.alpha_pattern, name, config.default_alpha)))
+    return resolved
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -128,12 +134,6 @@ def inject_adapters(module: nn.Module, config: LoraConfig, exclude: Iterable[str
             raise ValueError(f"layer {name!r} already has a LoRA adapter; remove_adapters() first")
         if rank == 0:
             continue
-        fan_in = layer_fan_in(layer)
-        if rank > fan_in:
-            raise ValueError(
-                f"LoRA rank {rank} for layer {name!r} exceeds its width (fan-in {fan_in}); "
-                f"use r <= {fan_in} or set rank_pattern[{name!r}] to at most {fan_in}"
-            )
         lora = LORA_LAYER_TYPES[type(layer)](layer, rank, alpha, config.dropout)
         _set_submodule(module, name, lora)
         wrapped[name] = lora

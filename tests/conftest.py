@@ -10,6 +10,8 @@ import torch
 from gymnasium import spaces
 from minigrid.wrappers import ImgObsWrapper
 from stable_baselines3 import PPO
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from torch import nn
 
 from eva_rl.extractors import MinigridCNN
 
@@ -86,3 +88,17 @@ def make_pretrained(variant: str, seed: int = 0, perturb: bool = True) -> PPO:
 @pytest.fixture(params=list(VARIANTS))
 def variant(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+class DeadBranchExtractor(BaseFeaturesExtractor):
+    """Features from a live Linear branch and a branch that only ever sees zeros (its input has no variance)."""
+
+    def __init__(self, observation_space: spaces.Box) -> None:
+        super().__init__(observation_space, features_dim=16)
+        n = int(np.prod(observation_space.shape))
+        self.live = nn.Linear(n, 8)
+        self.dead = nn.Linear(n, 8)
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        flat = observations.flatten(1)
+        return torch.cat([torch.tanh(self.live(flat)), torch.tanh(self.dead(torch.zeros_like(flat)))], dim=1)

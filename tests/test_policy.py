@@ -21,7 +21,7 @@ import eva_rl
 from eva_rl import EvaConfig, LoraConfig, SpaceMismatchError
 from eva_rl.layers import LoraLayer
 from eva_rl.policies import LoraPolicyMixin
-from tests.conftest import VARIANTS, make_pretrained
+from tests.conftest import VARIANTS, DeadBranchExtractor, make_pretrained
 
 # Pendulum's 3 observation features are fewer than round(r*rho)=4: EVA clips and warns, as it should.
 pytestmark = pytest.mark.filterwarnings("ignore:EVA:UserWarning")
@@ -83,6 +83,46 @@ def test_cnn_policy_gets_eva_on_its_convolutions() -> None:
     assert any(name.startswith("features_extractor.cnn.") and rank > 0 for name, rank in ranks.items()), ranks
     conv = model.policy.features_extractor.cnn[0]
     assert isinstance(conv, eva_rl.LoraConv2d)
+
+
+def test_a_layer_eva_gives_rank_zero_keeps_no_adapter_and_round_trips(tmp_path: Path) -> None:
+    base = PPO(
+        "MlpPolicy",
+        "CartPole-v1",
+        n_steps=32,
+        batch_size=32,
+        seed=0,
+        device="cpu",
+        policy_kwargs={"features_extractor_class": DeadBranchExtractor},
+    )
+    model = eva_rl.adapt(base, gym.make("CartPole-v1"), lora=LoraConfig(r=2), eva=FAST_EVA)
+    ranks = model.policy.eva_report["ranks"]
+    assert ranks["features_extractor.dead"] == 0
+    assert sum(ranks.values()) == 2 * len(ranks)
+    assert isinstance(model.policy.features_extractor.dead, torch.nn.Linear)
+    assert not isinstance(model.policy.features_extractor.dead, LoraLayer)
+    assert "features_extractor.dead" not in model.policy.lora_ranks
+    model.learn(32)
+    model.save(tmp_path / "rank0.zip")
+    reloaded = PPO.load(tmp_path / "rank0.zip", device="cpu")
+    assert reloaded.policy.lora_ranks == model.policy.lora_ranks
+    obs = sample_obs(model)
+    for got, want in zip(outputs(reloaded.policy, obs), outputs(model.policy, obs)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("lora", "eva", "message"),
+    [
+        (LoraConfig(r=4), EvaConfig(rho=2.0, batch_size=5), r"EvaConfig.batch_size=5 is below the 8 components"),
+        (LoraConfig(target_modules=["attention"]), EvaConfig(), r"'attention' matches no Linear/Conv2d layer"),
+        (LoraConfig(r=5), EvaConfig(), r"rank 5 for layer 'mlp_extractor.policy_net.0' exceeds its width \(fan-in 4\)"),
+    ],
+)
+def test_adapt_rejects_bad_configs_up_front(lora: LoraConfig, eva: EvaConfig, message: str) -> None:
+    base = make_pretrained("mlp-discrete")
+    with pytest.raises(ValueError, match=message):
+        eva_rl.adapt(base, gym.make("CartPole-v1"), method="eva", lora=lora, eva=eva)
 
 
 def trainable_names(policy: torch.nn.Module) -> set[str]:
