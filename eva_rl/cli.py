@@ -1,0 +1,197 @@
+"""Command lines of ``scripts/finetune.py`` and ``scripts/pretrain.py``.
+
+Bad input (an unknown env, a missing or corrupt agent, mismatched spaces, a bad config value) ends with one
+``error: ...`` line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eva_rl.adapt import SpaceMismatchError
+from eva_rl.environments import EnvError, env_factory, import_packages
+from eva_rl.eva import EvaConvergenceError
+from eva_rl.finetune import AgentError, RunDirError, finetune, summary_table
+from eva_rl.tasks import METHODS, ConfigError, TaskConfig, find_task, known_tasks, load_task
+
+USAGE_ERRORS = (ConfigError, EnvError, AgentError, SpaceMismatchError, RunDirError)
+
+
+def _comma_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def add_env_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("environment")
+    group.add_argument(
+        "--env",
+        required=True,
+        help="a task name from configs/ (e.g. MiniGrid-DoorKey), a registered Gymnasium id, or module:Class",
+    )
+    group.add_argument("--config", type=Path, help="a task YAML file to use instead of looking up --env in configs/")
+    group.add_argument(
+        "--gym-package",
+        action="append",
+        default=[],
+        metavar="PKG",
+        help="import PKG first, for packages that register env ids (repeatable)",
+    )
+    group.add_argument(
+        "--wrapper", action="append", default=None, metavar="MODULE:CLASS", help="observation wrapper (repeatable)"
+    )
+    group.add_argument("--n-envs", type=int, help="parallel envs for PPO")
+    group.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    group.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for small nets)")
+
+
+def resolve_task(args: argparse.Namespace) -> TaskConfig:
+    """The task named by ``--env`` (or ``--config``), or an ad-hoc task for a plain env id or entry point."""
+    import_packages(args.gym_package)
+    task = load_task(args.config) if args.config is not None else find_task(args.env)
+    if task is None:
+        env_factory(args.env, args.wrapper or [], known_tasks=list(known_tasks()))  # unknown ids fail here
+        name = args.env.replace(":", "-").replace("/", "-")
+        task = TaskConfig(name=name, target_env=args.env, source_env=args.env)
+    changes: dict[str, Any] = {"n_envs": args.n_envs, "wrappers": args.wrapper}
+    if args.gym_package:
+        changes["env_packages"] = [*task.env_packages, *args.gym_package]
+    return task.override(**changes)
+
+
+def _finetune_overrides(task: TaskConfig, args: argparse.Namespace) -> TaskConfig:
+    ppo = dict(task.ppo)
+    if args.lr is not None:
+        ppo["learning_rate"] = args.lr
+    lora = task.lora
+    if args.rank is not None or args.alpha is not None:
+        lora = dataclasses.replace(
+            lora, r=args.rank or lora.r, alpha=args.alpha if args.alpha is not None else lora.alpha
+        )
+    eva_changes = {k: v for k, v in {"rho": args.rho, "tau": args.tau, "batch_size": args.eva_batch_size}.items()}
+    eva = dataclasses.replace(task.eva, **{k: v for k, v in eva_changes.items() if v is not None})
+    eval_settings = dataclasses.replace(
+        task.eval,
+        **{k: v for k, v in {"freq": args.eval_freq, "episodes": args.eval_episodes}.items() if v is not None},
+    )
+    return task.override(
+        total_timesteps=args.total_timesteps,
+        checkpoint_freq=args.checkpoint_freq,
+        ppo=ppo,
+        lora=lora,
+        eva=eva,
+        eval=eval_settings,
+        methods=args.methods,
+        seeds=args.seeds,
+    )
+
+
+def finetune_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finetune.py",
+        description="Fine-tune a pretrained PPO agent with EVA-initialized LoRA (and the baselines) on a target env.",
+    )
+    add_env_arguments(parser)
+    parser.add_argument("--pretrained", type=Path, help="your own SB3 PPO zip (default: the task's bundled agent)")
+    parser.add_argument("--methods", type=_comma_list, help=f"comma list out of {','.join(METHODS)} (default eva,full)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="one or more seeds")
+    parser.add_argument("--seed", type=int, dest="seeds", action="append", help="a seed (same as --seeds N)")
+    parser.add_argument("--total-timesteps", type=int, help="fine-tuning budget per run")
+    parser.add_argument("--lr", type=float, help="learning rate, the same for every method")
+    parser.add_argument("--rank", type=int, help="LoRA rank r per layer (EVA's budget is r x layers)")
+    parser.add_argument("--alpha", type=float, help="LoRA alpha (scaling alpha/r)")
+    parser.add_argument("--rho", type=float, help="EVA rank redistribution factor (>= 1)")
+    parser.add_argument("--tau", type=float, help="EVA convergence threshold, cosine in [0, 1]")
+    parser.add_argument("--eva-batch-size", type=int, help="env steps per EVA batch")
+    parser.add_argument("--eval-freq", type=int, help="env steps between evaluations")
+    parser.add_argument("--eval-episodes", type=int, help="episodes per evaluation")
+    parser.add_argument("--checkpoint-freq", type=int, help="env steps between checkpoints")
+    parser.add_argument("--log-dir", type=Path, default=Path("runs"), help="TensorBoard and results root (runs)")
+    parser.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def finetune_main(argv: Sequence[str] | None = None) -> int:
+    args = finetune_parser().parse_args(argv)
+
+    def body() -> int:
+        torch.set_num_threads(args.threads)
+        task = _finetune_overrides(resolve_task(args), args)
+        agent_path = args.pretrained or task.agent_path
+        if agent_path is None:
+            raise AgentError(f"no bundled agent for {args.env!r}; pass --pretrained path/to/agent.zip")
+        progress = not args.no_progress
+        print(f"[eva-rl] task {task.name}: {task.target_env}, agent {agent_path}")
+        results = finetune(task, agent_path, args.log_dir, task.methods, task.seeds, args.device, args.resume, progress)
+        board = args.log_dir / task.name
+        print()
+        print(summary_table(results))
+        print(f"\nResults: {board}/<method>/seed<k>/ (model.zip, result.json, eva.json)")
+        print(f"TensorBoard: tensorboard --logdir {board}")
+        return 0
+
+    return _guarded(body)
+
+
+def _guarded(body: Callable[[], int]) -> int:
+    try:
+        return body()
+    except USAGE_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except EvaConvergenceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command with --resume to continue", file=sys.stderr)
+        return 130
+
+
+def pretrain_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain.py", description="Train the source PPO agent of a task, reproducibly, with a model card."
+    )
+    add_env_arguments(parser)
+    parser.add_argument("--total-timesteps", type=int, help="training budget (default: the task's)")
+    parser.add_argument("--seed", type=int, help="seed (default: the task's)")
+    parser.add_argument("--eval-episodes", type=int, default=100, help="episodes of the final evaluation (>= 100)")
+    parser.add_argument("--out", type=Path, help="output folder (default: agents/<source env id>/)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def pretrain_main(argv: Sequence[str] | None = None) -> int:
+    from eva_rl.pretrain import pretrain
+
+    args = pretrain_parser().parse_args(argv)
+
+    def body() -> int:
+        torch.set_num_threads(args.threads)
+        task = resolve_task(args)
+        command = " ".join(["python", "scripts/pretrain.py", *(argv if argv is not None else sys.argv[1:])])
+        card = pretrain(
+            task,
+            out=args.out,
+            total_timesteps=args.total_timesteps,
+            seed=args.seed,
+            eval_episodes=args.eval_episodes,
+            device=args.device,
+            command=command,
+            progress=not args.no_progress,
+        )
+        print(f"[eva-rl] agent: {card['path']}")
+        print(
+            f"[eva-rl] return on {card['source_env']}: {card['eval_return']:.3f} over {card['eval_episodes']} episodes"
+        )
+        if card.get("target_return") is not None:
+            print(f"[eva-rl] zero-shot return on {card['target_env']}: {card['target_return']:.3f}")
+        return 0
+
+    return _guarded(body)

@@ -1,0 +1,162 @@
+"""Pretraining of the source agents we bundle: reproducible (fixed seed, config hyperparameters), small, with a
+model card recording how to reproduce them and how well they do."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
+from tqdm.auto import tqdm
+
+from eva_rl.environments import env_factory, import_packages, load_object, make_vec
+from eva_rl.tasks import ROOT, TaskConfig
+from eva_rl.training import atomic_save_model, atomic_write_json, atomic_write_text, evaluate
+
+_PACKAGES = ("eva-rl", "torch", "stable-baselines3", "gymnasium", "minigrid", "numpy")
+
+
+def resolve_policy_kwargs(policy_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Turn ``module:Class`` strings of ``*_class`` and ``activation_fn`` entries into the objects."""
+    resolved = {}
+    for key, value in policy_kwargs.items():
+        if isinstance(value, str) and (key.endswith("_class") or key == "activation_fn"):
+            value = load_object(value, f"policy_kwargs.{key}")
+        resolved[key] = value
+    return resolved
+
+
+def _display_path(path: Path) -> str:
+    """``path`` relative to the project root when inside it, so the card reads the same on every clone."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+class ProgressCallback(BaseCallback):
+    """A tqdm bar over the training steps."""
+
+    def __init__(self, total: int, description: str) -> None:
+        super().__init__()
+        self.total = total
+        self.description = description
+        self._bar: tqdm | None = None
+
+    def _on_training_start(self) -> None:
+        self._bar = tqdm(total=self.total, desc=self.description, unit="step", leave=False)
+
+    def _on_step(self) -> bool:
+        self._bar.update(self.num_timesteps - self._bar.n)
+        return True
+
+    def _on_training_end(self) -> None:
+        self._bar.close()
+
+
+def pretrain(
+    task: TaskConfig,
+    out: Path | None = None,
+    total_timesteps: int | None = None,
+    seed: int | None = None,
+    eval_episodes: int = 100,
+    device: str = "auto",
+    command: str = "",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``task``'s source agent and write ``model.zip``, ``card.json`` and ``README.md`` to ``out``.
+
+    :return: The model card.
+    """
+    import_packages(task.env_packages)
+    source_env = task.source_env or task.target_env
+    steps = total_timesteps or task.pretrain_timesteps
+    seed = task.pretrain_seed if seed is None else seed
+    out = out or ROOT / "agents" / source_env.replace(":", "-")
+    factory = env_factory(source_env, task.wrappers, task.env_kwargs)
+    start = time.perf_counter()
+    model = PPO(
+        task.policy,
+        make_vec(factory, task.n_envs, seed),
+        policy_kwargs=resolve_policy_kwargs(task.policy_kwargs),
+        seed=seed,
+        device=device,
+        verbose=0,
+        **task.ppo,
+    )
+    callbacks = [ProgressCallback(steps, f"pretrain {source_env}")] if progress else []
+    model.learn(steps, callback=callbacks)
+    train_seconds = time.perf_counter() - start
+
+    eval_env = make_vec(factory, task.eval.env_count, task.eval.seed)
+    eval_return, eval_std = evaluate(model, eval_env, eval_episodes, task.eval.seed, task.eval.deterministic)
+    target_return = None
+    if task.target_env != source_env:
+        target_factory = env_factory(task.target_env, task.wrappers, task.env_kwargs)
+        target_env = make_vec(target_factory, task.eval.env_count, task.eval.seed)
+        target_return, _ = evaluate(model, target_env, eval_episodes, task.eval.seed, task.eval.deterministic)
+
+    atomic_save_model(model, out / "model.zip")
+    card = {
+        "task": task.name,
+        "source_env": source_env,
+        "target_env": task.target_env,
+        "path": _display_path(out / "model.zip"),
+        "timesteps": int(model.num_timesteps),
+        "seed": seed,
+        "policy": task.policy,
+        "policy_kwargs": task.policy_kwargs,
+        "ppo": {"n_envs": task.n_envs, **task.ppo},
+        "observation_encoding": task.wrappers or ["none (raw observations)"],
+        "observation_space": str(model.observation_space),
+        "action_space": str(model.action_space),
+        "eval_return": eval_return,
+        "eval_return_std": eval_std,
+        "eval_episodes": eval_episodes,
+        "eval_deterministic": task.eval.deterministic,
+        "eval_seed": task.eval.seed,
+        "target_return": target_return,
+        "train_seconds": round(train_seconds, 1),
+        "packages": package_versions(),
+        "command": command,
+    }
+    atomic_write_json(out / "card.json", card)
+    atomic_write_text(out / "README.md", model_card_markdown(card))
+    return card
+
+
+def model_card_markdown(card: dict[str, Any]) -> str:
+    target = (
+        f"- Zero-shot return on `{card['target_env']}` (the jumpstart): **{card['target_return']:.3f}**\n"
+        if card["target_return"] is not None
+        else ""
+    )
+    return (
+        f"# {card['source_env']} source agent\n\n"
+        f"PPO agent trained by eva-rl's `scripts/pretrain.py` for task `{card['task']}`.\n\n"
+        f"- Trained on `{card['source_env']}` for {card['timesteps']:,} steps, seed {card['seed']} "
+        f"({card['train_seconds']} s)\n"
+        f"- Return on `{card['source_env']}`: **{card['eval_return']:.3f}** ± {card['eval_return_std']:.3f} over "
+        f"{card['eval_episodes']} episodes ({'greedy' if card['eval_deterministic'] else 'stochastic'} actions, "
+        f"eval seed {card['eval_seed']})\n"
+        f"{target}"
+        f"- Observation encoding: {', '.join(f'`{w}`' for w in card['observation_encoding'])}\n"
+        f"- Policy: `{card['policy']}` with `{json.dumps(card['policy_kwargs'])}`\n"
+        f"- Packages: {', '.join(f'{k} {v}' for k, v in card['packages'].items())}\n\n"
+        f"Reproduce:\n\n```bash\n{card['command']}\n```\n\n"
+        "SB3 zips contain pickles: load them only from sources you trust.\n"
+    )

@@ -1,0 +1,177 @@
+"""Tasks: a transfer (source agent -> target env) with its wrappers, PPO settings, budget, eval and LoRA/EVA
+defaults, read from one YAML file per task in ``configs/``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from eva_rl.config import EvaConfig, LoraConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+"""The project root: ``configs/`` and ``agents/`` live here."""
+CONFIG_DIR = ROOT / "configs"
+METHODS = ("eva", "lora", "full", "scratch")
+
+
+class ConfigError(ValueError):
+    """A task file or override with a bad value."""
+
+
+@dataclass
+class EvalSettings:
+    """Evaluation on a separate env with fixed episode seeds.
+
+    :param freq: Environment steps between evaluations (one also runs at step 0).
+    :param episodes: Episodes per evaluation.
+    :param deterministic: Greedy actions. MiniGrid is evaluated stochastically, as rl-zoo3 does: an argmax
+        policy can loop until ``max_steps``.
+    :param seed: Seed of the eval episodes and of the action sampling during evaluation.
+    :param n_envs: Parallel eval envs (at most ``episodes``); part of what fixes the eval episodes, so it does
+        not follow the training ``n_envs``.
+    """
+
+    freq: int = 10_000
+    episodes: int = 50
+    deterministic: bool = False
+    seed: int = 10_000
+    n_envs: int = 8
+
+    @property
+    def env_count(self) -> int:
+        return min(self.n_envs, self.episodes)
+
+    def __post_init__(self) -> None:
+        for name in ("freq", "episodes", "n_envs"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name}={getattr(self, name)!r} is invalid: expected an integer >= 1")
+
+
+@dataclass
+class TaskConfig:
+    """One transfer task.
+
+    :param name: Task name (``--env`` accepts it); also the TensorBoard folder.
+    :param target_env: Env to fine-tune on: a registered id or ``module:Class``.
+    :param source_env: Env the bundled agent was pretrained on (``scripts/pretrain.py`` reads it).
+    :param agent: Path of the pretrained SB3 zip, relative to the project root.
+    :param env_packages: Packages to import before making envs (they register ids).
+    :param wrappers: ``module:Class`` observation wrappers, applied in order (the agent's encoding).
+    :param env_kwargs: Keyword arguments for the env.
+    :param policy: SB3 policy for pretraining and training from scratch.
+    :param policy_kwargs: Its ``policy_kwargs``; ``*_class`` and ``activation_fn`` values may be
+        ``module:Class`` strings.
+    :param n_envs: Parallel envs for PPO.
+    :param ppo: PPO constructor arguments shared by every method (``learning_rate``, ``n_steps`` ...).
+    :param pretrain_timesteps: Budget of ``scripts/pretrain.py``.
+    :param pretrain_seed: Seed of ``scripts/pretrain.py``.
+    :param total_timesteps: Fine-tuning budget per run.
+    :param methods: Methods run by default, out of ``eva, lora, full, scratch``.
+    :param seeds: Seeds run by default.
+    :param checkpoint_freq: Environment steps between checkpoints.
+    :param eval: Evaluation settings.
+    :param lora: Adapter settings for ``eva`` and ``lora``.
+    :param eva: EVA settings.
+    """
+
+    name: str
+    target_env: str
+    source_env: str | None = None
+    agent: str | None = None
+    env_packages: list[str] = field(default_factory=list)
+    wrappers: list[str] = field(default_factory=list)
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    policy: str = "MlpPolicy"
+    policy_kwargs: dict[str, Any] = field(default_factory=dict)
+    n_envs: int = 8
+    ppo: dict[str, Any] = field(default_factory=dict)
+    pretrain_timesteps: int = 100_000
+    pretrain_seed: int = 0
+    total_timesteps: int = 100_000
+    methods: list[str] = field(default_factory=lambda: ["eva", "full"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    checkpoint_freq: int = 20_000
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    eva: EvaConfig = field(default_factory=EvaConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eval, dict):
+            self.eval = _build(EvalSettings, self.eval, "eval")
+        if isinstance(self.lora, dict):
+            self.lora = _build(LoraConfig, self.lora, "lora")
+        if isinstance(self.eva, dict):
+            self.eva = _build(EvaConfig, self.eva, "eva")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise ConfigError(f"methods={self.methods!r} is invalid: expected a non-empty list out of {METHODS}")
+        for name in ("n_envs", "total_timesteps", "pretrain_timesteps", "checkpoint_freq"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r} is invalid: expected an integer >= 1")
+        if not self.seeds or not all(isinstance(s, int) for s in self.seeds):
+            raise ConfigError(f"seeds={self.seeds!r} is invalid: expected a non-empty list of integers")
+
+    @property
+    def agent_path(self) -> Path | None:
+        if self.agent is None:
+            return None
+        path = Path(self.agent)
+        return path if path.is_absolute() else ROOT / path
+
+    def override(self, **changes: Any) -> TaskConfig:
+        """A copy with ``changes`` applied (``None`` values ignored) and validated again."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping, got {values!r}")
+    accepted = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(accepted))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; accepted: {accepted}")
+    try:
+        return cls(**values)
+    except ValueError as error:
+        raise ConfigError(f"{where}: {error}") from error
+
+
+def load_task(path: Path) -> TaskConfig:
+    """Read and validate a task YAML file.
+
+    :raises ConfigError: naming the file and the bad key or value.
+    """
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of task settings, got {type(data).__name__}")
+    data.setdefault("name", path.stem)
+    try:
+        return _build(TaskConfig, data, str(path))
+    except ConfigError as error:
+        message = str(error)
+        raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}") from error
+
+
+def known_tasks(config_dir: Path = CONFIG_DIR) -> dict[str, Path]:
+    """``{task name: YAML path}`` for every task file in ``config_dir``."""
+    return {path.stem: path for path in sorted(config_dir.glob("*.yaml"))}
+
+
+def find_task(env: str, config_dir: Path = CONFIG_DIR) -> TaskConfig | None:
+    """The task named ``env``, or the task whose ``target_env`` is ``env``; ``None`` if there is none."""
+    tasks = known_tasks(config_dir)
+    if env in tasks:
+        return load_task(tasks[env])
+    for path in tasks.values():
+        task = load_task(path)
+        if task.target_env == env:
+            return task
+    return None

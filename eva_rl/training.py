@@ -1,0 +1,194 @@
+"""Callbacks and file helpers for fine-tuning runs: fixed-seed evaluation, progress, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.vec_env import VecEnv
+from tqdm.auto import tqdm
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file and a rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def atomic_save_model(model: BaseAlgorithm, path: Path) -> None:
+    """``model.save`` to a temp zip in the same folder, then rename it to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.zip")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def count_parameters(model: BaseAlgorithm) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts of ``model.policy``."""
+    params = list(model.policy.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def evaluate(
+    model: BaseAlgorithm, env: VecEnv, episodes: int, seed: int, deterministic: bool = False
+) -> tuple[float, float]:
+    """Mean and std return over ``episodes`` episodes with fixed env seeds and a fixed action-sampling seed.
+
+    The sampling runs in a forked RNG, so evaluation neither depends on nor disturbs the training RNG: two
+    policies with identical outputs get identical returns.
+    """
+    env.seed(seed)
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        mean, std = evaluate_policy(model, env, n_eval_episodes=episodes, deterministic=deterministic)
+    return float(mean), float(std)
+
+
+class RunCallback(BaseCallback):
+    """Evaluates at step 0 and every ``eval_freq`` steps, checkpoints every ``checkpoint_freq`` steps, and shows
+    a progress bar. Logs ``eval/mean_return``, ``eval/std_return`` and ``charts/trainable_params``.
+
+    :param eval_env: The evaluation env.
+    :param eval_freq: Environment steps between evaluations.
+    :param eval_episodes: Episodes per evaluation.
+    :param eval_seed: Seed of the evaluation episodes and sampling.
+    :param deterministic: Greedy evaluation.
+    :param run_dir: Where ``checkpoint.zip`` and ``state.json`` go.
+    :param checkpoint_freq: Environment steps between checkpoints.
+    :param total_timesteps: The run's budget, for the progress bar.
+    :param state: Curve and wall time carried over from an interrupted run.
+    :param progress: Show a progress bar.
+    :param description: Progress bar label.
+    """
+
+    def __init__(
+        self,
+        eval_env: VecEnv,
+        eval_freq: int,
+        eval_episodes: int,
+        eval_seed: int,
+        deterministic: bool,
+        run_dir: Path,
+        checkpoint_freq: int,
+        total_timesteps: int,
+        state: dict[str, Any] | None = None,
+        progress: bool = True,
+        description: str = "PPO",
+    ) -> None:
+        super().__init__()
+        self.eval_env = eval_env
+        self.eval_freq = eval_freq
+        self.eval_episodes = eval_episodes
+        self.eval_seed = eval_seed
+        self.deterministic = deterministic
+        self.run_dir = run_dir
+        self.checkpoint_freq = checkpoint_freq
+        self.total_timesteps = total_timesteps
+        state = state or {}
+        self.curve: list[list[float]] = state.get("curve", [])
+        self.wall_before = float(state.get("wall_seconds", 0.0))
+        self.progress = progress
+        self.description = description
+        self._started = 0.0
+        self._next_eval = 0
+        self._next_checkpoint = 0
+        self._bar: tqdm | None = None
+
+    @property
+    def wall_seconds(self) -> float:
+        return self.wall_before + (time.perf_counter() - self._started if self._started else 0.0)
+
+    def _evaluate(self) -> None:
+        mean, std = evaluate(self.model, self.eval_env, self.eval_episodes, self.eval_seed, self.deterministic)
+        step = self.num_timesteps
+        self.curve.append([step, mean])
+        trainable, _ = count_parameters(self.model)
+        self.logger.record("eval/mean_return", mean)
+        self.logger.record("eval/std_return", std)
+        self.logger.record("charts/trainable_params", trainable)
+        self.logger.dump(step)
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"eval {mean:.3f}")
+
+    def _on_training_start(self) -> None:
+        self._started = time.perf_counter()
+        step = self.num_timesteps
+        self._next_eval = (step // self.eval_freq + 1) * self.eval_freq
+        self._next_checkpoint = (step // self.checkpoint_freq + 1) * self.checkpoint_freq
+        if self.progress:
+            self._bar = tqdm(total=self.total_timesteps, initial=step, desc=self.description, unit="step", leave=False)
+        if not self.curve or self.curve[-1][0] < step:
+            self._evaluate()
+
+    def _on_step(self) -> bool:
+        step = self.num_timesteps
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+        if step >= self._next_eval and step < self.total_timesteps:  # the last one runs after the last update
+            self._next_eval += self.eval_freq
+            self._evaluate()
+        if step >= self._next_checkpoint and step < self.total_timesteps:
+            self._next_checkpoint += self.checkpoint_freq
+            self.save_checkpoint()
+        return True
+
+    def save_checkpoint(self) -> None:
+        """Model first, then the state that points at it: a crash between the two loses nothing."""
+        atomic_save_model(self.model, self.run_dir / "checkpoint.zip")
+        atomic_write_json(
+            self.run_dir / "state.json",
+            {"num_timesteps": self.num_timesteps, "curve": self.curve, "wall_seconds": self.wall_seconds},
+        )
+
+    def _on_training_end(self) -> None:
+        if not self.curve or self.curve[-1][0] < self.num_timesteps:
+            self._evaluate()
+        self.logger.dump(self.num_timesteps)  # SB3 records the last update's train/ values but dumps them later
+        if self._bar is not None:
+            self._bar.update(self.num_timesteps - self._bar.n)
+            self._bar.close()
+
+
+def rank_bar_chart(ranks: dict[str, int]) -> np.ndarray:
+    """A bar chart of EVA's rank per layer as an ``(H, W, 3)`` uint8 image for TensorBoard."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(ranks)
+    figure, axis = plt.subplots(figsize=(6, 0.35 * len(names) + 1.2), dpi=100)
+    axis.barh(range(len(names)), [ranks[n] for n in names], color="#4c72b0")
+    axis.set_yticks(range(len(names)), names, fontsize=7)
+    axis.invert_yaxis()
+    axis.set_xlabel("rank")
+    axis.set_title("EVA rank per layer")
+    figure.tight_layout()
+    figure.canvas.draw()
+    image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(figure)
+    return image

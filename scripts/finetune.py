@@ -1,0 +1,12 @@
+"""Fine-tune a pretrained PPO agent with EVA-initialized LoRA, beside full fine-tuning, on a target env.
+
+python scripts/finetune.py --env MiniGrid-DoorKey
+python scripts/finetune.py --help
+"""
+
+import sys
+
+from eva_rl.cli import finetune_main
+
+if __name__ == "__main__":
+    sys.exit(finetune_main())

@@ -1,0 +1,242 @@
+"""scripts/finetune.py and scripts/pretrain.py end to end, on tiny budgets."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from eva_rl.cli import finetune_main, finetune_parser, pretrain_main, resolve_task
+from eva_rl.finetune import pretrained_return
+from eva_rl.tasks import ROOT, find_task
+
+pytestmark = pytest.mark.filterwarnings("ignore:EVA:UserWarning")
+
+TINY = ["--total-timesteps", "1024", "--eval-freq", "512", "--eval-episodes", "8", "--no-progress"]
+
+
+def scalar_tags(run_dir: Path) -> set[str]:
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    accumulator.Reload()
+    return set(accumulator.Tags()["scalars"])
+
+
+def first_scalar(run_dir: Path, tag: str) -> tuple[int, float]:
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    event = accumulator.Scalars(tag)[0]
+    return event.step, event.value
+
+
+@pytest.fixture(scope="module")
+def doorkey_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    log_dir = tmp_path_factory.mktemp("runs")
+    # 2 envs x 768 steps: longer than DoorKey-8x8's 640-step episodes, so every method logs rollout/ tags too.
+    argv = ["--env", "MiniGrid-DoorKey", "--methods", "eva,lora,full,scratch", "--log-dir", str(log_dir)]
+    argv += [
+        "--n-envs",
+        "2",
+        "--total-timesteps",
+        "1536",
+        "--eval-freq",
+        "768",
+        "--eval-episodes",
+        "8",
+        "--no-progress",
+    ]
+    code = finetune_main(argv)
+    assert code == 0
+    return log_dir / "MiniGrid-DoorKey"
+
+
+def test_every_method_writes_the_same_layout_and_tags(doorkey_runs: Path) -> None:
+    tags = {}
+    for method in ("eva", "lora", "full", "scratch"):
+        run_dir = doorkey_runs / method / "seed0"
+        assert (run_dir / "model.zip").is_file()
+        assert not (run_dir / "checkpoint.zip").exists(), "checkpoints are removed once the run is complete"
+        result = json.loads((run_dir / "result.json").read_text())
+        assert result["method"] == method and result["total_timesteps"] == 1536
+        assert [step for step, _ in result["eval_curve"]] == [0, 768, 1536]
+        assert result["trainable_params"] <= result["total_params"]
+        assert (run_dir / "eva.json").exists() == (method == "eva")
+        tags[method] = scalar_tags(run_dir)
+    common = {tag for tag in tags["full"]}
+    assert {"eval/mean_return", "charts/trainable_params", "rollout/ep_rew_mean", "train/value_loss"} <= common
+    for method, method_tags in tags.items():
+        assert {t for t in method_tags if not t.startswith("eva/")} == common, method
+    assert any(t.startswith("eva/rank/") for t in tags["eva"]) and "eva/env_steps" in tags["eva"]
+    params = {m: json.loads((doorkey_runs / m / "seed0" / "result.json").read_text())["trainable_params"] for m in tags}
+    assert params["eva"] < params["full"] / 5 and params["lora"] < params["full"] / 5
+    assert params["full"] == params["scratch"]
+
+
+def test_adapted_runs_start_at_the_pretrained_return(doorkey_runs: Path) -> None:
+    task = find_task("MiniGrid-DoorKey").override(eval=find_task("MiniGrid-DoorKey").eval.__class__(episodes=8))
+    expected = pretrained_return(task, task.agent_path, device="cpu")
+    for method in ("eva", "lora", "full"):
+        step, value = first_scalar(doorkey_runs / method / "seed0", "eval/mean_return")
+        assert step == 0
+        assert value == pytest.approx(expected, abs=1e-6), method
+
+
+@pytest.mark.parametrize(
+    ("argv", "target"),
+    [
+        (["--env", "MiniGrid-DoorKey"], "MiniGrid-DoorKey-8x8-v0"),
+        (["--env", "CartPole-v1"], "CartPole-v1"),
+        (["--env", "envs.point_goal:PointGoalEnv"], "envs.point_goal:PointGoalEnv"),
+        (["--env", "PointGoal-Left-v0", "--gym-package", "envs"], "PointGoal-Left-v0"),
+    ],
+)
+def test_env_resolution(argv: list[str], target: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    task = resolve_task(finetune_parser().parse_args(argv))
+    assert task.target_env == target
+
+
+def run_cli(script: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True, cwd=cwd, check=False
+    )
+
+
+def test_unknown_env_lists_the_known_tasks() -> None:
+    done = run_cli("finetune.py", "--env", "MiniGrid-DoorKye")
+    assert done.returncode == 2
+    assert "unknown env 'MiniGrid-DoorKye'" in done.stderr and "Known tasks: MiniGrid-DoorKey" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def point_agent(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("agent")
+    done = run_cli(
+        "pretrain.py",
+        "--env",
+        "PointGoal-v0",
+        "--gym-package",
+        "envs",
+        "--total-timesteps",
+        "2048",
+        "--eval-episodes",
+        "100",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
+    assert done.returncode == 0, done.stderr
+    card = json.loads((out / "card.json").read_text())
+    assert card["source_env"] == "PointGoal-v0" and card["timesteps"] >= 2048 and card["eval_episodes"] == 100
+    assert "--gym-package envs" in card["command"] and card["packages"]["stable-baselines3"]
+    assert (out / "README.md").read_text().startswith("# PointGoal-v0 source agent")
+    return out / "model.zip"
+
+
+def test_custom_env_fine_tunes_with_eva_through_the_cli(point_agent: Path, tmp_path: Path) -> None:
+    done = run_cli(
+        "finetune.py",
+        "--env",
+        "PointGoal-Left-v0",
+        "--gym-package",
+        "envs",
+        "--pretrained",
+        str(point_agent),
+        "--methods",
+        "eva",
+        "--log-dir",
+        str(tmp_path),
+        *TINY,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "PointGoal-Left-v0" / "eva" / "seed0" / "result.json").read_text())
+    assert result["eva_env_steps"] > 0 and result["total_timesteps"] >= 1024
+    assert "tensorboard --logdir" in done.stdout and "jumpstart" in done.stdout
+
+
+def test_resume_after_a_kill(point_agent: Path, tmp_path: Path) -> None:
+    args = [
+        sys.executable,
+        str(ROOT / "scripts" / "finetune.py"),
+        "--env",
+        "PointGoal-Left-v0",
+        "--gym-package",
+        "envs",
+        "--pretrained",
+        str(point_agent),
+        "--methods",
+        "lora",
+        "--log-dir",
+        str(tmp_path),
+        "--total-timesteps",
+        "60000",
+        "--checkpoint-freq",
+        "2048",
+        "--eval-freq",
+        "4096",
+        "--eval-episodes",
+        "8",
+        "--no-progress",
+    ]
+    run_dir = tmp_path / "PointGoal-Left-v0" / "lora" / "seed0"
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run_dir / "state.json").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    state = json.loads((run_dir / "state.json").read_text())
+    assert 0 < state["num_timesteps"] < 60000 and not (run_dir / "result.json").exists()
+
+    refused = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=False)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+
+    resumed = subprocess.run([*args, "--resume"], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["total_timesteps"] >= 60000
+    steps = [step for step, _ in result["eval_curve"]]
+    assert steps[0] == 0 and steps == sorted(steps) and steps[-1] >= 60000
+
+
+def test_space_mismatch_stops_with_both_spaces(point_agent: Path) -> None:
+    done = run_cli("finetune.py", "--env", "CartPole-v1", "--pretrained", str(point_agent), *TINY)
+    assert done.returncode == 2
+    assert "pretrained agent: Box" in done.stderr and "(6,)" in done.stderr and "(4,)" in done.stderr
+
+
+def test_missing_and_corrupt_agents_are_clear_errors(tmp_path: Path) -> None:
+    missing = run_cli("finetune.py", "--env", "CartPole-v1", "--pretrained", str(tmp_path / "nope.zip"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    corrupt = tmp_path / "corrupt.zip"
+    corrupt.write_bytes(b"PK\x03\x04 this is not a zip")
+    broken = run_cli("finetune.py", "--env", "CartPole-v1", "--pretrained", str(corrupt))
+    assert broken.returncode == 2 and "cannot be loaded as an SB3 PPO zip" in broken.stderr
+    assert "Traceback" not in broken.stderr + missing.stderr
+
+
+def test_bad_yaml_value_is_a_clear_error(tmp_path: Path) -> None:
+    config = tmp_path / "task.yaml"
+    config.write_text("target_env: CartPole-v1\ntotal_timesteps: -5\n")
+    done = run_cli("finetune.py", "--env", "x", "--config", str(config))
+    assert done.returncode == 2
+    assert "total_timesteps=-5 is invalid: expected an integer >= 1" in done.stderr and str(config) in done.stderr
+    config.write_text("target_env: CartPole-v1\nlora: {r: 0}\n")
+    done = run_cli("finetune.py", "--env", "x", "--config", str(config))
+    assert done.returncode == 2 and "LoraConfig.r=0 is invalid" in done.stderr
+    config.write_text("target_env: CartPole-v1\nlearning_rate: 0.1\n")
+    done = run_cli("finetune.py", "--env", "x", "--config", str(config))
+    assert done.returncode == 2 and "unknown key(s) ['learning_rate']" in done.stderr
+
+
+def test_pretrain_and_finetune_help_work() -> None:
+    for script in ("pretrain.py", "finetune.py"):
+        done = run_cli(script, "--help")
+        assert done.returncode == 0 and "--env" in done.stdout
+    assert pretrain_main is not None
