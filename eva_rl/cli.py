@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from eva_rl.environments import EnvError, env_factory, import_packages
 from eva_rl.eva import EvaConvergenceError
 from eva_rl.finetune import AgentError, RunDirError, finetune, summary_table
 from eva_rl.tasks import METHODS, ConfigError, TaskConfig, find_task, known_tasks, load_task
+from eva_rl.utils import get_device
 
 USAGE_ERRORS = (ConfigError, EnvError, AgentError, SpaceMismatchError, RunDirError)
 
@@ -53,6 +55,10 @@ def add_env_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_task(args: argparse.Namespace) -> TaskConfig:
     """The task named by ``--env`` (or ``--config``), or an ad-hoc task for a plain env id or entry point."""
+    try:
+        get_device(args.device)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     import_packages(args.gym_package)
     task = load_task(args.config) if args.config is not None else find_task(args.env)
     if task is None:
@@ -140,7 +146,12 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
     return _guarded(body)
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:
+    return f"warning: {message}\n"
+
+
 def _guarded(body: Callable[[], int]) -> int:
+    warnings.formatwarning = _one_line_warning
     try:
         return body()
     except USAGE_ERRORS as error:

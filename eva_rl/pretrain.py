@@ -58,10 +58,10 @@ class ProgressCallback(BaseCallback):
         self._bar: tqdm | None = None
 
     def _on_training_start(self) -> None:
-        self._bar = tqdm(total=self.total, desc=self.description, unit="step", leave=False)
+        self._bar = tqdm(total=self.total, desc=self.description, unit="step", leave=False, mininterval=1.0)
 
     def _on_step(self) -> bool:
-        self._bar.update(self.num_timesteps - self._bar.n)
+        self._bar.update(min(self.num_timesteps, self.total) - self._bar.n)
         return True
 
     def _on_training_end(self) -> None:

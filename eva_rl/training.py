@@ -140,14 +140,21 @@ class RunCallback(BaseCallback):
         self._next_eval = (step // self.eval_freq + 1) * self.eval_freq
         self._next_checkpoint = (step // self.checkpoint_freq + 1) * self.checkpoint_freq
         if self.progress:
-            self._bar = tqdm(total=self.total_timesteps, initial=step, desc=self.description, unit="step", leave=False)
+            self._bar = tqdm(
+                total=self.total_timesteps,
+                initial=step,
+                desc=self.description,
+                unit="step",
+                leave=False,
+                mininterval=1.0,
+            )
         if not self.curve or self.curve[-1][0] < step:
             self._evaluate()
 
     def _on_step(self) -> bool:
         step = self.num_timesteps
         if self._bar is not None:
-            self._bar.update(step - self._bar.n)
+            self._bar.update(min(step, self.total_timesteps) - self._bar.n)
         if step >= self._next_eval and step < self.total_timesteps:  # the last one runs after the last update
             self._next_eval += self.eval_freq
             self._evaluate()
@@ -169,7 +176,7 @@ class RunCallback(BaseCallback):
             self._evaluate()
         self.logger.dump(self.num_timesteps)  # SB3 records the last update's train/ values but dumps them later
         if self._bar is not None:
-            self._bar.update(self.num_timesteps - self._bar.n)
+            self._bar.update(self.total_timesteps - self._bar.n)
             self._bar.close()
 
 

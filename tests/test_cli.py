@@ -92,7 +92,7 @@ def test_adapted_runs_start_at_the_pretrained_return(doorkey_runs: Path) -> None
         (["--env", "MiniGrid-DoorKey"], "MiniGrid-DoorKey-8x8-v0"),
         (["--env", "CartPole-v1"], "CartPole-v1"),
         (["--env", "envs.point_goal:PointGoalEnv"], "envs.point_goal:PointGoalEnv"),
-        (["--env", "PointGoal-Left-v0", "--gym-package", "envs"], "PointGoal-Left-v0"),
+        (["--env", "PointGoal-Shifted-v0", "--gym-package", "envs"], "PointGoal-Shifted-v0"),
     ],
 )
 def test_env_resolution(argv: list[str], target: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -143,7 +143,7 @@ def test_custom_env_fine_tunes_with_eva_through_the_cli(point_agent: Path, tmp_p
     done = run_cli(
         "finetune.py",
         "--env",
-        "PointGoal-Left-v0",
+        "PointGoal-Shifted-v0",
         "--gym-package",
         "envs",
         "--pretrained",
@@ -155,7 +155,7 @@ def test_custom_env_fine_tunes_with_eva_through_the_cli(point_agent: Path, tmp_p
         *TINY,
     )
     assert done.returncode == 0, done.stderr
-    result = json.loads((tmp_path / "PointGoal-Left-v0" / "eva" / "seed0" / "result.json").read_text())
+    result = json.loads((tmp_path / "PointGoal" / "eva" / "seed0" / "result.json").read_text())
     assert result["eva_env_steps"] > 0 and result["total_timesteps"] >= 1024
     assert "tensorboard --logdir" in done.stdout and "jumpstart" in done.stdout
 
@@ -165,7 +165,7 @@ def test_resume_after_a_kill(point_agent: Path, tmp_path: Path) -> None:
         sys.executable,
         str(ROOT / "scripts" / "finetune.py"),
         "--env",
-        "PointGoal-Left-v0",
+        "PointGoal-Shifted-v0",
         "--gym-package",
         "envs",
         "--pretrained",
@@ -184,7 +184,7 @@ def test_resume_after_a_kill(point_agent: Path, tmp_path: Path) -> None:
         "8",
         "--no-progress",
     ]
-    run_dir = tmp_path / "PointGoal-Left-v0" / "lora" / "seed0"
+    run_dir = tmp_path / "PointGoal" / "lora" / "seed0"
     process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (run_dir / "state.json").exists() and time.time() < deadline and process.poll() is None:
