@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from eva_rl.cli import finetune_main, finetune_parser, pretrain_main, resolve_task
+from eva_rl.cli import finetune_main, finetune_parser, resolve_task
 from eva_rl.finetune import pretrained_return
 from eva_rl.tasks import ROOT, find_task
 
@@ -90,6 +90,7 @@ def test_adapted_runs_start_at_the_pretrained_return(doorkey_runs: Path) -> None
     ("argv", "target"),
     [
         (["--env", "MiniGrid-DoorKey"], "MiniGrid-DoorKey-8x8-v0"),
+        (["--env", "PointGoal"], "PointGoal-Shifted-v0"),
         (["--env", "CartPole-v1"], "CartPole-v1"),
         (["--env", "envs.point_goal:PointGoalEnv"], "envs.point_goal:PointGoalEnv"),
         (["--env", "PointGoal-Shifted-v0", "--gym-package", "envs"], "PointGoal-Shifted-v0"),
@@ -139,21 +140,13 @@ def point_agent(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "model.zip"
 
 
+def point_goal_args(agent: Path) -> list[str]:
+    """The example env's shifted goal, by id from the package that registers it, with ``agent``."""
+    return ["--env", "PointGoal-Shifted-v0", "--gym-package", "envs", "--pretrained", str(agent)]
+
+
 def test_custom_env_fine_tunes_with_eva_through_the_cli(point_agent: Path, tmp_path: Path) -> None:
-    done = run_cli(
-        "finetune.py",
-        "--env",
-        "PointGoal-Shifted-v0",
-        "--gym-package",
-        "envs",
-        "--pretrained",
-        str(point_agent),
-        "--methods",
-        "eva",
-        "--log-dir",
-        str(tmp_path),
-        *TINY,
-    )
+    done = run_cli("finetune.py", *point_goal_args(point_agent), "--methods", "eva", "--log-dir", str(tmp_path), *TINY)
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "PointGoal" / "eva" / "seed0" / "result.json").read_text())
     assert result["eva_env_steps"] > 0 and result["total_timesteps"] >= 1024
@@ -164,12 +157,7 @@ def test_resume_after_a_kill(point_agent: Path, tmp_path: Path) -> None:
     args = [
         sys.executable,
         str(ROOT / "scripts" / "finetune.py"),
-        "--env",
-        "PointGoal-Shifted-v0",
-        "--gym-package",
-        "envs",
-        "--pretrained",
-        str(point_agent),
+        *point_goal_args(point_agent),
         "--methods",
         "lora",
         "--log-dir",
@@ -239,4 +227,3 @@ def test_pretrain_and_finetune_help_work() -> None:
     for script in ("pretrain.py", "finetune.py"):
         done = run_cli(script, "--help")
         assert done.returncode == 0 and "--env" in done.stdout
-    assert pretrain_main is not None
