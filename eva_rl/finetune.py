@@ -13,6 +13,7 @@ Layout: ``<log_dir>/<task>/<method>/seed<k>/`` holds the TensorBoard events, ``m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import zipfile
@@ -81,9 +82,7 @@ def _build_model(spec: RunSpec, agent: PPO, train_env: Any, progress: bool) -> t
     hyperparameters = ppo_hyperparameters(agent)
     hyperparameters.update(spec.task.ppo, seed=spec.seed, device=spec.device, verbose=0, tensorboard_log=None)
     if spec.method in ("eva", "lora"):
-        eva = spec.task.eva
-        if eva.seed != spec.seed:
-            eva = type(eva)(**{**eva.to_dict(), "seed": spec.seed})
+        eva = dataclasses.replace(spec.task.eva, seed=spec.seed)
         model = adapt(agent, train_env, spec.method, spec.task.lora, eva, progress=progress, **hyperparameters)
         return model, model.policy.eva_report
     model = PPO(type(agent.policy), train_env, policy_kwargs=agent.policy_kwargs, **hyperparameters)

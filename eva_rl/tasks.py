@@ -4,6 +4,7 @@ defaults, read from one YAML file per task in ``configs/``."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,9 @@ class TaskConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} is invalid: expected an integer >= 1")
+        unknown = sorted(set(self.ppo) - _ppo_arguments())
+        if unknown:
+            raise ConfigError(f"unknown PPO argument(s) {unknown} in ppo; accepted: {sorted(_ppo_arguments())}")
         if not self.seeds or not all(isinstance(s, int) for s in self.seeds):
             raise ConfigError(f"seeds={self.seeds!r} is invalid: expected a non-empty list of integers")
 
@@ -126,6 +130,24 @@ class TaskConfig:
     def override(self, **changes: Any) -> TaskConfig:
         """A copy with ``changes`` applied (``None`` values ignored) and validated again."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _ppo_arguments() -> set[str]:
+    """PPO constructor arguments a task may set (the policy, env and run plumbing are eva-rl's)."""
+    from stable_baselines3 import PPO
+
+    excluded = {
+        "self",
+        "policy",
+        "env",
+        "policy_kwargs",
+        "seed",
+        "device",
+        "verbose",
+        "tensorboard_log",
+        "_init_setup_model",
+    }
+    return set(inspect.signature(PPO.__init__).parameters) - excluded
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:

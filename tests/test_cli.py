@@ -218,6 +218,9 @@ def test_bad_yaml_value_is_a_clear_error(tmp_path: Path) -> None:
     config.write_text("target_env: CartPole-v1\nlora: {r: 0}\n")
     done = run_cli("finetune.py", "--env", "x", "--config", str(config))
     assert done.returncode == 2 and "LoraConfig.r=0 is invalid" in done.stderr
+    config.write_text("target_env: CartPole-v1\nppo: {n_step: 64}\n")
+    done = run_cli("finetune.py", "--env", "x", "--config", str(config))
+    assert done.returncode == 2 and "unknown PPO argument(s) ['n_step'] in ppo" in done.stderr
     config.write_text("target_env: CartPole-v1\nlearning_rate: 0.1\n")
     done = run_cli("finetune.py", "--env", "x", "--config", str(config))
     assert done.returncode == 2 and "unknown key(s) ['learning_rate']" in done.stderr
