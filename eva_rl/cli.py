@@ -206,3 +206,32 @@ def pretrain_main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     return _guarded(body)
+
+
+def compare_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="compare.py", description="Run a suite of transfer tasks: methods x seeds, then IQM, CIs and plots."
+    )
+    parser.add_argument("--suite", required=True, help="a suite name in configs/suites/ or a YAML path")
+    parser.add_argument("--methods", type=_comma_list, help=f"comma list out of {','.join(METHODS)}")
+    parser.add_argument("--seeds", type=int, help="run seeds 0..N-1 (default: the suite's)")
+    parser.add_argument("--workers", type=int, default=1, help="parallel runs (processes), one CPU thread each")
+    parser.add_argument("--log-dir", type=Path, default=Path("runs"), help="results root (runs)")
+    return parser
+
+
+def compare_main(argv: Sequence[str] | None = None) -> int:
+    from eva_rl.compare import compare, load_suite
+
+    args = compare_parser().parse_args(argv)
+
+    def body() -> int:
+        suite = load_suite(args.suite)
+        seeds = list(range(args.seeds)) if args.seeds else None
+        compare(suite, args.log_dir, args.methods, seeds, args.workers)
+        out = args.log_dir / suite.name
+        print(f"\nResults: {out}/results.md, results.json, sample_efficiency.png, final_return.png, eva_ranks.png")
+        print(f"TensorBoard: tensorboard --logdir {out}")
+        return 0
+
+    return _guarded(body)

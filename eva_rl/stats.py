@@ -1,0 +1,131 @@
+"""Statistics for comparing methods across seeds and tasks, as RL researchers report them (Agarwal et al. 2021):
+interquartile mean, stratified-bootstrap confidence intervals, probability of improvement, and the transfer
+metrics of Taylor & Stone (2009): jumpstart, steps-to-threshold, area under the curve, final return.
+
+The resampling is ``scipy.stats.bootstrap``'s; nothing here reimplements a statistical routine SciPy provides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+
+def iqm(values: Sequence[float] | np.ndarray, axis: int = -1) -> float | np.ndarray:
+    """Interquartile mean: the mean of the middle 50% (``scipy.stats.trim_mean`` with 25% cut at each end)."""
+    return stats.trim_mean(np.asarray(values, dtype=float), 0.25, axis=axis)
+
+
+@dataclass
+class Interval:
+    """A point estimate with a confidence interval."""
+
+    estimate: float
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{self.estimate:.3f} [{self.low:.3f}, {self.high:.3f}]"
+
+
+def _pooled_iqm(*per_task: np.ndarray, axis: int = -1) -> np.ndarray:
+    return iqm(np.concatenate(per_task, axis=axis), axis=axis)
+
+
+def stratified_iqm(
+    per_task: Sequence[Sequence[float]], confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> Interval:
+    """IQM of the scores of all tasks pooled, with a stratified-bootstrap CI: seeds are resampled within each task.
+
+    :param per_task: One list of per-seed scores per task.
+    """
+    samples = tuple(np.asarray(s, dtype=float) for s in per_task)
+    estimate = float(_pooled_iqm(*samples))
+    if all(len(s) < 2 or np.ptp(s) == 0 for s in samples):
+        return Interval(estimate, estimate, estimate)
+    result = stats.bootstrap(
+        samples,
+        _pooled_iqm,
+        confidence_level=confidence,
+        n_resamples=n_resamples,
+        method="percentile",
+        vectorized=True,
+        rng=np.random.default_rng(seed),
+    )
+    return Interval(estimate, float(result.confidence_interval.low), float(result.confidence_interval.high))
+
+
+def _probability_of_improvement(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    """P(X > Y) + 0.5 P(X = Y) from all pairs, i.e. the Mann-Whitney U statistic over n*m."""
+    x = np.moveaxis(np.asarray(x), axis, -1)[..., :, None]
+    y = np.moveaxis(np.asarray(y), axis, -1)[..., None, :]
+    return ((x > y) + 0.5 * (x == y)).mean(axis=(-2, -1))
+
+
+def probability_of_improvement(
+    x_per_task: Sequence[Sequence[float]],
+    y_per_task: Sequence[Sequence[float]],
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> Interval:
+    """Average over tasks of P(a run of X scores higher than a run of Y), with a stratified-bootstrap CI."""
+    pairs = [(np.asarray(x, float), np.asarray(y, float)) for x, y in zip(x_per_task, y_per_task)]
+    n_tasks = len(pairs)
+
+    def statistic(*samples: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.mean(
+            [_probability_of_improvement(samples[2 * i], samples[2 * i + 1], axis) for i in range(n_tasks)], 0
+        )
+
+    flat = tuple(a for pair in pairs for a in pair)
+    estimate = float(statistic(*flat))
+    if all(len(a) < 2 for a in flat):
+        return Interval(estimate, estimate, estimate)
+    result = stats.bootstrap(
+        flat,
+        statistic,
+        confidence_level=confidence,
+        n_resamples=n_resamples,
+        method="percentile",
+        vectorized=True,
+        rng=np.random.default_rng(seed),
+    )
+    return Interval(estimate, float(result.confidence_interval.low), float(result.confidence_interval.high))
+
+
+def steps_to_threshold(steps: Sequence[float], returns: Sequence[float], threshold: float) -> float | None:
+    """The first evaluation step whose return reaches ``threshold``; ``None`` if none does."""
+    for step, value in zip(steps, returns):
+        if value >= threshold:
+            return float(step)
+    return None
+
+
+def normalized_auc(steps: Sequence[float], returns: Sequence[float], horizon: float | None = None) -> float:
+    """Area under the eval curve divided by its step span: the curve's average return over training.
+
+    :param horizon: Integrate up to this step (the curve is held at its last value beyond its end); defaults to
+        the last step, so runs with the same budget compare directly.
+    """
+    steps = np.asarray(steps, float)
+    returns = np.asarray(returns, float)
+    if horizon is not None and horizon > steps[-1]:
+        steps = np.append(steps, horizon)
+        returns = np.append(returns, returns[-1])
+    if horizon is not None:
+        keep = steps <= horizon
+        steps, returns = steps[keep], returns[keep]
+    span = steps[-1] - steps[0]
+    if span <= 0:
+        return float(returns[-1])
+    return float(np.trapezoid(returns, steps) / span)
+
+
+def curve_at(steps: Sequence[float], returns: Sequence[float], grid: np.ndarray) -> np.ndarray:
+    """The eval curve on a common step grid: linear interpolation, NaN before its first step (a curve shifted by
+    EVA's own env steps starts late), held at its last value after its end."""
+    return np.interp(grid, np.asarray(steps, float), np.asarray(returns, float), left=np.nan)

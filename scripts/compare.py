@@ -1,0 +1,11 @@
+"""Run a suite of transfer tasks (methods x seeds), then write IQM tables with CIs and plots.
+
+python scripts/compare.py --suite doorkey --methods scratch,full,lora,eva --seeds 10 --workers 2
+"""
+
+import sys
+
+from eva_rl.cli import compare_main
+
+if __name__ == "__main__":
+    sys.exit(compare_main())

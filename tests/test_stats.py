@@ -1,0 +1,62 @@
+"""Aggregation statistics on synthetic results with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from eva_rl.stats import (
+    curve_at,
+    iqm,
+    normalized_auc,
+    probability_of_improvement,
+    steps_to_threshold,
+    stratified_iqm,
+)
+
+
+def test_iqm_is_the_mean_of_the_middle_half() -> None:
+    assert iqm([1, 2, 3, 4, 5, 6, 7, 100]) == pytest.approx(np.mean([3, 4, 5, 6]))
+    assert iqm([0.5] * 5) == 0.5
+
+
+def test_stratified_ci_covers_the_true_iqm_about_95_percent_of_the_time() -> None:
+    rng = np.random.default_rng(0)
+    true_iqm = 0.0  # the IQM of a symmetric distribution is its centre
+    covered = 0
+    trials = 200
+    for trial in range(trials):
+        per_task = [rng.normal(0.0, 1.0, size=20), rng.normal(0.0, 1.0, size=20)]
+        interval = stratified_iqm(per_task, n_resamples=500, seed=trial)
+        covered += interval.low <= true_iqm <= interval.high
+        assert interval.low <= interval.estimate <= interval.high
+    assert 0.88 <= covered / trials <= 0.99, covered
+
+
+def test_stratified_bootstrap_resamples_within_tasks() -> None:
+    # Task A is always 0 and task B always 1: resampling within tasks keeps the pooled IQM at exactly 0.5.
+    interval = stratified_iqm([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]], n_resamples=200)
+    assert (interval.estimate, interval.low, interval.high) == (0.5, 0.5, 0.5)
+
+
+def test_probability_of_improvement_matches_mann_whitney() -> None:
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(0.5, 1, 15), rng.normal(0.0, 1, 12)
+    u = scipy_stats.mannwhitneyu(x, y).statistic
+    interval = probability_of_improvement([x], [y], n_resamples=500)
+    assert interval.estimate == pytest.approx(u / (len(x) * len(y)))
+    assert interval.low < interval.estimate < interval.high
+    assert probability_of_improvement([[1, 1], [2, 2]], [[0, 0], [2, 2]]).estimate == pytest.approx(0.75)
+
+
+def test_steps_to_threshold_and_auc() -> None:
+    steps, returns = [0, 10, 20, 30], [0.0, 0.5, 0.9, 1.0]
+    assert steps_to_threshold(steps, returns, 0.9) == 20
+    assert steps_to_threshold(steps, returns, 1.1) is None
+    # Trapezoids: (0+0.5)/2*10 + (0.5+0.9)/2*10 + (0.9+1)/2*10 = 19 over a span of 30.
+    assert normalized_auc(steps, returns) == pytest.approx(19 / 30)
+    assert normalized_auc(steps, returns, horizon=40) == pytest.approx((19 + 10) / 40)
+    assert normalized_auc(steps, returns, horizon=20) == pytest.approx(9.5 / 20)
+    np.testing.assert_allclose(curve_at(steps, returns, np.array([5.0, 40.0])), [0.25, 1.0])
+    assert np.isnan(curve_at([10, 20], [0.0, 1.0], np.array([0.0]))[0])
