@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from eva_rl.adapt import SpaceMismatchError
 from eva_rl.environments import EnvError, env_factory, import_packages
@@ -217,16 +218,24 @@ def compare_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, help="run seeds 0..N-1 (default: the suite's)")
     parser.add_argument("--workers", type=int, default=1, help="parallel runs (processes), one CPU thread each")
     parser.add_argument("--log-dir", type=Path, default=Path("runs"), help="results root (runs)")
+    parser.add_argument(
+        "--tune", action="store_true", help="run the suite's tuning sweep on its tuning seeds and print the choices"
+    )
     return parser
 
 
 def compare_main(argv: Sequence[str] | None = None) -> int:
-    from eva_rl.compare import compare, load_suite
+    from eva_rl.compare import compare, load_suite, tune
 
     args = compare_parser().parse_args(argv)
 
     def body() -> int:
         suite = load_suite(args.suite)
+        if args.tune:
+            chosen = tune(suite, args.log_dir, args.methods, args.workers)
+            print(f"\nTuning: {args.log_dir / (suite.name + '-tuning')}/tuning.json. For the suite file:")
+            print(yaml.safe_dump({"method_settings": chosen}, sort_keys=False))
+            return 0
         seeds = list(range(args.seeds)) if args.seeds else None
         compare(suite, args.log_dir, args.methods, seeds, args.workers)
         out = args.log_dir / suite.name

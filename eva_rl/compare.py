@@ -64,6 +64,8 @@ class Suite:
     :param method_settings: Per-method ``learning_rate``, ``r``, ``alpha``, ``rho``, ``tau`` (chosen by a tuning
         sweep on separate seeds; see the suite file's comments).
     :param eval_episodes: Episodes per evaluation, overriding the tasks'.
+    :param tuning_seeds: Seeds of the tuning sweep (kept apart from ``seeds``, which report results).
+    :param tuning_grid: ``{setting: [values]}`` tried for every method alike, e.g. ``{learning_rate: [...]}``.
     """
 
     name: str
@@ -73,6 +75,8 @@ class Suite:
     total_timesteps: int | None = None
     method_settings: dict[str, dict[str, float]] = field(default_factory=dict)
     eval_episodes: int | None = None
+    tuning_seeds: list[int] = field(default_factory=lambda: [100, 101])
+    tuning_grid: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tasks = [
@@ -88,6 +92,12 @@ class Suite:
                     f"method_settings[{method!r}]={settings!r} is invalid: expected a method out of {METHODS} "
                     f"with keys out of {_METHOD_SETTINGS}"
                 )
+
+        unknown = sorted(set(self.tuning_grid) - set(_METHOD_SETTINGS))
+        if unknown:
+            raise ConfigError(f"tuning_grid keys {unknown} are invalid: expected keys out of {_METHOD_SETTINGS}")
+        if set(self.tuning_seeds) & set(self.seed_list):
+            raise ConfigError(f"tuning_seeds {self.tuning_seeds} overlap the result seeds {self.seed_list}")
 
     @property
     def seed_list(self) -> list[int]:
@@ -412,3 +422,56 @@ def compare(
     atomic_write_text(out_dir / "results.md", results_markdown(report))
     plot_suite(report, runs, out_dir, out_dir)
     return report
+
+
+def tuning_points(suite: Suite) -> list[dict[str, float]]:
+    """Every combination of the tuning grid, e.g. ``[{"learning_rate": 1e-4}, {"learning_rate": 1e-3}]``."""
+    points: list[dict[str, float]] = [{}]
+    for key, values in suite.tuning_grid.items():
+        points = [{**point, key: value} for point in points for value in values]
+    return points
+
+
+def _point_name(point: dict[str, float]) -> str:
+    return "-".join(f"{key}{value:g}" for key, value in point.items()) or "default"
+
+
+def tune(
+    suite: Suite,
+    log_dir: Path,
+    methods: Sequence[str] | None = None,
+    workers: int = 1,
+    echo: Callable[[str], None] = print,
+) -> dict[str, dict[str, float]]:
+    """The same small sweep for every method on the tuning seeds; each method keeps the grid point with the best
+    IQM normalized AUC (sample efficiency) over tuning seeds and tasks.
+
+    Writes ``<log_dir>/<suite>-tuning/tuning.json`` and returns ``{method: chosen settings}``, ready to paste into the
+    suite's ``method_settings``.
+    """
+    if not suite.tuning_grid:
+        raise ConfigError(f"suite {suite.name} has no tuning_grid to sweep")
+    methods = list(methods or suite.methods)
+    base = log_dir / f"{suite.name}-tuning"
+    jobs: list[tuple[dict[str, float], SuiteTask, RunSpec]] = []
+    for point in tuning_points(suite):
+        trial = dataclasses.replace(
+            suite, method_settings={m: dict(point) for m in methods}, seeds=suite.tuning_seeds, tuning_seeds=[]
+        )
+        for suite_task, spec in run_specs(trial, base / _point_name(point), methods):
+            jobs.append((point, suite_task, spec))
+    results = run_local([spec for _, _, spec in jobs], workers, echo)
+    table: dict[str, dict[str, float]] = {}
+    for point in tuning_points(suite):
+        for method in methods:
+            per_task: dict[str, list[float]] = {}
+            for (job_point, suite_task, spec), result in zip(jobs, results):
+                if job_point == point and spec.method == method:
+                    per_task.setdefault(suite_task.task, []).append(normalized_auc(*_curve(result)))
+            table.setdefault(method, {})[_point_name(point)] = float(stratified_iqm(list(per_task.values())).estimate)
+    chosen = {}
+    for method in methods:
+        best = max(tuning_points(suite), key=lambda point: table[method][_point_name(point)])
+        chosen[method] = best
+    atomic_write_json(base / "tuning.json", {"auc_iqm": table, "chosen": chosen, "seeds": suite.tuning_seeds})
+    return chosen

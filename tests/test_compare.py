@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from eva_rl.compare import compare, load_suite, run_specs
+from eva_rl.compare import compare, load_suite, run_specs, tune
 from eva_rl.tasks import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore:EVA:UserWarning")
@@ -55,3 +55,20 @@ def test_bad_suites_are_clear_errors(tmp_path: Path) -> None:
     bad.write_text("tasks: [{task: PointGoal, threshold: 0.5}]\nmethod_settings: {eva: {lr: 1}}\n")
     with pytest.raises(ConfigError, match=r"method_settings\['eva'\]"):
         load_suite(str(bad))
+
+
+def test_tuning_sweeps_every_method_alike_and_picks_by_auc(tmp_path: Path) -> None:
+    suite = load_suite("smoke")
+    chosen = tune(suite, tmp_path, workers=2, echo=lambda line: None)
+    table = json.loads((tmp_path / "smoke-tuning" / "tuning.json").read_text())
+    assert set(chosen) == {"eva", "full"}
+    for method, point in chosen.items():
+        scores = table["auc_iqm"][method]
+        assert set(scores) == {"learning_rate0.001", "learning_rate0.003"}
+        assert scores[f"learning_rate{point['learning_rate']:g}"] == max(scores.values())
+    assert sorted(
+        p.name for p in (tmp_path / "smoke-tuning" / "learning_rate0.003" / "smoke" / "PointGoal").iterdir()
+    ) == [
+        "eva",
+        "full",
+    ]
