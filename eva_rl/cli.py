@@ -225,7 +225,8 @@ def compare_parser() -> argparse.ArgumentParser:
 
 
 def compare_main(argv: Sequence[str] | None = None) -> int:
-    from eva_rl.compare import compare, load_suite, tune
+    from eva_rl.compare import compare, tune
+    from eva_rl.suites import load_suite
 
     args = compare_parser().parse_args(argv)
 

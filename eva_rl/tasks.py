@@ -102,11 +102,11 @@ class TaskConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.eval, dict):
-            self.eval = _build(EvalSettings, self.eval, "eval")
+            self.eval = build_config(EvalSettings, self.eval, "eval")
         if isinstance(self.lora, dict):
-            self.lora = _build(LoraConfig, self.lora, "lora")
+            self.lora = build_config(LoraConfig, self.lora, "lora")
         if isinstance(self.eva, dict):
-            self.eva = _build(EvaConfig, self.eva, "eva")
+            self.eva = build_config(EvaConfig, self.eva, "eva")
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise ConfigError(f"methods={self.methods!r} is invalid: expected a non-empty list out of {METHODS}")
@@ -150,7 +150,9 @@ def _ppo_arguments() -> set[str]:
     return set(inspect.signature(PPO.__init__).parameters) - excluded
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+def build_config(cls: type, values: dict[str, Any], where: str) -> Any:
+    """``cls(**values)`` for a config dataclass, with unknown keys and bad values as a :class:`ConfigError` that
+    says ``where`` (a file, a section)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where} must be a mapping, got {values!r}")
     accepted = [f.name for f in dataclasses.fields(cls)]
@@ -176,7 +178,7 @@ def load_task(path: Path) -> TaskConfig:
         raise ConfigError(f"{path}: expected a mapping of task settings, got {type(data).__name__}")
     data.setdefault("name", path.stem)
     try:
-        return _build(TaskConfig, data, str(path))
+        return build_config(TaskConfig, data, str(path))
     except ConfigError as error:
         message = str(error)
         raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}") from error

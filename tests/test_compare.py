@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from eva_rl.compare import compare, load_suite, run_specs, tune
+from eva_rl.compare import compare, run_specs, tune
+from eva_rl.suites import load_suite
 from eva_rl.tasks import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore:EVA:UserWarning")
