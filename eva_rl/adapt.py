@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+import warnings
+from typing import Any
 
 import torch
 from stable_baselines3 import PPO
@@ -14,11 +15,15 @@ from torch import nn
 
 from eva_rl.config import EvaConfig, LoraConfig
 from eva_rl.eva import EvaResult, run_eva
+from eva_rl.inits import olora_init, pissa_init
 from eva_rl.inject import layer_fan_in, merged_state_dict, pattern_value, resolve_ranks
 from eva_rl.policies import HEADS, LORA_POLICY_FOR, PLAIN_POLICY_FOR, LoraPolicyMixin
 from eva_rl.rollouts import RolloutBatches, policy_forward
 
-METHODS = ("eva", "lora")
+METHODS = ("eva", "lora", "pissa", "olora", "dora", "eva+dora", "lora-redist", "head")
+"""Adapter initializations :func:`adapt` knows."""
+EVA_METHODS = ("eva", "eva+dora", "lora-redist")
+"""Methods that run EVA (for directions, ranks or both)."""
 
 # PPO constructor arguments carried over from the pretrained model unless overridden.
 _PPO_HYPERPARAMETERS = (
@@ -120,67 +125,103 @@ def eva_lora_config(lora: LoraConfig, result: EvaResult, adjust_scaling_factors:
     return dataclasses.replace(lora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
 
 
+def _factorization_ranks(model: PPO, lora: LoraConfig, exclude: tuple[str, ...], method: str) -> LoraConfig:
+    """PiSSA/OLoRA factor ``W`` itself, so a layer's rank is capped at ``min(out, fan_in)`` (a value head has
+    ``out = 1``); capped layers keep ``alpha / r``, and a warning names them."""
+    rank_pattern, alpha_pattern, capped = dict(lora.rank_pattern), dict(lora.alpha_pattern), []
+    for name, (rank, alpha) in resolve_ranks(model.policy, lora, exclude).items():
+        weight = model.policy.get_submodule(name).weight
+        limit = min(weight.shape[0], weight[0].numel())
+        if rank > limit:
+            rank_pattern[name], alpha_pattern[name] = limit, alpha * limit / rank
+            capped.append(f"{name} ({rank} -> {limit})")
+    if capped:
+        warnings.warn(f"{method}: rank capped at min(out, fan_in) for {', '.join(capped)}", stacklevel=3)
+    return dataclasses.replace(lora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+
+
+def _run_eva(
+    model: PPO, vec_env: VecEnv, lora: LoraConfig, eva: EvaConfig, exclude: tuple[str, ...], progress: bool
+) -> EvaResult:
+    resolved = resolve_ranks(model.policy, lora, exclude)
+    fan_in = {name: layer_fan_in(model.policy.get_submodule(name)) for name in resolved}
+    tracked = max(min(round(rank * eva.rho), fan_in[name]) for name, (rank, _) in resolved.items())
+    if eva.batch_size < tracked:
+        raise ValueError(
+            f"EvaConfig.batch_size={eva.batch_size} is below the {tracked} components EVA tracks per layer "
+            f"(round(r*rho), at most the fan-in); use batch_size >= {tracked}"
+        )
+    rollouts = RolloutBatches(model.policy, vec_env, eva.batch_size, eva.deterministic, eva.seed)
+    result = run_eva(model.policy, rollouts, lora, eva, forward_fn=policy_forward, exclude=exclude, progress=progress)
+    result.env_steps = rollouts.env_steps
+    return result
+
+
 def adapt(
     model: PPO,
     env: GymEnv,
-    method: Literal["eva", "lora"] = "eva",
+    method: str = "eva",
     lora: LoraConfig | None = None,
     eva: EvaConfig | None = None,
     progress: bool = False,
     **ppo_kwargs: Any,
 ) -> PPO:
-    """A new PPO on ``env`` whose policy is ``model``'s pretrained policy plus LoRA adapters.
+    """A new PPO on ``env`` whose policy is ``model``'s pretrained policy plus adapters initialized by ``method``.
+
+    Every method leaves the policy's outputs unchanged at step 0:
+
+    - ``"eva"``: A from the principal directions of each layer's inputs on rollouts of the pretrained policy in
+      ``env``, ranks redistributed by explained variance, B = 0;
+    - ``"lora"``: Kaiming-uniform A, B = 0;
+    - ``"pissa"`` / ``"olora"``: A and B from the SVD / QR of ``W``, the residual ``W - s B A`` frozen;
+    - ``"dora"`` / ``"eva+dora"``: ``"lora"`` / ``"eva"`` with DoRA's trainable magnitude;
+    - ``"lora-redist"``: EVA's rank allocation with Kaiming-uniform A (separates EVA's ranks from its directions);
+    - ``"head"``: no adapters; only the action and value heads (and ``log_std``) train.
 
     :param model: The pretrained agent (MLP, CNN or MultiInput actor-critic policy).
     :param env: The target environment (a Gymnasium env or a VecEnv); its spaces must match the agent's.
-    :param method: ``"eva"``: A from the principal directions of each layer's inputs on rollouts of the
-        pretrained policy in ``env``, ranks redistributed by explained variance; ``"lora"``: Kaiming-uniform A.
-        B = 0 either way, so the new policy acts exactly as the pretrained one.
+    :param method: One of :data:`METHODS`.
     :param lora: Adapter configuration.
-    :param eva: EVA configuration (``method="eva"`` only).
+    :param eva: EVA configuration (methods that run EVA).
     :param progress: Show a progress bar during EVA.
     :param ppo_kwargs: PPO constructor arguments overriding those taken from ``model``.
-    :return: The adapted PPO. ``model.policy.eva_report`` holds EVA's report (``None`` for ``"lora"``).
+    :return: The adapted PPO. ``model.policy.eva_report`` holds EVA's report (``None`` without EVA).
     :raises SpaceMismatchError: if ``env``'s spaces differ from ``model``'s.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is invalid: expected one of {METHODS}")
     lora = lora or LoraConfig()
     eva = eva or EvaConfig()
+    if method in ("dora", "eva+dora"):
+        lora = dataclasses.replace(lora, use_dora=True)
+    if method == "head":
+        lora = dataclasses.replace(lora, train_heads=True, rank_pattern={".*": 0})
     policy_class = _lora_policy_class(model)
     vec_env = wrap_target_env(model, env)
     exclude = HEADS if lora.train_heads else ()
+    if method in ("pissa", "olora"):
+        lora = _factorization_ranks(model, lora, exclude, method)
 
-    resolved = resolve_ranks(model.policy, lora, exclude)
-    report = None
     result = None
-    if method == "eva":
-        fan_in = {name: layer_fan_in(model.policy.get_submodule(name)) for name in resolved}
-        tracked = max(min(round(rank * eva.rho), fan_in[name]) for name, (rank, _) in resolved.items())
-        if eva.batch_size < tracked:
-            raise ValueError(
-                f"EvaConfig.batch_size={eva.batch_size} is below the {tracked} components EVA tracks per layer "
-                f"(round(r*rho), at most the fan-in); use batch_size >= {tracked}"
-            )
-        rollouts = RolloutBatches(model.policy, vec_env, eva.batch_size, eva.deterministic, eva.seed)
-        result = run_eva(
-            model.policy, rollouts, lora, eva, forward_fn=policy_forward, exclude=exclude, progress=progress
-        )
-        result.env_steps = rollouts.env_steps
+    if method in EVA_METHODS:
+        result = _run_eva(model, vec_env, lora, eva, exclude, progress)
         lora = eva_lora_config(lora, result, eva.adjust_scaling_factors)
-        report = result.to_dict()
 
     hyperparameters = ppo_hyperparameters(model)
     hyperparameters.update(ppo_kwargs)
     policy_kwargs = {k: v for k, v in model.policy_kwargs.items() if k not in _LORA_POLICY_KWARGS}
-    policy_kwargs.update(lora_config=lora.to_dict(), eva_report=report)
+    policy_kwargs.update(lora_config=lora.to_dict(), eva_report=result.to_dict() if result else None)
     adapted = PPO(policy_class, vec_env, policy_kwargs=policy_kwargs, **hyperparameters)
     load_base_weights(adapted.policy, model.policy.state_dict())
-    if result is not None:
-        layers = adapted.policy.lora_layers
-        for name, directions in result.A.items():
-            if name in layers:
-                layers[name].set_lora_A(directions)
+    for name, layer in adapted.policy.lora_layers.items():
+        if method in ("eva", "eva+dora"):
+            layer.set_lora_A(result.A[name])
+        elif method == "pissa":
+            pissa_init(layer)
+        elif method == "olora":
+            olora_init(layer)
+        if layer.use_dora:
+            layer.reset_dora_magnitude()  # to the loaded pretrained weights
     return adapted
 
 

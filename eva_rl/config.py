@@ -36,6 +36,8 @@ class LoraConfig:
     :param rank_pattern: Per-layer rank overrides, ``{name or pattern: rank}``; rank 0 means no adapter.
         EVA writes its allocation here so that ``PPO.load`` rebuilds the same adapters.
     :param alpha_pattern: Per-layer ``alpha`` overrides, ``{name or pattern: alpha}``.
+    :param use_dora: DoRA (weight-decomposed LoRA): a trainable magnitude per output unit times the normalized
+        adapted weight. Needs ``dropout=0``.
     """
 
     r: int = 4
@@ -46,6 +48,7 @@ class LoraConfig:
     train_bias: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -55,6 +58,8 @@ class LoraConfig:
             raise _bad(name, "alpha", self.alpha, "a number > 0, or None for alpha = r")
         if not 0.0 <= self.dropout < 1.0:
             raise _bad(name, "dropout", self.dropout, "a probability in [0, 1)")
+        if self.use_dora and self.dropout > 0:
+            raise _bad(name, "dropout", self.dropout, "0 with use_dora=True (DoRA with dropout is not supported)")
         if isinstance(self.target_modules, (list, tuple)):
             if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
                 raise _bad(name, "target_modules", self.target_modules, "a non-empty list of layer names")

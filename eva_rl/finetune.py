@@ -2,8 +2,8 @@
 
 Methods, all with the same PPO hyperparameters, seeds and a fresh optimizer:
 
-- ``eva``: LoRA adapters initialized by EVA from rollouts of the pretrained policy in the target env;
-- ``lora``: LoRA adapters with the standard init (Kaiming-uniform A, B = 0);
+- the adapter methods of :func:`eva_rl.adapt` (``eva``, ``lora``, ``pissa``, ``olora``, ``dora``, ``eva+dora``,
+  ``lora-redist``, ``head``);
 - ``full``: every weight of the pretrained policy trains;
 - ``scratch``: the same architecture from a random init.
 
@@ -25,9 +25,9 @@ from typing import Any
 from stable_baselines3 import PPO
 from stable_baselines3.common.logger import HParam, Image, configure
 
-from eva_rl.adapt import adapt, ppo_hyperparameters, wrap_target_env
+from eva_rl.adapt import EVA_METHODS, adapt, ppo_hyperparameters, wrap_target_env
 from eva_rl.environments import env_factory, import_packages, make_vec
-from eva_rl.tasks import TaskConfig
+from eva_rl.tasks import BASELINES, TaskConfig
 from eva_rl.training import (
     RunCallback,
     atomic_save_model,
@@ -81,7 +81,7 @@ def _build_model(spec: RunSpec, agent: PPO, train_env: Any, progress: bool) -> t
     """The model a method starts from, and EVA's report for adapted runs."""
     hyperparameters = ppo_hyperparameters(agent)
     hyperparameters.update(spec.task.ppo, seed=spec.seed, device=spec.device, verbose=0, tensorboard_log=None)
-    if spec.method in ("eva", "lora"):
+    if spec.method not in BASELINES:
         eva = dataclasses.replace(spec.task.eva, seed=spec.seed)
         model = adapt(agent, train_env, spec.method, spec.task.lora, eva, progress=progress, **hyperparameters)
         return model, model.policy.eva_report
@@ -97,9 +97,9 @@ def _log_start(model: PPO, spec: RunSpec, report: dict | None) -> None:
     hparams = {
         "method": spec.method,
         "seed": spec.seed,
-        "r": task.lora.r if spec.method in ("eva", "lora") else 0,
-        "rho": task.eva.rho if spec.method == "eva" else 0.0,
-        "tau": task.eva.tau if spec.method == "eva" else 0.0,
+        "r": task.lora.r if spec.method not in BASELINES else 0,
+        "rho": task.eva.rho if spec.method in EVA_METHODS else 0.0,
+        "tau": task.eva.tau if spec.method in EVA_METHODS else 0.0,
         "lr": float(model.lr_schedule(1.0)),
         "total_timesteps": task.total_timesteps,
     }
@@ -108,7 +108,7 @@ def _log_start(model: PPO, spec: RunSpec, report: dict | None) -> None:
         HParam(hparams, {"eval/mean_return": 0.0, "rollout/ep_rew_mean": 0.0}),
         exclude=("stdout", "log", "json", "csv"),
     )
-    if report is not None and spec.method == "eva":
+    if report is not None:
         for layer, rank in report["ranks"].items():
             logger.record(f"eva/rank/{layer}", rank)
             logger.record(f"eva/captured_variance/{layer}", report["captured_variance"][layer])

@@ -134,7 +134,7 @@ def inject_adapters(module: nn.Module, config: LoraConfig, exclude: Iterable[str
             raise ValueError(f"layer {name!r} already has a LoRA adapter; remove_adapters() first")
         if rank == 0:
             continue
-        lora = LORA_LAYER_TYPES[type(layer)](layer, rank, alpha, config.dropout)
+        lora = LORA_LAYER_TYPES[type(layer)](layer, rank, alpha, config.dropout, config.use_dora)
         _set_submodule(module, name, lora)
         wrapped[name] = lora
     return wrapped
@@ -175,7 +175,7 @@ def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     for name, layer in module.named_modules(remove_duplicate=False):
         if isinstance(layer, LoraLayer) and not layer.merged:
             key = f"{name}.weight" if name else "weight"
-            state[key] = layer.base_layer.weight + layer.delta_weight().to(layer.base_layer.weight.dtype)
+            state[key] = layer.adapted_weight().to(layer.base_layer.weight.dtype)
     return state
 
 

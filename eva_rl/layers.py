@@ -21,12 +21,18 @@ class LoraLayer(nn.Module):
     :param r: Adapter rank (>= 1).
     :param alpha: Scaling numerator; the adapter output is multiplied by ``alpha / r``.
     :param dropout: Dropout probability on the adapter input.
+    :param use_dora: DoRA: the adapted weight ``W + s B A`` is renormalized per output unit and scaled by a trainable
+        magnitude vector, initialized to the row norms of ``W`` (so the layer starts as its base).
     """
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(
+        self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_dora: bool = False
+    ) -> None:
         super().__init__()
         if r < 1:
             raise ValueError(f"LoRA rank r={r} is invalid: expected an integer >= 1 (rank 0 means: do not wrap)")
+        if use_dora and dropout > 0:
+            raise ValueError(f"DoRA with dropout={dropout} is not supported: use dropout=0")
         self.base_layer = base_layer
         for param in base_layer.parameters():
             param.requires_grad_(False)
@@ -34,8 +40,11 @@ class LoraLayer(nn.Module):
         self.alpha = float(alpha)
         self.scaling = self.alpha / self.r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.use_dora = use_dora
+        self.lora_magnitude: nn.Parameter | None = None
         self.merged = False
         self.disabled = False
+        self._merged_norm: torch.Tensor | None = None
 
     @property
     def fan_in(self) -> int:
@@ -46,6 +55,18 @@ class LoraLayer(nn.Module):
         """Standard LoRA init: Kaiming-uniform A (as ``nn.Linear``), B = 0, so the layer starts as its base."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+        if self.use_dora:
+            if self.lora_magnitude is None:
+                self.lora_magnitude = nn.Parameter(self.base_layer.weight.new_empty(self.base_layer.weight.shape[0]))
+            self.reset_dora_magnitude()
+
+    @torch.no_grad()
+    def reset_dora_magnitude(self) -> None:
+        """Set the DoRA magnitude to the row norms of ``W + s B A``, so the layer's output does not change.
+
+        Call it after loading new base weights into a DoRA layer.
+        """
+        self.lora_magnitude.copy_(_row_norms(self.effective_weight()))
 
     @torch.no_grad()
     def set_lora_A(self, directions: torch.Tensor) -> None:
@@ -66,23 +87,40 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into the base weight; the forward then skips the adapter."""
-        if not self.merged:
-            self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
-            self.merged = True
+        """Fold the adapter (and the DoRA magnitude) into the base weight; the forward then skips the adapter."""
+        if self.merged:
+            return
+        if self.use_dora:
+            self._merged_norm = _row_norms(self.effective_weight())
+        self.base_layer.weight.copy_(self.adapted_weight())
+        self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo :meth:`merge`."""
-        if self.merged:
-            self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
-            self.merged = False
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        if self.use_dora:
+            weight.copy_(_scale_rows(weight, self._merged_norm / self.lora_magnitude))
+        weight -= self.delta_weight().to(weight.dtype)
+        self.merged = False
 
     def effective_weight(self) -> torch.Tensor:
         """``W + scaling * B A``, differentiable in A and B."""
         weight = self.base_layer.weight
         flat = torch.addmm(weight.reshape(weight.shape[0], -1), self._b_matrix(), self._a_matrix(), alpha=self.scaling)
         return flat.reshape(weight.shape)
+
+    def adapted_weight(self) -> torch.Tensor:
+        """The weight this layer computes with: ``W + s B A``, with DoRA ``m * (W + s B A) / ||W + s B A||``.
+
+        The DoRA norm is detached from the gradient, as in the DoRA paper (section 4.3) and peft.
+        """
+        weight = self.effective_weight()
+        if self.use_dora:
+            weight = _scale_rows(weight, self.lora_magnitude / _row_norms(weight).detach())
+        return weight
 
     def _a_matrix(self) -> torch.Tensor:
         return self.lora_A.reshape(self.r, -1)
@@ -99,18 +137,29 @@ class LoraLayer(nn.Module):
         if isinstance(self.lora_dropout, nn.Identity):
             # Without dropout, one call with W + s*BA is exact and far cheaper for RL-sized layers than the
             # separate low-rank path: the cost of these small networks is the number of ops, not their flops.
-            return self._base_forward(x, self.effective_weight())
+            return self._base_forward(x, self.adapted_weight())
         return self.base_layer(x) + self.scaling * self._adapter(self.lora_dropout(x))
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha:g}, merged={self.merged}"
+        return f"r={self.r}, alpha={self.alpha:g}, dora={self.use_dora}, merged={self.merged}"
+
+
+def _row_norms(weight: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each output unit's weights (a Linear row, a Conv2d filter)."""
+    return weight.reshape(weight.shape[0], -1).norm(dim=1)
+
+
+def _scale_rows(weight: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    return factors.reshape(-1, *([1] * (weight.ndim - 1))) * weight
 
 
 class LoraLinear(LoraLayer):
     """LoRA wrapper of an ``nn.Linear``: ``A`` is ``(r, in_features)``, ``B`` is ``(out_features, r)``."""
 
-    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0) -> None:
-        super().__init__(base_layer, r, alpha, dropout)
+    def __init__(
+        self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_dora: bool = False
+    ) -> None:
+        super().__init__(base_layer, r, alpha, dropout, use_dora)
         weight = base_layer.weight
         self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, device=weight.device, dtype=weight.dtype))
         self.lora_B = nn.Parameter(torch.empty(base_layer.out_features, r, device=weight.device, dtype=weight.dtype))
@@ -131,12 +180,14 @@ class LoraConv2d(LoraLayer):
     geometry, which is what :meth:`merge` adds to the base kernel.
     """
 
-    def __init__(self, base_layer: nn.Conv2d, r: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(
+        self, base_layer: nn.Conv2d, r: int, alpha: float, dropout: float = 0.0, use_dora: bool = False
+    ) -> None:
         if base_layer.groups != 1:
             raise ValueError(f"LoRA on Conv2d needs groups=1, got groups={base_layer.groups}")
         if base_layer.padding_mode != "zeros":
             raise ValueError(f"LoRA on Conv2d needs padding_mode='zeros', got {base_layer.padding_mode!r}")
-        super().__init__(base_layer, r, alpha, dropout)
+        super().__init__(base_layer, r, alpha, dropout, use_dora)
         weight = base_layer.weight
         kh, kw = base_layer.kernel_size
         factory = dict(device=weight.device, dtype=weight.dtype)

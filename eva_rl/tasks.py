@@ -11,12 +11,15 @@ from typing import Any
 
 import yaml
 
+from eva_rl.adapt import METHODS as ADAPTER_METHODS
 from eva_rl.config import EvaConfig, LoraConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 """The project root: ``configs/`` and ``agents/`` live here."""
 CONFIG_DIR = ROOT / "configs"
-METHODS = ("eva", "lora", "full", "scratch")
+BASELINES = ("full", "scratch")
+"""Methods without adapters: every weight of the pretrained policy trains, or of a fresh one."""
+METHODS = (*ADAPTER_METHODS, *BASELINES)
 
 
 class ConfigError(ValueError):

@@ -261,8 +261,8 @@ def test_space_mismatch_shows_both_spaces() -> None:
 
 def test_bad_method_and_double_adaptation_are_refused() -> None:
     base, model = adapted("mlp-discrete", method="lora")
-    with pytest.raises(ValueError, match="method='pissa' is invalid: expected one of \\('eva', 'lora'\\)"):
-        eva_rl.adapt(base, gym.make("CartPole-v1"), method="pissa")
+    with pytest.raises(ValueError, match="method='qlora' is invalid: expected one of \\('eva', 'lora', 'pissa'"):
+        eva_rl.adapt(base, gym.make("CartPole-v1"), method="qlora")
     with pytest.raises(ValueError, match="already has LoRA adapters"):
         eva_rl.adapt(model, gym.make("CartPole-v1"))
 

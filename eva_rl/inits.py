@@ -1,0 +1,53 @@
+"""Weight-derived adapter initializations: PiSSA and OLoRA.
+
+Both take A and B from the pretrained weight itself and keep the residual ``W - s B A`` as the frozen base, so the
+layer's output is unchanged at step 0 and the adapter starts on the weight's principal (PiSSA) or orthonormal
+(OLoRA) directions. A Conv2d kernel is treated as the ``(out, C*kh*kw)`` matrix our Conv2d adapter factorizes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from eva_rl.layers import LoraLayer
+
+
+def max_weight_rank(layer: LoraLayer) -> int:
+    """The largest rank a factorization of the layer's weight has: ``min(out, fan_in)``."""
+    return min(layer.base_layer.weight.shape[0], layer.fan_in)
+
+
+def _check_rank(layer: LoraLayer, method: str) -> None:
+    if layer.r > max_weight_rank(layer):
+        raise ValueError(
+            f"{method} needs rank <= min(out, fan_in) = {max_weight_rank(layer)} for a layer of weight shape "
+            f"{tuple(layer.base_layer.weight.shape)}, got r={layer.r}"
+        )
+
+
+@torch.no_grad()
+def _set_factors(layer: LoraLayer, a: torch.Tensor, b: torch.Tensor) -> None:
+    weight = layer.base_layer.weight
+    layer.lora_A.copy_(a.reshape(layer.lora_A.shape).to(weight.dtype))
+    layer.lora_B.copy_(b.reshape(layer.lora_B.shape).to(weight.dtype))
+    residual = weight.reshape(weight.shape[0], -1).double() - layer.scaling * (b @ a)
+    weight.copy_(residual.reshape(weight.shape).to(weight.dtype))
+
+
+@torch.no_grad()
+def pissa_init(layer: LoraLayer) -> None:
+    """PiSSA: ``B A`` is the top-``r`` SVD part of ``W`` (split as ``U sqrt(S/s)`` and ``sqrt(S/s) V^T``)."""
+    _check_rank(layer, "PiSSA")
+    weight = layer.base_layer.weight
+    u, s, vt = torch.linalg.svd(weight.reshape(weight.shape[0], -1).double(), full_matrices=False)
+    root = (s[: layer.r] / layer.scaling).sqrt()
+    _set_factors(layer, root.unsqueeze(1) * vt[: layer.r], u[:, : layer.r] * root)
+
+
+@torch.no_grad()
+def olora_init(layer: LoraLayer) -> None:
+    """OLoRA: ``B`` is the first ``r`` columns of ``Q`` and ``A`` the first ``r`` rows of ``R`` in ``W = Q R``."""
+    _check_rank(layer, "OLoRA")
+    weight = layer.base_layer.weight
+    q, r = torch.linalg.qr(weight.reshape(weight.shape[0], -1).double())
+    _set_factors(layer, r[: layer.r] / layer.scaling, q[:, : layer.r])
