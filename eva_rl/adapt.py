@@ -229,16 +229,28 @@ def merge(model: PPO, env: GymEnv | None = None) -> PPO:
     """A plain-policy PPO (SB3's own policy class) with ``model``'s adapters folded into the base weights.
 
     :param model: An adapted PPO.
-    :param env: Environment for the new model; defaults to ``model``'s.
+    :param env: Environment for the new model; none is needed (the spaces come from ``model``).
     :return: A PPO whose actions equal ``model``'s, loadable by ``PPO.load`` without eva_rl's LoRA classes.
     """
     if not isinstance(model.policy, LoraPolicyMixin):
         raise ValueError(f"model.policy is a {type(model.policy).__name__}, which has no LoRA adapters to merge")
-    env = env if env is not None else model.get_env()
-    if env is None:
-        raise ValueError("the model has no environment; pass env= to merge()")
-    plain_class = PLAIN_POLICY_FOR[type(model.policy)]
     policy_kwargs = {k: v for k, v in model.policy_kwargs.items() if k not in _LORA_POLICY_KWARGS}
-    merged = PPO(plain_class, env, policy_kwargs=policy_kwargs, **ppo_hyperparameters(model))
+    # Built the way PPO.load builds a model, so no environment is needed: spaces and n_envs come from `model`.
+    merged = PPO(
+        PLAIN_POLICY_FOR[type(model.policy)],
+        None,
+        policy_kwargs=policy_kwargs,
+        _init_setup_model=False,
+        **ppo_hyperparameters(model),
+    )
+    merged.observation_space, merged.action_space, merged.n_envs = (
+        model.observation_space,
+        model.action_space,
+        model.n_envs,
+    )
+    merged._setup_model()
     merged.policy.load_state_dict(merged_state_dict(model.policy), strict=True)
+    env = env if env is not None else model.get_env()
+    if env is not None:
+        merged.set_env(env)
     return merged

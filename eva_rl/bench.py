@@ -1,10 +1,13 @@
-"""Measurements of EVA's own cost and accuracy on a MiniGrid transfer (``scripts/bench.py`` prints them)."""
+"""Measurements of EVA's own cost and accuracy on a MiniGrid transfer (``scripts/bench.py`` / ``eva-rl bench``
+print them as one JSON object on the last line)."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -178,3 +181,36 @@ def measure_eva_cost(
         "numpy": np.__version__,
         "gymnasium": gym.__version__,
     }
+
+
+def bench_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="eva-rl bench", description=__doc__)
+    parser.add_argument("--source-env", default="MiniGrid-DoorKey-5x5-v0")
+    parser.add_argument("--target-env", default="MiniGrid-DoorKey-8x8-v0")
+    parser.add_argument("--pretrain-steps", type=int, default=20_000)
+    parser.add_argument("--n-envs", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--rho", type=float, default=2.0)
+    parser.add_argument("--tau", type=float, default=0.99)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--throughput-steps", type=int, default=2048, help="PPO steps per timing round; 0 skips")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for small nets)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    figures = measure_eva_cost(
+        args.source_env,
+        args.target_env,
+        args.pretrain_steps,
+        args.n_envs,
+        args.rank,
+        args.rho,
+        args.tau,
+        args.batch_size,
+        args.seed,
+        args.device,
+        args.throughput_steps,
+    )
+    print(json.dumps(figures))
+    return 0

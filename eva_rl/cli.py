@@ -20,8 +20,9 @@ import yaml
 from eva_rl.adapt import SpaceMismatchError
 from eva_rl.environments import EnvError, env_factory, import_packages
 from eva_rl.eva import EvaConvergenceError
-from eva_rl.finetune import AgentError, RunDirError, finetune, summary_table
+from eva_rl.finetune import AgentError, RunDirError, finetune, load_agent, summary_table
 from eva_rl.tasks import METHODS, ConfigError, TaskConfig, find_task, known_tasks, load_task
+from eva_rl.training import atomic_save_model
 from eva_rl.utils import get_device
 
 USAGE_ERRORS = (ConfigError, EnvError, AgentError, SpaceMismatchError, RunDirError)
@@ -245,3 +246,81 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     return _guarded(body)
+
+
+def inspect_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eva-rl inspect", description="Run EVA only and show its allocation.")
+    add_env_arguments(parser)
+    parser.add_argument("--pretrained", type=Path, help="your own SB3 PPO zip (default: the task's bundled agent)")
+    parser.add_argument("--rank", type=int, help="LoRA rank r per layer")
+    parser.add_argument("--rho", type=float, help="EVA rank redistribution factor (>= 1)")
+    parser.add_argument("--tau", type=float, help="EVA convergence threshold")
+    parser.add_argument("--out", type=Path, default=Path("eva_allocation.png"), help="PNG of the allocation")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def inspect_main(argv: Sequence[str] | None = None) -> int:
+    from eva_rl.inspection import allocation_table, inspect_eva, save_allocation_png
+
+    args = inspect_parser().parse_args(argv)
+
+    def body() -> int:
+        torch.set_num_threads(args.threads)
+        task = resolve_task(args)
+        lora = task.lora if args.rank is None else dataclasses.replace(task.lora, r=args.rank)
+        eva_changes = {k: v for k, v in {"rho": args.rho, "tau": args.tau}.items() if v is not None}
+        task = task.override(lora=lora, eva=dataclasses.replace(task.eva, **eva_changes))
+        agent_path = args.pretrained or task.agent_path
+        if agent_path is None:
+            raise AgentError(f"no bundled agent for {args.env!r}; pass --pretrained path/to/agent.zip")
+        device = "cpu" if args.device == "auto" else args.device
+        result = inspect_eva(task, agent_path, device, progress=not args.no_progress)
+        print(allocation_table(result))
+        print(f"allocation: {save_allocation_png(result, args.out)}")
+        return 0
+
+    return _guarded(body)
+
+
+def merge_main(argv: Sequence[str] | None = None) -> int:
+    from eva_rl.adapt import merge
+
+    parser = argparse.ArgumentParser(
+        prog="eva-rl merge", description="Fold a run's adapters into a plain SB3 zip (merged.zip) for deployment."
+    )
+    parser.add_argument("run_dir", type=Path, help="a run folder holding model.zip, or a model zip")
+    parser.add_argument("--out", type=Path, help="output zip (default: <run-dir>/merged.zip)")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        source = args.run_dir / "model.zip" if args.run_dir.is_dir() else args.run_dir
+        merged = merge(load_agent(source, device="cpu"))
+        out = args.out or source.with_name("merged.zip")
+        atomic_save_model(merged, out)
+        print(f"merged: {out} (policy {type(merged.policy).__name__}; loads with plain PPO.load)")
+        return 0
+
+    return _guarded(body)
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "pretrain": pretrain_main,
+    "finetune": finetune_main,
+    "compare": compare_main,
+    "inspect": inspect_main,
+    "merge": merge_main,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``eva-rl <command> ...``: one entry point for every tool."""
+    from eva_rl.bench import bench_main
+
+    commands = {**COMMANDS, "bench": bench_main}
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in commands:
+        names = ", ".join(commands)
+        print(f"usage: eva-rl {{{names}}} ... (eva-rl <command> --help for its options)", file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    return commands[argv[0]](argv[1:])

@@ -45,6 +45,7 @@ class EvaResult:
     :ivar max_components: ``{layer: components tracked}`` (``round(r*rho)``, clipped to the fan-in).
     :ivar shared_inputs: ``{layer: layer whose PCA it shares}`` for layers whose inputs are identical.
     :ivar singular_values: ``{layer: singular values of the tracked components}``.
+    :ivar converged_at: ``{layer: batches it took until its ranked components converged (for good)}``.
     :ivar seconds: Wall time of the whole computation (data collection included).
     :ivar env_steps: Environment steps consumed, when the batches came from rollouts.
     """
@@ -58,6 +59,7 @@ class EvaResult:
     max_components: dict[str, int] = field(default_factory=dict)
     shared_inputs: dict[str, str] = field(default_factory=dict)
     singular_values: dict[str, torch.Tensor] = field(default_factory=dict)
+    converged_at: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     env_steps: int | None = None
 
@@ -75,6 +77,7 @@ class EvaResult:
             "max_components": dict(self.max_components),
             "shared_inputs": dict(self.shared_inputs),
             "converged": dict(self.converged),
+            "converged_at": dict(self.converged_at),
             "batches_used": self.batches_used,
             "env_steps": self.env_steps,
             "seconds": self.seconds,
@@ -207,6 +210,7 @@ def run_eva(
     trackers: dict[str, _ComponentTracker] = {}
     leader_of: dict[str, str] = {}
     ranks = dict(caps)
+    converged_at: dict[str, int] = {}
     batches_used = 0
     stop_reason: str | None = None
     was_training = module.training
@@ -268,6 +272,11 @@ def run_eva(
                     trackers[leader].update(rows[leader], eva.tau)
                 ratios = {n: trackers[leader_of[n]].pca.explained_variance_ratio_ for n in layers}
                 ranks = allocate_ranks(ratios, caps, budget)
+                for name in layers:
+                    if trackers[leader_of[name]].done(ranks[name]):
+                        converged_at.setdefault(name, batches_used)
+                    else:
+                        converged_at.pop(name, None)
                 bar.update(1)
                 bar.set_postfix_str(f"{sum(group_done(lead) for lead in trackers)}/{len(trackers)} inputs converged")
     finally:
@@ -317,6 +326,8 @@ def run_eva(
         result.singular_values[name] = pca.singular_values_[: caps[name]].float().cpu()
         result.converged[name] = converged[name]
         result.max_components[name] = caps[name]
+        if name in converged_at:
+            result.converged_at[name] = converged_at[name]
         if leader_of[name] != name:
             result.shared_inputs[name] = leader_of[name]
     result.seconds = time.perf_counter() - start

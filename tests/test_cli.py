@@ -230,3 +230,58 @@ def test_pretrain_and_finetune_help_work() -> None:
     for script in ("pretrain.py", "finetune.py"):
         done = run_cli(script, "--help")
         assert done.returncode == 0 and "--env" in done.stdout
+
+
+def test_eva_rl_inspect_prints_the_allocation_and_writes_a_png(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eva_rl",
+            "inspect",
+            "--env",
+            "MiniGrid-DoorKey",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "alloc.png"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["layer", "fan-in", "rank", "captured", "tracked", "batches"]
+    rows = [line.split() for line in lines[2:] if line.startswith(("features", "mlp", "action", "value"))]
+    assert len(rows) == 10 and sum(int(row[2]) for row in rows) == 40
+    assert (tmp_path / "alloc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eva_rl_merge_writes_a_plain_zip_that_acts_like_the_run(doorkey_runs: Path, tmp_path: Path) -> None:
+    run_dir = doorkey_runs / "eva" / "seed0"
+    done = subprocess.run(
+        [sys.executable, "-m", "eva_rl", "merge", str(run_dir), "--out", str(tmp_path / "m.zip")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    check = (
+        "import sys, numpy as np; from stable_baselines3 import PPO\n"
+        "m = PPO.load(sys.argv[1], device='cpu'); a = PPO.load(sys.argv[2], device='cpu')\n"
+        "obs = np.random.default_rng(0).integers(0, 2, size=(64, 20, 7, 7)).astype(np.float32)\n"
+        "assert type(m.policy).__module__.startswith('stable_baselines3'), type(m.policy)\n"
+        "assert not any('lora' in k for k in m.policy.state_dict())\n"
+        "print((m.predict(obs, deterministic=True)[0] == a.predict(obs, deterministic=True)[0]).all())\n"
+    )
+    compared = subprocess.run(
+        [sys.executable, "-c", check, str(tmp_path / "m.zip"), str(run_dir / "model.zip")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert compared.returncode == 0, compared.stderr
+    assert compared.stdout.strip() == "True"

@@ -71,6 +71,8 @@ def test_budget_conserved_caps_respected_and_rho_one_uniform() -> None:
     assert all(rank <= round(3 * 2.0) for rank in result.ranks.values())
     for name, rank in result.ranks.items():
         assert result.A[name].shape == (rank, model.get_submodule(name).in_features)
+    assert all(2 <= result.converged_at[name] <= result.batches_used for name in result.ranks)
+    assert max(result.converged_at.values()) == result.batches_used
     uniform = compute_eva(model, batches, r=3, rho=1.0)
     assert uniform.ranks == dict.fromkeys(uniform.ranks, 3)
 

@@ -1,0 +1,7 @@
+"""``python -m eva_rl <command>``, the same as the ``eva-rl`` command."""
+
+import sys
+
+from eva_rl.cli import main
+
+sys.exit(main())
