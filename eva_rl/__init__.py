@@ -2,6 +2,7 @@
 
 from eva_rl.adapt import SpaceMismatchError, adapt, load_base_weights, merge
 from eva_rl.allocation import allocate_ranks
+from eva_rl.checkpoints import load_adapter, save_adapter
 from eva_rl.config import EvaConfig, LoraConfig
 from eva_rl.eva import EvaConvergenceError, EvaResult, compute_eva, run_eva
 from eva_rl.inject import (
@@ -42,10 +43,12 @@ __all__ = [
     "get_device",
     "inject_adapters",
     "load_base_weights",
+    "load_adapter",
     "lora_layers",
     "merge",
     "merged_state_dict",
     "policy_forward",
     "remove_adapters",
     "run_eva",
+    "save_adapter",
 ]

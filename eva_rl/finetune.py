@@ -8,7 +8,8 @@ Methods, all with the same PPO hyperparameters, seeds and a fresh optimizer:
 - ``scratch``: the same architecture from a random init.
 
 Layout: ``<log_dir>/<task>/<method>/seed<k>/`` holds the TensorBoard events, ``model.zip``, ``result.json``,
-``eva.json`` (adapted runs), and while running ``checkpoint.zip`` + ``state.json`` for ``--resume``.
+``adapter/`` (adapter runs: the adapter-only checkpoint), ``eva.json`` (runs that used EVA), and while running
+``checkpoint.zip`` + ``state.json`` for ``--resume``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.logger import HParam, Image, configure
 
 from eva_rl.adapt import EVA_METHODS, adapt, ppo_hyperparameters, wrap_target_env
+from eva_rl.checkpoints import save_adapter
 from eva_rl.environments import env_factory, import_packages, make_vec
 from eva_rl.tasks import BASELINES, TaskConfig
 from eva_rl.training import (
@@ -171,6 +173,8 @@ def run(spec: RunSpec, progress: bool = True, resume: bool = False) -> dict[str,
     if remaining > 0:
         model.learn(remaining, callback=callback, reset_num_timesteps=False)
     atomic_save_model(model, run_dir / "model.zip")
+    if spec.method not in BASELINES:
+        save_adapter(model, run_dir / "adapter", method=spec.method)
     trainable, total = count_parameters(model)
     returns = [value for _, value in callback.curve]
     result = {

@@ -66,6 +66,7 @@ def test_every_method_writes_the_same_layout_and_tags(doorkey_runs: Path) -> Non
         assert [step for step, _ in result["eval_curve"]] == [0, 768, 1536]
         assert result["trainable_params"] <= result["total_params"]
         assert (run_dir / "eva.json").exists() == (method == "eva")
+        assert (run_dir / "adapter" / "adapter.safetensors").exists() == (method in ("eva", "lora"))
         tags[method] = scalar_tags(run_dir)
     common = {tag for tag in tags["full"]}
     assert {"eval/mean_return", "charts/trainable_params", "rollout/ep_rew_mean", "train/value_loss"} <= common
