@@ -222,6 +222,8 @@ def compare_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tune", action="store_true", help="run the suite's tuning sweep on its tuning seeds and print the choices"
     )
+    parser.add_argument("--backend", choices=("local", "ray"), default="local", help="where runs execute (local)")
+    parser.add_argument("--ray-address", help="Ray cluster address, or 'auto'; default: start a local Ray instance")
     return parser
 
 
@@ -239,7 +241,9 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
             print(yaml.safe_dump({"method_settings": chosen}, sort_keys=False))
             return 0
         seeds = list(range(args.seeds)) if args.seeds else None
-        compare(suite, args.log_dir, args.methods, seeds, args.workers)
+        compare(
+            suite, args.log_dir, args.methods, seeds, args.workers, backend=args.backend, ray_address=args.ray_address
+        )
         out = args.log_dir / suite.name
         print(f"\nResults: {out}/results.md, results.json, sample_efficiency.png, final_return.png, eva_ranks.png")
         print(f"TensorBoard: tensorboard --logdir {out}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -98,6 +99,41 @@ def run_local(specs: Sequence[RunSpec], workers: int, echo: Callable[[str], None
     return [results[i] for i in range(len(specs))]
 
 
+def run_ray(specs: Sequence[RunSpec], address: str | None, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run specs as Ray tasks (one CPU each) on the cluster at ``address`` (``None``: a new local instance).
+
+    Results are written by the workers to the shared ``--log-dir``; progress is reported as runs finish. The
+    driver's working directory goes on the workers' ``PYTHONPATH``, so env packages like ``envs/`` import there.
+    """
+    try:
+        import ray
+    except ImportError as error:
+        raise ConfigError('the Ray backend needs Ray: pip install -e ".[ray]"') from error
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        python_path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": python_path}},
+        )
+    try:
+        task = ray.remote(num_cpus=1)(run_one)
+        pending = {task.remote(spec): i for i, spec in enumerate(specs)}
+        results: dict[int, dict[str, Any]] = {}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(done[0])
+            results[i] = ray.get(done[0])
+            echo(_progress_line(len(results), len(specs), specs[i], results[i]))
+        return [results[i] for i in range(len(specs))]
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
 def compare(
     suite: Suite,
     log_dir: Path,
@@ -105,14 +141,25 @@ def compare(
     seeds: Sequence[int] | None = None,
     workers: int = 1,
     echo: Callable[[str], None] = print,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the suite's grid locally, then write ``results.json``, ``results.md`` and the plots."""
+    """Run (or resume) the suite's grid, then write ``results.json``, ``results.md`` and the plots.
+
+    :param backend: ``"local"`` (a process pool of ``workers``) or ``"ray"`` (Ray tasks on ``ray_address``).
+    """
     for suite_task in suite.tasks:
         task = find_task(suite_task.task)
         if task is not None:
             import_packages(task.env_packages)
     pairs = run_specs(suite, log_dir, methods, seeds)
-    results = run_local([spec for _, spec in pairs], workers, echo)
+    specs = [spec for _, spec in pairs]
+    if backend == "ray":
+        results = run_ray(specs, ray_address, echo)
+    elif backend == "local":
+        results = run_local(specs, workers, echo)
+    else:
+        raise ConfigError(f"backend={backend!r} is invalid: expected 'local' or 'ray'")
     runs = [(suite_task, result) for (suite_task, _), result in zip(pairs, results)]
     out_dir = log_dir / suite.name
     report = aggregate(dataclasses.replace(suite, methods=list(methods or suite.methods)), runs)

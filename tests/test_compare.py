@@ -73,3 +73,13 @@ def test_tuning_sweeps_every_method_alike_and_picks_by_auc(tmp_path: Path) -> No
         "eva",
         "full",
     ]
+
+
+def test_ray_backend_runs_a_tiny_sweep_on_a_local_instance(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    suite = load_suite("smoke")
+    lines: list[str] = []
+    report = compare(suite, tmp_path, echo=lines.append, backend="ray")
+    assert len(lines) == 4 and lines[-1].startswith("[4/4]")
+    assert set(report["tasks"]["PointGoal"]["methods"]) == {"eva", "full"}
+    assert len(sorted((tmp_path / "smoke").glob("PointGoal/*/seed*/result.json"))) == 4
