@@ -55,6 +55,34 @@ def add_env_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for small nets)")
 
 
+def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("agent and adapters")
+    group.add_argument("--pretrained", type=Path, help="your own SB3 PPO zip (default: the task's bundled agent)")
+    group.add_argument("--rank", type=int, help="LoRA rank r per layer (EVA's budget is r x layers)")
+    group.add_argument("--alpha", type=float, help="LoRA alpha (scaling alpha/r)")
+    group.add_argument("--rho", type=float, help="EVA rank redistribution factor (>= 1)")
+    group.add_argument("--tau", type=float, help="EVA convergence threshold, cosine in [0, 1]")
+    group.add_argument("--eva-batch-size", type=int, help="env steps per EVA batch")
+
+
+def _adapter_overrides(task: TaskConfig, args: argparse.Namespace) -> TaskConfig:
+    lora = task.lora
+    if args.rank is not None or args.alpha is not None:
+        lora = dataclasses.replace(
+            lora, r=args.rank or lora.r, alpha=args.alpha if args.alpha is not None else lora.alpha
+        )
+    eva_changes = {"rho": args.rho, "tau": args.tau, "batch_size": args.eva_batch_size}
+    eva = dataclasses.replace(task.eva, **{k: v for k, v in eva_changes.items() if v is not None})
+    return task.override(lora=lora, eva=eva)
+
+
+def _agent_path(task: TaskConfig, args: argparse.Namespace) -> Path:
+    agent_path = args.pretrained or task.agent_path
+    if agent_path is None:
+        raise AgentError(f"no bundled agent for {args.env!r}; pass --pretrained path/to/agent.zip")
+    return agent_path
+
+
 def resolve_task(args: argparse.Namespace) -> TaskConfig:
     """The task named by ``--env`` (or ``--config``), or an ad-hoc task for a plain env id or entry point."""
     try:
@@ -74,26 +102,16 @@ def resolve_task(args: argparse.Namespace) -> TaskConfig:
 
 
 def _finetune_overrides(task: TaskConfig, args: argparse.Namespace) -> TaskConfig:
+    task = _adapter_overrides(task, args)
     ppo = dict(task.ppo)
     if args.lr is not None:
         ppo["learning_rate"] = args.lr
-    lora = task.lora
-    if args.rank is not None or args.alpha is not None:
-        lora = dataclasses.replace(
-            lora, r=args.rank or lora.r, alpha=args.alpha if args.alpha is not None else lora.alpha
-        )
-    eva_changes = {k: v for k, v in {"rho": args.rho, "tau": args.tau, "batch_size": args.eva_batch_size}.items()}
-    eva = dataclasses.replace(task.eva, **{k: v for k, v in eva_changes.items() if v is not None})
-    eval_settings = dataclasses.replace(
-        task.eval,
-        **{k: v for k, v in {"freq": args.eval_freq, "episodes": args.eval_episodes}.items() if v is not None},
-    )
+    eval_changes = {"freq": args.eval_freq, "episodes": args.eval_episodes}
+    eval_settings = dataclasses.replace(task.eval, **{k: v for k, v in eval_changes.items() if v is not None})
     return task.override(
         total_timesteps=args.total_timesteps,
         checkpoint_freq=args.checkpoint_freq,
         ppo=ppo,
-        lora=lora,
-        eva=eva,
         eval=eval_settings,
         methods=args.methods,
         seeds=args.seeds,
@@ -106,17 +124,12 @@ def finetune_parser() -> argparse.ArgumentParser:
         description="Fine-tune a pretrained PPO agent with EVA-initialized LoRA (and the baselines) on a target env.",
     )
     add_env_arguments(parser)
-    parser.add_argument("--pretrained", type=Path, help="your own SB3 PPO zip (default: the task's bundled agent)")
+    add_adapter_arguments(parser)
     parser.add_argument("--methods", type=_comma_list, help=f"comma list out of {','.join(METHODS)} (default eva,full)")
     parser.add_argument("--seeds", type=int, nargs="+", help="one or more seeds")
     parser.add_argument("--seed", type=int, dest="seeds", action="append", help="a seed (same as --seeds N)")
     parser.add_argument("--total-timesteps", type=int, help="fine-tuning budget per run")
     parser.add_argument("--lr", type=float, help="learning rate, the same for every method")
-    parser.add_argument("--rank", type=int, help="LoRA rank r per layer (EVA's budget is r x layers)")
-    parser.add_argument("--alpha", type=float, help="LoRA alpha (scaling alpha/r)")
-    parser.add_argument("--rho", type=float, help="EVA rank redistribution factor (>= 1)")
-    parser.add_argument("--tau", type=float, help="EVA convergence threshold, cosine in [0, 1]")
-    parser.add_argument("--eva-batch-size", type=int, help="env steps per EVA batch")
     parser.add_argument("--eval-freq", type=int, help="env steps between evaluations")
     parser.add_argument("--eval-episodes", type=int, help="episodes per evaluation")
     parser.add_argument("--checkpoint-freq", type=int, help="env steps between checkpoints")
@@ -132,9 +145,7 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         torch.set_num_threads(args.threads)
         task = _finetune_overrides(resolve_task(args), args)
-        agent_path = args.pretrained or task.agent_path
-        if agent_path is None:
-            raise AgentError(f"no bundled agent for {args.env!r}; pass --pretrained path/to/agent.zip")
+        agent_path = _agent_path(task, args)
         progress = not args.no_progress
         print(f"[eva-rl] task {task.name}: {task.target_env}, agent {agent_path}")
         results = finetune(task, agent_path, args.log_dir, task.methods, task.seeds, args.device, args.resume, progress)
@@ -255,10 +266,7 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
 def inspect_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eva-rl inspect", description="Run EVA only and show its allocation.")
     add_env_arguments(parser)
-    parser.add_argument("--pretrained", type=Path, help="your own SB3 PPO zip (default: the task's bundled agent)")
-    parser.add_argument("--rank", type=int, help="LoRA rank r per layer")
-    parser.add_argument("--rho", type=float, help="EVA rank redistribution factor (>= 1)")
-    parser.add_argument("--tau", type=float, help="EVA convergence threshold")
+    add_adapter_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path("eva_allocation.png"), help="PNG of the allocation")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -271,13 +279,8 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         torch.set_num_threads(args.threads)
-        task = resolve_task(args)
-        lora = task.lora if args.rank is None else dataclasses.replace(task.lora, r=args.rank)
-        eva_changes = {k: v for k, v in {"rho": args.rho, "tau": args.tau}.items() if v is not None}
-        task = task.override(lora=lora, eva=dataclasses.replace(task.eva, **eva_changes))
-        agent_path = args.pretrained or task.agent_path
-        if agent_path is None:
-            raise AgentError(f"no bundled agent for {args.env!r}; pass --pretrained path/to/agent.zip")
+        task = _adapter_overrides(resolve_task(args), args)
+        agent_path = _agent_path(task, args)
         device = "cpu" if args.device == "auto" else args.device
         result = inspect_eva(task, agent_path, device, progress=not args.no_progress)
         print(allocation_table(result))

@@ -7,7 +7,7 @@ The resampling is ``scipy.stats.bootstrap``'s; nothing here reimplements a stati
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +31,32 @@ class Interval:
         return f"{self.estimate:.3f} [{self.low:.3f}, {self.high:.3f}]"
 
 
+def _bootstrap_interval(
+    samples: tuple[np.ndarray, ...],
+    statistic: Callable[..., np.ndarray],
+    confidence: float,
+    n_resamples: int,
+    seed: int,
+) -> Interval:
+    """``statistic`` of ``samples`` with a percentile-bootstrap CI, each sample resampled on its own (stratified).
+
+    Samples with no spread give a zero-width interval (SciPy would warn about a degenerate distribution).
+    """
+    estimate = float(statistic(*samples))
+    if all(len(s) < 2 or np.ptp(s) == 0 for s in samples):
+        return Interval(estimate, estimate, estimate)
+    result = stats.bootstrap(
+        samples,
+        statistic,
+        confidence_level=confidence,
+        n_resamples=n_resamples,
+        method="percentile",
+        vectorized=True,
+        rng=np.random.default_rng(seed),
+    )
+    return Interval(estimate, float(result.confidence_interval.low), float(result.confidence_interval.high))
+
+
 def _pooled_iqm(*per_task: np.ndarray, axis: int = -1) -> np.ndarray:
     return iqm(np.concatenate(per_task, axis=axis), axis=axis)
 
@@ -43,19 +69,7 @@ def stratified_iqm(
     :param per_task: One list of per-seed scores per task.
     """
     samples = tuple(np.asarray(s, dtype=float) for s in per_task)
-    estimate = float(_pooled_iqm(*samples))
-    if all(len(s) < 2 or np.ptp(s) == 0 for s in samples):
-        return Interval(estimate, estimate, estimate)
-    result = stats.bootstrap(
-        samples,
-        _pooled_iqm,
-        confidence_level=confidence,
-        n_resamples=n_resamples,
-        method="percentile",
-        vectorized=True,
-        rng=np.random.default_rng(seed),
-    )
-    return Interval(estimate, float(result.confidence_interval.low), float(result.confidence_interval.high))
+    return _bootstrap_interval(samples, _pooled_iqm, confidence, n_resamples, seed)
 
 
 def _probability_of_improvement(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -82,19 +96,7 @@ def probability_of_improvement(
         )
 
     flat = tuple(a for pair in pairs for a in pair)
-    estimate = float(statistic(*flat))
-    if all(len(a) < 2 for a in flat):
-        return Interval(estimate, estimate, estimate)
-    result = stats.bootstrap(
-        flat,
-        statistic,
-        confidence_level=confidence,
-        n_resamples=n_resamples,
-        method="percentile",
-        vectorized=True,
-        rng=np.random.default_rng(seed),
-    )
-    return Interval(estimate, float(result.confidence_interval.low), float(result.confidence_interval.high))
+    return _bootstrap_interval(flat, statistic, confidence, n_resamples, seed)
 
 
 def steps_to_threshold(steps: Sequence[float], returns: Sequence[float], threshold: float) -> float | None:
