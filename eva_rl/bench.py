@@ -1,49 +1,26 @@
-"""Measurements of EVA's own cost and accuracy on a MiniGrid transfer (``scripts/bench.py`` / ``eva-rl bench``
+"""Measurements of EVA's own cost and accuracy on a task's bundled agent (``scripts/bench.py`` / ``eva-rl bench``
 print them as one JSON object on the last line)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import gymnasium as gym
-import minigrid  # noqa: F401  (registers the MiniGrid ids)
 import numpy as np
 import torch
-from minigrid.wrappers import ImgObsWrapper
 from stable_baselines3 import PPO
-from stable_baselines3.common.env_util import make_vec_env
 
 from eva_rl.adapt import adapt, wrap_target_env
-from eva_rl.config import EvaConfig, LoraConfig
+from eva_rl.environments import env_factory, import_packages, make_vec
 from eva_rl.eva import layer_input_rows
-from eva_rl.extractors import MinigridCNN
+from eva_rl.finetune import load_agent
 from eva_rl.rollouts import RolloutBatches, policy_forward
-
-
-def minigrid_vec_env(env_id: str, n_envs: int, seed: int) -> Any:
-    """``n_envs`` copies of a MiniGrid env reduced to its 7x7x3 egocentric image."""
-    return make_vec_env(env_id, n_envs=n_envs, seed=seed, wrapper_class=ImgObsWrapper)
-
-
-def pretrain_cnn_agent(env_id: str, steps: int, seed: int = 0, device: str = "cpu") -> PPO:
-    """A PPO CnnPolicy agent (MiniGrid-docs CNN) trained for ``steps`` on ``env_id``."""
-    model = PPO(
-        "CnnPolicy",
-        minigrid_vec_env(env_id, 8, seed),
-        n_steps=128,
-        batch_size=64,
-        ent_coef=0.01,
-        learning_rate=2.5e-4,
-        seed=seed,
-        device=device,
-        policy_kwargs={"features_extractor_class": MinigridCNN, "features_extractor_kwargs": {"features_dim": 128}},
-    )
-    return model.learn(steps) if steps > 0 else model
+from eva_rl.tasks import ConfigError, TaskConfig, find_task
 
 
 class _RecordingBatches:
@@ -85,22 +62,17 @@ def ipca_min_cos(model: PPO, ranks: dict[str, int], stream: list[Any], direction
 
 
 def measure_lora_throughput(
-    model: PPO, env_id: str, steps: int = 2048, repeats: int = 3, r: int = 4, seed: int = 0
+    model: PPO, task: TaskConfig, steps: int = 2048, repeats: int = 3, seed: int = 0
 ) -> dict[str, Any]:
     """PPO steps/s of a LoRA-adapted copy of ``model`` against the plain policy, interleaved in one process.
 
-    Both learn on their own copy of the same env; the plain one is fully trained (every weight has a gradient),
-    the adapted one trains only its adapters.
+    Both learn on their own copy of the task's target env with its PPO settings; the plain one trains every
+    weight, the adapted one only its adapters.
     """
-    adapted = adapt(model, minigrid_vec_env(env_id, model.n_envs, seed), method="lora", lora=LoraConfig(r=r))
-    plain = PPO(
-        type(model.policy),
-        minigrid_vec_env(env_id, model.n_envs, seed),
-        policy_kwargs=model.policy_kwargs,
-        **{k: getattr(model, k) for k in ("n_steps", "batch_size", "n_epochs", "learning_rate", "ent_coef")},
-        seed=seed,
-        device=model.device,
-    )
+    factory = env_factory(task.target_env, task.wrappers, task.env_kwargs)
+    settings = {**task.ppo, "seed": seed, "device": model.device, "verbose": 0}
+    adapted = adapt(model, make_vec(factory, task.n_envs, seed), method="lora", lora=task.lora, **settings)
+    plain = PPO(type(model.policy), make_vec(factory, task.n_envs, seed), policy_kwargs=model.policy_kwargs, **settings)
     plain.policy.load_state_dict(model.policy.state_dict())
     rates: dict[str, list[float]] = {"plain": [], "lora": []}
     for _ in range(repeats):
@@ -116,37 +88,31 @@ def measure_lora_throughput(
 
 
 def measure_eva_cost(
-    source_env: str = "MiniGrid-DoorKey-5x5-v0",
-    target_env: str = "MiniGrid-DoorKey-8x8-v0",
-    pretrain_steps: int = 20_000,
-    n_envs: int = 8,
-    r: int = 4,
-    rho: float = 2.0,
-    tau: float = 0.99,
-    batch_size: int = 256,
-    seed: int = 0,
-    device: str = "cpu",
-    throughput_steps: int = 2048,
+    task_name: str = "MiniGrid-DoorKey", seed: int = 0, device: str = "cpu", throughput_steps: int = 2048
 ) -> dict[str, Any]:
-    """Pretrain briefly on ``source_env``, run EVA on rollouts in ``target_env``, and report its cost.
+    """EVA on the task's bundled agent in its target env, with the task's LoRA/EVA settings.
 
-    :return: Batches, env steps and seconds of EVA (``adapt`` end to end and the EVA part alone), the rank
-        allocation, the lowest ``|cos|`` to exact SVD directions of the same stream, the PPO throughput of a
-        LoRA policy relative to the plain one (skipped when ``throughput_steps`` is 0), and the machine.
+    :return: Batches, env steps and seconds of EVA, the allocation, the lowest ``|cos|`` to exact SVD directions
+        of the same stream, PPO throughput of a LoRA policy relative to the plain one (skipped when
+        ``throughput_steps`` is 0), the fractions of the task's fine-tuning budget EVA costs, and the machine.
     """
+    task = find_task(task_name)
+    if task is None or task.agent_path is None:
+        raise ConfigError(f"bench needs a task with a bundled agent; {task_name!r} is not one")
+    import_packages(task.env_packages)
+    source = load_agent(task.agent_path, device=device)
+    factory = env_factory(task.target_env, task.wrappers, task.env_kwargs)
+    target = make_vec(factory, task.n_envs, seed + 1)
+    eva = dataclasses.replace(task.eva, seed=seed)
     start = time.perf_counter()
-    source = pretrain_cnn_agent(source_env, pretrain_steps, seed, device)
-    pretrain_seconds = time.perf_counter() - start
-
-    target = minigrid_vec_env(target_env, n_envs, seed + 1)
-    eva = EvaConfig(rho=rho, tau=tau, batch_size=batch_size, seed=seed)
-    start = time.perf_counter()
-    adapted = adapt(source, target, method="eva", lora=LoraConfig(r=r), eva=eva)
+    adapted = adapt(source, target, method="eva", lora=task.lora, eva=eva, device=device)
     adapt_seconds = time.perf_counter() - start
     report = adapted.policy.eva_report
 
     # Replay the same stream (same seeds) with a recorder, to compare against exact SVDs of it.
-    recorder = _RecordingBatches(RolloutBatches(source.policy, wrap_target_env(source, target), batch_size, seed=seed))
+    recorder = _RecordingBatches(
+        RolloutBatches(source.policy, wrap_target_env(source, target), eva.batch_size, seed=seed)
+    )
     iterator = iter(recorder)
     for _ in range(report["batches_used"]):
         next(iterator)
@@ -154,19 +120,14 @@ def measure_eva_cost(
         name: layer.lora_A.detach().reshape(layer.r, -1) for name, layer in adapted.policy.lora_layers.items()
     }
     min_cos = ipca_min_cos(source, report["ranks"], recorder.seen, directions)
-    throughput = (
-        measure_lora_throughput(source, target_env, steps=throughput_steps, r=r, seed=seed) if throughput_steps else {}
-    )
-    return {
-        "source_env": source_env,
-        "target_env": target_env,
-        "pretrain_steps": pretrain_steps,
-        "pretrain_seconds": round(pretrain_seconds, 2),
-        "n_envs": n_envs,
-        "r": r,
-        "rho": rho,
-        "tau": tau,
-        "batch_size": batch_size,
+    figures: dict[str, Any] = {
+        "task": task.name,
+        "target_env": task.target_env,
+        "n_envs": task.n_envs,
+        "r": task.lora.r,
+        "rho": eva.rho,
+        "tau": eva.tau,
+        "batch_size": eva.batch_size,
         "eva_batches": report["batches_used"],
         "eva_env_steps": report["env_steps"],
         "eva_seconds": round(report["seconds"], 3),
@@ -174,43 +135,33 @@ def measure_eva_cost(
         "ranks": report["ranks"],
         "captured_variance": {k: round(v, 3) for k, v in report["captured_variance"].items()},
         "ipca_min_cos": round(min_cos, 5),
-        **throughput,
-        "device": device,
-        "torch_threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.__version__}".strip(),
-        "numpy": np.__version__,
-        "gymnasium": gym.__version__,
+        "finetune_timesteps": task.total_timesteps,
+        "eva_env_step_fraction": round(report["env_steps"] / task.total_timesteps, 5),
     }
+    if throughput_steps:
+        figures.update(measure_lora_throughput(source, task, steps=throughput_steps, seed=seed))
+        # The fine-tuning wall time at the measured adapted-policy throughput (evaluations excluded).
+        finetune_seconds = task.total_timesteps / figures["lora_steps_per_s"]
+        figures["eva_init_fraction"] = round(report["seconds"] / finetune_seconds, 5)
+    figures.update(
+        device=device,
+        torch_threads=torch.get_num_threads(),
+        machine=f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__}".strip(),
+        numpy=np.__version__,
+    )
+    return figures
 
 
 def bench_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eva-rl bench", description=__doc__)
-    parser.add_argument("--source-env", default="MiniGrid-DoorKey-5x5-v0")
-    parser.add_argument("--target-env", default="MiniGrid-DoorKey-8x8-v0")
-    parser.add_argument("--pretrain-steps", type=int, default=20_000)
-    parser.add_argument("--n-envs", type=int, default=8)
-    parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--rho", type=float, default=2.0)
-    parser.add_argument("--tau", type=float, default=0.99)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--task", default="MiniGrid-DoorKey", help="a task with a bundled agent")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--throughput-steps", type=int, default=2048, help="PPO steps per timing round; 0 skips")
+    parser.add_argument("--quick", action="store_true", help="512 PPO steps per timing round (a smoke run)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for small nets)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    figures = measure_eva_cost(
-        args.source_env,
-        args.target_env,
-        args.pretrain_steps,
-        args.n_envs,
-        args.rank,
-        args.rho,
-        args.tau,
-        args.batch_size,
-        args.seed,
-        args.device,
-        args.throughput_steps,
-    )
-    print(json.dumps(figures))
+    steps = 512 if args.quick else args.throughput_steps
+    print(json.dumps(measure_eva_cost(args.task, args.seed, args.device, steps)))
     return 0

@@ -1,0 +1,31 @@
+"""bench.py as a smoke test: it runs and reports every figure (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from eva_rl.bench import bench_main
+
+
+@pytest.mark.filterwarnings("ignore:EVA:UserWarning")
+def test_bench_quick_prints_every_figure(capsys: pytest.CaptureFixture) -> None:
+    assert bench_main(["--quick"]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in (
+        "eva_batches",
+        "eva_env_steps",
+        "eva_seconds",
+        "ipca_min_cos",
+        "eva_env_step_fraction",
+        "eva_init_fraction",
+        "lora_ppo_throughput_ratio",
+        "ranks",
+    ):
+        assert key in figures, key
+    assert sum(figures["ranks"].values()) == 4 * len(figures["ranks"])
+    assert 0 < figures["ipca_min_cos"] <= 1
+    assert figures["eva_env_step_fraction"] == pytest.approx(
+        figures["eva_env_steps"] / figures["finetune_timesteps"], rel=1e-3
+    )
