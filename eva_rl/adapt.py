@@ -14,9 +14,17 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
 from eva_rl.config import EvaConfig, LoraConfig
-from eva_rl.eva import EvaResult, run_eva
+from eva_rl.eva import EvaResult, EvaSession, run_eva
+from eva_rl.eva_ppo import EvaPPO
 from eva_rl.inits import olora_init, pissa_init
-from eva_rl.inject import layer_fan_in, merged_state_dict, pattern_value, resolve_ranks
+from eva_rl.inject import (
+    inject_adapters,
+    layer_fan_in,
+    merged_state_dict,
+    pattern_value,
+    remove_adapters,
+    resolve_ranks,
+)
 from eva_rl.policies import HEADS, LORA_POLICY_FOR, PLAIN_POLICY_FOR, LoraPolicyMixin
 from eva_rl.rollouts import RolloutBatches, policy_forward
 
@@ -140,17 +148,23 @@ def _factorization_ranks(model: PPO, lora: LoraConfig, exclude: tuple[str, ...],
     return dataclasses.replace(lora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
 
 
-def _run_eva(
-    model: PPO, vec_env: VecEnv, lora: LoraConfig, eva: EvaConfig, exclude: tuple[str, ...], progress: bool
-) -> EvaResult:
-    resolved = resolve_ranks(model.policy, lora, exclude)
-    fan_in = {name: layer_fan_in(model.policy.get_submodule(name)) for name in resolved}
-    tracked = max(min(round(rank * eva.rho), fan_in[name]) for name, (rank, _) in resolved.items())
+def _check_eva_batch_size(policy: nn.Module, lora: LoraConfig, eva: EvaConfig, exclude: tuple[str, ...]) -> None:
+    resolved = resolve_ranks(policy, lora, exclude)
+    fan_in = {name: layer_fan_in(policy.get_submodule(name)) for name in resolved}
+    tracked = max(
+        min(round(rank * eva.rho) + eva.extra_components, fan_in[name]) for name, (rank, _) in resolved.items()
+    )
     if eva.batch_size < tracked:
         raise ValueError(
             f"EvaConfig.batch_size={eva.batch_size} is below the {tracked} components EVA tracks per layer "
-            f"(round(r*rho), at most the fan-in); use batch_size >= {tracked}"
+            f"(round(r*rho) plus extra_components, at most the fan-in); use batch_size >= {tracked}"
         )
+
+
+def _run_eva(
+    model: PPO, vec_env: VecEnv, lora: LoraConfig, eva: EvaConfig, exclude: tuple[str, ...], progress: bool
+) -> EvaResult:
+    _check_eva_batch_size(model.policy, lora, eva, exclude)
     rollouts = RolloutBatches(model.policy, vec_env, eva.batch_size, eva.deterministic, eva.seed)
     result = run_eva(model.policy, rollouts, lora, eva, forward_fn=policy_forward, exclude=exclude, progress=progress)
     result.env_steps = rollouts.env_steps
@@ -203,7 +217,8 @@ def adapt(
         lora = _factorization_ranks(model, lora, exclude, method)
 
     result = None
-    if method in EVA_METHODS:
+    eva_from_ppo = method in EVA_METHODS and eva.data_source == "ppo"
+    if method in EVA_METHODS and not eva_from_ppo:
         result = _run_eva(model, vec_env, lora, eva, exclude, progress)
         lora = eva_lora_config(lora, result, eva.adjust_scaling_factors)
 
@@ -211,10 +226,26 @@ def adapt(
     hyperparameters.update(ppo_kwargs)
     policy_kwargs = {k: v for k, v in model.policy_kwargs.items() if k not in _LORA_POLICY_KWARGS}
     policy_kwargs.update(lora_config=lora.to_dict(), eva_report=result.to_dict() if result else None)
-    adapted = PPO(policy_class, vec_env, policy_kwargs=policy_kwargs, **hyperparameters)
+    # With EVA on PPO's rollouts the adapters start as placeholders (configured ranks, B = 0) until EVA is done.
+    algorithm = EvaPPO if eva_from_ppo else PPO
+    adapted = algorithm(policy_class, vec_env, policy_kwargs=policy_kwargs, **hyperparameters)
     load_base_weights(adapted.policy, model.policy.state_dict())
-    for name, layer in adapted.policy.lora_layers.items():
-        if method in ("eva", "eva+dora"):
+    _init_adapters(adapted.policy, method, result)
+    if eva_from_ppo:
+        _check_eva_batch_size(adapted.policy, lora, eva, exclude)
+        if eva.batch_size > adapted.n_steps * adapted.n_envs:
+            raise ValueError(
+                f"EvaConfig.batch_size={eva.batch_size} exceeds PPO's rollout of n_steps*n_envs="
+                f"{adapted.n_steps * adapted.n_envs} steps; with data_source='ppo' use an EVA batch_size <= that"
+            )
+        session = EvaSession(adapted.policy, lora, eva, forward_fn=policy_forward, exclude=exclude)
+        adapted.start_eva(session, lambda eva_result: _swap_in_eva(adapted, method, lora, eva, eva_result))
+    return adapted
+
+
+def _init_adapters(policy: LoraPolicyMixin, method: str, result: EvaResult | None) -> None:
+    for name, layer in policy.lora_layers.items():
+        if method in ("eva", "eva+dora") and result is not None:
             layer.set_lora_A(result.A[name])
         elif method == "pissa":
             pissa_init(layer)
@@ -222,7 +253,24 @@ def adapt(
             olora_init(layer)
         if layer.use_dora:
             layer.reset_dora_magnitude()  # to the loaded pretrained weights
-    return adapted
+
+
+def _swap_in_eva(model: PPO, method: str, lora: LoraConfig, eva: EvaConfig, result: EvaResult) -> None:
+    """Replace the placeholder adapters of ``model`` by EVA's (ranks and A), and the optimizer with them."""
+    policy = model.policy
+    lora = eva_lora_config(lora, result, eva.adjust_scaling_factors)
+    remove_adapters(policy)
+    policy.lora_config = lora
+    policy.eva_report = result.to_dict()
+    inject_adapters(policy, lora, exclude=HEADS if lora.train_heads else ())
+    policy.to(model.device)
+    policy._set_trainable()
+    _init_adapters(policy, method, result)
+    learning_rate = model.lr_schedule(model._current_progress_remaining)
+    policy.optimizer = policy.optimizer_class(
+        policy.trainable_parameters(), lr=learning_rate, **policy.optimizer_kwargs
+    )
+    model.policy_kwargs.update(lora_config=lora.to_dict(), eva_report=policy.eva_report)
 
 
 def merge(model: PPO, env: GymEnv | None = None) -> PPO:

@@ -6,16 +6,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import platform
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 from stable_baselines3 import PPO
+from stable_baselines3.common.vec_env import VecEnv
 
 from eva_rl.adapt import adapt, wrap_target_env
+from eva_rl.config import EvaConfig
 from eva_rl.environments import env_factory, import_packages, make_vec
 from eva_rl.eva import layer_input_rows
 from eva_rl.finetune import load_agent
@@ -87,6 +91,81 @@ def measure_lora_throughput(
     }
 
 
+_PROFILE_PARTS = {
+    "collect_rollouts": ("on_policy_algorithm.py", "collect_rollouts"),
+    "env_step": ("dummy_vec_env.py", "step_wait"),
+    "train": ("ppo.py", "train"),
+    "backward": ("_tensor.py", "backward"),
+    "optimizer_step": ("adam.py", "step"),
+    "lora_adapted_weight": ("layers.py", "adapted_weight"),
+}
+
+
+def profile_lora_ppo(model: PPO, task: TaskConfig, steps: int = 4096, seed: int = 0) -> dict[str, float]:
+    """Where a LoRA-adapted PPO spends its time: cumulative seconds of the main parts, from ``cProfile``.
+
+    :return: ``{part: seconds}`` for :data:`_PROFILE_PARTS` plus ``total``; ``lora_adapted_weight`` is the
+        adapter's own overhead (``W + s B A``, once per Linear/Conv2d call).
+    """
+    import cProfile
+    import pstats
+
+    factory = env_factory(task.target_env, task.wrappers, task.env_kwargs)
+    settings = {**task.ppo, "seed": seed, "device": model.device, "verbose": 0}
+    adapted = adapt(model, make_vec(factory, task.n_envs, seed), method="lora", lora=task.lora, **settings)
+    adapted.learn(task.ppo.get("n_steps", 2048) * task.n_envs)  # warm-up
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.runcall(adapted.learn, steps, reset_num_timesteps=False)
+    figures = {"total": time.perf_counter() - start}
+    stats = pstats.Stats(profiler).stats  # {(file, line, function): (calls, prims, tottime, cumtime, callers)}
+    for part, (file_suffix, function) in _PROFILE_PARTS.items():
+        figures[part] = sum(v[3] for k, v in stats.items() if k[0].endswith(file_suffix) and k[2] == function)
+    return {part: round(seconds, 3) for part, seconds in figures.items()}
+
+
+def measure_eva_from_ppo(model: PPO, task: TaskConfig, eva: EvaConfig, device: str = "cpu") -> dict[str, Any]:
+    """EVA on PPO's own first rollouts (``data_source="ppo"``): the env steps PPO spent without an update.
+
+    PPO learns rollout by rollout until EVA is done; the env-step cost is the rollouts before the one where EVA
+    converged (PPO updates on that one).
+    """
+    factory = env_factory(task.target_env, task.wrappers, task.env_kwargs)
+    env = make_vec(factory, task.n_envs, eva.seed + 1)
+    settings = {**task.ppo, "seed": eva.seed, "device": device, "verbose": 0}
+    eva = dataclasses.replace(eva, data_source="ppo")
+    adapted = adapt(model, env, method="eva", lora=task.lora, eva=eva, **settings)
+    rollout = adapted.n_steps * adapted.n_envs
+    while adapted.eva_pending:
+        adapted.learn(rollout, reset_num_timesteps=False)
+    report = adapted.policy.eva_report
+    return {
+        "ppo_source_eva_batches": report["batches_used"],
+        "ppo_source_skipped_steps": report["skipped_steps"],
+        "ppo_source_eva_env_step_fraction": round(report["skipped_steps"] / task.total_timesteps, 5),
+        "ppo_source_ranks": report["ranks"],
+    }
+
+
+EXTRA_COMPONENTS = 16
+"""``EvaConfig.extra_components`` of bench's accuracy comparison."""
+
+
+def _replayed_min_cos(source: PPO, target: VecEnv, adapted: PPO, eva: EvaConfig) -> float:
+    """Replay the stream EVA consumed (same seeds) with a recorder and compare to exact SVDs of it."""
+    report = adapted.policy.eva_report
+    recorder = _RecordingBatches(
+        RolloutBatches(source.policy, wrap_target_env(source, target), eva.batch_size, seed=eva.seed)
+    )
+    iterator = iter(recorder)
+    for _ in range(report["batches_used"]):
+        next(iterator)
+    directions = {
+        name: layer.lora_A.detach().reshape(layer.r, -1) for name, layer in adapted.policy.lora_layers.items()
+    }
+    return ipca_min_cos(source, report["ranks"], recorder.seen, directions)
+
+
 def measure_eva_cost(
     task_name: str = "MiniGrid-DoorKey", seed: int = 0, device: str = "cpu", throughput_steps: int = 2048
 ) -> dict[str, Any]:
@@ -108,18 +187,11 @@ def measure_eva_cost(
     adapted = adapt(source, target, method="eva", lora=task.lora, eva=eva, device=device)
     adapt_seconds = time.perf_counter() - start
     report = adapted.policy.eva_report
-
-    # Replay the same stream (same seeds) with a recorder, to compare against exact SVDs of it.
-    recorder = _RecordingBatches(
-        RolloutBatches(source.policy, wrap_target_env(source, target), eva.batch_size, seed=seed)
-    )
-    iterator = iter(recorder)
-    for _ in range(report["batches_used"]):
-        next(iterator)
-    directions = {
-        name: layer.lora_A.detach().reshape(layer.r, -1) for name, layer in adapted.policy.lora_layers.items()
-    }
-    min_cos = ipca_min_cos(source, report["ranks"], recorder.seen, directions)
+    min_cos = _replayed_min_cos(source, target, adapted, eva)
+    # The same with extra tracked components (less truncation in the incremental SVD), and what they cost.
+    accurate = dataclasses.replace(eva, extra_components=EXTRA_COMPONENTS)
+    adapted_accurate = adapt(source, target, method="eva", lora=task.lora, eva=accurate, device=device)
+    accurate_report = adapted_accurate.policy.eva_report
     figures: dict[str, Any] = {
         "task": task.name,
         "target_env": task.target_env,
@@ -135,14 +207,21 @@ def measure_eva_cost(
         "ranks": report["ranks"],
         "captured_variance": {k: round(v, 3) for k, v in report["captured_variance"].items()},
         "ipca_min_cos": round(min_cos, 5),
+        f"ipca_min_cos_extra{EXTRA_COMPONENTS}": round(
+            _replayed_min_cos(source, target, adapted_accurate, accurate), 5
+        ),
+        f"eva_seconds_extra{EXTRA_COMPONENTS}": round(accurate_report["seconds"], 3),
+        f"eva_batches_extra{EXTRA_COMPONENTS}": accurate_report["batches_used"],
         "finetune_timesteps": task.total_timesteps,
         "eva_env_step_fraction": round(report["env_steps"] / task.total_timesteps, 5),
     }
+    figures.update(measure_eva_from_ppo(source, task, eva, device))
     if throughput_steps:
         figures.update(measure_lora_throughput(source, task, steps=throughput_steps, seed=seed))
         # The fine-tuning wall time at the measured adapted-policy throughput (evaluations excluded).
         finetune_seconds = task.total_timesteps / figures["lora_steps_per_s"]
         figures["eva_init_fraction"] = round(report["seconds"] / finetune_seconds, 5)
+        figures["lora_ppo_profile_seconds"] = profile_lora_ppo(source, task, steps=2 * throughput_steps, seed=seed)
     figures.update(
         device=device,
         torch_threads=torch.get_num_threads(),
@@ -152,16 +231,109 @@ def measure_eva_cost(
     return figures
 
 
+def _synthetic_batches(width: int, batch_size: int, count: int, device: str, seed: int) -> Iterator[torch.Tensor]:
+    """Activations with a decaying spectrum (variance 1/i along axis i), generated lazily like a rollout stream."""
+    generator = torch.Generator().manual_seed(seed)
+    scales = torch.arange(1, width + 1, dtype=torch.float32).rsqrt()
+    for _ in range(count):
+        yield (torch.randn(batch_size, width, generator=generator) * scales).to(device)
+
+
+def _peak_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def _scaling_point(width: int, batch_size: int, batches: int, r: int, device: str, seed: int) -> dict[str, Any]:
+    """EVA on one ``width x width`` Linear layer; run in a fresh process, so the CPU peak-RSS mark is its own."""
+    import warnings
+
+    from eva_rl.eva import compute_eva
+
+    torch.set_num_threads(1)
+    layer = torch.nn.Linear(width, width).to(device)
+    # A tiny EVA first, so lazily loaded kernels and allocator pools do not count as EVA's memory.
+    compute_eva(torch.nn.Linear(16, 16).to(device), _synthetic_batches(16, 64, 3, device, seed), r=2, tau=0.0)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    before = _peak_bytes(device)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tau=1 never converges on purpose: every point runs all its batches
+        result = compute_eva(
+            layer,
+            _synthetic_batches(width, batch_size, batches, device, seed),
+            r=r,
+            tau=1.0,
+            max_batches=batches,
+            on_max_batches="warn",
+            seed=seed,
+        )
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return {
+        "width": width,
+        "batch_size": batch_size,
+        "batches": result.batches_used,
+        "ms_per_batch": round(1000 * seconds / result.batches_used, 3),
+        "peak_mib": round((_peak_bytes(device) - before) / 2**20, 2),
+    }
+
+
+def measure_eva_scaling(
+    widths: Sequence[int] = (64, 256, 1024, 4096),
+    batch_sizes: Sequence[int] = (256, 1024),
+    batches: int = 10,
+    r: int = 4,
+    device: str = "cpu",
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """EVA's time per batch and peak memory on one Linear layer against its width and the batch size.
+
+    Each point runs in a fresh process. On CPU, peak memory is the rise of the process's peak resident set over
+    EVA (a batch of activations included); on CUDA, the peak of allocated memory over EVA.
+
+    :param batches: Batches per point (``tau=1`` keeps EVA from stopping early).
+    :param r: LoRA rank; EVA tracks ``round(r * 2)`` components (rho 2).
+    """
+    context = multiprocessing.get_context("spawn")
+    points = []
+    for width in widths:
+        for batch_size in batch_sizes:
+            with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                points.append(pool.submit(_scaling_point, width, batch_size, batches, r, device, seed).result())
+    return points
+
+
 def bench_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eva-rl bench", description=__doc__)
     parser.add_argument("--task", default="MiniGrid-DoorKey", help="a task with a bundled agent")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda; with cpu, CUDA is measured too where present")
     parser.add_argument("--throughput-steps", type=int, default=2048, help="PPO steps per timing round; 0 skips")
-    parser.add_argument("--quick", action="store_true", help="512 PPO steps per timing round (a smoke run)")
+    parser.add_argument(
+        "--quick", action="store_true", help="512 PPO steps per timing round, 2 scaling points (a smoke run)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for small nets)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps = 512 if args.quick else args.throughput_steps
-    print(json.dumps(measure_eva_cost(args.task, args.seed, args.device, steps)))
+    scaling = {"widths": (64, 1024), "batch_sizes": (256,), "batches": 3} if args.quick else {}
+    devices = [args.device]
+    if args.device == "cpu" and torch.cuda.is_available():
+        devices.append("cuda")
+    figures: dict[str, Any] = {}
+    for device in devices:
+        measured = measure_eva_cost(args.task, args.seed, device, steps)
+        measured["eva_scaling"] = measure_eva_scaling(device=device, seed=args.seed, **scaling)
+        if device == args.device:
+            figures.update(measured)
+        else:
+            figures[device] = measured
+    print(json.dumps(figures))
     return 0

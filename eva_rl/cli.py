@@ -73,6 +73,8 @@ def _adapter_overrides(task: TaskConfig, args: argparse.Namespace) -> TaskConfig
         )
     eva_changes = {"rho": args.rho, "tau": args.tau, "batch_size": args.eva_batch_size}
     eva = dataclasses.replace(task.eva, **{k: v for k, v in eva_changes.items() if v is not None})
+    given = {"r": args.rank, "alpha": args.alpha, "rho": args.rho, "tau": args.tau}
+    task = task.without_method_settings(k for k, v in given.items() if v is not None)
     return task.override(lora=lora, eva=eva)
 
 
@@ -106,8 +108,11 @@ def _finetune_overrides(task: TaskConfig, args: argparse.Namespace) -> TaskConfi
     ppo = dict(task.ppo)
     if args.lr is not None:
         ppo["learning_rate"] = args.lr
+        task = task.without_method_settings(["learning_rate"])
     eval_changes = {"freq": args.eval_freq, "episodes": args.eval_episodes}
     eval_settings = dataclasses.replace(task.eval, **{k: v for k, v in eval_changes.items() if v is not None})
+    if args.eva_data is not None:
+        task = task.override(eva=dataclasses.replace(task.eva, data_source=args.eva_data))
     return task.override(
         total_timesteps=args.total_timesteps,
         checkpoint_freq=args.checkpoint_freq,
@@ -129,7 +134,14 @@ def finetune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", help="one or more seeds")
     parser.add_argument("--seed", type=int, dest="seeds", action="append", help="a seed (same as --seeds N)")
     parser.add_argument("--total-timesteps", type=int, help="fine-tuning budget per run")
-    parser.add_argument("--lr", type=float, help="learning rate, the same for every method")
+    parser.add_argument(
+        "--lr", type=float, help="learning rate for every method (default: the task's per-method learning rates)"
+    )
+    parser.add_argument(
+        "--eva-data",
+        choices=("rollouts", "ppo"),
+        help="EVA's data: its own rollouts before PPO (default), or PPO's first rollouts (no extra env steps)",
+    )
     parser.add_argument("--eval-freq", type=int, help="env steps between evaluations")
     parser.add_argument("--eval-episodes", type=int, help="episodes per evaluation")
     parser.add_argument("--checkpoint-freq", type=int, help="env steps between checkpoints")
@@ -234,6 +246,9 @@ def compare_parser() -> argparse.ArgumentParser:
         "--tune", action="store_true", help="run the suite's tuning sweep on its tuning seeds and print the choices"
     )
     parser.add_argument("--backend", choices=("local", "ray"), default="local", help="where runs execute (local)")
+    parser.add_argument(
+        "--report-only", action="store_true", help="run nothing: aggregate the runs of the grid that are complete"
+    )
     parser.add_argument("--ray-address", help="Ray cluster address, or 'auto'; default: start a local Ray instance")
     return parser
 
@@ -253,7 +268,14 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
             return 0
         seeds = list(range(args.seeds)) if args.seeds else None
         compare(
-            suite, args.log_dir, args.methods, seeds, args.workers, backend=args.backend, ray_address=args.ray_address
+            suite,
+            args.log_dir,
+            args.methods,
+            seeds,
+            args.workers,
+            backend=args.backend,
+            ray_address=args.ray_address,
+            report_only=args.report_only,
         )
         out = args.log_dir / suite.name
         print(f"\nResults: {out}/results.md, results.json, sample_efficiency.png, final_return.png, eva_ranks.png")

@@ -7,6 +7,7 @@ run is skipped, so a crashed sweep resumes where it stopped. Runs go to a local 
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing
 import os
 from collections.abc import Callable, Sequence
@@ -37,7 +38,7 @@ def run_specs(
         if task is None:
             raise ConfigError(f"suite {suite.name}: task {suite_task.task!r} is not in configs/")
         for seed in seeds or suite.seed_list:
-            for method in methods or suite.methods:
+            for method in suite.task_methods(suite_task, methods):
                 spec = RunSpec(
                     method_task(task, method, suite, suite_task),
                     method,
@@ -143,18 +144,26 @@ def compare(
     echo: Callable[[str], None] = print,
     backend: str = "local",
     ray_address: str | None = None,
+    report_only: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) the suite's grid, then write ``results.json``, ``results.md`` and the plots.
 
     :param backend: ``"local"`` (a process pool of ``workers``) or ``"ray"`` (Ray tasks on ``ray_address``).
+    :param report_only: Run nothing; aggregate the runs of the grid that are complete.
     """
     for suite_task in suite.tasks:
         task = find_task(suite_task.task)
         if task is not None:
             import_packages(task.env_packages)
     pairs = run_specs(suite, log_dir, methods, seeds)
+    if report_only:
+        pairs = [(t, spec) for t, spec in pairs if (spec.run_dir / "result.json").is_file()]
+        if not pairs:
+            raise ConfigError(f"no completed runs of suite {suite.name} under {log_dir / suite.name}")
     specs = [spec for _, spec in pairs]
-    if backend == "ray":
+    if report_only:
+        results = [json.loads((spec.run_dir / "result.json").read_text()) for spec in specs]
+    elif backend == "ray":
         results = run_ray(specs, ray_address, echo)
     elif backend == "local":
         results = run_local(specs, workers, echo)
@@ -162,7 +171,7 @@ def compare(
         raise ConfigError(f"backend={backend!r} is invalid: expected 'local' or 'ray'")
     runs = [(suite_task, result) for (suite_task, _), result in zip(pairs, results)]
     out_dir = log_dir / suite.name
-    report = aggregate(dataclasses.replace(suite, methods=list(methods or suite.methods)), runs)
+    report = aggregate(suite, runs)
     atomic_write_json(out_dir / "results.json", report)
     atomic_write_text(out_dir / "results.md", results_markdown(report))
     plot_suite(report, runs, out_dir, out_dir)
@@ -201,7 +210,12 @@ def tune(
     jobs: list[tuple[dict[str, float], SuiteTask, RunSpec]] = []
     for point in tuning_points(suite):
         trial = dataclasses.replace(
-            suite, method_settings={m: dict(point) for m in methods}, seeds=suite.tuning_seeds, tuning_seeds=[]
+            suite,
+            tasks=[t for t in suite.tasks if suite.tuning_tasks is None or t.task in suite.tuning_tasks],
+            method_settings={m: dict(point) for m in methods},
+            seeds=suite.tuning_seeds,
+            tuning_seeds=[],
+            tuning_tasks=None,
         )
         for suite_task, spec in run_specs(trial, base / _point_name(point), methods):
             jobs.append((point, suite_task, spec))

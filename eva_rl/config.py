@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 _ON_MAX_BATCHES = ("raise", "warn")
 _SVD_SOLVERS = ("lowrank", "full")
+_DATA_SOURCES = ("rollouts", "ppo")
 
 
 def _bad(cls_name: str, field_name: str, value: Any, accepted: str) -> ValueError:
@@ -110,6 +111,13 @@ class EvaConfig:
         stochastic policy visits.
     :param svd_solver: ``"lowrank"`` (randomized, peft's choice, seeded by ``seed``) or ``"full"`` (exact).
     :param seed: Seed of the randomized SVD and of the rollout environments.
+    :param extra_components: Components tracked beyond ``round(r * rho)`` per layer and dropped at the end. The
+        incremental SVD truncates to the tracked components after every batch, which loses what lies beyond them;
+        tracking more makes the kept directions closer to an exact SVD of the stream (0, peft's choice: none).
+    :param data_source: Where EVA's observations come from: ``"rollouts"``, its own rollouts of the pretrained
+        policy before PPO starts (extra env steps, as a static-dataset EVA would spend); or ``"ppo"``, the first
+        rollouts PPO collects anyway (:class:`~eva_rl.eva_ppo.EvaPPO`; no extra env steps when EVA converges
+        within the first rollout, otherwise PPO skips its update on the rollouts before).
     """
 
     rho: float = 2.0
@@ -122,9 +130,19 @@ class EvaConfig:
     deterministic: bool = False
     svd_solver: Literal["lowrank", "full"] = "lowrank"
     seed: int = 0
+    extra_components: int = 0
+    data_source: Literal["rollouts", "ppo"] = "rollouts"
 
     def __post_init__(self) -> None:
         name = type(self).__name__
+        if self.data_source not in _DATA_SOURCES:
+            raise _bad(name, "data_source", self.data_source, f"one of {_DATA_SOURCES}")
+        if (
+            isinstance(self.extra_components, bool)
+            or not isinstance(self.extra_components, int)
+            or (self.extra_components < 0)
+        ):
+            raise _bad(name, "extra_components", self.extra_components, "an integer >= 0")
         if not self.rho >= 1.0:
             raise _bad(name, "rho", self.rho, "a number >= 1.0 (1.0 keeps uniform ranks)")
         if not 0.0 <= self.tau <= 1.0:

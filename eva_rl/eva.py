@@ -47,7 +47,9 @@ class EvaResult:
     :ivar singular_values: ``{layer: singular values of the tracked components}``.
     :ivar converged_at: ``{layer: batches it took until its ranked components converged (for good)}``.
     :ivar seconds: Wall time of the whole computation (data collection included).
-    :ivar env_steps: Environment steps consumed, when the batches came from rollouts.
+    :ivar env_steps: Environment steps of EVA's own rollouts, taken before PPO starts (0 when EVA reads PPO's).
+    :ivar data_source: ``"rollouts"`` (EVA's own) or ``"ppo"`` (PPO's first rollouts, :class:`~eva_rl.eva_ppo.EvaPPO`).
+    :ivar skipped_steps: Env steps of PPO rollouts that fed EVA without a PPO update (``data_source="ppo"``).
     """
 
     A: dict[str, torch.Tensor]
@@ -62,6 +64,8 @@ class EvaResult:
     converged_at: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     env_steps: int | None = None
+    data_source: str = "rollouts"
+    skipped_steps: int = 0
 
     def captured_variance(self, name: str) -> float:
         """Fraction of layer ``name``'s input variance captured by its ``rank`` EVA directions."""
@@ -80,6 +84,8 @@ class EvaResult:
             "converged_at": dict(self.converged_at),
             "batches_used": self.batches_used,
             "env_steps": self.env_steps,
+            "data_source": self.data_source,
+            "skipped_steps": self.skipped_steps,
             "seconds": self.seconds,
         }
 
@@ -158,6 +164,195 @@ def _group_identical(rows: dict[str, torch.Tensor]) -> dict[str, str]:
     return leader_of
 
 
+class EvaSession:
+    """EVA fed one batch at a time: :func:`run_eva` drives it from an iterable, and PPO can drive it from its own
+    rollouts (:class:`eva_rl.eva_ppo.EvaPPO`).
+
+    Hooks, eval mode, ``no_grad`` and disabled adapters hold only inside :meth:`feed`, so the module is left as
+    it was between batches.
+
+    :param module: Model whose target layers' inputs are analysed. Existing LoRA adapters are bypassed.
+    :param lora: Targets, per-layer ranks (``r`` / ``rank_pattern``; the rank budget is their sum).
+    :param eva: ``rho``, ``tau``, batch cap, whitening, SVD solver and seed.
+    :param forward_fn: ``forward_fn(module, batch)`` runs the model; defaults to ``module(batch)``.
+    :param exclude: Layer names never analysed.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        lora: LoraConfig,
+        eva: EvaConfig,
+        forward_fn: ForwardFn | None = None,
+        exclude: Iterable[str] = (),
+    ) -> None:
+        self.start = time.perf_counter()
+        self.module = module
+        self.eva = eva
+        self.forward_fn = forward_fn or _default_forward
+        self.resolved = resolve_ranks(module, lora, exclude)
+        self.layers = {name: module.get_submodule(name) for name, (rank, _) in self.resolved.items() if rank > 0}
+        self.budget = sum(self.resolved[name][0] for name in self.layers)
+        self.fan_in = {name: layer_fan_in(layer) for name, layer in module.named_modules() if name in self.resolved}
+        self.caps: dict[str, int] = {}
+        for name in self.layers:
+            cap = round(self.resolved[name][0] * eva.rho)
+            if cap > self.fan_in[name]:
+                warnings.warn(
+                    f"EVA: round(r*rho)={cap} exceeds the fan-in {self.fan_in[name]} of layer {name!r}; "
+                    f"tracking {self.fan_in[name]} components there",
+                    stacklevel=3,
+                )
+                cap = self.fan_in[name]
+            self.caps[name] = cap
+        self.device = next(module.parameters()).device
+        self.trackers: dict[str, _ComponentTracker] = {}
+        self.leader_of: dict[str, str] = {}
+        self.ranks = dict(self.caps)
+        self.converged_at: dict[str, int] = {}
+        self.batches_used = 0
+
+    def _group_done(self, leader: str) -> bool:
+        needed = max(self.ranks[n] for n, lead in self.leader_of.items() if lead == leader)
+        return self.trackers[leader].done(needed)
+
+    @property
+    def done(self) -> bool:
+        """Every layer's ranked components converged."""
+        return bool(self.trackers) and all(self._group_done(lead) for lead in self.trackers)
+
+    @property
+    def capped(self) -> bool:
+        """``max_batches`` reached."""
+        return self.eva.max_batches is not None and self.batches_used >= self.eva.max_batches
+
+    @property
+    def inputs_converged(self) -> str:
+        """``"k/n"``: distinct layer inputs whose components converged."""
+        return f"{sum(self._group_done(lead) for lead in self.trackers)}/{len(self.trackers) or len(self.layers)}"
+
+    def _capture(self, batch: Any, wanted: list[str]) -> dict[str, torch.Tensor]:
+        captured: dict[str, list[torch.Tensor]] = {}
+
+        def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+            def hook(layer: nn.Module, args: tuple[Any, ...]) -> None:
+                captured.setdefault(name, []).append(layer_input_rows(layer, args[0]).detach())
+
+            return hook
+
+        handles = [self.layers[name].register_forward_pre_hook(make_hook(name)) for name in wanted]
+        was_training = self.module.training
+        try:
+            self.module.eval()
+            with torch.no_grad(), disable_adapters(self.module):
+                self.forward_fn(self.module, _to_device(batch, self.device))
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.module.train(was_training)
+        rows = {}
+        for name in wanted:
+            if name not in captured:
+                raise RuntimeError(f"EVA: layer {name!r} was not called by forward_fn; it cannot be analysed")
+            x = torch.cat(captured.pop(name))
+            if not torch.isfinite(x).all():
+                raise ValueError(
+                    f"EVA: non-finite activations (NaN/inf) at the input of layer {name!r} in batch "
+                    f"{self.batches_used}; check the observations and the policy's preprocessing"
+                )
+            rows[name] = x
+        return rows
+
+    def feed(self, batch: Any) -> bool:
+        """Update the layers not yet converged with one batch; return :attr:`done`."""
+        wanted = [lead for lead in self.trackers if not self._group_done(lead)] if self.trackers else list(self.layers)
+        self.batches_used += 1
+        rows = self._capture(batch, wanted)
+        if not self.trackers:
+            self.leader_of = _group_identical(rows)
+            for leader in dict.fromkeys(self.leader_of.values()):
+                group = [n for n, lead in self.leader_of.items() if lead == leader]
+                cap = max(self.caps[n] for n in group)
+                for n in group:
+                    self.caps[n] = cap
+                tracked = min(cap + self.eva.extra_components, self.fan_in[leader])
+                self.trackers[leader] = _ComponentTracker(tracked, self.eva.svd_solver, self.eva.seed)
+        for leader, tracker in self.trackers.items():
+            if leader not in rows:
+                continue
+            if rows[leader].shape[0] < tracker.pca.n_components:
+                raise ValueError(
+                    f"EVA: batch {self.batches_used} gives {rows[leader].shape[0]} rows at layer {leader!r}, fewer "
+                    f"than the {tracker.pca.n_components} components tracked there (round(r*rho) plus "
+                    f"extra_components); use a batch size of at least {tracker.pca.n_components}"
+                )
+            tracker.update(rows[leader], self.eva.tau)
+        ratios = {n: self.trackers[self.leader_of[n]].pca.explained_variance_ratio_ for n in self.layers}
+        self.ranks = allocate_ranks(ratios, self.caps, self.budget)
+        for name in self.layers:
+            if self.trackers[self.leader_of[name]].done(self.ranks[name]):
+                self.converged_at.setdefault(name, self.batches_used)
+            else:
+                self.converged_at.pop(name, None)
+        return self.done
+
+    def result(self, stop_reason: str | None = None) -> EvaResult:
+        """The directions and ranks so far.
+
+        :param stop_reason: Why feeding stopped, for the message when some layer has not converged.
+        :raises EvaConvergenceError: if a layer has not converged and ``on_max_batches="raise"`` (or no batch came).
+        """
+        trackers, leader_of, ranks, caps = self.trackers, self.leader_of, self.ranks, self.caps
+        converged = {n: trackers[leader_of[n]].done(ranks[n]) for n in self.layers} if trackers else {}
+        not_converged = [n for n in self.layers if not converged.get(n, False)]
+        if not_converged:
+            details = ", ".join(
+                f"{n} ({int(trackers[leader_of[n]].converged[: ranks[n]].sum())}/{ranks[n]} components)"
+                if trackers
+                else n
+                for n in not_converged
+            )
+            message = f"EVA stopped ({stop_reason}) before these layers converged at tau={self.eva.tau}: {details}"
+            if self.eva.on_max_batches == "raise" or not trackers:
+                raise EvaConvergenceError(
+                    message + ". Raise max_batches, lower tau, or set on_max_batches='warn' to use the current estimate"
+                )
+            warnings.warn(message + "; using the current estimate", stacklevel=3)
+        if sum(ranks.values()) < self.budget:
+            warnings.warn(
+                f"EVA: only {sum(ranks.values())} components with non-zero variance for a rank budget of {self.budget}",
+                stacklevel=3,
+            )
+
+        result = EvaResult(A={}, ranks={}, explained_variance_ratio={}, batches_used=self.batches_used, converged={})
+        for name in self.resolved:
+            fan_in = self.fan_in[name]
+            result.fan_in[name] = fan_in
+            if name not in self.layers:
+                result.A[name] = torch.zeros(0, fan_in, device=self.device)
+                result.ranks[name] = 0
+                result.explained_variance_ratio[name] = torch.zeros(0)
+                result.converged[name] = True
+                continue
+            pca = trackers[leader_of[name]].pca
+            rank = ranks[name]
+            directions = pca.components_[:rank]
+            if self.eva.whiten:
+                directions = directions / pca.singular_values_[:rank].sqrt().unsqueeze(1)
+            result.A[name] = directions.to(device=self.device, dtype=torch.float32)
+            result.ranks[name] = rank
+            result.explained_variance_ratio[name] = pca.explained_variance_ratio_[: caps[name]].float().cpu()
+            result.singular_values[name] = pca.singular_values_[: caps[name]].float().cpu()
+            result.converged[name] = converged[name]
+            result.max_components[name] = caps[name]
+            if name in self.converged_at:
+                result.converged_at[name] = self.converged_at[name]
+            if leader_of[name] != name:
+                result.shared_inputs[name] = leader_of[name]
+        result.seconds = time.perf_counter() - self.start
+        return result
+
+
 def run_eva(
     module: nn.Module,
     batches: Iterable[Any],
@@ -177,161 +372,28 @@ def run_eva(
     :param exclude: Layer names never analysed.
     :param progress: Show a progress bar.
     """
-    start = time.perf_counter()
-    resolved = resolve_ranks(module, lora, exclude)
-    layers = {name: module.get_submodule(name) for name, (rank, _) in resolved.items() if rank > 0}
-    budget = sum(resolved[name][0] for name in layers)
-    fan_in = {name: layer_fan_in(layer) for name, layer in module.named_modules() if name in resolved}
-    caps: dict[str, int] = {}
-    for name in layers:
-        cap = round(resolved[name][0] * eva.rho)
-        if cap > fan_in[name]:
-            warnings.warn(
-                f"EVA: round(r*rho)={cap} exceeds the fan-in {fan_in[name]} of layer {name!r}; "
-                f"tracking {fan_in[name]} components there",
-                stacklevel=3,
-            )
-            cap = fan_in[name]
-        caps[name] = cap
-
-    device = next(module.parameters()).device
-    forward_fn = forward_fn or _default_forward
-    capturing: set[str] = set()
-    captured: dict[str, list[torch.Tensor]] = {}
-
-    def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        def hook(layer: nn.Module, args: tuple[Any, ...]) -> None:
-            if name in capturing:
-                captured.setdefault(name, []).append(layer_input_rows(layer, args[0]).detach())
-
-        return hook
-
-    handles = [layer.register_forward_pre_hook(make_hook(name)) for name, layer in layers.items()]
-    trackers: dict[str, _ComponentTracker] = {}
-    leader_of: dict[str, str] = {}
-    ranks = dict(caps)
-    converged_at: dict[str, int] = {}
-    batches_used = 0
+    session = EvaSession(module, lora, eva, forward_fn, exclude)
     stop_reason: str | None = None
-    was_training = module.training
     bar = tqdm(total=eva.max_batches, desc="EVA", unit="batch", disable=not progress, leave=False)
-
-    def group_done(leader: str) -> bool:
-        needed = max(ranks[n] for n, lead in leader_of.items() if lead == leader)
-        return trackers[leader].done(needed)
-
     iterator = iter(batches)
     try:
-        module.eval()
-        with torch.no_grad(), disable_adapters(module):
-            while not (trackers and all(group_done(lead) for lead in trackers)):
-                if eva.max_batches is not None and batches_used >= eva.max_batches:
-                    stop_reason = f"max_batches={eva.max_batches} reached"
-                    break
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    stop_reason = f"the batches ran out after {batches_used}"
-                    break
-                wanted = [lead for lead in trackers if not group_done(lead)] if trackers else list(layers)
-                captured.clear()
-                capturing.update(wanted)
-                try:
-                    forward_fn(module, _to_device(batch, device))
-                finally:
-                    capturing.clear()
-                batches_used += 1
-                rows = {}
-                for name in wanted:
-                    if name not in captured:
-                        raise RuntimeError(f"EVA: layer {name!r} was not called by forward_fn; it cannot be analysed")
-                    x = torch.cat(captured.pop(name))
-                    if not torch.isfinite(x).all():
-                        raise ValueError(
-                            f"EVA: non-finite activations (NaN/inf) at the input of layer {name!r} in batch "
-                            f"{batches_used}; check the observations and the policy's preprocessing"
-                        )
-                    rows[name] = x
-                if not trackers:
-                    leader_of = _group_identical(rows)
-                    for leader in dict.fromkeys(leader_of.values()):
-                        group = [n for n, lead in leader_of.items() if lead == leader]
-                        cap = max(caps[n] for n in group)
-                        for n in group:
-                            caps[n] = cap
-                        trackers[leader] = _ComponentTracker(cap, eva.svd_solver, eva.seed)
-                for leader in trackers:
-                    if leader not in rows:
-                        continue
-                    if rows[leader].shape[0] < caps[leader]:
-                        raise ValueError(
-                            f"EVA: batch {batches_used} gives {rows[leader].shape[0]} rows at layer {leader!r}, fewer "
-                            f"than the {caps[leader]} components tracked there (round(r*rho)); "
-                            f"use a batch size of at least {caps[leader]}"
-                        )
-                    trackers[leader].update(rows[leader], eva.tau)
-                ratios = {n: trackers[leader_of[n]].pca.explained_variance_ratio_ for n in layers}
-                ranks = allocate_ranks(ratios, caps, budget)
-                for name in layers:
-                    if trackers[leader_of[name]].done(ranks[name]):
-                        converged_at.setdefault(name, batches_used)
-                    else:
-                        converged_at.pop(name, None)
-                bar.update(1)
-                bar.set_postfix_str(f"{sum(group_done(lead) for lead in trackers)}/{len(trackers)} inputs converged")
+        while not session.done:
+            if session.capped:
+                stop_reason = f"max_batches={eva.max_batches} reached"
+                break
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                stop_reason = f"the batches ran out after {session.batches_used}"
+                break
+            session.feed(batch)
+            bar.update(1)
+            bar.set_postfix_str(f"{session.inputs_converged} inputs converged")
     finally:
         bar.close()
         if iterator is not batches and hasattr(iterator, "close"):
             iterator.close()  # our own generator over `batches`: let it restore env state (VecNormalize) now
-        for handle in handles:
-            handle.remove()
-        module.train(was_training)
-
-    converged = {n: trackers[leader_of[n]].done(ranks[n]) for n in layers} if trackers else {}
-    not_converged = [n for n in layers if not converged.get(n, False)]
-    if not_converged:
-        details = ", ".join(
-            f"{n} ({int(trackers[leader_of[n]].converged[: ranks[n]].sum())}/{ranks[n]} components)" if trackers else n
-            for n in not_converged
-        )
-        message = f"EVA stopped ({stop_reason}) before these layers converged at tau={eva.tau}: {details}"
-        if eva.on_max_batches == "raise" or not trackers:
-            raise EvaConvergenceError(
-                message + ". Raise max_batches, lower tau, or set on_max_batches='warn' to use the current estimate"
-            )
-        warnings.warn(message + "; using the current estimate", stacklevel=3)
-    if sum(ranks.values()) < budget:
-        warnings.warn(
-            f"EVA: only {sum(ranks.values())} components with non-zero variance for a rank budget of {budget}",
-            stacklevel=3,
-        )
-
-    result = EvaResult(A={}, ranks={}, explained_variance_ratio={}, batches_used=batches_used, converged={})
-    for name in resolved:
-        result.fan_in[name] = fan_in[name]
-        if name not in layers:
-            result.A[name] = torch.zeros(0, fan_in[name], device=device)
-            result.ranks[name] = 0
-            result.explained_variance_ratio[name] = torch.zeros(0)
-            result.converged[name] = True
-            continue
-        pca = trackers[leader_of[name]].pca
-        rank = ranks[name]
-        directions = pca.components_[:rank]
-        if eva.whiten:
-            directions = directions / pca.singular_values_[:rank].sqrt().unsqueeze(1)
-        result.A[name] = directions.to(device=device, dtype=torch.float32)
-        result.ranks[name] = rank
-        result.explained_variance_ratio[name] = pca.explained_variance_ratio_[: caps[name]].float().cpu()
-        result.singular_values[name] = pca.singular_values_[: caps[name]].float().cpu()
-        result.converged[name] = converged[name]
-        result.max_components[name] = caps[name]
-        if name in converged_at:
-            result.converged_at[name] = converged_at[name]
-        if leader_of[name] != name:
-            result.shared_inputs[name] = leader_of[name]
-    result.seconds = time.perf_counter() - start
-    return result
+    return session.result(stop_reason)
 
 
 def compute_eva(

@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from stable_baselines3 import PPO
-from stable_baselines3.common.logger import HParam, Image, configure
+from stable_baselines3.common.logger import HParam, configure
 
 from eva_rl.adapt import EVA_METHODS, adapt, ppo_hyperparameters, wrap_target_env
 from eva_rl.checkpoints import save_adapter
 from eva_rl.environments import env_factory, import_packages, make_vec
+from eva_rl.eva import EvaConvergenceError
 from eva_rl.tasks import BASELINES, TaskConfig
 from eva_rl.training import (
     RunCallback,
@@ -36,7 +37,7 @@ from eva_rl.training import (
     atomic_write_json,
     count_parameters,
     evaluate,
-    rank_bar_chart,
+    record_eva_report,
 )
 
 
@@ -111,15 +112,7 @@ def _log_start(model: PPO, spec: RunSpec, report: dict | None) -> None:
         exclude=("stdout", "log", "json", "csv"),
     )
     if report is not None:
-        for layer, rank in report["ranks"].items():
-            logger.record(f"eva/rank/{layer}", rank)
-            logger.record(f"eva/captured_variance/{layer}", report["captured_variance"][layer])
-        logger.record("eva/batches", report["batches_used"])
-        logger.record("eva/env_steps", report["env_steps"])
-        logger.record("eva/seconds", report["seconds"])
-        logger.record(
-            "eva/ranks", Image(rank_bar_chart(report["ranks"]), "HWC"), exclude=("stdout", "log", "json", "csv")
-        )
+        record_eva_report(logger, report)
     logger.dump(model.num_timesteps)
 
 
@@ -143,12 +136,18 @@ def run(spec: RunSpec, progress: bool = True, resume: bool = False) -> dict[str,
     if checkpoint.exists() and state_path.exists():
         state = json.loads(state_path.read_text())
         model = load_agent(checkpoint, device=spec.device, env=train_env)
+        if spec.method in EVA_METHODS and getattr(model.policy, "eva_report", None) is None:
+            raise RunDirError(
+                f"{checkpoint} was saved before EVA on PPO's rollouts finished; delete {run_dir} to start it over"
+            )
         report = json.loads((run_dir / "eva.json").read_text()) if (run_dir / "eva.json").exists() else None
         model.set_logger(configure(str(run_dir), ["tensorboard"]))
     else:
         agent = load_agent(spec.agent_path, device=spec.device)
         model, report = _build_model(spec, agent, train_env, progress)
         run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in run_dir.glob("events.out.tfevents.*"):
+            stale.unlink()  # a run killed before its first checkpoint starts over: one curve per run in TensorBoard
         if report is not None:
             atomic_write_json(run_dir / "eva.json", report)
         model.set_logger(configure(str(run_dir), ["tensorboard"]))
@@ -172,6 +171,15 @@ def run(spec: RunSpec, progress: bool = True, resume: bool = False) -> dict[str,
     remaining = task.total_timesteps - model.num_timesteps
     if remaining > 0:
         model.learn(remaining, callback=callback, reset_num_timesteps=False)
+    if getattr(model, "eva_pending", False):
+        raise EvaConvergenceError(
+            f"EVA on PPO's rollouts had not converged after the whole budget of {model.num_timesteps} steps "
+            f"({model.eva_session.batches_used} batches), so PPO never updated; raise total_timesteps, lower tau, "
+            "or let EVA collect its own rollouts (--eva-data rollouts)"
+        )
+    if report is None and getattr(model.policy, "eva_report", None) is not None:
+        report = model.policy.eva_report  # EVA ran on PPO's first rollouts (EvaPPO logged it then)
+        atomic_write_json(run_dir / "eva.json", report)
     atomic_save_model(model, run_dir / "model.zip")
     if spec.method not in BASELINES:
         save_adapter(model, run_dir / "adapter", method=spec.method)
@@ -190,6 +198,7 @@ def run(spec: RunSpec, progress: bool = True, resume: bool = False) -> dict[str,
         "total_params": total,
         "wall_seconds": round(callback.wall_seconds, 2),
         "eva_env_steps": report["env_steps"] if report else 0,
+        "eva_skipped_steps": report.get("skipped_steps", 0) if report else 0,
         "eva_seconds": report["seconds"] if report else 0.0,
     }
     atomic_write_json(result_path, result)
@@ -256,7 +265,7 @@ def finetune(
     results = []
     for seed in seeds:
         for method in methods:
-            spec = RunSpec(task, method, seed, log_dir, agent_path, device)
+            spec = RunSpec(task.for_method(method), method, seed, log_dir, agent_path, device)
             echo(f"[eva-rl] {task.name}: {method} seed {seed} -> {spec.run_dir}")
             results.append(run(spec, progress=progress, resume=resume))
     return results

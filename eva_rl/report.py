@@ -35,9 +35,10 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, dict[str, Any]]], re
     for suite_task, result in runs:
         by_task.setdefault(suite_task.task, {}).setdefault(result["method"], []).append(result)
         thresholds[suite_task.task] = suite_task.threshold
-    methods = [m for m in suite.methods if any(m in per_method for per_method in by_task.values())]
+    seen = {result["method"] for _, result in runs}
+    methods = [m for m in suite.methods if m in seen] + sorted(seen - set(suite.methods))
     report: dict[str, Any] = {"suite": suite.name, "tasks": {}, "aggregate": {}}
-    scores: dict[str, dict[str, list[list[float]]]] = {m: {"final": [], "auc": []} for m in methods}
+    scores: dict[str, dict[str, dict[str, list[float]]]] = {m: {"final": {}, "auc": {}} for m in methods}
     for task_name, per_method in by_task.items():
         threshold = thresholds[task_name]
         horizon = max(shifted_curve(r)[0][-1] for rs in per_method.values() for r in rs)
@@ -62,21 +63,22 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, dict[str, Any]]], re
                 "trainable_params": int(np.mean([r["trainable_params"] for r in results])),
                 "wall_seconds": float(np.mean([r["wall_seconds"] for r in results])),
             }
-            scores[method]["final"].append(finals)
-            scores[method]["auc"].append(aucs)
+            scores[method]["final"][task_name] = finals
+            scores[method]["auc"][task_name] = aucs
         report["tasks"][task_name] = {"threshold": threshold, "methods": task_report}
     for method in methods:
         entry = {
-            "final": dataclasses.asdict(stratified_iqm(scores[method]["final"])),
-            "auc": dataclasses.asdict(stratified_iqm(scores[method]["auc"])),
+            "tasks": sorted(scores[method]["final"]),
+            "final": dataclasses.asdict(stratified_iqm(list(scores[method]["final"].values()))),
+            "auc": dataclasses.asdict(stratified_iqm(list(scores[method]["auc"].values()))),
         }
-        if (
-            method != reference
-            and reference in scores
-            and len(scores[reference]["final"]) == len(scores[method]["final"])
-        ):
+        # Over the tasks both ran, so a method run on fewer tasks is compared on its own tasks only.
+        common = [t for t in scores[method]["final"] if t in scores.get(reference, {}).get("final", {})]
+        if method != reference and common:
             entry[f"p_{reference}_better_final"] = dataclasses.asdict(
-                probability_of_improvement(scores[reference]["final"], scores[method]["final"])
+                probability_of_improvement(
+                    [scores[reference]["final"][t] for t in common], [scores[method]["final"][t] for t in common]
+                )
             )
         report["aggregate"][method] = entry
     return report
@@ -115,13 +117,16 @@ def results_markdown(report: dict[str, Any]) -> str:
     lines += [
         "## All tasks",
         "",
-        "| method | final return | normalized AUC | P(eva better), final |",
-        "|---|---|---|---|",
+        "IQM over seeds and the tasks each method ran on; P(eva better) compares on those tasks.",
+        "",
+        "| method | tasks | final return | normalized AUC | P(eva better), final |",
+        "|---|---|---|---|---|",
     ]
     for method, row in report["aggregate"].items():
         poi = row.get("p_eva_better_final")
         lines.append(
-            f"| {method} | {_interval(row['final'])} | {_interval(row['auc'])} | {_interval(poi) if poi else '-'} |"
+            f"| {method} | {len(row['tasks'])} | {_interval(row['final'])} | {_interval(row['auc'])} | "
+            f"{_interval(poi) if poi else '-'} |"
         )
     return "\n".join(lines) + "\n"
 

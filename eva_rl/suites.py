@@ -9,10 +9,17 @@ from pathlib import Path
 
 import yaml
 
-from eva_rl.tasks import CONFIG_DIR, METHODS, ConfigError, TaskConfig, build_config
+from eva_rl.tasks import (
+    CONFIG_DIR,
+    METHOD_SETTINGS,
+    METHODS,
+    ConfigError,
+    TaskConfig,
+    build_config,
+    check_method_settings,
+)
 
 SUITE_DIR = CONFIG_DIR / "suites"
-_METHOD_SETTINGS = ("learning_rate", "r", "alpha", "rho", "tau")
 
 
 @dataclass
@@ -22,11 +29,16 @@ class SuiteTask:
     :param task: Task name in ``configs/``.
     :param threshold: Return that counts as solved, for steps-to-threshold.
     :param total_timesteps: Budget per run for this task (defaults to the suite's, then the task's).
+    :param eval_freq: Env steps between evaluations for this task (defaults to the task's).
+    :param methods: The suite's methods that run on this task (default: all of them), so a costly method zoo can
+        run on one task while the core methods run on every task.
     """
 
     task: str
     threshold: float
     total_timesteps: int | None = None
+    eval_freq: int | None = None
+    methods: list[str] | None = None
 
 
 @dataclass
@@ -43,6 +55,7 @@ class Suite:
     :param eval_episodes: Episodes per evaluation, overriding the tasks'.
     :param tuning_seeds: Seeds of the tuning sweep (kept apart from ``seeds``, which report results).
     :param tuning_grid: ``{setting: [values]}`` tried for every method alike, e.g. ``{learning_rate: [...]}``.
+    :param tuning_tasks: Tasks the tuning sweep runs on (default: all); the chosen settings apply to every task.
     """
 
     name: str
@@ -54,6 +67,7 @@ class Suite:
     eval_episodes: int | None = None
     tuning_seeds: list[int] = field(default_factory=lambda: [100, 101])
     tuning_grid: dict[str, list[float]] = field(default_factory=dict)
+    tuning_tasks: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.tasks = [
@@ -62,23 +76,34 @@ class Suite:
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise ConfigError(f"suite methods={self.methods!r} is invalid: expected a list out of {METHODS}")
-        for method, settings in self.method_settings.items():
-            unknown = sorted(set(settings) - set(_METHOD_SETTINGS))
-            if method not in METHODS or unknown:
+        for suite_task in self.tasks:
+            if suite_task.methods is not None and (
+                not suite_task.methods or set(suite_task.methods) - set(self.methods)
+            ):
                 raise ConfigError(
-                    f"method_settings[{method!r}]={settings!r} is invalid: expected a method out of {METHODS} "
-                    f"with keys out of {_METHOD_SETTINGS}"
+                    f"suite {self.name} task {suite_task.task}: methods={suite_task.methods!r} is invalid: expected "
+                    f"a non-empty list out of the suite's methods {self.methods}"
                 )
+        check_method_settings(self.method_settings, "method_settings")
 
-        unknown = sorted(set(self.tuning_grid) - set(_METHOD_SETTINGS))
+        unknown = sorted(set(self.tuning_grid) - set(METHOD_SETTINGS))
         if unknown:
-            raise ConfigError(f"tuning_grid keys {unknown} are invalid: expected keys out of {_METHOD_SETTINGS}")
+            raise ConfigError(f"tuning_grid keys {unknown} are invalid: expected keys out of {METHOD_SETTINGS}")
+        names = [t.task for t in self.tasks]
+        if self.tuning_tasks is not None and (not self.tuning_tasks or set(self.tuning_tasks) - set(names)):
+            raise ConfigError(
+                f"tuning_tasks={self.tuning_tasks!r} is invalid: expected a non-empty list out of {names}"
+            )
         if set(self.tuning_seeds) & set(self.seed_list):
             raise ConfigError(f"tuning_seeds {self.tuning_seeds} overlap the result seeds {self.seed_list}")
 
     @property
     def seed_list(self) -> list[int]:
         return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+    def task_methods(self, suite_task: SuiteTask, methods: list[str] | None = None) -> list[str]:
+        """The methods run on ``suite_task``: ``methods`` (default: the suite's), less those the task leaves out."""
+        return [m for m in methods or self.methods if suite_task.methods is None or m in suite_task.methods]
 
 
 def load_suite(name_or_path: str) -> Suite:
@@ -96,19 +121,7 @@ def load_suite(name_or_path: str) -> Suite:
 
 def method_task(task: TaskConfig, method: str, suite: Suite, suite_task: SuiteTask) -> TaskConfig:
     """``task`` with the suite's budget and the method's own hyperparameters applied."""
-    settings = suite.method_settings.get(method, {})
-    ppo = dict(task.ppo)
-    if "learning_rate" in settings:
-        ppo["learning_rate"] = float(settings["learning_rate"])
-    lora = dataclasses.replace(task.lora, **{k: settings[k] for k in ("r", "alpha") if k in settings})
-    eva = dataclasses.replace(task.eva, **{k: settings[k] for k in ("rho", "tau") if k in settings})
-    eval_settings = (
-        task.eval if suite.eval_episodes is None else dataclasses.replace(task.eval, episodes=suite.eval_episodes)
-    )
-    return task.override(
-        total_timesteps=suite_task.total_timesteps or suite.total_timesteps,
-        ppo=ppo,
-        lora=lora,
-        eva=eva,
-        eval=eval_settings,
-    )
+    task = task.for_method(method, suite.method_settings.get(method))
+    eval_changes = {"episodes": suite.eval_episodes, "freq": suite_task.eval_freq}
+    eval_settings = dataclasses.replace(task.eval, **{k: v for k, v in eval_changes.items() if v is not None})
+    return task.override(total_timesteps=suite_task.total_timesteps or suite.total_timesteps, eval=eval_settings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,8 @@ class TaskConfig:
     :param eval: Evaluation settings.
     :param lora: Adapter settings for ``eva`` and ``lora``.
     :param eva: EVA settings.
+    :param method_settings: Per-method defaults, ``{method: {learning_rate, r, alpha, rho, tau}}``, applied over
+        ``ppo``/``lora``/``eva`` for that method's runs (a suite's own ``method_settings`` apply over these).
     """
 
     name: str
@@ -102,8 +105,10 @@ class TaskConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
     lora: LoraConfig = field(default_factory=LoraConfig)
     eva: EvaConfig = field(default_factory=EvaConfig)
+    method_settings: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_method_settings(self.method_settings, "method_settings")
         if isinstance(self.eval, dict):
             self.eval = build_config(EvalSettings, self.eval, "eval")
         if isinstance(self.lora, dict):
@@ -133,6 +138,37 @@ class TaskConfig:
     def override(self, **changes: Any) -> TaskConfig:
         """A copy with ``changes`` applied (``None`` values ignored) and validated again."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def for_method(self, method: str, settings: dict[str, float] | None = None) -> TaskConfig:
+        """The task as ``method`` runs it: its ``method_settings[method]``, then ``settings``, applied."""
+        merged = {**self.method_settings.get(method, {}), **(settings or {})}
+        ppo = dict(self.ppo)
+        if "learning_rate" in merged:
+            ppo["learning_rate"] = float(merged["learning_rate"])
+        lora = dataclasses.replace(self.lora, **{k: merged[k] for k in ("r", "alpha") if k in merged})
+        eva = dataclasses.replace(self.eva, **{k: merged[k] for k in ("rho", "tau") if k in merged})
+        return self.override(ppo=ppo, lora=lora, eva=eva)
+
+    def without_method_settings(self, keys: Iterable[str]) -> TaskConfig:
+        """A copy whose ``method_settings`` no longer set ``keys`` (a command-line value applies to every method)."""
+        keys = set(keys)
+        settings = {m: {k: v for k, v in s.items() if k not in keys} for m, s in self.method_settings.items()}
+        return dataclasses.replace(self, method_settings=settings)
+
+
+METHOD_SETTINGS = ("learning_rate", "r", "alpha", "rho", "tau")
+"""Settings a method may override, in a task's or a suite's ``method_settings``."""
+
+
+def check_method_settings(method_settings: dict[str, dict[str, float]], where: str) -> None:
+    """:raises ConfigError: naming the method or key that is not accepted."""
+    for method, settings in method_settings.items():
+        unknown = sorted(set(settings) - set(METHOD_SETTINGS))
+        if method not in METHODS or unknown:
+            raise ConfigError(
+                f"{where}[{method!r}]={settings!r} is invalid: expected a method out of {METHODS} "
+                f"with keys out of {METHOD_SETTINGS}"
+            )
 
 
 def _ppo_arguments() -> set[str]:

@@ -14,6 +14,7 @@ import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.logger import Image, Logger
 from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
@@ -178,6 +179,18 @@ class RunCallback(BaseCallback):
         if self._bar is not None:
             self._bar.update(self.total_timesteps - self._bar.n)
             self._bar.close()
+
+
+def record_eva_report(logger: Logger, report: dict[str, Any]) -> None:
+    """Record EVA's ranks, captured variance, cost and a rank bar chart under ``eva/`` (not dumped here)."""
+    for layer, rank in report["ranks"].items():
+        logger.record(f"eva/rank/{layer}", rank)
+        logger.record(f"eva/captured_variance/{layer}", report["captured_variance"][layer])
+    logger.record("eva/batches", report["batches_used"])
+    logger.record("eva/env_steps", report["env_steps"])
+    logger.record("eva/skipped_steps", report.get("skipped_steps", 0))
+    logger.record("eva/seconds", report["seconds"])
+    logger.record("eva/ranks", Image(rank_bar_chart(report["ranks"]), "HWC"), exclude=("stdout", "log", "json", "csv"))
 
 
 def rank_bar_chart(ranks: dict[str, int]) -> np.ndarray:

@@ -22,10 +22,21 @@ def test_bench_quick_prints_every_figure(capsys: pytest.CaptureFixture) -> None:
         "eva_init_fraction",
         "lora_ppo_throughput_ratio",
         "ranks",
+        "lora_ppo_profile_seconds",
+        "ppo_source_eva_env_step_fraction",
+        "ipca_min_cos_extra16",
     ):
         assert key in figures, key
     assert sum(figures["ranks"].values()) == 4 * len(figures["ranks"])
     assert 0 < figures["ipca_min_cos"] <= 1
     assert figures["eva_env_step_fraction"] == pytest.approx(
         figures["eva_env_steps"] / figures["finetune_timesteps"], rel=1e-3
+    )
+    scaling = figures["eva_scaling"]
+    assert [(p["width"], p["batch_size"], p["batches"]) for p in scaling] == [(64, 256, 3), (1024, 256, 3)]
+    assert all(p["ms_per_batch"] > 0 and p["peak_mib"] >= 0 for p in scaling)
+    rollout = figures["n_envs"] * 128  # the DoorKey task's n_steps
+    assert figures["ppo_source_skipped_steps"] % rollout == 0
+    assert figures["ppo_source_eva_env_step_fraction"] == pytest.approx(
+        figures["ppo_source_skipped_steps"] / figures["finetune_timesteps"], rel=1e-3
     )

@@ -146,11 +146,19 @@ def point_goal_args(agent: Path) -> list[str]:
     return ["--env", "PointGoal-Shifted-v0", "--gym-package", "envs", "--pretrained", str(agent)]
 
 
-def test_custom_env_fine_tunes_with_eva_through_the_cli(point_agent: Path, tmp_path: Path) -> None:
-    done = run_cli("finetune.py", *point_goal_args(point_agent), "--methods", "eva", "--log-dir", str(tmp_path), *TINY)
+@pytest.mark.parametrize("eva_data", ["rollouts", "ppo"])
+def test_custom_env_fine_tunes_with_eva_through_the_cli(point_agent: Path, tmp_path: Path, eva_data: str) -> None:
+    args = [*point_goal_args(point_agent), "--methods", "eva", "--eva-data", eva_data, "--log-dir", str(tmp_path)]
+    done = run_cli("finetune.py", *args, *TINY, "--eva-batch-size", "128", "--tau", "0.9")
     assert done.returncode == 0, done.stderr
-    result = json.loads((tmp_path / "PointGoal" / "eva" / "seed0" / "result.json").read_text())
-    assert result["eva_env_steps"] > 0 and result["total_timesteps"] >= 1024
+    run_dir = tmp_path / "PointGoal" / "eva" / "seed0"
+    result = json.loads((run_dir / "result.json").read_text())
+    report = json.loads((run_dir / "eva.json").read_text())
+    assert report["data_source"] == eva_data and result["total_timesteps"] >= 1024
+    if eva_data == "ppo":  # EVA read PPO's rollouts: no env steps of its own, and its steps are on PPO's clock
+        assert result["eva_env_steps"] == 0 and result["eva_skipped_steps"] == report["skipped_steps"]
+    else:
+        assert result["eva_env_steps"] == report["env_steps"] > 0
     assert "tensorboard --logdir" in done.stdout and "jumpstart" in done.stdout
 
 

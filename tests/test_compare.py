@@ -37,6 +37,11 @@ def test_local_sweep_writes_tables_and_plots_and_a_rerun_skips_completed_runs(tm
     compare(suite, tmp_path, workers=1, echo=lines.append)
     assert {path: path.stat().st_mtime_ns for path in results} == stamps, "completed runs were not redone"
 
+    results[0].unlink()  # an unfinished run: report-only aggregates the other three and runs nothing
+    partial = compare(suite, tmp_path, echo=lines.append, report_only=True)
+    assert sum(row["seeds"] for row in partial["tasks"]["PointGoal"]["methods"].values()) == 3
+    assert not results[0].exists()
+
 
 def test_specs_are_one_per_task_method_seed_with_method_settings(tmp_path: Path) -> None:
     suite = load_suite("smoke")
@@ -83,3 +88,88 @@ def test_ray_backend_runs_a_tiny_sweep_on_a_local_instance(tmp_path: Path) -> No
     assert len(lines) == 4 and lines[-1].startswith("[4/4]")
     assert set(report["tasks"]["PointGoal"]["methods"]) == {"eva", "full"}
     assert len(sorted((tmp_path / "smoke").glob("PointGoal/*/seed*/result.json"))) == 4
+
+
+def test_tasks_can_run_a_subset_of_methods_with_their_own_eval_freq(tmp_path: Path) -> None:
+    path = tmp_path / "two.yaml"
+    path.write_text(
+        "tasks:\n"
+        "  - {task: PointGoal, threshold: 0.5, eval_freq: 512}\n"
+        "  - {task: MiniGrid-DoorKey, threshold: 0.9, total_timesteps: 3000, methods: [eva]}\n"
+        "methods: [eva, full]\nseeds: 2\n"
+    )
+    suite = load_suite(str(path))
+    specs = [(t.task, s.method, s.seed) for t, s in run_specs(suite, tmp_path)]
+    assert specs == [
+        ("PointGoal", "eva", 0),
+        ("PointGoal", "full", 0),
+        ("PointGoal", "eva", 1),
+        ("PointGoal", "full", 1),
+        ("MiniGrid-DoorKey", "eva", 0),
+        ("MiniGrid-DoorKey", "eva", 1),
+    ]
+    pairs = run_specs(suite, tmp_path, methods=["full"])
+    assert [(t.task, s.method) for t, s in pairs] == [("PointGoal", "full")] * 2
+    assert pairs[0][1].task.eval.freq == 512
+    doorkey = run_specs(suite, tmp_path, methods=["eva"])[-1][1].task
+    assert doorkey.eval.freq == 10000 and doorkey.total_timesteps == 3000
+
+    path.write_text("tasks: [{task: PointGoal, threshold: 0.5, methods: [lora]}]\nmethods: [eva, full]\n")
+    with pytest.raises(ConfigError, match=r"methods=\['lora'\] is invalid: .*suite's methods \['eva', 'full'\]"):
+        load_suite(str(path))
+
+
+def _synthetic_run(method: str, final: float) -> dict:
+    return {
+        "method": method,
+        "eval_curve": [[0, 0.0], [1000, final]],
+        "final_return": final,
+        "jumpstart": 0.0,
+        "trainable_params": 10,
+        "wall_seconds": 1.0,
+    }
+
+
+def test_methods_run_on_fewer_tasks_are_aggregated_and_compared_on_their_own_tasks() -> None:
+    from eva_rl.report import aggregate, results_markdown
+    from eva_rl.suites import Suite, SuiteTask
+
+    first, second = SuiteTask("A", 0.5), SuiteTask("B", 0.5, methods=["eva"])
+    suite = Suite("s", [first, second], methods=["eva", "lora"])
+    runs = [(first, _synthetic_run("eva", v)) for v in (0.6, 0.7, 0.8)]
+    runs += [(first, _synthetic_run("lora", v)) for v in (0.1, 0.2, 0.3)]
+    runs += [(second, _synthetic_run("eva", v)) for v in (0.0, 0.0, 0.0)]
+    report = aggregate(suite, runs)
+    assert report["aggregate"]["eva"]["tasks"] == ["A", "B"]
+    assert report["aggregate"]["lora"]["tasks"] == ["A"]
+    # On task A every eva seed beats every lora seed; task B, where lora did not run, must not dilute that.
+    assert report["aggregate"]["lora"]["p_eva_better_final"]["estimate"] == 1.0
+    assert report["aggregate"]["lora"]["final"]["estimate"] == pytest.approx(0.2)
+    assert "| lora | 1 |" in results_markdown(report)
+
+
+def test_task_method_settings_apply_per_method_and_the_suite_and_command_line_override_them(tmp_path: Path) -> None:
+    from eva_rl.cli import _finetune_overrides, finetune_parser
+    from eva_rl.tasks import find_task
+
+    task = find_task("PointGoal")
+    task = task.override(method_settings={"eva": {"learning_rate": 3e-3, "r": 2}, "full": {"learning_rate": 5e-4}})
+    eva, full, lora = task.for_method("eva"), task.for_method("full"), task.for_method("lora")
+    assert (eva.ppo["learning_rate"], eva.lora.r) == (3e-3, 2)
+    assert full.ppo["learning_rate"] == 5e-4 and lora.ppo["learning_rate"] == task.ppo["learning_rate"]
+
+    suite = load_suite("smoke")
+    suite.method_settings = {"eva": {"alpha": 8.0}, "full": {"learning_rate": 1e-4}}
+    from eva_rl.suites import method_task
+
+    eva = method_task(task, "eva", suite, suite.tasks[0])
+    assert (eva.ppo["learning_rate"], eva.lora.r, eva.lora.alpha) == (3e-3, 2, 8.0)
+    assert method_task(task, "full", suite, suite.tasks[0]).ppo["learning_rate"] == 1e-4
+
+    args = finetune_parser().parse_args(["--env", "PointGoal", "--lr", "7e-4", "--rank", "3"])
+    cli_task = _finetune_overrides(task, args)
+    assert cli_task.for_method("eva").ppo["learning_rate"] == 7e-4 and cli_task.for_method("eva").lora.r == 3
+    assert cli_task.for_method("full").ppo["learning_rate"] == 7e-4
+
+    with pytest.raises(ConfigError, match=r"method_settings\['eva'\]=\{'lr': 1\} is invalid"):
+        task.override(method_settings={"eva": {"lr": 1}})

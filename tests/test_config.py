@@ -42,6 +42,11 @@ def test_lora_config_rejects(kwargs: dict, message: str) -> None:
             r"EvaConfig.on_max_batches='ignore' is invalid: expected one of \('raise', 'warn'\)",
         ),
         ({"svd_solver": "qr"}, r"EvaConfig.svd_solver='qr' is invalid"),
+        ({"extra_components": -1}, r"EvaConfig.extra_components=-1 is invalid: expected an integer >= 0"),
+        (
+            {"data_source": "static"},
+            r"EvaConfig.data_source='static' is invalid: expected one of \('rollouts', 'ppo'\)",
+        ),
     ],
 )
 def test_eva_config_rejects(kwargs: dict, message: str) -> None:

@@ -6,9 +6,11 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from eva_rl import EvaConvergenceError, compute_eva
+from eva_rl import EvaConfig, EvaConvergenceError, LoraConfig, compute_eva
+from eva_rl.eva import run_eva
 from tests.models import ActorCriticMLP, ConvNet, decaying_stream, image_stream
 
 
@@ -232,3 +234,23 @@ def test_target_subset_and_rank_pattern_zero() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert result.to_dict()["captured_variance"]["critic"] == 0.0
+
+
+def test_extra_components_bring_eva_to_the_exact_svd_of_the_stream() -> None:
+    generator = torch.Generator().manual_seed(0)
+    d = 32
+    scales = torch.cat([torch.tensor([3.0, 2.6]), torch.linspace(2.0, 0.5, d - 2)])  # a flat tail
+    basis, _ = torch.linalg.qr(torch.randn(d, d, generator=generator))
+    batches = [(torch.randn(64, d, generator=generator) * scales) @ basis.T for _ in range(12)]
+    data = torch.cat(batches).double()
+    _, _, vt = torch.linalg.svd(data - data.mean(0), full_matrices=False)
+
+    def worst_cos(extra: int) -> float:
+        eva = EvaConfig(rho=1.0, tau=1.0, max_batches=12, on_max_batches="warn", extra_components=extra)
+        with pytest.warns(UserWarning, match="max_batches=12 reached"):
+            result = run_eva(torch.nn.Linear(d, 4), batches, LoraConfig(r=2), eva)
+        assert result.ranks[""] == 2 and result.max_components[""] == 2
+        return float(F.cosine_similarity(result.A[""].double(), vt[:2], dim=1).abs().min())
+
+    assert worst_cos(8) > worst_cos(0)
+    assert worst_cos(d - 2) > 1 - 1e-6  # every component tracked: the incremental SVD is exact

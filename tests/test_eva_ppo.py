@@ -1,0 +1,122 @@
+"""EVA on PPO's own rollouts (``EvaConfig(data_source="ppo")``): no extra env steps, same numerics."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.env_util import make_vec_env
+
+import eva_rl
+from eva_rl import EvaConfig, LoraConfig
+from eva_rl.eva import run_eva
+from eva_rl.eva_ppo import EvaPPO
+from eva_rl.rollouts import policy_forward
+from tests.conftest import VARIANTS, make_pretrained
+from tests.test_policy import outputs, sample_obs
+
+pytestmark = pytest.mark.filterwarnings("ignore:EVA:UserWarning")
+
+N_ENVS, N_STEPS, BATCH = 2, 64, 64  # a rollout is 128 steps: two EVA batches
+
+
+class RecordRollouts(BaseCallback):
+    """Keeps a copy of each rollout's observations, as PPO's buffer holds them before the update."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.observations: list = []
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        obs = self.model.rollout_buffer.observations
+        copy = {k: v.copy() for k, v in obs.items()} if isinstance(obs, dict) else obs.copy()
+        self.observations.append(copy)
+
+
+def _time_major_batches(rollouts: list, batch_size: int) -> list:
+    batches = []
+    for obs in rollouts:
+        if isinstance(obs, dict):
+            flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in obs.items()}
+            rows = len(next(iter(flat.values())))
+            batches += [{k: v[i : i + batch_size] for k, v in flat.items()} for i in range(0, rows, batch_size)]
+        else:
+            flat = obs.reshape(-1, *obs.shape[2:])
+            batches += [flat[i : i + batch_size] for i in range(0, len(flat), batch_size)]
+    return batches
+
+
+@pytest.mark.parametrize(
+    ("variant", "method"), [("mlp-discrete", "eva"), ("cnn-discrete", "eva"), ("dict-discrete", "eva+dora")]
+)
+def test_eva_from_ppo_rollouts_costs_no_own_env_steps_and_equals_eva_on_that_stream(
+    variant: str, method: str, tmp_path: Path
+) -> None:
+    base = make_pretrained(variant)
+    lora = LoraConfig(r=2)
+    eva = EvaConfig(batch_size=BATCH, max_batches=60, on_max_batches="warn", data_source="ppo")
+    env = make_vec_env(VARIANTS[variant][0], n_envs=N_ENVS, seed=0)
+    # lr 0 keeps A as EVA set it, so it can be compared after learning.
+    model = eva_rl.adapt(base, env, method, lora, eva, n_steps=N_STEPS, batch_size=64, n_epochs=2, learning_rate=0.0)
+    assert isinstance(model, EvaPPO) and model.eva_pending and model.policy.eva_report is None
+    obs = sample_obs(base)
+    for got, want in zip(outputs(model.policy, obs), outputs(base.policy, obs)):
+        assert (got - want).abs().max() < 1e-6  # placeholder adapters: the pretrained policy acts
+
+    recorder = RecordRollouts()
+    rollouts = 6
+    model.learn(rollouts * N_STEPS * N_ENVS, callback=recorder)
+    report = model.policy.eva_report
+    assert not model.eva_pending and report["data_source"] == "ppo" and report["env_steps"] == 0
+    skipped = math.ceil(report["batches_used"] / 2) - 1  # rollouts spent before the one where EVA converged
+    assert report["skipped_steps"] == skipped * N_STEPS * N_ENVS
+    assert model._n_updates == 2 * (rollouts - skipped), "PPO must update on the rollout where EVA converged"
+
+    stream = _time_major_batches(recorder.observations, BATCH)[: report["batches_used"]]
+    oracle = run_eva(base.policy, stream, lora, eva, forward_fn=policy_forward)
+    assert report["ranks"] == oracle.ranks
+    assert model.policy.lora_ranks == {k: v for k, v in oracle.ranks.items() if v > 0}
+    for name, layer in model.policy.lora_layers.items():
+        torch.testing.assert_close(layer.lora_A.detach().reshape(layer.r, -1), oracle.A[name], atol=1e-5, rtol=0)
+        assert layer.use_dora == (method == "eva+dora")
+    for got, want in zip(outputs(model.policy, obs), outputs(base.policy, obs)):
+        assert (got - want).abs().max() < 1e-5  # EVA's swap keeps the policy unchanged too
+
+    path = tmp_path / "model.zip"
+    model.save(path)
+    loaded = PPO.load(path, device="cpu")
+    assert loaded.policy.lora_ranks == model.policy.lora_ranks
+    assert loaded.policy.eva_report["skipped_steps"] == report["skipped_steps"]
+
+
+def test_eva_from_ppo_trains_the_swapped_in_adapters() -> None:
+    base = make_pretrained("mlp-discrete")
+    eva = EvaConfig(batch_size=BATCH, max_batches=60, on_max_batches="warn", data_source="ppo")
+    env = make_vec_env(VARIANTS["mlp-discrete"][0], n_envs=N_ENVS, seed=0)
+    model = eva_rl.adapt(base, env, "eva", LoraConfig(r=2), eva, n_steps=N_STEPS, batch_size=64, n_epochs=2)
+    model.learn(8 * N_STEPS * N_ENVS)
+    trained = model.policy.trainable_parameters()
+    assert {id(p) for group in model.policy.optimizer.param_groups for p in group["params"]} == {id(p) for p in trained}
+    assert any(layer.lora_B.abs().sum() > 0 for layer in model.policy.lora_layers.values())
+
+
+def test_eva_batch_larger_than_a_rollout_is_refused() -> None:
+    base = make_pretrained("mlp-discrete")
+    eva = EvaConfig(batch_size=512, data_source="ppo")
+    with pytest.raises(ValueError, match=r"batch_size=512 exceeds PPO's rollout of n_steps\*n_envs=128"):
+        eva_rl.adapt(base, make_vec_env(VARIANTS["mlp-discrete"][0], n_envs=2), "eva", eva=eva, n_steps=64)
+
+
+def test_numpy_layout_is_time_major() -> None:
+    from eva_rl.eva_ppo import _time_major
+
+    buffer = np.arange(3 * 2 * 4).reshape(3, 2, 4)  # (n_steps, n_envs, features)
+    assert _time_major(buffer, 6)[:2].tolist() == [buffer[0, 0].tolist(), buffer[0, 1].tolist()]
