@@ -4,7 +4,8 @@ from eva_rl.adapt import SpaceMismatchError, adapt, load_base_weights, merge
 from eva_rl.allocation import allocate_ranks
 from eva_rl.checkpoints import load_adapter, save_adapter
 from eva_rl.config import EvaConfig, LoraConfig
-from eva_rl.eva import EvaConvergenceError, EvaResult, compute_eva, run_eva
+from eva_rl.eva import EvaConvergenceError, EvaResult, EvaSession, compute_eva, run_eva
+from eva_rl.eva_ppo import EvaPPO
 from eva_rl.inject import (
     disable_adapters,
     find_target_layers,
@@ -24,7 +25,9 @@ __version__ = "0.1.0"
 __all__ = [
     "EvaConfig",
     "EvaConvergenceError",
+    "EvaPPO",
     "EvaResult",
+    "EvaSession",
     "IncrementalPCA",
     "LoraActorCriticCnnPolicy",
     "LoraActorCriticPolicy",

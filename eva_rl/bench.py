@@ -11,6 +11,7 @@ import platform
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,8 +41,18 @@ class _RecordingBatches:
             yield batch
 
 
-def ipca_min_cos(model: PPO, ranks: dict[str, int], stream: list[Any], directions: dict[str, torch.Tensor]) -> float:
-    """Lowest ``|cos|`` between EVA's directions and exact SVD directions of the same activation stream."""
+def ipca_min_cos(
+    model: PPO,
+    ranks: dict[str, int],
+    stream: list[Any],
+    directions: dict[str, torch.Tensor],
+    batches_fed: dict[str, list[int]] | None = None,
+) -> float:
+    """Lowest ``|cos|`` between EVA's directions and exact SVD directions of the same activation stream.
+
+    :param batches_fed: ``{layer: batch numbers (from 1)}`` its PCA consumed (EVA's report); each layer is then
+        compared with an SVD of exactly its own rows. ``None`` compares every layer with the whole ``stream``.
+    """
     rows: dict[str, list[torch.Tensor]] = {name: [] for name, rank in ranks.items() if rank > 0}
     policy = model.policy
     handles = [
@@ -57,6 +68,8 @@ def ipca_min_cos(model: PPO, ranks: dict[str, int], stream: list[Any], direction
         handle.remove()
     worst = 1.0
     for name, parts in rows.items():
+        if batches_fed is not None:
+            parts = [parts[number - 1] for number in batches_fed[name]]
         data = torch.cat(parts)
         _, _, vt = torch.linalg.svd(data - data.mean(0), full_matrices=False)
         rank = ranks[name]
@@ -151,8 +164,10 @@ EXTRA_COMPONENTS = 16
 """``EvaConfig.extra_components`` of bench's accuracy comparison."""
 
 
-def _replayed_min_cos(source: PPO, target: VecEnv, adapted: PPO, eva: EvaConfig) -> float:
-    """Replay the stream EVA consumed (same seeds) with a recorder and compare to exact SVDs of it."""
+def _replayed_min_cos(source: PPO, target: VecEnv, adapted: PPO, eva: EvaConfig) -> tuple[float, float]:
+    """Replay the stream EVA consumed (same seeds) with a recorder and compare to exact SVDs: of the rows each
+    layer's PCA consumed (the incremental SVD's accuracy), and of the whole stream (what stopping a layer once it
+    converged leaves out)."""
     report = adapted.policy.eva_report
     recorder = _RecordingBatches(
         RolloutBatches(source.policy, wrap_target_env(source, target), eva.batch_size, seed=eva.seed)
@@ -163,7 +178,10 @@ def _replayed_min_cos(source: PPO, target: VecEnv, adapted: PPO, eva: EvaConfig)
     directions = {
         name: layer.lora_A.detach().reshape(layer.r, -1) for name, layer in adapted.policy.lora_layers.items()
     }
-    return ipca_min_cos(source, report["ranks"], recorder.seen, directions)
+    return (
+        ipca_min_cos(source, report["ranks"], recorder.seen, directions, report["batches_fed"]),
+        ipca_min_cos(source, report["ranks"], recorder.seen, directions),
+    )
 
 
 def measure_eva_cost(
@@ -187,11 +205,12 @@ def measure_eva_cost(
     adapted = adapt(source, target, method="eva", lora=task.lora, eva=eva, device=device)
     adapt_seconds = time.perf_counter() - start
     report = adapted.policy.eva_report
-    min_cos = _replayed_min_cos(source, target, adapted, eva)
+    min_cos, stream_min_cos = _replayed_min_cos(source, target, adapted, eva)
     # The same with extra tracked components (less truncation in the incremental SVD), and what they cost.
     accurate = dataclasses.replace(eva, extra_components=EXTRA_COMPONENTS)
     adapted_accurate = adapt(source, target, method="eva", lora=task.lora, eva=accurate, device=device)
     accurate_report = adapted_accurate.policy.eva_report
+    accurate_min_cos, accurate_stream_min_cos = _replayed_min_cos(source, target, adapted_accurate, accurate)
     figures: dict[str, Any] = {
         "task": task.name,
         "target_env": task.target_env,
@@ -207,9 +226,9 @@ def measure_eva_cost(
         "ranks": report["ranks"],
         "captured_variance": {k: round(v, 3) for k, v in report["captured_variance"].items()},
         "ipca_min_cos": round(min_cos, 5),
-        f"ipca_min_cos_extra{EXTRA_COMPONENTS}": round(
-            _replayed_min_cos(source, target, adapted_accurate, accurate), 5
-        ),
+        "stream_min_cos": round(stream_min_cos, 5),
+        f"ipca_min_cos_extra{EXTRA_COMPONENTS}": round(accurate_min_cos, 5),
+        f"stream_min_cos_extra{EXTRA_COMPONENTS}": round(accurate_stream_min_cos, 5),
         f"eva_seconds_extra{EXTRA_COMPONENTS}": round(accurate_report["seconds"], 3),
         f"eva_batches_extra{EXTRA_COMPONENTS}": accurate_report["batches_used"],
         "finetune_timesteps": task.total_timesteps,
@@ -239,12 +258,27 @@ def _synthetic_batches(width: int, batch_size: int, count: int, device: str, see
         yield (torch.randn(batch_size, width, generator=generator) * scales).to(device)
 
 
+def _reset_peak(device: str) -> int:
+    """Reset the peak-memory mark and return the memory in use now (bytes)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the peak resident set (VmHWM) to the current one
+    return _proc_status_bytes("VmRSS")
+
+
 def _peak_bytes(device: str) -> int:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated(device)
-    import resource
+    return _proc_status_bytes("VmHWM")
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+def _proc_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _scaling_point(width: int, batch_size: int, batches: int, r: int, device: str, seed: int) -> dict[str, Any]:
@@ -257,10 +291,7 @@ def _scaling_point(width: int, batch_size: int, batches: int, r: int, device: st
     layer = torch.nn.Linear(width, width).to(device)
     # A tiny EVA first, so lazily loaded kernels and allocator pools do not count as EVA's memory.
     compute_eva(torch.nn.Linear(16, 16).to(device), _synthetic_batches(16, 64, 3, device, seed), r=2, tau=0.0)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    before = _peak_bytes(device)
+    before = _reset_peak(device)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tau=1 never converges on purpose: every point runs all its batches
@@ -295,8 +326,9 @@ def measure_eva_scaling(
 ) -> list[dict[str, Any]]:
     """EVA's time per batch and peak memory on one Linear layer against its width and the batch size.
 
-    Each point runs in a fresh process. On CPU, peak memory is the rise of the process's peak resident set over
-    EVA (a batch of activations included); on CUDA, the peak of allocated memory over EVA.
+    Each point runs in a fresh process. Peak memory is the peak during EVA above what was in use before it (a batch
+    of activations included): on CPU from the process's peak resident set (Linux ``VmHWM``, reset first), on CUDA
+    from the allocator's peak.
 
     :param batches: Batches per point (``tau=1`` keeps EVA from stopping early).
     :param r: LoRA rank; EVA tracks ``round(r * 2)`` components (rho 2).

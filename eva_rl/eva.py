@@ -46,6 +46,8 @@ class EvaResult:
     :ivar shared_inputs: ``{layer: layer whose PCA it shares}`` for layers whose inputs are identical.
     :ivar singular_values: ``{layer: singular values of the tracked components}``.
     :ivar converged_at: ``{layer: batches it took until its ranked components converged (for good)}``.
+    :ivar batches_fed: ``{layer: numbers (from 1) of the batches its PCA consumed}``; a layer is no longer fed once
+        its ranked components converged (unless a rank change makes it need more).
     :ivar seconds: Wall time of the whole computation (data collection included).
     :ivar env_steps: Environment steps of EVA's own rollouts, taken before PPO starts (0 when EVA reads PPO's).
     :ivar data_source: ``"rollouts"`` (EVA's own) or ``"ppo"`` (PPO's first rollouts, :class:`~eva_rl.eva_ppo.EvaPPO`).
@@ -62,6 +64,7 @@ class EvaResult:
     shared_inputs: dict[str, str] = field(default_factory=dict)
     singular_values: dict[str, torch.Tensor] = field(default_factory=dict)
     converged_at: dict[str, int] = field(default_factory=dict)
+    batches_fed: dict[str, list[int]] = field(default_factory=dict)
     seconds: float = 0.0
     env_steps: int | None = None
     data_source: str = "rollouts"
@@ -82,6 +85,7 @@ class EvaResult:
             "shared_inputs": dict(self.shared_inputs),
             "converged": dict(self.converged),
             "converged_at": dict(self.converged_at),
+            "batches_fed": {k: list(v) for k, v in self.batches_fed.items()},
             "batches_used": self.batches_used,
             "env_steps": self.env_steps,
             "data_source": self.data_source,
@@ -210,6 +214,7 @@ class EvaSession:
         self.leader_of: dict[str, str] = {}
         self.ranks = dict(self.caps)
         self.converged_at: dict[str, int] = {}
+        self.batches_fed: dict[str, list[int]] = {}
         self.batches_used = 0
 
     def _group_done(self, leader: str) -> bool:
@@ -287,6 +292,7 @@ class EvaSession:
                     f"extra_components); use a batch size of at least {tracker.pca.n_components}"
                 )
             tracker.update(rows[leader], self.eva.tau)
+            self.batches_fed.setdefault(leader, []).append(self.batches_used)
         ratios = {n: self.trackers[self.leader_of[n]].pca.explained_variance_ratio_ for n in self.layers}
         self.ranks = allocate_ranks(ratios, self.caps, self.budget)
         for name in self.layers:
@@ -347,6 +353,7 @@ class EvaSession:
             result.max_components[name] = caps[name]
             if name in self.converged_at:
                 result.converged_at[name] = self.converged_at[name]
+            result.batches_fed[name] = list(self.batches_fed.get(leader_of[name], []))
             if leader_of[name] != name:
                 result.shared_inputs[name] = leader_of[name]
         result.seconds = time.perf_counter() - self.start

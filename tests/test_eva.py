@@ -75,6 +75,9 @@ def test_budget_conserved_caps_respected_and_rho_one_uniform() -> None:
         assert result.A[name].shape == (rank, model.get_submodule(name).in_features)
     assert all(2 <= result.converged_at[name] <= result.batches_used for name in result.ranks)
     assert max(result.converged_at.values()) == result.batches_used
+    for name, fed in result.batches_fed.items():  # a layer stops being fed once converged
+        assert fed[0] == 1 and fed == sorted(set(fed)) and fed[-1] <= result.batches_used
+        assert result.converged_at[name] in fed
     uniform = compute_eva(model, batches, r=3, rho=1.0)
     assert uniform.ranks == dict.fromkeys(uniform.ranks, 3)
 
@@ -250,6 +253,7 @@ def test_extra_components_bring_eva_to_the_exact_svd_of_the_stream() -> None:
         with pytest.warns(UserWarning, match="max_batches=12 reached"):
             result = run_eva(torch.nn.Linear(d, 4), batches, LoraConfig(r=2), eva)
         assert result.ranks[""] == 2 and result.max_components[""] == 2
+        assert result.batches_fed[""] == list(range(1, 13))
         return float(F.cosine_similarity(result.A[""].double(), vt[:2], dim=1).abs().min())
 
     assert worst_cos(8) > worst_cos(0)
