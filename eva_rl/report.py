@@ -93,7 +93,8 @@ def results_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Suite `{report['suite']}`",
         "",
-        "IQM over seeds with 95% stratified-bootstrap CIs. Steps include EVA's own environment steps.",
+        "IQM over seeds with 95% stratified-bootstrap CIs. Steps include EVA's own environment steps. "
+        "wall s: mean wall-clock seconds of a run (evaluations included).",
         "",
     ]
     for task_name, task in report["tasks"].items():
@@ -101,8 +102,8 @@ def results_markdown(report: dict[str, Any]) -> str:
             f"## {task_name} (threshold {task['threshold']})",
             "",
             "| method | seeds | jumpstart | final return | normalized AUC | steps to threshold (median) | reached | "
-            "source retention | trainable params |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "source retention | trainable params | wall s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for method, row in task["methods"].items():
             retention = "n/a" if row["source_retention"] is None else f"{row['source_retention']:.3f}"
@@ -111,7 +112,7 @@ def results_markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {method} | {row['seeds']} | {row['jumpstart']:.3f} | {_interval(row['final'])} | "
                 f"{_interval(row['auc'])} | {steps} | {row['reached_threshold']}/{row['seeds']} | {retention} | "
-                f"{row['trainable_params']:,} |"
+                f"{row['trainable_params']:,} | {row['wall_seconds']:.0f} |"
             )
         lines.append("")
     lines += [

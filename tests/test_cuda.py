@@ -37,3 +37,17 @@ def test_adapt_and_one_ppo_update_on_the_gpu(variant: str) -> None:
     before = {n: p.detach().clone() for n, p in model.policy.named_parameters() if "lora_B" in n}
     model.learn(64)
     assert any(not torch.equal(p, before[n]) for n, p in model.policy.named_parameters() if n in before)
+
+
+def test_eva_on_ppo_rollouts_swaps_in_gpu_adapters() -> None:
+    base = make_pretrained("mlp-discrete")
+    base.policy.to("cuda")
+    base.device = torch.device("cuda")
+    eva = EvaConfig(batch_size=64, max_batches=60, on_max_batches="warn", data_source="ppo")
+    model = eva_rl.adapt(base, gym.make("CartPole-v1"), lora=LoraConfig(r=2), eva=eva, device="cuda", n_steps=128)
+    while model.eva_pending:
+        model.learn(128, reset_num_timesteps=False)
+    model.learn(128, reset_num_timesteps=False)
+    assert model.policy.eva_report["data_source"] == "ppo"
+    assert all(p.device.type == "cuda" for p in model.policy.parameters())
+    assert any(layer.lora_B.abs().sum() > 0 for layer in model.policy.lora_layers.values())
