@@ -78,6 +78,14 @@ def ipca_min_cos(
     return worst
 
 
+def _target_ppo(task: TaskConfig, seed: int, device: Any, env_seed: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """A fresh vectorized copy of the task's target env (seeded ``env_seed``, default ``seed``) and the task's PPO
+    settings with ``seed`` and ``device``."""
+    factory = env_factory(task.target_env, task.wrappers, task.env_kwargs)
+    env = make_vec(factory, task.n_envs, seed if env_seed is None else env_seed)
+    return env, {**task.ppo, "seed": seed, "device": device, "verbose": 0}
+
+
 def measure_lora_throughput(
     model: PPO, task: TaskConfig, steps: int = 2048, repeats: int = 3, seed: int = 0
 ) -> dict[str, Any]:
@@ -86,10 +94,10 @@ def measure_lora_throughput(
     Both learn on their own copy of the task's target env with its PPO settings; the plain one trains every
     weight, the adapted one only its adapters.
     """
-    factory = env_factory(task.target_env, task.wrappers, task.env_kwargs)
-    settings = {**task.ppo, "seed": seed, "device": model.device, "verbose": 0}
-    adapted = adapt(model, make_vec(factory, task.n_envs, seed), method="lora", lora=task.lora, **settings)
-    plain = PPO(type(model.policy), make_vec(factory, task.n_envs, seed), policy_kwargs=model.policy_kwargs, **settings)
+    env, settings = _target_ppo(task, seed, model.device)
+    adapted = adapt(model, env, method="lora", lora=task.lora, **settings)
+    plain_env, _ = _target_ppo(task, seed, model.device)
+    plain = PPO(type(model.policy), plain_env, policy_kwargs=model.policy_kwargs, **settings)
     plain.policy.load_state_dict(model.policy.state_dict())
     rates: dict[str, list[float]] = {"plain": [], "lora": []}
     for _ in range(repeats):
@@ -123,9 +131,8 @@ def profile_lora_ppo(model: PPO, task: TaskConfig, steps: int = 4096, seed: int 
     import cProfile
     import pstats
 
-    factory = env_factory(task.target_env, task.wrappers, task.env_kwargs)
-    settings = {**task.ppo, "seed": seed, "device": model.device, "verbose": 0}
-    adapted = adapt(model, make_vec(factory, task.n_envs, seed), method="lora", lora=task.lora, **settings)
+    env, settings = _target_ppo(task, seed, model.device)
+    adapted = adapt(model, env, method="lora", lora=task.lora, **settings)
     adapted.learn(task.ppo.get("n_steps", 2048) * task.n_envs)  # warm-up
     profiler = cProfile.Profile()
     start = time.perf_counter()
@@ -143,9 +150,7 @@ def measure_eva_from_ppo(model: PPO, task: TaskConfig, eva: EvaConfig, device: s
     PPO learns rollout by rollout until EVA is done; the env-step cost is the rollouts before the one where EVA
     converged (PPO updates on that one).
     """
-    factory = env_factory(task.target_env, task.wrappers, task.env_kwargs)
-    env = make_vec(factory, task.n_envs, eva.seed + 1)
-    settings = {**task.ppo, "seed": eva.seed, "device": device, "verbose": 0}
+    env, settings = _target_ppo(task, eva.seed, device, env_seed=eva.seed + 1)
     eva = dataclasses.replace(eva, data_source="ppo")
     adapted = adapt(model, env, method="eva", lora=task.lora, eva=eva, **settings)
     rollout = adapted.n_steps * adapted.n_envs

@@ -4,6 +4,7 @@ file per suite in ``configs/suites/``."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,16 +74,14 @@ class Suite:
         self.tasks = [
             t if isinstance(t, SuiteTask) else build_config(SuiteTask, t, f"suite {self.name} task") for t in self.tasks
         ]
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad or not self.methods:
-            raise ConfigError(f"suite methods={self.methods!r} is invalid: expected a list out of {METHODS}")
+        _check_subset("suite methods", self.methods, METHODS, f"{METHODS}")
         for suite_task in self.tasks:
-            if suite_task.methods is not None and (
-                not suite_task.methods or set(suite_task.methods) - set(self.methods)
-            ):
-                raise ConfigError(
-                    f"suite {self.name} task {suite_task.task}: methods={suite_task.methods!r} is invalid: expected "
-                    f"a non-empty list out of the suite's methods {self.methods}"
+            if suite_task.methods is not None:
+                _check_subset(
+                    f"suite {self.name} task {suite_task.task}: methods",
+                    suite_task.methods,
+                    self.methods,
+                    f"the suite's methods {self.methods}",
                 )
         check_method_settings(self.method_settings, "method_settings")
 
@@ -90,10 +89,8 @@ class Suite:
         if unknown:
             raise ConfigError(f"tuning_grid keys {unknown} are invalid: expected keys out of {METHOD_SETTINGS}")
         names = [t.task for t in self.tasks]
-        if self.tuning_tasks is not None and (not self.tuning_tasks or set(self.tuning_tasks) - set(names)):
-            raise ConfigError(
-                f"tuning_tasks={self.tuning_tasks!r} is invalid: expected a non-empty list out of {names}"
-            )
+        if self.tuning_tasks is not None:
+            _check_subset("tuning_tasks", self.tuning_tasks, names, f"{names}")
         if set(self.tuning_seeds) & set(self.seed_list):
             raise ConfigError(f"tuning_seeds {self.tuning_seeds} overlap the result seeds {self.seed_list}")
 
@@ -104,6 +101,12 @@ class Suite:
     def task_methods(self, suite_task: SuiteTask, methods: list[str] | None = None) -> list[str]:
         """The methods run on ``suite_task``: ``methods`` (default: the suite's), less those the task leaves out."""
         return [m for m in methods or self.methods if suite_task.methods is None or m in suite_task.methods]
+
+
+def _check_subset(what: str, values: list[str], allowed: Sequence[str], accepted: str) -> None:
+    """:raises ConfigError: if ``values`` is empty or holds a value outside ``allowed``."""
+    if not values or set(values) - set(allowed):
+        raise ConfigError(f"{what}={values!r} is invalid: expected a non-empty list out of {accepted}")
 
 
 def load_suite(name_or_path: str) -> Suite:
