@@ -1,11 +1,26 @@
-"""eva-rl: fine-tune pretrained stable-baselines3 policies with EVA-initialized LoRA adapters."""
+"""eva-rl: fine-tune pretrained stable-baselines3 policies with EVA-initialized LoRA adapters.
 
-from eva_rl.adapt import SpaceMismatchError, adapt, load_base_weights, merge
+The library is this package's top level; the experiment application (task files, runs, suites, reports, the
+command line) lives in :mod:`eva_rl.experiments` and is built on it, never the other way round.
+"""
+
+from eva_rl.adapt import adapt, merge
 from eva_rl.allocation import allocate_ranks
 from eva_rl.checkpoints import load_adapter, save_adapter
 from eva_rl.config import EvaConfig, LoraConfig
-from eva_rl.eva import EvaConvergenceError, EvaResult, EvaSession, compute_eva, run_eva
+from eva_rl.devices import get_device
+from eva_rl.errors import (
+    AgentError,
+    CheckpointError,
+    ConfigError,
+    EnvError,
+    EvaConvergenceError,
+    EvaRLError,
+    SpaceMismatchError,
+)
+from eva_rl.eva import EvaResult, EvaSession, compute_eva, run_eva
 from eva_rl.eva_ppo import EvaPPO
+from eva_rl.eva_report import EvaReport
 from eva_rl.inject import (
     disable_adapters,
     find_target_layers,
@@ -16,19 +31,31 @@ from eva_rl.inject import (
 )
 from eva_rl.ipca import IncrementalPCA
 from eva_rl.layers import LoraConv2d, LoraLayer, LoraLinear
+from eva_rl.loading import load_agent
+from eva_rl.methods import METHODS, Method, get_method, register_method
+from eva_rl.models import build_model, load_base_weights
+from eva_rl.plan import AdapterPlan, LayerPlan
 from eva_rl.policies import LoraActorCriticCnnPolicy, LoraActorCriticPolicy, LoraMultiInputActorCriticPolicy
 from eva_rl.rollouts import RolloutBatches, policy_forward
-from eva_rl.utils import get_device
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "METHODS",
+    "AdapterPlan",
+    "AgentError",
+    "CheckpointError",
+    "ConfigError",
+    "EnvError",
     "EvaConfig",
     "EvaConvergenceError",
     "EvaPPO",
+    "EvaRLError",
+    "EvaReport",
     "EvaResult",
     "EvaSession",
     "IncrementalPCA",
+    "LayerPlan",
     "LoraActorCriticCnnPolicy",
     "LoraActorCriticPolicy",
     "LoraConfig",
@@ -36,21 +63,26 @@ __all__ = [
     "LoraLayer",
     "LoraLinear",
     "LoraMultiInputActorCriticPolicy",
+    "Method",
     "RolloutBatches",
     "SpaceMismatchError",
     "adapt",
     "allocate_ranks",
+    "build_model",
     "compute_eva",
     "disable_adapters",
     "find_target_layers",
     "get_device",
+    "get_method",
     "inject_adapters",
-    "load_base_weights",
     "load_adapter",
+    "load_agent",
+    "load_base_weights",
     "lora_layers",
     "merge",
     "merged_state_dict",
     "policy_forward",
+    "register_method",
     "remove_adapters",
     "run_eva",
     "save_adapter",

@@ -2,6 +2,6 @@
 
 import sys
 
-from eva_rl.cli import main
+from eva_rl.experiments.cli import main
 
 sys.exit(main())

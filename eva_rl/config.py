@@ -1,7 +1,8 @@
 """Configuration dataclasses for LoRA adapters and EVA initialization.
 
 Both are validated on construction (``__post_init__``), the way PEFT validates its tuner configs: a bad value
-raises ``ValueError`` naming the field, the value and what would be accepted.
+raises :class:`~eva_rl.errors.ConfigError` (a ``ValueError``) naming the field, the value and what would be
+accepted. Types are checked before values, so ``rho="high"`` is reported as such, not as a failed comparison.
 """
 
 from __future__ import annotations
@@ -10,13 +11,23 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from eva_rl.errors import ConfigError
+
 _ON_MAX_BATCHES = ("raise", "warn")
 _SVD_SOLVERS = ("lowrank", "full")
 _DATA_SOURCES = ("rollouts", "ppo")
 
 
-def _bad(cls_name: str, field_name: str, value: Any, accepted: str) -> ValueError:
-    return ValueError(f"{cls_name}.{field_name}={value!r} is invalid: expected {accepted}")
+def _bad(cls_name: str, field_name: str, value: Any, accepted: str) -> ConfigError:
+    return ConfigError(f"{cls_name}.{field_name}={value!r} is invalid: expected {accepted}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -53,12 +64,15 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+        if not _is_int(self.r) or self.r < 1:
             raise _bad(name, "r", self.r, "an integer >= 1")
-        if self.alpha is not None and not self.alpha > 0:
+        if self.alpha is not None and not (_is_number(self.alpha) and self.alpha > 0):
             raise _bad(name, "alpha", self.alpha, "a number > 0, or None for alpha = r")
-        if not 0.0 <= self.dropout < 1.0:
+        if not (_is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise _bad(name, "dropout", self.dropout, "a probability in [0, 1)")
+        for flag in ("train_heads", "train_bias", "use_dora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise _bad(name, flag, getattr(self, flag), "true or false")
         if self.use_dora and self.dropout > 0:
             raise _bad(name, "dropout", self.dropout, "0 with use_dora=True (DoRA with dropout is not supported)")
         if isinstance(self.target_modules, (list, tuple)):
@@ -67,11 +81,14 @@ class LoraConfig:
             self.target_modules = list(self.target_modules)
         elif self.target_modules is not None and not (isinstance(self.target_modules, str) and self.target_modules):
             raise _bad(name, "target_modules", self.target_modules, "None, a list of layer names or a regex string")
+        for pattern_name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, pattern_name), dict):
+                raise _bad(name, pattern_name, getattr(self, pattern_name), "a mapping {layer name or pattern: value}")
         for key, rank in self.rank_pattern.items():
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            if not _is_int(rank) or rank < 0:
                 raise _bad(name, f"rank_pattern[{key!r}]", rank, "an integer >= 0 (0 = no adapter)")
         for key, value in self.alpha_pattern.items():
-            if not value > 0:
+            if not (_is_number(value) and value > 0):
                 raise _bad(name, f"alpha_pattern[{key!r}]", value, "a number > 0")
 
     @property
@@ -87,6 +104,9 @@ class LoraConfig:
     def from_dict(cls, data: dict[str, Any] | LoraConfig) -> LoraConfig:
         if isinstance(data, LoraConfig):
             return data
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown LoraConfig key(s) {unknown}")
         return cls(**data)
 
 
@@ -137,19 +157,20 @@ class EvaConfig:
         name = type(self).__name__
         if self.data_source not in _DATA_SOURCES:
             raise _bad(name, "data_source", self.data_source, f"one of {_DATA_SOURCES}")
-        if (
-            isinstance(self.extra_components, bool)
-            or not isinstance(self.extra_components, int)
-            or (self.extra_components < 0)
-        ):
+        if not _is_int(self.extra_components) or self.extra_components < 0:
             raise _bad(name, "extra_components", self.extra_components, "an integer >= 0")
-        if not self.rho >= 1.0:
+        if not (_is_number(self.rho) and self.rho >= 1.0):
             raise _bad(name, "rho", self.rho, "a number >= 1.0 (1.0 keeps uniform ranks)")
-        if not 0.0 <= self.tau <= 1.0:
+        if not (_is_number(self.tau) and 0.0 <= self.tau <= 1.0):
             raise _bad(name, "tau", self.tau, "a cosine threshold in [0, 1]")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if not _is_int(self.batch_size) or self.batch_size < 1:
             raise _bad(name, "batch_size", self.batch_size, "an integer >= 1")
-        if self.max_batches is not None and (not isinstance(self.max_batches, int) or self.max_batches < 2):
+        if not _is_int(self.seed):
+            raise _bad(name, "seed", self.seed, "an integer")
+        for flag in ("whiten", "adjust_scaling_factors", "deterministic"):
+            if not isinstance(getattr(self, flag), bool):
+                raise _bad(name, flag, getattr(self, flag), "true or false")
+        if self.max_batches is not None and (not _is_int(self.max_batches) or self.max_batches < 2):
             raise _bad(name, "max_batches", self.max_batches, "None or an integer >= 2 (EVA needs two batches)")
         if self.on_max_batches not in _ON_MAX_BATCHES:
             raise _bad(name, "on_max_batches", self.on_max_batches, f"one of {_ON_MAX_BATCHES}")

@@ -20,15 +20,16 @@ from tqdm.auto import tqdm
 
 from eva_rl.allocation import allocate_ranks
 from eva_rl.config import EvaConfig, LoraConfig
-from eva_rl.inject import disable_adapters, layer_fan_in, resolve_ranks
+from eva_rl.errors import ConfigError, EvaConvergenceError
+from eva_rl.eva_report import EvaReport
+from eva_rl.inject import disable_adapters
 from eva_rl.ipca import IncrementalPCA
 from eva_rl.layers import LoraLayer
+from eva_rl.plan import AdapterPlan
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 
-
-class EvaConvergenceError(RuntimeError):
-    """EVA stopped (batch cap or end of data) before every layer's components converged."""
+__all__ = ["EvaConvergenceError", "EvaResult", "EvaSession", "compute_eva", "layer_input_rows", "run_eva"]
 
 
 @dataclass
@@ -74,24 +75,28 @@ class EvaResult:
         """Fraction of layer ``name``'s input variance captured by its ``rank`` EVA directions."""
         return float(self.explained_variance_ratio[name][: self.ranks[name]].sum())
 
+    def report(self) -> EvaReport:
+        """The JSON-ready report: ranks, ratios, captured variance, batches, env steps, seconds."""
+        return EvaReport(
+            ranks=dict(self.ranks),
+            explained_variance_ratio={k: [float(x) for x in v] for k, v in self.explained_variance_ratio.items()},
+            captured_variance={k: self.captured_variance(k) for k in self.ranks},
+            fan_in=dict(self.fan_in),
+            max_components=dict(self.max_components),
+            shared_inputs=dict(self.shared_inputs),
+            converged=dict(self.converged),
+            converged_at=dict(self.converged_at),
+            batches_fed={k: list(v) for k, v in self.batches_fed.items()},
+            batches_used=self.batches_used,
+            env_steps=self.env_steps,
+            data_source=self.data_source,
+            skipped_steps=self.skipped_steps,
+            seconds=self.seconds,
+        )
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready report: ranks, ratios, captured variance, batches, env steps, seconds."""
-        return {
-            "ranks": dict(self.ranks),
-            "explained_variance_ratio": {k: [float(x) for x in v] for k, v in self.explained_variance_ratio.items()},
-            "captured_variance": {k: self.captured_variance(k) for k in self.ranks},
-            "fan_in": dict(self.fan_in),
-            "max_components": dict(self.max_components),
-            "shared_inputs": dict(self.shared_inputs),
-            "converged": dict(self.converged),
-            "converged_at": dict(self.converged_at),
-            "batches_fed": {k: list(v) for k, v in self.batches_fed.items()},
-            "batches_used": self.batches_used,
-            "env_steps": self.env_steps,
-            "data_source": self.data_source,
-            "skipped_steps": self.skipped_steps,
-            "seconds": self.seconds,
-        }
+        """``self.report().to_dict()``."""
+        return self.report().to_dict()
 
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
@@ -169,46 +174,41 @@ def _group_identical(rows: dict[str, torch.Tensor]) -> dict[str, str]:
 
 
 class EvaSession:
-    """EVA fed one batch at a time: :func:`run_eva` drives it from an iterable, and PPO can drive it from its own
+    """EVA fed one batch at a time: :meth:`run` drives it from an iterable, and PPO can drive it from its own
     rollouts (:class:`eva_rl.eva_ppo.EvaPPO`).
 
     Hooks, eval mode, ``no_grad`` and disabled adapters hold only inside :meth:`feed`, so the module is left as
     it was between batches.
 
     :param module: Model whose target layers' inputs are analysed. Existing LoRA adapters are bypassed.
-    :param lora: Targets, per-layer ranks (``r`` / ``rank_pattern``; the rank budget is their sum).
+    :param plan: The target layers, their ranks (the rank budget is their sum) and the components EVA tracks at
+        each, from :meth:`AdapterPlan.resolve <eva_rl.plan.AdapterPlan.resolve>` with this ``eva``.
     :param eva: ``rho``, ``tau``, batch cap, whitening, SVD solver and seed.
     :param forward_fn: ``forward_fn(module, batch)`` runs the model; defaults to ``module(batch)``.
-    :param exclude: Layer names never analysed.
     """
 
     def __init__(
         self,
         module: nn.Module,
-        lora: LoraConfig,
+        plan: AdapterPlan,
         eva: EvaConfig,
         forward_fn: ForwardFn | None = None,
-        exclude: Iterable[str] = (),
     ) -> None:
         self.start = time.perf_counter()
         self.module = module
+        self.plan = plan
         self.eva = eva
         self.forward_fn = forward_fn or _default_forward
-        self.resolved = resolve_ranks(module, lora, exclude)
-        self.layers = {name: module.get_submodule(name) for name, (rank, _) in self.resolved.items() if rank > 0}
-        self.budget = sum(self.resolved[name][0] for name in self.layers)
-        self.fan_in = {name: layer_fan_in(layer) for name, layer in module.named_modules() if name in self.resolved}
-        self.caps: dict[str, int] = {}
-        for name in self.layers:
-            cap = round(self.resolved[name][0] * eva.rho)
-            if cap > self.fan_in[name]:
-                warnings.warn(
-                    f"EVA: round(r*rho)={cap} exceeds the fan-in {self.fan_in[name]} of layer {name!r}; "
-                    f"tracking {self.fan_in[name]} components there",
-                    stacklevel=3,
-                )
-                cap = self.fan_in[name]
-            self.caps[name] = cap
+        unplanned = [name for name, layer in plan.adapted.items() if layer.eva_components < 1]
+        if unplanned:
+            raise ConfigError(
+                f"the adapter plan has no EVA components for {unplanned}; resolve it with the EvaConfig "
+                "(AdapterPlan.resolve(module, lora, eva))"
+            )
+        self.layers = {name: module.get_submodule(name) for name in plan.adapted}
+        self.budget = plan.budget
+        self.fan_in = {name: layer.fan_in for name, layer in plan.layers.items()}
+        self.caps = {name: plan.layers[name].eva_cap for name in self.layers}
         self.device = next(module.parameters()).device
         self.trackers: dict[str, _ComponentTracker] = {}
         self.leader_of: dict[str, str] = {}
@@ -280,7 +280,7 @@ class EvaSession:
                 cap = max(self.caps[n] for n in group)
                 for n in group:
                     self.caps[n] = cap
-                tracked = min(cap + self.eva.extra_components, self.fan_in[leader])
+                tracked = max(self.plan.layers[n].eva_components for n in group)
                 self.trackers[leader] = _ComponentTracker(tracked, self.eva.svd_solver, self.eva.seed)
         for leader, tracker in self.trackers.items():
             if leader not in rows:
@@ -301,6 +301,34 @@ class EvaSession:
             else:
                 self.converged_at.pop(name, None)
         return self.done
+
+    def run(self, batches: Iterable[Any], progress: bool = False) -> EvaResult:
+        """Feed batches from ``batches`` until every layer converged, the cap is hit or the batches run out.
+
+        :param batches: Iterable of model inputs, consumed lazily, each batch once.
+        :param progress: Show a progress bar.
+        """
+        stop_reason: str | None = None
+        bar = tqdm(total=self.eva.max_batches, desc="EVA", unit="batch", disable=not progress, leave=False)
+        iterator = iter(batches)
+        try:
+            while not self.done:
+                if self.capped:
+                    stop_reason = f"max_batches={self.eva.max_batches} reached"
+                    break
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    stop_reason = f"the batches ran out after {self.batches_used}"
+                    break
+                self.feed(batch)
+                bar.update(1)
+                bar.set_postfix_str(f"{self.inputs_converged} inputs converged")
+        finally:
+            bar.close()
+            if iterator is not batches and hasattr(iterator, "close"):
+                iterator.close()  # our own generator over `batches`: let it restore env state (VecNormalize) now
+        return self.result(stop_reason)
 
     def result(self, stop_reason: str | None = None) -> EvaResult:
         """The directions and ranks so far.
@@ -331,7 +359,7 @@ class EvaSession:
             )
 
         result = EvaResult(A={}, ranks={}, explained_variance_ratio={}, batches_used=self.batches_used, converged={})
-        for name in self.resolved:
+        for name in self.plan.layers:
             fan_in = self.fan_in[name]
             result.fan_in[name] = fan_in
             if name not in self.layers:
@@ -379,28 +407,8 @@ def run_eva(
     :param exclude: Layer names never analysed.
     :param progress: Show a progress bar.
     """
-    session = EvaSession(module, lora, eva, forward_fn, exclude)
-    stop_reason: str | None = None
-    bar = tqdm(total=eva.max_batches, desc="EVA", unit="batch", disable=not progress, leave=False)
-    iterator = iter(batches)
-    try:
-        while not session.done:
-            if session.capped:
-                stop_reason = f"max_batches={eva.max_batches} reached"
-                break
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                stop_reason = f"the batches ran out after {session.batches_used}"
-                break
-            session.feed(batch)
-            bar.update(1)
-            bar.set_postfix_str(f"{session.inputs_converged} inputs converged")
-    finally:
-        bar.close()
-        if iterator is not batches and hasattr(iterator, "close"):
-            iterator.close()  # our own generator over `batches`: let it restore env state (VecNormalize) now
-    return session.result(stop_reason)
+    plan = AdapterPlan.resolve(module, lora, eva, exclude)
+    return EvaSession(module, plan, eva, forward_fn).run(batches, progress)
 
 
 def compute_eva(

@@ -10,7 +10,7 @@ import numpy as np
 from stable_baselines3 import PPO
 
 from eva_rl.eva import EvaResult, EvaSession
-from eva_rl.training import record_eva_report
+from eva_rl.eva_logging import record_eva_report
 
 
 def _time_major(observations: np.ndarray, rows: int) -> np.ndarray:

@@ -1,116 +1,26 @@
-"""Find target layers by name pattern, wrap them in LoRA layers, and remove the wrappers again."""
+"""Wrap the layers of an adapter plan in LoRA layers, remove the wrappers again, and run a model without them."""
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
 
 import torch
 from torch import nn
 
 from eva_rl.config import LoraConfig
+from eva_rl.errors import ConfigError
 from eva_rl.layers import LORA_LAYER_TYPES, LoraLayer
+from eva_rl.plan import AdapterPlan, find_target_layers
 
-T = TypeVar("T")
-
-ADAPTABLE_TYPES: tuple[type[nn.Module], ...] = tuple(LORA_LAYER_TYPES)
-
-
-def adaptable_layers(module: nn.Module) -> dict[str, nn.Module]:
-    """Every Linear/Conv2d layer (or existing LoRA wrapper) of ``module``, by qualified name.
-
-    Layers inside a LoRA wrapper (its ``base_layer``) are reported under the wrapper's name.
-    """
-    found: dict[str, nn.Module] = {}
-    for name, child in module.named_modules():
-        if any(name.startswith(wrapped + ".") for wrapped in found if isinstance(found[wrapped], LoraLayer)):
-            continue
-        if isinstance(child, (LoraLayer, *ADAPTABLE_TYPES)):
-            found[name] = child
-    return found
-
-
-def _matches(pattern: str, name: str) -> bool:
-    if name == pattern or name.endswith("." + pattern):
-        return True
-    try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error:
-        return False
-
-
-def pattern_value(patterns: Mapping[str, T], name: str, default: T) -> T:
-    """Value of the first key of ``patterns`` that matches ``name`` (exact name first), else ``default``.
-
-    A key matches when it equals the name, is a ``.``-separated suffix of it, or is a regex matching it whole.
-    """
-    if name in patterns:
-        return patterns[name]
-    for pattern, value in patterns.items():
-        if _matches(pattern, name):
-            return value
-    return default
-
-
-def find_target_layers(
-    module: nn.Module, target_modules: Iterable[str] | str | None, exclude: Iterable[str] = ()
-) -> dict[str, nn.Module]:
-    """Select the Linear/Conv2d layers of ``module`` named by ``target_modules``.
-
-    :param module: The model to search.
-    :param target_modules: ``None`` for all adaptable layers, a list of names/suffixes, or one regex string.
-    :param exclude: Names (or suffixes) never to select, e.g. heads that are trained fully.
-    :return: ``{qualified name: layer}`` in module order.
-    :raises ValueError: if a pattern matches no adaptable layer.
-    """
-    layers = adaptable_layers(module)
-    exclude = list(exclude)
-    candidates = {n: m for n, m in layers.items() if not any(_matches(e, n) for e in exclude)}
-    if target_modules is None:
-        selected = candidates
-    elif isinstance(target_modules, str):
-        selected = {n: m for n, m in candidates.items() if re.fullmatch(target_modules, n)}
-        if not selected:
-            raise ValueError(
-                f"target_modules={target_modules!r} matches no Linear/Conv2d layer; available: {list(candidates)}"
-            )
-    else:
-        patterns = list(target_modules)
-        for pattern in patterns:
-            if not any(n == pattern or n.endswith("." + pattern) for n in candidates):
-                raise ValueError(
-                    f"target_modules entry {pattern!r} matches no Linear/Conv2d layer; available: {list(candidates)}"
-                )
-        selected = {n: m for n, m in candidates.items() if any(n == p or n.endswith("." + p) for p in patterns)}
-    if not selected:
-        raise ValueError(f"no Linear/Conv2d layer to adapt in {type(module).__name__} (excluded: {exclude})")
-    return selected
-
-
-def layer_fan_in(layer: nn.Module) -> int:
-    """Input features per output of a Linear/Conv2d layer (``in_features`` or ``C*kh*kw``)."""
-    base = layer.base_layer if isinstance(layer, LoraLayer) else layer
-    return int(base.weight[0].numel())
-
-
-def resolve_ranks(module: nn.Module, config: LoraConfig, exclude: Iterable[str] = ()) -> dict[str, tuple[int, float]]:
-    """``{layer name: (rank, alpha)}`` for every target layer of ``module`` under ``config`` (rank may be 0).
-
-    :raises ValueError: if a pattern matches nothing or a rank exceeds its layer's width (fan-in).
-    """
-    resolved = {}
-    for name, layer in find_target_layers(module, config.target_modules, exclude).items():
-        rank = pattern_value(config.rank_pattern, name, config.r)
-        fan_in = layer_fan_in(layer)
-        if rank > fan_in:
-            raise ValueError(
-                f"LoRA rank {rank} for layer {name!r} exceeds its width (fan-in {fan_in}); "
-                f"use r <= {fan_in} or set rank_pattern[{name!r}] to at most {fan_in}"
-            )
-        resolved[name] = (rank, float(pattern_value(config.alpha_pattern, name, config.default_alpha)))
-    return resolved
+__all__ = [
+    "disable_adapters",
+    "find_target_layers",
+    "inject_adapters",
+    "lora_layers",
+    "merged_state_dict",
+    "remove_adapters",
+]
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -119,22 +29,25 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child_name, new)
 
 
-def inject_adapters(module: nn.Module, config: LoraConfig, exclude: Iterable[str] = ()) -> dict[str, LoraLayer]:
-    """Wrap the target layers of ``module`` in LoRA layers, in place.
+def inject_adapters(
+    module: nn.Module, plan: AdapterPlan | LoraConfig, exclude: Iterable[str] = ()
+) -> dict[str, LoraLayer]:
+    """Wrap the planned layers of ``module`` in LoRA layers, in place; rank-0 layers are left as they are.
 
-    Layers whose rank (``config.rank_pattern`` or ``config.r``) is 0 are left as they are.
-
+    :param plan: An :class:`~eva_rl.plan.AdapterPlan`, or a :class:`~eva_rl.config.LoraConfig` to resolve into one.
+    :param exclude: With a ``LoraConfig``: layer names never targeted.
     :return: The new LoRA layers by name.
-    :raises ValueError: if a pattern matches nothing or a rank exceeds the layer's width.
+    :raises ConfigError: if a pattern matches nothing, a rank exceeds a layer's width, or the plan does not fit.
     """
+    if isinstance(plan, LoraConfig):
+        plan = AdapterPlan.resolve(module, plan, exclude=exclude)
+    plan.check_fits(module)
     wrapped: dict[str, LoraLayer] = {}
-    for name, (rank, alpha) in resolve_ranks(module, config, exclude).items():
+    for name, layer_plan in plan.adapted.items():
         layer = module.get_submodule(name)
         if isinstance(layer, LoraLayer):
-            raise ValueError(f"layer {name!r} already has a LoRA adapter; remove_adapters() first")
-        if rank == 0:
-            continue
-        lora = LORA_LAYER_TYPES[type(layer)](layer, rank, alpha, config.dropout, config.use_dora)
+            raise ConfigError(f"layer {name!r} already has a LoRA adapter; remove_adapters() first")
+        lora = LORA_LAYER_TYPES[type(layer)](layer, layer_plan.rank, layer_plan.alpha, plan.dropout, plan.use_dora)
         _set_submodule(module, name, lora)
         wrapped[name] = lora
     return wrapped

@@ -5,7 +5,7 @@ python scripts/compare.py --suite doorkey --methods scratch,full,lora,eva --seed
 
 import sys
 
-from eva_rl.cli import compare_main
+from eva_rl.experiments.cli import compare_main
 
 if __name__ == "__main__":
     sys.exit(compare_main())

@@ -6,7 +6,7 @@ python scripts/finetune.py --help
 
 import sys
 
-from eva_rl.cli import finetune_main
+from eva_rl.experiments.cli import finetune_main
 
 if __name__ == "__main__":
     sys.exit(finetune_main())

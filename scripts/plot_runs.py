@@ -6,7 +6,7 @@ python scripts/plot_runs.py runs/MiniGrid-DoorKey --out docs/images/doorkey.png
 import argparse
 from pathlib import Path
 
-from eva_rl.plots import plot_runs
+from eva_rl.experiments.plots import plot_runs
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -5,7 +5,7 @@ python scripts/pretrain.py --env MiniGrid-DoorKey
 
 import sys
 
-from eva_rl.cli import pretrain_main
+from eva_rl.experiments.cli import pretrain_main
 
 if __name__ == "__main__":
     sys.exit(pretrain_main())

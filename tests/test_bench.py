@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from eva_rl.bench import bench_main
+from eva_rl.experiments.bench import bench_main
 
 
 @pytest.mark.filterwarnings("ignore:EVA:UserWarning")

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from eva_rl.cli import finetune_main, finetune_parser, resolve_task
-from eva_rl.finetune import pretrained_return
-from eva_rl.tasks import ROOT, find_task
+from eva_rl.experiments.cli import finetune_main, finetune_parser, resolve_task
+from eva_rl.experiments.finetune import pretrained_return
+from eva_rl.experiments.tasks import ROOT, find_task
 
 pytestmark = pytest.mark.filterwarnings("ignore:EVA:UserWarning")
 

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from eva_rl.compare import compare, run_specs, tune
-from eva_rl.suites import load_suite
-from eva_rl.tasks import ConfigError
+from eva_rl.experiments.compare import compare, run_specs, tune
+from eva_rl.experiments.report import SuiteReport
+from eva_rl.experiments.runs import RunResult
+from eva_rl.experiments.suites import load_suite
+from eva_rl.experiments.tasks import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore:EVA:UserWarning")
 
@@ -22,12 +24,15 @@ def test_local_sweep_writes_tables_and_plots_and_a_rerun_skips_completed_runs(tm
     assert len(lines) == 4 and all("final" in line for line in lines)
     for name in ("results.md", "results.json", "sample_efficiency.png", "final_return.png", "eva_ranks.png"):
         assert (out / name).is_file(), name
-    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(report))
-    rows = report["tasks"]["PointGoal"]["methods"]
-    assert set(rows) == {"eva", "full"} and rows["eva"]["seeds"] == 2
-    assert rows["eva"]["trainable_params"] < rows["full"]["trainable_params"]
-    assert rows["eva"]["source_retention"] is not None
-    assert "p_eva_better_final" in report["aggregate"]["full"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(report.to_dict()))
+    assert SuiteReport.from_dict(saved) == report
+    assert "p_eva_better_final" in saved["aggregate"]["full"]
+    rows = report.tasks["PointGoal"].methods
+    assert set(rows) == {"eva", "full"} and rows["eva"].seeds == 2
+    assert rows["eva"].trainable_params < rows["full"].trainable_params
+    assert rows["eva"].source_retention is not None
+    assert report.aggregate["full"].p_reference_better is not None
     markdown = (out / "results.md").read_text()
     assert "## PointGoal (threshold 0.5)" in markdown and "| eva | 2 |" in markdown
 
@@ -39,7 +44,7 @@ def test_local_sweep_writes_tables_and_plots_and_a_rerun_skips_completed_runs(tm
 
     results[0].unlink()  # an unfinished run: report-only aggregates the other three and runs nothing
     partial = compare(suite, tmp_path, echo=lines.append, report_only=True)
-    assert sum(row["seeds"] for row in partial["tasks"]["PointGoal"]["methods"].values()) == 3
+    assert sum(row.seeds for row in partial.tasks["PointGoal"].methods.values()) == 3
     assert not results[0].exists()
 
 
@@ -86,7 +91,7 @@ def test_ray_backend_runs_a_tiny_sweep_on_a_local_instance(tmp_path: Path) -> No
     lines: list[str] = []
     report = compare(suite, tmp_path, echo=lines.append, backend="ray")
     assert len(lines) == 4 and lines[-1].startswith("[4/4]")
-    assert set(report["tasks"]["PointGoal"]["methods"]) == {"eva", "full"}
+    assert set(report.tasks["PointGoal"].methods) == {"eva", "full"}
     assert len(sorted((tmp_path / "smoke").glob("PointGoal/*/seed*/result.json"))) == 4
 
 
@@ -119,20 +124,25 @@ def test_tasks_can_run_a_subset_of_methods_with_their_own_eval_freq(tmp_path: Pa
         load_suite(str(path))
 
 
-def _synthetic_run(method: str, final: float) -> dict:
-    return {
-        "method": method,
-        "eval_curve": [[0, 0.0], [1000, final]],
-        "final_return": final,
-        "jumpstart": 0.0,
-        "trainable_params": 10,
-        "wall_seconds": 1.0,
-    }
+def _synthetic_run(method: str, final: float) -> RunResult:
+    return RunResult(
+        task="t",
+        method=method,
+        seed=0,
+        total_timesteps=1000,
+        jumpstart=0.0,
+        final_return=final,
+        best_return=final,
+        eval_curve=[[0, 0.0], [1000, final]],
+        trainable_params=10,
+        total_params=10,
+        wall_seconds=1.0,
+    )
 
 
 def test_methods_run_on_fewer_tasks_are_aggregated_and_compared_on_their_own_tasks() -> None:
-    from eva_rl.report import aggregate, results_markdown
-    from eva_rl.suites import Suite, SuiteTask
+    from eva_rl.experiments.report import aggregate, results_markdown
+    from eva_rl.experiments.suites import Suite, SuiteTask
 
     first, second = SuiteTask("A", 0.5), SuiteTask("B", 0.5, methods=["eva"])
     suite = Suite("s", [first, second], methods=["eva", "lora"])
@@ -140,17 +150,18 @@ def test_methods_run_on_fewer_tasks_are_aggregated_and_compared_on_their_own_tas
     runs += [(first, _synthetic_run("lora", v)) for v in (0.1, 0.2, 0.3)]
     runs += [(second, _synthetic_run("eva", v)) for v in (0.0, 0.0, 0.0)]
     report = aggregate(suite, runs)
-    assert report["aggregate"]["eva"]["tasks"] == ["A", "B"]
-    assert report["aggregate"]["lora"]["tasks"] == ["A"]
+    assert report.aggregate["eva"].tasks == ["A", "B"]
+    assert report.aggregate["lora"].tasks == ["A"]
     # On task A every eva seed beats every lora seed; task B, where lora did not run, must not dilute that.
-    assert report["aggregate"]["lora"]["p_eva_better_final"]["estimate"] == 1.0
-    assert report["aggregate"]["lora"]["final"]["estimate"] == pytest.approx(0.2)
+    assert report.aggregate["lora"].p_reference_better.estimate == 1.0
+    assert report.aggregate["lora"].final.estimate == pytest.approx(0.2)
     assert "| lora | 1 |" in results_markdown(report)
 
 
 def test_task_method_settings_apply_per_method_and_the_suite_and_command_line_override_them(tmp_path: Path) -> None:
-    from eva_rl.cli import _finetune_overrides, finetune_parser
-    from eva_rl.tasks import find_task
+    from eva_rl.experiments.cli import finetune_parser
+    from eva_rl.experiments.options import ADAPTER_OPTIONS, FINETUNE_OPTIONS, apply_options
+    from eva_rl.experiments.tasks import find_task
 
     task = find_task("PointGoal")
     task = task.override(method_settings={"eva": {"learning_rate": 3e-3, "r": 2}, "full": {"learning_rate": 5e-4}})
@@ -160,14 +171,14 @@ def test_task_method_settings_apply_per_method_and_the_suite_and_command_line_ov
 
     suite = load_suite("smoke")
     suite.method_settings = {"eva": {"alpha": 8.0}, "full": {"learning_rate": 1e-4}}
-    from eva_rl.suites import method_task
+    from eva_rl.experiments.suites import method_task
 
     eva = method_task(task, "eva", suite, suite.tasks[0])
     assert (eva.ppo["learning_rate"], eva.lora.r, eva.lora.alpha) == (3e-3, 2, 8.0)
     assert method_task(task, "full", suite, suite.tasks[0]).ppo["learning_rate"] == 1e-4
 
     args = finetune_parser().parse_args(["--env", "PointGoal", "--lr", "7e-4", "--rank", "3"])
-    cli_task = _finetune_overrides(task, args)
+    cli_task = apply_options(task, args, (*ADAPTER_OPTIONS, *FINETUNE_OPTIONS))
     assert cli_task.for_method("eva").ppo["learning_rate"] == 7e-4 and cli_task.for_method("eva").lora.r == 3
     assert cli_task.for_method("full").ppo["learning_rate"] == 7e-4
 

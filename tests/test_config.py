@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from eva_rl import EvaConfig, LoraConfig
-from eva_rl.utils import get_device
+from eva_rl.devices import get_device
 
 
 @pytest.mark.parametrize(

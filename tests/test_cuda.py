@@ -48,6 +48,6 @@ def test_eva_on_ppo_rollouts_swaps_in_gpu_adapters() -> None:
     while model.eva_pending:
         model.learn(128, reset_num_timesteps=False)
     model.learn(128, reset_num_timesteps=False)
-    assert model.policy.eva_report["data_source"] == "ppo"
+    assert model.policy.eva_report.data_source == "ppo"
     assert all(p.device.type == "cuda" for p in model.policy.parameters())
     assert any(layer.lora_B.abs().sum() > 0 for layer in model.policy.lora_layers.values())

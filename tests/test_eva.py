@@ -200,7 +200,7 @@ def test_batch_with_fewer_rows_than_components_is_an_error() -> None:
 
 def test_components_beyond_the_fan_in_are_clipped_with_a_warning() -> None:
     model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 4))
-    with pytest.warns(UserWarning, match=r"round\(r\*rho\)=4 exceeds the fan-in 3 of layer '0'"):
+    with pytest.warns(UserWarning, match=r"EVA: round\(r\*rho\) exceeds the fan-in of 0 \(4 -> 3\)"):
         result = compute_eva(model, decaying_stream(40, 64, 3), r=2, rho=2.0)
     assert result.max_components["0"] == 3
     assert result.ranks["0"] <= 3

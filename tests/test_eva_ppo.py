@@ -75,14 +75,14 @@ def test_eva_from_ppo_rollouts_costs_no_own_env_steps_and_equals_eva_on_that_str
     rollouts = 6
     model.learn(rollouts * N_STEPS * N_ENVS, callback=recorder)
     report = model.policy.eva_report
-    assert not model.eva_pending and report["data_source"] == "ppo" and report["env_steps"] == 0
-    skipped = math.ceil(report["batches_used"] / 2) - 1  # rollouts spent before the one where EVA converged
-    assert report["skipped_steps"] == skipped * N_STEPS * N_ENVS
+    assert not model.eva_pending and report.data_source == "ppo" and report.env_steps == 0
+    skipped = math.ceil(report.batches_used / 2) - 1  # rollouts spent before the one where EVA converged
+    assert report.skipped_steps == skipped * N_STEPS * N_ENVS
     assert model._n_updates == 2 * (rollouts - skipped), "PPO must update on the rollout where EVA converged"
 
-    stream = _time_major_batches(recorder.observations, BATCH)[: report["batches_used"]]
+    stream = _time_major_batches(recorder.observations, BATCH)[: report.batches_used]
     oracle = run_eva(base.policy, stream, lora, eva, forward_fn=policy_forward)
-    assert report["ranks"] == oracle.ranks
+    assert report.ranks == oracle.ranks
     assert model.policy.lora_ranks == {k: v for k, v in oracle.ranks.items() if v > 0}
     for name, layer in model.policy.lora_layers.items():
         torch.testing.assert_close(layer.lora_A.detach().reshape(layer.r, -1), oracle.A[name], atol=1e-5, rtol=0)
@@ -94,7 +94,7 @@ def test_eva_from_ppo_rollouts_costs_no_own_env_steps_and_equals_eva_on_that_str
     model.save(path)
     loaded = PPO.load(path, device="cpu")
     assert loaded.policy.lora_ranks == model.policy.lora_ranks
-    assert loaded.policy.eva_report["skipped_steps"] == report["skipped_steps"]
+    assert loaded.policy.eva_report.skipped_steps == report.skipped_steps
 
 
 def test_eva_from_ppo_trains_the_swapped_in_adapters() -> None:

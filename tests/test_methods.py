@@ -10,7 +10,6 @@ from stable_baselines3 import PPO
 
 import eva_rl
 from eva_rl import EvaConfig, LoraConfig
-from eva_rl.adapt import METHODS
 from eva_rl.layers import LoraConv2d, LoraLinear
 from tests.conftest import VARIANTS, make_pretrained
 from tests.test_policy import outputs, sample_obs
@@ -26,24 +25,41 @@ def adapt(variant: str, method: str, **kwargs) -> tuple[PPO, PPO]:
     return base, model
 
 
+PRETRAINED_METHODS = [name for name, method in eva_rl.METHODS.items() if method.pretrained]
+
+
 @pytest.mark.parametrize("variant", ["mlp-discrete", "mlp-box", "cnn-discrete"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PRETRAINED_METHODS)
 def test_every_method_leaves_the_policy_unchanged_at_step_zero(variant: str, method: str) -> None:
     base, model = adapt(variant, method)
+    spec = eva_rl.get_method(method)
     obs = sample_obs(base)
     for got, want in zip(outputs(model.policy, obs), outputs(base.policy, obs)):
         assert (got - want).abs().max() < 1e-5, method
+    trainable = {n for n, p in model.policy.named_parameters() if p.requires_grad}
+    if not spec.adapters:
+        assert type(model.policy) is type(base.policy)
+        assert trainable == {n for n, _ in model.policy.named_parameters()}
+        return
     layers = model.policy.lora_layers
-    if method == "head":
+    assert model.policy.lora_plan.method == method
+    if spec.trains == "heads":
         assert not layers
-        trainable = {n for n, p in model.policy.named_parameters() if p.requires_grad}
         assert trainable - {"log_std"} == {"action_net.weight", "action_net.bias", "value_net.weight", "value_net.bias"}
     else:
         assert layers
-        assert all(layer.use_dora == (method in ("dora", "eva+dora")) for layer in layers.values())
-    if method in ("pissa", "olora"):
+        assert all(layer.use_dora == spec.use_dora for layer in layers.values())
+    if spec.rewrites_base:
         # The adapter holds part of W itself, unlike the zero-B methods.
         assert all(layer.lora_B.abs().sum() > 0 for layer in layers.values())
+
+
+def test_scratch_is_the_same_architecture_freshly_initialized() -> None:
+    base, model = adapt("mlp-discrete", "scratch")
+    assert type(model.policy) is type(base.policy)
+    assert model.policy.state_dict().keys() == base.policy.state_dict().keys()
+    obs = sample_obs(base)
+    assert (outputs(model.policy, obs)[0] - outputs(base.policy, obs)[0]).abs().max() > 1e-3
 
 
 def test_lora_redist_takes_evas_ranks_but_random_directions() -> None:

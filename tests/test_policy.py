@@ -66,9 +66,9 @@ def test_adapted_policy_equals_pretrained_at_step_zero(variant: str, method: str
     assert (values - base_values).abs().max() < 1e-6
     if method == "eva":
         report = model.policy.eva_report
-        assert report["env_steps"] > 0 and report["batches_used"] >= 2 and report["seconds"] > 0
-        assert sum(report["ranks"].values()) == 2 * len(report["ranks"])
-        assert model.policy.lora_ranks == {k: v for k, v in report["ranks"].items() if v > 0}
+        assert report.env_steps > 0 and report.batches_used >= 2 and report.seconds > 0
+        assert sum(report.ranks.values()) == 2 * len(report.ranks)
+        assert model.policy.lora_ranks == {k: v for k, v in report.ranks.items() if v > 0}
         for name, layer in model.policy.lora_layers.items():
             assert layer.scaling == pytest.approx(1.0), name  # alpha adjusted with the rank: alpha / r unchanged
             rows = layer.lora_A.detach().reshape(layer.r, -1)
@@ -79,7 +79,7 @@ def test_adapted_policy_equals_pretrained_at_step_zero(variant: str, method: str
 
 def test_cnn_policy_gets_eva_on_its_convolutions() -> None:
     _, model = adapted("cnn-discrete")
-    ranks = model.policy.eva_report["ranks"]
+    ranks = model.policy.eva_report.ranks
     assert any(name.startswith("features_extractor.cnn.") and rank > 0 for name, rank in ranks.items()), ranks
     conv = model.policy.features_extractor.cnn[0]
     assert isinstance(conv, eva_rl.LoraConv2d)
@@ -96,7 +96,7 @@ def test_a_layer_eva_gives_rank_zero_keeps_no_adapter_and_round_trips(tmp_path: 
         policy_kwargs={"features_extractor_class": DeadBranchExtractor},
     )
     model = eva_rl.adapt(base, gym.make("CartPole-v1"), lora=LoraConfig(r=2), eva=FAST_EVA)
-    ranks = model.policy.eva_report["ranks"]
+    ranks = model.policy.eva_report.ranks
     assert ranks["features_extractor.dead"] == 0
     assert sum(ranks.values()) == 2 * len(ranks)
     assert isinstance(model.policy.features_extractor.dead, torch.nn.Linear)
@@ -172,7 +172,7 @@ actions, _ = model.predict(obs, deterministic=True)
 print(json.dumps({"actions": np.asarray(actions).tolist(),
                   "ranks": {n: m.r for n, m in model.policy.named_modules() if hasattr(m, "lora_A")},
                   "policy": type(model.policy).__name__,
-                  "report": model.policy.eva_report if hasattr(model.policy, "eva_report") else None}))
+                  "report": model.policy.eva_report.to_dict() if getattr(model.policy, "eva_report", None) else None}))
 """
 
 
@@ -205,7 +205,7 @@ def test_save_then_plain_load_in_a_fresh_process(variant_name: str, tmp_path: Pa
     loaded = load_in_subprocess(path, obs, tmp_path)
     assert loaded["actions"] == np.asarray(expected).tolist()
     assert loaded["ranks"] == model.policy.lora_ranks
-    assert loaded["report"]["ranks"] == model.policy.eva_report["ranks"]
+    assert loaded["report"]["ranks"] == model.policy.eva_report.ranks
     reloaded = PPO.load(path, device="cpu")
     assert all(
         torch.equal(a, b) for a, b in zip(reloaded.policy.state_dict().values(), model.policy.state_dict().values())

@@ -24,4 +24,4 @@ def test_quickstart_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
     assert (tmp_path / "cartpole_eva.zip").exists() and (tmp_path / "cartpole_merged.zip").exists()
     printed = capsys.readouterr().out
     assert "mlp_extractor.policy_net.0" in printed
-    assert sum(namespace["report"]["ranks"].values()) == 2 * 6
+    assert sum(namespace["report"].ranks.values()) == 2 * 6

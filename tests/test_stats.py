@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from eva_rl.stats import (
+from eva_rl.experiments.stats import (
     curve_at,
     iqm,
     normalized_auc,

@@ -1,27 +1,29 @@
 """The comparison harness: methods x seeds x tasks of a suite, run as idempotent units, then aggregated.
 
-Every run is one :class:`~eva_rl.finetune.RunSpec`: the same spec writes the same ``result.json``, and a completed
-run is skipped, so a crashed sweep resumes where it stopped. Runs go to a local process pool.
+Every run is one :class:`~eva_rl.experiments.runs.RunSpec`: the same spec writes the same ``result.json``, and a
+completed run is skipped, so a crashed sweep resumes where it stopped. Runs go to a local process pool or to Ray.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import closing
 from pathlib import Path
-from typing import Any
 
-from eva_rl.environments import env_factory, import_packages, make_vec
-from eva_rl.finetune import RunSpec, load_agent, run
-from eva_rl.report import aggregate, plot_suite, results_markdown, shifted_curve
-from eva_rl.stats import normalized_auc, stratified_iqm
-from eva_rl.suites import Suite, SuiteTask, method_task
-from eva_rl.tasks import ConfigError, find_task
-from eva_rl.training import atomic_write_json, atomic_write_text, evaluate
+from eva_rl.errors import ConfigError
+from eva_rl.experiments.environments import env_factory, import_packages, make_vec
+from eva_rl.experiments.report import SuiteReport, aggregate, plot_suite, results_markdown
+from eva_rl.experiments.runs import RunResult, RunSpec, run
+from eva_rl.experiments.stats import normalized_auc, stratified_iqm
+from eva_rl.experiments.suites import Suite, SuiteTask, method_task
+from eva_rl.experiments.tasks import find_task
+from eva_rl.experiments.training import evaluate
+from eva_rl.files import atomic_write_json, atomic_write_text
+from eva_rl.loading import load_agent
 
 
 def run_specs(
@@ -51,16 +53,17 @@ def run_specs(
     return specs
 
 
-def run_one(spec: RunSpec) -> dict[str, Any]:
+def run_one(spec: RunSpec) -> RunResult:
     """One run (skipped if complete, resumed if interrupted), plus its return on the source env (retention)."""
     import torch
 
     torch.set_num_threads(1)
     import_packages(spec.task.env_packages)
     result = run(spec, progress=False, resume=True)
-    if "source_return" not in result:
-        result["source_return"] = source_return(spec)
-        atomic_write_json(spec.run_dir / "result.json", result)
+    if result.source_return is None:
+        result.source_return = source_return(spec)
+        if result.source_return is not None:
+            atomic_write_json(spec.run_dir / "result.json", result.to_dict())
     return result
 
 
@@ -69,18 +72,18 @@ def source_return(spec: RunSpec) -> float | None:
     task = spec.task
     if task.source_env is None or task.source_env == task.target_env:
         return None
-    env = make_vec(env_factory(task.source_env, task.wrappers, task.env_kwargs), task.eval.env_count, task.eval.seed)
     model = load_agent(spec.run_dir / "model.zip", device="cpu")
-    mean, _ = evaluate(model, env, task.eval.episodes, task.eval.seed, task.eval.deterministic)
-    env.close()
+    factory = env_factory(task.source_env, task.wrappers, task.env_kwargs)
+    with closing(make_vec(factory, task.eval.env_count, task.eval.seed)) as env:
+        mean, _ = evaluate(model, env, task.eval.episodes, task.eval.seed, task.eval.deterministic)
     return mean
 
 
-def _progress_line(done: int, total: int, spec: RunSpec, result: dict[str, Any]) -> str:
-    return f"[{done}/{total}] {spec.task.name} {spec.method} seed{spec.seed}: final {result['final_return']:.3f}"
+def _progress_line(done: int, total: int, spec: RunSpec, result: RunResult) -> str:
+    return f"[{done}/{total}] {spec.task.name} {spec.method} seed{spec.seed}: final {result.final_return:.3f}"
 
 
-def run_local(specs: Sequence[RunSpec], workers: int, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+def run_local(specs: Sequence[RunSpec], workers: int, echo: Callable[[str], None] = print) -> list[RunResult]:
     """Run specs in a process pool (``workers`` processes; 1 runs in this process)."""
     if workers <= 1:
         results = []
@@ -88,7 +91,7 @@ def run_local(specs: Sequence[RunSpec], workers: int, echo: Callable[[str], None
             results.append(run_one(spec))
             echo(_progress_line(i, len(specs), spec, results[-1]))
         return results
-    results: dict[int, dict[str, Any]] = {}
+    results: dict[int, RunResult] = {}
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         futures = {pool.submit(run_one, spec): i for i, spec in enumerate(specs)}
@@ -100,7 +103,7 @@ def run_local(specs: Sequence[RunSpec], workers: int, echo: Callable[[str], None
     return [results[i] for i in range(len(specs))]
 
 
-def run_ray(specs: Sequence[RunSpec], address: str | None, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+def run_ray(specs: Sequence[RunSpec], address: str | None, echo: Callable[[str], None] = print) -> list[RunResult]:
     """Run specs as Ray tasks (one CPU each) on the cluster at ``address`` (``None``: a new local instance).
 
     Results are written by the workers to the shared ``--log-dir``; progress is reported as runs finish. The
@@ -123,7 +126,7 @@ def run_ray(specs: Sequence[RunSpec], address: str | None, echo: Callable[[str],
     try:
         task = ray.remote(num_cpus=1)(run_one)
         pending = {task.remote(spec): i for i, spec in enumerate(specs)}
-        results: dict[int, dict[str, Any]] = {}
+        results: dict[int, RunResult] = {}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(done[0])
@@ -145,7 +148,7 @@ def compare(
     backend: str = "local",
     ray_address: str | None = None,
     report_only: bool = False,
-) -> dict[str, Any]:
+) -> SuiteReport:
     """Run (or resume) the suite's grid, then write ``results.json``, ``results.md`` and the plots.
 
     :param backend: ``"local"`` (a process pool of ``workers``) or ``"ray"`` (Ray tasks on ``ray_address``).
@@ -162,7 +165,7 @@ def compare(
             raise ConfigError(f"no completed runs of suite {suite.name} under {log_dir / suite.name}")
     specs = [spec for _, spec in pairs]
     if report_only:
-        results = [json.loads((spec.run_dir / "result.json").read_text()) for spec in specs]
+        results = [RunResult.read(spec.run_dir / "result.json") for spec in specs]
     elif backend == "ray":
         results = run_ray(specs, ray_address, echo)
     elif backend == "local":
@@ -172,7 +175,7 @@ def compare(
     runs = [(suite_task, result) for (suite_task, _), result in zip(pairs, results)]
     out_dir = log_dir / suite.name
     report = aggregate(suite, runs)
-    atomic_write_json(out_dir / "results.json", report)
+    atomic_write_json(out_dir / "results.json", report.to_dict())
     atomic_write_text(out_dir / "results.md", results_markdown(report))
     plot_suite(report, runs, out_dir, out_dir)
     return report
@@ -226,7 +229,7 @@ def tune(
             per_task: dict[str, list[float]] = {}
             for (job_point, suite_task, spec), result in zip(jobs, results):
                 if job_point == point and spec.method == method:
-                    per_task.setdefault(suite_task.task, []).append(normalized_auc(*shifted_curve(result)))
+                    per_task.setdefault(suite_task.task, []).append(normalized_auc(*result.sample_curve()))
             table.setdefault(method, {})[_point_name(point)] = float(stratified_iqm(list(per_task.values())).estimate)
     chosen = {}
     for method in methods:

@@ -1,4 +1,4 @@
-"""Small shared helpers."""
+"""Device selection: `"auto"` means CUDA when present."""
 
 from __future__ import annotations
 

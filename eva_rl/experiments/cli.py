@@ -1,38 +1,46 @@
-"""Command lines of ``scripts/finetune.py`` and ``scripts/pretrain.py``.
+"""The ``eva-rl`` command (``pretrain``, ``finetune``, ``compare``, ``inspect``, ``merge``, ``bench``) and the scripts.
 
-Bad input (an unknown env, a missing or corrupt agent, mismatched spaces, a bad config value) ends with one
-``error: ...`` line on stderr and exit code 2, never a traceback.
+Bad input (an unknown env, a missing or corrupt agent, mismatched spaces, a bad config value): every
+:class:`~eva_rl.errors.EvaRLError` ends with one ``error: ...`` line on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
 
-from eva_rl.adapt import SpaceMismatchError
-from eva_rl.environments import EnvError, env_factory, import_packages
-from eva_rl.eva import EvaConvergenceError
-from eva_rl.finetune import AgentError, RunDirError, finetune, load_agent, summary_table
-from eva_rl.tasks import METHODS, ConfigError, TaskConfig, find_task, known_tasks, load_task
-from eva_rl.training import atomic_save_model
-from eva_rl.utils import get_device
+from eva_rl.devices import get_device
+from eva_rl.errors import AgentError, ConfigError, EvaRLError
+from eva_rl.experiments.environments import env_factory, import_packages
+from eva_rl.experiments.options import (
+    ADAPTER_OPTIONS,
+    ENV_OPTIONS,
+    FINETUNE_OPTIONS,
+    PRETRAIN_OPTIONS,
+    add_options,
+    apply_options,
+    comma_list,
+)
+from eva_rl.experiments.tasks import METHODS, TaskConfig, find_task, known_tasks, load_task
+from eva_rl.files import atomic_save_model
+from eva_rl.loading import load_agent
 
-USAGE_ERRORS = (ConfigError, EnvError, AgentError, SpaceMismatchError, RunDirError)
 
-
-def _comma_list(value: str) -> list[str]:
-    return [item.strip() for item in value.split(",") if item.strip()]
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{number} is invalid: expected an integer >= 1")
+    return number
 
 
 def add_env_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which environment and task, and where the computation runs."""
     group = parser.add_argument_group("environment")
     group.add_argument(
         "--env",
@@ -47,35 +55,20 @@ def add_env_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PKG",
         help="import PKG first, for packages that register env ids (repeatable)",
     )
-    group.add_argument(
-        "--wrapper", action="append", default=None, metavar="MODULE:CLASS", help="observation wrapper (repeatable)"
-    )
-    group.add_argument("--n-envs", type=int, help="parallel envs for PPO")
+    for option in ENV_OPTIONS:
+        option.add_to(group)
     group.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    group.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for small nets)")
+    group.add_argument(
+        "--threads", type=_positive_int, default=1, help="torch CPU threads (1 is fastest for small nets)"
+    )
 
 
-def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
+    """The pretrained agent and the adapter settings."""
     group = parser.add_argument_group("agent and adapters")
     group.add_argument("--pretrained", type=Path, help="your own SB3 PPO zip (default: the task's bundled agent)")
-    group.add_argument("--rank", type=int, help="LoRA rank r per layer (EVA's budget is r x layers)")
-    group.add_argument("--alpha", type=float, help="LoRA alpha (scaling alpha/r)")
-    group.add_argument("--rho", type=float, help="EVA rank redistribution factor (>= 1)")
-    group.add_argument("--tau", type=float, help="EVA convergence threshold, cosine in [0, 1]")
-    group.add_argument("--eva-batch-size", type=int, help="env steps per EVA batch")
-
-
-def _adapter_overrides(task: TaskConfig, args: argparse.Namespace) -> TaskConfig:
-    lora = task.lora
-    if args.rank is not None or args.alpha is not None:
-        lora = dataclasses.replace(
-            lora, r=args.rank or lora.r, alpha=args.alpha if args.alpha is not None else lora.alpha
-        )
-    eva_changes = {"rho": args.rho, "tau": args.tau, "batch_size": args.eva_batch_size}
-    eva = dataclasses.replace(task.eva, **{k: v for k, v in eva_changes.items() if v is not None})
-    given = {"r": args.rank, "alpha": args.alpha, "rho": args.rho, "tau": args.tau}
-    task = task.without_method_settings(k for k, v in given.items() if v is not None)
-    return task.override(lora=lora, eva=eva)
+    for option in ADAPTER_OPTIONS:
+        option.add_to(group)
 
 
 def _agent_path(task: TaskConfig, args: argparse.Namespace) -> Path:
@@ -86,7 +79,8 @@ def _agent_path(task: TaskConfig, args: argparse.Namespace) -> Path:
 
 
 def resolve_task(args: argparse.Namespace) -> TaskConfig:
-    """The task named by ``--env`` (or ``--config``), or an ad-hoc task for a plain env id or entry point."""
+    """The task named by ``--env`` (or ``--config``), or an ad-hoc task for a plain env id or entry point, with the
+    environment options applied."""
     try:
         get_device(args.device)
     except ValueError as error:
@@ -97,30 +91,9 @@ def resolve_task(args: argparse.Namespace) -> TaskConfig:
         env_factory(args.env, args.wrapper or [], known_tasks=list(known_tasks()))  # unknown ids fail here
         name = args.env.replace(":", "-").replace("/", "-")
         task = TaskConfig(name=name, target_env=args.env, source_env=args.env)
-    changes: dict[str, Any] = {"n_envs": args.n_envs, "wrappers": args.wrapper}
     if args.gym_package:
-        changes["env_packages"] = [*task.env_packages, *args.gym_package]
-    return task.override(**changes)
-
-
-def _finetune_overrides(task: TaskConfig, args: argparse.Namespace) -> TaskConfig:
-    task = _adapter_overrides(task, args)
-    ppo = dict(task.ppo)
-    if args.lr is not None:
-        ppo["learning_rate"] = args.lr
-        task = task.without_method_settings(["learning_rate"])
-    eval_changes = {"freq": args.eval_freq, "episodes": args.eval_episodes}
-    eval_settings = dataclasses.replace(task.eval, **{k: v for k, v in eval_changes.items() if v is not None})
-    if args.eva_data is not None:
-        task = task.override(eva=dataclasses.replace(task.eva, data_source=args.eva_data))
-    return task.override(
-        total_timesteps=args.total_timesteps,
-        checkpoint_freq=args.checkpoint_freq,
-        ppo=ppo,
-        eval=eval_settings,
-        methods=args.methods,
-        seeds=args.seeds,
-    )
+        task = task.override(env_packages=[*task.env_packages, *args.gym_package])
+    return apply_options(task, args, ENV_OPTIONS)
 
 
 def finetune_parser() -> argparse.ArgumentParser:
@@ -129,34 +102,27 @@ def finetune_parser() -> argparse.ArgumentParser:
         description="Fine-tune a pretrained PPO agent with EVA-initialized LoRA (and the baselines) on a target env.",
     )
     add_env_arguments(parser)
-    add_adapter_arguments(parser)
-    parser.add_argument("--methods", type=_comma_list, help=f"comma list out of {','.join(METHODS)} (default eva,full)")
-    parser.add_argument("--seeds", type=int, nargs="+", help="one or more seeds")
-    parser.add_argument("--seed", type=int, dest="seeds", action="append", help="a seed (same as --seeds N)")
-    parser.add_argument("--total-timesteps", type=int, help="fine-tuning budget per run")
-    parser.add_argument(
-        "--lr", type=float, help="learning rate for every method (default: the task's per-method learning rates)"
-    )
-    parser.add_argument(
-        "--eva-data",
-        choices=("rollouts", "ppo"),
-        help="EVA's data: its own rollouts before PPO (default), or PPO's first rollouts (no extra env steps)",
-    )
-    parser.add_argument("--eval-freq", type=int, help="env steps between evaluations")
-    parser.add_argument("--eval-episodes", type=int, help="episodes per evaluation")
-    parser.add_argument("--checkpoint-freq", type=int, help="env steps between checkpoints")
+    add_agent_arguments(parser)
+    add_options(parser, FINETUNE_OPTIONS, "fine-tuning")
     parser.add_argument("--log-dir", type=Path, default=Path("runs"), help="TensorBoard and results root (runs)")
     parser.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
+def finetune_task(args: argparse.Namespace) -> TaskConfig:
+    """The task of a ``finetune`` command line: the task file with every given option applied."""
+    return apply_options(resolve_task(args), args, (*ADAPTER_OPTIONS, *FINETUNE_OPTIONS))
+
+
 def finetune_main(argv: Sequence[str] | None = None) -> int:
+    from eva_rl.experiments.finetune import finetune, summary_table
+
     args = finetune_parser().parse_args(argv)
 
     def body() -> int:
         torch.set_num_threads(args.threads)
-        task = _finetune_overrides(resolve_task(args), args)
+        task = finetune_task(args)
         agent_path = _agent_path(task, args)
         progress = not args.no_progress
         print(f"[eva-rl] task {task.name}: {task.target_env}, agent {agent_path}")
@@ -176,15 +142,13 @@ def _one_line_warning(message: Warning | str, category: type[Warning], *_: objec
 
 
 def _guarded(body: Callable[[], int]) -> int:
+    """Run a command's body: every eva-rl error becomes one ``error:`` line and exit code 2."""
     warnings.formatwarning = _one_line_warning
     try:
         return body()
-    except USAGE_ERRORS as error:
+    except EvaRLError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except EvaConvergenceError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command with --resume to continue", file=sys.stderr)
         return 130
@@ -195,28 +159,27 @@ def pretrain_parser() -> argparse.ArgumentParser:
         prog="pretrain.py", description="Train the source PPO agent of a task, reproducibly, with a model card."
     )
     add_env_arguments(parser)
-    parser.add_argument("--total-timesteps", type=int, help="training budget (default: the task's)")
-    parser.add_argument("--seed", type=int, help="seed (default: the task's)")
-    parser.add_argument("--eval-episodes", type=int, default=100, help="episodes of the final evaluation (>= 100)")
+    add_options(parser, PRETRAIN_OPTIONS, "pretraining")
+    parser.add_argument(
+        "--eval-episodes", type=_positive_int, default=100, help="episodes of the final evaluation (>= 100)"
+    )
     parser.add_argument("--out", type=Path, help="output folder (default: agents/<source env id>/)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def pretrain_main(argv: Sequence[str] | None = None) -> int:
-    from eva_rl.pretrain import pretrain
+    from eva_rl.experiments.pretrain import pretrain
 
     args = pretrain_parser().parse_args(argv)
 
     def body() -> int:
         torch.set_num_threads(args.threads)
-        task = resolve_task(args)
+        task = apply_options(resolve_task(args), args, PRETRAIN_OPTIONS)
         command = " ".join(["python", "scripts/pretrain.py", *(argv if argv is not None else sys.argv[1:])])
         card = pretrain(
             task,
             out=args.out,
-            total_timesteps=args.total_timesteps,
-            seed=args.seed,
             eval_episodes=args.eval_episodes,
             device=args.device,
             command=command,
@@ -238,9 +201,11 @@ def compare_parser() -> argparse.ArgumentParser:
         prog="compare.py", description="Run a suite of transfer tasks: methods x seeds, then IQM, CIs and plots."
     )
     parser.add_argument("--suite", required=True, help="a suite name in configs/suites/ or a YAML path")
-    parser.add_argument("--methods", type=_comma_list, help=f"comma list out of {','.join(METHODS)}")
-    parser.add_argument("--seeds", type=int, help="run seeds 0..N-1 (default: the suite's)")
-    parser.add_argument("--workers", type=int, default=1, help="parallel runs (processes), one CPU thread each")
+    parser.add_argument("--methods", type=comma_list, help=f"comma list out of {','.join(METHODS)}")
+    parser.add_argument("--seeds", type=_positive_int, help="run seeds 0..N-1 (default: the suite's)")
+    parser.add_argument(
+        "--workers", type=_positive_int, default=1, help="parallel runs (processes), one CPU thread each"
+    )
     parser.add_argument("--log-dir", type=Path, default=Path("runs"), help="results root (runs)")
     parser.add_argument(
         "--tune", action="store_true", help="run the suite's tuning sweep on its tuning seeds and print the choices"
@@ -254,13 +219,15 @@ def compare_parser() -> argparse.ArgumentParser:
 
 
 def compare_main(argv: Sequence[str] | None = None) -> int:
-    from eva_rl.compare import compare, tune
-    from eva_rl.suites import load_suite
+    from eva_rl.experiments.compare import compare, tune
+    from eva_rl.experiments.suites import load_suite
 
     args = compare_parser().parse_args(argv)
 
     def body() -> int:
         suite = load_suite(args.suite)
+        if args.methods is not None:
+            suite.check_methods(args.methods)
         if args.tune:
             chosen = tune(suite, args.log_dir, args.methods, args.workers)
             print(f"\nTuning: {args.log_dir / (suite.name + '-tuning')}/tuning.json. For the suite file:")
@@ -288,20 +255,20 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
 def inspect_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eva-rl inspect", description="Run EVA only and show its allocation.")
     add_env_arguments(parser)
-    add_adapter_arguments(parser)
+    add_agent_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path("eva_allocation.png"), help="PNG of the allocation")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def inspect_main(argv: Sequence[str] | None = None) -> int:
-    from eva_rl.inspection import allocation_table, inspect_eva, save_allocation_png
+    from eva_rl.experiments.inspection import allocation_table, inspect_eva, save_allocation_png
 
     args = inspect_parser().parse_args(argv)
 
     def body() -> int:
         torch.set_num_threads(args.threads)
-        task = _adapter_overrides(resolve_task(args), args)
+        task = apply_options(resolve_task(args), args, ADAPTER_OPTIONS)
         agent_path = _agent_path(task, args)
         device = "cpu" if args.device == "auto" else args.device
         result = inspect_eva(task, agent_path, device, progress=not args.no_progress)
@@ -333,23 +300,27 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
     return _guarded(body)
 
 
+def bench_main(argv: Sequence[str] | None = None) -> int:
+    from eva_rl.experiments.bench import bench_main as main
+
+    return main(argv)
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "pretrain": pretrain_main,
     "finetune": finetune_main,
     "compare": compare_main,
     "inspect": inspect_main,
     "merge": merge_main,
+    "bench": bench_main,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``eva-rl <command> ...``: one entry point for every tool."""
-    from eva_rl.bench import bench_main
-
-    commands = {**COMMANDS, "bench": bench_main}
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in commands:
-        names = ", ".join(commands)
+    if not argv or argv[0] not in COMMANDS:
+        names = ", ".join(COMMANDS)
         print(f"usage: eva-rl {{{names}}} ... (eva-rl <command> --help for its options)", file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    return commands[argv[0]](argv[1:])
+    return COMMANDS[argv[0]](argv[1:])

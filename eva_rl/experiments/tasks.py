@@ -12,19 +12,15 @@ from typing import Any
 
 import yaml
 
-from eva_rl.adapt import METHODS as ADAPTER_METHODS
 from eva_rl.config import EvaConfig, LoraConfig
+from eva_rl.errors import ConfigError
+from eva_rl.methods import method_names
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 """The project root: ``configs/`` and ``agents/`` live here."""
 CONFIG_DIR = ROOT / "configs"
-BASELINES = ("full", "scratch")
-"""Methods without adapters: every weight of the pretrained policy trains, or of a fresh one."""
-METHODS = (*ADAPTER_METHODS, *BASELINES)
-
-
-class ConfigError(ValueError):
-    """A task file or override with a bad value."""
+METHODS = method_names()
+"""Every registered method (:mod:`eva_rl.methods`)."""
 
 
 @dataclass

@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
+from contextlib import closing
 from pathlib import Path
 
-from eva_rl.adapt import _run_eva, wrap_target_env
-from eva_rl.environments import env_factory, import_packages, make_vec
+from eva_rl.adapt import adapter_plan, eva_from_rollouts
 from eva_rl.eva import EvaResult
-from eva_rl.finetune import load_agent
-from eva_rl.policies import HEADS
-from eva_rl.tasks import TaskConfig
-from eva_rl.training import rank_bar_chart
+from eva_rl.eva_logging import rank_bar_chart
+from eva_rl.experiments.environments import env_factory, import_packages, make_vec
+from eva_rl.experiments.tasks import TaskConfig
+from eva_rl.loading import load_agent
+from eva_rl.methods import get_method
+from eva_rl.models import wrap_target_env
 
 
 def inspect_eva(task: TaskConfig, agent_path: Path, device: str = "cpu", progress: bool = True) -> EvaResult:
-    """Run EVA for ``task``'s LoRA/EVA settings on rollouts of the agent in the target env."""
+    """Run EVA for ``task``'s LoRA/EVA settings on rollouts of the agent in the target env (as ``eva`` would)."""
     import_packages(task.env_packages)
     agent = load_agent(agent_path, device=device)
-    env = wrap_target_env(agent, make_vec(env_factory(task.target_env, task.wrappers, task.env_kwargs), task.n_envs, 0))
-    exclude = HEADS if task.lora.train_heads else ()
-    result = _run_eva(agent, env, task.lora, task.eva, exclude, progress)
-    env.close()
-    return result
+    method = get_method("eva")
+    lora = method.lora_config(task.lora)
+    plan = adapter_plan(agent, method, lora, task.eva)
+    factory = env_factory(task.target_env, task.wrappers, task.env_kwargs)
+    with closing(wrap_target_env(agent, make_vec(factory, task.n_envs, 0))) as env:
+        return eva_from_rollouts(agent, env, plan, task.eva, progress)
 
 
 def allocation_table(result: EvaResult) -> str:

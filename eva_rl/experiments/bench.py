@@ -19,13 +19,15 @@ import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import VecEnv
 
-from eva_rl.adapt import adapt, wrap_target_env
+from eva_rl.adapt import adapt
 from eva_rl.config import EvaConfig
-from eva_rl.environments import env_factory, import_packages, make_vec
+from eva_rl.errors import ConfigError
 from eva_rl.eva import layer_input_rows
-from eva_rl.finetune import load_agent
+from eva_rl.experiments.environments import env_factory, import_packages, make_vec
+from eva_rl.experiments.tasks import TaskConfig, find_task
+from eva_rl.loading import load_agent
+from eva_rl.models import wrap_target_env
 from eva_rl.rollouts import RolloutBatches, policy_forward
-from eva_rl.tasks import ConfigError, TaskConfig, find_task
 
 
 class _RecordingBatches:
@@ -158,10 +160,10 @@ def measure_eva_from_ppo(model: PPO, task: TaskConfig, eva: EvaConfig, device: s
         adapted.learn(rollout, reset_num_timesteps=False)
     report = adapted.policy.eva_report
     return {
-        "ppo_source_eva_batches": report["batches_used"],
-        "ppo_source_skipped_steps": report["skipped_steps"],
-        "ppo_source_eva_env_step_fraction": round(report["skipped_steps"] / task.total_timesteps, 5),
-        "ppo_source_ranks": report["ranks"],
+        "ppo_source_eva_batches": report.batches_used,
+        "ppo_source_skipped_steps": report.skipped_steps,
+        "ppo_source_eva_env_step_fraction": round(report.skipped_steps / task.total_timesteps, 5),
+        "ppo_source_ranks": report.ranks,
     }
 
 
@@ -178,14 +180,14 @@ def _replayed_min_cos(source: PPO, target: VecEnv, adapted: PPO, eva: EvaConfig)
         RolloutBatches(source.policy, wrap_target_env(source, target), eva.batch_size, seed=eva.seed)
     )
     iterator = iter(recorder)
-    for _ in range(report["batches_used"]):
+    for _ in range(report.batches_used):
         next(iterator)
     directions = {
         name: layer.lora_A.detach().reshape(layer.r, -1) for name, layer in adapted.policy.lora_layers.items()
     }
     return (
-        ipca_min_cos(source, report["ranks"], recorder.seen, directions, report["batches_fed"]),
-        ipca_min_cos(source, report["ranks"], recorder.seen, directions),
+        ipca_min_cos(source, report.ranks, recorder.seen, directions, report.batches_fed),
+        ipca_min_cos(source, report.ranks, recorder.seen, directions),
     )
 
 
@@ -224,27 +226,27 @@ def measure_eva_cost(
         "rho": eva.rho,
         "tau": eva.tau,
         "batch_size": eva.batch_size,
-        "eva_batches": report["batches_used"],
-        "eva_env_steps": report["env_steps"],
-        "eva_seconds": round(report["seconds"], 3),
+        "eva_batches": report.batches_used,
+        "eva_env_steps": report.env_steps,
+        "eva_seconds": round(report.seconds, 3),
         "adapt_seconds": round(adapt_seconds, 3),
-        "ranks": report["ranks"],
-        "captured_variance": {k: round(v, 3) for k, v in report["captured_variance"].items()},
+        "ranks": report.ranks,
+        "captured_variance": {k: round(v, 3) for k, v in report.captured_variance.items()},
         "ipca_min_cos": round(min_cos, 5),
         "stream_min_cos": round(stream_min_cos, 5),
         f"ipca_min_cos_extra{EXTRA_COMPONENTS}": round(accurate_min_cos, 5),
         f"stream_min_cos_extra{EXTRA_COMPONENTS}": round(accurate_stream_min_cos, 5),
-        f"eva_seconds_extra{EXTRA_COMPONENTS}": round(accurate_report["seconds"], 3),
-        f"eva_batches_extra{EXTRA_COMPONENTS}": accurate_report["batches_used"],
+        f"eva_seconds_extra{EXTRA_COMPONENTS}": round(accurate_report.seconds, 3),
+        f"eva_batches_extra{EXTRA_COMPONENTS}": accurate_report.batches_used,
         "finetune_timesteps": task.total_timesteps,
-        "eva_env_step_fraction": round(report["env_steps"] / task.total_timesteps, 5),
+        "eva_env_step_fraction": round(report.env_steps / task.total_timesteps, 5),
     }
     figures.update(measure_eva_from_ppo(source, task, eva, device))
     if throughput_steps:
         figures.update(measure_lora_throughput(source, task, steps=throughput_steps, seed=seed))
         # The fine-tuning wall time at the measured adapted-policy throughput (evaluations excluded).
         finetune_seconds = task.total_timesteps / figures["lora_steps_per_s"]
-        figures["eva_init_fraction"] = round(report["seconds"] / finetune_seconds, 5)
+        figures["eva_init_fraction"] = round(report.seconds / finetune_seconds, 5)
         figures["lora_ppo_profile_seconds"] = profile_lora_ppo(source, task, steps=2 * throughput_steps, seed=seed)
     figures.update(
         device=device,

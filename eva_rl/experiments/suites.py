@@ -10,11 +10,11 @@ from pathlib import Path
 
 import yaml
 
-from eva_rl.tasks import (
+from eva_rl.errors import ConfigError
+from eva_rl.experiments.tasks import (
     CONFIG_DIR,
     METHOD_SETTINGS,
     METHODS,
-    ConfigError,
     TaskConfig,
     build_config,
     check_method_settings,
@@ -97,6 +97,10 @@ class Suite:
     @property
     def seed_list(self) -> list[int]:
         return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+    def check_methods(self, methods: Sequence[str]) -> None:
+        """:raises ConfigError: if ``methods`` (a command line's choice) is empty or names an unknown method."""
+        _check_subset("--methods", list(methods), METHODS, f"{METHODS}")
 
     def task_methods(self, suite_task: SuiteTask, methods: list[str] | None = None) -> list[str]:
         """The methods run on ``suite_task``: ``methods`` (default: the suite's), less those the task leaves out."""

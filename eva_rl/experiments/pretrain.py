@@ -13,9 +13,10 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from tqdm.auto import tqdm
 
-from eva_rl.environments import env_factory, import_packages, load_object, make_vec
-from eva_rl.tasks import ROOT, TaskConfig
-from eva_rl.training import atomic_save_model, atomic_write_json, atomic_write_text, evaluate
+from eva_rl.experiments.environments import env_factory, import_packages, load_object, make_vec
+from eva_rl.experiments.tasks import ROOT, TaskConfig
+from eva_rl.experiments.training import evaluate
+from eva_rl.files import atomic_save_model, atomic_write_json, atomic_write_text
 
 _PACKAGES = ("eva-rl", "torch", "stable-baselines3", "gymnasium", "minigrid", "numpy")
 
@@ -71,8 +72,6 @@ class ProgressCallback(BaseCallback):
 def pretrain(
     task: TaskConfig,
     out: Path | None = None,
-    total_timesteps: int | None = None,
-    seed: int | None = None,
     eval_episodes: int = 100,
     device: str = "auto",
     command: str = "",
@@ -84,8 +83,7 @@ def pretrain(
     """
     import_packages(task.env_packages)
     source_env = task.source_env or task.target_env
-    steps = total_timesteps or task.pretrain_timesteps
-    seed = task.pretrain_seed if seed is None else seed
+    steps, seed = task.pretrain_timesteps, task.pretrain_seed
     out = out or ROOT / "agents" / source_env.replace(":", "-")
     factory = env_factory(source_env, task.wrappers, task.env_kwargs)
     start = time.perf_counter()

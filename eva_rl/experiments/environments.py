@@ -23,9 +23,7 @@ import gymnasium as gym
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
-
-class EnvError(ValueError):
-    """An environment, package or wrapper that cannot be found or built."""
+from eva_rl.errors import EnvError
 
 
 def _importable_cwd() -> None:

@@ -1,50 +1,19 @@
-"""Callbacks and file helpers for fine-tuning runs: fixed-seed evaluation, progress, atomic checkpoints."""
+"""Fixed-seed evaluation and the callback of a fine-tuning run: evaluations, progress, atomic checkpoints."""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
-from stable_baselines3.common.logger import Image, Logger
 from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file and a rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-def atomic_save_model(model: BaseAlgorithm, path: Path) -> None:
-    """``model.save`` to a temp zip in the same folder, then rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.zip")
-    model.save(tmp)
-    os.replace(tmp, path)
+from eva_rl.files import atomic_save_model, atomic_write_json
 
 
 def count_parameters(model: BaseAlgorithm) -> tuple[int, int]:
@@ -179,36 +148,3 @@ class RunCallback(BaseCallback):
         if self._bar is not None:
             self._bar.update(self.total_timesteps - self._bar.n)
             self._bar.close()
-
-
-def record_eva_report(logger: Logger, report: dict[str, Any]) -> None:
-    """Record EVA's ranks, captured variance, cost and a rank bar chart under ``eva/`` (not dumped here)."""
-    for layer, rank in report["ranks"].items():
-        logger.record(f"eva/rank/{layer}", rank)
-        logger.record(f"eva/captured_variance/{layer}", report["captured_variance"][layer])
-    logger.record("eva/batches", report["batches_used"])
-    logger.record("eva/env_steps", report["env_steps"])
-    logger.record("eva/skipped_steps", report.get("skipped_steps", 0))
-    logger.record("eva/seconds", report["seconds"])
-    logger.record("eva/ranks", Image(rank_bar_chart(report["ranks"]), "HWC"), exclude=("stdout", "log", "json", "csv"))
-
-
-def rank_bar_chart(ranks: dict[str, int]) -> np.ndarray:
-    """A bar chart of EVA's rank per layer as an ``(H, W, 3)`` uint8 image for TensorBoard."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(ranks)
-    figure, axis = plt.subplots(figsize=(6, 0.35 * len(names) + 1.2), dpi=100)
-    axis.barh(range(len(names)), [ranks[n] for n in names], color="#4c72b0")
-    axis.set_yticks(range(len(names)), names, fontsize=7)
-    axis.invert_yaxis()
-    axis.set_xlabel("rank")
-    axis.set_title("EVA rank per layer")
-    figure.tight_layout()
-    figure.canvas.draw()
-    image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(figure)
-    return image

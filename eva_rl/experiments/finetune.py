@@ -1,0 +1,76 @@
+"""The main job: fine-tune a pretrained agent on a target env with each method, and log them as comparable runs.
+
+Every method (:mod:`eva_rl.methods`) runs with the same PPO hyperparameters, seeds and a fresh optimizer; each run
+is a :class:`~eva_rl.experiments.runs.RunSpec` written to its own folder (see :mod:`eva_rl.experiments.runs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import closing
+from pathlib import Path
+
+from eva_rl.experiments.environments import env_factory, import_packages, make_vec
+from eva_rl.experiments.runs import RunResult, RunSpec, run
+from eva_rl.experiments.tasks import TaskConfig
+from eva_rl.experiments.training import evaluate
+from eva_rl.loading import load_agent
+from eva_rl.models import wrap_target_env
+
+
+def pretrained_return(task: TaskConfig, agent_path: Path, device: str = "auto") -> float:
+    """The pretrained agent's return on the target env, with the same eval seeds as the runs (the jumpstart)."""
+    agent = load_agent(agent_path, device=device)
+    factory = env_factory(task.target_env, task.wrappers, task.env_kwargs)
+    with closing(make_vec(factory, task.eval.env_count, seed=task.eval.seed)) as env:
+        mean, _ = evaluate(agent, env, task.eval.episodes, task.eval.seed, task.eval.deterministic)
+    return mean
+
+
+def check_agent_fits(task: TaskConfig, agent_path: Path) -> None:
+    """Stop before any run when the agent's spaces differ from the target env's (the error shows both)."""
+    agent = load_agent(agent_path, device="cpu")
+    with closing(env_factory(task.target_env, task.wrappers, task.env_kwargs)()) as env:
+        wrap_target_env(agent, env)
+
+
+def summary_table(results: Sequence[RunResult]) -> str:
+    """A plain-text table: one row per run."""
+    columns = [
+        ("method", "<8", "method", "s"),
+        ("seed", ">4", "seed", "d"),
+        ("jumpstart", ">9", "jumpstart", ".3f"),
+        ("final", ">7", "final_return", ".3f"),
+        ("best", ">7", "best_return", ".3f"),
+        ("trainable", ">10", "trainable_params", ","),
+        ("total", ">9", "total_params", ","),
+        ("wall s", ">8", "wall_seconds", ".1f"),
+    ]
+    header = " ".join(f"{title:{align}}" for title, align, _, _ in columns)
+    rows = [" ".join(f"{getattr(r, key):{align}{fmt}}" for _, align, key, fmt in columns) for r in results]
+    return "\n".join([header, "-" * len(header), *rows])
+
+
+def finetune(
+    task: TaskConfig,
+    agent_path: Path,
+    log_dir: Path,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    device: str = "auto",
+    resume: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> list[RunResult]:
+    """Every method x seed, one after the other; completed runs are skipped, so a rerun resumes a sweep."""
+    import_packages(task.env_packages)
+    check_agent_fits(task, agent_path)
+    jumpstart = pretrained_return(task, agent_path, device)
+    echo(f"[eva-rl] pretrained agent's return on {task.target_env} (eval seed {task.eval.seed}): {jumpstart:.3f}")
+    results = []
+    for seed in seeds:
+        for method in methods:
+            spec = RunSpec(task.for_method(method), method, seed, log_dir, agent_path, device)
+            echo(f"[eva-rl] {task.name}: {method} seed {seed} -> {spec.run_dir}")
+            results.append(run(spec, progress=progress, resume=resume))
+    return results

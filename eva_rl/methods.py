@@ -1,0 +1,139 @@
+"""The registry of fine-tuning methods: one entry per method says what it trains and how it starts.
+
+Every module asks this registry (:func:`get_method`) what a method does; none compares method names. Adding a method
+is one :func:`register_method` call with a :class:`Method`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from eva_rl.config import LoraConfig
+from eva_rl.errors import ConfigError
+from eva_rl.inits import olora_init, pissa_init
+from eva_rl.layers import LoraLayer
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way to fine-tune a pretrained policy.
+
+    :param name: The name users pass (``--methods``, ``adapt(method=...)``).
+    :param summary: One line for help texts and tables.
+    :param trains: ``"adapters"`` (LoRA factors, DoRA magnitudes, ``log_std`` and whatever the LoRA config
+        unfreezes), ``"heads"`` (the action and value heads, no adapters) or ``"all"`` (every weight).
+    :param pretrained: Starts from the pretrained weights (every method but training from scratch); such a method
+        acts exactly as the pretrained agent at step 0.
+    :param runs_eva: Runs EVA on target-env data before fine-tuning (for its directions, its ranks, or both).
+    :param eva_directions: Sets A to EVA's principal directions (with ``runs_eva``); otherwise EVA only allocates
+        the ranks and ``init`` (or Kaiming-uniform) sets A.
+    :param init: Initializes an adapter from its layer's weight (PiSSA, OLoRA); ``None``: Kaiming-uniform A, B = 0.
+    :param rewrites_base: ``init`` rewrites the frozen base weight as a residual ``W - s B A``: the rank is capped at
+        ``min(out, fan_in)``, and adapter checkpoints keep the rewritten base weights.
+    :param use_dora: DoRA's trainable magnitude per output unit on every adapter.
+    """
+
+    name: str
+    summary: str
+    trains: Literal["adapters", "heads", "all"] = "adapters"
+    pretrained: bool = True
+    runs_eva: bool = False
+    eva_directions: bool = False
+    init: Callable[[LoraLayer], None] | None = None
+    rewrites_base: bool = False
+    use_dora: bool = False
+
+    @property
+    def adapters(self) -> bool:
+        """Builds an eva-rl LoRA policy (with adapters, or with heads trained and none); ``False`` for a plain
+        SB3 policy whose every weight trains."""
+        return self.trains != "all"
+
+    @property
+    def uses_rank(self) -> bool:
+        """The LoRA rank (``r``) means something for this method."""
+        return self.trains == "adapters"
+
+    def lora_config(self, lora: LoraConfig) -> LoraConfig:
+        """``lora`` as this method uses it (DoRA switched on; no adapters and trainable heads for head-only)."""
+        if self.trains == "heads":
+            return dataclasses.replace(lora, train_heads=True, rank_pattern={".*": 0})
+        if self.use_dora:
+            return dataclasses.replace(lora, use_dora=True)
+        return lora
+
+
+METHODS: dict[str, Method] = {}
+"""Every registered method by name, in registration order (the order of tables and help texts)."""
+
+
+def register_method(method: Method) -> Method:
+    """Add ``method`` to :data:`METHODS`.
+
+    :raises ConfigError: if the name is taken.
+    """
+    if method.name in METHODS:
+        raise ConfigError(f"a method named {method.name!r} is already registered")
+    if method.eva_directions and not method.runs_eva:
+        raise ConfigError(f"method {method.name!r}: eva_directions needs runs_eva")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The registered method called ``name``.
+
+    :raises ConfigError: naming the method and listing the registered ones.
+    """
+    if isinstance(name, Method):
+        return name
+    if name not in METHODS:
+        raise ConfigError(f"method={name!r} is invalid: expected one of {method_names()}")
+    return METHODS[name]
+
+
+def method_names(adapters: bool | None = None) -> tuple[str, ...]:
+    """Registered method names; ``adapters=True`` / ``False`` keeps those with / without an eva-rl LoRA policy."""
+    return tuple(name for name, m in METHODS.items() if adapters is None or m.adapters == adapters)
+
+
+for _method in (
+    Method(
+        "eva",
+        "LoRA, A = top principal directions of each layer's inputs on target rollouts, ranks by explained variance",
+        runs_eva=True,
+        eva_directions=True,
+    ),
+    Method("lora", "LoRA, Kaiming-uniform A, B = 0"),
+    Method(
+        "pissa",
+        "LoRA, A and B from the top-r SVD of W; the residual is the frozen base",
+        init=pissa_init,
+        rewrites_base=True,
+    ),
+    Method(
+        "olora",
+        "LoRA, A and B from the QR decomposition of W; the residual is frozen",
+        init=olora_init,
+        rewrites_base=True,
+    ),
+    Method("dora", "lora with DoRA's weight decomposition (a trainable magnitude per output unit)", use_dora=True),
+    Method("eva+dora", "eva with DoRA's weight decomposition", runs_eva=True, eva_directions=True, use_dora=True),
+    Method(
+        "lora-redist",
+        "EVA's rank allocation with Kaiming-uniform A (EVA's ranks without its directions)",
+        runs_eva=True,
+    ),
+    Method("head", "the action and value heads train, the rest is frozen", trains="heads"),
+    Method("full", "every weight of the pretrained policy trains", trains="all"),
+    Method(
+        "scratch",
+        "every weight of a freshly initialized policy of the same architecture",
+        trains="all",
+        pretrained=False,
+    ),
+):
+    register_method(_method)
