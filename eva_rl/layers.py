@@ -14,6 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def weight_fan_in(weight: torch.Tensor) -> int:
+    """Input features one output unit of a Linear/Conv2d weight sees: ``in_features``, or ``C*kh*kw``."""
+    return int(weight[0].numel())
+
+
 class LoraLayer(nn.Module):
     """Common part of the LoRA wrappers: rank, scaling, dropout, merge state.
 
@@ -49,7 +54,7 @@ class LoraLayer(nn.Module):
     @property
     def fan_in(self) -> int:
         """Number of input features one output of the base layer sees (``in_features`` or ``C*kh*kw``)."""
-        return int(self.base_layer.weight[0].numel())
+        return weight_fan_in(self.base_layer.weight)
 
     def reset_lora_parameters(self) -> None:
         """Standard LoRA init: Kaiming-uniform A (as ``nn.Linear``), B = 0, so the layer starts as its base."""

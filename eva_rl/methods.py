@@ -83,7 +83,7 @@ def register_method(method: Method) -> Method:
     return method
 
 
-def get_method(name: str) -> Method:
+def get_method(name: str | Method) -> Method:
     """The registered method called ``name``.
 
     :raises ConfigError: naming the method and listing the registered ones.

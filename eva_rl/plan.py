@@ -19,7 +19,7 @@ from torch import nn
 
 from eva_rl.config import EvaConfig, LoraConfig
 from eva_rl.errors import ConfigError
-from eva_rl.layers import LORA_LAYER_TYPES, LoraLayer
+from eva_rl.layers import LORA_LAYER_TYPES, LoraLayer, weight_fan_in
 
 T = TypeVar("T")
 
@@ -104,7 +104,7 @@ def base_weight(layer: nn.Module) -> nn.Parameter:
 
 def layer_fan_in(layer: nn.Module) -> int:
     """Input features per output of a Linear/Conv2d layer (``in_features`` or ``C*kh*kw``)."""
-    return int(base_weight(layer)[0].numel())
+    return weight_fan_in(base_weight(layer))
 
 
 @dataclass(frozen=True)

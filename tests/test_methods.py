@@ -123,3 +123,35 @@ def test_dora_magnitude_trains_saves_and_merges(tmp_path: Path) -> None:
     merged = eva_rl.merge(model)
     for got, want in zip(outputs(merged.policy, obs), outputs(model.policy, obs)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def pissa_dora():
+    """A method that exists only in this test, registered with one entry and removed afterwards."""
+    method = eva_rl.register_method(
+        eva_rl.Method(
+            "pissa+dora", "PiSSA with DoRA", init=eva_rl.methods.pissa_init, rewrites_base=True, use_dora=True
+        )
+    )
+    yield method
+    del eva_rl.METHODS[method.name]
+
+
+@pytest.mark.filterwarnings("ignore:pissa")
+def test_a_new_method_is_one_registry_entry(pissa_dora, tmp_path: Path) -> None:
+    from eva_rl.experiments.tasks import find_task
+
+    base, model = adapt("cnn-discrete", "pissa+dora")
+    obs = sample_obs(base)
+    for got, want in zip(outputs(model.policy, obs), outputs(base.policy, obs)):
+        assert (got - want).abs().max() < 1e-5
+    assert all(layer.use_dora and layer.lora_B.abs().sum() > 0 for layer in model.policy.lora_layers.values())
+    folder = eva_rl.save_adapter(model, tmp_path / "adapter")  # the method comes from the model's plan
+    saved = eva_rl.checkpoints.adapter_state(model)
+    assert any(key.endswith("base_layer.weight") for key in saved), "rewritten base weights are kept"
+    restored = eva_rl.load_adapter(base, folder, env=VARIANTS["cnn-discrete"][0]())
+    for got, want in zip(outputs(restored.policy, obs), outputs(model.policy, obs)):
+        assert (got - want).abs().max() < 1e-6
+    assert find_task("PointGoal").override(methods=["pissa+dora", "full"]).methods == ["pissa+dora", "full"]
+    with pytest.raises(eva_rl.ConfigError, match="already registered"):
+        eva_rl.register_method(pissa_dora)

@@ -27,9 +27,10 @@ from eva_rl.experiments.options import (
     apply_options,
     comma_list,
 )
-from eva_rl.experiments.tasks import METHODS, TaskConfig, find_task, known_tasks, load_task
+from eva_rl.experiments.tasks import TaskConfig, find_task, known_tasks, load_task
 from eva_rl.files import atomic_save_model
 from eva_rl.loading import load_agent
+from eva_rl.methods import method_names
 
 
 def _positive_int(value: str) -> int:
@@ -201,7 +202,7 @@ def compare_parser() -> argparse.ArgumentParser:
         prog="compare.py", description="Run a suite of transfer tasks: methods x seeds, then IQM, CIs and plots."
     )
     parser.add_argument("--suite", required=True, help="a suite name in configs/suites/ or a YAML path")
-    parser.add_argument("--methods", type=comma_list, help=f"comma list out of {','.join(METHODS)}")
+    parser.add_argument("--methods", type=comma_list, help=f"comma list out of {','.join(method_names())}")
     parser.add_argument("--seeds", type=_positive_int, help="run seeds 0..N-1 (default: the suite's)")
     parser.add_argument(
         "--workers", type=_positive_int, default=1, help="parallel runs (processes), one CPU thread each"

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from eva_rl.errors import ConfigError
-from eva_rl.experiments.tasks import METHODS, TaskConfig
+from eva_rl.experiments.tasks import TaskConfig
+from eva_rl.methods import method_names
 
 
 def comma_list(value: str) -> list[str]:
@@ -111,7 +112,7 @@ ADAPTER_OPTIONS = (
 """The adapters and EVA (``finetune`` and ``inspect``)."""
 
 FINETUNE_OPTIONS = (
-    Option(("--methods",), "methods", comma_list, f"comma list out of {','.join(METHODS)} (default eva,full)"),
+    Option(("--methods",), "methods", comma_list, f"comma list out of {','.join(method_names())} (default eva,full)"),
     Option(("--seeds", "--seed"), "seeds", int, "one or more seeds", nargs="+", action="extend"),
     Option(("--total-timesteps",), "total_timesteps", int, "fine-tuning budget per run"),
     Option(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -87,26 +88,27 @@ def pretrain(
     out = out or ROOT / "agents" / source_env.replace(":", "-")
     factory = env_factory(source_env, task.wrappers, task.env_kwargs)
     start = time.perf_counter()
-    model = PPO(
-        task.policy,
-        make_vec(factory, task.n_envs, seed),
-        policy_kwargs=resolve_policy_kwargs(task.policy_kwargs),
-        seed=seed,
-        device=device,
-        verbose=0,
-        **task.ppo,
-    )
-    callbacks = [ProgressCallback(steps, f"pretrain {source_env}")] if progress else []
-    model.learn(steps, callback=callbacks)
+    with closing(make_vec(factory, task.n_envs, seed)) as train_env:
+        model = PPO(
+            task.policy,
+            train_env,
+            policy_kwargs=resolve_policy_kwargs(task.policy_kwargs),
+            seed=seed,
+            device=device,
+            verbose=0,
+            **task.ppo,
+        )
+        callbacks = [ProgressCallback(steps, f"pretrain {source_env}")] if progress else []
+        model.learn(steps, callback=callbacks)
     train_seconds = time.perf_counter() - start
 
-    eval_env = make_vec(factory, task.eval.env_count, task.eval.seed)
-    eval_return, eval_std = evaluate(model, eval_env, eval_episodes, task.eval.seed, task.eval.deterministic)
-    target_return = None
-    if task.target_env != source_env:
-        target_factory = env_factory(task.target_env, task.wrappers, task.env_kwargs)
-        target_env = make_vec(target_factory, task.eval.env_count, task.eval.seed)
-        target_return, _ = evaluate(model, target_env, eval_episodes, task.eval.seed, task.eval.deterministic)
+    def evaluate_on(env_id: str) -> tuple[float, float]:
+        make_env = env_factory(env_id, task.wrappers, task.env_kwargs)
+        with closing(make_vec(make_env, task.eval.env_count, task.eval.seed)) as env:
+            return evaluate(model, env, eval_episodes, task.eval.seed, task.eval.deterministic)
+
+    eval_return, eval_std = evaluate_on(source_env)
+    target_return = evaluate_on(task.target_env)[0] if task.target_env != source_env else None
 
     atomic_save_model(model, out / "model.zip")
     card = {

@@ -14,11 +14,11 @@ from eva_rl.errors import ConfigError
 from eva_rl.experiments.tasks import (
     CONFIG_DIR,
     METHOD_SETTINGS,
-    METHODS,
     TaskConfig,
     build_config,
     check_method_settings,
 )
+from eva_rl.methods import method_names
 
 SUITE_DIR = CONFIG_DIR / "suites"
 
@@ -48,7 +48,7 @@ class Suite:
 
     :param name: Suite name; results go to ``<log-dir>/<name>/``.
     :param tasks: The tasks.
-    :param methods: Methods out of ``eva, lora, full, scratch``.
+    :param methods: Methods out of the registered ones (:mod:`eva_rl.methods`).
     :param seeds: Number of seeds (0..n-1) or an explicit list.
     :param total_timesteps: Budget per run unless a task sets its own.
     :param method_settings: Per-method ``learning_rate``, ``r``, ``alpha``, ``rho``, ``tau`` (chosen by a tuning
@@ -61,7 +61,7 @@ class Suite:
 
     name: str
     tasks: list[SuiteTask]
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(method_names()))
     seeds: int | list[int] = 5
     total_timesteps: int | None = None
     method_settings: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -74,7 +74,7 @@ class Suite:
         self.tasks = [
             t if isinstance(t, SuiteTask) else build_config(SuiteTask, t, f"suite {self.name} task") for t in self.tasks
         ]
-        _check_subset("suite methods", self.methods, METHODS, f"{METHODS}")
+        _check_subset("suite methods", self.methods, method_names(), f"{method_names()}")
         for suite_task in self.tasks:
             if suite_task.methods is not None:
                 _check_subset(
@@ -100,7 +100,7 @@ class Suite:
 
     def check_methods(self, methods: Sequence[str]) -> None:
         """:raises ConfigError: if ``methods`` (a command line's choice) is empty or names an unknown method."""
-        _check_subset("--methods", list(methods), METHODS, f"{METHODS}")
+        _check_subset("--methods", list(methods), method_names(), f"{method_names()}")
 
     def task_methods(self, suite_task: SuiteTask, methods: list[str] | None = None) -> list[str]:
         """The methods run on ``suite_task``: ``methods`` (default: the suite's), less those the task leaves out."""

@@ -19,8 +19,6 @@ from eva_rl.methods import method_names
 ROOT = Path(__file__).resolve().parents[2]
 """The project root: ``configs/`` and ``agents/`` live here."""
 CONFIG_DIR = ROOT / "configs"
-METHODS = method_names()
-"""Every registered method (:mod:`eva_rl.methods`)."""
 
 
 @dataclass
@@ -71,7 +69,7 @@ class TaskConfig:
     :param pretrain_timesteps: Budget of ``scripts/pretrain.py``.
     :param pretrain_seed: Seed of ``scripts/pretrain.py``.
     :param total_timesteps: Fine-tuning budget per run.
-    :param methods: Methods run by default, out of ``eva, lora, full, scratch``.
+    :param methods: Methods run by default, out of the registered ones (:mod:`eva_rl.methods`).
     :param seeds: Seeds run by default.
     :param checkpoint_freq: Environment steps between checkpoints.
     :param eval: Evaluation settings.
@@ -111,9 +109,9 @@ class TaskConfig:
             self.lora = build_config(LoraConfig, self.lora, "lora")
         if isinstance(self.eva, dict):
             self.eva = build_config(EvaConfig, self.eva, "eva")
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad or not self.methods:
-            raise ConfigError(f"methods={self.methods!r} is invalid: expected a non-empty list out of {METHODS}")
+        known = method_names()
+        if not isinstance(self.methods, list) or not self.methods or set(self.methods) - set(known):
+            raise ConfigError(f"methods={self.methods!r} is invalid: expected a non-empty list out of {known}")
         for name in ("n_envs", "total_timesteps", "pretrain_timesteps", "checkpoint_freq"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -160,9 +158,9 @@ def check_method_settings(method_settings: dict[str, dict[str, float]], where: s
     """:raises ConfigError: naming the method or key that is not accepted."""
     for method, settings in method_settings.items():
         unknown = sorted(set(settings) - set(METHOD_SETTINGS))
-        if method not in METHODS or unknown:
+        if method not in method_names() or unknown:
             raise ConfigError(
-                f"{where}[{method!r}]={settings!r} is invalid: expected a method out of {METHODS} "
+                f"{where}[{method!r}]={settings!r} is invalid: expected a method out of {method_names()} "
                 f"with keys out of {METHOD_SETTINGS}"
             )
 

@@ -1,0 +1,66 @@
+"""One run's life cycle: envs are closed however it ends, and a completed run is read back as its record."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from eva_rl import ConfigError
+from eva_rl.experiments import runs
+from eva_rl.experiments.environments import import_packages
+from eva_rl.experiments.tasks import find_task
+
+pytestmark = pytest.mark.filterwarnings("ignore:EVA:UserWarning")
+
+
+@pytest.fixture
+def closed_envs(monkeypatch: pytest.MonkeyPatch) -> list[list[bool]]:
+    """Every VecEnv a run makes, as a one-element list that turns True when it is closed."""
+    made: list[list[bool]] = []
+    make_vec = runs.make_vec
+
+    def recording(*args, **kwargs):
+        env = make_vec(*args, **kwargs)
+        closed = [False]
+        close = env.close
+
+        def tracked_close() -> None:
+            closed[0] = True
+            close()
+
+        env.close = tracked_close
+        made.append(closed)
+        return env
+
+    monkeypatch.setattr(runs, "make_vec", recording)
+    return made
+
+
+def point_goal_spec(tmp_path: Path, method: str = "eva", **eva_changes) -> runs.RunSpec:
+    import_packages(["envs"])
+    task = find_task("PointGoal").for_method(method)
+    task = task.override(
+        total_timesteps=512, eval=dataclasses.replace(task.eval, freq=512, episodes=2), n_envs=2,
+        eva=dataclasses.replace(task.eva, **eva_changes), ppo={**task.ppo, "n_steps": 128},
+    )  # fmt: skip
+    return runs.RunSpec(task, method, 0, tmp_path, task.agent_path, "cpu")
+
+
+def test_envs_are_closed_when_a_run_fails(tmp_path: Path, closed_envs: list[list[bool]]) -> None:
+    with pytest.raises(ConfigError, match="EvaConfig.batch_size=1 is below"):
+        runs.run(point_goal_spec(tmp_path, batch_size=1), progress=False)
+    assert len(closed_envs) == 2 and all(closed[0] for closed in closed_envs)
+
+
+def test_envs_are_closed_after_a_run_and_a_rerun_reads_the_record(
+    tmp_path: Path, closed_envs: list[list[bool]]
+) -> None:
+    spec = point_goal_spec(tmp_path, "lora")
+    result = runs.run(spec, progress=False)
+    assert len(closed_envs) == 2 and all(closed[0] for closed in closed_envs)
+    assert result.method == "lora" and result.total_timesteps == 512 and result.eval_curve[0][0] == 0
+    assert (spec.run_dir / "adapter" / "adapter_config.json").is_file()
+    assert runs.run(spec, progress=False) == result  # complete: read back, nothing run again
+    assert len(closed_envs) == 2
