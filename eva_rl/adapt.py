@@ -4,17 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from stable_baselines3 import PPO
+from stable_baselines3 import DQN
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.vec_env import VecEnv
 
 from eva_rl.config import EvaConfig, LoraConfig
 from eva_rl.errors import ConfigError, SpaceMismatchError
 from eva_rl.eva import EvaResult, EvaSession
-from eva_rl.eva_ppo import EvaPPO
+from eva_rl.eva_ppo import EVA_ROLLOUT_ALGORITHMS
 from eva_rl.inject import inject_adapters, merged_state_dict, remove_adapters
+from eva_rl.loading import ALGORITHMS, ON_POLICY
 from eva_rl.methods import Method, get_method
-from eva_rl.models import build_model, load_base_weights, wrap_target_env
+from eva_rl.models import build_model, load_base_weights, policy_kwargs_for, wrap_target_env
+from eva_rl.offpolicy import PRETRAINED_WARMUP
 from eva_rl.plan import AdapterPlan
 from eva_rl.policies import (
     PLAIN_POLICY_FOR,
@@ -23,19 +27,20 @@ from eva_rl.policies import (
     lora_policy_class,
     lora_policy_kwargs,
     plain_policy_kwargs,
+    sync_target_networks,
 )
 from eva_rl.rollouts import RolloutBatches, policy_forward
 
 __all__ = ["SpaceMismatchError", "adapt", "load_base_weights", "merge"]
 
 
-def adapter_plan(model: PPO, method: Method, lora: LoraConfig, eva: EvaConfig) -> AdapterPlan:
+def adapter_plan(model: BaseAlgorithm, method: Method, lora: LoraConfig, eva: EvaConfig) -> AdapterPlan:
     """The per-layer plan ``method`` fine-tunes ``model``'s policy with (``lora`` as the method uses it)."""
     return AdapterPlan.resolve(
         model.policy,
         lora,
         eva if method.runs_eva else None,
-        exclude=excluded_layers(lora),
+        exclude=excluded_layers(model.policy, lora),
         method=method.name,
         cap_at_weight_rank=method.rewrites_base,
     )
@@ -51,26 +56,54 @@ def check_eva_batch_size(plan: AdapterPlan, eva: EvaConfig) -> None:
 
 
 def eva_from_rollouts(
-    model: PPO, vec_env: VecEnv, plan: AdapterPlan, eva: EvaConfig, progress: bool = False
+    model: BaseAlgorithm, vec_env: VecEnv, plan: AdapterPlan, eva: EvaConfig, progress: bool = False
 ) -> EvaResult:
     """EVA on rollouts of ``model``'s policy in ``vec_env``, for the layers of ``plan``."""
     check_eva_batch_size(plan, eva)
-    rollouts = RolloutBatches(model.policy, vec_env, eva.batch_size, eva.deterministic, eva.seed)
+    # Off-policy critics see (observation, action) pairs; DQN explores epsilon-greedily as fine-tuning will.
+    with_actions = hasattr(model.policy, "critic")
+    exploration = model.exploration_final_eps if isinstance(model, DQN) else 0.0
+    rollouts = RolloutBatches(
+        model.policy, vec_env, eva.batch_size, eva.deterministic, eva.seed, with_actions, exploration
+    )
     result = EvaSession(model.policy, plan, eva, forward_fn=policy_forward).run(rollouts, progress)
     result.env_steps = rollouts.env_steps
     return result
 
 
+def fine_tuning_algorithm(model: BaseAlgorithm, algorithm: str | type[BaseAlgorithm] | None) -> type[BaseAlgorithm]:
+    """The algorithm class to fine-tune ``model`` with: ``algorithm`` (a name or class), or ``model``'s own.
+
+    :raises ConfigError: for an unknown name, or an algorithm whose policies are not ``model``'s kind (an on-policy
+        actor-critic agent can be fine-tuned with PPO or A2C; an off-policy agent only with its own algorithm).
+    """
+    own = type(model)
+    if algorithm is None:
+        return own
+    if isinstance(algorithm, str):
+        if algorithm not in ALGORITHMS:
+            raise ConfigError(f"algorithm {algorithm!r} is not supported; expected one of {list(ALGORITHMS)}")
+        algorithm = ALGORITHMS[algorithm]
+    on_policy = tuple(ALGORITHMS[name] for name in ON_POLICY)
+    if algorithm is not own and not (issubclass(own, on_policy) and issubclass(algorithm, on_policy)):
+        raise ConfigError(
+            f"a {own.__name__} agent cannot be fine-tuned with {algorithm.__name__}: their policies differ "
+            f"(PPO and A2C share theirs; other algorithms fine-tune their own agents)"
+        )
+    return algorithm
+
+
 def adapt(
-    model: PPO,
+    model: BaseAlgorithm,
     env: GymEnv,
     method: str = "eva",
     lora: LoraConfig | None = None,
     eva: EvaConfig | None = None,
     progress: bool = False,
-    **ppo_kwargs: Any,
-) -> PPO:
-    """A new PPO on ``env`` that fine-tunes ``model``'s pretrained policy with ``method``.
+    algorithm: str | type[BaseAlgorithm] | None = None,
+    **kwargs: Any,
+) -> BaseAlgorithm:
+    """A new model on ``env`` that fine-tunes ``model``'s pretrained policy with ``method``.
 
     The methods are those of :mod:`eva_rl.methods`; every one but ``"scratch"`` leaves the policy's outputs
     unchanged at step 0:
@@ -85,24 +118,31 @@ def adapt(
     - ``"full"``: the pretrained policy, every weight trainable; ``"scratch"``: the same architecture, freshly
       initialized.
 
-    :param model: The pretrained agent (MLP, CNN or MultiInput actor-critic policy).
+    :param model: The pretrained agent (MLP, CNN or MultiInput actor-critic policy for adapter methods).
     :param env: The target environment (a Gymnasium env or a VecEnv); its spaces must match the agent's.
     :param method: A registered method name.
     :param lora: Adapter configuration.
     :param eva: EVA configuration (methods that run EVA).
     :param progress: Show a progress bar during EVA.
-    :param ppo_kwargs: PPO constructor arguments overriding those taken from ``model``.
-    :return: The new PPO. For adapter methods ``model.policy.eva_report`` holds EVA's report (``None`` without
+    :param algorithm: The algorithm to fine-tune with (default: ``model``'s; PPO and A2C can swap).
+    :param kwargs: Constructor arguments of the algorithm overriding those taken from ``model``.
+    :return: The new model. For adapter methods ``model.policy.eva_report`` holds EVA's report (``None`` without
         EVA) and ``model.policy.lora_plan`` the per-layer plan.
     :raises SpaceMismatchError: if ``env``'s spaces differ from ``model``'s.
     :raises ConfigError: for an unknown method or settings that do not fit the policy.
     """
     spec = get_method(method)
+    algorithm = fine_tuning_algorithm(model, algorithm)
+    base_kwargs = policy_kwargs_for(model, algorithm)
+    if spec.pretrained and algorithm in PRETRAINED_WARMUP:
+        if isinstance(model, DQN):  # go on exploring as little as the pretrained agent ended, not from epsilon 1
+            kwargs.setdefault("exploration_initial_eps", model.exploration_final_eps)
+        algorithm = PRETRAINED_WARMUP[algorithm]
     if not spec.adapters:
-        policy_kwargs = plain_policy_kwargs(model.policy_kwargs)
-        fresh = build_model(model, type(model.policy), policy_kwargs, env, **ppo_kwargs)
+        fresh = build_model(model, type(model.policy), plain_policy_kwargs(base_kwargs), env, algorithm, **kwargs)
         if spec.pretrained:
             fresh.policy.load_state_dict(model.policy.state_dict())
+            sync_target_networks(fresh.policy)  # every method starts with targets equal to the online networks
         return fresh
 
     lora = spec.lora_config(lora or LoraConfig())
@@ -111,22 +151,29 @@ def adapt(
     vec_env = wrap_target_env(model, env)
     plan = adapter_plan(model, spec, lora, eva)
     eva_from_ppo = spec.runs_eva and eva.data_source == "ppo"
+    if eva_from_ppo and algorithm not in EVA_ROLLOUT_ALGORITHMS:
+        raise ConfigError(
+            f"EvaConfig.data_source='ppo' reads the rollouts of an on-policy algorithm; {algorithm.__name__} has "
+            "none: use data_source='rollouts'"
+        )
     result = None
     if spec.runs_eva and not eva_from_ppo:
         result = eva_from_rollouts(model, vec_env, plan, eva, progress)
         plan = plan.with_ranks(result.ranks, eva.adjust_scaling_factors)
 
     # With EVA on PPO's rollouts the adapters start as placeholders (configured ranks, B = 0) until EVA is done.
-    policy_kwargs = lora_policy_kwargs(plan.lora_config(lora), plan, result and result.report(), model.policy_kwargs)
-    adapted = build_model(model, policy_class, policy_kwargs, vec_env, EvaPPO if eva_from_ppo else None, **ppo_kwargs)
+    policy_kwargs = lora_policy_kwargs(plan.lora_config(lora), plan, result and result.report(), base_kwargs)
+    built_with = EVA_ROLLOUT_ALGORITHMS[algorithm] if eva_from_ppo else algorithm
+    adapted = build_model(model, policy_class, policy_kwargs, vec_env, built_with, **kwargs)
     load_base_weights(adapted.policy, model.policy.state_dict())
     init_adapters(adapted.policy, spec, result)
+    adapted.policy.sync_targets()
     if eva_from_ppo:
         check_eva_batch_size(plan, eva)
         rollout = adapted.n_steps * adapted.n_envs
         if eva.batch_size > rollout:
             raise ConfigError(
-                f"EvaConfig.batch_size={eva.batch_size} exceeds PPO's rollout of n_steps*n_envs={rollout} steps; "
+                f"EvaConfig.batch_size={eva.batch_size} exceeds the rollout of n_steps*n_envs={rollout} steps; "
                 "with data_source='ppo' use an EVA batch_size <= that"
             )
         session = EvaSession(adapted.policy, plan, eva, forward_fn=policy_forward)
@@ -145,7 +192,7 @@ def init_adapters(policy: LoraPolicyMixin, method: Method, result: EvaResult | N
             layer.reset_dora_magnitude()  # to the loaded pretrained weights
 
 
-def _swap_in_eva(model: PPO, method: Method, lora: LoraConfig, eva: EvaConfig, result: EvaResult) -> None:
+def _swap_in_eva(model: OnPolicyAlgorithm, method: Method, lora: LoraConfig, eva: EvaConfig, result: EvaResult) -> None:
     """Replace the placeholder adapters of ``model`` by EVA's (ranks and A), and the optimizer with them."""
     policy = model.policy
     plan = policy.lora_plan.with_ranks(result.ranks, eva.adjust_scaling_factors)
@@ -162,17 +209,19 @@ def _swap_in_eva(model: PPO, method: Method, lora: LoraConfig, eva: EvaConfig, r
     model.policy_kwargs.update(lora_policy_kwargs(policy.lora_config, plan, policy.eva_report))
 
 
-def merge(model: PPO, env: GymEnv | None = None) -> PPO:
-    """A plain-policy PPO (SB3's own policy class) with ``model``'s adapters folded into the base weights.
+def merge(model: BaseAlgorithm, env: GymEnv | None = None) -> BaseAlgorithm:
+    """A plain-policy model (SB3's own policy class) with ``model``'s adapters folded into the base weights.
 
-    :param model: An adapted PPO.
+    :param model: An adapted model (PPO or A2C).
     :param env: Environment for the new model; none is needed (the spaces come from ``model``).
-    :return: A PPO whose actions equal ``model``'s, loadable by ``PPO.load`` without eva_rl's LoRA classes.
+    :return: A model of ``model``'s algorithm whose actions equal ``model``'s, loadable by its plain ``load``
+        (``PPO.load``) without eva_rl's LoRA classes.
     """
     if not isinstance(model.policy, LoraPolicyMixin):
         raise ConfigError(f"model.policy is a {type(model.policy).__name__}, which has no LoRA adapters to merge")
     plain_class = PLAIN_POLICY_FOR[type(model.policy)]
-    merged = build_model(model, plain_class, plain_policy_kwargs(model.policy_kwargs), algorithm=PPO)
+    algorithm = next(cls for cls in ALGORITHMS.values() if isinstance(model, cls))  # EvaPPO merges into PPO
+    merged = build_model(model, plain_class, plain_policy_kwargs(model.policy_kwargs), algorithm=algorithm)
     merged.policy.load_state_dict(merged_state_dict(model.policy), strict=True)
     env = env if env is not None else model.get_env()
     if env is not None:

@@ -10,7 +10,9 @@ Format (a folder):
 - ``adapter.safetensors``: ``{policy state-dict key: tensor}``;
 - ``adapter_config.json``: ``{"format": "eva-rl-adapter", "version": 1, "method", "lora_config", "lora_plan",
   "eva_report", "policy_class", "keys"}`` (``lora_plan`` since the adapter plan; older folders resolve one from
-  ``lora_config``).
+  ``lora_config``);
+- ``vecnormalize.pkl`` (agents trained with VecNormalize): the statistics the adapted policy's inputs were
+  normalized with; :func:`load_adapter` wraps the env in them (a pickle, like an SB3 zip).
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 from stable_baselines3 import PPO
+from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.type_aliases import GymEnv
+from stable_baselines3.common.vec_env import VecEnv, VecNormalize, unwrap_vec_normalize
 
 from eva_rl.config import LoraConfig
 from eva_rl.errors import CheckpointError, ConfigError
 from eva_rl.eva_report import EvaReport
-from eva_rl.files import atomic_write_json
+from eva_rl.files import STATS, atomic_save_stats, atomic_write_json
 from eva_rl.methods import get_method
 from eva_rl.models import build_model, load_base_weights
 from eva_rl.plan import AdapterPlan
@@ -70,6 +74,7 @@ def save_adapter(model: PPO, path: str | Path, method: str | None = None) -> Pat
     tmp = folder / ".adapter.safetensors.tmp"
     save_file(tensors, str(tmp))
     tmp.replace(folder / "adapter.safetensors")
+    atomic_save_stats(model, folder / STATS)
     policy = model.policy
     atomic_write_json(
         folder / "adapter_config.json",
@@ -107,6 +112,9 @@ def load_adapter(base_agent: PPO, path: str | Path, env: GymEnv | None = None, *
     env = env if env is not None else base_agent.get_env()
     if env is None:
         raise CheckpointError("base_agent has no environment; pass env=")
+    if (folder / STATS).is_file() and not (isinstance(env, VecEnv) and unwrap_vec_normalize(env) is not None):
+        env = VecNormalize.load(str(folder / STATS), BaseAlgorithm._wrap_env(env, verbose=0, monitor_wrapper=True))
+        env.training = False
     lora = LoraConfig.from_dict(config["lora_config"])
     plan = None if config.get("lora_plan") is None else AdapterPlan.from_dict(config["lora_plan"])
     report = None if config.get("eva_report") is None else EvaReport.from_dict(config["eva_report"])
@@ -126,4 +134,5 @@ def load_adapter(base_agent: PPO, path: str | Path, env: GymEnv | None = None, *
         )
     state.update({k: v.to(state[k].device) for k, v in tensors.items()})
     model.policy.load_state_dict(state, strict=True)
+    model.policy.sync_targets()  # target networks start as copies of the loaded online networks
     return model

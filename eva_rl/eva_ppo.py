@@ -1,5 +1,5 @@
-"""EVA from PPO's own rollouts: the adapters are initialized from the first rollouts PPO collects anyway, so EVA
-takes no environment steps of its own (``EvaConfig(data_source="ppo")``)."""
+"""EVA from the algorithm's own rollouts: the adapters are initialized from the first rollouts PPO (or A2C) collects
+anyway, so EVA takes no environment steps of its own (``EvaConfig(data_source="ppo")``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from stable_baselines3 import PPO
+from stable_baselines3 import A2C, PPO
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 
 from eva_rl.eva import EvaResult, EvaSession
 from eva_rl.eva_logging import record_eva_report
@@ -18,8 +19,8 @@ def _time_major(observations: np.ndarray, rows: int) -> np.ndarray:
     return observations.reshape(rows, *observations.shape[2:])
 
 
-class EvaPPO(PPO):
-    """PPO that finishes its EVA initialization on its first rollouts.
+class EvaRolloutsMixin:
+    """An on-policy algorithm that finishes its EVA initialization on its first rollouts.
 
     Until EVA has converged, the policy's adapters have ``B = 0``, so it acts exactly as the pretrained policy.
     After each rollout, the buffer's observations feed EVA; PPO skips its update on every rollout before the one
@@ -27,7 +28,7 @@ class EvaPPO(PPO):
     which stays on-policy: the actions, log-probabilities and values in the buffer came from a policy whose outputs
     EVA's swap does not change. When EVA converges within the first rollout, it costs no environment steps.
 
-    Once EVA is done, this is plain PPO: the saved zip loads with ``PPO.load``.
+    Once EVA is done, this is the plain algorithm: the saved zip loads with ``PPO.load`` (``A2C.load``).
 
     :ivar eva_skipped_steps: Env steps of rollouts that fed EVA without a PPO update (EVA's whole env-step cost).
     """
@@ -82,4 +83,16 @@ class EvaPPO(PPO):
     def train(self) -> None:
         if self.eva_session is not None and not self._feed_eva():
             return
-        super().train()
+        super().train()  # type: ignore[misc]
+
+
+class EvaPPO(EvaRolloutsMixin, PPO):
+    """PPO with EVA on its first rollouts (:class:`EvaRolloutsMixin`)."""
+
+
+class EvaA2C(EvaRolloutsMixin, A2C):
+    """A2C with EVA on its first rollouts (:class:`EvaRolloutsMixin`)."""
+
+
+EVA_ROLLOUT_ALGORITHMS: dict[type[OnPolicyAlgorithm], type[OnPolicyAlgorithm]] = {PPO: EvaPPO, A2C: EvaA2C}
+"""The EVA-on-rollouts variant of each on-policy algorithm."""

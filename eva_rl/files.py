@@ -10,6 +10,9 @@ from typing import Any
 
 from stable_baselines3.common.base_class import BaseAlgorithm
 
+STATS = "vecnormalize.pkl"
+"""VecNormalize statistics beside a model (rl-zoo3's file name): a run's ``model.zip``, an adapter checkpoint."""
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temp file and a rename."""
@@ -37,3 +40,18 @@ def atomic_save_model(model: BaseAlgorithm, path: Path) -> None:
     tmp = path.with_name(f".{path.stem}.tmp.zip")
     model.save(tmp)
     os.replace(tmp, path)
+
+
+def atomic_save_stats(model: BaseAlgorithm, path: Path) -> bool:
+    """Save ``model``'s ``VecNormalize`` statistics (if its env has them) to ``path`` through a temp file.
+
+    :return: Whether there were statistics to save.
+    """
+    normalizer = model.get_vec_normalize_env()
+    if normalizer is None:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    normalizer.save(str(tmp))
+    os.replace(tmp, path)
+    return True

@@ -23,7 +23,8 @@ __all__ = [
 ]
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule ``name`` of ``root`` by ``new``."""
     parent_name, _, child_name = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child_name, new)
@@ -48,7 +49,7 @@ def inject_adapters(
         if isinstance(layer, LoraLayer):
             raise ConfigError(f"layer {name!r} already has a LoRA adapter; remove_adapters() first")
         lora = LORA_LAYER_TYPES[type(layer)](layer, layer_plan.rank, layer_plan.alpha, plan.dropout, plan.use_dora)
-        _set_submodule(module, name, lora)
+        set_submodule(module, name, lora)
         wrapped[name] = lora
     return wrapped
 
@@ -69,7 +70,7 @@ def remove_adapters(module: nn.Module, merge: bool = False) -> nn.Module:
             layer.merge()
         elif layer.merged:
             layer.unmerge()
-        _set_submodule(module, name, layer.base_layer)
+        set_submodule(module, name, layer.base_layer)
     return module
 
 

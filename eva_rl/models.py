@@ -22,15 +22,19 @@ from eva_rl.errors import AgentError, SpaceMismatchError
 _NOT_HYPERPARAMETERS = {"self", "policy", "env", "policy_kwargs", "_init_setup_model"}
 
 
-def algorithm_hyperparameters(model: BaseAlgorithm) -> dict[str, Any]:
-    """The constructor arguments that rebuild ``model``'s algorithm setup (not its policy or env).
+def algorithm_hyperparameters(model: BaseAlgorithm, algorithm: type[BaseAlgorithm] | None = None) -> dict[str, Any]:
+    """The constructor arguments of ``algorithm`` (default: ``model``'s own) that ``model``'s setup gives.
 
     Read from the attributes SB3 stores each argument under (``name``, or ``_name`` for private ones); an
-    argument SB3 keeps nowhere takes its default.
+    argument SB3 keeps nowhere takes its default. For another algorithm (an A2C agent fine-tuned with PPO) the
+    rollout length ``n_steps`` is not carried over: each algorithm's is its own (A2C 5, PPO 2048).
     """
+    algorithm = algorithm or type(model)
+    same = issubclass(algorithm, type(model)) or issubclass(type(model), algorithm)  # EvaPPO is PPO
+    skipped = _NOT_HYPERPARAMETERS | (set() if same else {"n_steps"})
     values = {}
-    for name in inspect.signature(type(model).__init__).parameters:
-        if name in _NOT_HYPERPARAMETERS:
+    for name in inspect.signature(algorithm.__init__).parameters:
+        if name in skipped:
             continue
         for attribute in (name, f"_{name}"):
             if hasattr(model, attribute):
@@ -76,7 +80,7 @@ def build_model(
     :raises SpaceMismatchError: if ``env``'s spaces differ from ``agent``'s.
     """
     algorithm = algorithm or type(agent)
-    hyperparameters = {**algorithm_hyperparameters(agent), **overrides}
+    hyperparameters = {**algorithm_hyperparameters(agent, algorithm), **overrides}
     if env is not None:
         return algorithm(policy_class, wrap_target_env(agent, env), policy_kwargs=policy_kwargs, **hyperparameters)
     model = algorithm(policy_class, None, policy_kwargs=policy_kwargs, _init_setup_model=False, **hyperparameters)
@@ -108,3 +112,13 @@ def load_base_weights(policy: nn.Module, plain_state_dict: dict[str, torch.Tenso
     if missing or mismatched:
         raise AgentError(f"pretrained weights do not fit the adapted policy; missing: {missing}, shape: {mismatched}")
     policy.load_state_dict(state, strict=True)
+
+
+def policy_kwargs_for(agent: BaseAlgorithm, algorithm: type[BaseAlgorithm]) -> dict[str, Any]:
+    """``agent``'s ``policy_kwargs`` as ``algorithm`` should build its policy: A2C writes its RMSprop optimizer into
+    them, which another algorithm should not inherit (and A2C adds again when it is missing)."""
+    kwargs = dict(agent.policy_kwargs)
+    if algorithm is not type(agent) and kwargs.get("optimizer_class") is torch.optim.RMSprop:
+        kwargs.pop("optimizer_class")
+        kwargs.pop("optimizer_kwargs", None)
+    return kwargs

@@ -167,9 +167,13 @@ class AdapterPlan:
         :param eva: EVA's settings, for the components it tracks per layer; ``None`` when EVA does not run.
         :param exclude: Layer names (or suffixes) never targeted.
         :param method: Recorded in the plan.
-        :param cap_at_weight_rank: Methods that factor ``W`` itself (PiSSA, OLoRA) can use at most
-            ``min(out, fan_in)`` rank: larger ranks are capped there (``alpha / r`` kept) with one warning.
-        :raises ConfigError: if a pattern matches nothing or a rank exceeds its layer's fan-in.
+        :param cap_at_weight_rank: The method factors ``W`` itself (PiSSA, OLoRA): a layer can use at most
+            ``min(out, fan_in)`` rank instead of its fan-in.
+        :raises ConfigError: if a pattern matches nothing.
+
+        A rank larger than a layer can use (its fan-in, or ``min(out, fan_in)`` with ``cap_at_weight_rank``) is
+        capped there, keeping ``alpha / r``, with one warning that names every capped layer; so the default rank
+        works on narrow inputs (Pendulum's 3 observation features).
         """
         layers: dict[str, LayerPlan] = {}
         capped, eva_clipped = [], []
@@ -179,24 +183,21 @@ class AdapterPlan:
             rank = pattern_value(lora.rank_pattern, name, lora.r)
             alpha = float(pattern_value(lora.alpha_pattern, name, lora.default_alpha))
             limit = min(out_features, fan_in) if cap_at_weight_rank else fan_in
-            if rank > limit and cap_at_weight_rank:
+            if rank > limit:
                 capped.append(f"{name} ({rank} -> {limit})")
                 rank, alpha = limit, alpha * limit / rank
-            elif rank > fan_in:
-                raise ConfigError(
-                    f"LoRA rank {rank} for layer {name!r} exceeds its width (fan-in {fan_in}); "
-                    f"use r <= {fan_in} or set rank_pattern[{name!r}] to at most {fan_in}"
-                )
             eva_cap = eva_components = 0
             if eva is not None and rank > 0:
                 eva_cap = round(rank * eva.rho)
                 if eva_cap > fan_in:
-                    eva_clipped.append(f"{name} ({eva_cap} -> {fan_in})")
+                    if rank < fan_in:  # a layer already at its width was named above; EVA cannot give it more
+                        eva_clipped.append(f"{name} ({eva_cap} -> {fan_in})")
                     eva_cap = fan_in
                 eva_components = min(eva_cap + eva.extra_components, fan_in)
             layers[name] = LayerPlan(rank, alpha, fan_in, out_features, eva_cap, eva_components)
         if capped:
-            warnings.warn(f"{method or 'LoRA'}: rank capped at min(out, fan_in) for {', '.join(capped)}", stacklevel=2)
+            width = "min(out, fan_in)" if cap_at_weight_rank else "the layer's width (fan-in)"
+            warnings.warn(f"{method or 'LoRA'}: rank capped at {width} for {', '.join(capped)}", stacklevel=2)
         if eva_clipped:
             warnings.warn(
                 f"EVA: round(r*rho) exceeds the fan-in of {', '.join(eva_clipped)}; tracking the fan-in there",

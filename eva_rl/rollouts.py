@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
+from gymnasium import spaces
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize, unwrap_vec_wrapper
 
@@ -42,6 +44,10 @@ class RolloutBatches:
     :param batch_size: Observations (environment steps) per batch.
     :param deterministic: Act greedily; by default actions are sampled, as PPO will.
     :param seed: Seeds the environments and the action sampling.
+    :param with_actions: Yield ``(observations, actions)`` pairs, the actions as a critic sees them (scaled to
+        ``[-1, 1]`` for Box action spaces, as off-policy replay buffers store them).
+    :param exploration_rate: Take a uniformly random action with this probability (DQN's epsilon-greedy
+        exploration), drawn from the same private stream.
     :ivar env_steps: Environment steps taken so far (all sub-environments counted).
     """
 
@@ -52,6 +58,8 @@ class RolloutBatches:
         batch_size: int,
         deterministic: bool = False,
         seed: int | None = 0,
+        with_actions: bool = False,
+        exploration_rate: float = 0.0,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} is invalid: expected an integer >= 1")
@@ -60,13 +68,24 @@ class RolloutBatches:
         self.batch_size = batch_size
         self.deterministic = deterministic
         self.seed = seed
+        self.with_actions = with_actions
+        self.exploration_rate = exploration_rate
         self.env_steps = 0
 
     def _act(self, obs: Observation, rng_state: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(rng_state)
             actions, _ = self.policy.predict(obs, deterministic=self.deterministic)
+            if self.exploration_rate > 0:
+                explore = torch.rand(len(actions)) < self.exploration_rate
+                random = torch.randint(self.env.action_space.n, (len(actions),)).numpy()
+                actions = np.where(explore.numpy(), random, actions)
             return actions, torch.get_rng_state()
+
+    def _critic_actions(self, actions: np.ndarray) -> np.ndarray:
+        if isinstance(self.env.action_space, spaces.Box):
+            return self.policy.scale_action(actions).astype(np.float32)
+        return actions
 
     def __iter__(self) -> Iterator[Observation]:
         normalizer = unwrap_vec_wrapper(self.env, VecNormalize)
@@ -80,12 +99,16 @@ class RolloutBatches:
                 self.env.seed(self.seed)
             obs = self.env.reset()
             pending: Observation | None = None
+            taken: np.ndarray | None = None  # the actions of the pending observations
             while True:
+                actions, rng_state = self._act(obs, rng_state)
                 pending = obs if pending is None else _concat([pending, obs])
+                seen = self._critic_actions(actions) if self.with_actions else actions
+                taken = seen if taken is None else _concat([taken, seen])
                 while _rows(pending) >= self.batch_size:
                     batch, pending = _split(pending, self.batch_size)
-                    yield batch
-                actions, rng_state = self._act(obs, rng_state)
+                    batch_actions, taken = _split(taken, self.batch_size)
+                    yield (batch, batch_actions) if self.with_actions else batch
                 obs, _, _, _ = self.env.step(actions)
                 self.env_steps += self.env.num_envs
         finally:
@@ -93,13 +116,24 @@ class RolloutBatches:
                 normalizer.training = was_updating
 
 
-def policy_forward(policy: ActorCriticPolicy, obs: Observation) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run every layer of an actor-critic policy once on ``obs``, without sampling.
-
-    Mirrors ``ActorCriticPolicy.forward`` (preprocessing, features, both MLP branches, both heads) but returns
-    the action-distribution parameters and values instead of sampled actions, so EVA's forward passes neither
+def policy_forward(policy: BasePolicy, batch: Observation | tuple[Observation, np.ndarray]) -> Any:
+    """Run every online layer of a policy once on a batch, without sampling, so EVA's forward passes neither
     consume nor depend on the RNG.
+
+    An actor-critic policy (PPO, A2C) takes observations and runs as ``ActorCriticPolicy.forward`` does
+    (preprocessing, features, both MLP branches, both heads), returning the action-distribution parameters and
+    values. An off-policy policy takes ``(observations, actions)``: the actor (or DQN's Q-network) acts greedily on
+    the observations, and the critics see the observations with those actions, as in their training loss.
     """
+    if not isinstance(policy, ActorCriticPolicy):
+        obs, actions = batch if isinstance(batch, tuple) else (batch, None)
+        obs_tensor, _ = policy.obs_to_tensor(obs)
+        output = policy._predict(obs_tensor, deterministic=True)
+        critic = getattr(policy, "critic", None)
+        if critic is not None and actions is not None:
+            output = critic(obs_tensor, torch.as_tensor(actions, dtype=torch.float32, device=policy.device))
+        return output
+    obs = batch
     obs_tensor, _ = policy.obs_to_tensor(obs)
     features = policy.extract_features(obs_tensor)
     if policy.share_features_extractor:

@@ -214,7 +214,7 @@ def test_missing_and_corrupt_agents_are_clear_errors(tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt.zip"
     corrupt.write_bytes(b"PK\x03\x04 this is not a zip")
     broken = run_cli("finetune.py", "--env", "CartPole-v1", "--pretrained", str(corrupt))
-    assert broken.returncode == 2 and "cannot be loaded as an SB3 PPO zip" in broken.stderr
+    assert broken.returncode == 2 and "is not an SB3 zip" in broken.stderr
     assert "Traceback" not in broken.stderr + missing.stderr
 
 
@@ -229,7 +229,7 @@ def test_bad_yaml_value_is_a_clear_error(tmp_path: Path) -> None:
     assert done.returncode == 2 and "LoraConfig.r=0 is invalid" in done.stderr
     config.write_text("target_env: CartPole-v1\nppo: {n_step: 64}\n")
     done = run_cli("finetune.py", "--env", "x", "--config", str(config))
-    assert done.returncode == 2 and "unknown PPO argument(s) ['n_step'] in ppo" in done.stderr
+    assert done.returncode == 2 and "unknown algorithm argument(s) ['n_step'] in ppo" in done.stderr
     config.write_text("target_env: CartPole-v1\nlearning_rate: 0.1\n")
     done = run_cli("finetune.py", "--env", "x", "--config", str(config))
     assert done.returncode == 2 and "unknown key(s) ['learning_rate']" in done.stderr

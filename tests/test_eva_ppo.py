@@ -111,7 +111,7 @@ def test_eva_from_ppo_trains_the_swapped_in_adapters() -> None:
 def test_eva_batch_larger_than_a_rollout_is_refused() -> None:
     base = make_pretrained("mlp-discrete")
     eva = EvaConfig(batch_size=512, data_source="ppo")
-    with pytest.raises(ValueError, match=r"batch_size=512 exceeds PPO's rollout of n_steps\*n_envs=128"):
+    with pytest.raises(ValueError, match=r"batch_size=512 exceeds the rollout of n_steps\*n_envs=128"):
         eva_rl.adapt(base, make_vec_env(VARIANTS["mlp-discrete"][0], n_envs=2), "eva", eva=eva, n_steps=64)
 
 

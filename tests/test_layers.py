@@ -146,13 +146,34 @@ def test_regex_targets_and_exclusion() -> None:
     [
         (LoraConfig(target_modules=["nope"]), "'nope' matches no Linear/Conv2d layer; available: \\['conv'"),
         (LoraConfig(target_modules="mlp.*"), "'mlp.\\*' matches no Linear/Conv2d layer"),
-        (LoraConfig(r=40, target_modules=["body.0"]), "rank 40 for layer 'body.0' exceeds its width \\(fan-in 36\\)"),
-        (LoraConfig(r=2, target_modules=["conv"], rank_pattern={"conv": 9}), "fan-in 8"),
     ],
 )
 def test_bad_targets_and_ranks_get_specific_errors(config: LoraConfig, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         inject_adapters(Tiny(), config)
+
+
+@pytest.mark.parametrize(
+    ("config", "capped", "message"),
+    [
+        (LoraConfig(r=40, target_modules=["body.0"]), {"body.0": 36}, r"width \(fan-in\) for body.0 \(40 -> 36\)$"),
+        (
+            LoraConfig(r=2, target_modules=["conv"], rank_pattern={"conv": 9}),
+            {"conv": 8},
+            r"width \(fan-in\) for conv \(9 -> 8\)$",
+        ),
+    ],
+)
+def test_a_rank_above_a_layers_width_is_capped_there_with_one_warning(
+    config: LoraConfig, capped: dict[str, int], message: str
+) -> None:
+    with pytest.warns(UserWarning, match="LoRA: rank capped at the layer's " + message) as caught:
+        layers = inject_adapters(Tiny(), config)
+    assert len(caught) == 1
+    assert {name: layer.r for name, layer in layers.items()} == capped
+    (name,) = capped
+    configured = config.rank_pattern.get(name, config.r)
+    assert all(layer.scaling == pytest.approx(config.default_alpha / configured) for layer in layers.values())
 
 
 def test_injecting_twice_is_refused() -> None:

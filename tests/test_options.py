@@ -25,6 +25,8 @@ VALID = {
     "--eval-freq": ("512", 512),
     "--eval-episodes": ("4", 4),
     "--checkpoint-freq": ("1024", 1024),
+    "--algo": ("a2c", "a2c"),
+    "--update-obs-stats": (None, True),
 }
 
 
@@ -37,7 +39,8 @@ def field_at(task, path: str):
 @pytest.mark.parametrize("option", [*ENV_OPTIONS, *ADAPTER_OPTIONS, *FINETUNE_OPTIONS], ids=lambda o: o.flags[0])
 def test_each_option_parses_and_sets_its_task_field(option: Option) -> None:
     text, value = VALID[option.flags[0]]
-    args = cli.finetune_parser().parse_args(["--env", "PointGoal", option.flags[0], text])
+    given = [option.flags[0]] if text is None else [option.flags[0], text]
+    args = cli.finetune_parser().parse_args(["--env", "PointGoal", *given])
     task = cli.finetune_task(args)
     assert field_at(task, option.path) == value
     if option.method_setting is not None:

@@ -28,10 +28,12 @@ def test_resolve_gives_every_target_its_rank_alpha_fan_in_and_eva_components() -
     assert plan.eva_components == 11  # policy_net.2 has fan-in 16: 8 + 3
 
 
-def test_a_rank_above_the_fan_in_is_an_error_unless_the_method_caps_it() -> None:
+def test_a_rank_above_what_a_layer_can_use_is_capped_with_one_warning() -> None:
     model = nn.Sequential(nn.Linear(3, 16), nn.Linear(16, 1))
-    with pytest.raises(ConfigError, match=r"LoRA rank 4 for layer '0' exceeds its width \(fan-in 3\)"):
-        AdapterPlan.resolve(model, LoraConfig(r=4))
+    with pytest.warns(UserWarning, match=r"LoRA: rank capped at the layer's width \(fan-in\) for 0 \(4 -> 3\)$"):
+        plan = AdapterPlan.resolve(model, LoraConfig(r=4, alpha=8), EvaConfig(rho=2.0))
+    assert plan.ranks == {"0": 3, "1": 4} and plan.layers["0"].alpha == pytest.approx(6.0)
+    assert plan.layers["0"].eva_cap == 3  # round(3 * 2) clipped to the fan-in
     with pytest.warns(UserWarning, match=r"pissa: rank capped at min\(out, fan_in\) for 0 \(4 -> 3\), 1 \(4 -> 1\)"):
         plan = AdapterPlan.resolve(model, LoraConfig(r=4, alpha=8), method="pissa", cap_at_weight_rank=True)
     assert plan.ranks == {"0": 3, "1": 1}

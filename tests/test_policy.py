@@ -116,7 +116,6 @@ def test_a_layer_eva_gives_rank_zero_keeps_no_adapter_and_round_trips(tmp_path: 
     [
         (LoraConfig(r=4), EvaConfig(rho=2.0, batch_size=5), r"EvaConfig.batch_size=5 is below the 8 components"),
         (LoraConfig(target_modules=["attention"]), EvaConfig(), r"'attention' matches no Linear/Conv2d layer"),
-        (LoraConfig(r=5), EvaConfig(), r"rank 5 for layer 'mlp_extractor.policy_net.0' exceeds its width \(fan-in 4\)"),
     ],
 )
 def test_adapt_rejects_bad_configs_up_front(lora: LoraConfig, eva: EvaConfig, message: str) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from eva_rl import ConfigError
-from eva_rl.experiments import runs
+from eva_rl.experiments import environments, runs
 from eva_rl.experiments.environments import import_packages
 from eva_rl.experiments.tasks import find_task
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:EVA:UserWarning")
 def closed_envs(monkeypatch: pytest.MonkeyPatch) -> list[list[bool]]:
     """Every VecEnv a run makes, as a one-element list that turns True when it is closed."""
     made: list[list[bool]] = []
-    make_vec = runs.make_vec
+    make_vec = environments.make_vec
 
     def recording(*args, **kwargs):
         env = make_vec(*args, **kwargs)
@@ -34,7 +34,7 @@ def closed_envs(monkeypatch: pytest.MonkeyPatch) -> list[list[bool]]:
         made.append(closed)
         return env
 
-    monkeypatch.setattr(runs, "make_vec", recording)
+    monkeypatch.setattr(environments, "make_vec", recording)
     return made
 
 

@@ -7,6 +7,7 @@ Bad input (an unknown env, a missing or corrupt agent, mismatched spaces, a bad 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -27,7 +28,8 @@ from eva_rl.experiments.options import (
     apply_options,
     comma_list,
 )
-from eva_rl.experiments.tasks import TaskConfig, find_task, known_tasks, load_task
+from eva_rl.experiments.tasks import EvalSettings, TaskConfig, find_task, known_tasks, load_task
+from eva_rl.experiments.training import STATS
 from eva_rl.files import atomic_save_model
 from eva_rl.loading import load_agent
 from eva_rl.methods import method_names
@@ -67,7 +69,13 @@ def add_env_arguments(parser: argparse.ArgumentParser) -> None:
 def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
     """The pretrained agent and the adapter settings."""
     group = parser.add_argument_group("agent and adapters")
-    group.add_argument("--pretrained", type=Path, help="your own SB3 PPO zip (default: the task's bundled agent)")
+    group.add_argument(
+        "--pretrained",
+        type=Path,
+        help="your own agent: an SB3 zip (PPO, A2C), an rl-zoo3 run folder (logs/<algo>/<env>_<n>) or a Hub folder, "
+        "with its VecNormalize statistics; zips and .pkl files are pickles, load only agents you trust "
+        "(default: the task's bundled agent)",
+    )
     for option in ADAPTER_OPTIONS:
         option.add_to(group)
 
@@ -91,7 +99,11 @@ def resolve_task(args: argparse.Namespace) -> TaskConfig:
     if task is None:
         env_factory(args.env, args.wrapper or [], known_tasks=list(known_tasks()))  # unknown ids fail here
         name = args.env.replace(":", "-").replace("/", "-")
-        task = TaskConfig(name=name, target_env=args.env, source_env=args.env)
+        # rl-zoo3 evaluates greedily except on Atari and MiniGrid, where an argmax policy can get stuck.
+        stochastic = any(marker in args.env for marker in ("MiniGrid", "NoFrameskip", "ALE/"))
+        task = TaskConfig(
+            name=name, target_env=args.env, source_env=args.env, eval=EvalSettings(deterministic=not stochastic)
+        )
     if args.gym_package:
         task = task.override(env_packages=[*task.env_packages, *args.gym_package])
     return apply_options(task, args, ENV_OPTIONS)
@@ -295,7 +307,12 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
         merged = merge(load_agent(source, device="cpu"))
         out = args.out or source.with_name("merged.zip")
         atomic_save_model(merged, out)
-        print(f"merged: {out} (policy {type(merged.policy).__name__}; loads with plain PPO.load)")
+        print(f"merged: {out} (policy {type(merged.policy).__name__}; loads with plain {type(merged).__name__}.load)")
+        stats = source.with_name(STATS)
+        if stats.is_file():  # the merged policy sees observations normalized with the run's statistics
+            if out.parent.resolve() != stats.parent.resolve():
+                shutil.copyfile(stats, out.with_name(STATS))
+            print(f"VecNormalize statistics: {out.with_name(STATS)} (load them with VecNormalize.load to evaluate)")
         return 0
 
     return _guarded(body)

@@ -15,15 +15,15 @@ from contextlib import closing
 from pathlib import Path
 
 from eva_rl.errors import ConfigError
-from eva_rl.experiments.environments import env_factory, import_packages, make_vec
+from eva_rl.experiments.environments import agent_env, import_packages
 from eva_rl.experiments.report import SuiteReport, aggregate, plot_suite, results_markdown
 from eva_rl.experiments.runs import RunResult, RunSpec, run
 from eva_rl.experiments.stats import normalized_auc, stratified_iqm
 from eva_rl.experiments.suites import Suite, SuiteTask, method_task
 from eva_rl.experiments.tasks import find_task
-from eva_rl.experiments.training import evaluate
+from eva_rl.experiments.training import STATS, evaluate
 from eva_rl.files import atomic_write_json, atomic_write_text
-from eva_rl.loading import load_agent
+from eva_rl.loading import load_agent, load_pretrained
 
 
 def run_specs(
@@ -73,8 +73,12 @@ def source_return(spec: RunSpec) -> float | None:
     if task.source_env is None or task.source_env == task.target_env:
         return None
     model = load_agent(spec.run_dir / "model.zip", device="cpu")
-    factory = env_factory(task.source_env, task.wrappers, task.env_kwargs)
-    with closing(make_vec(factory, task.eval.env_count, task.eval.seed)) as env:
+    agent = load_pretrained(spec.agent_path, device="cpu")
+    stats = spec.run_dir / STATS if (spec.run_dir / STATS).is_file() else None
+    env = agent_env(
+        task, agent, task.eval.env_count, task.eval.seed, env_id=task.source_env, evaluation=True, stats=stats
+    )
+    with closing(env):
         mean, _ = evaluate(model, env, task.eval.episodes, task.eval.seed, task.eval.deterministic)
     return mean
 

@@ -17,13 +17,18 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
 from eva_rl.errors import EnvError
+from eva_rl.loading import PretrainedAgent
+
+if TYPE_CHECKING:
+    from eva_rl.experiments.tasks import TaskConfig
 
 
 def _importable_cwd() -> None:
@@ -69,19 +74,40 @@ def registered_ids() -> list[str]:
     return sorted(gym.registry.keys())
 
 
+WrapperSpec = str | dict[str, dict[str, Any]]
+"""A wrapper: ``"module:Class"`` (or ``"module.Class"``), or rl-zoo3's ``{"module.Class": {kwargs}}``."""
+
+
+def load_wrapper(spec: WrapperSpec) -> Callable[[gym.Env], gym.Env]:
+    """The wrapper named by ``spec``, with its keyword arguments bound.
+
+    :raises EnvError: for a spec that is neither form, or a class that cannot be imported.
+    """
+    if isinstance(spec, dict) and len(spec) == 1:
+        ((path, kwargs),) = spec.items()
+        wrapper_class = load_object(path, "wrapper")
+        return lambda env: wrapper_class(env, **(kwargs or {}))
+    if isinstance(spec, str):
+        return load_object(spec, "wrapper")
+    raise EnvError(f"wrapper {spec!r} is invalid: expected 'module:Class' or {{'module.Class': {{kwargs}}}}")
+
+
 def env_factory(
-    env: str, wrappers: Sequence[str] = (), env_kwargs: dict[str, Any] | None = None, known_tasks: Sequence[str] = ()
+    env: str,
+    wrappers: Sequence[WrapperSpec] = (),
+    env_kwargs: dict[str, Any] | None = None,
+    known_tasks: Sequence[str] = (),
 ) -> Callable[[], gym.Env]:
     """A zero-argument constructor for ``env`` (registered id or ``module:Class``) with ``wrappers`` applied.
 
     :param env: A registered id or a ``module:Class`` entry point.
-    :param wrappers: ``module:Class`` wrappers, applied in order.
+    :param wrappers: Wrappers (:data:`WrapperSpec`), applied in order.
     :param env_kwargs: Keyword arguments for the env.
     :param known_tasks: Task names to list in the error for an unknown id.
     :raises EnvError: for an unknown id (listing close matches and the known tasks) or entry point.
     """
     env_kwargs = dict(env_kwargs or {})
-    wrapper_classes = [load_object(w, "wrapper") for w in wrappers]
+    wrapper_classes = [load_wrapper(w) for w in wrappers]
     if ":" in env:
         env_class = load_object(env, "env entry point")
 
@@ -113,3 +139,34 @@ def env_factory(
 def make_vec(factory: Callable[[], gym.Env], n_envs: int, seed: int) -> VecEnv:
     """``n_envs`` copies in a ``DummyVecEnv`` (faster than subprocesses for cheap envs), each with a Monitor."""
     return make_vec_env(factory, n_envs=n_envs, seed=seed, vec_env_cls=DummyVecEnv)
+
+
+def agent_env(
+    task: TaskConfig,
+    agent: PretrainedAgent,
+    n_envs: int,
+    seed: int,
+    *,
+    env_id: str | None = None,
+    training: bool = False,
+    evaluation: bool = False,
+    stats: Path | None = None,
+) -> VecEnv:
+    """The vectorized env ``agent`` acts in, as it was trained: the task's (or else the agent's recorded) wrappers
+    and env kwargs, then the agent's ``VecNormalize`` statistics and frame stack.
+
+    :param env_id: The env (default: the task's target).
+    :param training: The statistics keep updating (fine-tuning with ``update_obs_stats``).
+    :param evaluation: Returns are summed raw (no reward normalization).
+    :param stats: Statistics to use instead of the agent's (a run's own, when it resumes).
+    """
+    env_id = env_id or task.target_env
+    wrappers = task.wrappers or agent.env_wrappers
+    # The agent's recorded kwargs were for its own env; a task's kwargs (its physics change) apply over them.
+    env_kwargs = {**(agent.env_kwargs if env_id == agent.env_id else {}), **task.env_kwargs}
+    venv = make_vec(env_factory(env_id, wrappers, env_kwargs), n_envs, seed)
+    try:
+        return agent.wrap_vec_env(venv, training, norm_reward=False if evaluation else None, stats=stats)
+    except BaseException:
+        venv.close()
+        raise

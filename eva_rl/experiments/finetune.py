@@ -1,7 +1,7 @@
 """The main job: fine-tune a pretrained agent on a target env with each method, and log them as comparable runs.
 
-Every method (:mod:`eva_rl.methods`) runs with the same PPO hyperparameters, seeds and a fresh optimizer; each run
-is a :class:`~eva_rl.experiments.runs.RunSpec` written to its own folder (see :mod:`eva_rl.experiments.runs`).
+Every method (:mod:`eva_rl.methods`) runs with the same algorithm, hyperparameters and seeds and a fresh optimizer;
+each run is a :class:`~eva_rl.experiments.runs.RunSpec` written to its own folder (see :mod:`eva_rl.experiments.runs`).
 """
 
 from __future__ import annotations
@@ -10,28 +10,35 @@ from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
 
-from eva_rl.experiments.environments import env_factory, import_packages, make_vec
+from eva_rl.adapt import fine_tuning_algorithm
+from eva_rl.experiments.environments import agent_env, import_packages
 from eva_rl.experiments.runs import RunResult, RunSpec, run
 from eva_rl.experiments.tasks import TaskConfig
 from eva_rl.experiments.training import evaluate
-from eva_rl.loading import load_agent
+from eva_rl.loading import PretrainedAgent, load_pretrained
 from eva_rl.models import wrap_target_env
 
 
 def pretrained_return(task: TaskConfig, agent_path: Path, device: str = "auto") -> float:
-    """The pretrained agent's return on the target env, with the same eval seeds as the runs (the jumpstart)."""
-    agent = load_agent(agent_path, device=device)
-    factory = env_factory(task.target_env, task.wrappers, task.env_kwargs)
-    with closing(make_vec(factory, task.eval.env_count, seed=task.eval.seed)) as env:
-        mean, _ = evaluate(agent, env, task.eval.episodes, task.eval.seed, task.eval.deterministic)
+    """The pretrained agent's return on the target env, with the same eval seeds and observation pipeline as the runs
+    (the jumpstart)."""
+    agent = load_pretrained(agent_path, device=device)
+    with closing(agent_env(task, agent, task.eval.env_count, task.eval.seed, evaluation=True)) as env:
+        mean, _ = evaluate(agent.model, env, task.eval.episodes, task.eval.seed, task.eval.deterministic)
     return mean
 
 
-def check_agent_fits(task: TaskConfig, agent_path: Path) -> None:
-    """Stop before any run when the agent's spaces differ from the target env's (the error shows both)."""
-    agent = load_agent(agent_path, device="cpu")
-    with closing(env_factory(task.target_env, task.wrappers, task.env_kwargs)()) as env:
-        wrap_target_env(agent, env)
+def check_agent_fits(task: TaskConfig, agent_path: Path) -> PretrainedAgent:
+    """Stop before any run when the agent cannot be fine-tuned on the target env: its spaces differ from the env's
+    (the error shows both), or the task's algorithm cannot fine-tune it.
+
+    :return: The loaded agent.
+    """
+    agent = load_pretrained(agent_path, device="cpu")
+    fine_tuning_algorithm(agent.model, task.algo)
+    with closing(agent_env(task, agent, 1, task.eval.seed, evaluation=True)) as env:
+        wrap_target_env(agent.model, env)
+    return agent
 
 
 def summary_table(results: Sequence[RunResult]) -> str:
@@ -64,7 +71,10 @@ def finetune(
 ) -> list[RunResult]:
     """Every method x seed, one after the other; completed runs are skipped, so a rerun resumes a sweep."""
     import_packages(task.env_packages)
-    check_agent_fits(task, agent_path)
+    agent = check_agent_fits(task, agent_path)
+    stats = f", VecNormalize statistics {agent.vec_normalize}" if agent.vec_normalize else ""
+    algorithm = (task.algo or agent.algorithm).upper()
+    echo(f"[eva-rl] agent: {agent.algorithm.upper()} ({agent.layout}{stats}); fine-tuned with {algorithm}")
     jumpstart = pretrained_return(task, agent_path, device)
     echo(f"[eva-rl] pretrained agent's return on {task.target_env} (eval seed {task.eval.seed}): {jumpstart:.3f}")
     results = []

@@ -8,9 +8,9 @@ from pathlib import Path
 from eva_rl.adapt import adapter_plan, eva_from_rollouts
 from eva_rl.eva import EvaResult
 from eva_rl.eva_logging import rank_bar_chart
-from eva_rl.experiments.environments import env_factory, import_packages, make_vec
+from eva_rl.experiments.environments import agent_env, import_packages
 from eva_rl.experiments.tasks import TaskConfig
-from eva_rl.loading import load_agent
+from eva_rl.loading import load_pretrained
 from eva_rl.methods import get_method
 from eva_rl.models import wrap_target_env
 
@@ -18,13 +18,12 @@ from eva_rl.models import wrap_target_env
 def inspect_eva(task: TaskConfig, agent_path: Path, device: str = "cpu", progress: bool = True) -> EvaResult:
     """Run EVA for ``task``'s LoRA/EVA settings on rollouts of the agent in the target env (as ``eva`` would)."""
     import_packages(task.env_packages)
-    agent = load_agent(agent_path, device=device)
+    agent = load_pretrained(agent_path, device=device)
     method = get_method("eva")
     lora = method.lora_config(task.lora)
-    plan = adapter_plan(agent, method, lora, task.eva)
-    factory = env_factory(task.target_env, task.wrappers, task.env_kwargs)
-    with closing(wrap_target_env(agent, make_vec(factory, task.n_envs, 0))) as env:
-        return eva_from_rollouts(agent, env, plan, task.eva, progress)
+    plan = adapter_plan(agent.model, method, lora, task.eva)
+    with closing(agent_env(task, agent, task.n_envs, 0)) as env:
+        return eva_from_rollouts(agent.model, wrap_target_env(agent.model, env), plan, task.eva, progress)
 
 
 def allocation_table(result: EvaResult) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.tasks import TaskConfig
+from eva_rl.loading import ALGORITHMS
 from eva_rl.methods import method_names
 
 
@@ -30,7 +31,7 @@ class Option:
     :param flags: The flag and its aliases (``("--seeds", "--seed")``).
     :param path: The task field it sets: ``"total_timesteps"``, or ``"<section>.<field>"`` for a field of the
         ``lora``, ``eva`` or ``eval`` settings or a key of the ``ppo`` arguments.
-    :param type: Parses the command-line string.
+    :param type: Parses the command-line string (``None`` for a flag, ``action="store_true"``).
     :param help: The ``--help`` text.
     :param method_setting: The ``method_settings`` key it overrides for every method (a learning rate given on the
         command line applies to all methods, not only those without their own).
@@ -42,7 +43,7 @@ class Option:
 
     flags: tuple[str, ...]
     path: str
-    type: Callable[[str], Any]
+    type: Callable[[str], Any] | None
     help: str
     method_setting: str | None = None
     nargs: str | None = None
@@ -65,7 +66,9 @@ class Option:
             }.items()
             if v is not None
         }
-        parser.add_argument(*self.flags, dest=self.dest, type=self.type, help=self.help, default=None, **extra)
+        if self.type is not None:
+            extra["type"] = self.type
+        parser.add_argument(*self.flags, dest=self.dest, help=self.help, default=None, **extra)
 
     def apply(self, task: TaskConfig, value: Any) -> TaskConfig:
         """``task`` with this option's field set to ``value`` (and validated again).
@@ -108,6 +111,13 @@ ADAPTER_OPTIONS = (
     Option(("--rho",), "eva.rho", float, "EVA rank redistribution factor (>= 1)", method_setting="rho"),
     Option(("--tau",), "eva.tau", float, "EVA convergence threshold, cosine in [0, 1]", method_setting="tau"),
     Option(("--eva-batch-size",), "eva.batch_size", int, "env steps per EVA batch"),
+    Option(
+        ("--algo",),
+        "algo",
+        str,
+        "algorithm to fine-tune with (default: the one that saved the agent; PPO and A2C agents take either)",
+        choices=tuple(ALGORITHMS),
+    ),
 )
 """The adapters and EVA (``finetune`` and ``inspect``)."""
 
@@ -132,12 +142,23 @@ FINETUNE_OPTIONS = (
     Option(("--eval-freq",), "eval.freq", int, "env steps between evaluations"),
     Option(("--eval-episodes",), "eval.episodes", int, "episodes per evaluation"),
     Option(("--checkpoint-freq",), "checkpoint_freq", int, "env steps between checkpoints"),
+    Option(
+        ("--update-obs-stats",),
+        "update_obs_stats",
+        None,
+        "let an agent's VecNormalize statistics keep updating while fine-tuning (rl-zoo3's continued training); "
+        "by default they stay as pretrained",
+        action="store_true",
+    ),
 )
 """The fine-tuning runs (``finetune``)."""
 
 PRETRAIN_OPTIONS = (
     Option(("--total-timesteps",), "pretrain_timesteps", int, "training budget (default: the task's)"),
     Option(("--seed",), "pretrain_seed", int, "seed (default: the task's)"),
+    Option(
+        ("--algo",), "algo", str, "algorithm to train with (default: the task's, else ppo)", choices=tuple(ALGORITHMS)
+    ),
 )
 """The source agent's training (``pretrain``)."""
 

@@ -10,7 +10,6 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from tqdm.auto import tqdm
 
@@ -18,6 +17,7 @@ from eva_rl.experiments.environments import env_factory, import_packages, load_o
 from eva_rl.experiments.tasks import ROOT, TaskConfig
 from eva_rl.experiments.training import evaluate
 from eva_rl.files import atomic_save_model, atomic_write_json, atomic_write_text
+from eva_rl.loading import ALGORITHMS
 
 _PACKAGES = ("eva-rl", "torch", "stable-baselines3", "gymnasium", "minigrid", "numpy")
 
@@ -88,8 +88,9 @@ def pretrain(
     out = out or ROOT / "agents" / source_env.replace(":", "-")
     factory = env_factory(source_env, task.wrappers, task.env_kwargs)
     start = time.perf_counter()
+    algorithm = task.algo or "ppo"
     with closing(make_vec(factory, task.n_envs, seed)) as train_env:
-        model = PPO(
+        model = ALGORITHMS[algorithm](
             task.policy,
             train_env,
             policy_kwargs=resolve_policy_kwargs(task.policy_kwargs),
@@ -118,6 +119,7 @@ def pretrain(
         "path": _display_path(out / "model.zip"),
         "timesteps": int(model.num_timesteps),
         "seed": seed,
+        "algorithm": algorithm,
         "policy": task.policy,
         "policy_kwargs": task.policy_kwargs,
         "ppo": {"n_envs": task.n_envs, **task.ppo},
@@ -147,7 +149,8 @@ def model_card_markdown(card: dict[str, Any]) -> str:
     )
     return (
         f"# {card['source_env']} source agent\n\n"
-        f"PPO agent trained by eva-rl's `scripts/pretrain.py` for task `{card['task']}`.\n\n"
+        f"{card.get('algorithm', 'ppo').upper()} agent trained by eva-rl's `scripts/pretrain.py` for task "
+        f"`{card['task']}`.\n\n"
         f"- Trained on `{card['source_env']}` for {card['timesteps']:,} steps, seed {card['seed']} "
         f"({card['train_seconds']} s)\n"
         f"- Return on `{card['source_env']}`: **{card['eval_return']:.3f}** ± {card['eval_return_std']:.3f} over "

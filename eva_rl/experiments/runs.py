@@ -1,8 +1,9 @@
 """One fine-tuning run: a method and a seed on a task, written to its own folder, resumable, skipped when complete.
 
 Layout: ``<log_dir>/<task>/<method>/seed<k>/`` holds the TensorBoard events, ``model.zip``, ``result.json``,
-``adapter/`` (adapter runs: the adapter-only checkpoint), ``eva.json`` (runs that used EVA), and while running
-``checkpoint.zip`` + ``state.json`` for ``--resume``.
+``adapter/`` (adapter runs: the adapter-only checkpoint), ``eva.json`` (runs that used EVA), ``vecnormalize.pkl``
+(agents trained with VecNormalize: the run's own statistics, which evaluating ``model.zip`` needs), and while
+running ``checkpoint.zip`` (+ ``checkpoint_vecnormalize.pkl``) and ``state.json`` for ``--resume``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from stable_baselines3 import PPO
+from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.logger import HParam, configure
 from stable_baselines3.common.vec_env import VecEnv
 
@@ -25,11 +26,11 @@ from eva_rl.checkpoints import save_adapter
 from eva_rl.errors import ConfigError, EvaConvergenceError, EvaRLError
 from eva_rl.eva_logging import record_eva_report
 from eva_rl.eva_report import EvaReport
-from eva_rl.experiments.environments import env_factory, make_vec
-from eva_rl.experiments.tasks import TaskConfig
-from eva_rl.experiments.training import RunCallback, count_parameters
-from eva_rl.files import atomic_save_model, atomic_write_json
-from eva_rl.loading import load_agent
+from eva_rl.experiments.environments import agent_env
+from eva_rl.experiments.tasks import TaskConfig, algorithm_arguments
+from eva_rl.experiments.training import CHECKPOINT_BUFFER, CHECKPOINT_STATS, STATS, RunCallback, count_parameters
+from eva_rl.files import atomic_save_model, atomic_save_stats, atomic_write_json
+from eva_rl.loading import ALGORITHMS, PretrainedAgent, load_agent, load_pretrained
 from eva_rl.methods import get_method
 
 
@@ -61,6 +62,7 @@ class RunResult:
     :ivar eva_env_steps: Env steps EVA's own rollouts took before PPO (0 without EVA or with EVA on PPO's data).
     :ivar eva_skipped_steps: Env steps of PPO rollouts that fed EVA without an update (EVA on PPO's data).
     :ivar source_return: The fine-tuned model's return back on the task's source env (``compare.py`` adds it).
+    :ivar algorithm: The algorithm that fine-tuned (``"ppo"``, ``"a2c"``...; results before it existed were PPO).
     """
 
     task: str
@@ -78,6 +80,7 @@ class RunResult:
     eva_skipped_steps: int = 0
     eva_seconds: float = 0.0
     source_return: float | None = field(default=None)
+    algorithm: str = "ppo"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -117,27 +120,47 @@ def run(spec: RunSpec, progress: bool = True, resume: bool = False) -> RunResult
         raise RunDirError(
             f"{spec.run_dir} holds an unfinished run; pass --resume to continue it, or use another --log-dir"
         )
+    start = time.perf_counter()
+    agent = load_pretrained(spec.agent_path, device=spec.device)
+    # The model is saved before state.json: a checkpoint without one was cut off, and the run starts over.
+    resuming = (spec.run_dir / "checkpoint.zip").exists() and (spec.run_dir / "state.json").exists()
+    stats = spec.run_dir / CHECKPOINT_STATS if resuming and (spec.run_dir / CHECKPOINT_STATS).exists() else None
+    task = spec.task
     with ExitStack() as envs:
-        factory = env_factory(spec.task.target_env, spec.task.wrappers, spec.task.env_kwargs)
-        train_env = envs.enter_context(closing(make_vec(factory, spec.task.n_envs, seed=spec.seed)))
-        eval_env = envs.enter_context(closing(make_vec(factory, spec.task.eval.env_count, seed=spec.task.eval.seed)))
-        start = time.perf_counter()
-        # The model is saved before state.json: a checkpoint without one was cut off, and the run starts over.
-        resuming = (spec.run_dir / "checkpoint.zip").exists() and (spec.run_dir / "state.json").exists()
-        model, state = _resume_model(spec, train_env) if resuming else (_start_model(spec, train_env, progress), None)
+        train_env = envs.enter_context(
+            closing(agent_env(task, agent, task.n_envs, spec.seed, training=task.update_obs_stats, stats=stats))
+        )
+        eval_env = envs.enter_context(
+            closing(agent_env(task, agent, task.eval.env_count, task.eval.seed, evaluation=True, stats=stats))
+        )
+        if resuming:
+            model, state = _resume_model(spec, agent, train_env)
+        else:
+            model, state = _start_model(spec, agent, train_env, progress), None
         callback = _run_callback(spec, eval_env, state, progress)
         callback.wall_before += time.perf_counter() - start
         _train(spec, model, callback)
         return _write_outputs(spec, model, callback)
 
 
-def _start_model(spec: RunSpec, train_env: VecEnv, progress: bool) -> PPO:
+def run_algorithm(task: TaskConfig, agent: PretrainedAgent) -> str:
+    """The algorithm a run of ``task`` fine-tunes ``agent`` with: the task's ``algo``, or the agent's own."""
+    return task.algo or agent.algorithm
+
+
+def _start_model(spec: RunSpec, agent: PretrainedAgent, train_env: VecEnv, progress: bool) -> BaseAlgorithm:
     """The model the method starts from, built from the pretrained agent, with its logger and start records."""
-    agent = load_agent(spec.agent_path, device=spec.device)
     task = spec.task
+    algorithm = run_algorithm(task, agent)
+    not_taken = sorted(set(task.ppo) - algorithm_arguments(algorithm))
+    if not_taken:
+        raise ConfigError(
+            f"task {task.name}: ppo setting(s) {not_taken} are not arguments of {ALGORITHMS[algorithm].__name__}, "
+            f"which fine-tunes this agent; remove them or set algo"
+        )
     hyperparameters = {**task.ppo, "seed": spec.seed, "device": spec.device, "verbose": 0, "tensorboard_log": None}
     eva = dataclasses.replace(task.eva, seed=spec.seed)
-    model = adapt(agent, train_env, spec.method, task.lora, eva, progress=progress, **hyperparameters)
+    model = adapt(agent.model, train_env, spec.method, task.lora, eva, progress, algorithm, **hyperparameters)
     spec.run_dir.mkdir(parents=True, exist_ok=True)
     for stale in spec.run_dir.glob("events.out.tfevents.*"):
         stale.unlink()  # a run killed before its first checkpoint starts over: one curve per run in TensorBoard
@@ -149,10 +172,12 @@ def _start_model(spec: RunSpec, train_env: VecEnv, progress: bool) -> PPO:
     return model
 
 
-def _resume_model(spec: RunSpec, train_env: VecEnv) -> tuple[PPO, dict[str, Any]]:
+def _resume_model(spec: RunSpec, agent: PretrainedAgent, train_env: VecEnv) -> tuple[BaseAlgorithm, dict[str, Any]]:
     """The checkpointed model and the callback state (eval curve, wall time) saved with it."""
     checkpoint, state_path = spec.run_dir / "checkpoint.zip", spec.run_dir / "state.json"
-    model = load_agent(checkpoint, device=spec.device, env=train_env)
+    model = load_agent(checkpoint, spec.device, run_algorithm(spec.task, agent), env=train_env)
+    if (spec.run_dir / CHECKPOINT_BUFFER).is_file():
+        model.load_replay_buffer(spec.run_dir / CHECKPOINT_BUFFER)
     if get_method(spec.method).runs_eva and _eva_report(model) is None:
         raise RunDirError(
             f"{checkpoint} was saved before EVA on PPO's rollouts finished; delete {spec.run_dir} to start it over"
@@ -161,16 +186,17 @@ def _resume_model(spec: RunSpec, train_env: VecEnv) -> tuple[PPO, dict[str, Any]
     return model, json.loads(state_path.read_text())
 
 
-def _eva_report(model: PPO) -> EvaReport | None:
+def _eva_report(model: BaseAlgorithm) -> EvaReport | None:
     return getattr(model.policy, "eva_report", None)
 
 
-def _log_start(spec: RunSpec, model: PPO, report: EvaReport | None) -> None:
+def _log_start(spec: RunSpec, model: BaseAlgorithm, report: EvaReport | None) -> None:
     """Hyperparameters (TensorBoard's HPARAMS) and EVA's report at step 0."""
     method = get_method(spec.method)
     task = spec.task
     hparams = {
         "method": spec.method,
+        "algorithm": type(model).__name__,
         "seed": spec.seed,
         "r": task.lora.r if method.uses_rank else 0,
         "rho": task.eva.rho if method.runs_eva else 0.0,
@@ -205,7 +231,7 @@ def _run_callback(spec: RunSpec, eval_env: VecEnv, state: dict[str, Any] | None,
     )
 
 
-def _train(spec: RunSpec, model: PPO, callback: RunCallback) -> None:
+def _train(spec: RunSpec, model: BaseAlgorithm, callback: RunCallback) -> None:
     """PPO up to the task's budget; with EVA on PPO's rollouts, EVA must have finished within it."""
     remaining = spec.task.total_timesteps - model.num_timesteps
     if remaining > 0:
@@ -218,13 +244,15 @@ def _train(spec: RunSpec, model: PPO, callback: RunCallback) -> None:
         )
 
 
-def _write_outputs(spec: RunSpec, model: PPO, callback: RunCallback) -> RunResult:
-    """``model.zip``, ``adapter/``, ``eva.json`` and last ``result.json`` (its presence marks the run complete)."""
+def _write_outputs(spec: RunSpec, model: BaseAlgorithm, callback: RunCallback) -> RunResult:
+    """``model.zip``, ``vecnormalize.pkl``, ``adapter/``, ``eva.json`` and last ``result.json`` (its presence marks
+    the run complete)."""
     run_dir = spec.run_dir
     report = _eva_report(model)
     if report is not None:
         atomic_write_json(run_dir / "eva.json", report.to_dict())  # EVA on PPO's data finishes during training
     atomic_save_model(model, run_dir / "model.zip")
+    atomic_save_stats(model, run_dir / STATS)
     if get_method(spec.method).adapters:
         save_adapter(model, run_dir / "adapter", method=spec.method)
     trainable, total = count_parameters(model)
@@ -232,6 +260,7 @@ def _write_outputs(spec: RunSpec, model: PPO, callback: RunCallback) -> RunResul
     result = RunResult(
         task=spec.task.name,
         method=spec.method,
+        algorithm=type(model).__name__.lower().removeprefix("eva"),
         seed=spec.seed,
         total_timesteps=int(model.num_timesteps),
         jumpstart=returns[0],
@@ -246,6 +275,6 @@ def _write_outputs(spec: RunSpec, model: PPO, callback: RunCallback) -> RunResul
         eva_seconds=report.seconds if report else 0.0,
     )
     atomic_write_json(run_dir / "result.json", result.to_dict())
-    (run_dir / "checkpoint.zip").unlink(missing_ok=True)
-    (run_dir / "state.json").unlink(missing_ok=True)
+    for leftover in ("checkpoint.zip", CHECKPOINT_STATS, CHECKPOINT_BUFFER, "state.json"):
+        (run_dir / leftover).unlink(missing_ok=True)
     return result

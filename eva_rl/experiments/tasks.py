@@ -14,6 +14,7 @@ import yaml
 
 from eva_rl.config import EvaConfig, LoraConfig
 from eva_rl.errors import ConfigError
+from eva_rl.loading import ALGORITHMS
 from eva_rl.methods import method_names
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,8 +65,15 @@ class TaskConfig:
     :param policy: SB3 policy for pretraining and training from scratch.
     :param policy_kwargs: Its ``policy_kwargs``; ``*_class`` and ``activation_fn`` values may be
         ``module:Class`` strings.
-    :param n_envs: Parallel envs for PPO.
-    :param ppo: PPO constructor arguments shared by every method (``learning_rate``, ``n_steps`` ...).
+    :param n_envs: Parallel envs for fine-tuning.
+    :param ppo: Constructor arguments of the fine-tuning algorithm shared by every method (``learning_rate``,
+        ``n_steps`` ...); the name is historical, the keys of every supported algorithm are accepted, and a run
+        rejects those its algorithm does not take.
+    :param algo: The algorithm to fine-tune with (``ppo``, ``a2c``, ``sac``, ``td3``, ``dqn``); ``None``: the one that
+        saved the agent. PPO and A2C agents can be fine-tuned with either.
+    :param update_obs_stats: An agent's ``VecNormalize`` statistics keep updating during fine-tuning, as rl-zoo3 does
+        when it continues training. Off by default: the frozen base weights and EVA's directions were computed on
+        inputs normalized with the pretrained statistics, and moving them would change what the frozen base sees.
     :param pretrain_timesteps: Budget of ``scripts/pretrain.py``.
     :param pretrain_seed: Seed of ``scripts/pretrain.py``.
     :param total_timesteps: Fine-tuning budget per run.
@@ -90,6 +98,8 @@ class TaskConfig:
     policy_kwargs: dict[str, Any] = field(default_factory=dict)
     n_envs: int = 8
     ppo: dict[str, Any] = field(default_factory=dict)
+    algo: str | None = None
+    update_obs_stats: bool = False
     pretrain_timesteps: int = 100_000
     pretrain_seed: int = 0
     total_timesteps: int = 100_000
@@ -116,9 +126,16 @@ class TaskConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} is invalid: expected an integer >= 1")
-        unknown = sorted(set(self.ppo) - _ppo_arguments())
+        if not isinstance(self.ppo, dict):
+            raise ConfigError(f"ppo={self.ppo!r} is invalid: expected a mapping of algorithm arguments")
+        unknown = sorted(set(self.ppo) - algorithm_arguments())
         if unknown:
-            raise ConfigError(f"unknown PPO argument(s) {unknown} in ppo; accepted: {sorted(_ppo_arguments())}")
+            accepted = sorted(algorithm_arguments())
+            raise ConfigError(f"unknown algorithm argument(s) {unknown} in ppo; accepted: {accepted}")
+        if self.algo is not None and self.algo not in ALGORITHMS:
+            raise ConfigError(f"algo={self.algo!r} is invalid: expected one of {list(ALGORITHMS)}")
+        if not isinstance(self.update_obs_stats, bool):
+            raise ConfigError(f"update_obs_stats={self.update_obs_stats!r} is invalid: expected true or false")
         if not self.seeds or not all(isinstance(s, int) for s in self.seeds):
             raise ConfigError(f"seeds={self.seeds!r} is invalid: expected a non-empty list of integers")
 
@@ -165,10 +182,9 @@ def check_method_settings(method_settings: dict[str, dict[str, float]], where: s
             )
 
 
-def _ppo_arguments() -> set[str]:
-    """PPO constructor arguments a task may set (the policy, env and run plumbing are eva-rl's)."""
-    from stable_baselines3 import PPO
-
+def algorithm_arguments(algorithm: str | None = None) -> set[str]:
+    """Constructor arguments a task may set for ``algorithm`` (default: any supported algorithm); the policy, env
+    and run plumbing are eva-rl's."""
     excluded = {
         "self",
         "policy",
@@ -180,7 +196,8 @@ def _ppo_arguments() -> set[str]:
         "tensorboard_log",
         "_init_setup_model",
     }
-    return set(inspect.signature(PPO.__init__).parameters) - excluded
+    classes = [ALGORITHMS[algorithm]] if algorithm else list(ALGORITHMS.values())
+    return {name for cls in classes for name in inspect.signature(cls.__init__).parameters} - excluded
 
 
 def build_config(cls: type, values: dict[str, Any], where: str) -> Any:

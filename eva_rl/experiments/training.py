@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -10,15 +11,26 @@ import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
-from stable_baselines3.common.vec_env import VecEnv
+from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+from stable_baselines3.common.vec_env import VecEnv, sync_envs_normalization
 from tqdm.auto import tqdm
 
-from eva_rl.files import atomic_save_model, atomic_write_json
+from eva_rl.files import STATS, atomic_save_model, atomic_save_stats, atomic_write_json
+from eva_rl.policies import target_pairs
+
+__all__ = ["CHECKPOINT_BUFFER", "CHECKPOINT_STATS", "STATS", "RunCallback", "count_parameters", "evaluate"]
+
+CHECKPOINT_STATS = "checkpoint_vecnormalize.pkl"
+"""The statistics saved with ``checkpoint.zip``."""
+CHECKPOINT_BUFFER = "checkpoint_replay_buffer.pkl"
+"""An off-policy run's replay buffer, saved with ``checkpoint.zip`` so a resumed run trains on the same data."""
 
 
 def count_parameters(model: BaseAlgorithm) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts of ``model.policy``."""
-    params = list(model.policy.parameters())
+    """``(trainable, total)`` parameter counts of ``model.policy``, target networks left out (they follow their
+    online networks and are never deployed)."""
+    targets = tuple(f"{target}." for _, target in target_pairs(model.policy))
+    params = [p for name, p in model.policy.named_parameters() if not name.startswith(targets)]
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
@@ -93,6 +105,7 @@ class RunCallback(BaseCallback):
         return self.wall_before + (time.perf_counter() - self._started if self._started else 0.0)
 
     def _evaluate(self) -> None:
+        sync_envs_normalization(self.training_env, self.eval_env)  # statistics that keep updating
         mean, std = evaluate(self.model, self.eval_env, self.eval_episodes, self.eval_seed, self.deterministic)
         step = self.num_timesteps
         self.curve.append([step, mean])
@@ -134,8 +147,14 @@ class RunCallback(BaseCallback):
         return True
 
     def save_checkpoint(self) -> None:
-        """Model first, then the state that points at it: a crash between the two loses nothing."""
+        """Model, statistics and replay buffer first, then the state that points at them: a crash between loses
+        nothing."""
         atomic_save_model(self.model, self.run_dir / "checkpoint.zip")
+        atomic_save_stats(self.model, self.run_dir / CHECKPOINT_STATS)
+        if isinstance(self.model, OffPolicyAlgorithm):
+            tmp = self.run_dir / f".{CHECKPOINT_BUFFER}.tmp"
+            self.model.save_replay_buffer(tmp)
+            os.replace(tmp, self.run_dir / CHECKPOINT_BUFFER)
         atomic_write_json(
             self.run_dir / "state.json",
             {"num_timesteps": self.num_timesteps, "curve": self.curve, "wall_seconds": self.wall_seconds},

@@ -1,0 +1,83 @@
+"""The algorithm recorded in the zip decides how an agent is fine-tuned; agents trained with VecNormalize are
+fine-tuned, evaluated and saved with their statistics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import A2C, PPO
+from stable_baselines3.common.vec_env import VecNormalize
+
+import eva_rl
+from eva_rl.experiments.cli import finetune_main
+from eva_rl.loading import load_agent, load_pretrained
+
+pytestmark = pytest.mark.filterwarnings("ignore:(EVA|eva|lora):UserWarning")
+
+ZOO_RUN = Path(__file__).resolve().parent / "fixtures" / "zoo" / "ppo" / "Pendulum-v1_1"
+TINY = ["--eval-episodes", "4", "--no-progress", "--eva-batch-size", "64"]
+
+
+@pytest.fixture(scope="module")
+def a2c_agent(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("a2c") / "a2c.zip"
+    A2C("MlpPolicy", "CartPole-v1", seed=0, device="cpu").learn(500).save(path)
+    return path
+
+
+def run(argv: list[str], log_dir: Path) -> int:
+    return finetune_main([*argv, *TINY, "--log-dir", str(log_dir)])
+
+
+def result(log_dir: Path, method: str, task: str = "CartPole-v1") -> dict:
+    return json.loads((log_dir / task / method / "seed0" / "result.json").read_text())
+
+
+def test_an_a2c_agent_is_fine_tuned_with_a2c(a2c_agent: Path, tmp_path: Path) -> None:
+    argv = ["--env", "CartPole-v1", "--pretrained", str(a2c_agent), "--methods", "eva,full"]
+    assert run([*argv, "--total-timesteps", "200", "--eval-freq", "100"], tmp_path) == 0
+    for method in ("eva", "full"):
+        assert result(tmp_path, method)["algorithm"] == "a2c"
+        model = load_agent(tmp_path / "CartPole-v1" / method / "seed0" / "model.zip", device="cpu")
+        assert isinstance(model, A2C) and model.n_steps == 5  # A2C's own rollout, not PPO's
+        assert isinstance(model.policy.optimizer, torch.optim.RMSprop)
+
+
+def test_algo_overrides_where_the_policies_allow_it(a2c_agent: Path, tmp_path: Path, capsys) -> None:
+    argv = ["--env", "CartPole-v1", "--pretrained", str(a2c_agent), "--methods", "lora", "--algo", "ppo"]
+    assert run([*argv, "--total-timesteps", "256", "--eval-freq", "128", "--lr", "1e-3"], tmp_path) == 0
+    assert result(tmp_path, "lora")["algorithm"] == "ppo"
+    model = load_agent(tmp_path / "CartPole-v1" / "lora" / "seed0" / "model.zip", device="cpu")
+    assert isinstance(model, PPO) and isinstance(model.policy.optimizer, torch.optim.Adam)
+    capsys.readouterr()
+    code = run(["--env", "Pendulum-v1", "--pretrained", str(ZOO_RUN), "--algo", "sac", "--methods", "full"], tmp_path)
+    assert code == 2
+    assert "a PPO agent cannot be fine-tuned with SAC" in capsys.readouterr().err
+
+
+def test_a_zoo_agent_with_vecnormalize_works_with_default_settings(tmp_path: Path, capsys) -> None:
+    """Pendulum's 3 observation features are narrower than the default rank 4: capped, with a warning."""
+    argv = ["--env", "Pendulum-v1", "--pretrained", str(ZOO_RUN), "--methods", "eva"]
+    capped = r"rank capped at the layer's width \(fan-in\) for mlp_extractor.policy_net.0 \(4 -> 3\)"
+    with pytest.warns(UserWarning, match=capped):
+        assert run([*argv, "--total-timesteps", "1024", "--eval-freq", "1024"], tmp_path) == 0
+    assert "agent: PPO (rl-zoo3, VecNormalize statistics" in capsys.readouterr().out
+    run_dir = tmp_path / "Pendulum-v1" / "eva" / "seed0"
+    assert {"vecnormalize.pkl", "model.zip", "eva.json"} <= {p.name for p in run_dir.iterdir()}
+    assert (run_dir / "adapter" / "vecnormalize.pkl").is_file()
+    jumpstart = result(tmp_path, "eva", "Pendulum-v1")["jumpstart"]
+    assert jumpstart > -400, "evaluated with the agent's statistics (raw observations give about -1400)"
+    # The adapter folder carries the statistics: load_adapter wraps a raw env in them.
+    base = load_pretrained(ZOO_RUN, device="cpu").model
+    restored = eva_rl.load_adapter(base, run_dir / "adapter", env=gym.make("Pendulum-v1"))
+    assert isinstance(restored.get_env(), VecNormalize) and not restored.get_env().training
+    fine_tuned = load_agent(run_dir / "model.zip", device="cpu")
+    obs = restored.get_env().normalize_obs(np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 2.0]], dtype=np.float32))
+    np.testing.assert_allclose(
+        restored.predict(obs, deterministic=True)[0], fine_tuned.predict(obs, deterministic=True)[0], atol=1e-5
+    )

@@ -1,0 +1,105 @@
+"""Agents from elsewhere: the algorithm read from the zip, rl-zoo3 and Hub folders with their VecNormalize
+statistics, and the jumpstart rl-zoo3's own evaluation reports."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import pytest
+from stable_baselines3 import A2C, DQN, PPO, SAC, TD3
+from stable_baselines3.common.vec_env import VecNormalize
+
+from eva_rl import AgentError
+from eva_rl.experiments.finetune import pretrained_return
+from eva_rl.experiments.tasks import EvalSettings, TaskConfig
+from eva_rl.loading import detect_algorithm, load_pretrained, read_zoo_yaml
+
+ZOO = Path(__file__).resolve().parent / "fixtures" / "zoo"
+RUN = ZOO / "ppo" / "Pendulum-v1_1"  # written by rl_zoo3.train, see Pendulum-v1/command.txt
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "env_id"),
+    [(PPO, "CartPole-v1"), (A2C, "CartPole-v1"), (SAC, "Pendulum-v1"), (TD3, "Pendulum-v1"), (DQN, "CartPole-v1")],
+)
+def test_the_algorithm_is_read_from_the_zip(algorithm: type, env_id: str, tmp_path: Path) -> None:
+    kwargs = {"learning_starts": 0, "buffer_size": 100} if algorithm in (SAC, TD3, DQN) else {}
+    algorithm("MlpPolicy", env_id, device="cpu", **kwargs).save(tmp_path / "agent.zip")
+    assert detect_algorithm(tmp_path / "agent.zip") == algorithm.__name__.lower()
+
+
+def test_unsupported_and_broken_zips_are_named(tmp_path: Path) -> None:
+    from stable_baselines3 import DDPG
+
+    DDPG("MlpPolicy", "Pendulum-v1", buffer_size=100, device="cpu").save(tmp_path / "ddpg.zip")
+    with pytest.raises(AgentError, match="saved by DDPG, which eva-rl does not support"):
+        detect_algorithm(tmp_path / "ddpg.zip")
+    (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(AgentError, match="is not an SB3 zip"):
+        load_pretrained(tmp_path / "broken.zip")
+
+
+def test_an_rl_zoo3_run_folder_brings_its_statistics_and_env() -> None:
+    agent = load_pretrained(RUN, device="cpu")
+    assert (agent.algorithm, agent.layout, agent.env_id) == ("ppo", "rl-zoo3", "Pendulum-v1")
+    assert agent.path == RUN / "Pendulum-v1.zip"
+    assert agent.vec_normalize == RUN / "Pendulum-v1" / "vecnormalize.pkl"
+    env = agent.wrap_vec_env(PPO("MlpPolicy", "Pendulum-v1").get_env())
+    assert isinstance(env, VecNormalize) and not env.training
+    same = load_pretrained(RUN / "Pendulum-v1.zip", device="cpu")  # the zip inside the folder finds it too
+    assert same.vec_normalize == agent.vec_normalize and same.layout == "rl-zoo3"
+
+
+def test_a_hub_folder_brings_its_statistics(tmp_path: Path) -> None:
+    hub = tmp_path / "ppo-Pendulum-v1"
+    hub.mkdir()
+    shutil.copy(RUN / "Pendulum-v1.zip", hub / "ppo-Pendulum-v1.zip")
+    shutil.copy(RUN / "Pendulum-v1" / "config.yml", hub / "config.yml")
+    shutil.copy(RUN / "Pendulum-v1" / "vecnormalize.pkl", hub / "vec_normalize.pkl")
+    agent = load_pretrained(hub, device="cpu")
+    assert (agent.layout, agent.vec_normalize) == ("hub", hub / "vec_normalize.pkl")
+    (hub / "vec_normalize.pkl").unlink()
+    with pytest.raises(AgentError, match="trained with normalize=True but has no vecnormalize.pkl or vec_normalize"):
+        load_pretrained(hub, device="cpu")
+
+
+def test_zoo_yaml_is_read_without_running_code(tmp_path: Path) -> None:
+    assert read_zoo_yaml(RUN / "Pendulum-v1" / "config.yml")["normalize"] is True
+    marker = tmp_path / "ran"
+    evil = tmp_path / "config.yml"
+    evil.write_text(f"!!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(AgentError, match="not an rl-zoo3 YAML file"):
+        read_zoo_yaml(evil)
+    assert not marker.exists()
+
+
+def zoo_task(episodes: int) -> TaskConfig:
+    """The ad-hoc task ``--env Pendulum-v1`` makes (greedy evaluation, as rl-zoo3 evaluates Pendulum)."""
+    return TaskConfig(name="Pendulum-v1", target_env="Pendulum-v1", eval=EvalSettings(episodes=episodes,
+                      deterministic=True))  # fmt: skip
+
+
+def test_the_jumpstart_matches_rl_zoo3s_own_evaluation() -> None:
+    pytest.importorskip("rl_zoo3")
+    episodes = 20
+    done = subprocess.run(
+        [sys.executable, "-m", "rl_zoo3.enjoy", "--algo", "ppo", "--env", "Pendulum-v1", "-f", str(ZOO),
+         "--exp-id", "1", "-n", str(200 * episodes), "--no-render", "--seed", "3"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    mean, std = map(float, re.search(r"Mean reward: (-?[\d.]+) \+/- ([\d.]+)", done.stdout).groups())
+    ours = pretrained_return(zoo_task(episodes), RUN, device="cpu")
+    assert abs(ours - mean) < 3 * std * (2 / episodes) ** 0.5, (ours, mean, std)  # 3 standard errors of the gap
+    # The statistics matter: the same policy on raw observations does far worse.
+    raw = load_pretrained(RUN / "Pendulum-v1.zip", device="cpu")
+    raw.vec_normalize = None
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    raw_mean, _ = evaluate_policy(raw.model, gym.make("Pendulum-v1"), n_eval_episodes=5, deterministic=True)
+    assert raw_mean < mean - 5 * std

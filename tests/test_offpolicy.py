@@ -1,0 +1,203 @@
+"""SAC, TD3 and DQN agents get adapters like PPO's: on the actor and the critics, mirrored into the target networks;
+every method but scratch acts as the pretrained agent at step 0; plain ``SAC.load`` round trips; EVA sees the
+critics' (observation, action) inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import DQN, SAC, TD3
+
+import eva_rl
+from eva_rl import EvaConfig, LoraConfig
+from eva_rl.offpolicy import PretrainedSAC
+from eva_rl.policies import target_pairs
+from eva_rl.rollouts import RolloutBatches
+
+pytestmark = pytest.mark.filterwarnings("ignore:(EVA|eva|lora|pissa|olora|head):UserWarning")
+
+ALGORITHMS = {"sac": (SAC, "Pendulum-v1"), "td3": (TD3, "Pendulum-v1"), "dqn": (DQN, "CartPole-v1")}
+FAST_EVA = EvaConfig(batch_size=64, max_batches=60, on_max_batches="warn")
+
+
+def pretrained(name: str, seed: int = 0):
+    """A small agent whose weights look trained, with its targets lagging behind (as a trained agent's do)."""
+    algorithm, env_id = ALGORITHMS[name]
+    kwargs = {"policy_kwargs": {"net_arch": [32, 32]}, "buffer_size": 2000, "learning_starts": 50, "seed": seed}
+    model = algorithm("MlpPolicy", env_id, device="cpu", **kwargs)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for param in model.policy.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def observations(name: str, n: int = 16) -> np.ndarray:
+    space = gym.make(ALGORITHMS[name][1]).observation_space
+    space.seed(3)
+    return np.stack([space.sample() for _ in range(n)])
+
+
+def outputs(model, obs: np.ndarray) -> list[torch.Tensor]:
+    """The actor's greedy actions and every Q-value the policy computes (online and target)."""
+    policy = model.policy
+    tensor, _ = policy.obs_to_tensor(obs)
+    with torch.no_grad():
+        if hasattr(policy, "q_net"):
+            return [policy.q_net(tensor), policy.q_net_target(tensor)]
+        actions = policy._predict(tensor, deterministic=True)
+        return [actions, *policy.critic(tensor, actions), *policy.critic_target(tensor, actions)]
+
+
+def adapt(name: str, method: str, **kwargs):
+    base = pretrained(name)
+    env = gym.make(ALGORITHMS[name][1])
+    return base, eva_rl.adapt(base, env, method, LoraConfig(r=2), FAST_EVA, **kwargs)
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+@pytest.mark.parametrize("method", ["eva", "lora", "pissa", "dora", "head", "full"])
+def test_every_method_acts_as_the_pretrained_agent_at_step_zero(name: str, method: str) -> None:
+    base, model = adapt(name, method)
+    obs = observations(name)
+    online_base = outputs(base, obs)[: len(outputs(base, obs)) // 2 + (0 if name == "dqn" else 1)]
+    online_model = outputs(model, obs)[: len(online_base)]
+    for got, want in zip(online_model, online_base):
+        assert (got - want).abs().max() < 1e-5, method
+    assert isinstance(model, ALGORITHMS[name][0])
+    # Targets start as copies of the online networks, adapters included.
+    for online, target in target_pairs(model.policy):
+        online_state, target_state = (
+            getattr(model.policy, online).state_dict(),
+            getattr(model.policy, target).state_dict(),
+        )
+        assert online_state.keys() == target_state.keys()
+        assert all(torch.equal(online_state[k], target_state[k]) for k in online_state)
+        assert not any(p.requires_grad for p in getattr(model.policy, target).parameters()) or method == "full"
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_adapters_cover_actor_and_critics_and_targets_follow_by_polyak(name: str) -> None:
+    _, model = adapt(name, "lora", **({"target_update_interval": 50} if name == "dqn" else {}))
+    layers = model.policy.lora_layers
+    if name == "dqn":
+        assert {n for n in layers} == {"q_net.q_net.0", "q_net.q_net.2", "q_net.q_net.4"}
+    else:
+        assert any(n.startswith("actor.") for n in layers) and any(n.startswith("critic.qf1.") for n in layers)
+    assert not any("target" in n for n in layers)
+    trainable = {n for n, p in model.policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.endswith("log_std") for n in trainable), trainable
+    before = {n: p.detach().clone() for n, p in model.policy.named_parameters() if "target" in n and "lora_B" in n}
+    model.learn(200)
+    moved = [n for n, p in model.policy.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert moved, "the targets' adapters follow the online adapters"
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_plain_load_in_a_fresh_process_merge_and_adapter_checkpoint(name: str, tmp_path: Path) -> None:
+    base, model = adapt(name, "eva")
+    model.learn(150)  # non-zero B
+    obs = observations(name)
+    expected = outputs(model, obs)[0].numpy()
+    model.save(tmp_path / "model.zip")
+    np.save(tmp_path / "obs.npy", obs)
+    algorithm = ALGORITHMS[name][0].__name__
+    script = (
+        f"import numpy as np, torch\nfrom stable_baselines3 import {algorithm}\n"
+        f"m = {algorithm}.load({str(tmp_path / 'model.zip')!r}, device='cpu')\n"
+        f"obs = np.load({str(tmp_path / 'obs.npy')!r})\n"
+        "t, _ = m.policy.obs_to_tensor(obs)\n"
+        "with torch.no_grad():\n"
+        "    out = m.policy.q_net(t) if hasattr(m.policy, 'q_net') else m.policy._predict(t, deterministic=True)\n"
+        f"np.save({str(tmp_path / 'out.npy')!r}, out.numpy())\n"
+        "print(type(m.policy).__name__, sorted(m.policy.lora_ranks.items()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-6)
+    assert done.stdout.startswith(type(model.policy).__name__)
+
+    merged = eva_rl.merge(model)
+    assert type(merged.policy).__module__.startswith("stable_baselines3")
+    np.testing.assert_allclose(outputs(merged, obs)[0].numpy(), expected, atol=1e-5)
+
+    folder = eva_rl.save_adapter(model, tmp_path / "adapter")
+    restored = eva_rl.load_adapter(base, folder, env=gym.make(ALGORITHMS[name][1]))
+    np.testing.assert_allclose(outputs(restored, obs)[0].numpy(), expected, atol=1e-6)
+    assert json.loads((folder / "adapter_config.json").read_text())["policy_class"] == type(model.policy).__name__
+
+
+def test_eva_sees_the_critics_observation_action_inputs() -> None:
+    """The critic's first layer sees [observation, scaled action]; tracking all 4 components makes EVA exact, so its
+    directions must match an SVD of exactly those rows (the rollout's observations and actions)."""
+    base = pretrained("sac")
+    eva = EvaConfig(batch_size=64, rho=2.0, tau=0.999, max_batches=40, on_max_batches="warn", seed=5)
+    env = gym.make("Pendulum-v1")
+    model = eva_rl.adapt(base, env, "eva", LoraConfig(r=2), eva)
+    report = model.policy.eva_report
+    assert report.fan_in["critic.qf0.0"] == 3 + 1 and report.shared_inputs.get("critic.qf1.0") == "critic.qf0.0"
+    assert any(n.startswith("actor.") and r > 0 for n, r in report.ranks.items())
+
+    vec_env = eva_rl.models.wrap_target_env(base, gym.make("Pendulum-v1"))
+    stream = RolloutBatches(base.policy, vec_env, 64, seed=5, with_actions=True)
+    batches = []
+    for batch in stream:
+        batches.append(batch)
+        if len(batches) == report.batches_used:
+            break
+    rows = [np.concatenate(batches[i - 1], axis=1) for i in report.batches_fed["critic.qf0.0"]]
+    data = torch.as_tensor(np.concatenate(rows), dtype=torch.float64)
+    assert data[:, 3].abs().max() <= 1.0  # actions scaled to [-1, 1], as the replay buffer stores them
+    _, _, vt = torch.linalg.svd(data - data.mean(0), full_matrices=False)
+    layer = model.policy.lora_layers["critic.qf0.0"]
+    directions = layer.lora_A.detach().double()
+    cos = torch.nn.functional.cosine_similarity(directions, vt[: layer.r], dim=1).abs()
+    assert cos.min() > 0.999, cos
+
+
+def test_dqn_explores_as_fine_tuning_will() -> None:
+    base = pretrained("dqn")
+    base.exploration_final_eps = 0.3
+    model = eva_rl.adapt(base, gym.make("CartPole-v1"), "lora", LoraConfig(r=2))
+    assert model.exploration_initial_eps == 0.3
+    scratch = eva_rl.adapt(base, gym.make("CartPole-v1"), "scratch")
+    assert scratch.exploration_initial_eps == 1.0
+    vec_env = eva_rl.models.wrap_target_env(base, gym.make("CartPole-v1"))
+    for rate, expected in ((0.0, 0.0), (0.5, 0.25)):  # half the random actions agree with the greedy one
+        stream = RolloutBatches(base.policy, vec_env, 2000, deterministic=True, seed=1, exploration_rate=rate)
+        obs = next(iter(stream))
+        greedy = base.policy.predict(obs, deterministic=True)[0]
+        stream = RolloutBatches(base.policy, vec_env, 2000, deterministic=True, seed=1, exploration_rate=rate,
+                                with_actions=True)  # fmt: skip
+        obs, taken = next(iter(stream))
+        disagree = float(np.mean(taken != base.policy.predict(obs, deterministic=True)[0]))
+        assert abs(disagree - expected) < 0.05, (rate, disagree)
+        assert greedy.shape == taken.shape
+
+
+def test_the_warm_up_acts_with_the_pretrained_policy() -> None:
+    base = pretrained("td3")
+    model = eva_rl.adapt(base, gym.make("Pendulum-v1"), "lora", LoraConfig(r=2))
+    scratch = eva_rl.adapt(base, gym.make("Pendulum-v1"), "scratch")
+    assert isinstance(model, eva_rl.offpolicy.PretrainedTD3) and type(scratch) is TD3
+    model._setup_learn(100)
+    _, chosen = model._sample_action(learning_starts=100)  # a warm-up step, as the replay buffer stores it
+    greedy = model.policy.scale_action(model.predict(model._last_obs, deterministic=True)[0])
+    np.testing.assert_allclose(chosen, np.clip(greedy, -1, 1), atol=1e-6)
+
+
+def test_sac_learns_with_adapters_only() -> None:
+    base, model = adapt("sac", "eva")
+    assert isinstance(model, PretrainedSAC)
+    frozen = {n: p.detach().clone() for n, p in model.policy.named_parameters() if not p.requires_grad}
+    model.learn(300)
+    online_frozen = [n for n in frozen if "target" not in n]
+    changed = [n for n in online_frozen if not torch.equal(frozen[n], model.policy.get_parameter(n))]
+    assert changed == [], changed
