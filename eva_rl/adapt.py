@@ -15,7 +15,7 @@ from eva_rl.errors import ConfigError, SpaceMismatchError
 from eva_rl.eva import EvaResult, EvaSession
 from eva_rl.eva_ppo import EVA_ROLLOUT_ALGORITHMS
 from eva_rl.inject import inject_adapters, merged_state_dict, remove_adapters
-from eva_rl.loading import ALGORITHMS, ON_POLICY
+from eva_rl.loading import ALGORITHMS, ON_POLICY, algorithm_name
 from eva_rl.methods import Method, get_method
 from eva_rl.models import build_model, load_base_weights, policy_kwargs_for, wrap_target_env
 from eva_rl.offpolicy import PRETRAINED_WARMUP
@@ -220,7 +220,7 @@ def merge(model: BaseAlgorithm, env: GymEnv | None = None) -> BaseAlgorithm:
     if not isinstance(model.policy, LoraPolicyMixin):
         raise ConfigError(f"model.policy is a {type(model.policy).__name__}, which has no LoRA adapters to merge")
     plain_class = PLAIN_POLICY_FOR[type(model.policy)]
-    algorithm = next(cls for cls in ALGORITHMS.values() if isinstance(model, cls))  # EvaPPO merges into PPO
+    algorithm = ALGORITHMS[algorithm_name(model)]  # EvaPPO merges into PPO
     merged = build_model(model, plain_class, plain_policy_kwargs(model.policy_kwargs), algorithm=algorithm)
     merged.policy.load_state_dict(merged_state_dict(model.policy), strict=True)
     env = env if env is not None else model.get_env()

@@ -43,6 +43,14 @@ def _zip_data(path: Path) -> dict[str, Any]:
         ) from error
 
 
+def algorithm_name(model: BaseAlgorithm) -> str:
+    """The name (a key of :data:`ALGORITHMS`) of the algorithm ``model`` is, subclasses included (EvaPPO is PPO)."""
+    for name, algorithm in ALGORITHMS.items():
+        if isinstance(model, algorithm):
+            return name
+    raise AgentError(f"{type(model).__name__} is not one of the supported algorithms {list(ALGORITHMS)}")
+
+
 def detect_algorithm(path: Path) -> str:
     """The algorithm that saved the zip at ``path``: ``"ppo"``, ``"a2c"``, ``"sac"``, ``"td3"`` or ``"dqn"``.
 

@@ -81,3 +81,27 @@ def test_a_zoo_agent_with_vecnormalize_works_with_default_settings(tmp_path: Pat
     np.testing.assert_allclose(
         restored.predict(obs, deterministic=True)[0], fine_tuned.predict(obs, deterministic=True)[0], atol=1e-5
     )
+
+
+def test_inspect_and_runs_work_with_an_off_policy_agent(tmp_path: Path, capsys) -> None:
+    from stable_baselines3 import SAC
+
+    from eva_rl.experiments.cli import inspect_main
+
+    agent = tmp_path / "sac.zip"
+    SAC("MlpPolicy", "Pendulum-v1", policy_kwargs={"net_arch": [32, 32]}, learning_starts=0, seed=0).learn(64).save(
+        agent
+    )
+    code = inspect_main(
+        ["--env", "Pendulum-v1", "--pretrained", str(agent), "--no-progress", "--out", str(tmp_path / "a.png")]
+    )
+    assert code == 0
+    rows = {
+        line.split()[0]: line.split()
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith(("actor", "critic"))
+    }
+    assert rows["critic.qf0.0"][1] == "4" and int(rows["critic.qf0.0"][2]) > 0  # 3 observation features + 1 action
+    argv = ["--env", "Pendulum-v1", "--pretrained", str(agent), "--methods", "eva,scratch", "--checkpoint-freq", "128"]
+    assert run([*argv, "--total-timesteps", "256", "--eval-freq", "256"], tmp_path) == 0
+    assert {result(tmp_path, m, "Pendulum-v1")["algorithm"] for m in ("eva", "scratch")} == {"sac"}

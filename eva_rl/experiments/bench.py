@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from stable_baselines3 import PPO
+from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 
 from eva_rl.adapt import adapt
@@ -25,7 +26,7 @@ from eva_rl.errors import ConfigError
 from eva_rl.eva import layer_input_rows
 from eva_rl.experiments.environments import env_factory, import_packages, make_vec
 from eva_rl.experiments.tasks import TaskConfig, find_task
-from eva_rl.loading import load_agent
+from eva_rl.loading import algorithm_name, load_agent
 from eva_rl.models import wrap_target_env
 from eva_rl.rollouts import RolloutBatches, policy_forward
 
@@ -89,18 +90,19 @@ def _target_ppo(task: TaskConfig, seed: int, device: Any, env_seed: int | None =
 
 
 def measure_lora_throughput(
-    model: PPO, task: TaskConfig, steps: int = 2048, repeats: int = 3, seed: int = 0
+    model: BaseAlgorithm, task: TaskConfig, steps: int = 2048, repeats: int = 3, seed: int = 0
 ) -> dict[str, Any]:
-    """PPO steps/s of a LoRA-adapted copy of ``model`` against the plain policy, interleaved in one process.
+    """Training steps/s of a LoRA-adapted copy of ``model`` against the plain policy, interleaved in one process.
 
-    Both learn on their own copy of the task's target env with its PPO settings; the plain one trains every
-    weight, the adapted one only its adapters.
+    Both learn on their own copy of the task's target env with its settings, with ``model``'s algorithm; the plain
+    one (full fine-tuning) trains every weight, the adapted one only its adapters. The ratio's key names the
+    algorithm (``lora_ppo_throughput_ratio``, ``lora_sac_throughput_ratio``).
     """
     env, settings = _target_ppo(task, seed, model.device)
     adapted = adapt(model, env, method="lora", lora=task.lora, **settings)
     plain_env, _ = _target_ppo(task, seed, model.device)
-    plain = PPO(type(model.policy), plain_env, policy_kwargs=model.policy_kwargs, **settings)
-    plain.policy.load_state_dict(model.policy.state_dict())
+    plain = adapt(model, plain_env, method="full", **settings)
+    algorithm = algorithm_name(model)
     rates: dict[str, list[float]] = {"plain": [], "lora": []}
     for _ in range(repeats):
         for name, agent in (("plain", plain), ("lora", adapted)):
@@ -110,8 +112,21 @@ def measure_lora_throughput(
     return {
         "plain_steps_per_s": round(sum(rates["plain"]) / repeats, 1),
         "lora_steps_per_s": round(sum(rates["lora"]) / repeats, 1),
-        "lora_ppo_throughput_ratio": round(sum(rates["lora"]) / sum(rates["plain"]), 3),
+        f"lora_{algorithm}_throughput_ratio": round(sum(rates["lora"]) / sum(rates["plain"]), 3),
     }
+
+
+def measure_offpolicy_throughput(
+    task_name: str, seed: int = 0, device: str = "cpu", steps: int = 1000
+) -> dict[str, Any]:
+    """:func:`measure_lora_throughput` for the off-policy agent a task bundles (LoRA-SAC against plain SAC)."""
+    task = find_task(task_name)
+    if task is None or task.agent_path is None:
+        raise ConfigError(f"bench: task {task_name!r} has no bundled agent")
+    import_packages(task.env_packages)
+    model = load_agent(task.agent_path, device=device)
+    return {"task": task.name, "algorithm": type(model).__name__, "steps": steps,
+            **measure_lora_throughput(model, task, steps=steps, repeats=3, seed=seed)}  # fmt: skip
 
 
 _PROFILE_PARTS = {
@@ -359,6 +374,11 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         "--quick", action="store_true", help="512 PPO steps per timing round, 2 scaling points (a smoke run)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for small nets)")
+    parser.add_argument(
+        "--offpolicy-task",
+        default="Pendulum-Gravity",
+        help="a task with a bundled off-policy agent, for the LoRA-SAC throughput ('' skips)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps = 512 if args.quick else args.throughput_steps
@@ -374,5 +394,7 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
             figures.update(measured)
         else:
             figures[device] = measured
+    if args.offpolicy_task:
+        figures["offpolicy"] = measure_offpolicy_throughput(args.offpolicy_task, args.seed, args.device, steps // 2)
     print(json.dumps(figures))
     return 0

@@ -30,7 +30,7 @@ from eva_rl.experiments.environments import agent_env
 from eva_rl.experiments.tasks import TaskConfig, algorithm_arguments
 from eva_rl.experiments.training import CHECKPOINT_BUFFER, CHECKPOINT_STATS, STATS, RunCallback, count_parameters
 from eva_rl.files import atomic_save_model, atomic_save_stats, atomic_write_json
-from eva_rl.loading import ALGORITHMS, PretrainedAgent, load_agent, load_pretrained
+from eva_rl.loading import ALGORITHMS, PretrainedAgent, algorithm_name, load_agent, load_pretrained
 from eva_rl.methods import get_method
 
 
@@ -196,7 +196,7 @@ def _log_start(spec: RunSpec, model: BaseAlgorithm, report: EvaReport | None) ->
     task = spec.task
     hparams = {
         "method": spec.method,
-        "algorithm": type(model).__name__,
+        "algorithm": algorithm_name(model),
         "seed": spec.seed,
         "r": task.lora.r if method.uses_rank else 0,
         "rho": task.eva.rho if method.runs_eva else 0.0,
@@ -260,7 +260,7 @@ def _write_outputs(spec: RunSpec, model: BaseAlgorithm, callback: RunCallback) -
     result = RunResult(
         task=spec.task.name,
         method=spec.method,
-        algorithm=type(model).__name__.lower().removeprefix("eva"),
+        algorithm=algorithm_name(model),
         seed=spec.seed,
         total_timesteps=int(model.num_timesteps),
         jumpstart=returns[0],
