@@ -128,7 +128,7 @@ class PretrainedAgent:
     :ivar model: The loaded SB3 model.
     :ivar algorithm: Its algorithm (a key of :data:`ALGORITHMS`).
     :ivar path: The model zip.
-    :ivar layout: ``"zip"``, ``"rl-zoo3"`` or ``"hub"``.
+    :ivar layout: ``"zip"``, ``"rl-zoo3"``, ``"hub"`` or ``"folder"`` (a folder with one zip and nothing else known).
     :ivar vec_normalize: The ``VecNormalize`` statistics file it was trained with, if any.
     :ivar env_id: The env id the agent's folder records, if any.
     :ivar env_wrappers: rl-zoo3 ``env_wrapper`` entries (``"module.Class"`` or ``{"module.Class": kwargs}``).
@@ -176,8 +176,9 @@ class PretrainedAgent:
 def _zoo_layout(zip_path: Path) -> dict[str, Any]:
     """What an rl-zoo3 run folder records beside ``<run>/<env>.zip`` (in ``<run>/<env>/``)."""
     folder = zip_path.parent / zip_path.stem
-    if not (folder / "config.yml").is_file():
-        folder = next((p.parent for p in zip_path.parent.glob("*/config.yml")), None)
+    if not (folder / "config.yml").is_file():  # best_model.zip, a checkpoint: the run folder is <env>_<n>
+        run = zip_path.parent.name
+        folder = next((p.parent for p in zip_path.parent.glob("*/config.yml") if run.startswith(p.parent.name)), None)
     if folder is None:
         return {}
     config = read_zoo_yaml(folder / "config.yml")
@@ -196,8 +197,9 @@ def _hub_layout(folder: Path) -> dict[str, Any]:
     config = read_zoo_yaml(folder / "config.yml") if (folder / "config.yml").is_file() else {}
     env_kwargs = read_zoo_yaml(folder / "env_kwargs.yml") if (folder / "env_kwargs.yml").is_file() else {}
     args = read_zoo_yaml(folder / "args.yml") if (folder / "args.yml").is_file() else {}
+    markers = ("config.yml", "config.json", "results.json", *_STATS_FILES)
     return {
-        "layout": "hub",
+        "layout": "hub" if any((folder / name).is_file() for name in markers) else "folder",
         "env_id": args.get("env"),
         "config": config,
         "env_kwargs": env_kwargs or config.get("env_kwargs") or {},
@@ -231,7 +233,9 @@ def load_pretrained(path: str | Path, device: str = "auto", algorithm: str | Non
     if not path.exists():
         raise AgentError(f"pretrained agent {str(path)!r} does not exist; pass --pretrained path/to/agent.zip")
     zip_path = _find_zip(path) if path.is_dir() else path
-    recorded = (_hub_layout(path) if path.is_dir() and not _zoo_layout(zip_path) else _zoo_layout(zip_path)) or {}
+    recorded = _zoo_layout(zip_path)
+    if not recorded and path.is_dir():
+        recorded = _hub_layout(path)
     algorithm = algorithm or detect_algorithm(zip_path)
     if algorithm not in ALGORITHMS:
         raise AgentError(f"algorithm {algorithm!r} is not supported; expected one of {list(ALGORITHMS)}")

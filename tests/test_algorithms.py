@@ -105,3 +105,56 @@ def test_inspect_and_runs_work_with_an_off_policy_agent(tmp_path: Path, capsys) 
     argv = ["--env", "Pendulum-v1", "--pretrained", str(agent), "--methods", "eva,scratch", "--checkpoint-freq", "128"]
     assert run([*argv, "--total-timesteps", "256", "--eval-freq", "256"], tmp_path) == 0
     assert {result(tmp_path, m, "Pendulum-v1")["algorithm"] for m in ("eva", "scratch")} == {"sac"}
+
+
+def test_the_pendulum_task_changes_gravity_and_bundles_a_sac_agent() -> None:
+    from eva_rl.experiments.environments import import_packages
+    from eva_rl.experiments.tasks import find_task
+    from eva_rl.loading import detect_algorithm
+
+    import_packages(["envs"])
+    task = find_task("Pendulum-Gravity")
+    assert (task.algo, gym.make(task.source_env).unwrapped.g, gym.make(task.target_env).unwrapped.g) == (
+        "sac",
+        10.0,
+        14.0,
+    )
+    assert detect_algorithm(task.agent_path) == "sac"
+    card = json.loads((task.agent_path.parent / "card.json").read_text())
+    assert card["target_return"] < card["eval_return"] - 500, "a clear gap for fine-tuning to close"
+
+
+def test_eva_on_a2cs_own_rollouts(a2c_agent: Path, tmp_path: Path) -> None:
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from eva_rl import EvaConfig, LoraConfig
+    from eva_rl.eva_ppo import EvaA2C
+
+    agent = A2C.load(a2c_agent, device="cpu")
+    eva = EvaConfig(batch_size=32, data_source="ppo", max_batches=60, on_max_batches="warn")
+    model = eva_rl.adapt(agent, make_vec_env("CartPole-v1", n_envs=16, seed=0), "eva", LoraConfig(r=2), eva)
+    assert isinstance(model, EvaA2C) and model.eva_pending
+    model.learn(16 * 5 * 40)
+    assert not model.eva_pending and model.policy.eva_report.data_source == "ppo"
+    model.save(tmp_path / "a2c_eva.zip")
+    loaded = A2C.load(tmp_path / "a2c_eva.zip", device="cpu")
+    assert loaded.policy.lora_ranks == model.policy.lora_ranks
+
+
+def test_the_statistics_stay_frozen_unless_asked_to_update(tmp_path: Path) -> None:
+    pretrained = VecNormalize.load(
+        str(ZOO_RUN / "Pendulum-v1" / "vecnormalize.pkl"), PPO("MlpPolicy", "Pendulum-v1").get_env()
+    )
+    argv = ["--env", "Pendulum-v1", "--pretrained", str(ZOO_RUN), "--methods", "lora", "--total-timesteps", "512"]
+    counts = {}
+    for flag, log_dir in (([], tmp_path / "frozen"), (["--update-obs-stats"], tmp_path / "updating")):
+        assert run([*argv, "--eval-freq", "512", *flag], log_dir) == 0
+        saved = VecNormalize.load(
+            str(log_dir / "Pendulum-v1" / "lora" / "seed0" / "vecnormalize.pkl"),
+            PPO("MlpPolicy", "Pendulum-v1").get_env(),
+        )
+        counts[log_dir.name] = saved.obs_rms.count
+        if not flag:
+            np.testing.assert_array_equal(saved.obs_rms.mean, pretrained.obs_rms.mean)
+    assert counts["frozen"] == pretrained.obs_rms.count
+    assert counts["updating"] >= pretrained.obs_rms.count + 512

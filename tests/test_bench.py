@@ -32,6 +32,9 @@ def test_bench_quick_prints_every_figure(capsys: pytest.CaptureFixture) -> None:
     assert figures["eva_env_step_fraction"] == pytest.approx(
         figures["eva_env_steps"] / figures["finetune_timesteps"], rel=1e-3
     )
+    offpolicy = figures["offpolicy"]  # LoRA-SAC against plain SAC on the bundled Pendulum agent
+    assert offpolicy["algorithm"] == "SAC" and offpolicy["lora_sac_throughput_ratio"] > 0
+    assert offpolicy["plain_steps_per_s"] > 0 and offpolicy["lora_steps_per_s"] > 0
     scaling = figures["eva_scaling"]
     assert [(p["width"], p["batch_size"], p["batches"]) for p in scaling] == [(64, 256, 3), (1024, 256, 3)]
     assert all(p["ms_per_batch"] > 0 and p["peak_mib"] >= 0 for p in scaling)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from eva_rl.experiments.options import (
     comma_list,
 )
 from eva_rl.experiments.tasks import EvalSettings, TaskConfig, find_task, known_tasks, load_task
-from eva_rl.experiments.training import STATS
+from eva_rl.experiments.training import STATS, one_line_warnings
 from eva_rl.files import atomic_save_model
 from eva_rl.loading import load_agent
 from eva_rl.methods import method_names
@@ -150,13 +149,9 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
     return _guarded(body)
 
 
-def _one_line_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:
-    return f"warning: {message}\n"
-
-
 def _guarded(body: Callable[[], int]) -> int:
     """Run a command's body: every eva-rl error becomes one ``error:`` line and exit code 2."""
-    warnings.formatwarning = _one_line_warning
+    one_line_warnings()
     try:
         return body()
     except EvaRLError as error:

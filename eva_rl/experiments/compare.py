@@ -21,7 +21,7 @@ from eva_rl.experiments.runs import RunResult, RunSpec, run
 from eva_rl.experiments.stats import normalized_auc, stratified_iqm
 from eva_rl.experiments.suites import Suite, SuiteTask, method_task
 from eva_rl.experiments.tasks import find_task
-from eva_rl.experiments.training import STATS, evaluate
+from eva_rl.experiments.training import STATS, evaluate, one_line_warnings
 from eva_rl.files import atomic_write_json, atomic_write_text
 from eva_rl.loading import load_agent, load_pretrained
 
@@ -58,6 +58,7 @@ def run_one(spec: RunSpec) -> RunResult:
     import torch
 
     torch.set_num_threads(1)
+    one_line_warnings()
     import_packages(spec.task.env_packages)
     result = run(spec, progress=False, resume=True)
     if result.source_return is None:

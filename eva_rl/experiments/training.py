@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,29 @@ from tqdm.auto import tqdm
 from eva_rl.files import STATS, atomic_save_model, atomic_save_stats, atomic_write_json
 from eva_rl.policies import target_pairs
 
-__all__ = ["CHECKPOINT_BUFFER", "CHECKPOINT_STATS", "STATS", "RunCallback", "count_parameters", "evaluate"]
+__all__ = [
+    "CHECKPOINT_BUFFER",
+    "CHECKPOINT_STATS",
+    "STATS",
+    "RunCallback",
+    "count_parameters",
+    "evaluate",
+    "one_line_warnings",
+]
 
 CHECKPOINT_STATS = "checkpoint_vecnormalize.pkl"
 """The statistics saved with ``checkpoint.zip``."""
 CHECKPOINT_BUFFER = "checkpoint_replay_buffer.pkl"
 """An off-policy run's replay buffer, saved with ``checkpoint.zip`` so a resumed run trains on the same data."""
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:
+    return f"warning: {message}\n"
+
+
+def one_line_warnings() -> None:
+    """Print warnings as one ``warning: ...`` line each (the command line, and the processes of a sweep)."""
+    warnings.formatwarning = _one_line_warning
 
 
 def count_parameters(model: BaseAlgorithm) -> tuple[int, int]:
