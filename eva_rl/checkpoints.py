@@ -18,9 +18,11 @@ Format (a folder):
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 from stable_baselines3 import PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
@@ -73,6 +75,7 @@ def save_adapter(model: PPO, path: str | Path, method: str | None = None) -> Pat
     tensors = adapter_state(model, method)
     tmp = folder / ".adapter.safetensors.tmp"
     save_file(tensors, str(tmp))
+    os.chmod(tmp, 0o644)  # results are meant to be shared, like every other file a run writes
     tmp.replace(folder / "adapter.safetensors")
     atomic_save_stats(model, folder / STATS)
     policy = model.policy
@@ -92,8 +95,53 @@ def save_adapter(model: PPO, path: str | Path, method: str | None = None) -> Pat
     return folder
 
 
+def _check_config(config: dict[str, Any], config_path: Path, base_agent: BaseAlgorithm) -> None:
+    """:raises CheckpointError: for an unknown method, another policy class than ``base_agent``'s adapted one, or a
+    key list that is not one."""
+    method = config.get("method")
+    if method is not None:
+        try:
+            get_method(method)
+        except ConfigError as error:
+            raise CheckpointError(f"{config_path}: {error}") from error
+    expected = lora_policy_class(type(base_agent.policy)).__name__
+    if config.get("policy_class", expected) != expected:
+        raise CheckpointError(
+            f"{config_path}: saved from a {config['policy_class']!r} policy, but this agent's adapted policy is a "
+            f"{expected!r}; load it onto the agent it was trained from"
+        )
+    keys = config.get("keys")
+    if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+        raise CheckpointError(f"{config_path}: keys={keys!r} is invalid: expected the list of tensor names")
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], expected: set[str], listed: list[str], path: Path) -> None:
+    """:raises CheckpointError: unless the file holds exactly the expected tensors (those the config lists), each a
+    finite floating-point tensor."""
+    problems = []
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    if unexpected:
+        problems.append(f"tensors this agent's adapters do not have {unexpected}")
+    if sorted(listed) != sorted(tensors):
+        problems.append(f"the config lists {len(listed)} keys but the file holds {len(tensors)} tensors")
+    not_float = sorted(k for k, v in tensors.items() if not v.is_floating_point())
+    if not_float:
+        problems.append(f"non-float tensors {not_float}")
+    not_finite = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if not_finite:
+        problems.append(f"NaN or inf in {not_finite}")
+    if problems:
+        raise CheckpointError(f"{path} is not a valid adapter for this agent: {'; '.join(problems)}")
+
+
 def load_adapter(base_agent: PPO, path: str | Path, env: GymEnv | None = None, **ppo_kwargs: Any) -> PPO:
     """Rebuild a fine-tuned agent from the pretrained ``base_agent`` and an adapter checkpoint.
+
+    The checkpoint is validated before anything is loaded into the model: a registered method, the policy class
+    ``base_agent``'s adapted policy has, exactly the tensors that policy's adapters need (DoRA magnitudes and
+    rewritten base weights included), each a finite float tensor of the right shape.
 
     :param env: Environment of the new model (defaults to ``base_agent``'s; one of the two is needed).
     :raises CheckpointError: for a folder that is not an eva-rl adapter or does not fit ``base_agent``.
@@ -104,11 +152,14 @@ def load_adapter(base_agent: PPO, path: str | Path, env: GymEnv | None = None, *
         raise CheckpointError(
             f"{folder} is not an eva-rl adapter: expected adapter_config.json and adapter.safetensors"
         )
-    config = json.loads(config_path.read_text())
-    if config.get("format") != FORMAT or config.get("version") != VERSION:
-        raise CheckpointError(
-            f"{config_path}: format {config.get('format')!r} v{config.get('version')} is not {FORMAT} v1"
-        )
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{config_path}: not JSON ({error})") from error
+    if not isinstance(config, dict) or config.get("format") != FORMAT or config.get("version") != VERSION:
+        found = (config.get("format"), config.get("version")) if isinstance(config, dict) else (None, None)
+        raise CheckpointError(f"{config_path}: format {found[0]!r} v{found[1]} is not {FORMAT} v1")
+    _check_config(config, config_path, base_agent)
     env = env if env is not None else base_agent.get_env()
     if env is None:
         raise CheckpointError("base_agent has no environment; pass env=")
@@ -124,14 +175,21 @@ def load_adapter(base_agent: PPO, path: str | Path, env: GymEnv | None = None, *
     except ConfigError as error:
         raise CheckpointError(f"{folder} does not fit this agent: {error}") from error
     load_base_weights(model.policy, base_agent.policy.state_dict())
-    tensors = load_file(str(tensors_path))
-    state = model.policy.state_dict()
-    unknown = sorted(set(tensors) - set(state))
-    mismatched = [k for k in tensors if k in state and tensors[k].shape != state[k].shape]
-    if unknown or mismatched:
+    try:
+        tensors = load_file(str(tensors_path))
+    except Exception as error:  # safetensors raises its own error types for a damaged file
         raise CheckpointError(
-            f"{tensors_path} does not fit this agent: unknown keys {unknown}, shape mismatch {mismatched}"
-        )
+            f"{tensors_path} cannot be read as safetensors ({type(error).__name__}: {error})"
+        ) from error
+    state = model.policy.state_dict()
+    _check_tensors(tensors, set(adapter_state(model, config.get("method"))), config["keys"], tensors_path)
+    mismatched = [
+        f"{k} {tuple(tensors[k].shape)} vs {tuple(state[k].shape)}"
+        for k in tensors
+        if tensors[k].shape != state[k].shape
+    ]
+    if mismatched:
+        raise CheckpointError(f"{tensors_path} does not fit this agent: shape mismatch {mismatched}")
     state.update({k: v.to(state[k].device) for k, v in tensors.items()})
     model.policy.load_state_dict(state, strict=True)
     model.policy.sync_targets()  # target networks start as copies of the loaded online networks

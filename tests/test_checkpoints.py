@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -87,3 +88,62 @@ def test_merge_needs_no_environment(tmp_path: Path) -> None:
         merged.predict(obs, deterministic=True)[0], loaded.predict(obs, deterministic=True)[0]
     )
     assert type(merged.policy).__module__.startswith("stable_baselines3")
+
+
+def _tamper_tensors(folder: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "adapter.safetensors"))
+    change(tensors)
+    save_file(tensors, str(folder / "adapter.safetensors"))
+
+
+def _tamper_config(folder: Path, change) -> None:
+    config = json.loads((folder / "adapter_config.json").read_text())
+    change(config)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
+def _first_b(tensors: dict) -> str:
+    return next(k for k in tensors if k.endswith("lora_B"))
+
+
+DEFECTS = {
+    "missing tensor": (lambda f: _tamper_tensors(f, lambda t: t.pop(_first_b(t))), r"missing tensors \[.*lora_B"),
+    "NaN tensor": (lambda f: _tamper_tensors(f, lambda t: t[_first_b(t)].fill_(float("nan"))), r"NaN or inf in \["),
+    "int tensor": (
+        lambda f: _tamper_tensors(f, lambda t: t.update({_first_b(t): t[_first_b(t)].to(torch.int32)})),
+        r"non-float tensors \[",
+    ),
+    "bool tensor": (
+        lambda f: _tamper_tensors(f, lambda t: t.update({_first_b(t): t[_first_b(t)] > 0})),
+        r"non-float tensors \[",
+    ),
+    "DoRA without magnitudes": (
+        lambda f: _tamper_tensors(f, lambda t: [t.pop(k) for k in [k for k in t if k.endswith("lora_magnitude")]]),
+        r"missing tensors \[.*lora_magnitude",
+    ),
+    "keys disagree": (lambda f: _tamper_config(f, lambda c: c["keys"].pop()), "the config lists"),
+    "keys not a list": (lambda f: _tamper_config(f, lambda c: c.update(keys="all")), r"keys='all' is invalid"),
+    "unknown method": (lambda f: _tamper_config(f, lambda c: c.update(method="qlora")), r"method='qlora' is invalid"),
+    "other policy class": (
+        lambda f: _tamper_config(f, lambda c: c.update(policy_class="LoraSACPolicy")),
+        r"saved from a 'LoraSACPolicy' policy",
+    ),
+    "not JSON": (lambda f: (f / "adapter_config.json").write_text("{not json"), "not JSON"),
+    "damaged tensors file": (
+        lambda f: (f / "adapter.safetensors").write_bytes(b"\x00" * 16),
+        "cannot be read as safetensors",
+    ),
+}
+
+
+@pytest.mark.parametrize("defect", list(DEFECTS))
+def test_a_damaged_adapter_checkpoint_is_refused_with_what_is_wrong(defect: str, tmp_path: Path) -> None:
+    base, model = trained("eva+dora")
+    folder = save_adapter(model, tmp_path / "adapter")
+    assert (folder / "adapter.safetensors").stat().st_mode & 0o777 == 0o644
+    damage, message = DEFECTS[defect]
+    damage(folder)
+    with pytest.raises(eva_rl.CheckpointError, match=message):
+        load_adapter(base, folder, env=gym.make("CartPole-v1"))
