@@ -103,3 +103,28 @@ def test_the_jumpstart_matches_rl_zoo3s_own_evaluation() -> None:
 
     raw_mean, _ = evaluate_policy(raw.model, gym.make("Pendulum-v1"), n_eval_episodes=5, deterministic=True)
     assert raw_mean < mean - 5 * std
+
+
+def test_recorded_wrappers_frame_stack_and_env_kwargs_build_the_agents_env(tmp_path: Path) -> None:
+    """rl-zoo3's ``env_wrapper`` (with kwargs), ``frame_stack`` and ``env_kwargs`` from the folder shape the env."""
+    from stable_baselines3.common.vec_env import VecFrameStack
+
+    from eva_rl.experiments.environments import agent_env
+
+    run = tmp_path / "ppo" / "Pendulum-v1_1"
+    shutil.copytree(RUN, run)
+    config = (run / "Pendulum-v1" / "config.yml").read_text()
+    config = config.replace("  - - normalize\n", "  - - env_wrapper\n    - gymnasium.wrappers.TimeLimit:\n"
+                            "        max_episode_steps: 50\n  - - frame_stack\n    - 2\n  - - normalize\n")  # fmt: skip
+    (run / "Pendulum-v1" / "config.yml").write_text(config)
+    args = (run / "Pendulum-v1" / "args.yml").read_text()
+    (run / "Pendulum-v1" / "args.yml").write_text(
+        args.replace("- - env_kwargs\n    - null", "- - env_kwargs\n    - g: 12.0")
+    )
+    agent = load_pretrained(run, device="cpu")
+    assert agent.frame_stack == 2 and agent.env_kwargs == {"g": 12.0}
+    assert agent.env_wrappers == [{"gymnasium.wrappers.TimeLimit": {"max_episode_steps": 50}}]
+    env = agent_env(TaskConfig(name="t", target_env="Pendulum-v1"), agent, 2, 0, evaluation=True)
+    assert isinstance(env, VecFrameStack) and env.observation_space.shape == (6,)
+    assert env.get_attr("g") == [12.0, 12.0] and env.get_attr("_max_episode_steps") == [50, 50]
+    env.close()
