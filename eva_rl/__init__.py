@@ -31,16 +31,24 @@ from eva_rl.inject import (
 )
 from eva_rl.ipca import IncrementalPCA
 from eva_rl.layers import LoraConv2d, LoraLayer, LoraLinear
-from eva_rl.loading import load_agent
+from eva_rl.loading import ALGORITHMS, PretrainedAgent, detect_algorithm, load_agent, load_pretrained
 from eva_rl.methods import METHODS, Method, get_method, register_method
 from eva_rl.models import build_model, load_base_weights
 from eva_rl.plan import AdapterPlan, LayerPlan
-from eva_rl.policies import LoraActorCriticCnnPolicy, LoraActorCriticPolicy, LoraMultiInputActorCriticPolicy
+from eva_rl.policies import (
+    LoraActorCriticCnnPolicy,
+    LoraActorCriticPolicy,
+    LoraDQNPolicy,
+    LoraMultiInputActorCriticPolicy,
+    LoraSACPolicy,
+    LoraTD3Policy,
+)
 from eva_rl.rollouts import RolloutBatches, policy_forward
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALGORITHMS",
     "METHODS",
     "AdapterPlan",
     "AgentError",
@@ -62,14 +70,19 @@ __all__ = [
     "LoraConv2d",
     "LoraLayer",
     "LoraLinear",
+    "LoraDQNPolicy",
     "LoraMultiInputActorCriticPolicy",
+    "LoraSACPolicy",
+    "LoraTD3Policy",
     "Method",
+    "PretrainedAgent",
     "RolloutBatches",
     "SpaceMismatchError",
     "adapt",
     "allocate_ranks",
     "build_model",
     "compute_eva",
+    "detect_algorithm",
     "disable_adapters",
     "find_target_layers",
     "get_device",
@@ -77,6 +90,7 @@ __all__ = [
     "inject_adapters",
     "load_adapter",
     "load_agent",
+    "load_pretrained",
     "load_base_weights",
     "lora_layers",
     "merge",
