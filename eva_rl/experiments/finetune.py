@@ -6,16 +6,18 @@ each run is a :class:`~eva_rl.experiments.runs.RunSpec` written to its own folde
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
 
-from eva_rl.adapt import fine_tuning_algorithm
+from eva_rl.adapt import adapter_plan, fine_tuning_algorithm
 from eva_rl.experiments.environments import agent_env, import_packages
 from eva_rl.experiments.runs import RunResult, RunSpec, run
 from eva_rl.experiments.tasks import TaskConfig
 from eva_rl.experiments.training import evaluate
 from eva_rl.loading import PretrainedAgent, load_pretrained
+from eva_rl.methods import get_method
 from eva_rl.models import wrap_target_env
 
 
@@ -28,14 +30,21 @@ def pretrained_return(task: TaskConfig, agent_path: Path, device: str = "auto") 
     return mean
 
 
-def check_agent_fits(task: TaskConfig, agent_path: Path) -> PretrainedAgent:
+def check_agent_fits(task: TaskConfig, agent_path: Path, methods: Sequence[str] = ()) -> PretrainedAgent:
     """Stop before any run when the agent cannot be fine-tuned on the target env: its spaces differ from the env's
-    (the error shows both), or the task's algorithm cannot fine-tune it.
+    (the error shows both), the task's algorithm cannot fine-tune it, or a method's LoRA settings do not fit its
+    policy (a ``target_modules`` entry that names no layer).
 
     :return: The loaded agent.
     """
     agent = load_pretrained(agent_path, device="cpu")
     fine_tuning_algorithm(agent.model, task.algo)
+    for name in methods:
+        method, settings = get_method(name), task.for_method(name)
+        if method.adapters:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the run itself warns about capped ranks
+                adapter_plan(agent.model, method, method.lora_config(settings.lora), settings.eva)
     with closing(agent_env(task, agent, 1, task.eval.seed, evaluation=True)) as env:
         wrap_target_env(agent.model, env)
     return agent
@@ -71,7 +80,7 @@ def finetune(
 ) -> list[RunResult]:
     """Every method x seed, one after the other; completed runs are skipped, so a rerun resumes a sweep."""
     import_packages(task.env_packages)
-    agent = check_agent_fits(task, agent_path)
+    agent = check_agent_fits(task, agent_path, methods)
     stats = f", VecNormalize statistics {agent.vec_normalize}" if agent.vec_normalize else ""
     algorithm = (task.algo or agent.algorithm).upper()
     echo(f"[eva-rl] agent: {agent.algorithm.upper()} ({agent.layout}{stats}); fine-tuned with {algorithm}")

@@ -41,6 +41,17 @@ class SuiteTask:
     eval_freq: int | None = None
     methods: list[str] | None = None
 
+    def __post_init__(self) -> None:
+        where = f"suite task {self.task!r}"
+        if not isinstance(self.task, str) or not self.task:
+            raise ConfigError(f"suite task name {self.task!r} is invalid: expected a task name in configs/")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise ConfigError(f"{where}: threshold={self.threshold!r} is invalid: expected a number (a return)")
+        for name in ("total_timesteps", "eval_freq"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{where}: {name}={value!r} is invalid: expected an integer >= 1")
+
 
 @dataclass
 class Suite:
@@ -84,6 +95,25 @@ class Suite:
                     f"the suite's methods {self.methods}",
                 )
         check_method_settings(self.method_settings, "method_settings")
+        seeds = self.seeds
+        integers = (
+            isinstance(seeds, list) and seeds and all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)
+        )
+        if isinstance(seeds, bool) or not ((isinstance(seeds, int) and seeds >= 1) or integers):
+            raise ConfigError(f"seeds={seeds!r} is invalid: expected a number of seeds >= 1 or a list of integers")
+        if isinstance(seeds, list) and len(set(seeds)) != len(seeds):
+            raise ConfigError(f"seeds={seeds!r} is invalid: a seed is listed twice")
+        for name in ("total_timesteps", "eval_episodes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name}={value!r} is invalid: expected an integer >= 1")
+        if not isinstance(self.tuning_grid, dict) or not all(
+            isinstance(values, list) and values for values in self.tuning_grid.values()
+        ):
+            raise ConfigError(f"tuning_grid={self.tuning_grid!r} is invalid: expected {{setting: [values]}}")
+        for key, values in self.tuning_grid.items():
+            for value in values if key in METHOD_SETTINGS else ():
+                check_method_settings({self.methods[0]: {key: value}}, f"tuning_grid[{key!r}]")
 
         unknown = sorted(set(self.tuning_grid) - set(METHOD_SETTINGS))
         if unknown:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,8 +47,12 @@ class EvalSettings:
 
     def __post_init__(self) -> None:
         for name in ("freq", "episodes", "n_envs"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ConfigError(f"eval.{name}={getattr(self, name)!r} is invalid: expected an integer >= 1")
+        if not _is_int(self.seed):
+            raise ConfigError(f"eval.seed={self.seed!r} is invalid: expected an integer")
+        if not isinstance(self.deterministic, bool):
+            raise ConfigError(f"eval.deterministic={self.deterministic!r} is invalid: expected true or false")
 
 
 @dataclass
@@ -112,6 +116,25 @@ class TaskConfig:
     method_settings: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("name", "target_env"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: expected a non-empty string")
+        for name in ("source_env", "agent"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: expected a string")
+        if not isinstance(self.env_packages, list) or not all(isinstance(p, str) and p for p in self.env_packages):
+            raise ConfigError(f"env_packages={self.env_packages!r} is invalid: expected a list of package names")
+        if not isinstance(self.wrappers, list) or not all(_is_wrapper_spec(w) for w in self.wrappers):
+            raise ConfigError(
+                f"wrappers={self.wrappers!r} is invalid: expected a list of 'module:Class' strings (or "
+                "{'module.Class': {kwargs}} mappings)"
+            )
+        for name in ("env_kwargs", "policy_kwargs"):
+            value = getattr(self, name)
+            if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+                raise ConfigError(f"{name}={value!r} is invalid: expected a mapping of keyword arguments")
+        if not isinstance(self.policy, str) or not self.policy:
+            raise ConfigError(f"policy={self.policy!r} is invalid: expected an SB3 policy name such as 'MlpPolicy'")
         check_method_settings(self.method_settings, "method_settings")
         if isinstance(self.eval, dict):
             self.eval = build_config(EvalSettings, self.eval, "eval")
@@ -136,8 +159,16 @@ class TaskConfig:
             raise ConfigError(f"algo={self.algo!r} is invalid: expected one of {list(ALGORITHMS)}")
         if not isinstance(self.update_obs_stats, bool):
             raise ConfigError(f"update_obs_stats={self.update_obs_stats!r} is invalid: expected true or false")
-        if not self.seeds or not all(isinstance(s, int) for s in self.seeds):
+        check_algorithm_arguments(self.ppo, "ppo")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"methods={self.methods!r} is invalid: a method is listed twice")
+        if not isinstance(self.seeds, list) or not self.seeds or not all(_is_int(s) for s in self.seeds):
             raise ConfigError(f"seeds={self.seeds!r} is invalid: expected a non-empty list of integers")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds={self.seeds!r} is invalid: a seed is listed twice (it would run once)")
+        for name in ("pretrain_seed",):
+            if not _is_int(getattr(self, name)):
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: expected an integer")
 
     @property
     def agent_path(self) -> Path | None:
@@ -171,15 +202,84 @@ METHOD_SETTINGS = ("learning_rate", "r", "alpha", "rho", "tau")
 """Settings a method may override, in a task's or a suite's ``method_settings``."""
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_wrapper_spec(spec: Any) -> bool:
+    if isinstance(spec, str):
+        return bool(spec)
+    return (
+        isinstance(spec, dict)
+        and len(spec) == 1
+        and all(isinstance(k, str) and (v is None or isinstance(v, dict)) for k, v in spec.items())
+    )
+
+
+_POSITIVE, _NON_NEGATIVE, _UNIT = "a number > 0", "a number >= 0", "a number in [0, 1]"
+# Accepted values of the algorithm arguments a task may set, checked before any env or agent exists: a bad value
+# otherwise surfaces deep inside SB3, after the jumpstart evaluation or EVA ran.
+_ARGUMENT_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "learning_rate": (lambda v: _is_number(v) and v > 0, _POSITIVE),
+    "n_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "n_epochs": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "buffer_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "learning_starts": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "gradient_steps": (lambda v: _is_int(v) and (v >= 1 or v == -1), "an integer >= 1, or -1"),
+    "target_update_interval": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "gamma": (lambda v: _is_number(v) and 0 <= v <= 1, _UNIT),
+    "gae_lambda": (lambda v: _is_number(v) and 0 <= v <= 1, _UNIT),
+    "tau": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "clip_range": (lambda v: _is_number(v) and v > 0, _POSITIVE),
+    "vf_coef": (lambda v: _is_number(v) and v >= 0, _NON_NEGATIVE),
+    "max_grad_norm": (lambda v: _is_number(v) and v > 0, _POSITIVE),
+    "ent_coef": (
+        lambda v: (_is_number(v) and v >= 0) or (isinstance(v, str) and v.startswith("auto")),
+        "a number >= 0 (or SAC's 'auto' / 'auto_<x>')",
+    ),  # fmt: skip
+    "exploration_fraction": (lambda v: _is_number(v) and 0 <= v <= 1, _UNIT),
+    "exploration_initial_eps": (lambda v: _is_number(v) and 0 <= v <= 1, _UNIT),
+    "exploration_final_eps": (lambda v: _is_number(v) and 0 <= v <= 1, _UNIT),
+}
+
+
+def check_algorithm_arguments(arguments: dict[str, Any], where: str) -> None:
+    """:raises ConfigError: naming the first argument whose value has the wrong type or range."""
+    for key, value in arguments.items():
+        check, accepted = _ARGUMENT_CHECKS.get(key, (None, ""))
+        if check is not None and not check(value):
+            raise ConfigError(f"{where}.{key}={value!r} is invalid: expected {accepted}")
+
+
+_SETTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "learning_rate": _ARGUMENT_CHECKS["learning_rate"],
+    "r": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "alpha": (lambda v: _is_number(v) and v > 0, _POSITIVE),
+    "rho": (lambda v: _is_number(v) and v >= 1, "a number >= 1"),
+    "tau": (lambda v: _is_number(v) and 0 <= v <= 1, _UNIT),
+}
+
+
 def check_method_settings(method_settings: dict[str, dict[str, float]], where: str) -> None:
-    """:raises ConfigError: naming the method or key that is not accepted."""
+    """:raises ConfigError: naming the method, key or value that is not accepted."""
+    if not isinstance(method_settings, dict):
+        raise ConfigError(f"{where}={method_settings!r} is invalid: expected a mapping {{method: {{setting: value}}}}")
     for method, settings in method_settings.items():
-        unknown = sorted(set(settings) - set(METHOD_SETTINGS))
-        if method not in method_names() or unknown:
+        unknown = sorted(set(settings) - set(METHOD_SETTINGS)) if isinstance(settings, dict) else None
+        if method not in method_names() or unknown is None or unknown:
             raise ConfigError(
                 f"{where}[{method!r}]={settings!r} is invalid: expected a method out of {method_names()} "
                 f"with keys out of {METHOD_SETTINGS}"
             )
+        for key, value in settings.items():
+            check, accepted = _SETTING_CHECKS[key]
+            if not check(value):
+                raise ConfigError(f"{where}[{method!r}][{key!r}]={value!r} is invalid: expected {accepted}")
 
 
 def algorithm_arguments(algorithm: str | None = None) -> set[str]:
