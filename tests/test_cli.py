@@ -200,6 +200,14 @@ def test_resume_after_a_kill(point_agent: Path, tmp_path: Path) -> None:
     assert result["total_timesteps"] >= 60000
     steps = [step for step, _ in result["eval_curve"]]
     assert steps[0] == 0 and steps == sorted(steps) and steps[-1] >= 60000
+    # Resume is exact in updates: the checkpoint came after an update, so none is lost (8 envs x 64 steps a rollout,
+    # 4 epochs each), and TensorBoard shows one value per step (the killed process's later points are purged).
+    from stable_baselines3 import PPO
+
+    rollouts = -(-60000 // (8 * 64))
+    assert PPO.load(run_dir / "model.zip", device="cpu")._n_updates == 4 * rollouts
+    logged = [event.step for event in EventAccumulator(str(run_dir)).Reload().Scalars("eval/mean_return")]
+    assert logged == steps, "one TensorBoard point per evaluation, the killed run's extra points purged"
 
 
 def test_space_mismatch_stops_with_both_spaces(point_agent: Path) -> None:

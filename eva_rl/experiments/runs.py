@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.logger import HParam, configure
+from stable_baselines3.common.logger import HParam, Logger, TensorBoardOutputFormat, configure
 from stable_baselines3.common.vec_env import VecEnv
+from torch.utils.tensorboard import SummaryWriter
 
 from eva_rl.adapt import adapt
 from eva_rl.checkpoints import save_adapter
@@ -182,8 +183,17 @@ def _resume_model(spec: RunSpec, agent: PretrainedAgent, train_env: VecEnv) -> t
         raise RunDirError(
             f"{checkpoint} was saved before EVA on PPO's rollouts finished; delete {spec.run_dir} to start it over"
         )
-    model.set_logger(configure(str(spec.run_dir), ["tensorboard"]))
+    model.set_logger(resumed_logger(spec.run_dir, model.num_timesteps))
     return model, json.loads(state_path.read_text())
+
+
+def resumed_logger(run_dir: Path, step: int) -> Logger:
+    """A TensorBoard logger for a run resumed at ``step``: what the interrupted process logged after its checkpoint
+    is purged from view (TensorBoard's ``purge_step``), so no step shows two values."""
+    output = TensorBoardOutputFormat(str(run_dir))
+    output.writer.close()
+    output.writer = SummaryWriter(log_dir=str(run_dir), purge_step=step + 1)
+    return Logger(str(run_dir), [output])
 
 
 def _eva_report(model: BaseAlgorithm) -> EvaReport | None:

@@ -159,10 +159,16 @@ class RunCallback(BaseCallback):
         if step >= self._next_eval and step < self.total_timesteps:  # the last one runs after the last update
             self._next_eval += self.eval_freq
             self._evaluate()
-        if step >= self._next_checkpoint and step < self.total_timesteps:
-            self._next_checkpoint += self.checkpoint_freq
-            self.save_checkpoint()
         return True
+
+    def _on_rollout_start(self) -> None:
+        # Checkpoints are written here, after the update on the last rollout and before the next one is collected:
+        # a run resumed from one does every update an uninterrupted run does (one written mid-rollout would lose
+        # the update on the rollout in progress).
+        step = self.num_timesteps
+        if step >= self._next_checkpoint and step < self.total_timesteps:
+            self._next_checkpoint = (step // self.checkpoint_freq + 1) * self.checkpoint_freq
+            self.save_checkpoint()
 
     def save_checkpoint(self) -> None:
         """Model, statistics and replay buffer first, then the state that points at them: a crash between loses
