@@ -18,7 +18,6 @@ Format (a folder):
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecNormalize, unwrap_vec_no
 from eva_rl.config import LoraConfig
 from eva_rl.errors import CheckpointError, ConfigError
 from eva_rl.eva_report import EvaReport
-from eva_rl.files import STATS, atomic_save_stats, atomic_write_json
+from eva_rl.files import STATS, atomic_save_stats, atomic_write, atomic_write_json
 from eva_rl.methods import get_method
 from eva_rl.models import build_model, load_base_weights
 from eva_rl.plan import AdapterPlan
@@ -73,10 +72,7 @@ def save_adapter(model: PPO, path: str | Path, method: str | None = None) -> Pat
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = adapter_state(model, method)
-    tmp = folder / ".adapter.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    os.chmod(tmp, 0o644)  # results are meant to be shared, like every other file a run writes
-    tmp.replace(folder / "adapter.safetensors")
+    atomic_write(folder / "adapter.safetensors", lambda tmp: save_file(tensors, str(tmp)))
     atomic_save_stats(model, folder / STATS)
     policy = model.policy
     atomic_write_json(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,25 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def atomic_write(path: Path, write: Callable[[Path], None], suffix: str = ".tmp") -> None:
+    """``write`` a temp file beside ``path``, then rename it to ``path``; the temp file is removed if ``write``
+    fails (a full disk), so nothing half-written stays behind or takes the space."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_save_model(model: BaseAlgorithm, path: Path) -> None:
     """``model.save`` to a temp zip in the same folder, then rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.zip")
-    model.save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, model.save, suffix=".tmp.zip")
 
 
 def atomic_save_stats(model: BaseAlgorithm, path: Path) -> bool:
@@ -50,8 +64,5 @@ def atomic_save_stats(model: BaseAlgorithm, path: Path) -> bool:
     normalizer = model.get_vec_normalize_env()
     if normalizer is None:
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    normalizer.save(str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: normalizer.save(str(tmp)))
     return True

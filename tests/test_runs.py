@@ -64,3 +64,21 @@ def test_envs_are_closed_after_a_run_and_a_rerun_reads_the_record(
     assert (spec.run_dir / "adapter" / "adapter_config.json").is_file()
     assert runs.run(spec, progress=False) == result  # complete: read back, nothing run again
     assert len(closed_envs) == 2
+
+
+def test_a_failed_write_leaves_neither_a_half_file_nor_its_temp(tmp_path: Path) -> None:
+    import errno
+
+    from eva_rl.files import atomic_write
+
+    target = tmp_path / "model.zip"
+    target.write_bytes(b"the previous checkpoint")
+
+    def disk_full(tmp: Path) -> None:
+        tmp.write_bytes(b"half of a zip")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(target, disk_full, suffix=".tmp.zip")
+    assert target.read_bytes() == b"the previous checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.zip"]

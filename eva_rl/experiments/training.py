@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from pathlib import Path
@@ -16,7 +15,7 @@ from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv, sync_envs_normalization
 from tqdm.auto import tqdm
 
-from eva_rl.files import STATS, atomic_save_model, atomic_save_stats, atomic_write_json
+from eva_rl.files import STATS, atomic_save_model, atomic_save_stats, atomic_write, atomic_write_json
 from eva_rl.policies import target_pairs
 
 __all__ = [
@@ -176,9 +175,7 @@ class RunCallback(BaseCallback):
         atomic_save_model(self.model, self.run_dir / "checkpoint.zip")
         atomic_save_stats(self.model, self.run_dir / CHECKPOINT_STATS)
         if isinstance(self.model, OffPolicyAlgorithm):
-            tmp = self.run_dir / f".{CHECKPOINT_BUFFER}.tmp"
-            self.model.save_replay_buffer(tmp)
-            os.replace(tmp, self.run_dir / CHECKPOINT_BUFFER)
+            atomic_write(self.run_dir / CHECKPOINT_BUFFER, self.model.save_replay_buffer, suffix=".pkl")
         atomic_write_json(
             self.run_dir / "state.json",
             {"num_timesteps": self.num_timesteps, "curve": self.curve, "wall_seconds": self.wall_seconds},
