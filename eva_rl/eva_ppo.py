@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from gymnasium import spaces
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 
@@ -14,9 +15,11 @@ from eva_rl.eva import EvaResult, EvaSession
 from eva_rl.eva_logging import record_eva_report
 
 
-def _time_major(observations: np.ndarray, rows: int) -> np.ndarray:
+def _time_major(observations: np.ndarray, rows: int, space: spaces.Space) -> np.ndarray:
     # The buffer holds (n_steps, n_envs, *shape); row order t0 env0, t0 env1, ... as EVA's own rollouts stream it.
-    return observations.reshape(rows, *observations.shape[2:])
+    # A Discrete observation is stored with a trailing axis of 1 that the policy does not expect.
+    shape = () if isinstance(space, spaces.Discrete) else observations.shape[2:]
+    return observations.reshape(rows, *shape)
 
 
 class EvaRolloutsMixin:
@@ -58,9 +61,10 @@ class EvaRolloutsMixin:
         rows = buffer.buffer_size * buffer.n_envs
         batch_size = session.eva.batch_size
         if isinstance(buffer.observations, dict):
-            observations: Any = {key: _time_major(value, rows) for key, value in buffer.observations.items()}
+            space = self.observation_space
+            observations: Any = {k: _time_major(v, rows, space[k]) for k, v in buffer.observations.items()}
         else:
-            observations = _time_major(buffer.observations, rows)
+            observations = _time_major(buffer.observations, rows, self.observation_space)
         for start in range(0, rows - batch_size + 1, batch_size):
             if session.done or session.capped:
                 break

@@ -10,7 +10,7 @@ from torch import nn
 
 from eva_rl.config import LoraConfig
 from eva_rl.errors import ConfigError
-from eva_rl.layers import LORA_LAYER_TYPES, LoraLayer
+from eva_rl.layers import LoraLayer, lora_layer_type
 from eva_rl.plan import AdapterPlan, find_target_layers
 
 __all__ = [
@@ -48,7 +48,7 @@ def inject_adapters(
         layer = module.get_submodule(name)
         if isinstance(layer, LoraLayer):
             raise ConfigError(f"layer {name!r} already has a LoRA adapter; remove_adapters() first")
-        lora = LORA_LAYER_TYPES[type(layer)](layer, layer_plan.rank, layer_plan.alpha, plan.dropout, plan.use_dora)
+        lora = lora_layer_type(layer)(layer, layer_plan.rank, layer_plan.alpha, plan.dropout, plan.use_dora)
         set_submodule(module, name, lora)
         wrapped[name] = lora
     return wrapped

@@ -211,3 +211,14 @@ class LoraConv2d(LoraLayer):
 
 LORA_LAYER_TYPES: dict[type[nn.Module], type[LoraLayer]] = {nn.Linear: LoraLinear, nn.Conv2d: LoraConv2d}
 """Which LoRA wrapper adapts which base layer type."""
+
+
+def lora_layer_type(layer: nn.Module) -> type[LoraLayer]:
+    """The LoRA wrapper for ``layer``, subclasses included (attention's ``out_proj`` is an ``nn.Linear`` subclass).
+
+    :raises TypeError: for a layer that is neither a Linear nor a Conv2d.
+    """
+    for base, wrapper in LORA_LAYER_TYPES.items():
+        if isinstance(layer, base):
+            return wrapper
+    raise TypeError(f"no LoRA wrapper for {type(layer).__name__}: expected an nn.Linear or nn.Conv2d")

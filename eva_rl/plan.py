@@ -107,6 +107,17 @@ def layer_fan_in(layer: nn.Module) -> int:
     return weight_fan_in(base_weight(layer))
 
 
+def _check_supported(name: str, layer: nn.Module) -> None:
+    """:raises ConfigError: for a Conv2d LoRA cannot wrap exactly (grouped, or padded other than with zeros), before
+    EVA analyses it with the wrong features."""
+    base = layer.base_layer if isinstance(layer, LoraLayer) else layer
+    if isinstance(base, nn.Conv2d) and (base.groups != 1 or base.padding_mode != "zeros"):
+        raise ConfigError(
+            f"layer {name!r} is a Conv2d with groups={base.groups}, padding_mode={base.padding_mode!r}: LoRA here "
+            "needs groups=1 and zero padding; leave it out with target_modules"
+        )
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     """One target layer's adapter.
@@ -178,6 +189,7 @@ class AdapterPlan:
         layers: dict[str, LayerPlan] = {}
         capped, eva_clipped = [], []
         for name, layer in find_target_layers(module, lora.target_modules, exclude).items():
+            _check_supported(name, layer)
             weight = base_weight(layer)
             fan_in, out_features = layer_fan_in(layer), int(weight.shape[0])
             rank = pattern_value(lora.rank_pattern, name, lora.r)

@@ -41,7 +41,7 @@ from eva_rl.config import LoraConfig
 from eva_rl.errors import AgentError
 from eva_rl.eva_report import EvaReport
 from eva_rl.inject import inject_adapters, lora_layers, set_submodule
-from eva_rl.layers import LORA_LAYER_TYPES, LoraLayer
+from eva_rl.layers import LoraLayer, lora_layer_type
 from eva_rl.plan import AdapterPlan
 
 HEADS = ("action_net", "value_net")
@@ -147,7 +147,7 @@ class LoraPolicyMixin:
                 if isinstance(base, LoraLayer):
                     continue  # shared with another target network (TD3's shared extractor): wrapped already
                 dropout = self.lora_plan.dropout
-                wrapped = LORA_LAYER_TYPES[type(base)](base, layer.r, layer.alpha, dropout, layer.use_dora)
+                wrapped = lora_layer_type(base)(base, layer.r, layer.alpha, dropout, layer.use_dora)
                 set_submodule(target, name, wrapped)
         sync_target_networks(self)  # type: ignore[arg-type]
 

@@ -116,7 +116,24 @@ def test_eva_batch_larger_than_a_rollout_is_refused() -> None:
 
 
 def test_numpy_layout_is_time_major() -> None:
+    from gymnasium import spaces
+
     from eva_rl.eva_ppo import _time_major
 
     buffer = np.arange(3 * 2 * 4).reshape(3, 2, 4)  # (n_steps, n_envs, features)
-    assert _time_major(buffer, 6)[:2].tolist() == [buffer[0, 0].tolist(), buffer[0, 1].tolist()]
+    box = spaces.Box(0, 100, (4,))
+    assert _time_major(buffer, 6, box)[:2].tolist() == [buffer[0, 0].tolist(), buffer[0, 1].tolist()]
+    discrete = np.arange(3 * 2).reshape(3, 2, 1)  # the buffer keeps a trailing axis for Discrete observations
+    assert _time_major(discrete, 6, spaces.Discrete(10)).tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_eva_on_ppo_rollouts_with_discrete_observations() -> None:
+    """A Discrete observation space (FrozenLake) used to crash: the buffer's trailing axis reached the policy."""
+    import gymnasium as gym
+    from stable_baselines3 import PPO
+
+    base = PPO("MlpPolicy", "FrozenLake-v1", n_steps=64, device="cpu", seed=0)
+    eva = EvaConfig(batch_size=64, data_source="ppo", max_batches=40, on_max_batches="warn")
+    model = eva_rl.adapt(base, gym.make("FrozenLake-v1"), "eva", LoraConfig(r=2), eva, n_steps=64)
+    model.learn(64 * 30)
+    assert not model.eva_pending and model.policy.eva_report.data_source == "ppo"

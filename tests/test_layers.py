@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import eva_rl
 from eva_rl import LoraConfig, LoraConv2d, LoraLinear, disable_adapters, inject_adapters, lora_layers, remove_adapters
 from eva_rl.inject import find_target_layers, merged_state_dict
+from eva_rl.plan import AdapterPlan
 
 
 def make_layer(kind: str) -> tuple[nn.Module, torch.Tensor]:
@@ -181,3 +183,14 @@ def test_injecting_twice_is_refused() -> None:
     inject_adapters(model, LoraConfig(r=2))
     with pytest.raises(ValueError, match="already has a LoRA adapter"):
         inject_adapters(model, LoraConfig(r=2))
+
+
+def test_linear_subclasses_get_adapters_and_grouped_convolutions_are_refused_up_front() -> None:
+    attention = nn.MultiheadAttention(8, 2)
+    layers = inject_adapters(attention, LoraConfig(r=2))
+    assert set(layers) == {"out_proj"}  # NonDynamicallyQuantizableLinear, an nn.Linear subclass
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"))
+    with pytest.raises(eva_rl.ConfigError, match=r"layer '0' is a Conv2d with groups=2"):
+        AdapterPlan.resolve(grouped, LoraConfig(r=2))
+    with pytest.raises(eva_rl.ConfigError, match=r"layer '1' is a Conv2d with groups=1, padding_mode='circular'"):
+        AdapterPlan.resolve(grouped, LoraConfig(r=2, target_modules=["1"]))
