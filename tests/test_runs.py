@@ -82,3 +82,29 @@ def test_a_failed_write_leaves_neither_a_half_file_nor_its_temp(tmp_path: Path) 
         atomic_write(target, disk_full, suffix=".tmp.zip")
     assert target.read_bytes() == b"the previous checkpoint"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.zip"]
+
+
+def test_one_run_folder_takes_one_process_at_a_time(tmp_path: Path) -> None:
+    """A second process on a run folder in use stops with an error instead of writing over the first one's files;
+    the lock is the operating system's, so it is free again once the holder exits (even when killed)."""
+    import subprocess
+    import sys
+
+    from eva_rl.experiments.runs import RunDirError, run_lock
+
+    run_dir = tmp_path / "PointGoal" / "lora" / "seed0"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from eva_rl.experiments.runs import run_lock\nimport sys, time\n"
+         f"with run_lock(__import__('pathlib').Path({str(run_dir)!r})):\n    print('held', flush=True)\n"
+         "    time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirError, match="is in use by another run"):
+            runs.run(point_goal_spec(tmp_path, "lora"), progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock(run_dir):  # free again once the holder is gone
+        pass

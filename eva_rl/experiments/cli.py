@@ -49,7 +49,12 @@ def add_env_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="a task name from configs/ (e.g. MiniGrid-DoorKey), a registered Gymnasium id, or module:Class",
     )
-    group.add_argument("--config", type=Path, help="a task YAML file to use instead of looking up --env in configs/")
+    group.add_argument(
+        "--config",
+        type=Path,
+        help="a task YAML file to use instead of looking up --env in configs/; its module:Class entries (env, "
+        "wrappers, *_class) are imported and called: use only files you trust",
+    )
     group.add_argument(
         "--gym-package",
         action="append",

@@ -9,9 +9,11 @@ running ``checkpoint.zip`` (+ ``checkpoint_vecnormalize.pkl``) and ``state.json`
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import time
-from contextlib import ExitStack, closing
+from collections.abc import Iterator
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,10 +119,40 @@ def run(spec: RunSpec, progress: bool = True, resume: bool = False) -> RunResult
     result_path = spec.run_dir / "result.json"
     if result_path.exists():
         return RunResult.read(result_path)
-    if (spec.run_dir / "checkpoint.zip").exists() and not resume:
-        raise RunDirError(
-            f"{spec.run_dir} holds an unfinished run; pass --resume to continue it, or use another --log-dir"
-        )
+    with run_lock(spec.run_dir):
+        if result_path.exists():  # finished by another process between the check above and the lock
+            return RunResult.read(result_path)
+        if (spec.run_dir / "checkpoint.zip").exists() and not resume:
+            raise RunDirError(
+                f"{spec.run_dir} holds an unfinished run; pass --resume to continue it, or use another --log-dir"
+            )
+        return _run_locked(spec, progress)
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir``'s lock for the duration of a run, so two processes never write one run folder.
+
+    The lock is the operating system's (``flock``), so a killed process releases it.
+
+    :raises RunDirError: if another process holds it.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            raise RunDirError(
+                f"{run_dir} is in use by another run; wait for it to finish or use another --log-dir"
+            ) from error
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _run_locked(spec: RunSpec, progress: bool) -> RunResult:
+    """The run itself, under its folder's lock: envs, the model (new or resumed), training, outputs."""
     start = time.perf_counter()
     agent = load_pretrained(spec.agent_path, device=spec.device)
     # The model is saved before state.json: a checkpoint without one was cut off, and the run starts over.
