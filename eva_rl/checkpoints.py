@@ -26,12 +26,13 @@ from safetensors.torch import load_file, save_file
 from stable_baselines3 import PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.type_aliases import GymEnv
-from stable_baselines3.common.vec_env import VecEnv, VecNormalize, unwrap_vec_normalize
+from stable_baselines3.common.vec_env import VecEnv, unwrap_vec_normalize
 
 from eva_rl.config import LoraConfig
 from eva_rl.errors import CheckpointError, ConfigError
 from eva_rl.eva_report import EvaReport
 from eva_rl.files import STATS, atomic_save_stats, atomic_write, atomic_write_json
+from eva_rl.loading import load_statistics
 from eva_rl.methods import get_method
 from eva_rl.models import build_model, load_base_weights
 from eva_rl.plan import AdapterPlan
@@ -160,8 +161,7 @@ def load_adapter(base_agent: PPO, path: str | Path, env: GymEnv | None = None, *
     if env is None:
         raise CheckpointError("base_agent has no environment; pass env=")
     if (folder / STATS).is_file() and not (isinstance(env, VecEnv) and unwrap_vec_normalize(env) is not None):
-        env = VecNormalize.load(str(folder / STATS), BaseAlgorithm._wrap_env(env, verbose=0, monitor_wrapper=True))
-        env.training = False
+        env = load_statistics(folder / STATS, BaseAlgorithm._wrap_env(env, verbose=0, monitor_wrapper=True))
     lora = LoraConfig.from_dict(config["lora_config"])
     plan = None if config.get("lora_plan") is None else AdapterPlan.from_dict(config["lora_plan"])
     report = None if config.get("eva_report") is None else EvaReport.from_dict(config["eva_report"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import json
+import pickle
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -158,19 +159,28 @@ class PretrainedAgent:
         """
         stats = stats or self.vec_normalize
         if stats is not None:
-            try:
-                venv = VecNormalize.load(str(stats), venv)
-            except (OSError, EOFError, ValueError, AssertionError, AttributeError, TypeError) as error:
-                raise AgentError(
-                    f"VecNormalize statistics {str(stats)!r} cannot be loaded for this env "
-                    f"({type(error).__name__}: {error})"
-                ) from error
-            venv.training = training
+            venv = load_statistics(stats, venv, training)
             if norm_reward is not None:
                 venv.norm_reward = norm_reward
         if self.frame_stack:
             venv = VecFrameStack(venv, self.frame_stack)
         return venv
+
+
+def load_statistics(path: Path, venv: VecEnv, training: bool = False) -> VecNormalize:
+    """``venv`` wrapped in the ``VecNormalize`` statistics pickled at ``path``.
+
+    :param training: Whether the statistics keep updating.
+    :raises AgentError: for a file that is missing, damaged or does not fit ``venv``, named.
+    """
+    try:
+        normalized = VecNormalize.load(str(path), venv)
+    except (OSError, EOFError, ValueError, AssertionError, AttributeError, TypeError, pickle.UnpicklingError) as error:
+        raise AgentError(
+            f"VecNormalize statistics {str(path)!r} cannot be loaded for this env ({type(error).__name__}: {error})"
+        ) from error
+    normalized.training = training
+    return normalized
 
 
 def _zoo_layout(zip_path: Path) -> dict[str, Any]:

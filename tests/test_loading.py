@@ -128,3 +128,13 @@ def test_recorded_wrappers_frame_stack_and_env_kwargs_build_the_agents_env(tmp_p
     assert isinstance(env, VecFrameStack) and env.observation_space.shape == (6,)
     assert env.get_attr("g") == [12.0, 12.0] and env.get_attr("_max_episode_steps") == [50, 50]
     env.close()
+
+
+def test_damaged_statistics_are_an_agent_error(tmp_path: Path) -> None:
+    run = tmp_path / "ppo" / "Pendulum-v1_1"
+    shutil.copytree(RUN, run)
+    stats = run / "Pendulum-v1" / "vecnormalize.pkl"
+    stats.write_bytes(stats.read_bytes()[:300])  # a truncated pickle
+    agent = load_pretrained(run, device="cpu")
+    with pytest.raises(AgentError, match=r"cannot be loaded for this env \(UnpicklingError"):
+        agent.wrap_vec_env(PPO("MlpPolicy", "Pendulum-v1").get_env())
