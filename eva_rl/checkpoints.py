@@ -162,9 +162,12 @@ def load_adapter(base_agent: PPO, path: str | Path, env: GymEnv | None = None, *
         raise CheckpointError("base_agent has no environment; pass env=")
     if (folder / STATS).is_file() and not (isinstance(env, VecEnv) and unwrap_vec_normalize(env) is not None):
         env = load_statistics(folder / STATS, BaseAlgorithm._wrap_env(env, verbose=0, monitor_wrapper=True))
-    lora = LoraConfig.from_dict(config["lora_config"])
-    plan = None if config.get("lora_plan") is None else AdapterPlan.from_dict(config["lora_plan"])
-    report = None if config.get("eva_report") is None else EvaReport.from_dict(config["eva_report"])
+    try:
+        lora = LoraConfig.from_dict(config["lora_config"])
+        plan = None if config.get("lora_plan") is None else AdapterPlan.from_dict(config["lora_plan"])
+        report = None if config.get("eva_report") is None else EvaReport.from_dict(config["eva_report"])
+    except (ConfigError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{config_path}: {type(error).__name__}: {error}") from error
     policy_kwargs = lora_policy_kwargs(lora, plan, report, base_agent.policy_kwargs)
     try:
         model = build_model(base_agent, lora_policy_class(type(base_agent.policy)), policy_kwargs, env, **ppo_kwargs)

@@ -8,11 +8,22 @@ accepted. Types are checked before values, so ``rho="high"`` is reported as such
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from eva_rl.errors import ConfigError
 
+try:  # the regex parser is public as sre_parse up to Python 3.10, re._parser since
+    from re import _parser as _regex_parser
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_parse as _regex_parser
+
+_REPEATS = tuple(
+    getattr(_regex_parser, name)
+    for name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
+    if hasattr(_regex_parser, name)
+)
 _ON_MAX_BATCHES = ("raise", "warn")
 _SVD_SOLVERS = ("lowrank", "full")
 _DATA_SOURCES = ("rollouts", "ppo")
@@ -20,6 +31,51 @@ _DATA_SOURCES = ("rollouts", "ppo")
 
 def _bad(cls_name: str, field_name: str, value: Any, accepted: str) -> ConfigError:
     return ConfigError(f"{cls_name}.{field_name}={value!r} is invalid: expected {accepted}")
+
+
+def check_regex(pattern: str, where: str, literal_ok: bool = False) -> None:
+    """Reject a layer-name regex that does not compile, or whose matching can backtrack exponentially.
+
+    A repeated group that itself contains a repetition (``(a*)*``, ``(.*.*)*X``) can take exponential time on a
+    name it fails to match, so it would hang adapter injection or ``load_adapter``; no layer name needs one.
+
+    :param literal_ok: A pattern that is not a regex is a plain layer name (the keys of ``rank_pattern``).
+    :raises ConfigError: naming the pattern and what would be accepted.
+    """
+    try:
+        parsed = _regex_parser.parse(pattern)
+    except re.error as error:
+        if literal_ok:
+            return
+        raise ConfigError(f"{where}={pattern!r} is invalid: not a regex ({error})") from error
+    if _repeat_depth(parsed) > 1:
+        raise ConfigError(
+            f"{where}={pattern!r} is invalid: a repetition inside a repeated group (such as '(a*)*') can take "
+            "exponential time to match; expected a regex without nested repetition, or a list of layer names"
+        )
+
+
+def _repeat_depth(node: Any) -> int:
+    """How deeply repetitions nest in a parsed regex (its star height), an alternation counted as one: ``(a|aa)*``
+    backtracks like ``(a*)*``."""
+    if isinstance(node, _regex_parser.SubPattern):
+        node = list(node)
+    if not isinstance(node, (list, tuple)):
+        return 0
+    if len(node) == 2 and node[0] in _REPEATS:
+        _, maximum, body = node[1]
+        return _repeat_depth(body) + _has_branch(body) + (1 if maximum > 1 else 0)
+    return max((_repeat_depth(child) for child in node), default=0)
+
+
+def _has_branch(node: Any) -> bool:
+    if isinstance(node, _regex_parser.SubPattern):
+        node = list(node)
+    if not isinstance(node, (list, tuple)):
+        return False
+    if len(node) == 2 and node[0] == _regex_parser.BRANCH:
+        return True
+    return any(_has_branch(child) for child in node)
 
 
 def _is_int(value: Any) -> bool:
@@ -81,9 +137,14 @@ class LoraConfig:
             self.target_modules = list(self.target_modules)
         elif self.target_modules is not None and not (isinstance(self.target_modules, str) and self.target_modules):
             raise _bad(name, "target_modules", self.target_modules, "None, a list of layer names or a regex string")
+        elif isinstance(self.target_modules, str):
+            check_regex(self.target_modules, f"{name}.target_modules")
         for pattern_name in ("rank_pattern", "alpha_pattern"):
-            if not isinstance(getattr(self, pattern_name), dict):
-                raise _bad(name, pattern_name, getattr(self, pattern_name), "a mapping {layer name or pattern: value}")
+            patterns = getattr(self, pattern_name)
+            if not isinstance(patterns, dict) or not all(isinstance(key, str) and key for key in patterns):
+                raise _bad(name, pattern_name, patterns, "a mapping {layer name or pattern: value}")
+            for key in patterns:
+                check_regex(key, f"{name}.{pattern_name} key", literal_ok=True)
         for key, rank in self.rank_pattern.items():
             if not _is_int(rank) or rank < 0:
                 raise _bad(name, f"rank_pattern[{key!r}]", rank, "an integer >= 0 (0 = no adapter)")

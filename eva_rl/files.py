@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -66,3 +67,25 @@ def atomic_save_stats(model: BaseAlgorithm, path: Path) -> bool:
         return False
     atomic_write(path, lambda tmp: normalizer.save(str(tmp)))
     return True
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, in hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and write a temp file there (removed again), so a read-only or full folder fails
+    before a run starts, not after it trained.
+
+    :raises OSError: as the file system reports it.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder) as handle:
+        handle.write(b"eva-rl")
+        handle.flush()
+        os.fsync(handle.fileno())

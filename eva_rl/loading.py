@@ -230,6 +230,17 @@ def _find_zip(folder: Path) -> Path:
     raise AgentError(f"{folder} holds several zips {[p.name for p in zips]}; pass the one to fine-tune")
 
 
+def agent_zip(path: str | Path) -> Path:
+    """The model zip of an agent path: the zip itself, or the one of an rl-zoo3 run folder or a Hub folder.
+
+    :raises AgentError: for a path that does not exist, or a folder without one clear model zip.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AgentError(f"pretrained agent {str(path)!r} does not exist; pass --pretrained path/to/agent.zip")
+    return _find_zip(path) if path.is_dir() else path
+
+
 def load_pretrained(path: str | Path, device: str = "auto", algorithm: str | None = None) -> PretrainedAgent:
     """Load an agent from a zip, an rl-zoo3 experiment folder or a Hub-style folder.
 
@@ -240,9 +251,7 @@ def load_pretrained(path: str | Path, device: str = "auto", algorithm: str | Non
         normalization has no statistics file.
     """
     path = Path(path)
-    if not path.exists():
-        raise AgentError(f"pretrained agent {str(path)!r} does not exist; pass --pretrained path/to/agent.zip")
-    zip_path = _find_zip(path) if path.is_dir() else path
+    zip_path = agent_zip(path)
     recorded = _zoo_layout(zip_path)
     if not recorded and path.is_dir():
         recorded = _hub_layout(path)

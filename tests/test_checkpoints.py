@@ -130,6 +130,10 @@ DEFECTS = {
         lambda f: _tamper_config(f, lambda c: c.update(policy_class="LoraSACPolicy")),
         r"saved from a 'LoraSACPolicy' policy",
     ),
+    "backtracking regex": (  # matched against every layer name, it would not finish in a lifetime
+        lambda f: _tamper_config(f, lambda c: c["lora_config"].update(target_modules="(.*.*)*X")),
+        r"target_modules='\(\.\*\.\*\)\*X' is invalid: a repetition inside a repeated group",
+    ),
     "not JSON": (lambda f: (f / "adapter_config.json").write_text("{not json"), "not JSON"),
     "damaged tensors file": (
         lambda f: (f / "adapter.safetensors").write_bytes(b"\x00" * 16),

@@ -108,3 +108,56 @@ def test_one_run_folder_takes_one_process_at_a_time(tmp_path: Path) -> None:
         holder.wait()
     with run_lock(run_dir):  # free again once the holder is gone
         pass
+
+
+def test_a_completed_run_made_with_other_settings_is_named_not_reused(tmp_path: Path) -> None:
+    spec = point_goal_spec(tmp_path, "lora")
+    first = runs.run(spec, progress=False)
+    assert first.settings["hyperparameters"]["learning_rate"] == spec.task.ppo["learning_rate"]
+    assert first.settings["lora"]["r"] == spec.task.lora.r and "eva" not in first.settings
+    changed = dataclasses.replace(
+        spec,
+        task=spec.task.override(
+            ppo={**spec.task.ppo, "learning_rate": 0.123}, lora=dataclasses.replace(spec.task.lora, r=3)
+        ),
+    )
+    with pytest.raises(runs.RunDirError) as error:
+        runs.run(changed, progress=False)
+    message = str(error.value)
+    assert "holds a completed run made with other settings" in message and "--overwrite" in message
+    assert "hyperparameters.learning_rate: " in message and "-> 0.123" in message
+    assert f"lora.r: {spec.task.lora.r} -> 3" in message and "total_timesteps" not in message
+    assert runs.completed_result(spec) == first  # the unchanged spec still reads it back
+    with pytest.raises(runs.RunDirError, match="lora.r"):
+        runs.completed_result(changed)  # a report over a changed grid stops too
+    again = runs.run(changed, progress=False, overwrite=True)
+    assert again.settings["hyperparameters"]["learning_rate"] == 0.123 and again.settings["lora"]["r"] == 3
+    assert runs.run(changed, progress=False) == again
+    assert not (spec.run_dir / "settings.json").exists()
+
+
+def test_a_checkpoint_made_with_another_learning_rate_is_not_resumed_with_the_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from eva_rl.experiments.training import RunCallback
+
+    spec = point_goal_spec(tmp_path, "lora")
+    spec = dataclasses.replace(spec, task=spec.task.override(total_timesteps=1024, checkpoint_freq=256))
+    save = RunCallback.save_checkpoint
+
+    def save_then_die(self: RunCallback) -> None:
+        save(self)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(RunCallback, "save_checkpoint", save_then_die)
+    with pytest.raises(RuntimeError, match="killed"):
+        runs.run(spec, progress=False)
+    monkeypatch.undo()
+    assert (spec.run_dir / "checkpoint.zip").is_file() and (spec.run_dir / "settings.json").is_file()
+    faster = dataclasses.replace(spec, task=spec.task.override(ppo={**spec.task.ppo, "learning_rate": 0.01}))
+    with pytest.raises(runs.RunDirError, match=r"holds an unfinished run made with other settings \(hyperpara"):
+        runs.run(faster, progress=False, resume=True)
+    with pytest.raises(runs.RunDirError, match="pass --resume"):
+        runs.run(spec, progress=False)  # same settings, no --resume
+    result = runs.run(spec, progress=False, resume=True)
+    assert result.total_timesteps == 1024 and result.settings == runs.run_settings(spec)

@@ -7,6 +7,7 @@ Bad input (an unknown env, a missing or corrupt agent, mismatched spaces, a bad 
 from __future__ import annotations
 
 import argparse
+import errno
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -123,8 +124,18 @@ def finetune_parser() -> argparse.ArgumentParser:
     add_options(parser, FINETUNE_OPTIONS, "fine-tuning")
     parser.add_argument("--log-dir", type=Path, default=Path("runs"), help="TensorBoard and results root (runs)")
     parser.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
+    add_overwrite_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
+
+
+def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over the runs whose folders under --log-dir hold runs made with other settings (without it, such "
+        "a folder is an error that names what differs)",
+    )
 
 
 def finetune_task(args: argparse.Namespace) -> TaskConfig:
@@ -143,7 +154,9 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
         agent_path = _agent_path(task, args)
         progress = not args.no_progress
         print(f"[eva-rl] task {task.name}: {task.target_env}, agent {agent_path}")
-        results = finetune(task, agent_path, args.log_dir, task.methods, task.seeds, args.device, args.resume, progress)
+        results = finetune(
+            task, agent_path, args.log_dir, task.methods, task.seeds, args.device, args.resume, progress, args.overwrite
+        )
         board = args.log_dir / task.name
         print()
         print(summary_table(results))
@@ -154,6 +167,20 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
     return _guarded(body)
 
 
+# Failures of the file system a run writes to (a full disk, a read-only or foreign folder, a file where a folder
+# should be): the user's to fix, so an error line; other OSErrors are bugs and keep their traceback.
+_FILE_SYSTEM_ERRORS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+}
+
+
 def _guarded(body: Callable[[], int]) -> int:
     """Run a command's body: every eva-rl error becomes one ``error:`` line and exit code 2."""
     one_line_warnings()
@@ -161,6 +188,15 @@ def _guarded(body: Callable[[], int]) -> int:
         return body()
     except EvaRLError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno not in _FILE_SYSTEM_ERRORS:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        hint = ""
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            hint = "; no half-written file was kept: free some space and rerun with --resume"
+        print(f"error: {where}{error.strerror or error}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command with --resume to continue", file=sys.stderr)
@@ -228,6 +264,7 @@ def compare_parser() -> argparse.ArgumentParser:
         "--report-only", action="store_true", help="run nothing: aggregate the runs of the grid that are complete"
     )
     parser.add_argument("--ray-address", help="Ray cluster address, or 'auto'; default: start a local Ray instance")
+    add_overwrite_argument(parser)
     return parser
 
 
@@ -242,7 +279,7 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
         if args.methods is not None:
             suite.check_methods(args.methods)
         if args.tune:
-            chosen = tune(suite, args.log_dir, args.methods, args.workers)
+            chosen = tune(suite, args.log_dir, args.methods, args.workers, overwrite=args.overwrite)
             print(f"\nTuning: {args.log_dir / (suite.name + '-tuning')}/tuning.json. For the suite file:")
             print(yaml.safe_dump({"method_settings": chosen}, sort_keys=False))
             return 0
@@ -256,6 +293,7 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
             backend=args.backend,
             ray_address=args.ray_address,
             report_only=args.report_only,
+            overwrite=args.overwrite,
         )
         out = args.log_dir / suite.name
         print(f"\nResults: {out}/results.md, results.json, sample_efficiency.png, final_return.png, eva_ranks.png")

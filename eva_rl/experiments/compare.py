@@ -17,12 +17,12 @@ from pathlib import Path
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.environments import agent_env, import_packages
 from eva_rl.experiments.report import SuiteReport, aggregate, plot_suite, results_markdown
-from eva_rl.experiments.runs import RunResult, RunSpec, run
+from eva_rl.experiments.runs import RunResult, RunSpec, completed_result, run
 from eva_rl.experiments.stats import normalized_auc, stratified_iqm
 from eva_rl.experiments.suites import Suite, SuiteTask, method_task
 from eva_rl.experiments.tasks import find_task
 from eva_rl.experiments.training import STATS, evaluate, one_line_warnings
-from eva_rl.files import atomic_write_json, atomic_write_text
+from eva_rl.files import atomic_write_json, atomic_write_text, check_writable
 from eva_rl.loading import load_agent, load_pretrained
 
 
@@ -53,14 +53,17 @@ def run_specs(
     return specs
 
 
-def run_one(spec: RunSpec) -> RunResult:
-    """One run (skipped if complete, resumed if interrupted), plus its return on the source env (retention)."""
+def run_one(spec: RunSpec, overwrite: bool = False) -> RunResult:
+    """One run (skipped if complete, resumed if interrupted), plus its return on the source env (retention).
+
+    :param overwrite: Start over a run whose folder holds one made with other settings (see :func:`run`).
+    """
     import torch
 
     torch.set_num_threads(1)
     one_line_warnings()
     import_packages(spec.task.env_packages)
-    result = run(spec, progress=False, resume=True)
+    result = run(spec, progress=False, resume=True, overwrite=overwrite)
     if result.source_return is None:
         result.source_return = source_return(spec)
         if result.source_return is not None:
@@ -88,18 +91,20 @@ def _progress_line(done: int, total: int, spec: RunSpec, result: RunResult) -> s
     return f"[{done}/{total}] {spec.task.name} {spec.method} seed{spec.seed}: final {result.final_return:.3f}"
 
 
-def run_local(specs: Sequence[RunSpec], workers: int, echo: Callable[[str], None] = print) -> list[RunResult]:
+def run_local(
+    specs: Sequence[RunSpec], workers: int, echo: Callable[[str], None] = print, overwrite: bool = False
+) -> list[RunResult]:
     """Run specs in a process pool (``workers`` processes; 1 runs in this process)."""
     if workers <= 1:
         results = []
         for i, spec in enumerate(specs, 1):
-            results.append(run_one(spec))
+            results.append(run_one(spec, overwrite))
             echo(_progress_line(i, len(specs), spec, results[-1]))
         return results
     results: dict[int, RunResult] = {}
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = {pool.submit(run_one, spec): i for i, spec in enumerate(specs)}
+        futures = {pool.submit(run_one, spec, overwrite): i for i, spec in enumerate(specs)}
         for done, future in enumerate(as_completed(futures), 1):
             i = futures[future]
             results[i] = future.result()
@@ -108,7 +113,9 @@ def run_local(specs: Sequence[RunSpec], workers: int, echo: Callable[[str], None
     return [results[i] for i in range(len(specs))]
 
 
-def run_ray(specs: Sequence[RunSpec], address: str | None, echo: Callable[[str], None] = print) -> list[RunResult]:
+def run_ray(
+    specs: Sequence[RunSpec], address: str | None, echo: Callable[[str], None] = print, overwrite: bool = False
+) -> list[RunResult]:
     """Run specs as Ray tasks (one CPU each) on the cluster at ``address`` (``None``: a new local instance).
 
     Results are written by the workers to the shared ``--log-dir``; progress is reported as runs finish. The
@@ -130,7 +137,7 @@ def run_ray(specs: Sequence[RunSpec], address: str | None, echo: Callable[[str],
         )
     try:
         task = ray.remote(num_cpus=1)(run_one)
-        pending = {task.remote(spec): i for i, spec in enumerate(specs)}
+        pending = {task.remote(spec, overwrite): i for i, spec in enumerate(specs)}
         results: dict[int, RunResult] = {}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -153,28 +160,31 @@ def compare(
     backend: str = "local",
     ray_address: str | None = None,
     report_only: bool = False,
+    overwrite: bool = False,
 ) -> SuiteReport:
     """Run (or resume) the suite's grid, then write ``results.json``, ``results.md`` and the plots.
 
     :param backend: ``"local"`` (a process pool of ``workers``) or ``"ray"`` (Ray tasks on ``ray_address``).
     :param report_only: Run nothing; aggregate the runs of the grid that are complete.
+    :param overwrite: Start over the runs whose folders hold runs made with other settings.
     """
     for suite_task in suite.tasks:
         task = find_task(suite_task.task)
         if task is not None:
             import_packages(task.env_packages)
     pairs = run_specs(suite, log_dir, methods, seeds)
+    check_writable(log_dir / suite.name)
     if report_only:
         pairs = [(t, spec) for t, spec in pairs if (spec.run_dir / "result.json").is_file()]
         if not pairs:
             raise ConfigError(f"no completed runs of suite {suite.name} under {log_dir / suite.name}")
     specs = [spec for _, spec in pairs]
     if report_only:
-        results = [RunResult.read(spec.run_dir / "result.json") for spec in specs]
+        results = [completed_result(spec) for spec in specs]
     elif backend == "ray":
-        results = run_ray(specs, ray_address, echo)
+        results = run_ray(specs, ray_address, echo, overwrite)
     elif backend == "local":
-        results = run_local(specs, workers, echo)
+        results = run_local(specs, workers, echo, overwrite)
     else:
         raise ConfigError(f"backend={backend!r} is invalid: expected 'local' or 'ray'")
     runs = [(suite_task, result) for (suite_task, _), result in zip(pairs, results)]
@@ -204,6 +214,7 @@ def tune(
     methods: Sequence[str] | None = None,
     workers: int = 1,
     echo: Callable[[str], None] = print,
+    overwrite: bool = False,
 ) -> dict[str, dict[str, float]]:
     """The same small sweep for every method on the tuning seeds; each method keeps the grid point with the best
     IQM normalized AUC (sample efficiency) over tuning seeds and tasks.
@@ -227,7 +238,7 @@ def tune(
         )
         for suite_task, spec in run_specs(trial, base / _point_name(point), methods):
             jobs.append((point, suite_task, spec))
-    results = run_local([spec for _, _, spec in jobs], workers, echo)
+    results = run_local([spec for _, _, spec in jobs], workers, echo, overwrite)
     table: dict[str, dict[str, float]] = {}
     for point in tuning_points(suite):
         for method in methods:

@@ -18,13 +18,15 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, SupportsFloat
 
 import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
-from eva_rl.errors import EnvError
+from eva_rl.errors import EnvError, EvaRLError
 from eva_rl.loading import PretrainedAgent
 
 if TYPE_CHECKING:
@@ -115,6 +117,8 @@ def env_factory(
             return env_class(**env_kwargs)
 
     else:
+        if env not in gym.registry and env.startswith("MiniGrid"):
+            import minigrid  # noqa: F401  (registers the MiniGrid ids; a dependency, imported only when named)
         if env not in gym.registry:
             close = difflib.get_close_matches(env, registered_ids(), n=5)
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -128,12 +132,79 @@ def env_factory(
             return gym.make(env, **env_kwargs)
 
     def make() -> gym.Env:
-        instance = make_base()
-        for wrapper in wrapper_classes:
-            instance = wrapper(instance)
-        return instance
+        instance = _named_failure(f"making env {env!r} (env_kwargs {env_kwargs})", make_base)
+        for spec, wrapper in zip(wrappers, wrapper_classes):
+            instance = _named_failure(f"wrapping env {env!r} in {spec!r}", wrapper, instance)
+        return CheckedEnv(instance, env)
 
     return make
+
+
+def _named_failure(doing: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``call(*args, **kwargs)``, with an exception from a user's env code turned into an :class:`EnvError` that says
+    what failed."""
+    try:
+        return call(*args, **kwargs)
+    except EvaRLError:
+        raise
+    except Exception as error:
+        raise EnvError(f"{doing} failed: {type(error).__name__}: {error}") from error
+
+
+_SB3_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
+
+
+class CheckedEnv(gym.Wrapper):
+    """Names a user env's failures: an exception raised by ``reset()`` or ``step()``, and an observation or reward
+    that is not finite, become an :class:`EnvError` naming the env and the episode step, instead of a traceback
+    from deep inside torch (a NaN observation fails in the policy's distribution).
+
+    :param env: The env, with the task's wrappers applied (what the agent sees).
+    :param name: The env's id or entry point, for messages.
+    """
+
+    def __init__(self, env: gym.Env, name: str) -> None:
+        super().__init__(env)
+        self.name = name
+        self.episode_step = 0
+        space = env.observation_space
+        parts = space.spaces.values() if isinstance(space, spaces.Dict) else (space,)
+        if not all(isinstance(part, _SB3_SPACES) for part in parts):
+            raise EnvError(
+                f"env {name!r} has the observation space {space}, which SB3 policies cannot take: expected Box, "
+                "Discrete, MultiDiscrete, MultiBinary or a Dict of them; add a wrapper that encodes the observations "
+                "(MiniGrid: --wrapper minigrid.wrappers:ImgObsWrapper, or a task file such as configs/"
+                "MiniGrid-DoorKey.yaml)"
+            )
+
+    def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        self.episode_step = 0
+        observation, info = _named_failure(f"env {self.name!r} reset()", self.env.reset, **kwargs)
+        self._check(observation, 0.0, "reset()")
+        return observation, info
+
+    def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
+        self.episode_step += 1
+        where = f"step() (step {self.episode_step} of the episode)"
+        observation, reward, terminated, truncated, info = _named_failure(
+            f"env {self.name!r} {where}", self.env.step, action
+        )
+        self._check(observation, reward, where)
+        return observation, reward, terminated, truncated, info
+
+    def _check(self, observation: Any, reward: SupportsFloat, where: str) -> None:
+        parts = observation.values() if isinstance(observation, dict) else (observation,)
+        for part in parts:
+            array = np.asarray(part)
+            if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+                raise EnvError(
+                    f"env {self.name!r} returned an observation with NaN or inf in {where}; eva-rl needs finite "
+                    "observations: fix the env, or add a wrapper that cleans them"
+                )
+        if not np.isfinite(float(reward)):
+            raise EnvError(
+                f"env {self.name!r} returned the reward {float(reward)} in {where}; expected a finite number"
+            )
 
 
 def make_vec(factory: Callable[[], gym.Env], n_envs: int, seed: int) -> VecEnv:

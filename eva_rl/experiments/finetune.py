@@ -13,9 +13,18 @@ from pathlib import Path
 
 from eva_rl.adapt import adapter_plan, fine_tuning_algorithm
 from eva_rl.experiments.environments import agent_env, import_packages
-from eva_rl.experiments.runs import RunResult, RunSpec, run
+from eva_rl.experiments.runs import (
+    RunResult,
+    RunSpec,
+    check_algorithm_settings,
+    check_run_dir,
+    rollout_steps,
+    run,
+    run_settings,
+)
 from eva_rl.experiments.tasks import TaskConfig
 from eva_rl.experiments.training import evaluate
+from eva_rl.files import check_writable
 from eva_rl.loading import PretrainedAgent, load_pretrained
 from eva_rl.methods import get_method
 from eva_rl.models import wrap_target_env
@@ -39,6 +48,7 @@ def check_agent_fits(task: TaskConfig, agent_path: Path, methods: Sequence[str] 
     """
     agent = load_pretrained(agent_path, device="cpu")
     fine_tuning_algorithm(agent.model, task.algo)
+    check_algorithm_settings(task, agent)
     for name in methods:
         method, settings = get_method(name), task.for_method(name)
         if method.adapters:
@@ -76,20 +86,37 @@ def finetune(
     device: str = "auto",
     resume: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
     echo: Callable[[str], None] = print,
 ) -> list[RunResult]:
-    """Every method x seed, one after the other; completed runs are skipped, so a rerun resumes a sweep."""
+    """Every method x seed, one after the other; completed runs are skipped, so a rerun resumes a sweep.
+
+    :param overwrite: Start over the runs whose folders hold runs made with other settings (see :func:`run`).
+    """
     import_packages(task.env_packages)
     agent = check_agent_fits(task, agent_path, methods)
     stats = f", VecNormalize statistics {agent.vec_normalize}" if agent.vec_normalize else ""
     algorithm = (task.algo or agent.algorithm).upper()
     echo(f"[eva-rl] agent: {agent.algorithm.upper()} ({agent.layout}{stats}); fine-tuned with {algorithm}")
+    rollout = rollout_steps(task, agent)
+    if rollout is not None and task.total_timesteps % rollout:
+        trained = -(-task.total_timesteps // rollout) * rollout
+        echo(
+            f"[eva-rl] {task.total_timesteps} steps is not a whole number of rollouts ({rollout} steps each): "
+            f"each run trains {trained}"
+        )
+    specs = [
+        RunSpec(task.for_method(method), method, seed, log_dir, agent_path, device)
+        for seed in seeds
+        for method in methods
+    ]
+    check_writable(Path(log_dir))
+    for spec in specs:  # a folder that cannot be used stops the job before anything runs
+        check_run_dir(spec, run_settings(spec), resume, overwrite)
     jumpstart = pretrained_return(task, agent_path, device)
     echo(f"[eva-rl] pretrained agent's return on {task.target_env} (eval seed {task.eval.seed}): {jumpstart:.3f}")
     results = []
-    for seed in seeds:
-        for method in methods:
-            spec = RunSpec(task.for_method(method), method, seed, log_dir, agent_path, device)
-            echo(f"[eva-rl] {task.name}: {method} seed {seed} -> {spec.run_dir}")
-            results.append(run(spec, progress=progress, resume=resume))
+    for spec in specs:
+        echo(f"[eva-rl] {task.name}: {spec.method} seed {spec.seed} -> {spec.run_dir}")
+        results.append(run(spec, progress=progress, resume=resume, overwrite=overwrite))
     return results

@@ -157,6 +157,13 @@ PRETRAIN_OPTIONS = (
     Option(("--total-timesteps",), "pretrain_timesteps", int, "training budget (default: the task's)"),
     Option(("--seed",), "pretrain_seed", int, "seed (default: the task's)"),
     Option(
+        ("--policy",),
+        "policy",
+        str,
+        "SB3 policy (default: the task's, else MlpPolicy; MultiInputPolicy for Dict observations, CnnPolicy for "
+        "images)",
+    ),
+    Option(
         ("--algo",), "algo", str, "algorithm to train with (default: the task's, else ppo)", choices=tuple(ALGORITHMS)
     ),
 )

@@ -10,9 +10,12 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
+from eva_rl.errors import ConfigError
 from eva_rl.experiments.environments import env_factory, import_packages, load_object, make_vec
 from eva_rl.experiments.tasks import ROOT, TaskConfig
 from eva_rl.experiments.training import evaluate
@@ -70,6 +73,29 @@ class ProgressCallback(BaseCallback):
         self._bar.close()
 
 
+def _new_model(task: TaskConfig, algorithm: str, env: VecEnv, seed: int, device: str) -> BaseAlgorithm:
+    """A fresh model of ``algorithm`` with the task's policy and hyperparameters.
+
+    :raises ConfigError: when SB3 refuses the policy for the env (a Dict observation space under ``MlpPolicy``).
+    """
+    try:
+        return ALGORITHMS[algorithm](
+            task.policy,
+            env,
+            policy_kwargs=resolve_policy_kwargs(task.policy_kwargs),
+            seed=seed,
+            device=device,
+            verbose=0,
+            **task.ppo,
+        )
+    except (ValueError, AssertionError, KeyError, TypeError) as error:
+        raise ConfigError(
+            f"policy={task.policy!r} cannot be built by {ALGORITHMS[algorithm].__name__} for the observation space "
+            f"{env.observation_space} ({type(error).__name__}: {error}); pass --policy (MultiInputPolicy for Dict "
+            "observations) or a task file whose wrappers encode the observations"
+        ) from error
+
+
 def pretrain(
     task: TaskConfig,
     out: Path | None = None,
@@ -90,15 +116,7 @@ def pretrain(
     start = time.perf_counter()
     algorithm = task.algo or "ppo"
     with closing(make_vec(factory, task.n_envs, seed)) as train_env:
-        model = ALGORITHMS[algorithm](
-            task.policy,
-            train_env,
-            policy_kwargs=resolve_policy_kwargs(task.policy_kwargs),
-            seed=seed,
-            device=device,
-            verbose=0,
-            **task.ppo,
-        )
+        model = _new_model(task, algorithm, train_env, seed, device)
         callbacks = [ProgressCallback(steps, f"pretrain {source_env}")] if progress else []
         model.learn(steps, callback=callbacks)
     train_seconds = time.perf_counter() - start
