@@ -162,7 +162,9 @@ def adapt(
         plan = plan.with_ranks(result.ranks, eva.adjust_scaling_factors)
 
     # With EVA on PPO's rollouts the adapters start as placeholders (configured ranks, B = 0) until EVA is done.
-    policy_kwargs = lora_policy_kwargs(plan.lora_config(lora), plan, result and result.report(), base_kwargs)
+    policy_kwargs = lora_policy_kwargs(
+        plan.lora_config(lora), plan, result and result.report(), base_kwargs, eva_pending=eva_from_ppo
+    )
     built_with = EVA_ROLLOUT_ALGORITHMS[algorithm] if eva_from_ppo else algorithm
     adapted = build_model(model, policy_class, policy_kwargs, vec_env, built_with, **kwargs)
     load_base_weights(adapted.policy, model.policy.state_dict())
@@ -198,6 +200,7 @@ def _swap_in_eva(model: OnPolicyAlgorithm, method: Method, lora: LoraConfig, eva
     plan = policy.lora_plan.with_ranks(result.ranks, eva.adjust_scaling_factors)
     remove_adapters(policy)
     policy.lora_config, policy.lora_plan, policy.eva_report = plan.lora_config(lora), plan, result.report()
+    policy.eva_pending = False
     inject_adapters(policy, plan)
     policy.to(model.device)
     policy._set_trainable()
@@ -206,6 +209,7 @@ def _swap_in_eva(model: OnPolicyAlgorithm, method: Method, lora: LoraConfig, eva
     policy.optimizer = policy.optimizer_class(
         policy.trainable_parameters(), lr=learning_rate, **policy.optimizer_kwargs
     )
+    model.policy_kwargs.pop("eva_pending", None)
     model.policy_kwargs.update(lora_policy_kwargs(policy.lora_config, plan, policy.eva_report))
 
 

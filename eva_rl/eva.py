@@ -49,7 +49,9 @@ class EvaResult:
     :ivar converged_at: ``{layer: batches it took until its ranked components converged (for good)}``.
     :ivar batches_fed: ``{layer: numbers (from 1) of the batches its PCA consumed}``; a layer is no longer fed once
         its ranked components converged (unless a rank change makes it need more).
-    :ivar seconds: Wall time of the whole computation (data collection included).
+    :ivar seconds: Wall time EVA itself took: its batches' forward passes and PCA updates, and with its own rollouts
+        their collection; with PPO's rollouts (``data_source="ppo"``) neither PPO's collection nor anything between
+        rollouts counts (their env steps are ``skipped_steps``).
     :ivar env_steps: Environment steps of EVA's own rollouts, taken before PPO starts (0 when EVA reads PPO's).
     :ivar data_source: ``"rollouts"`` (EVA's own) or ``"ppo"`` (PPO's first rollouts, :class:`~eva_rl.eva_ppo.EvaPPO`).
     :ivar skipped_steps: Env steps of PPO rollouts that fed EVA without a PPO update (``data_source="ppo"``).
@@ -194,7 +196,8 @@ class EvaSession:
         eva: EvaConfig,
         forward_fn: ForwardFn | None = None,
     ) -> None:
-        self.start = time.perf_counter()
+        self.seconds = 0.0
+        self._running = False
         self.module = module
         self.plan = plan
         self.eva = eva
@@ -269,7 +272,19 @@ class EvaSession:
         return rows
 
     def feed(self, batch: Any) -> bool:
-        """Update the layers not yet converged with one batch; return :attr:`done`."""
+        """Update the layers not yet converged with one batch; return :attr:`done`.
+
+        Its time adds to :attr:`seconds` (inside :meth:`run`, the whole loop's does).
+        """
+        if self._running:
+            return self._feed(batch)
+        started = time.perf_counter()
+        try:
+            return self._feed(batch)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def _feed(self, batch: Any) -> bool:
         wanted = [lead for lead in self.trackers if not self._group_done(lead)] if self.trackers else list(self.layers)
         self.batches_used += 1
         rows = self._capture(batch, wanted)
@@ -310,6 +325,8 @@ class EvaSession:
         """
         stop_reason: str | None = None
         bar = tqdm(total=self.eva.max_batches, desc="EVA", unit="batch", disable=not progress, leave=False)
+        started = time.perf_counter()
+        self._running = True
         iterator = iter(batches)
         try:
             while not self.done:
@@ -328,6 +345,8 @@ class EvaSession:
             bar.close()
             if iterator is not batches and hasattr(iterator, "close"):
                 iterator.close()  # our own generator over `batches`: let it restore env state (VecNormalize) now
+            self._running = False
+            self.seconds += time.perf_counter() - started  # the batches' collection (rollouts) included
         return self.result(stop_reason)
 
     def result(self, stop_reason: str | None = None) -> EvaResult:
@@ -384,7 +403,7 @@ class EvaSession:
             result.batches_fed[name] = list(self.batches_fed.get(leader_of[name], []))
             if leader_of[name] != name:
                 result.shared_inputs[name] = leader_of[name]
-        result.seconds = time.perf_counter() - self.start
+        result.seconds = self.seconds
         return result
 
 

@@ -33,6 +33,10 @@ class EvaRolloutsMixin:
 
     Once EVA is done, this is the plain algorithm: the saved zip loads with ``PPO.load`` (``A2C.load``).
 
+    A model saved while EVA is pending keeps its policy's ``eva_pending`` (the session and its data are not saved):
+    loaded, with this class or the plain one, it predicts as the pretrained policy but refuses to train, since it
+    would train the placeholder adapters as plain LoRA.
+
     :ivar eva_skipped_steps: Env steps of rollouts that fed EVA without a PPO update (EVA's whole env-step cost).
     """
 
@@ -83,6 +87,12 @@ class EvaRolloutsMixin:
         self.eva_session, self.eva_apply = None, None
         record_eva_report(self.logger, self.policy.eva_report)
         return True
+
+    def learn(self, *args: Any, **kwargs: Any) -> Any:
+        """The algorithm's ``learn``, refused before any rollout for a model saved before EVA finished."""
+        if self.eva_session is None:
+            self.policy.check_trainable()
+        return super().learn(*args, **kwargs)  # type: ignore[misc]
 
     def train(self) -> None:
         if self.eva_session is not None and not self._feed_eva():

@@ -30,7 +30,7 @@ class EvaReport:
     :ivar env_steps: Environment steps of EVA's own rollouts (0 when EVA read PPO's rollouts).
     :ivar data_source: ``"rollouts"`` or ``"ppo"``.
     :ivar skipped_steps: Env steps of PPO rollouts that fed EVA without a PPO update (``data_source="ppo"``).
-    :ivar seconds: Wall time of EVA, data collection included.
+    :ivar seconds: Wall time EVA itself took (its own rollouts' collection included; PPO's rollouts not).
     """
 
     ranks: dict[str, int]

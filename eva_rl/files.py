@@ -1,4 +1,5 @@
-"""Atomic file writes: a temp file in the same folder, then a rename, so readers never see half a file."""
+"""Files: atomic writes (a temp file in the same folder, then a rename, so readers never see half a file), YAML read
+with one-line errors, digests."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
 from stable_baselines3.common.base_class import BaseAlgorithm
+
+from eva_rl.errors import ConfigError
 
 STATS = "vecnormalize.pkl"
 """VecNormalize statistics beside a model (rl-zoo3's file name): a run's ``model.zip``, an adapter checkpoint."""
@@ -89,3 +93,23 @@ def check_writable(folder: Path) -> None:
         handle.write(b"eva-rl")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def read_yaml(path: Path, loader: type[yaml.SafeLoader] = yaml.SafeLoader) -> Any:
+    """The YAML document in ``path``, read with a safe loader.
+
+    :raises ConfigError: in one line, naming the file: missing, unreadable, or not YAML (with the line and column).
+    """
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError as error:
+        raise ConfigError(f"{path}: no such file") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot be read ({error})") from error
+    try:
+        return yaml.load(text, Loader=loader)  # noqa: S506 (a SafeLoader or a subclass)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ConfigError(f"{path}: not valid YAML ({problem}{where})") from error

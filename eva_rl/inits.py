@@ -46,8 +46,9 @@ def pissa_init(layer: LoraLayer) -> None:
 
 @torch.no_grad()
 def olora_init(layer: LoraLayer) -> None:
-    """OLoRA: ``B`` is the first ``r`` columns of ``Q`` and ``A`` the first ``r`` rows of ``R`` in ``W = Q R``."""
+    """OLoRA: ``B`` is the first ``r`` columns of ``Q`` and ``A`` the first ``r`` rows of ``R`` in ``W = Q R``, as
+    peft sets them: not divided by the scaling, which only enters the residual ``W - s B A``."""
     _check_rank(layer, "OLoRA")
     weight = layer.base_layer.weight
     q, r = torch.linalg.qr(weight.reshape(weight.shape[0], -1).double())
-    _set_factors(layer, r[: layer.r] / layer.scaling, q[:, : layer.r])
+    _set_factors(layer, r[: layer.r], q[:, : layer.r])

@@ -27,13 +27,36 @@ def svd_flip(u: torch.Tensor, vt: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return u * signs[: u.shape[1]], vt * signs.unsqueeze(1)
 
 
+def randomized_svd(
+    x: torch.Tensor, q: int, niter: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U, S, Vh`` of rank ``q`` by Halko et al.'s randomized range finder with ``niter`` power iterations
+    (Algorithms 4.4 and 5.1, as ``torch.svd_lowrank`` computes them).
+
+    The Gaussian test matrix is drawn on the CPU from ``generator``, so no global RNG is read or reseeded (on CUDA
+    neither), and a CPU run equals ``torch.svd_lowrank`` under ``torch.manual_seed`` of the same seed.
+    """
+    transposed = x.shape[0] < x.shape[1]  # the range finder works on the tall orientation
+    a = x.mT if transposed else x
+    test = torch.randn(a.shape[1], q, generator=generator, dtype=a.dtype).to(a.device)
+    basis = torch.linalg.qr(a @ test).Q
+    for _ in range(niter):
+        basis = torch.linalg.qr(a.mT @ basis).Q
+        basis = torch.linalg.qr(a @ basis).Q
+    u, s, vh = torch.linalg.svd(basis.mT @ a, full_matrices=False)
+    u = basis @ u
+    if transposed:
+        return vh.mT, s, u.mT
+    return u, s, vh
+
+
 class IncrementalPCA:
     """Incremental PCA over a stream of ``(n_rows, n_features)`` batches.
 
     :param n_components: Number of components to track; at most ``n_features`` and at most the rows of a batch.
     :param svd_solver: ``"lowrank"``: randomized ``torch.svd_lowrank`` with ``q = 2 * n_components`` and 4 power
         iterations (peft's choice); ``"full"``: exact ``torch.linalg.svd``.
-    :param seed: Seed of the randomized solver. It runs in a forked RNG, so the caller's RNG is untouched.
+    :param seed: Seed of the randomized solver, drawn from a private generator: no global RNG is read or reseeded.
     """
 
     def __init__(self, n_components: int, svd_solver: Literal["lowrank", "full"] = "lowrank", seed: int = 0):
@@ -65,11 +88,7 @@ class IncrementalPCA:
         if self.svd_solver == "full":
             return torch.linalg.svd(x, full_matrices=False)
         q = min(2 * self.n_components, *x.shape)
-        devices = [x.device] if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed)
-            u, s, v = torch.svd_lowrank(x, q=q, niter=4)
-        return u, s, v.mT
+        return randomized_svd(x, q, niter=4, generator=torch.Generator().manual_seed(self.seed))
 
     @torch.no_grad()
     def partial_fit(self, batch: torch.Tensor) -> IncrementalPCA:

@@ -24,7 +24,8 @@ from stable_baselines3 import A2C, DQN, PPO, SAC, TD3
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import VecEnv, VecFrameStack, VecNormalize
 
-from eva_rl.errors import AgentError
+from eva_rl.errors import AgentError, ConfigError
+from eva_rl.files import read_yaml
 
 ALGORITHMS: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "a2c": A2C, "sac": SAC, "td3": TD3, "dqn": DQN}
 """The algorithms eva-rl loads and fine-tunes, by rl-zoo3's name."""
@@ -102,9 +103,9 @@ def read_zoo_yaml(path: Path) -> dict[str, Any]:
     :raises AgentError: naming the file when it does not parse.
     """
     try:
-        data = yaml.load(path.read_text(), Loader=_ZooLoader)  # noqa: S506 (a SafeLoader subclass)
-    except yaml.YAMLError as error:
-        raise AgentError(f"{path}: not an rl-zoo3 YAML file ({error})") from error
+        data = read_yaml(path, _ZooLoader)
+    except ConfigError as error:
+        raise AgentError(f"not an rl-zoo3 YAML file: {error}") from error
     if isinstance(data, list):  # config.yml: a list of (key, value) pairs in older rl-zoo3 versions
         data = dict(data)
     return data or {}

@@ -53,9 +53,9 @@ def wrap_target_env(model: BaseAlgorithm, env: GymEnv) -> VecEnv:
         expected, got = getattr(model, f"{kind}_space"), getattr(vec_env, f"{kind}_space")
         if expected != got:
             raise SpaceMismatchError(
-                f"the target env's {kind} space does not match the pretrained agent's:\n"
-                f"  pretrained agent: {expected}\n  target env:       {got}\n"
-                "Use the same observation wrappers (encoding) as in pretraining, or an agent trained for this env."
+                f"the target env's {kind} space does not match the pretrained agent's: pretrained agent: {expected}; "
+                f"target env: {got}; use the same observation wrappers (encoding) as in pretraining, or an agent "
+                "trained for this env"
             )
     return vec_env
 

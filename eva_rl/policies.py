@@ -38,7 +38,7 @@ from stable_baselines3.td3.policies import TD3Policy
 from torch import nn
 
 from eva_rl.config import LoraConfig
-from eva_rl.errors import AgentError
+from eva_rl.errors import AgentError, CheckpointError
 from eva_rl.eva_report import EvaReport
 from eva_rl.inject import inject_adapters, lora_layers, set_submodule
 from eva_rl.layers import LoraLayer, lora_layer_type
@@ -48,7 +48,7 @@ HEADS = ("action_net", "value_net")
 """The heads of an actor-critic policy (PPO, A2C)."""
 TARGET_NETWORKS = {"actor": "actor_target", "critic": "critic_target", "q_net": "q_net_target"}
 """Each online network of an off-policy policy and the target network that follows it."""
-LORA_POLICY_KWARGS = ("lora_config", "lora_plan", "eva_report")
+LORA_POLICY_KWARGS = ("lora_config", "lora_plan", "eva_report", "eva_pending")
 """The ``policy_kwargs`` a LoRA policy adds to its plain counterpart's."""
 
 
@@ -108,6 +108,8 @@ class LoraPolicyMixin:
     :param lora_plan: The :class:`~eva_rl.plan.AdapterPlan` (or its ``to_dict()`` form) to build the adapters from;
         ``None`` resolves one from ``lora_config`` (a policy built by hand, or a zip saved before plans existed).
     :param eva_report: The :class:`~eva_rl.eva_report.EvaReport` (or its dict form), kept with the policy.
+    :param eva_pending: The adapters are placeholders until EVA on PPO's rollouts finishes
+        (:class:`~eva_rl.eva_ppo.EvaPPO`); saved with the policy, so one saved before then cannot be trained.
     """
 
     lora_config: LoraConfig
@@ -120,12 +122,14 @@ class LoraPolicyMixin:
         lora_config: dict[str, Any] | LoraConfig | None = None,
         lora_plan: dict[str, Any] | AdapterPlan | None = None,
         eva_report: dict[str, Any] | EvaReport | None = None,
+        eva_pending: bool = False,
         **kwargs: Any,
     ) -> None:
         # _build (called from the SB3 constructor) needs these, so they are set before nn.Module.__init__.
         object.__setattr__(self, "lora_config", LoraConfig.from_dict(lora_config or {}))
         object.__setattr__(self, "lora_plan", None if lora_plan is None else AdapterPlan.from_dict(lora_plan))
         object.__setattr__(self, "eva_report", None if eva_report is None else EvaReport.from_dict(eva_report))
+        object.__setattr__(self, "eva_pending", bool(eva_pending))
         super().__init__(*args, **kwargs)
 
     def _build(self, lr_schedule: Schedule) -> None:
@@ -192,9 +196,24 @@ class LoraPolicyMixin:
         """``{layer: rank}`` of the adapters present."""
         return {name: layer.r for name, layer in self.lora_layers.items()}
 
+    def check_trainable(self) -> None:
+        """:raises CheckpointError: if the adapters are EVA placeholders with no EVA session to finish them (a policy
+        saved before EVA on PPO's rollouts finished): training them would be plain LoRA, silently."""
+        if self.eva_pending:
+            raise CheckpointError(
+                "this policy was saved before EVA on PPO's rollouts finished: its adapters are placeholders and EVA's "
+                "data was not saved, so training would be plain LoRA; adapt the pretrained agent again, or save the "
+                "model once its eva_pending is False"
+            )
+
+    def set_training_mode(self, mode: bool) -> None:
+        if mode:
+            self.check_trainable()  # every SB3 algorithm's train() starts here
+        super().set_training_mode(mode)  # type: ignore[misc]
+
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()  # type: ignore[misc]
-        data.update(lora_policy_kwargs(self.lora_config, self.lora_plan, self.eva_report))
+        data.update(lora_policy_kwargs(self.lora_config, self.lora_plan, self.eva_report, eva_pending=self.eva_pending))
         return data
 
 
@@ -304,16 +323,22 @@ def lora_policy_class(plain: type) -> type:
 
 
 def lora_policy_kwargs(
-    lora: LoraConfig, plan: AdapterPlan | None, report: EvaReport | None, base: dict[str, Any] | None = None
+    lora: LoraConfig,
+    plan: AdapterPlan | None,
+    report: EvaReport | None,
+    base: dict[str, Any] | None = None,
+    eva_pending: bool = False,
 ) -> dict[str, Any]:
-    """The ``policy_kwargs`` of a LoRA policy: ``base`` (a plain policy's kwargs) plus the config, plan and report,
-    in the plain-``dict`` form SB3 stores in the zip."""
+    """The ``policy_kwargs`` of a LoRA policy: ``base`` (a plain policy's kwargs) plus the config, plan and report
+    (and ``eva_pending`` while it holds), in the plain-``dict`` form SB3 stores in the zip."""
     kwargs = plain_policy_kwargs(base or {})
     kwargs.update(
         lora_config=lora.to_dict(),
         lora_plan=None if plan is None else plan.to_dict(),
         eva_report=None if report is None else report.to_dict(),
     )
+    if eva_pending:
+        kwargs["eva_pending"] = True
     return kwargs
 
 

@@ -12,6 +12,8 @@ from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize, unwrap_vec_wrapper
 
 Observation = np.ndarray | dict[str, np.ndarray]
+RngState = tuple[torch.Tensor, torch.Tensor | None]
+"""The private action-sampling stream: the CPU generator's state and, for a policy on CUDA, its device's."""
 
 
 def _concat(parts: list[Observation]) -> Observation:
@@ -37,7 +39,8 @@ class RolloutBatches:
     after every VecEnv wrapper (``VecNormalize`` and ``VecTransposeImage`` included); the policy's own
     preprocessing (image scaling, one-hot encoding) runs in :func:`policy_forward`. ``VecNormalize`` statistics
     are frozen while collecting, so EVA sees the same preprocessing the pretrained policy was evaluated with.
-    Actions are sampled from a private RNG stream seeded by ``seed``, leaving the global torch RNG untouched.
+    Actions are sampled from a private RNG stream seeded by ``seed`` (on the policy's CUDA device too), leaving the
+    global torch RNGs untouched.
 
     :param policy: The acting policy (the pretrained one; an EVA-initialized adapter with B = 0 acts the same).
     :param env: The target environment, vectorized.
@@ -72,15 +75,34 @@ class RolloutBatches:
         self.exploration_rate = exploration_rate
         self.env_steps = 0
 
-    def _act(self, obs: Observation, rng_state: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
-        with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(rng_state)
+    def _initial_rng_state(self) -> RngState:
+        """The private stream's start: the CPU generator, and the policy's CUDA device's when it samples there."""
+        seed = 0 if self.seed is None else self.seed
+        cpu = torch.Generator().manual_seed(seed).get_state()
+        device = self.policy.device
+        if device.type != "cuda":
+            return cpu, None
+        with torch.random.fork_rng(devices=[device]), torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+            return cpu, torch.cuda.get_rng_state(device)
+
+    def _act(self, obs: Observation, rng_state: RngState) -> tuple[np.ndarray, RngState]:
+        # SB3 samples actions from the global generators of the policy's device; they run here on the private
+        # stream's state and are restored afterwards, so EVA's rollouts neither read nor move the caller's RNG.
+        cpu_state, cuda_state = rng_state
+        device = self.policy.device
+        cuda_devices = [device] if cuda_state is not None else []
+        with torch.random.fork_rng(devices=cuda_devices):
+            torch.set_rng_state(cpu_state)
+            if cuda_state is not None:
+                torch.cuda.set_rng_state(cuda_state, device)
             actions, _ = self.policy.predict(obs, deterministic=self.deterministic)
             if self.exploration_rate > 0:
                 explore = torch.rand(len(actions)) < self.exploration_rate
                 random = torch.randint(self.env.action_space.n, (len(actions),)).numpy()
                 actions = np.where(explore.numpy(), random, actions)
-            return actions, torch.get_rng_state()
+            cuda_after = torch.cuda.get_rng_state(device) if cuda_state is not None else None
+            return actions, (torch.get_rng_state(), cuda_after)
 
     def _critic_actions(self, actions: np.ndarray) -> np.ndarray:
         if isinstance(self.env.action_space, spaces.Box):
@@ -92,8 +114,7 @@ class RolloutBatches:
         was_updating = normalizer.training if normalizer is not None else False
         if normalizer is not None:
             normalizer.training = False
-        generator = torch.Generator().manual_seed(0 if self.seed is None else self.seed)
-        rng_state = generator.get_state()
+        rng_state = self._initial_rng_state()
         try:
             if self.seed is not None:
                 self.env.seed(self.seed)

@@ -50,7 +50,12 @@ def test_an_a2c_agent_is_fine_tuned_with_a2c(a2c_agent: Path, tmp_path: Path) ->
 
 def test_algo_overrides_where_the_policies_allow_it(a2c_agent: Path, tmp_path: Path, capsys) -> None:
     argv = ["--env", "CartPole-v1", "--pretrained", str(a2c_agent), "--methods", "lora", "--algo", "ppo"]
-    assert run([*argv, "--total-timesteps", "256", "--eval-freq", "128", "--lr", "1e-3"], tmp_path) == 0
+    assert run([*argv, "--total-timesteps", "256", "--eval-freq", "128"], tmp_path) == 2
+    assert (
+        "total_timesteps=256 is below one rollout of PPO (16384 steps" in capsys.readouterr().err
+    )  # PPO's own n_steps
+    argv += ["--n-envs", "1", "--total-timesteps", "2048", "--eval-freq", "1024", "--lr", "1e-3"]
+    assert run(argv, tmp_path) == 0
     assert result(tmp_path, "lora")["algorithm"] == "ppo"
     model = load_agent(tmp_path / "CartPole-v1" / "lora" / "seed0" / "model.zip", device="cpu")
     assert isinstance(model, PPO) and isinstance(model.policy.optimizer, torch.optim.Adam)
@@ -65,7 +70,7 @@ def test_a_zoo_agent_with_vecnormalize_works_with_default_settings(tmp_path: Pat
     argv = ["--env", "Pendulum-v1", "--pretrained", str(ZOO_RUN), "--methods", "eva"]
     capped = r"rank capped at the layer's width \(fan-in\) for mlp_extractor.policy_net.0 \(4 -> 3\)"
     with pytest.warns(UserWarning, match=capped):
-        assert run([*argv, "--total-timesteps", "1024", "--eval-freq", "1024"], tmp_path) == 0
+        assert run([*argv, "--n-envs", "1", "--total-timesteps", "1024", "--eval-freq", "1024"], tmp_path) == 0
     assert "agent: PPO (rl-zoo3, VecNormalize statistics" in capsys.readouterr().out
     run_dir = tmp_path / "Pendulum-v1" / "eva" / "seed0"
     assert {"vecnormalize.pkl", "model.zip", "eva.json"} <= {p.name for p in run_dir.iterdir()}
@@ -145,10 +150,10 @@ def test_the_statistics_stay_frozen_unless_asked_to_update(tmp_path: Path) -> No
     pretrained = VecNormalize.load(
         str(ZOO_RUN / "Pendulum-v1" / "vecnormalize.pkl"), PPO("MlpPolicy", "Pendulum-v1").get_env()
     )
-    argv = ["--env", "Pendulum-v1", "--pretrained", str(ZOO_RUN), "--methods", "lora", "--total-timesteps", "512"]
+    argv = ["--env", "Pendulum-v1", "--pretrained", str(ZOO_RUN), "--methods", "lora", "--n-envs", "1"]
     counts = {}
     for flag, log_dir in (([], tmp_path / "frozen"), (["--update-obs-stats"], tmp_path / "updating")):
-        assert run([*argv, "--eval-freq", "512", *flag], log_dir) == 0
+        assert run([*argv, "--total-timesteps", "1024", "--eval-freq", "1024", *flag], log_dir) == 0
         saved = VecNormalize.load(
             str(log_dir / "Pendulum-v1" / "lora" / "seed0" / "vecnormalize.pkl"),
             PPO("MlpPolicy", "Pendulum-v1").get_env(),
@@ -157,4 +162,4 @@ def test_the_statistics_stay_frozen_unless_asked_to_update(tmp_path: Path) -> No
         if not flag:
             np.testing.assert_array_equal(saved.obs_rms.mean, pretrained.obs_rms.mean)
     assert counts["frozen"] == pretrained.obs_rms.count
-    assert counts["updating"] >= pretrained.obs_rms.count + 512
+    assert counts["updating"] >= pretrained.obs_rms.count + 1024

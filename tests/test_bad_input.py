@@ -3,6 +3,7 @@ or agent loaded."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,190 @@ def test_target_modules_that_match_nothing_stop_before_the_jumpstart(
     config.write_text(yaml.safe_dump(task))
     assert cli.finetune_main(["--env", "x", "--config", str(config), "--no-progress", "--log-dir", str(tmp_path)]) == 2
     assert "target_modules entry 'nonexistent' matches no Linear/Conv2d layer" in capsys.readouterr().err
+
+
+# --- Through the ``eva-rl`` command: every kind of bad input a user gives on the command line or in a file ---------
+
+POINT_AGENT = str(Path(__file__).resolve().parents[1] / "agents" / "PointGoal-v0" / "model.zip")
+FAULTY = "tests.fixtures.faulty_envs"
+TINY = ["--no-progress", "--methods", "lora", "--total-timesteps", "512", "--eval-freq", "512", "--eval-episodes", "2"]
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Damaged, foreign and misplaced files, made once for the whole matrix."""
+    import zipfile
+
+    from stable_baselines3 import PPO
+
+    root = tmp_path_factory.mktemp("bad")
+    with zipfile.ZipFile(POINT_AGENT) as source, zipfile.ZipFile(root / "no_data.zip", "w") as damaged:
+        for item in source.infolist():  # a zip that opens, with the entry SB3 needs first gone
+            if item.filename != "data":
+                damaged.writestr(item, source.read(item))
+    (root / "not_a_zip.zip").write_text("this is not an SB3 agent")
+    (root / "empty_dir").mkdir()
+    (root / "two_zips").mkdir()
+    for name in ("a.zip", "b.zip"):
+        (root / "two_zips" / name).write_bytes(Path(POINT_AGENT).read_bytes())
+    PPO("MlpPolicy", "CartPole-v1", n_steps=64, device="cpu").save(root / "cartpole.zip")
+    plain = root / "plain_run"
+    plain.mkdir()
+    PPO("MlpPolicy", "CartPole-v1", n_steps=64, device="cpu").save(plain / "model.zip")
+    (root / "list.yaml").write_text("- 1\n- 2\n")
+    (root / "broken.yaml").write_text("target_env: [unclosed\n")
+    (root / "a_file").write_text("a file, not a folder")
+    task = {"target_env": "envs.point_goal:PointGoalEnv", "agent": POINT_AGENT}
+    (root / "unknown_key.yaml").write_text(yaml.safe_dump({**task, "learning_rate": 0.1}))
+    (root / "env_kwargs.yaml").write_text(yaml.safe_dump({**task, "env_kwargs": {"goal_x": 1}}))
+    (root / "pattern.yaml").write_text(yaml.safe_dump({**task, "lora": {"target_modules": "(.*.*)*X"}}))
+    (root / "suite_unknown_task.yaml").write_text(yaml.safe_dump({"tasks": [{"task": "Nope", "threshold": 0.5}]}))
+    return root
+
+
+def _cases() -> list[tuple[str, list[str], str]]:
+    """``(id, argv, what the error line must say)``; ``{files}`` in an argument is the folder of bad files."""
+    env = ["finetune", "--env", "PointGoal", "--no-progress"]
+    ad_hoc = ["finetune", "--pretrained", POINT_AGENT, "--no-progress", "--env"]
+    return [
+        ("unknown command", ["finetun"], "unknown command 'finetun'; expected one of pretrain, finetune"),
+        ("no --env", ["finetune"], "the following arguments are required: --env"),
+        ("unknown flag", [*env, "--rnak", "2"], "unrecognized arguments: --rnak 2"),
+        ("rank not a number", [*env, "--rank", "two"], "argument --rank: invalid int value: 'two'"),
+        ("threads 0", [*env, "--threads", "0"], "argument --threads: 0 is invalid: expected an integer >= 1"),
+        ("unknown algo", [*env, "--algo", "ddpg"], "argument --algo: invalid choice: 'ddpg'"),
+        ("unknown env", ["finetune", "--env", "MiniGrid-DoorKye"], "unknown env 'MiniGrid-DoorKye'"),
+        ("bad device", [*env, "--device", "tpu"], "'tpu'"),
+        ("lr 0", [*env, "--lr", "0"], "--lr 0.0 is invalid"),
+        ("lr negative", [*env, "--lr", "-1"], "--lr -1.0 is invalid"),
+        ("empty methods", [*env, "--methods", ","], "methods=[] is invalid"),
+        ("seed twice", [*env, "--seeds", "0", "0"], "a seed is listed twice"),
+        ("eval episodes 0", [*env, "--eval-episodes", "0"], "eval.episodes=0 is invalid"),
+        ("checkpoint freq 0", [*env, "--checkpoint-freq", "0"], "checkpoint_freq=0 is invalid"),
+        ("budget below a rollout", [*env, "--total-timesteps", "10"], "total_timesteps=10 is below one rollout"),
+        ("missing agent", [*env, "--pretrained", "{files}/nowhere.zip"], "nowhere.zip' does not exist"),
+        ("zip without data", [*env, "--pretrained", "{files}/no_data.zip"], "no_data.zip' is not an SB3 zip (KeyError"),
+        ("not a zip", [*env, "--pretrained", "{files}/not_a_zip.zip"], "not_a_zip.zip"),
+        ("folder without zip", [*env, "--pretrained", "{files}/empty_dir"], "holds no SB3 zip"),
+        ("folder with two zips", [*env, "--pretrained", "{files}/two_zips"], "holds several zips ['a.zip', 'b.zip']"),
+        ("agent of other spaces", [*env, "--pretrained", "{files}/cartpole.zip"], "space does not match"),
+        ("missing task file", [*env, "--config", "{files}/nowhere.yaml"], "nowhere.yaml: no such file"),
+        (
+            "task file not YAML",
+            [*env, "--config", "{files}/broken.yaml"],
+            "broken.yaml: not valid YAML (expected ',' or ']', but got '<stream end>' at line 2",
+        ),
+        ("task file a list", [*env, "--config", "{files}/list.yaml"], "expected a mapping of task settings"),
+        ("unknown task key", [*env, "--config", "{files}/unknown_key.yaml"], "unknown key(s) ['learning_rate']"),
+        ("bad env kwargs", [*env, "--config", "{files}/env_kwargs.yaml"], "unexpected keyword argument 'goal_x'"),
+        ("backtracking regex", [*env, "--config", "{files}/pattern.yaml"], "a repetition inside a repeated group"),
+        ("unknown gym package", [*env, "--gym-package", "no_such_pkg"], "cannot import gym package 'no_such_pkg'"),
+        ("wrapper module", [*env, "--wrapper", "no_such_mod:Wrap"], "cannot import module 'no_such_mod'"),
+        ("wrapper class", [*env, "--wrapper", "minigrid.wrappers:Nope"], "has no 'Nope'"),
+        ("wrapper spec", [*env, "--wrapper", "Wrap"], "'Wrap' is not of the form 'module:Name'"),
+        ("log dir under a file", [*env, *TINY, "--log-dir", "{files}/a_file/runs"], "a_file/runs: Not a directory"),
+        ("NaN observation", [*ad_hoc, f"{FAULTY}:NaNObservationEnv"], "returned an observation with NaN or inf"),
+        ("inf reward", [*ad_hoc, f"{FAULTY}:InfRewardEnv"], "returned the reward inf in step()"),
+        ("env raises", [*ad_hoc, f"{FAULTY}:RaisingEnv"], "failed: IndexError: simulator state out of range"),
+        ("raw MiniGrid dict", [*ad_hoc, "MiniGrid-Empty-5x5-v0"], "which SB3 policies cannot take"),
+        ("pretrain dict without policy", ["pretrain", "--env", f"{FAULTY}:DictObservationEnv"], "MultiInputPolicy"),
+        ("pretrain unknown policy", ["pretrain", "--env", "PointGoal", "--policy", "Nope"], "policy='Nope' cannot"),
+        ("pretrain eval episodes", ["pretrain", "--env", "PointGoal", "--eval-episodes", "0"], "0 is invalid"),
+        ("suite missing", ["compare", "--suite", "nowhere"], "nowhere"),
+        ("suite unknown task", ["compare", "--suite", "{files}/suite_unknown_task.yaml"], "task 'Nope' is not in"),
+        ("suite unknown method", ["compare", "--suite", "smoke", "--methods", "eva,foo"], "'foo'"),
+        ("compare workers 0", ["compare", "--suite", "smoke", "--workers", "0"], "--workers: 0 is invalid"),
+        ("compare backend", ["compare", "--suite", "smoke", "--backend", "gpu"], "invalid choice: 'gpu'"),
+        (
+            "report of nothing",
+            ["compare", "--suite", "smoke", "--report-only", "--log-dir", "{files}/none"],
+            "no completed runs of suite",
+        ),  # fmt: skip
+        ("merge missing", ["merge", "{files}/nowhere"], "nowhere"),
+        ("merge without adapters", ["merge", "{files}/plain_run"], "which has no LoRA adapters to merge"),
+        ("merge damaged zip", ["merge", "{files}/no_data.zip"], "no_data.zip' is not an SB3 zip"),
+        ("inspect unknown env", ["inspect", "--env", "Nope-v9"], "unknown env 'Nope-v9'"),
+        ("inspect rank 0", ["inspect", "--env", "PointGoal", "--rank", "0"], "--rank 0 is invalid"),
+        ("bench unknown task", ["bench", "--task", "Nope", "--quick"], "'Nope'"),
+    ]
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize(("argv", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_through_the_command_line_is_one_error_line(
+    argv: list[str], message: str, bad_files: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    argv = [arg.replace("{files}", str(bad_files)) for arg in argv]
+    try:
+        code = cli.main(argv)
+    except SystemExit as stop:  # argparse's errors exit from inside the parser
+        code = stop.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith("warning: ")]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert message in lines[0], lines[0]
+
+
+def test_an_agent_from_outside_the_project_and_its_runs_gets_a_trust_note(
+    bad_files: Path, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    """SB3 zips are pickles: loading one from elsewhere says so in one line; our agents and run folders do not."""
+    outside = tmp_path / "agent.zip"
+    outside.write_bytes(Path(POINT_AGENT).read_bytes())
+    run_folder = tmp_path / "run"
+    run_folder.mkdir()
+    (run_folder / "model.zip").write_bytes(outside.read_bytes())
+    (run_folder / "result.json").write_text("{}")
+    notes = {}
+    for name, agent in (("outside", outside), ("bundled", Path(POINT_AGENT)), ("run", run_folder / "model.zip")):
+        argv = ["finetune", "--env", "PointGoal", "--pretrained", str(agent), "--total-timesteps", "10"]
+        assert cli.main(argv) == 2  # stopped by the budget, after the note
+        notes[name] = [line for line in capsys.readouterr().out.splitlines() if "note:" in line]
+    assert notes["bundled"] == notes["run"] == []
+    assert notes["outside"] == [f"[eva-rl] note: {outside} is unpickled to load it, which can run code: use only "
+                                "agents you trust"]  # fmt: skip
+
+
+def test_a_changed_setting_on_a_completed_run_is_named_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = ["finetune", "--env", "PointGoal", *TINY, "--log-dir", str(tmp_path)]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    monkeypatch.setattr("eva_rl.experiments.finetune.pretrained_return", lambda *a, **k: pytest.fail("evaluated"))
+    assert cli.main([*argv, "--lr", "0.0123", "--rank", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "holds a completed run made with other settings" in err and "-> 0.0123" in err and "lora.r: 4 -> 3" in err
+    assert "--overwrite" in err
+    monkeypatch.undo()
+    assert cli.main([*argv, "--lr", "0.0123", "--rank", "3", "--overwrite"]) == 0
+    result = json.loads((tmp_path / "PointGoal" / "lora" / "seed0" / "result.json").read_text())
+    assert result["settings"]["hyperparameters"]["learning_rate"] == 0.0123 and result["settings"]["lora"]["r"] == 3
+
+
+def test_a_full_disk_is_one_error_line_and_leaves_no_temp_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from eva_rl.files import atomic_write
+
+    def full_disk(model, path: Path) -> None:
+        def write(tmp: Path) -> None:
+            tmp.write_bytes(b"the first half of a zip")
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+
+        atomic_write(path, write, suffix=".tmp.zip")
+
+    monkeypatch.setattr("eva_rl.experiments.runs.atomic_save_model", full_disk)
+    assert cli.main(["finetune", "--env", "PointGoal", *TINY, "--log-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "No space left on device; no half-written file was kept" in err
+    run_dir = tmp_path / "PointGoal" / "lora" / "seed0"
+    assert not [p.name for p in run_dir.iterdir() if ".tmp" in p.name]

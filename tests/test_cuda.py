@@ -5,6 +5,7 @@ from __future__ import annotations
 import gymnasium as gym
 import pytest
 import torch
+from stable_baselines3.common.env_util import make_vec_env
 
 import eva_rl
 from eva_rl import EvaConfig, LoraConfig, compute_eva
@@ -51,3 +52,25 @@ def test_eva_on_ppo_rollouts_swaps_in_gpu_adapters() -> None:
     assert model.policy.eva_report.data_source == "ppo"
     assert all(p.device.type == "cuda" for p in model.policy.parameters())
     assert any(layer.lora_B.abs().sum() > 0 for layer in model.policy.lora_layers.values())
+
+
+def test_eva_on_cuda_leaves_the_global_cuda_rng_alone() -> None:
+    from eva_rl.ipca import IncrementalPCA
+    from eva_rl.rollouts import RolloutBatches
+    from tests.conftest import VARIANTS
+
+    state = torch.cuda.get_rng_state()
+    pca = IncrementalPCA(3, svd_solver="lowrank", seed=1)
+    for batch in decaying_stream(4, 32, 10, seed=0):
+        pca.partial_fit(batch.cuda())
+    assert torch.equal(state, torch.cuda.get_rng_state()), "the randomized SVD reseeded the CUDA generator"
+    base = make_pretrained("mlp-discrete")
+    base.policy.to("cuda")
+    env = make_vec_env(VARIANTS["mlp-discrete"][0], n_envs=2, seed=0)
+    streams = []
+    for _ in range(2):
+        batches = iter(RolloutBatches(base.policy, env, batch_size=16, seed=3))
+        streams.append([next(batches) for _ in range(3)])
+        assert torch.equal(state, torch.cuda.get_rng_state()), "rollout actions were drawn from the global CUDA RNG"
+    for first, second in zip(*streams):
+        assert (first == second).all()  # the same private stream gives the same actions, hence observations

@@ -137,3 +137,41 @@ def test_eva_on_ppo_rollouts_with_discrete_observations() -> None:
     model = eva_rl.adapt(base, gym.make("FrozenLake-v1"), "eva", LoraConfig(r=2), eva, n_steps=64)
     model.learn(64 * 30)
     assert not model.eva_pending and model.policy.eva_report.data_source == "ppo"
+
+
+@pytest.mark.parametrize("loader", [PPO, EvaPPO])
+def test_a_model_saved_before_eva_finished_refuses_to_train(loader: type, tmp_path: Path) -> None:
+    base = make_pretrained("mlp-discrete")
+    eva = EvaConfig(batch_size=BATCH, max_batches=60, data_source="ppo")
+    env = make_vec_env(VARIANTS["mlp-discrete"][0], n_envs=N_ENVS, seed=0)
+    model = eva_rl.adapt(base, env, "eva", LoraConfig(r=2), eva, n_steps=N_STEPS, batch_size=64, n_epochs=2)
+    assert model.eva_pending
+    model.save(tmp_path / "pending.zip")
+    loaded = loader.load(tmp_path / "pending.zip", env=env, device="cpu")
+    obs = sample_obs(base)
+    for got, want in zip(outputs(loaded.policy, obs), outputs(base.policy, obs)):
+        assert (got - want).abs().max() < 1e-6  # it still acts as the pretrained policy
+    with pytest.raises(eva_rl.CheckpointError, match="saved before EVA on PPO's rollouts finished"):
+        loaded.learn(4 * N_STEPS * N_ENVS)  # before the fix: trained the placeholders as plain LoRA
+    assert not any(layer.lora_B.abs().sum() > 0 for layer in loaded.policy.lora_layers.values())
+
+    model.learn(8 * N_STEPS * N_ENVS)  # EVA finishes: the saved model trains again
+    model.save(tmp_path / "done.zip")
+    done = loader.load(tmp_path / "done.zip", env=env, device="cpu")
+    assert not done.policy.eva_pending and "eva_pending" not in done.policy_kwargs
+    done.learn(2 * N_STEPS * N_ENVS)
+
+
+def test_eva_seconds_on_ppo_rollouts_count_eva_not_the_time_around_it() -> None:
+    import time
+
+    base = make_pretrained("mlp-discrete")
+    eva = EvaConfig(batch_size=BATCH, max_batches=60, on_max_batches="warn", data_source="ppo")
+    env = make_vec_env(VARIANTS["mlp-discrete"][0], n_envs=N_ENVS, seed=0)
+    model = eva_rl.adapt(base, env, "eva", LoraConfig(r=2), eva, n_steps=N_STEPS, batch_size=64, n_epochs=2)
+    time.sleep(1.0)  # idle between adapt() and learn(): before the fix, EVA's clock ran from adapt()
+    started = time.perf_counter()
+    model.learn(6 * N_STEPS * N_ENVS)
+    learning = time.perf_counter() - started
+    report = model.policy.eva_report
+    assert report is not None and 0 < report.seconds < learning  # a part of learn(), none of the sleep

@@ -86,3 +86,18 @@ def test_lowrank_is_reproducible_and_leaves_global_rng_alone() -> None:
         fits.append(pca.components_)
     assert torch.equal(fits[0], fits[1])
     assert torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("shape", [(40, 12), (12, 40)])
+def test_randomized_svd_is_torchs_svd_lowrank_without_touching_the_global_rng(shape: tuple[int, int]) -> None:
+    from eva_rl.ipca import randomized_svd
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
+    state = torch.get_rng_state()
+    u, s, vh = randomized_svd(x, 6, niter=4, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(state, torch.get_rng_state())
+    torch.manual_seed(7)
+    ref_u, ref_s, ref_v = torch.svd_lowrank(x, q=6, niter=4)  # the oracle, on the global RNG seeded alike
+    torch.testing.assert_close((u, s, vh), (ref_u, ref_s, ref_v.mT), atol=1e-6, rtol=0)
+    exact = torch.linalg.svdvals(x)[:6]
+    torch.testing.assert_close(s[:3], exact[:3], rtol=1e-2, atol=0)  # a random matrix: no gap to exploit

@@ -161,3 +161,51 @@ def test_a_checkpoint_made_with_another_learning_rate_is_not_resumed_with_the_ne
         runs.run(spec, progress=False)  # same settings, no --resume
     result = runs.run(spec, progress=False, resume=True)
     assert result.total_timesteps == 1024 and result.settings == runs.run_settings(spec)
+
+
+@pytest.mark.parametrize("method", ["lora", "eva"])
+def test_a_resumed_run_is_the_uninterrupted_run(method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed right after a checkpoint, then resumed: the same updates, evaluations, TensorBoard points and final
+    weights as a run that was never interrupted."""
+    import torch
+    from stable_baselines3 import PPO
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from eva_rl.experiments.training import RunCallback
+
+    def spec_in(folder: Path) -> runs.RunSpec:
+        spec = point_goal_spec(folder, method)
+        eval_settings = dataclasses.replace(spec.task.eval, freq=384, episodes=4)
+        task = spec.task.override(total_timesteps=2048, checkpoint_freq=768, eval=eval_settings)
+        return dataclasses.replace(spec, task=task)
+
+    uninterrupted = runs.run(spec_in(tmp_path / "whole"), progress=False)
+    save = RunCallback.save_checkpoint
+
+    def save_then_die(self: RunCallback) -> None:
+        save(self)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(RunCallback, "save_checkpoint", save_then_die)
+    spec = spec_in(tmp_path / "killed")
+    with pytest.raises(RuntimeError, match="killed"):
+        runs.run(spec, progress=False)
+    monkeypatch.undo()
+    torch.manual_seed(12345)  # whatever the process did meanwhile must not matter
+    resumed = runs.run(spec, progress=False, resume=True)
+
+    assert resumed.eval_curve == uninterrupted.eval_curve
+    whole, again = (
+        PPO.load(d / "model.zip", device="cpu") for d in (spec_in(tmp_path / "whole").run_dir, spec.run_dir)
+    )
+    assert again._n_updates == whole._n_updates
+    for key, value in whole.policy.state_dict().items():
+        torch.testing.assert_close(again.policy.state_dict()[key], value, atol=0, rtol=0, msg=key)
+
+    def points(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+        events = EventAccumulator(str(run_dir)).Reload()
+        return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+    ours, theirs = points(spec.run_dir), points(spec_in(tmp_path / "whole").run_dir)
+    timing = {"time/fps", "time/time_elapsed", "eva/seconds"}  # wall clock
+    assert {t: v for t, v in ours.items() if t not in timing} == {t: v for t, v in theirs.items() if t not in timing}

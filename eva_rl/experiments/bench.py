@@ -3,7 +3,6 @@ print them as one JSON object on the last line)."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import multiprocessing
@@ -25,6 +24,7 @@ from eva_rl.config import EvaConfig
 from eva_rl.errors import ConfigError
 from eva_rl.eva import layer_input_rows
 from eva_rl.experiments.environments import env_factory, import_packages, make_vec
+from eva_rl.experiments.options import CommandParser
 from eva_rl.experiments.tasks import TaskConfig, find_task
 from eva_rl.loading import algorithm_name, load_agent
 from eva_rl.models import wrap_target_env
@@ -365,7 +365,7 @@ def measure_eva_scaling(
 
 
 def bench_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="eva-rl bench", description=__doc__)
+    parser = CommandParser(prog="eva-rl bench", description=__doc__)
     parser.add_argument("--task", default="MiniGrid-DoorKey", help="a task with a bundled agent")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda; with cpu, CUDA is measured too where present")

@@ -24,11 +24,12 @@ from eva_rl.experiments.options import (
     ENV_OPTIONS,
     FINETUNE_OPTIONS,
     PRETRAIN_OPTIONS,
+    CommandParser,
     add_options,
     apply_options,
     comma_list,
 )
-from eva_rl.experiments.tasks import EvalSettings, TaskConfig, find_task, known_tasks, load_task
+from eva_rl.experiments.tasks import ROOT, EvalSettings, TaskConfig, find_task, known_tasks, load_task
 from eva_rl.experiments.training import STATS, one_line_warnings
 from eva_rl.files import atomic_save_model
 from eva_rl.loading import load_agent
@@ -89,7 +90,18 @@ def _agent_path(task: TaskConfig, args: argparse.Namespace) -> Path:
     agent_path = args.pretrained or task.agent_path
     if agent_path is None:
         raise AgentError(f"no bundled agent for {args.env!r}; pass --pretrained path/to/agent.zip")
+    if not _trusted_location(agent_path):
+        print(f"[eva-rl] note: {agent_path} is unpickled to load it, which can run code: use only agents you trust")
     return agent_path
+
+
+def _trusted_location(path: Path) -> bool:
+    """Inside the project's ``agents/`` (made by our ``pretrain.py``) or a run folder eva-rl wrote."""
+    resolved = Path(path).resolve()
+    folder = resolved if resolved.is_dir() else resolved.parent
+    return resolved.is_relative_to(ROOT / "agents") or any(
+        (folder / marker).is_file() for marker in ("result.json", "settings.json")
+    )
 
 
 def resolve_task(args: argparse.Namespace) -> TaskConfig:
@@ -115,7 +127,7 @@ def resolve_task(args: argparse.Namespace) -> TaskConfig:
 
 
 def finetune_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="finetune.py",
         description="Fine-tune a pretrained PPO agent with EVA-initialized LoRA (and the baselines) on a target env.",
     )
@@ -187,7 +199,8 @@ def _guarded(body: Callable[[], int]) -> int:
     try:
         return body()
     except EvaRLError as error:
-        print(f"error: {error}", file=sys.stderr)
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        print(f"error: {' '.join(lines)}", file=sys.stderr)  # one line, whatever the message
         return 2
     except OSError as error:
         if error.errno not in _FILE_SYSTEM_ERRORS:
@@ -204,7 +217,7 @@ def _guarded(body: Callable[[], int]) -> int:
 
 
 def pretrain_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="pretrain.py", description="Train the source PPO agent of a task, reproducibly, with a model card."
     )
     add_env_arguments(parser)
@@ -246,7 +259,7 @@ def pretrain_main(argv: Sequence[str] | None = None) -> int:
 
 
 def compare_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="compare.py", description="Run a suite of transfer tasks: methods x seeds, then IQM, CIs and plots."
     )
     parser.add_argument("--suite", required=True, help="a suite name in configs/suites/ or a YAML path")
@@ -304,7 +317,7 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
 
 
 def inspect_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eva-rl inspect", description="Run EVA only and show its allocation.")
+    parser = CommandParser(prog="eva-rl inspect", description="Run EVA only and show its allocation.")
     add_env_arguments(parser)
     add_agent_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path("eva_allocation.png"), help="PNG of the allocation")
@@ -333,7 +346,7 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
 def merge_main(argv: Sequence[str] | None = None) -> int:
     from eva_rl.adapt import merge
 
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="eva-rl merge", description="Fold a run's adapters into a plain SB3 zip (merged.zip) for deployment."
     )
     parser.add_argument("run_dir", type=Path, help="a run folder holding model.zip, or a model zip")
@@ -342,6 +355,8 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         source = args.run_dir / "model.zip" if args.run_dir.is_dir() else args.run_dir
+        if source.is_file() and not _trusted_location(source):
+            print(f"[eva-rl] note: {source} is unpickled to load it, which can run code: use only files you trust")
         merged = merge(load_agent(source, device="cpu"))
         out = args.out or source.with_name("merged.zip")
         atomic_save_model(merged, out)
@@ -359,24 +374,43 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
 def bench_main(argv: Sequence[str] | None = None) -> int:
     from eva_rl.experiments.bench import bench_main as main
 
-    return main(argv)
+    return _guarded(lambda: main(argv))
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "pretrain": pretrain_main,
-    "finetune": finetune_main,
-    "compare": compare_main,
-    "inspect": inspect_main,
-    "merge": merge_main,
-    "bench": bench_main,
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "pretrain": (pretrain_main, "train a task's source agent, reproducibly, with a model card"),
+    "finetune": (finetune_main, "fine-tune a pretrained agent on a target env with EVA-LoRA and the baselines"),
+    "compare": (compare_main, "run a suite of tasks x methods x seeds, then IQM, confidence intervals and plots"),
+    "inspect": (inspect_main, "run EVA only and show the ranks it allocates and the variance they capture"),
+    "merge": (merge_main, "fold a run's adapters into a plain SB3 zip for deployment"),
+    "bench": (bench_main, "measure EVA's cost and LoRA's training throughput"),
 }
+
+
+def usage() -> str:
+    """``eva-rl --help``: every command with one line."""
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join(
+        [
+            "usage: eva-rl <command> [options]",
+            "",
+            "commands:",
+            *lines,
+            "",
+            "eva-rl <command> --help shows a command's options.",
+        ]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``eva-rl <command> ...``: one entry point for every tool."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage())
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        names = ", ".join(COMMANDS)
-        print(f"usage: eva-rl {{{names}}} ... (eva-rl <command> --help for its options)", file=sys.stderr)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    return COMMANDS[argv[0]](argv[1:])
+        given = f"unknown command {argv[0]!r}" if argv else "no command given"
+        print(f"error: {given}; expected one of {', '.join(COMMANDS)} (eva-rl --help lists them)", file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]][0](argv[1:])

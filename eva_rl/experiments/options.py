@@ -11,12 +11,20 @@ import argparse
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.tasks import TaskConfig
 from eva_rl.loading import ALGORITHMS
 from eva_rl.methods import method_names
+
+
+class CommandParser(argparse.ArgumentParser):
+    """``argparse`` whose errors (an unknown flag, a missing ``--env``, a value of the wrong type) end like every other
+    bad input: one ``error:`` line and exit code 2, instead of the usage block and a second line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def comma_list(value: str) -> list[str]:

@@ -38,8 +38,16 @@ from eva_rl.errors import ConfigError, EvaConvergenceError, EvaRLError
 from eva_rl.eva_logging import record_eva_report
 from eva_rl.eva_report import EvaReport
 from eva_rl.experiments.environments import agent_env
+from eva_rl.experiments.resume import restore_runtime_state
 from eva_rl.experiments.tasks import TaskConfig, algorithm_arguments
-from eva_rl.experiments.training import CHECKPOINT_BUFFER, CHECKPOINT_STATS, STATS, RunCallback, count_parameters
+from eva_rl.experiments.training import (
+    CHECKPOINT_BUFFER,
+    CHECKPOINT_RUNTIME,
+    CHECKPOINT_STATS,
+    STATS,
+    RunCallback,
+    count_parameters,
+)
 from eva_rl.files import atomic_save_model, atomic_save_stats, atomic_write_json, file_sha256
 from eva_rl.loading import ALGORITHMS, PretrainedAgent, agent_zip, algorithm_name, load_agent, load_pretrained
 from eva_rl.methods import get_method
@@ -374,6 +382,8 @@ def _resume_model(spec: RunSpec, agent: PretrainedAgent, train_env: VecEnv) -> t
     model = load_agent(checkpoint, spec.device, run_algorithm(spec.task, agent), env=train_env)
     if (spec.run_dir / CHECKPOINT_BUFFER).is_file():
         model.load_replay_buffer(spec.run_dir / CHECKPOINT_BUFFER)
+    if (spec.run_dir / CHECKPOINT_RUNTIME).is_file():  # after load, which reseeds every generator
+        restore_runtime_state(model, spec.run_dir / CHECKPOINT_RUNTIME)
     if get_method(spec.method).runs_eva and _eva_report(model) is None:
         raise RunDirError(
             f"{checkpoint} was saved before EVA on PPO's rollouts finished; delete {spec.run_dir} to start it over"
@@ -481,6 +491,13 @@ def _write_outputs(spec: RunSpec, model: BaseAlgorithm, callback: RunCallback, s
         settings=settings,
     )
     atomic_write_json(run_dir / "result.json", result.to_dict())
-    for leftover in ("checkpoint.zip", CHECKPOINT_STATS, CHECKPOINT_BUFFER, "state.json", "settings.json"):
+    for leftover in (
+        "checkpoint.zip",
+        CHECKPOINT_STATS,
+        CHECKPOINT_BUFFER,
+        CHECKPOINT_RUNTIME,
+        "state.json",
+        "settings.json",
+    ):
         (run_dir / leftover).unlink(missing_ok=True)
     return result

@@ -8,8 +8,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.tasks import (
     CONFIG_DIR,
@@ -18,6 +16,7 @@ from eva_rl.experiments.tasks import (
     build_config,
     check_method_settings,
 )
+from eva_rl.files import read_yaml
 from eva_rl.methods import method_names
 
 SUITE_DIR = CONFIG_DIR / "suites"
@@ -151,7 +150,7 @@ def load_suite(name_or_path: str) -> Suite:
     if not path.is_file():
         known = sorted(p.stem for p in SUITE_DIR.glob("*.yaml"))
         raise ConfigError(f"unknown suite {name_or_path!r}; known suites: {known}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path) or {}
     data.setdefault("name", path.stem)
     return build_config(Suite, data, str(path))
 

@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from eva_rl.config import EvaConfig, LoraConfig
 from eva_rl.errors import ConfigError
+from eva_rl.files import read_yaml
 from eva_rl.loading import ALGORITHMS
 from eva_rl.methods import method_names
 
@@ -320,10 +319,7 @@ def load_task(path: Path) -> TaskConfig:
 
     :raises ConfigError: naming the file and the bad key or value.
     """
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of task settings, got {type(data).__name__}")
     data.setdefault("name", path.stem)

@@ -15,11 +15,13 @@ from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv, sync_envs_normalization
 from tqdm.auto import tqdm
 
+from eva_rl.experiments.resume import save_runtime_state
 from eva_rl.files import STATS, atomic_save_model, atomic_save_stats, atomic_write, atomic_write_json
 from eva_rl.policies import target_pairs
 
 __all__ = [
     "CHECKPOINT_BUFFER",
+    "CHECKPOINT_RUNTIME",
     "CHECKPOINT_STATS",
     "STATS",
     "RunCallback",
@@ -32,6 +34,8 @@ CHECKPOINT_STATS = "checkpoint_vecnormalize.pkl"
 """The statistics saved with ``checkpoint.zip``."""
 CHECKPOINT_BUFFER = "checkpoint_replay_buffer.pkl"
 """An off-policy run's replay buffer, saved with ``checkpoint.zip`` so a resumed run trains on the same data."""
+CHECKPOINT_RUNTIME = "checkpoint_runtime.pkl"
+"""Generators, envs mid-episode and last observations, saved with ``checkpoint.zip`` (:mod:`.resume`)."""
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:
@@ -116,6 +120,7 @@ class RunCallback(BaseCallback):
         self._next_eval = 0
         self._next_checkpoint = 0
         self._bar: tqdm | None = None
+        self._warned_env = False
 
     @property
     def wall_seconds(self) -> float:
@@ -148,7 +153,7 @@ class RunCallback(BaseCallback):
                 leave=False,
                 mininterval=1.0,
             )
-        if not self.curve or self.curve[-1][0] < step:
+        if not self.curve:  # the jumpstart; a resumed run goes on with its evaluation schedule
             self._evaluate()
 
     def _on_step(self) -> bool:
@@ -165,6 +170,9 @@ class RunCallback(BaseCallback):
         # a run resumed from one does every update an uninterrupted run does (one written mid-rollout would lose
         # the update on the rollout in progress).
         step = self.num_timesteps
+        # The last update's train/ values, at the step of the rollout it trained on; SB3 would write them only after
+        # the next rollout, so a process killed after the checkpoint would lose them.
+        self.logger.dump(step)
         if step >= self._next_checkpoint and step < self.total_timesteps:
             self._next_checkpoint = (step // self.checkpoint_freq + 1) * self.checkpoint_freq
             self.save_checkpoint()
@@ -176,6 +184,14 @@ class RunCallback(BaseCallback):
         atomic_save_stats(self.model, self.run_dir / CHECKPOINT_STATS)
         if isinstance(self.model, OffPolicyAlgorithm):
             atomic_write(self.run_dir / CHECKPOINT_BUFFER, self.model.save_replay_buffer, suffix=".pkl")
+        left_out = save_runtime_state(self.model, self.run_dir / CHECKPOINT_RUNTIME)
+        if left_out is not None and not self._warned_env:
+            self._warned_env = True
+            warnings.warn(
+                f"the training env cannot be saved with the checkpoint ({left_out}); a resumed run keeps every "
+                "update but starts new episodes",
+                stacklevel=2,
+            )
         atomic_write_json(
             self.run_dir / "state.json",
             {"num_timesteps": self.num_timesteps, "curve": self.curve, "wall_seconds": self.wall_seconds},
