@@ -48,7 +48,6 @@ def check_agent_fits(task: TaskConfig, agent_path: Path, methods: Sequence[str] 
     """
     agent = load_pretrained(agent_path, device="cpu")
     fine_tuning_algorithm(agent.model, task.algo)
-    check_algorithm_settings(task, agent)
     for name in methods:
         method, settings = get_method(name), task.for_method(name)
         if method.adapters:
@@ -57,6 +56,7 @@ def check_agent_fits(task: TaskConfig, agent_path: Path, methods: Sequence[str] 
                 adapter_plan(agent.model, method, method.lora_config(settings.lora), settings.eva)
     with closing(agent_env(task, agent, 1, task.eval.seed, evaluation=True)) as env:
         wrap_target_env(agent.model, env)
+    check_algorithm_settings(task, agent)
     return agent
 
 
