@@ -76,10 +76,10 @@ def test_a_bad_suite_value_is_one_error_line(
     assert not (tmp_path / "runs").exists()
 
 
-def test_target_modules_that_match_nothing_stop_before_the_jumpstart(
+def test_target_modules_that_match_nothing_stop_before_any_run(
     capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr("eva_rl.experiments.finetune.pretrained_return", lambda *a, **k: pytest.fail("evaluated"))
+    monkeypatch.setattr("eva_rl.experiments.finetune.run_side_by_side", lambda *a, **k: pytest.fail("ran"))
     config = tmp_path / "task.yaml"
     task = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "PointGoal.yaml").read_text())
     task["lora"]["target_modules"] = ["nonexistent"]
@@ -189,6 +189,8 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("merge missing", ["merge", "{files}/nowhere"], "nowhere"),
         ("merge without adapters", ["merge", "{files}/plain_run"], "which has no LoRA adapters to merge"),
         ("merge damaged zip", ["merge", "{files}/no_data.zip"], "no_data.zip' is not an SB3 zip"),
+        ("record an unfinished run", ["record", "{files}/empty_dir"], "holds no completed run (no result.json)"),
+        ("record max steps 0", ["record", "{files}/empty_dir", "--max-steps", "0"], "--max-steps: 0 is invalid"),
         ("inspect unknown env", ["inspect", "--env", "Nope-v9"], "unknown env 'Nope-v9'"),
         ("inspect rank 0", ["inspect", "--env", "PointGoal", "--rank", "0"], "--rank 0 is invalid"),
         ("bench unknown task", ["bench", "--task", "Nope", "--quick"], "'Nope'"),
@@ -241,7 +243,7 @@ def test_a_changed_setting_on_a_completed_run_is_named_before_anything_runs(
     argv = ["finetune", "--env", "PointGoal", *TINY, "--log-dir", str(tmp_path)]
     assert cli.main(argv) == 0
     capsys.readouterr()
-    monkeypatch.setattr("eva_rl.experiments.finetune.pretrained_return", lambda *a, **k: pytest.fail("evaluated"))
+    monkeypatch.setattr("eva_rl.experiments.finetune.run_side_by_side", lambda *a, **k: pytest.fail("ran"))
     assert cli.main([*argv, "--lr", "0.0123", "--rank", "3"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err

@@ -11,7 +11,7 @@ from eva_rl.experiments.compare import compare, run_specs, tune
 from eva_rl.experiments.report import SuiteReport
 from eva_rl.experiments.runs import RunResult
 from eva_rl.experiments.suites import load_suite
-from eva_rl.experiments.tasks import ConfigError
+from eva_rl.experiments.tasks import ConfigError, find_task
 
 pytestmark = pytest.mark.filterwarnings("ignore:EVA:UserWarning")
 
@@ -117,7 +117,7 @@ def test_tasks_can_run_a_subset_of_methods_with_their_own_eval_freq(tmp_path: Pa
     assert [(t.task, s.method) for t, s in pairs] == [("PointGoal", "full")] * 2
     assert pairs[0][1].task.eval.freq == 512
     doorkey = run_specs(suite, tmp_path, methods=["eva"])[-1][1].task
-    assert doorkey.eval.freq == 10000 and doorkey.total_timesteps == 3000
+    assert doorkey.eval.freq == find_task("MiniGrid-DoorKey").eval.freq and doorkey.total_timesteps == 3000
 
     path.write_text("tasks: [{task: PointGoal, threshold: 0.5, methods: [lora]}]\nmethods: [eva, full]\n")
     with pytest.raises(ConfigError, match=r"methods=\['lora'\] is invalid: .*suite's methods \['eva', 'full'\]"):

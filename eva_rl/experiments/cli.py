@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -137,6 +138,17 @@ def finetune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-dir", type=Path, default=Path("runs"), help="TensorBoard and results root (runs)")
     parser.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
     add_overwrite_argument(parser)
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        help="runs side by side, a process each (default: one per CPU core, at most one per run; 1: one after "
+        "the other)",
+    )
+    parser.add_argument(
+        "--video",
+        action="store_true",
+        help="record the pretrained and each fine-tuned agent: GIFs beside each run and in its TensorBoard",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -156,7 +168,7 @@ def finetune_task(args: argparse.Namespace) -> TaskConfig:
 
 
 def finetune_main(argv: Sequence[str] | None = None) -> int:
-    from eva_rl.experiments.finetune import finetune, summary_table
+    from eva_rl.experiments.finetune import finetune, summary_table, written_files
 
     args = finetune_parser().parse_args(argv)
 
@@ -166,13 +178,30 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
         agent_path = _agent_path(task, args)
         progress = not args.no_progress
         print(f"[eva-rl] task {task.name}: {task.target_env}, agent {agent_path}")
+        runs = len(task.methods) * len(task.seeds)
+        workers = args.workers or max(1, min(runs, os.cpu_count() or 1))
         results = finetune(
-            task, agent_path, args.log_dir, task.methods, task.seeds, args.device, args.resume, progress, args.overwrite
+            task,
+            agent_path,
+            args.log_dir,
+            task.methods,
+            task.seeds,
+            args.device,
+            args.resume,
+            progress,
+            args.overwrite,
+            workers=workers,
         )
         board = args.log_dir / task.name
         print()
         print(summary_table(results))
-        print(f"\nResults: {board}/<method>/seed<k>/ (model.zip, result.json, eva.json)")
+        run_dirs = [board / result.method / f"seed{result.seed}" for result in results]
+        if args.video:
+            from eva_rl.experiments.videos import record_runs
+
+            print("[eva-rl] recording the agents (--video)")
+            record_runs(run_dirs)
+        print(f"\nResults: {board}/<method>/seed<k>/: {written_files(run_dirs, [r.method for r in results])}")
         print(f"TensorBoard: tensorboard --logdir {board}")
         return 0
 
@@ -371,6 +400,27 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
     return _guarded(body)
 
 
+def record_main(argv: Sequence[str] | None = None) -> int:
+    parser = CommandParser(
+        prog="eva-rl record",
+        description="Record the agent of completed runs: agent.gif and before_after.gif (the pretrained agent beside "
+        "it) in each run folder, and both in the run's TensorBoard (images tab).",
+    )
+    parser.add_argument("run_dirs", type=Path, nargs="+", help="run folders (<log-dir>/<task>/<method>/seed<k>)")
+    parser.add_argument("--seed", type=int, help="episode and sampling seed (default: the task's eval seed)")
+    parser.add_argument("--max-steps", type=_positive_int, default=300, help="frames per episode at most (300)")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        from eva_rl.experiments.videos import record_runs
+
+        for path in record_runs(args.run_dirs, args.max_steps, args.seed):
+            print(f"video: {path}")
+        return 0
+
+    return _guarded(body)
+
+
 def bench_main(argv: Sequence[str] | None = None) -> int:
     from eva_rl.experiments.bench import bench_main as main
 
@@ -383,6 +433,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "compare": (compare_main, "run a suite of tasks x methods x seeds, then IQM, confidence intervals and plots"),
     "inspect": (inspect_main, "run EVA only and show the ranks it allocates and the variance they capture"),
     "merge": (merge_main, "fold a run's adapters into a plain SB3 zip for deployment"),
+    "record": (record_main, "record completed runs' agents, before and after fine-tuning, as GIFs"),
     "bench": (bench_main, "measure EVA's cost and LoRA's training throughput"),
 }
 

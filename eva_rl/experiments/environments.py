@@ -99,6 +99,7 @@ def env_factory(
     wrappers: Sequence[WrapperSpec] = (),
     env_kwargs: dict[str, Any] | None = None,
     known_tasks: Sequence[str] = (),
+    render: bool = False,
 ) -> Callable[[], gym.Env]:
     """A zero-argument constructor for ``env`` (registered id or ``module:Class``) with ``wrappers`` applied.
 
@@ -106,9 +107,10 @@ def env_factory(
     :param wrappers: Wrappers (:data:`WrapperSpec`), applied in order.
     :param env_kwargs: Keyword arguments for the env.
     :param known_tasks: Task names to list in the error for an unknown id.
+    :param render: Make the env with ``render_mode="rgb_array"`` and keep its frames (:class:`FrameRecorder`).
     :raises EnvError: for an unknown id (listing close matches and the known tasks) or entry point.
     """
-    env_kwargs = dict(env_kwargs or {})
+    env_kwargs = dict(env_kwargs or {}, **({"render_mode": "rgb_array"} if render else {}))
     wrapper_classes = [load_wrapper(w) for w in wrappers]
     if ":" in env:
         env_class = load_object(env, "env entry point")
@@ -133,6 +135,8 @@ def env_factory(
 
     def make() -> gym.Env:
         instance = _named_failure(f"making env {env!r} (env_kwargs {env_kwargs})", make_base)
+        if render:
+            instance = FrameRecorder(instance)
         for spec, wrapper in zip(wrappers, wrapper_classes):
             instance = _named_failure(f"wrapping env {env!r} in {spec!r}", wrapper, instance)
         return CheckedEnv(instance, env)
@@ -149,6 +153,34 @@ def _named_failure(doing: str, call: Callable[..., Any], *args: Any, **kwargs: A
         raise
     except Exception as error:
         raise EnvError(f"{doing} failed: {type(error).__name__}: {error}") from error
+
+
+class FrameRecorder(gym.Wrapper):
+    """Keeps the frame the env renders after each ``reset`` and ``step`` (the last frame of an episode included,
+    which a VecEnv's automatic reset would otherwise replace)."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self.frames: list[np.ndarray] = []
+
+    def _keep_frame(self) -> None:
+        name = self.env.spec.id if self.env.spec else type(self.env.unwrapped).__name__
+        frame = _named_failure(f"rendering env {name!r}", self.env.render)
+        if not isinstance(frame, np.ndarray) or frame.ndim != 3:
+            raise EnvError(
+                f"env {name!r} renders no rgb_array frames (render_mode='rgb_array'), so it cannot be recorded"
+            )
+        self.frames.append(frame)
+
+    def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        result = self.env.reset(**kwargs)
+        self._keep_frame()
+        return result
+
+    def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
+        result = self.env.step(action)
+        self._keep_frame()
+        return result
 
 
 _SB3_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
@@ -222,6 +254,7 @@ def agent_env(
     training: bool = False,
     evaluation: bool = False,
     stats: Path | None = None,
+    render: bool = False,
 ) -> VecEnv:
     """The vectorized env ``agent`` acts in, as it was trained: the task's (or else the agent's recorded) wrappers
     and env kwargs, then the agent's ``VecNormalize`` statistics and frame stack.
@@ -230,12 +263,13 @@ def agent_env(
     :param training: The statistics keep updating (fine-tuning with ``update_obs_stats``).
     :param evaluation: Returns are summed raw (no reward normalization).
     :param stats: Statistics to use instead of the agent's (a run's own, when it resumes).
+    :param render: Record each env's frames (:class:`FrameRecorder`).
     """
     env_id = env_id or task.target_env
     wrappers = task.wrappers or agent.env_wrappers
     # The agent's recorded kwargs were for its own env; a task's kwargs (its physics change) apply over them.
     env_kwargs = {**(agent.env_kwargs if env_id == agent.env_id else {}), **task.env_kwargs}
-    venv = make_vec(env_factory(env_id, wrappers, env_kwargs), n_envs, seed)
+    venv = make_vec(env_factory(env_id, wrappers, env_kwargs, render=render), n_envs, seed)
     try:
         return agent.wrap_vec_env(venv, training, norm_reward=False if evaluation else None, stats=stats)
     except BaseException:

@@ -11,15 +11,17 @@ from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
 
+import torch
+
 from eva_rl.adapt import adapter_plan, fine_tuning_algorithm
 from eva_rl.experiments.environments import agent_env, import_packages
+from eva_rl.experiments.parallel import run_side_by_side
 from eva_rl.experiments.runs import (
     RunResult,
     RunSpec,
     check_algorithm_settings,
     check_run_dir,
     rollout_steps,
-    run,
     run_settings,
 )
 from eva_rl.experiments.tasks import TaskConfig
@@ -77,6 +79,22 @@ def summary_table(results: Sequence[RunResult]) -> str:
     return "\n".join([header, "-" * len(header), *rows])
 
 
+def written_files(run_dirs: Sequence[Path], methods: Sequence[str]) -> str:
+    """What the runs wrote, one entry per file name, with the methods whose runs have it when not every run does:
+    ``"model.zip, result.json, TensorBoard events, eva.json (eva), adapter/ (eva, lora)"``."""
+    holders: dict[str, list[str]] = {}
+    for run_dir, method in zip(run_dirs, methods):
+        for path in sorted(run_dir.iterdir()):
+            if path.name.startswith("."):
+                continue
+            name = "TensorBoard events" if path.name.startswith("events.out.tfevents") else path.name
+            name += "/" if path.is_dir() else ""
+            if method not in holders.setdefault(name, []):
+                holders[name].append(method)
+    every = list(dict.fromkeys(methods))
+    return ", ".join(name if owners == every else f"{name} ({', '.join(owners)})" for name, owners in holders.items())
+
+
 def finetune(
     task: TaskConfig,
     agent_path: Path,
@@ -88,10 +106,12 @@ def finetune(
     progress: bool = True,
     overwrite: bool = False,
     echo: Callable[[str], None] = print,
+    workers: int = 1,
 ) -> list[RunResult]:
-    """Every method x seed, one after the other; completed runs are skipped, so a rerun resumes a sweep.
+    """Every method x seed; completed runs are skipped, so a rerun resumes a sweep.
 
     :param overwrite: Start over the runs whose folders hold runs made with other settings (see :func:`run`).
+    :param workers: Runs side by side, each in its own process (1: one after the other, in this process).
     """
     import_packages(task.env_packages)
     agent = check_agent_fits(task, agent_path, methods)
@@ -113,10 +133,10 @@ def finetune(
     check_writable(Path(log_dir))
     for spec in specs:  # a folder that cannot be used stops the job before anything runs
         check_run_dir(spec, run_settings(spec), resume, overwrite)
-    jumpstart = pretrained_return(task, agent_path, device)
-    echo(f"[eva-rl] pretrained agent's return on {task.target_env} (eval seed {task.eval.seed}): {jumpstart:.3f}")
-    results = []
     for spec in specs:
         echo(f"[eva-rl] {task.name}: {spec.method} seed {spec.seed} -> {spec.run_dir}")
-        results.append(run(spec, progress=progress, resume=resume, overwrite=overwrite))
-    return results
+    if workers > 1 and len(specs) > 1:
+        echo(f"[eva-rl] {len(specs)} runs, {min(workers, len(specs))} side by side (--workers)")
+    return run_side_by_side(
+        specs, workers, resume=resume, overwrite=overwrite, progress=progress, threads=torch.get_num_threads()
+    )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from eva_rl.adapt import adapter_plan, eva_from_rollouts
 from eva_rl.eva import EvaResult
-from eva_rl.eva_logging import rank_bar_chart
+from eva_rl.eva_logging import allocation_chart
 from eva_rl.experiments.environments import agent_env, import_packages
 from eva_rl.experiments.tasks import TaskConfig
 from eva_rl.loading import load_pretrained
@@ -48,5 +48,6 @@ def save_allocation_png(result: EvaResult, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    plt.imsave(path, rank_bar_chart(result.ranks))
+    captured = {name: result.captured_variance(name) for name in result.ranks}
+    plt.imsave(path, allocation_chart(result.ranks, captured))
     return path

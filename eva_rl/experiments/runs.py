@@ -45,6 +45,7 @@ from eva_rl.experiments.training import (
     CHECKPOINT_RUNTIME,
     CHECKPOINT_STATS,
     STATS,
+    ProgressSink,
     RunCallback,
     count_parameters,
 )
@@ -84,6 +85,7 @@ class RunResult:
     :ivar source_return: The fine-tuned model's return back on the task's source env (``compare.py`` adds it).
     :ivar algorithm: The algorithm that fine-tuned (``"ppo"``, ``"a2c"``...; results before it existed were PPO).
     :ivar settings: What the run was made with (:func:`run_settings`); ``None`` in results written before it existed.
+    :ivar agent: The pretrained agent's path, as the run was given it (``eva-rl record`` loads it again).
     """
 
     task: str
@@ -103,6 +105,7 @@ class RunResult:
     source_return: float | None = field(default=None)
     algorithm: str = "ppo"
     settings: dict[str, Any] | None = None
+    agent: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,9 +132,13 @@ class RunResult:
         return curve[:, 0] + self.eva_env_steps, curve[:, 1]
 
 
-def run(spec: RunSpec, progress: bool = True, resume: bool = False, overwrite: bool = False) -> RunResult:
+def run(
+    spec: RunSpec, progress: bool | ProgressSink = True, resume: bool = False, overwrite: bool = False
+) -> RunResult:
     """Run (or resume, or skip if complete) one method/seed and return its result.
 
+    :param progress: Progress bars (EVA's and PPO's), or a sink that receives PPO's progress (see
+        :class:`~eva_rl.experiments.training.RunCallback`).
     :param resume: Continue from the run folder's checkpoint; without it an unfinished run is an error.
     :param overwrite: Start over a run whose folder holds a run (complete or not) made with other settings; without
         it such a folder is an error naming what differs.
@@ -290,9 +297,11 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _run_locked(spec: RunSpec, settings: dict[str, Any], progress: bool) -> RunResult:
+def _run_locked(spec: RunSpec, settings: dict[str, Any], progress: bool | ProgressSink) -> RunResult:
     """The run itself, under its folder's lock: envs, the model (new or resumed), training, outputs."""
     start = time.perf_counter()
+    if callable(progress):  # what the run does before PPO's first step (its bar shows nothing yet)
+        progress(0, spec.task.total_timesteps, "EVA" if get_method(spec.method).runs_eva else "starting")
     agent = load_pretrained(spec.agent_path, device=spec.device)
     # The model is saved before state.json: a checkpoint without one was cut off, and the run starts over.
     resuming = (spec.run_dir / "checkpoint.zip").exists() and (spec.run_dir / "state.json").exists()
@@ -308,7 +317,7 @@ def _run_locked(spec: RunSpec, settings: dict[str, Any], progress: bool) -> RunR
         if resuming:
             model, state = _resume_model(spec, agent, train_env)
         else:
-            model, state = _start_model(spec, agent, train_env, progress), None
+            model, state = _start_model(spec, agent, train_env, progress is True), None
             atomic_write_json(spec.run_dir / "settings.json", settings)
         callback = _run_callback(spec, eval_env, state, progress)
         callback.wall_before += time.perf_counter() - start
@@ -409,16 +418,17 @@ def _log_start(spec: RunSpec, model: BaseAlgorithm, report: EvaReport | None) ->
     """Hyperparameters (TensorBoard's HPARAMS) and EVA's report at step 0."""
     method = get_method(spec.method)
     task = spec.task
-    hparams = {
+    hparams: dict[str, Any] = {
         "method": spec.method,
         "algorithm": algorithm_name(model),
         "seed": spec.seed,
-        "r": task.lora.r if method.uses_rank else 0,
-        "rho": task.eva.rho if method.runs_eva else 0.0,
-        "tau": task.eva.tau if method.runs_eva else 0.0,
         "lr": float(model.lr_schedule(1.0)),
         "total_timesteps": task.total_timesteps,
     }
+    if method.uses_rank:  # only the settings a method has, so HPARAMS shows no made-up zeros for full fine-tuning
+        hparams["r"] = task.lora.r
+    if method.runs_eva:
+        hparams.update(rho=task.eva.rho, tau=task.eva.tau)
     model.logger.record(
         "hparams",
         HParam(hparams, {"eval/mean_return": 0.0, "rollout/ep_rew_mean": 0.0}),
@@ -429,7 +439,9 @@ def _log_start(spec: RunSpec, model: BaseAlgorithm, report: EvaReport | None) ->
     model.logger.dump(model.num_timesteps)
 
 
-def _run_callback(spec: RunSpec, eval_env: VecEnv, state: dict[str, Any] | None, progress: bool) -> RunCallback:
+def _run_callback(
+    spec: RunSpec, eval_env: VecEnv, state: dict[str, Any] | None, progress: bool | ProgressSink
+) -> RunCallback:
     task = spec.task
     return RunCallback(
         eval_env,
@@ -489,6 +501,7 @@ def _write_outputs(spec: RunSpec, model: BaseAlgorithm, callback: RunCallback, s
         eva_skipped_steps=report.skipped_steps if report else 0,
         eva_seconds=report.seconds if report else 0.0,
         settings=settings,
+        agent=str(spec.agent_path),
     )
     atomic_write_json(run_dir / "result.json", result.to_dict())
     for leftover in (

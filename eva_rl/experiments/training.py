@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv, sync_envs_normalization
 from tqdm.auto import tqdm
 
@@ -23,12 +25,16 @@ __all__ = [
     "CHECKPOINT_BUFFER",
     "CHECKPOINT_RUNTIME",
     "CHECKPOINT_STATS",
+    "ProgressSink",
     "STATS",
     "RunCallback",
     "count_parameters",
     "evaluate",
     "one_line_warnings",
 ]
+
+ProgressSink = Callable[[int, int, str], None]
+"""Receives a run's progress: ``(steps, total steps, status)``."""
 
 CHECKPOINT_STATS = "checkpoint_vecnormalize.pkl"
 """The statistics saved with ``checkpoint.zip``."""
@@ -73,7 +79,7 @@ def evaluate(
 
 class RunCallback(BaseCallback):
     """Evaluates at step 0 and every ``eval_freq`` steps, checkpoints every ``checkpoint_freq`` steps, and shows
-    a progress bar. Logs ``eval/mean_return``, ``eval/std_return`` and ``charts/trainable_params``.
+    a progress bar. Logs ``eval/mean_return``, ``eval/std_return`` and ``train/trainable_params``.
 
     :param eval_env: The evaluation env.
     :param eval_freq: Environment steps between evaluations.
@@ -84,7 +90,8 @@ class RunCallback(BaseCallback):
     :param checkpoint_freq: Environment steps between checkpoints.
     :param total_timesteps: The run's budget, for the progress bar.
     :param state: Curve and wall time carried over from an interrupted run.
-    :param progress: Show a progress bar.
+    :param progress: Show a progress bar; or a callable taking ``(steps, total steps, status)``, called about twice a
+        second and after each evaluation, to show the progress elsewhere (runs side by side in other processes).
     :param description: Progress bar label.
     """
 
@@ -99,7 +106,7 @@ class RunCallback(BaseCallback):
         checkpoint_freq: int,
         total_timesteps: int,
         state: dict[str, Any] | None = None,
-        progress: bool = True,
+        progress: bool | ProgressSink = True,
         description: str = "PPO",
     ) -> None:
         super().__init__()
@@ -120,6 +127,9 @@ class RunCallback(BaseCallback):
         self._next_eval = 0
         self._next_checkpoint = 0
         self._bar: tqdm | None = None
+        self._sink: ProgressSink | None = progress if callable(progress) else None
+        self._reported = 0.0
+        self._status = ""
         self._warned_env = False
 
     @property
@@ -134,19 +144,36 @@ class RunCallback(BaseCallback):
         trainable, _ = count_parameters(self.model)
         self.logger.record("eval/mean_return", mean)
         self.logger.record("eval/std_return", std)
-        self.logger.record("charts/trainable_params", trainable)
+        self.logger.record("train/trainable_params", trainable)
         self.logger.dump(step)
+        self._status = f"eval {mean:.3f}"
         if self._bar is not None:
-            self._bar.set_postfix_str(f"eval {mean:.3f}")
+            self._bar.set_postfix_str(self._status)
+        self._report(force=True)
+
+    def _report(self, force: bool = False) -> None:
+        if self._sink is not None and (force or time.perf_counter() - self._reported >= 0.5):
+            self._reported = time.perf_counter()
+            self._sink(min(self.num_timesteps, self.total_steps), self.total_steps, self._status)
+
+    @property
+    def total_steps(self) -> int:
+        """The steps the run will have taken: an on-policy algorithm finishes its last rollout, so the budget rounds
+        up to a whole number of rollouts (``n_steps x n_envs``)."""
+        model = self.model
+        if isinstance(model, OnPolicyAlgorithm):
+            rollout = model.n_steps * model.n_envs
+            return -(-self.total_timesteps // rollout) * rollout
+        return self.total_timesteps
 
     def _on_training_start(self) -> None:
         self._started = time.perf_counter()
         step = self.num_timesteps
         self._next_eval = (step // self.eval_freq + 1) * self.eval_freq
         self._next_checkpoint = (step // self.checkpoint_freq + 1) * self.checkpoint_freq
-        if self.progress:
+        if self.progress is True:
             self._bar = tqdm(
-                total=self.total_timesteps,
+                total=self.total_steps,
                 initial=step,
                 desc=self.description,
                 unit="step",
@@ -159,7 +186,8 @@ class RunCallback(BaseCallback):
     def _on_step(self) -> bool:
         step = self.num_timesteps
         if self._bar is not None:
-            self._bar.update(min(step, self.total_timesteps) - self._bar.n)
+            self._bar.update(min(step, self.total_steps) - self._bar.n)
+        self._report()
         if step >= self._next_eval and step < self.total_timesteps:  # the last one runs after the last update
             self._next_eval += self.eval_freq
             self._evaluate()
@@ -202,5 +230,6 @@ class RunCallback(BaseCallback):
             self._evaluate()
         self.logger.dump(self.num_timesteps)  # SB3 records the last update's train/ values but dumps them later
         if self._bar is not None:
-            self._bar.update(self.total_timesteps - self._bar.n)
+            self._bar.update(max(self.num_timesteps - self._bar.n, 0))
             self._bar.close()
+        self._report(force=True)

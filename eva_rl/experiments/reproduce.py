@@ -1,0 +1,90 @@
+"""The README's main-job figures against what the command prints today (``scripts/check_readme.py``).
+
+The README shows the table the main job printed and a sentence on when each method first reached 0.9; both are
+regenerated here from a fresh run (or the completed runs of a ``--log-dir``) and compared, so a stale number fails.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from eva_rl.experiments.runs import RunResult
+from eva_rl.experiments.tasks import ROOT
+
+MAIN_JOB = ["scripts/finetune.py", "--env", "MiniGrid-DoorKey"]
+"""The README's main job, as it is typed there."""
+COMPARED = ("method", "seed", "jumpstart", "final", "best", "trainable", "total")
+"""The summary table's columns that must match (wall time depends on the machine)."""
+
+
+def summary_rows(text: str) -> list[dict[str, str]]:
+    """The rows of the first summary table (``method seed jumpstart ...``) in ``text``, as ``{column: cell}``."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        columns = re.split(r"\s{1,}", line.strip().replace("wall s", "wall_s"))
+        if columns[: len(COMPARED)] == list(COMPARED):
+            rows = []
+            for row in lines[i + 2 :]:
+                cells = row.split()
+                if len(cells) != len(columns):
+                    break
+                rows.append(dict(zip(columns, cells)))
+            return rows
+    return []
+
+
+def first_reaching(results: Sequence[RunResult], threshold: float = 0.9) -> str:
+    """The README's sentence on sample efficiency: each method's first evaluation at or above ``threshold``."""
+    parts = []
+    for result in results:
+        step = next((int(s) for s, value in result.eval_curve if value >= threshold), None)
+        parts.append(f"{result.method} {'never' if step is None else f'at {step:,} steps'}")
+    return f"First evaluation at or above {threshold}: {', '.join(parts)}."
+
+
+def compare_tables(expected: list[dict[str, str]], got: list[dict[str, str]]) -> list[str]:
+    """One line per row or cell of the README's table that differs from today's."""
+    if not expected:
+        return ["the README has no summary table"]
+    problems = []
+    keyed = {(row["method"], row["seed"]): row for row in got}
+    for row in expected:
+        today = keyed.get((row["method"], row["seed"]))
+        if today is None:
+            problems.append(f"{row['method']} seed {row['seed']}: in the README, not in today's output")
+            continue
+        problems += [
+            f"{row['method']} seed {row['seed']} {column}: README {row[column]}, today {today[column]}"
+            for column in COMPARED
+            if row[column] != today[column]
+        ]
+    return problems
+
+
+def check_readme(readme: Path, log_dir: Path) -> tuple[list[str], str]:
+    """Run the main job into ``log_dir`` (completed runs are reused) and compare with ``readme``.
+
+    :return: The differences (none: the README is current) and the job's output.
+    """
+    done = subprocess.run(
+        [sys.executable, *MAIN_JOB, "--log-dir", str(log_dir), "--no-progress"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        return [f"the main job failed ({done.returncode}): {done.stderr.strip()[-500:]}"], done.stdout
+    text = readme.read_text()
+    problems = compare_tables(summary_rows(text), summary_rows(done.stdout))
+    board = log_dir / "MiniGrid-DoorKey"
+    results = [RunResult.read(path) for path in sorted(board.glob("*/seed*/result.json"))]
+    order = {row["method"]: i for i, row in enumerate(summary_rows(done.stdout))}
+    sentence = first_reaching(sorted(results, key=lambda r: order.get(r.method, len(order))))
+    if sentence not in text:
+        problems.append(f"the README does not say, as today's run does: {sentence}")
+    return problems, done.stdout
