@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -184,3 +185,28 @@ def test_task_method_settings_apply_per_method_and_the_suite_and_command_line_ov
 
     with pytest.raises(ConfigError, match=r"method_settings\['eva'\]=\{'lr': 1\} is invalid"):
         task.override(method_settings={"eva": {"lr": 1}})
+
+
+@pytest.mark.parametrize("n_methods", [3, 6])
+def test_plots_name_each_methods_tasks_and_seeds_and_stay_readable_with_many_methods(
+    n_methods: int, tmp_path: Path
+) -> None:
+    """A few methods share a panel per task; more get small multiples; final_return.png says what each pooled."""
+    from PIL import Image
+
+    from eva_rl.experiments.report import aggregate, plot_suite
+    from eva_rl.experiments.suites import Suite, SuiteTask
+
+    methods = ["eva", "full", "lora", "pissa", "olora", "dora"][:n_methods]
+    first, second = SuiteTask("A", 0.5), SuiteTask("B", 0.5, methods=["eva", "full"])
+    suite = Suite("s", [first, second], methods=methods)
+    runs = [(first, dataclasses.replace(_synthetic_run(m, 0.1 * i), seed=i)) for m in methods for i in range(3)]
+    runs += [(second, dataclasses.replace(_synthetic_run(m, 0.5), seed=i)) for m in ("eva", "full") for i in range(2)]
+    paths = plot_suite(aggregate(suite, runs), runs, tmp_path, tmp_path)
+    with Image.open(tmp_path / "sample_efficiency.png") as image:
+        width, height = image.size
+    if n_methods <= 4:
+        assert (width, height) == (2 * 5.5 * 120, 4.0 * 120), "one panel per task"
+    else:
+        assert (width, height) == (round(2.3 * n_methods * 120), round((2.3 * 2 + 0.6) * 120)), "a panel per method"
+    assert tmp_path / "final_return.png" in paths

@@ -227,6 +227,98 @@ def results_markdown(report: SuiteReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _iqm_curve(task_runs: Sequence[RunResult], method: str, grid: np.ndarray) -> tuple[np.ndarray, ...] | None:
+    """``(x, IQM, CI low, CI high)`` of a method's eval curves on ``grid``, or ``None`` if it has no run here."""
+    curves = np.array([curve_at(*r.sample_curve(), grid) for r in task_runs if r.method == method])
+    if not len(curves):
+        return None
+    started = ~np.isnan(curves).any(axis=0)
+    intervals = [stratified_iqm([curves[:, j]], n_resamples=500) for j in np.flatnonzero(started)]
+    return (
+        grid[started],
+        np.array([i.estimate for i in intervals]),
+        np.array([i.low for i in intervals]),
+        np.array([i.high for i in intervals]),
+    )
+
+
+_OVERLAID_METHODS = 4
+"""Up to this many methods share one panel per task; more get one small panel each (a legend of ten overlapping
+curves is unreadable)."""
+
+
+def _plot_sample_efficiency(
+    plt: Any,
+    report: SuiteReport,
+    runs: Sequence[tuple[SuiteTask, RunResult]],
+    tasks: list[str],
+    methods: list[str],
+    colors: dict[str, str],
+    seeds: dict[str, int],
+    path: Path,
+) -> Path:
+    """IQM eval curves with CI bands per task: overlaid for a few methods, else small multiples (a row per task, a
+    panel per method, the reference method's curve in grey dashes in each for comparison)."""
+    grids = {}
+    for task_name in tasks:
+        task_runs = [r for t, r in runs if t.task == task_name]
+        grids[task_name] = (task_runs, np.linspace(0, max(r.sample_curve()[0][-1] for r in task_runs), 40))
+    overlaid = len(methods) <= _OVERLAID_METHODS
+    columns = 1 if overlaid else len(methods)
+    figure, axes = plt.subplots(
+        len(tasks) if not overlaid else 1,
+        len(tasks) if overlaid else columns,
+        figsize=(5.5 * len(tasks), 4.0) if overlaid else (2.3 * columns, 2.3 * len(tasks) + 0.6),
+        dpi=120,
+        squeeze=False,
+        sharey="row",
+    )
+    reference = "full" if "full" in methods else report.reference
+    for row, task_name in enumerate(tasks):
+        task_runs, grid = grids[task_name]
+        if overlaid:
+            axis = axes[0][row]
+            for method in methods:
+                curve = _iqm_curve(task_runs, method, grid)
+                if curve is None:
+                    continue
+                x, estimate, low, high = curve
+                axis.plot(x, estimate, color=colors[method], label=f"{method} ({seeds[method]} seeds)")
+                axis.fill_between(x, low, high, color=colors[method], alpha=0.2)
+            axis.set_title(task_name)
+            axis.set_xlabel("environment steps (EVA's included)")
+            axis.set_ylabel("eval return (IQM, 95% CI)")
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=8, loc="lower right")
+            continue
+        base = _iqm_curve(task_runs, reference, grid)
+        for column, method in enumerate(methods):
+            axis = axes[row][column]
+            curve = _iqm_curve(task_runs, method, grid)
+            axis.grid(alpha=0.3)
+            axis.tick_params(labelsize=6)
+            if row == 0:
+                axis.set_title(method, fontsize=9)
+            if column == 0:
+                axis.set_ylabel(task_name, fontsize=8)
+            if curve is None:
+                axis.text(0.5, 0.5, "not run", ha="center", va="center", transform=axis.transAxes, fontsize=8)
+                continue
+            if base is not None and method != reference:
+                axis.plot(base[0], base[1], color="grey", linestyle="--", linewidth=1)
+            x, estimate, low, high = curve
+            axis.plot(x, estimate, color=colors[method])
+            axis.fill_between(x, low, high, color=colors[method], alpha=0.25)
+            runs_here = len({r.seed for r in task_runs if r.method == method})
+            axis.text(0.97, 0.05, f"{runs_here} seeds", ha="right", transform=axis.transAxes, fontsize=7)
+    if not overlaid:
+        figure.suptitle(f"eval return (IQM, 95% CI) against environment steps; grey dashes: {reference}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
 def plot_suite(
     report: SuiteReport, runs: Sequence[tuple[SuiteTask, RunResult]], out_dir: Path, log_dir: Path
 ) -> list[Path]:
@@ -238,36 +330,18 @@ def plot_suite(
 
     tasks = list(report.tasks)
     methods = report.methods
-    colors = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    paths = []
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {method: palette[i % len(palette)] for i, method in enumerate(methods)}
+    seeds = {method: len({r.seed for _, r in runs if r.method == method}) for method in methods}
+    paths = [
+        _plot_sample_efficiency(plt, report, runs, tasks, methods, colors, seeds, out_dir / "sample_efficiency.png")
+    ]
 
-    figure, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.8), dpi=120, squeeze=False)
-    for axis, task_name in zip(axes[0], tasks):
-        task_runs = [r for t, r in runs if t.task == task_name]
-        horizon = max(r.sample_curve()[0][-1] for r in task_runs)
-        grid = np.linspace(0, horizon, 40)
-        for method in methods:
-            curves = np.array([curve_at(*r.sample_curve(), grid) for r in task_runs if r.method == method])
-            if not len(curves):
-                continue
-            started = ~np.isnan(curves).any(axis=0)
-            intervals = [stratified_iqm([curves[:, j]], n_resamples=500) for j in np.flatnonzero(started)]
-            x = grid[started]
-            axis.plot(x, [i.estimate for i in intervals], color=colors[method], label=f"{method} ({len(curves)})")
-            axis.fill_between(
-                x, [i.low for i in intervals], [i.high for i in intervals], color=colors[method], alpha=0.2
-            )
-        axis.set_title(task_name)
-        axis.set_xlabel("environment steps (EVA's included)")
-        axis.set_ylabel("eval return (IQM)")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    paths.append(out_dir / "sample_efficiency.png")
-    figure.savefig(paths[-1])
-    plt.close(figure)
+    def where(method: str) -> str:
+        ran = report.aggregate[method].tasks
+        return "every task" if len(ran) == len(tasks) else ", ".join(ran)
 
-    figure, axis = plt.subplots(figsize=(6, 0.5 * len(methods) + 1.5), dpi=120)
+    figure, axis = plt.subplots(figsize=(7.5, 0.5 * len(methods) + 1.7), dpi=120)
     for row, method in enumerate(methods):
         final = report.aggregate[method].final
         axis.errorbar(
@@ -278,8 +352,11 @@ def plot_suite(
             color=colors[method],
             capsize=4,
         )
-    axis.set_yticks(range(len(methods)), methods)
-    axis.set_xlabel("final eval return, IQM over seeds and tasks (95% CI)")
+    labels = [f"{method}\n{where(method)}, {seeds[method]} seeds" for method in methods]
+    axis.set_yticks(range(len(methods)), labels, fontsize=8)
+    axis.invert_yaxis()
+    axis.set_xlabel("final eval return, IQM over the seeds and tasks each ran (95% CI)")
+    axis.set_title("each method pools the tasks and seeds its label names", fontsize=9)
     axis.grid(alpha=0.3)
     figure.tight_layout()
     paths.append(out_dir / "final_return.png")
