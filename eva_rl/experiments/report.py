@@ -23,6 +23,7 @@ from eva_rl.experiments.stats import (
     stratified_iqm,
 )
 from eva_rl.experiments.suites import Suite, SuiteTask
+from eva_rl.methods import get_method
 
 
 @dataclass
@@ -273,7 +274,10 @@ def _plot_sample_efficiency(
         squeeze=False,
         sharey="row",
     )
-    reference = "full" if "full" in methods else report.reference
+    # Full fine-tuning (every weight from the pretrained ones) is the curve each method is held against.
+    reference = next(
+        (m for m in methods if get_method(m).trains == "all" and get_method(m).pretrained), report.reference
+    )
     for row, task_name in enumerate(tasks):
         task_runs, grid = grids[task_name]
         if overlaid:
