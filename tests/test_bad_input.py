@@ -13,6 +13,13 @@ from eva_rl.experiments import cli
 
 BASE = {"target_env": "CartPole-v1", "agent": "nowhere.zip"}
 
+
+def one_error_line(err: str) -> str:
+    """The single ``error:`` line ``err`` must consist of (no traceback, nothing else); returned for its content."""
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
 BAD_TASKS = [
     ({"eva": {"rho": "high"}}, "EvaConfig.rho='high' is invalid"),
     ({"eva": {"tau": [0.9]}}, "EvaConfig.tau=[0.9] is invalid"),
@@ -46,8 +53,7 @@ def test_a_bad_task_value_is_one_error_line(
     config = tmp_path / "task.yaml"
     config.write_text(yaml.safe_dump({**BASE, **values}))
     assert cli.finetune_main(["--env", "x", "--config", str(config), "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    err = one_error_line(capsys.readouterr().err)
     assert message in err and str(config) in err
 
 
@@ -70,9 +76,7 @@ def test_a_bad_suite_value_is_one_error_line(
     suite = tmp_path / "suite.yaml"
     suite.write_text(yaml.safe_dump({"methods": ["eva", "full"], **values}))
     assert cli.compare_main(["--suite", str(suite), "--log-dir", str(tmp_path / "runs")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert message in err
+    assert message in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "runs").exists()
 
 
@@ -211,10 +215,9 @@ def test_bad_input_through_the_command_line_is_one_error_line(
     except SystemExit as stop:  # argparse's errors exit from inside the parser
         code = stop.code
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if not line.startswith("warning: ")]
     assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    assert message in lines[0], lines[0]
+    lines = [line for line in err.splitlines() if not line.startswith("warning: ")]
+    assert message in one_error_line("".join(f"{line}\n" for line in lines))
 
 
 def test_an_agent_from_outside_the_project_and_its_runs_gets_a_trust_note(
@@ -245,8 +248,7 @@ def test_a_changed_setting_on_a_completed_run_is_named_before_anything_runs(
     capsys.readouterr()
     monkeypatch.setattr("eva_rl.experiments.finetune.run_side_by_side", lambda *a, **k: pytest.fail("ran"))
     assert cli.main([*argv, "--lr", "0.0123", "--rank", "3"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
+    err = one_error_line(capsys.readouterr().err)
     assert "holds a completed run made with other settings" in err and "-> 0.0123" in err and "lora.r: 4 -> 3" in err
     assert "--overwrite" in err
     monkeypatch.undo()
@@ -271,8 +273,6 @@ def test_a_full_disk_is_one_error_line_and_leaves_no_temp_file(
 
     monkeypatch.setattr("eva_rl.experiments.runs.atomic_save_model", full_disk)
     assert cli.main(["finetune", "--env", "PointGoal", *TINY, "--log-dir", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    assert "No space left on device; no half-written file was kept" in err
+    assert "No space left on device; no half-written file was kept" in one_error_line(capsys.readouterr().err)
     run_dir = tmp_path / "PointGoal" / "lora" / "seed0"
     assert not [p.name for p in run_dir.iterdir() if ".tmp" in p.name]

@@ -8,6 +8,7 @@ import pytest
 from eva_rl.experiments import cli
 from eva_rl.experiments.options import ADAPTER_OPTIONS, ENV_OPTIONS, FINETUNE_OPTIONS, PRETRAIN_OPTIONS, Option
 from eva_rl.experiments.tasks import find_task
+from tests.test_bad_input import one_error_line
 
 VALID = {
     "--n-envs": ("3", 3),
@@ -94,8 +95,7 @@ def test_a_bad_value_is_one_error_line_before_anything_runs(
     code = cli.finetune_main(["--env", "PointGoal", "--no-progress", *argv])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert message in err
+    assert message in one_error_line(err)
 
 
 @pytest.mark.parametrize("argv", [["--threads", "0"], ["--rank", "two"]])

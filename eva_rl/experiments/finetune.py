@@ -25,7 +25,7 @@ from eva_rl.experiments.runs import (
     run_settings,
 )
 from eva_rl.experiments.tasks import TaskConfig
-from eva_rl.experiments.training import evaluate
+from eva_rl.experiments.training import evaluate, whole_rollouts
 from eva_rl.files import check_writable
 from eva_rl.loading import PretrainedAgent, load_pretrained
 from eva_rl.methods import get_method
@@ -120,7 +120,7 @@ def finetune(
     echo(f"[eva-rl] agent: {agent.algorithm.upper()} ({agent.layout}{stats}); fine-tuned with {algorithm}")
     rollout = rollout_steps(task, agent)
     if rollout is not None and task.total_timesteps % rollout:
-        trained = -(-task.total_timesteps // rollout) * rollout
+        trained = whole_rollouts(task.total_timesteps, rollout)
         echo(
             f"[eva-rl] {task.total_timesteps} steps is not a whole number of rollouts ({rollout} steps each): "
             f"each run trains {trained}"

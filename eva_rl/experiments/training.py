@@ -31,6 +31,7 @@ __all__ = [
     "count_parameters",
     "evaluate",
     "one_line_warnings",
+    "whole_rollouts",
 ]
 
 ProgressSink = Callable[[int, int, str], None]
@@ -51,6 +52,11 @@ def _one_line_warning(message: Warning | str, category: type[Warning], *_: objec
 def one_line_warnings() -> None:
     """Print warnings as one ``warning: ...`` line each (the command line, and the processes of a sweep)."""
     warnings.formatwarning = _one_line_warning
+
+
+def whole_rollouts(total_timesteps: int, rollout: int) -> int:
+    """The steps an on-policy run of ``total_timesteps`` takes: it finishes its last rollout of ``rollout`` steps."""
+    return -(-total_timesteps // rollout) * rollout
 
 
 def count_parameters(model: BaseAlgorithm) -> tuple[int, int]:
@@ -162,8 +168,7 @@ class RunCallback(BaseCallback):
         up to a whole number of rollouts (``n_steps x n_envs``)."""
         model = self.model
         if isinstance(model, OnPolicyAlgorithm):
-            rollout = model.n_steps * model.n_envs
-            return -(-self.total_timesteps // rollout) * rollout
+            return whole_rollouts(self.total_timesteps, model.n_steps * model.n_envs)
         return self.total_timesteps
 
     def _on_training_start(self) -> None:
