@@ -142,6 +142,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("unknown flag", [*env, "--rnak", "2"], "unrecognized arguments: --rnak 2"),
         ("rank not a number", [*env, "--rank", "two"], "argument --rank: invalid int value: 'two'"),
         ("threads 0", [*env, "--threads", "0"], "argument --threads: 0 is invalid: expected an integer >= 1"),
+        ("workers not a number", [*env, "--workers", "two"], "--workers: 'two' is invalid: expected an integer"),
         ("unknown algo", [*env, "--algo", "ddpg"], "argument --algo: invalid choice: 'ddpg'"),
         ("unknown env", ["finetune", "--env", "MiniGrid-DoorKye"], "unknown env 'MiniGrid-DoorKye'"),
         ("bad device", [*env, "--device", "tpu"], "'tpu'"),

@@ -38,7 +38,10 @@ from eva_rl.methods import method_names
 
 
 def _positive_int(value: str) -> int:
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is invalid: expected an integer >= 1") from None
     if number < 1:
         raise argparse.ArgumentTypeError(f"{number} is invalid: expected an integer >= 1")
     return number
