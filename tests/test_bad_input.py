@@ -41,6 +41,7 @@ BAD_TASKS = [
     ({"methods": ["eva", "eva"]}, "methods=['eva', 'eva'] is invalid: a method is listed twice"),
     ({"algo": "ddpg"}, "algo='ddpg' is invalid"),
     ({"update_obs_stats": "yes"}, "update_obs_stats='yes' is invalid"),
+    ({"pretrain_normalize": 1}, "pretrain_normalize=1 is invalid: expected true or false"),
     ({"target_env": 5}, "target_env=5 is invalid"),
 ]
 
@@ -186,6 +187,8 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("suite unknown method", ["compare", "--suite", "smoke", "--methods", "eva,foo"], "'foo'"),
         ("compare workers 0", ["compare", "--suite", "smoke", "--workers", "0"], "--workers: 0 is invalid"),
         ("compare backend", ["compare", "--suite", "smoke", "--backend", "gpu"], "invalid choice: 'gpu'"),
+        ("no rank study", ["compare", "--suite", "pendulum", "--rank-study"], "suite pendulum has no rank_study"),
+        ("rank study methods", ["compare", "--suite", "smoke", "--rank-study", "--methods", "eva"], "drop --tune"),
         (
             "report of nothing",
             ["compare", "--suite", "smoke", "--report-only", "--log-dir", "{files}/none"],

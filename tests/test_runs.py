@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import pytest
@@ -163,21 +164,40 @@ def test_a_checkpoint_made_with_another_learning_rate_is_not_resumed_with_the_ne
     assert result.total_timesteps == 1024 and result.settings == runs.run_settings(spec)
 
 
-@pytest.mark.parametrize("method", ["lora", "eva"])
-def test_a_resumed_run_is_the_uninterrupted_run(method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(scope="module")
+def normalized_agent(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PointGoal agent trained inside VecNormalize (its statistics beside the zip), as the MuJoCo agents are."""
+    from eva_rl.experiments.pretrain import pretrain
+
+    import_packages(["envs"])
+    out = tmp_path_factory.mktemp("normalized")
+    task = find_task("PointGoal").override(pretrain_timesteps=1024, pretrain_normalize=True)
+    pretrain(task, out, eval_episodes=2, device="cpu", progress=False)
+    return out / "model.zip"
+
+
+@pytest.mark.parametrize(("method", "normalized"), [("lora", False), ("eva", False), ("eva", True)])
+def test_a_resumed_run_is_the_uninterrupted_run(
+    method: str, normalized: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
     """Killed right after a checkpoint, then resumed: the same updates, evaluations, TensorBoard points and final
-    weights as a run that was never interrupted."""
+    weights as a run that was never interrupted; with an agent's VecNormalize statistics (updated during training,
+    and its running returns normalizing the rewards) too."""
     import torch
     from stable_baselines3 import PPO
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from eva_rl.experiments.training import RunCallback
 
+    agent = request.getfixturevalue("normalized_agent") if normalized else None
+
     def spec_in(folder: Path) -> runs.RunSpec:
         spec = point_goal_spec(folder, method)
         eval_settings = dataclasses.replace(spec.task.eval, freq=384, episodes=4)
-        task = spec.task.override(total_timesteps=2048, checkpoint_freq=768, eval=eval_settings)
-        return dataclasses.replace(spec, task=task)
+        task = spec.task.override(
+            total_timesteps=2048, checkpoint_freq=768, eval=eval_settings, update_obs_stats=normalized
+        )
+        return dataclasses.replace(spec, task=task, agent_path=agent or spec.agent_path)
 
     uninterrupted = runs.run(spec_in(tmp_path / "whole"), progress=False)
     save = RunCallback.save_checkpoint
@@ -188,8 +208,10 @@ def test_a_resumed_run_is_the_uninterrupted_run(method: str, tmp_path: Path, mon
 
     monkeypatch.setattr(RunCallback, "save_checkpoint", save_then_die)
     spec = spec_in(tmp_path / "killed")
-    with pytest.raises(RuntimeError, match="killed"):
+    with pytest.raises(RuntimeError, match="killed"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         runs.run(spec, progress=False)
+    assert not [w for w in caught if "cannot be saved" in str(w.message)]
     monkeypatch.undo()
     torch.manual_seed(12345)  # whatever the process did meanwhile must not matter
     resumed = runs.run(spec, progress=False, resume=True)

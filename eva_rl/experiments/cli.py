@@ -304,6 +304,11 @@ def compare_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tune", action="store_true", help="run the suite's tuning sweep on its tuning seeds and print the choices"
     )
+    parser.add_argument(
+        "--rank-study",
+        action="store_true",
+        help="run the suite's rank study (its methods at each of its ranks on one task) and plot against the rank",
+    )
     parser.add_argument("--backend", choices=("local", "ray"), default="local", help="where runs execute (local)")
     parser.add_argument(
         "--report-only", action="store_true", help="run nothing: aggregate the runs of the grid that are complete"
@@ -314,7 +319,7 @@ def compare_parser() -> argparse.ArgumentParser:
 
 
 def compare_main(argv: Sequence[str] | None = None) -> int:
-    from eva_rl.experiments.compare import compare, tune
+    from eva_rl.experiments.compare import compare, rank_study, tune
     from eva_rl.experiments.suites import load_suite
 
     args = compare_parser().parse_args(argv)
@@ -323,6 +328,15 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
         suite = load_suite(args.suite)
         if args.methods is not None:
             suite.check_methods(args.methods)
+        if args.rank_study:
+            if args.tune or args.methods or args.seeds or args.backend != "local":
+                raise ConfigError(
+                    "--rank-study runs the suite's rank_study as written: drop --tune, --methods, --seeds and --backend"
+                )
+            rank_study(suite, args.log_dir, args.workers, report_only=args.report_only, overwrite=args.overwrite)
+            out = args.log_dir / suite.name
+            print(f"\nRank study: {out}/rank_study.md, rank_study.json, rank_study.png")
+            return 0
         if args.tune:
             chosen = tune(suite, args.log_dir, args.methods, args.workers, overwrite=args.overwrite)
             print(f"\nTuning: {args.log_dir / (suite.name + '-tuning')}/tuning.json. For the suite file:")

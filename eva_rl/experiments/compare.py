@@ -16,6 +16,7 @@ from pathlib import Path
 
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.environments import agent_env, import_packages
+from eva_rl.experiments.ranks import RankStudyReport, plot_rank_study, rank_markdown, rank_report, rank_settings
 from eva_rl.experiments.report import SuiteReport, aggregate, plot_suite, results_markdown
 from eva_rl.experiments.runs import RunResult, RunSpec, completed_result, run
 from eva_rl.experiments.stats import normalized_auc, stratified_iqm
@@ -193,6 +194,67 @@ def compare(
     atomic_write_json(out_dir / "results.json", report.to_dict())
     atomic_write_text(out_dir / "results.md", results_markdown(report))
     plot_suite(report, runs, out_dir, out_dir)
+    return report
+
+
+def rank_study_specs(suite: Suite, log_dir: Path, device: str = "cpu") -> list[tuple[int, RunSpec]]:
+    """Every (r, run) of the suite's rank study. A run at the rank (and alpha) the suite itself uses is the suite's
+    own run (``<log_dir>/<suite>/``); the others go to ``<log_dir>/<suite>-ranks/r<r>/``.
+    """
+    study = suite.rank_study
+    if study is None:
+        raise ConfigError(f"suite {suite.name} has no rank_study (task, ranks, methods, seeds)")
+    suite_task = next(t for t in suite.tasks if t.task == study.task)
+    task = find_task(study.task)
+    if task is None:
+        raise ConfigError(f"suite {suite.name}: task {study.task!r} is not in configs/")
+    specs = []
+    for r in study.ranks:
+        for seed in study.seed_list:
+            for method in study.methods:
+                run_task, base = method_task(task, method, suite, suite_task), log_dir / suite.name
+                if run_task.lora.r != r or run_task.lora.default_alpha != r:
+                    ranked = dataclasses.replace(
+                        suite,
+                        method_settings={
+                            **suite.method_settings,
+                            method: rank_settings(suite.method_settings, method, r),
+                        },
+                    )
+                    run_task = method_task(task, method, ranked, suite_task)
+                    base = log_dir / f"{suite.name}-ranks" / f"r{r}"
+                specs.append((r, RunSpec(run_task, method, seed, base, task.agent_path, device)))
+    return specs
+
+
+def rank_study(
+    suite: Suite,
+    log_dir: Path,
+    workers: int = 1,
+    echo: Callable[[str], None] = print,
+    report_only: bool = False,
+    overwrite: bool = False,
+) -> RankStudyReport:
+    """Run (or resume) the suite's rank study, then write ``rank_study.json``, ``rank_study.md`` and
+    ``rank_study.png`` to ``<log_dir>/<suite>/``.
+
+    :param report_only: Run nothing; aggregate the study's runs that are complete.
+    """
+    import_packages(find_task(suite.rank_study.task).env_packages if suite.rank_study else ())
+    pairs = rank_study_specs(suite, log_dir)
+    check_writable(log_dir / suite.name)
+    if report_only:
+        pairs = [(r, spec) for r, spec in pairs if (spec.run_dir / "result.json").is_file()]
+        if not pairs:
+            raise ConfigError(f"no completed runs of suite {suite.name}'s rank study under {log_dir}")
+        results = [completed_result(spec) for _, spec in pairs]
+    else:
+        results = run_local([spec for _, spec in pairs], workers, echo, overwrite)
+    report = rank_report(suite.name, suite.rank_study, [(r, result) for (r, _), result in zip(pairs, results)])
+    out_dir = log_dir / suite.name
+    atomic_write_json(out_dir / "rank_study.json", report.to_dict())
+    atomic_write_text(out_dir / "rank_study.md", rank_markdown(report))
+    plot_rank_study(report, out_dir / "rank_study.png")
     return report
 
 

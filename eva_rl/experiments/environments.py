@@ -28,6 +28,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
 from eva_rl.errors import EnvError, EvaRLError
 from eva_rl.loading import PretrainedAgent
+from eva_rl.physics import is_mujoco_env, mujoco_warnings
 
 if TYPE_CHECKING:
     from eva_rl.experiments.tasks import TaskConfig
@@ -130,8 +131,19 @@ def env_factory(
                 f"'module:Class' entry point.{hint}{tasks} Use --gym-package PKG for packages that register ids."
             )
 
-        def make_base() -> gym.Env:
-            return gym.make(env, **env_kwargs)
+        if is_mujoco_env(env) and render and "DISPLAY" not in os.environ:
+            # Without a display MuJoCo's default (GLFW) cannot render; EGL renders headless on most machines.
+            os.environ.setdefault("MUJOCO_GL", "egl")
+        if is_mujoco_env(env):
+
+            def make_base() -> gym.Env:
+                with mujoco_warnings():
+                    return gym.make(env, **env_kwargs)
+
+        else:
+
+            def make_base() -> gym.Env:
+                return gym.make(env, **env_kwargs)
 
     def make() -> gym.Env:
         instance = _named_failure(f"making env {env!r} (env_kwargs {env_kwargs})", make_base)

@@ -12,15 +12,16 @@ from typing import Any
 
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.vec_env import VecEnv
+from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 from tqdm.auto import tqdm
 
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.environments import env_factory, import_packages, load_object, make_vec
 from eva_rl.experiments.tasks import ROOT, TaskConfig
 from eva_rl.experiments.training import evaluate
-from eva_rl.files import atomic_save_model, atomic_write_json, atomic_write_text
-from eva_rl.loading import ALGORITHMS
+from eva_rl.files import STATS, atomic_save_model, atomic_save_stats, atomic_write_json, atomic_write_text
+from eva_rl.loading import ALGORITHMS, load_statistics
+from eva_rl.physics import is_mujoco_env
 
 _PACKAGES = ("eva-rl", "torch", "stable-baselines3", "gymnasium", "minigrid", "numpy")
 
@@ -43,9 +44,10 @@ def _display_path(path: Path) -> str:
         return str(path)
 
 
-def package_versions() -> dict[str, str]:
+def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Installed versions of the packages an agent depends on (and of ``extra``), skipping those not installed."""
     versions = {}
-    for name in _PACKAGES:
+    for name in (*_PACKAGES, *extra):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -116,14 +118,22 @@ def pretrain(
     start = time.perf_counter()
     algorithm = task.algo or "ppo"
     with closing(make_vec(factory, task.n_envs, seed)) as train_env:
+        if task.pretrain_normalize:
+            train_env = VecNormalize(train_env, gamma=task.ppo.get("gamma", 0.99))
         model = _new_model(task, algorithm, train_env, seed, device)
         callbacks = [ProgressCallback(steps, f"pretrain {source_env}")] if progress else []
         model.learn(steps, callback=callbacks)
+        # Written first: evaluating the agent needs them, and the zip without them is not the agent.
+        normalized = atomic_save_stats(model, out / STATS)
     train_seconds = time.perf_counter() - start
 
     def evaluate_on(env_id: str) -> tuple[float, float]:
         make_env = env_factory(env_id, task.wrappers, task.env_kwargs)
-        with closing(make_vec(make_env, task.eval.env_count, task.eval.seed)) as env:
+        env = make_vec(make_env, task.eval.env_count, task.eval.seed)
+        if normalized:
+            env = load_statistics(out / STATS, env)
+            env.norm_reward = False
+        with closing(env):
             return evaluate(model, env, eval_episodes, task.eval.seed, task.eval.deterministic)
 
     eval_return, eval_std = evaluate_on(source_env)
@@ -142,6 +152,7 @@ def pretrain(
         "policy_kwargs": task.policy_kwargs,
         "ppo": {"n_envs": task.n_envs, **task.ppo},
         "observation_encoding": task.wrappers or ["none (raw observations)"],
+        "vec_normalize": STATS if normalized else None,
         "observation_space": str(model.observation_space),
         "action_space": str(model.action_space),
         "eval_return": eval_return,
@@ -151,7 +162,7 @@ def pretrain(
         "eval_seed": task.eval.seed,
         "target_return": target_return,
         "train_seconds": round(train_seconds, 1),
-        "packages": package_versions(),
+        "packages": package_versions(("mujoco",) if is_mujoco_env(source_env) else ()),
         "command": command,
     }
     atomic_write_json(out / "card.json", card)
@@ -165,6 +176,12 @@ def model_card_markdown(card: dict[str, Any]) -> str:
         if card["target_return"] is not None
         else ""
     )
+    stats = (
+        f"- Trained inside `VecNormalize`: its statistics are `{card['vec_normalize']}` beside the zip (the agent "
+        "needs them; fine-tuning loads them)\n"
+        if card.get("vec_normalize")
+        else ""
+    )
     return (
         f"# {card['source_env']} source agent\n\n"
         f"{card.get('algorithm', 'ppo').upper()} agent trained by eva-rl's `scripts/pretrain.py` for task "
@@ -176,6 +193,7 @@ def model_card_markdown(card: dict[str, Any]) -> str:
         f"eval seed {card['eval_seed']})\n"
         f"{target}"
         f"- Observation encoding: {', '.join(f'`{w}`' for w in card['observation_encoding'])}\n"
+        f"{stats}"
         f"- Policy: `{card['policy']}` with `{json.dumps(card['policy_kwargs'])}`\n"
         f"- Packages: {', '.join(f'{k} {v}' for k, v in card['packages'].items())}\n\n"
         f"Reproduce:\n\n```bash\n{card['command']}\n```\n\n"

@@ -23,6 +23,9 @@ from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 
 from eva_rl.files import atomic_write
 
+# A wrapper's link to the env it wraps, and VecEnvWrapper's table of its class's members (which holds unpicklable
+# ABC internals): both are rebuilt by the fresh env of the same kind that a resumed run makes.
+_REBUILT = ("venv", "class_attributes")
 _MODEL_STATE = ("_last_obs", "_last_episode_starts", "_last_original_obs", "ep_info_buffer", "ep_success_buffer")
 
 
@@ -51,7 +54,7 @@ def save_runtime_state(model: BaseAlgorithm, path: Path) -> str | None:
     chain = _env_chain(model.get_env())
     envs = {
         "types": [type(layer).__name__ for layer in chain],
-        "layers": [{k: v for k, v in vars(layer).items() if k != "venv"} for layer in chain],
+        "layers": [{k: v for k, v in vars(layer).items() if k not in _REBUILT} for layer in chain],
         "model": {name: getattr(model, name) for name in _MODEL_STATE if hasattr(model, name)},
     }
     left_out = None

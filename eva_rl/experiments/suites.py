@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eva_rl.errors import ConfigError
+from eva_rl.experiments.ranks import RankStudy
 from eva_rl.experiments.tasks import (
     CONFIG_DIR,
     METHOD_SETTINGS,
@@ -67,6 +68,8 @@ class Suite:
     :param tuning_seeds: Seeds of the tuning sweep (kept apart from ``seeds``, which report results).
     :param tuning_grid: ``{setting: [values]}`` tried for every method alike, e.g. ``{learning_rate: [...]}``.
     :param tuning_tasks: Tasks the tuning sweep runs on (default: all); the chosen settings apply to every task.
+    :param rank_study: Methods at several ranks on one of the tasks (:class:`~eva_rl.experiments.ranks.RankStudy`),
+        run by ``compare.py --rank-study``.
     """
 
     name: str
@@ -79,6 +82,7 @@ class Suite:
     tuning_seeds: list[int] = field(default_factory=lambda: [100, 101])
     tuning_grid: dict[str, list[float]] = field(default_factory=dict)
     tuning_tasks: list[str] | None = None
+    rank_study: RankStudy | None = None
 
     def __post_init__(self) -> None:
         self.tasks = [
@@ -122,6 +126,19 @@ class Suite:
             _check_subset("tuning_tasks", self.tuning_tasks, names, f"{names}")
         if set(self.tuning_seeds) & set(self.seed_list):
             raise ConfigError(f"tuning_seeds {self.tuning_seeds} overlap the result seeds {self.seed_list}")
+        if self.rank_study is not None and not isinstance(self.rank_study, RankStudy):
+            if not isinstance(self.rank_study, dict):
+                raise ConfigError(
+                    f"rank_study={self.rank_study!r} is invalid: expected a mapping with task, ranks, methods, seeds"
+                )
+            self.rank_study = build_config(RankStudy, self.rank_study, "rank_study")
+        if self.rank_study is not None:
+            if self.rank_study.task not in names:
+                raise ConfigError(f"rank_study.task={self.rank_study.task!r} is invalid: expected one of {names}")
+            if set(self.tuning_seeds) & set(self.rank_study.seed_list):
+                raise ConfigError(
+                    f"tuning_seeds {self.tuning_seeds} overlap the rank study's seeds {self.rank_study.seed_list}"
+                )
 
     @property
     def seed_list(self) -> list[int]:

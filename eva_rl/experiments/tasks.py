@@ -79,6 +79,9 @@ class TaskConfig:
         inputs normalized with the pretrained statistics, and moving them would change what the frozen base sees.
     :param pretrain_timesteps: Budget of ``scripts/pretrain.py``.
     :param pretrain_seed: Seed of ``scripts/pretrain.py``.
+    :param pretrain_normalize: ``scripts/pretrain.py`` trains inside ``VecNormalize`` (observations and rewards,
+        discounted with the algorithm's gamma), as rl-zoo3's ``normalize: true``, and writes its statistics to
+        ``vecnormalize.pkl`` beside the agent's zip, where fine-tuning finds them.
     :param total_timesteps: Fine-tuning budget per run.
     :param methods: Methods run by default, out of the registered ones (:mod:`eva_rl.methods`).
     :param seeds: Seeds run by default.
@@ -105,6 +108,7 @@ class TaskConfig:
     update_obs_stats: bool = False
     pretrain_timesteps: int = 100_000
     pretrain_seed: int = 0
+    pretrain_normalize: bool = False
     total_timesteps: int = 100_000
     methods: list[str] = field(default_factory=lambda: ["eva", "full"])
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -156,8 +160,9 @@ class TaskConfig:
             raise ConfigError(f"unknown algorithm argument(s) {unknown} in ppo; accepted: {accepted}")
         if self.algo is not None and self.algo not in ALGORITHMS:
             raise ConfigError(f"algo={self.algo!r} is invalid: expected one of {list(ALGORITHMS)}")
-        if not isinstance(self.update_obs_stats, bool):
-            raise ConfigError(f"update_obs_stats={self.update_obs_stats!r} is invalid: expected true or false")
+        for name in ("update_obs_stats", "pretrain_normalize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: expected true or false")
         check_algorithm_arguments(self.ppo, "ppo")
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"methods={self.methods!r} is invalid: a method is listed twice")

@@ -1,0 +1,119 @@
+"""Rank studies: the grid of (rank, method, seed) runs, their statistics and plot, and bad study settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from eva_rl.experiments.cli import compare_main
+from eva_rl.experiments.compare import rank_study_specs, run_specs
+from eva_rl.experiments.ranks import RankStudy, rank_markdown, rank_report
+from eva_rl.experiments.runs import RunResult
+from eva_rl.experiments.stats import iqm
+from eva_rl.experiments.suites import load_suite
+from eva_rl.experiments.tasks import ConfigError
+
+pytestmark = pytest.mark.filterwarnings("ignore:EVA:UserWarning")
+
+
+def test_specs_reuse_the_suites_own_runs_at_its_rank_and_set_alpha_to_r_elsewhere(tmp_path: Path) -> None:
+    suite = load_suite("smoke")
+    suite.method_settings = {"eva": {"learning_rate": 3e-3}}
+    pairs = rank_study_specs(suite, tmp_path)
+    assert [(r, s.method, s.seed) for r, s in pairs] == [(2, "lora", 0), (2, "eva", 0), (4, "lora", 0), (4, "eva", 0)]
+    for r, spec in pairs:
+        assert spec.task.lora.r == r and spec.task.lora.default_alpha == r
+        expected = tmp_path / "smoke" if r == 4 else tmp_path / "smoke-ranks" / f"r{r}"
+        assert spec.run_dir == expected / "PointGoal" / spec.method / "seed0"
+        # the suite's per-method learning rate holds at every rank
+        assert spec.task.ppo["learning_rate"] == (3e-3 if spec.method == "eva" else 1e-3)
+    # at the suite's rank the spec is exactly the suite's own (same settings: its finished run is reused)
+    (_, suite_eva), *_ = run_specs(suite, tmp_path, ["eva"], [0])
+    assert pairs[3][1].task == suite_eva.task and pairs[3][1].run_dir == suite_eva.run_dir
+
+
+@pytest.mark.parametrize(
+    ("study", "message"),
+    [
+        ({"task": "PointGoal", "ranks": [0, 2]}, "rank_study.ranks=[0, 2]"),
+        ({"task": "PointGoal", "ranks": [2, 2]}, "rank_study.ranks=[2, 2]"),
+        ({"task": "PointGoal", "ranks": "2,4"}, "rank_study.ranks='2,4'"),
+        ({"task": "PointGoal", "ranks": [2], "methods": ["full"]}, "rank_study.methods=['full']"),
+        ({"task": "Nope", "ranks": [2]}, "rank_study.task='Nope'"),
+        ({"task": "PointGoal", "ranks": [2], "seeds": [100]}, "overlap the rank study's seeds"),
+        ({"task": "PointGoal", "ranks": [2], "rank": 3}, "rank"),
+        ("r=2", "rank_study='r=2'"),
+    ],
+)
+def test_bad_rank_studies_are_one_clear_error(study: object, message: str) -> None:
+    suite = load_suite("smoke")
+    with pytest.raises(ConfigError) as error:
+        dataclasses.replace(suite, rank_study=study)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def _result(method: str, seed: int, final: float, curve: list[list[float]], params: int = 100) -> RunResult:
+    return RunResult(
+        task="T",
+        method=method,
+        seed=seed,
+        total_timesteps=int(curve[-1][0]),
+        jumpstart=curve[0][1],
+        final_return=final,
+        best_return=max(v for _, v in curve),
+        eval_curve=curve,
+        trainable_params=params,
+        total_params=1000,
+        wall_seconds=1.0,
+    )
+
+
+def test_report_matches_an_independent_computation() -> None:
+    rng = np.random.default_rng(0)
+    study = RankStudy(task="T", ranks=[1, 4], methods=["lora", "eva"], seeds=4)
+    runs, finals, aucs = [], {}, {}
+    for r in study.ranks:
+        for method in study.methods:
+            for seed in range(4):
+                values = rng.uniform(0, 1, 3)
+                runs.append((r, _result(method, seed, values[-1], [[0, values[0]], [50, values[1]], [100, values[2]]])))
+                finals.setdefault((method, r), []).append(values[-1])
+                # trapezoid over [0, 100], divided by the horizon
+                aucs.setdefault((method, r), []).append((values[0] + 2 * values[1] + values[2]) / 4)
+    report = rank_report("s", study, runs)
+    for (method, r), values in finals.items():
+        point = report.points[method][r]
+        assert point.seeds == 4 and point.trainable_params == 100
+        assert point.final.estimate == pytest.approx(iqm(values))
+        assert point.auc.estimate == pytest.approx(iqm(aucs[(method, r)]))
+        assert point.final.low <= point.final.estimate <= point.final.high
+    for r in study.ranks:
+        eva, lora = np.array(finals[("eva", r)]), np.array(finals[("lora", r)])
+        expected = np.mean([(e > x) + 0.5 * (e == x) for e in eva for x in lora])
+        assert report.p_reference_better["lora"][r].estimate == pytest.approx(expected)
+    markdown = rank_markdown(report)
+    assert "| eva | 4 | 4 | 100 |" in markdown and "r = 1" in markdown
+
+
+def test_rank_study_runs_through_the_command_line_and_writes_table_json_and_plot(tmp_path: Path, capsys) -> None:
+    assert compare_main(["--suite", "smoke", "--rank-study", "--workers", "2", "--log-dir", str(tmp_path)]) == 0
+    out = tmp_path / "smoke"
+    data = json.loads((out / "rank_study.json").read_text())
+    assert data["ranks"] == [2, 4] and set(data["methods"]) == {"lora", "eva"}
+    assert set(data["methods"]["eva"]) == {"2", "4"}
+    # r = 4 is the suite's own rank: those runs sit in the suite's folder, r = 2 beside it
+    assert (out / "PointGoal" / "eva" / "seed0" / "result.json").is_file()
+    assert (tmp_path / "smoke-ranks" / "r2" / "PointGoal" / "lora" / "seed0" / "result.json").is_file()
+    small = json.loads((tmp_path / "smoke-ranks/r2/PointGoal/lora/seed0/result.json").read_text())
+    large = json.loads((out / "PointGoal/lora/seed0/result.json").read_text())
+    assert small["trainable_params"] < large["trainable_params"]
+    with Image.open(out / "rank_study.png") as image:
+        assert image.size[0] >= 800
+    assert "Rank study:" in capsys.readouterr().out
+    assert compare_main(["--suite", "smoke", "--rank-study", "--seeds", "2", "--log-dir", str(tmp_path)]) == 2
+    assert "drop --tune, --methods, --seeds" in capsys.readouterr().err
