@@ -112,7 +112,7 @@ def _check_config(config: dict[str, Any], config_path: Path, base_agent: BaseAlg
         raise CheckpointError(f"{config_path}: keys={keys!r} is invalid: expected the list of tensor names")
 
 
-def _check_tensors(tensors: dict[str, torch.Tensor], expected: set[str], listed: list[str], path: Path) -> None:
+def check_adapter_tensors(tensors: dict[str, torch.Tensor], expected: set[str], listed: list[str], path: Path) -> None:
     """:raises CheckpointError: unless the file holds exactly the expected tensors (those the config lists), each a
     finite floating-point tensor."""
     problems = []
@@ -133,17 +133,11 @@ def _check_tensors(tensors: dict[str, torch.Tensor], expected: set[str], listed:
         raise CheckpointError(f"{path} is not a valid adapter for this agent: {'; '.join(problems)}")
 
 
-def load_adapter(base_agent: PPO, path: str | Path, env: GymEnv | None = None, **ppo_kwargs: Any) -> PPO:
-    """Rebuild a fine-tuned agent from the pretrained ``base_agent`` and an adapter checkpoint.
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """The validated-format ``adapter_config.json`` of an adapter folder (nothing checked against an agent yet).
 
-    The checkpoint is validated before anything is loaded into the model: a registered method, the policy class
-    ``base_agent``'s adapted policy has, exactly the tensors that policy's adapters need (DoRA magnitudes and
-    rewritten base weights included), each a finite float tensor of the right shape.
-
-    :param env: Environment of the new model (defaults to ``base_agent``'s; one of the two is needed).
-    :raises CheckpointError: for a folder that is not an eva-rl adapter or does not fit ``base_agent``.
+    :raises CheckpointError: for a folder without the two files, a config that is not JSON or not this format.
     """
-    folder = Path(path)
     config_path, tensors_path = folder / "adapter_config.json", folder / "adapter.safetensors"
     if not config_path.is_file() or not tensors_path.is_file():
         raise CheckpointError(
@@ -156,32 +150,60 @@ def load_adapter(base_agent: PPO, path: str | Path, env: GymEnv | None = None, *
     if not isinstance(config, dict) or config.get("format") != FORMAT or config.get("version") != VERSION:
         found = (config.get("format"), config.get("version")) if isinstance(config, dict) else (None, None)
         raise CheckpointError(f"{config_path}: format {found[0]!r} v{found[1]} is not {FORMAT} v1")
+    return config
+
+
+def adapter_settings(config: dict[str, Any], where: Path) -> tuple[LoraConfig, AdapterPlan | None, EvaReport | None]:
+    """The LoRA config, adapter plan and EVA report an adapter config records.
+
+    :raises CheckpointError: naming ``where`` for a value that does not parse.
+    """
+    try:
+        lora = LoraConfig.from_dict(config["lora_config"])
+        plan = None if config.get("lora_plan") is None else AdapterPlan.from_dict(config["lora_plan"])
+        report = None if config.get("eva_report") is None else EvaReport.from_dict(config["eva_report"])
+    except (ConfigError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{where}: {type(error).__name__}: {error}") from error
+    return lora, plan, report
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """:raises CheckpointError: for a file safetensors cannot read."""
+    try:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types for a damaged file
+        raise CheckpointError(f"{path} cannot be read as safetensors ({type(error).__name__}: {error})") from error
+
+
+def load_adapter(base_agent: PPO, path: str | Path, env: GymEnv | None = None, **ppo_kwargs: Any) -> PPO:
+    """Rebuild a fine-tuned agent from the pretrained ``base_agent`` and an adapter checkpoint.
+
+    The checkpoint is validated before anything is loaded into the model: a registered method, the policy class
+    ``base_agent``'s adapted policy has, exactly the tensors that policy's adapters need (DoRA magnitudes and
+    rewritten base weights included), each a finite float tensor of the right shape.
+
+    :param env: Environment of the new model (defaults to ``base_agent``'s; one of the two is needed).
+    :raises CheckpointError: for a folder that is not an eva-rl adapter or does not fit ``base_agent``.
+    """
+    folder = Path(path)
+    config_path, tensors_path = folder / "adapter_config.json", folder / "adapter.safetensors"
+    config = read_adapter_config(folder)
     _check_config(config, config_path, base_agent)
     env = env if env is not None else base_agent.get_env()
     if env is None:
         raise CheckpointError("base_agent has no environment; pass env=")
     if (folder / STATS).is_file() and not (isinstance(env, VecEnv) and unwrap_vec_normalize(env) is not None):
         env = load_statistics(folder / STATS, BaseAlgorithm._wrap_env(env, verbose=0, monitor_wrapper=True))
-    try:
-        lora = LoraConfig.from_dict(config["lora_config"])
-        plan = None if config.get("lora_plan") is None else AdapterPlan.from_dict(config["lora_plan"])
-        report = None if config.get("eva_report") is None else EvaReport.from_dict(config["eva_report"])
-    except (ConfigError, KeyError, TypeError, AttributeError) as error:
-        raise CheckpointError(f"{config_path}: {type(error).__name__}: {error}") from error
+    lora, plan, report = adapter_settings(config, config_path)
     policy_kwargs = lora_policy_kwargs(lora, plan, report, base_agent.policy_kwargs)
     try:
         model = build_model(base_agent, lora_policy_class(type(base_agent.policy)), policy_kwargs, env, **ppo_kwargs)
     except ConfigError as error:
         raise CheckpointError(f"{folder} does not fit this agent: {error}") from error
     load_base_weights(model.policy, base_agent.policy.state_dict())
-    try:
-        tensors = load_file(str(tensors_path))
-    except Exception as error:  # safetensors raises its own error types for a damaged file
-        raise CheckpointError(
-            f"{tensors_path} cannot be read as safetensors ({type(error).__name__}: {error})"
-        ) from error
+    tensors = read_tensors(tensors_path)
     state = model.policy.state_dict()
-    _check_tensors(tensors, set(adapter_state(model, config.get("method"))), config["keys"], tensors_path)
+    check_adapter_tensors(tensors, set(adapter_state(model, config.get("method"))), config["keys"], tensors_path)
     mismatched = [
         f"{k} {tuple(tensors[k].shape)} vs {tuple(state[k].shape)}"
         for k in tensors

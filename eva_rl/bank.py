@@ -1,0 +1,378 @@
+"""A policy library: one frozen base agent and many named task adapters, one active at a time.
+
+Full fine-tuning needs a copy of the network per task; an adapter needs its LoRA factors (and whatever else its
+run trained: ``log_std``, heads, biases). :class:`AdapterBank` keeps one base model and, per task, only those
+tensors; :meth:`AdapterBank.activate` swaps the active task's adapters into the base policy (the LoRA layers are
+rebuilt at that task's ranks, its tensors loaded, anything it had changed in the base put back first), so the
+base is never reloaded or copied. :meth:`AdapterBank.predict` with ``task=`` switches as needed.
+
+A bank folder is JSON and safetensors, no pickle: ``bank.json`` (the base agent's path and SHA-256, and each
+task's method, LoRA config, adapter plan, EVA report and free-form info) and ``adapters/<task>.safetensors``. The
+base agent stays the SB3 zip it was (a pickle: load only agents you trust).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.vec_env import VecEnv
+
+from eva_rl.checkpoints import (
+    adapter_settings,
+    adapter_state,
+    check_adapter_tensors,
+    read_adapter_config,
+    read_tensors,
+)
+from eva_rl.config import LoraConfig
+from eva_rl.errors import CheckpointError, ConfigError
+from eva_rl.eva_report import EvaReport
+from eva_rl.files import atomic_write, atomic_write_json, file_sha256
+from eva_rl.inject import inject_adapters, lora_layers, remove_adapters
+from eva_rl.loading import load_agent
+from eva_rl.plan import AdapterPlan
+from eva_rl.policies import LoraPolicyMixin
+
+FORMAT = "eva-rl-bank"
+VERSION = 1
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def _is_lora_key(key: str) -> bool:
+    return key.rpartition(".")[2].startswith("lora_")
+
+
+def _plain_key(key: str) -> str:
+    """The base policy's name of an adapted policy's state-dict key (``x.base_layer.weight`` is ``x.weight``)."""
+    return key.replace(".base_layer.", ".")
+
+
+@dataclass
+class TaskAdapter:
+    """One task's adapter in a bank.
+
+    :ivar name: The task's name in the bank.
+    :ivar plan: The adapter plan (which layers, at which rank and alpha).
+    :ivar tensors: ``{adapted policy state-dict key: tensor}`` on the CPU: the LoRA factors and whatever else the
+        task's run trained or rewrote (see :func:`~eva_rl.checkpoints.adapter_state`).
+    :ivar lora_config: The LoRA config the adapter was made with.
+    :ivar method: The method that made it (``"eva"``, ``"lora"`` ...), if known.
+    :ivar eva_report: EVA's report, for EVA methods.
+    :ivar info: Free-form JSON-ready facts (target env, source run, returns).
+    """
+
+    name: str
+    plan: AdapterPlan
+    tensors: dict[str, torch.Tensor]
+    lora_config: LoraConfig = field(default_factory=LoraConfig)
+    method: str | None = None
+    eva_report: EvaReport | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {name: layer.rank for name, layer in self.plan.adapted.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "lora_config": self.lora_config.to_dict(),
+            "lora_plan": self.plan.to_dict(),
+            "eva_report": None if self.eva_report is None else self.eva_report.to_dict(),
+            "keys": sorted(self.tensors),
+            "info": self.info,
+        }
+
+
+class AdapterBank:
+    """A base agent and named task adapters; the active task's adapters sit in the base policy.
+
+    :param base: The pretrained agent (a plain SB3 policy, without adapters). The bank acts through it: after
+        :meth:`activate`, ``bank.model.predict`` is that task's fine-tuned policy.
+    :param base_path: The zip ``base`` was loaded from, recorded when the bank is saved.
+    :raises ConfigError: if ``base``'s policy already has adapters.
+    """
+
+    def __init__(self, base: BaseAlgorithm, base_path: str | Path | None = None) -> None:
+        if isinstance(base.policy, LoraPolicyMixin) or lora_layers(base.policy):
+            raise ConfigError(
+                "an AdapterBank needs the pretrained agent itself (a plain policy); this one already has adapters"
+            )
+        self.model = base
+        self.base_path = None if base_path is None else Path(base_path)
+        self.tasks: dict[str, TaskAdapter] = {}
+        self.active: str | None = None
+        # Base values of every non-adapter tensor some task replaces (a head, log_std, a PiSSA residual), by the
+        # base policy's key: put back before another task is activated.
+        self._base_values: dict[str, torch.Tensor] = {}
+
+    # -- adding tasks ------------------------------------------------------------------------------------------
+
+    def add(self, name: str, adapter: str | Path | BaseAlgorithm, info: Mapping[str, Any] | None = None) -> TaskAdapter:
+        """Add task ``name`` from an adapter checkpoint folder (:func:`~eva_rl.checkpoints.save_adapter`, a run's
+        ``adapter/``) or from an adapted model in memory; it is checked against the base by activating it once.
+
+        :raises ConfigError: for a name that is taken or not a simple name.
+        :raises CheckpointError: for an adapter that is not one or does not fit the base agent.
+        """
+        self._check_new_name(name)
+        if isinstance(adapter, BaseAlgorithm):
+            policy = adapter.policy
+            if not isinstance(policy, LoraPolicyMixin):
+                raise CheckpointError(f"task {name!r}: the model has no adapters (a {type(policy).__name__})")
+            task = TaskAdapter(
+                name,
+                policy.lora_plan,
+                adapter_state(adapter),
+                policy.lora_config,
+                policy.lora_plan.method,
+                policy.eva_report,
+                dict(info or {}),
+            )
+        else:
+            task = self._read_task(name, Path(adapter), info)
+        return self._insert(task)
+
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ConfigError(
+                f"task name {name!r} is invalid: expected letters, digits and '_.+-', starting with a letter or digit"
+            )
+        if name in self.tasks:
+            raise ConfigError(f"task {name!r} is already in the bank; remove() it first")
+
+    def _read_task(self, name: str, folder: Path, info: Mapping[str, Any] | None) -> TaskAdapter:
+        config = read_adapter_config(folder)
+        lora, plan, report = adapter_settings(config, folder / "adapter_config.json")
+        tensors = read_tensors(folder / "adapter.safetensors")
+        if plan is None:
+            raise CheckpointError(f"{folder}: written before adapter plans were recorded; fine-tune it again")
+        keys = config.get("keys")
+        if not isinstance(keys, list) or sorted(keys) != sorted(tensors):
+            raise CheckpointError(f"{folder}: the config's keys do not list the file's {len(tensors)} tensors")
+        return TaskAdapter(name, plan, tensors, lora, config.get("method"), report, dict(info or {}))
+
+    def _insert(self, task: TaskAdapter) -> TaskAdapter:
+        """Add ``task`` after activating it once (which checks it fits); the active task stays what it was."""
+        previous = self.active
+        self.tasks[task.name] = task
+        try:
+            self.activate(task.name)
+        except (CheckpointError, ConfigError):
+            del self.tasks[task.name]
+            raise
+        finally:
+            if previous is None:
+                self.deactivate()
+            else:
+                self.activate(previous)
+        return task
+
+    def remove(self, name: str) -> None:
+        """Remove task ``name`` (the base policy is restored if it was active)."""
+        self._task(name)
+        if self.active == name:
+            self.deactivate()
+        del self.tasks[name]
+
+    # -- switching ---------------------------------------------------------------------------------------------
+
+    def _task(self, name: str) -> TaskAdapter:
+        if name not in self.tasks:
+            raise ConfigError(f"task {name!r} is not in the bank; it has {sorted(self.tasks)}")
+        return self.tasks[name]
+
+    @torch.no_grad()
+    def deactivate(self) -> None:
+        """Take the active task's adapters out: the policy is the base agent's again, weight for weight."""
+        policy = self.model.policy
+        remove_adapters(policy)
+        if self._base_values:
+            state = policy.state_dict()
+            for key, value in self._base_values.items():
+                state[key].copy_(value)
+        self.active = None
+
+    @torch.no_grad()
+    def activate(self, name: str) -> None:
+        """Make task ``name`` the active one: its adapters at its ranks in the base policy, its tensors loaded.
+
+        :raises CheckpointError: if its tensors do not fit the base policy (names or shapes).
+        """
+        task = self._task(name)
+        if self.active == name:
+            return
+        self.deactivate()
+        policy = self.model.policy
+        try:
+            inject_adapters(policy, task.plan)
+        except ConfigError as error:
+            raise CheckpointError(f"task {name!r} does not fit the base agent: {error}") from error
+        state = policy.state_dict()
+        # Named once each (SB3's shared extractor has two names): the keys an adapter checkpoint holds.
+        lora_keys = {key for key, _ in policy.named_parameters() if _is_lora_key(key)}
+        others = {key for key in task.tensors if not _is_lora_key(key)}
+        try:
+            check_adapter_tensors(
+                task.tensors, lora_keys | (others & set(state)), sorted(task.tensors), f"task {name!r}"
+            )
+            mismatched = [
+                f"{k} {tuple(v.shape)} vs {tuple(state[k].shape)}"
+                for k, v in task.tensors.items()
+                if v.shape != state[k].shape
+            ]
+            if mismatched:
+                raise CheckpointError(f"task {name!r} does not fit the base agent: shape mismatch {mismatched}")
+        except CheckpointError:
+            remove_adapters(policy)
+            raise
+        for key, value in task.tensors.items():
+            if not _is_lora_key(key):
+                self._base_values.setdefault(_plain_key(key), state[key].detach().clone())
+            state[key].copy_(value)
+        self.active = name
+
+    # -- acting ------------------------------------------------------------------------------------------------
+
+    def predict(
+        self,
+        observation: np.ndarray | dict[str, np.ndarray],
+        task: str | None = None,
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        """SB3's ``predict`` with task ``task``'s adapters (default: the active task's, or the base agent's)."""
+        if task is not None:
+            self.activate(task)
+        return self.model.predict(observation, state, episode_start, deterministic)
+
+    def evaluate(
+        self, task: str | None, env: VecEnv, n_eval_episodes: int = 10, deterministic: bool = True
+    ) -> tuple[float, float]:
+        """Mean and std of the episode return of task ``task``'s policy (``None``: the base agent's) on ``env``."""
+        if task is None:
+            self.deactivate()
+        else:
+            self.activate(task)
+        mean, std = evaluate_policy(self.model, env, n_eval_episodes, deterministic=deterministic)
+        return float(mean), float(std)
+
+    # -- sizes -------------------------------------------------------------------------------------------------
+
+    def base_nbytes(self) -> int:
+        """Bytes of the base policy's parameters and buffers (what a full copy per task would cost)."""
+        self.deactivate()
+        tensors = {id(t): t for t in [*self.model.policy.parameters(), *self.model.policy.buffers()]}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    # -- files -------------------------------------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the bank to ``folder``: ``bank.json`` and ``adapters/<task>.safetensors`` (atomically, file by
+        file). Adapter files of tasks no longer in the bank are removed.
+
+        :return: The folder.
+        """
+        folder = Path(folder)
+        (folder / "adapters").mkdir(parents=True, exist_ok=True)
+        for task in self.tasks.values():
+            atomic_write(
+                folder / "adapters" / f"{task.name}.safetensors",
+                lambda tmp, task=task: save_file({k: v.contiguous() for k, v in task.tensors.items()}, str(tmp)),
+            )
+        base = None
+        if self.base_path is not None:
+            base = {
+                "path": os.path.relpath(self.base_path.resolve(), folder.resolve()),
+                "sha256": file_sha256(self.base_path),
+            }
+        atomic_write_json(
+            folder / "bank.json",
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "base": base,
+                "policy_class": type(self.model.policy).__name__,
+                "tasks": {name: task.to_dict() for name, task in self.tasks.items()},
+            },
+        )
+        for stale in (folder / "adapters").glob("*.safetensors"):
+            if stale.stem not in self.tasks:
+                stale.unlink()
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, base: BaseAlgorithm | None = None, device: str = "auto") -> AdapterBank:
+        """Read a bank written by :meth:`save`.
+
+        :param base: The base agent, if already loaded; otherwise the zip ``bank.json`` names is loaded (after its
+            SHA-256 is checked).
+        :raises CheckpointError: for a folder that is not a bank, a base agent whose file changed, or an adapter
+            that does not fit.
+        """
+        folder = Path(folder)
+        path = folder / "bank.json"
+        if not path.is_file():
+            raise CheckpointError(f"{folder} is not an eva-rl adapter bank: expected bank.json")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise CheckpointError(f"{path}: not JSON ({error})") from error
+        if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
+            found = (data.get("format"), data.get("version")) if isinstance(data, dict) else (None, None)
+            raise CheckpointError(f"{path}: format {found[0]!r} v{found[1]} is not {FORMAT} v{VERSION}")
+        recorded = data.get("base")
+        base_path = None
+        if isinstance(recorded, dict) and isinstance(recorded.get("path"), str):
+            base_path = (folder / recorded["path"]).resolve()
+        if base is None:
+            if base_path is None or not base_path.is_file():
+                raise CheckpointError(f"{path}: the base agent {str(base_path)!r} is not there; pass base=")
+            if file_sha256(base_path) != recorded.get("sha256"):
+                raise CheckpointError(
+                    f"{path}: the base agent {str(base_path)!r} changed since the bank was saved (SHA-256 differs); "
+                    "its adapters were trained on the other one"
+                )
+            base = load_agent(base_path, device=device)
+        bank = cls(base, base_path)
+        tasks = data.get("tasks")
+        if not isinstance(tasks, dict):
+            raise CheckpointError(f"{path}: tasks={tasks!r} is invalid: expected a mapping of task names")
+        for name, entry in tasks.items():
+            where = folder / "adapters" / f"{name}.safetensors"
+            if not isinstance(entry, dict):
+                raise CheckpointError(f"{path}: task {name!r} is not a mapping")
+            lora, plan, report = adapter_settings(entry, path)
+            if plan is None:
+                raise CheckpointError(f"{path}: task {name!r} has no lora_plan")
+            tensors = read_tensors(where)
+            if sorted(entry.get("keys") or []) != sorted(tensors):
+                raise CheckpointError(f"{where}: holds other tensors than bank.json lists for task {name!r}")
+            info = entry.get("info") or {}
+            bank._check_new_name(name)
+            bank._insert(TaskAdapter(name, plan, tensors, lora, entry.get("method"), report, dict(info)))
+        return bank
+
+    def __repr__(self) -> str:
+        tasks = ", ".join(f"{name} ({task.method}, {task.nbytes:,} B)" for name, task in self.tasks.items())
+        return f"AdapterBank(active={self.active!r}, tasks=[{tasks}])"
+
+
+__all__ = ["AdapterBank", "TaskAdapter"]
