@@ -374,6 +374,9 @@ def inspect_parser() -> argparse.ArgumentParser:
 def inspect_main(argv: Sequence[str] | None = None) -> int:
     from eva_rl.experiments.inspection import allocation_table, inspect_eva, save_allocation_png
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):  # eva-rl inspect <bank folder>
+        return bank_main(argv)
     args = inspect_parser().parse_args(argv)
 
     def body() -> int:
@@ -384,6 +387,52 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
         result = inspect_eva(task, agent_path, device, progress=not args.no_progress)
         print(allocation_table(result))
         print(f"allocation: {save_allocation_png(result, args.out)}")
+        return 0
+
+    return _guarded(body)
+
+
+def bank_main(argv: Sequence[str] | None = None) -> int:
+    parser = CommandParser(
+        prog="eva-rl inspect BANK", description="Show an adapter bank's tasks, ranks and sizes (and their returns)."
+    )
+    parser.add_argument("bank", type=Path, help="a bank folder (bank.json and adapters/), e.g. from eva-rl continual")
+    parser.add_argument("--evaluate", action="store_true", help="evaluate each task through the bank")
+    parser.add_argument("--episodes", type=_positive_int, help="episodes per task (default: the task's)")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        from eva_rl.bank import AdapterBank
+        from eva_rl.experiments.continual import evaluate_bank
+        from eva_rl.experiments.inspection import bank_table
+
+        torch.set_num_threads(1)
+        bank = AdapterBank.load(args.bank, device="cpu")
+        returns = evaluate_bank(bank, args.episodes) if args.evaluate else None
+        print(bank_table(bank, returns))
+        return 0
+
+    return _guarded(body)
+
+
+def continual_main(argv: Sequence[str] | None = None) -> int:
+    parser = CommandParser(
+        prog="eva-rl continual",
+        description="Fine-tune a sequence of tasks into adapter banks (and full copies, and one network in turn), "
+        "then report average return, forgetting, forward transfer and memory.",
+    )
+    parser.add_argument("--sequence", required=True, help="a sequence name in configs/sequences/ or a YAML path")
+    parser.add_argument("--workers", type=_positive_int, default=1, help="parallel runs (processes)")
+    parser.add_argument("--log-dir", type=Path, default=Path("runs"), help="results root (runs)")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        from eva_rl.experiments.continual import load_sequence, run_sequence
+
+        sequence = load_sequence(args.sequence)
+        run_sequence(sequence, args.log_dir, args.workers)
+        out = args.log_dir / sequence.name
+        print(f"\nContinual: {out}/continual.md, continual.json, continual.png; banks in {out}/banks/")
         return 0
 
     return _guarded(body)
@@ -448,7 +497,8 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "pretrain": (pretrain_main, "train a task's source agent, reproducibly, with a model card"),
     "finetune": (finetune_main, "fine-tune a pretrained agent on a target env with EVA-LoRA and the baselines"),
     "compare": (compare_main, "run a suite of tasks x methods x seeds, then IQM, confidence intervals and plots"),
-    "inspect": (inspect_main, "run EVA only and show the ranks it allocates and the variance they capture"),
+    "continual": (continual_main, "fine-tune a sequence of tasks into adapter banks; report forgetting and memory"),
+    "inspect": (inspect_main, "run EVA only and show its ranks and captured variance; or show an adapter bank"),
     "merge": (merge_main, "fold a run's adapters into a plain SB3 zip for deployment"),
     "record": (record_main, "record completed runs' agents, before and after fine-tuning, as GIFs"),
     "bench": (bench_main, "measure EVA's cost and LoRA's training throughput"),

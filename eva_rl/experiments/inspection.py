@@ -6,6 +6,7 @@ from contextlib import closing
 from pathlib import Path
 
 from eva_rl.adapt import adapter_plan, eva_from_rollouts
+from eva_rl.bank import AdapterBank
 from eva_rl.eva import EvaResult
 from eva_rl.eva_logging import allocation_chart
 from eva_rl.experiments.environments import agent_env, import_packages
@@ -51,3 +52,23 @@ def save_allocation_png(result: EvaResult, path: Path) -> Path:
     captured = {name: result.captured_variance(name) for name in result.ranks}
     plt.imsave(path, allocation_chart(result.ranks, captured))
     return path
+
+
+def bank_table(bank: AdapterBank, returns: dict[str, float] | None = None) -> str:
+    """One row per task of ``bank``: method, adapted layers, rank budget, bytes and the fraction of a full copy."""
+    full = bank.base_nbytes()
+    header = f"{'task':<24} {'method':<10} {'layers':>6} {'ranks':>5} {'bytes':>10} {'of a copy':>9}"
+    header += f" {'return':>8}" if returns else ""
+    rows = []
+    for name, task in bank.tasks.items():
+        row = (
+            f"{name:<24} {task.method or '-':<10} {len(task.ranks):>6} {sum(task.ranks.values()):>5} "
+            f"{task.nbytes:>10,} {task.nbytes / full:>9.3f}"
+        )
+        rows.append(row + (f" {returns[name]:>8.3f}" if returns else ""))
+    total = sum(task.nbytes for task in bank.tasks.values())
+    footer = (
+        f"base agent {full:,} bytes ({bank.base_path}); {len(bank.tasks)} tasks {total:,} bytes in all: the bank holds "
+        f"{(full + total) / full:.2f} networks' worth where one full copy per task would hold {len(bank.tasks)}"
+    )
+    return "\n".join([header, "-" * len(header), *rows, footer])

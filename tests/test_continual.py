@@ -1,0 +1,111 @@
+"""The continual benchmark end to end on the seconds-long smoke sequence: banks that reproduce each stage's own
+fine-tuned return, one network trained in turn, and the metrics computed from them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eva_rl.bank import AdapterBank
+from eva_rl.experiments.cli import main
+from eva_rl.experiments.continual import ContinualPlan, load_sequence, run_sequence
+from eva_rl.experiments.tasks import ConfigError
+
+pytestmark = pytest.mark.filterwarnings("ignore:EVA:UserWarning")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[ContinualPlan, dict]:
+    root = tmp_path_factory.mktemp("continual")
+    sequence = dataclasses.replace(load_sequence("smoke"), seeds=[0], eval_episodes=4)
+    report = run_sequence(sequence, root, workers=2, echo=lambda line: None)
+    return ContinualPlan(sequence, root), report
+
+
+def _final(run_dir: Path) -> float:
+    return json.loads((run_dir / "result.json").read_text())["final_return"]
+
+
+def test_banks_give_each_stage_its_own_fine_tuned_return(smoke) -> None:
+    plan, report = smoke
+    for method in plan.sequence.methods:
+        folder = plan.bank_dir(method, 0)
+        returns = json.loads((folder / "returns.json").read_text())
+        for stage in plan.sequence.stages:
+            # evaluated through the bank, with the protocol of the run's own evaluations: identical outputs
+            assert returns[stage.name] == _final(plan.from_base(stage, method, 0).run_dir)
+        bank = AdapterBank.load(folder, device="cpu")
+        assert list(bank.tasks) == [s.name for s in plan.sequence.stages]
+        adapters = sum(task.nbytes for task in bank.tasks.values())
+        assert report[method].memory_bytes == bank.base_nbytes() + adapters
+        assert report[method].forgetting.estimate == 0.0
+        expected = np.mean([returns[s.name] for s in plan.sequence.stages])
+        assert report[method].average_final.estimate == pytest.approx(expected)
+    full = report["full-copies"]
+    assert full.memory_bytes == len(plan.sequence.stages) * report["full-seq"].memory_bytes
+    assert full.forward_transfer.estimate == 0.0  # the reference itself
+
+
+def test_the_sequential_network_is_evaluated_on_every_task_after_every_stage(smoke) -> None:
+    plan, report = smoke
+    stages = plan.sequence.stages
+    rows = []
+    for index, stage in enumerate(stages):
+        spec = plan.sequential(index, 0)
+        # each stage starts from the previous stage's model; the first is the full copy's own run
+        expected_agent = plan.base.agent_path if index == 0 else plan.sequential(index - 1, 0).run_dir / "model.zip"
+        assert spec.agent_path == expected_agent
+        row = json.loads((spec.run_dir / "returns_on_every_task.json").read_text())
+        assert row[stage.name] == _final(spec.run_dir)
+        rows.append(row)
+    jumpstarts = {s.name: json.loads((plan.from_base(s, "full", 0).run_dir / "result.json").read_text())["jumpstart"]
+                  for s in stages}  # fmt: skip
+    matrix = [jumpstarts, *rows]
+    stats = report["full-seq"]
+    assert stats.returns == matrix
+    drops = [max(row[s.name] for row in matrix[i + 1 :]) - matrix[-1][s.name] for i, s in enumerate(stages)]
+    assert stats.forgetting.estimate == pytest.approx(np.mean(drops))
+    assert stats.forgetting_per_task == pytest.approx({s.name: d for s, d in zip(stages, drops)})
+    assert stats.average_final.estimate == pytest.approx(np.mean([rows[-1][s.name] for s in stages]))
+
+
+def test_outputs_and_the_bank_command(smoke, capsys) -> None:
+    plan, _ = smoke
+    for name in ("continual.md", "continual.json", "continual.png"):
+        assert (plan.root / name).is_file(), name
+    markdown = (plan.root / "continual.md").read_text()
+    assert "| full-seq |" in markdown and "goal-a (1,024) -> goal-b (1,024) -> goal-c" in markdown
+    assert main(["inspect", str(plan.bank_dir("eva", 0)), "--evaluate"]) == 0
+    out = capsys.readouterr().out
+    returns = json.loads((plan.bank_dir("eva", 0) / "returns.json").read_text())
+    for stage in plan.sequence.stages:
+        line = next(row for row in out.splitlines() if row.startswith(stage.name))
+        assert line.split()[1] == "eva" and float(line.split()[-1]) == pytest.approx(returns[stage.name], abs=5e-4)
+    assert "networks' worth where one full copy per task would hold 3" in out
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"stages": [{"env": "PointGoal-v0", "total_timesteps": 10}]}, "at least two stages"),
+        ({"methods": ["full"]}, "methods=['full'] is invalid"),
+        ({"seeds": 0}, "seeds=0 is invalid"),
+        ({"stages": [{"env": "PointGoal-v0", "total_timesteps": 0}] * 2}, "total_timesteps=0 is invalid"),
+        ({"stages": [{"env": "PointGoal-v0", "total_timesteps": 10}] * 2}, "repeat"),
+        ({"stages": [{"env": "PointGoal-v0", "total_timesteps": 10, "goal": 1}] * 2}, "unknown key(s) ['goal']"),
+    ],
+)
+def test_bad_sequences_are_one_line_errors(change: dict, message: str, tmp_path: Path) -> None:
+    import yaml
+
+    data = {"name": "bad", "base_task": "PointGoal", **yaml.safe_load(Path("configs/sequences/smoke.yaml").read_text())}
+    data.update(change)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as error:
+        load_sequence(str(path))
+    assert message in str(error.value) and "\n" not in str(error.value)
