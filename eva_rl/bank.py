@@ -7,7 +7,8 @@ rebuilt at that task's ranks, its tensors loaded, anything it had changed in the
 base is never reloaded or copied. :meth:`AdapterBank.predict` with ``task=`` switches as needed.
 
 A bank folder is JSON and safetensors, no pickle: ``bank.json`` (the base agent's path and SHA-256, and each
-task's method, LoRA config, adapter plan, EVA report and free-form info) and ``adapters/<task>.safetensors``. The
+task's method, LoRA config, adapter plan, EVA report and free-form info), ``adapters/<task>.safetensors`` and,
+for tasks with one, ``signatures/<task>.safetensors`` (:meth:`AdapterBank.identify`). The
 base agent stays the SB3 zip it was (a pickle: load only agents you trust).
 """
 
@@ -43,6 +44,7 @@ from eva_rl.inject import inject_adapters, lora_layers, remove_adapters
 from eva_rl.loading import load_agent
 from eva_rl.plan import AdapterPlan
 from eva_rl.policies import LoraPolicyMixin
+from eva_rl.selection import layer_activations, select_task, subspace_signature
 
 FORMAT = "eva-rl-bank"
 VERSION = 1
@@ -70,6 +72,8 @@ class TaskAdapter:
     :ivar method: The method that made it (``"eva"``, ``"lora"`` ...), if known.
     :ivar eva_report: EVA's report, for EVA methods.
     :ivar info: Free-form JSON-ready facts (target env, source run, returns).
+    :ivar signature: ``{layer: (k, fan-in)}`` subspaces of the base policy's layer inputs in the task's env
+        (:func:`~eva_rl.selection.subspace_signature`), which :meth:`AdapterBank.identify` compares; optional.
     """
 
     name: str
@@ -79,6 +83,7 @@ class TaskAdapter:
     method: str | None = None
     eva_report: EvaReport | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    signature: dict[str, torch.Tensor] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -274,6 +279,32 @@ class AdapterBank:
         mean, std = evaluate_policy(self.model, env, n_eval_episodes, deterministic=deterministic)
         return float(mean), float(std)
 
+    def set_signature(self, task: str, env: VecEnv, steps: int = 1024, k: int = 4, seed: int = 0) -> None:
+        """Record task ``task``'s signature: the subspaces of the base policy's layer inputs over ``steps`` steps in
+        ``env`` (the task's own env)."""
+        self._task(task).signature = subspace_signature(self._base_activations(env, steps, seed), k)
+
+    def identify(self, env: VecEnv, steps: int = 256, seed: int = 0) -> tuple[str, dict[str, float]]:
+        """The task of an unlabelled ``env``: the base policy acts ``steps`` steps there, and the task whose signature
+        captures the largest share of its layers' input energy wins.
+
+        :return: The task, and every task's score.
+        :raises ConfigError: if no task has a signature.
+        """
+        signatures = {name: t.signature for name, t in self.tasks.items() if t.signature is not None}
+        if not signatures:
+            raise ConfigError("no task of the bank has a signature; set_signature() on each task's env first")
+        return select_task(self._base_activations(env, steps, seed), signatures)
+
+    def _base_activations(self, env: VecEnv, steps: int, seed: int) -> dict[str, torch.Tensor]:
+        active = self.active
+        self.deactivate()
+        try:
+            return layer_activations(self.model.policy, env, steps, seed)
+        finally:
+            if active is not None:
+                self.activate(active)
+
     # -- sizes -------------------------------------------------------------------------------------------------
 
     def base_nbytes(self) -> int:
@@ -297,6 +328,12 @@ class AdapterBank:
                 folder / "adapters" / f"{task.name}.safetensors",
                 lambda tmp, task=task: save_file({k: v.contiguous() for k, v in task.tensors.items()}, str(tmp)),
             )
+            if task.signature is not None:
+                (folder / "signatures").mkdir(exist_ok=True)
+                atomic_write(
+                    folder / "signatures" / f"{task.name}.safetensors",
+                    lambda tmp, task=task: save_file(task.signature, str(tmp)),
+                )
         base = None
         if self.base_path is not None:
             base = {
@@ -313,8 +350,9 @@ class AdapterBank:
                 "tasks": {name: task.to_dict() for name, task in self.tasks.items()},
             },
         )
-        for stale in (folder / "adapters").glob("*.safetensors"):
-            if stale.stem not in self.tasks:
+        for stale in [*(folder / "adapters").glob("*.safetensors"), *(folder / "signatures").glob("*.safetensors")]:
+            task = self.tasks.get(stale.stem)
+            if task is None or (stale.parent.name == "signatures" and task.signature is None):
                 stale.unlink()
         return folder
 
@@ -366,8 +404,10 @@ class AdapterBank:
             if sorted(entry.get("keys") or []) != sorted(tensors):
                 raise CheckpointError(f"{where}: holds other tensors than bank.json lists for task {name!r}")
             info = entry.get("info") or {}
+            signature_path = folder / "signatures" / f"{name}.safetensors"
+            signature = read_tensors(signature_path) if signature_path.is_file() else None
             bank._check_new_name(name)
-            bank._insert(TaskAdapter(name, plan, tensors, lora, entry.get("method"), report, dict(info)))
+            bank._insert(TaskAdapter(name, plan, tensors, lora, entry.get("method"), report, dict(info), signature))
         return bank
 
     def __repr__(self) -> str:

@@ -119,7 +119,9 @@ def run_cli(script: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedPr
 def test_unknown_env_lists_the_known_tasks() -> None:
     done = run_cli("finetune.py", "--env", "MiniGrid-DoorKye")
     assert done.returncode == 2
-    assert "unknown env 'MiniGrid-DoorKye'" in done.stderr and "Known tasks: MiniGrid-DoorKey" in done.stderr
+    assert "unknown env 'MiniGrid-DoorKye'" in done.stderr and "Did you mean: MiniGrid-DoorKey" in done.stderr
+    known = done.stderr.split("Known tasks: ")[1].split(".")[0].split(", ")
+    assert "MiniGrid-DoorKey" in known and "PointGoal" in known
     assert "Traceback" not in done.stderr
 
 

@@ -86,6 +86,14 @@ def test_outputs_and_the_bank_command(smoke, capsys) -> None:
         line = next(row for row in out.splitlines() if row.startswith(stage.name))
         assert line.split()[1] == "eva" and float(line.split()[-1]) == pytest.approx(returns[stage.name], abs=5e-4)
     assert "networks' worth where one full copy per task would hold 3" in out
+    selection = json.loads((plan.root / "selection.json").read_text())
+    assert set(selection["accuracy"]) == {"16", "64", "256"}
+    assert all(len(picks) == 3 * plan.sequence.selection_trials for picks in selection["picks"].values())
+    for n, picks in selection["picks"].items():
+        assert selection["accuracy"][n] == sum(p["stage"] == p["picked"] for p in picks) / len(picks)
+    bank = AdapterBank.load(plan.bank_dir("lora", 0), device="cpu")
+    assert all(task.signature is not None for task in bank.tasks.values())
+    assert "Picking the adapter for an unlabelled env" in markdown
 
 
 @pytest.mark.parametrize(

@@ -40,9 +40,11 @@ from eva_rl.experiments.training import evaluate
 from eva_rl.files import atomic_write_json, atomic_write_text, check_writable, read_yaml
 from eva_rl.loading import load_agent, load_pretrained
 from eva_rl.methods import get_method, method_names
+from eva_rl.selection import layer_activations, select_task, subspace_signature
 
 SEQUENCE_DIR = CONFIG_DIR / "sequences"
 FULL_COPIES, FULL_SEQ = "full-copies", "full-seq"
+SIGNATURE_SEED = 20_000  # apart from training (0..), evaluation (the task's eval seed) and tuning seeds
 # The registry's full fine-tuning of the pretrained weights: the copies, the sequential network, the reference.
 _FULL = next(m for m in method_names() if get_method(m).trains == "all" and get_method(m).pretrained)
 
@@ -88,6 +90,10 @@ class ContinualSequence:
     :param sequential: Also fine-tune one network stage after stage (``full-seq``).
     :param eval_episodes: Episodes per evaluation (default: the base task's).
     :param method_settings: Per-method ``learning_rate``, ``r`` ... as in suites (``full`` included).
+    :param signature_steps: Env steps of the base policy in each stage's env that make the stage's signature
+        (:meth:`~eva_rl.bank.AdapterBank.set_signature`).
+    :param selection_steps: Unlabelled env steps :meth:`~eva_rl.bank.AdapterBank.identify` is measured with.
+    :param selection_trials: Rollouts (other seeds than the signature's) per stage and step count.
     """
 
     name: str
@@ -98,8 +104,22 @@ class ContinualSequence:
     sequential: bool = True
     eval_episodes: int | None = None
     method_settings: dict[str, dict[str, float]] = field(default_factory=dict)
+    signature_steps: int = 1024
+    selection_steps: list[int] = field(default_factory=lambda: [16, 64, 256])
+    selection_trials: int = 4
 
     def __post_init__(self) -> None:
+        for name in ("signature_steps", "selection_trials"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r} is invalid: expected an integer >= 1")
+        steps = self.selection_steps
+        if (
+            not isinstance(steps, list)
+            or not steps
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in steps)
+        ):
+            raise ConfigError(f"selection_steps={steps!r} is invalid: expected a list of integers >= 1")
         if not isinstance(self.stages, list) or len(self.stages) < 2:
             raise ConfigError(f"stages={self.stages!r} is invalid: expected a list of at least two stages")
         self.stages = [
@@ -155,6 +175,7 @@ class ContinualPlan:
         if base is None or base.agent_path is None:
             raise ConfigError(f"sequence {sequence.name}: base_task {sequence.base_task!r} is not a task with an agent")
         self.sequence, self.base, self.root, self.device = sequence, base, log_dir / sequence.name, device
+        self.signatures: dict[str, dict[str, Any]] = {}
 
     def stage_task(self, stage: Stage, method: str) -> TaskConfig:
         task = self.base.for_method(method, self.sequence.method_settings.get(method))
@@ -259,6 +280,7 @@ def build_bank(plan: ContinualPlan, method: str, seed: int) -> tuple[AdapterBank
             "run": str(spec.run_dir),
         }
         bank.add(stage.name, spec.run_dir / "adapter", info=info)
+        bank.tasks[stage.name].signature = stage_signature(plan, stage)
     bank.save(plan.bank_dir(method, seed))
 
     def returns() -> dict[str, float]:
@@ -269,6 +291,42 @@ def build_bank(plan: ContinualPlan, method: str, seed: int) -> tuple[AdapterBank
         return values
 
     return bank, _cached(plan.bank_dir(method, seed) / "returns.json", returns)
+
+
+def _base_activations(plan: ContinualPlan, stage: Stage, steps: int, seed: int) -> dict[str, Any]:
+    """The base policy's layer inputs over ``steps`` steps in ``stage``'s env (envs and actions seeded by ``seed``)."""
+    task = plan.stage_task(stage, _FULL)
+    agent = load_pretrained(plan.base.agent_path, device="cpu")
+    with closing(agent_env(task, agent, task.n_envs, seed)) as env:
+        return layer_activations(agent.model.policy, env, steps, seed)
+
+
+def stage_signature(plan: ContinualPlan, stage: Stage) -> dict[str, Any]:
+    """The stage's signature: the base policy's input subspaces in its env (the same for every method and seed)."""
+    if stage.name not in plan.signatures:
+        activations = _base_activations(plan, stage, plan.sequence.signature_steps, SIGNATURE_SEED)
+        plan.signatures[stage.name] = subspace_signature(activations, plan.base.lora.r)
+    return plan.signatures[stage.name]
+
+
+def selection_accuracy(plan: ContinualPlan) -> dict[str, Any]:
+    """How often :func:`~eva_rl.selection.select_task` names the right stage from ``selection_steps`` unlabelled steps
+    of the base policy in a stage's env (``selection_trials`` rollouts per stage, seeds apart from the signatures')."""
+    signatures = {stage.name: stage_signature(plan, stage) for stage in plan.sequence.stages}
+    longest = max(plan.sequence.selection_steps)
+    picks: dict[int, list[dict[str, str]]] = {n: [] for n in plan.sequence.selection_steps}
+    for stage in plan.sequence.stages:
+        for trial in range(plan.sequence.selection_trials):
+            activations = _base_activations(plan, stage, longest, SIGNATURE_SEED + 1 + trial)
+            for n in plan.sequence.selection_steps:
+                # the first n env steps' rows: every layer sees the same number of rows per env step
+                prefix = {k: v[: v.shape[0] * n // longest] for k, v in activations.items()}
+                picks[n].append({"stage": stage.name, "picked": select_task(prefix, signatures)[0]})
+    return {
+        "accuracy": {str(n): sum(p["stage"] == p["picked"] for p in rows) / len(rows) for n, rows in picks.items()},
+        "trials": plan.sequence.selection_trials,
+        "picks": {str(n): rows for n, rows in picks.items()},
+    }
 
 
 def sequential_returns(plan: ContinualPlan, seed: int) -> list[dict[str, float]]:
@@ -401,13 +459,19 @@ def run_sequence(
         for index in range(1, len(sequence.stages)):
             run_local([plan.sequential(index, seed) for seed in sequence.seed_list], workers, echo)
     report = continual_report(plan, results)
-    atomic_write_json(plan.root / "continual.json", {a: dataclasses.asdict(s) for a, s in report.items()})
-    atomic_write_text(plan.root / "continual.md", continual_markdown(sequence, report))
+    selection = _cached(plan.root / "selection.json", lambda: selection_accuracy(plan))
+    atomic_write_json(
+        plan.root / "continual.json",
+        {"approaches": {a: dataclasses.asdict(s) for a, s in report.items()}, "selection": selection["accuracy"]},
+    )
+    atomic_write_text(plan.root / "continual.md", continual_markdown(sequence, report, selection))
     plot_continual(sequence, report, plan.root / "continual.png")
     return report
 
 
-def continual_markdown(sequence: ContinualSequence, report: dict[str, ApproachStats]) -> str:
+def continual_markdown(
+    sequence: ContinualSequence, report: dict[str, ApproachStats], selection: dict[str, Any] | None = None
+) -> str:
     def cell(interval: Interval) -> str:
         return f"{interval.estimate:.3f} [{interval.low:.3f}, {interval.high:.3f}]"
 
@@ -432,6 +496,18 @@ def continual_markdown(sequence: ContinualSequence, report: dict[str, ApproachSt
     lines += ["| approach | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for approach, stats in report.items():
         lines.append(f"| {approach} | " + " | ".join(f"{stats.forgetting_per_task[n]:.3f}" for n in names) + " |")
+    if selection:
+        accuracy = selection["accuracy"]
+        lines += [
+            "",
+            f"Picking the adapter for an unlabelled env (the base policy's layer-input subspaces, "
+            f"{sequence.signature_steps} steps per signature; {selection['trials']} rollouts per stage): share of "
+            "rollouts whose stage was named right.",
+            "",
+            "| unlabelled env steps | " + " | ".join(accuracy) + " |",
+            "|---|" + "---|" * len(accuracy),
+            "| accuracy | " + " | ".join(f"{value:.2f}" for value in accuracy.values()) + " |",
+        ]
     return "\n".join(lines) + "\n"
 
 
