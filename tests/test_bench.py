@@ -35,6 +35,11 @@ def test_bench_quick_prints_every_figure(capsys: pytest.CaptureFixture) -> None:
     offpolicy = figures["offpolicy"]  # LoRA-SAC against plain SAC on the bundled Pendulum agent
     assert offpolicy["algorithm"] == "SAC" and offpolicy["lora_sac_throughput_ratio"] > 0
     assert offpolicy["plain_steps_per_s"] > 0 and offpolicy["lora_steps_per_s"] > 0
+    bank = figures["bank"]  # five adapters on one DoorKey agent
+    assert bank["tasks"] == 5 and 0 < bank["task_fraction_of_copy"] < 0.2
+    assert bank["task_fraction_of_copy"] == pytest.approx(bank["task_bytes"] / bank["full_copy_bytes"])
+    assert bank["switch_ms_median"] > 0 and bank["load_zip_ms_median"] > 0
+    assert bank["task_file_bytes"] < bank["agent_zip_bytes"] / 5
     scaling = figures["eva_scaling"]
     assert [(p["width"], p["batch_size"], p["batches"]) for p in scaling] == [(64, 256, 3), (1024, 256, 3)]
     assert all(p["ms_per_batch"] > 0 and p["peak_mib"] >= 0 for p in scaling)

@@ -10,6 +10,7 @@ import platform
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing as closing_env
 from pathlib import Path
 from typing import Any
 
@@ -364,6 +365,55 @@ def measure_eva_scaling(
     return points
 
 
+def measure_bank(task_name: str, seed: int = 0, tasks: int = 5, switches: int = 100) -> dict[str, Any]:
+    """An adapter bank of ``tasks`` LoRA adapters (the task's rank) on its bundled agent: milliseconds per task
+    switch against loading the agent's zip, and bytes per task (in memory and on disk) against a full copy."""
+    import tempfile
+
+    from eva_rl.bank import AdapterBank
+
+    task = find_task(task_name)
+    if task is None or task.agent_path is None:
+        raise ConfigError(f"--task {task_name!r} is not a task with a bundled agent")
+    import_packages(task.env_packages)
+    base = load_agent(task.agent_path, device="cpu")
+    bank = AdapterBank(load_agent(task.agent_path, device="cpu"), task.agent_path)
+    generator = torch.Generator().manual_seed(seed)
+    with closing_env(make_vec(env_factory(task.target_env, task.wrappers, task.env_kwargs), 1, seed)) as env:
+        for i in range(tasks):
+            model = adapt(base, env, method="lora", lora=task.lora)
+            with torch.no_grad():  # a fine-tuned adapter: B is not zero
+                for parameter in model.policy.trainable_parameters():
+                    parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+            bank.add(f"task{i}", model)
+    names = list(bank.tasks)
+    timings = []
+    for i in range(switches):
+        start = time.perf_counter()
+        bank.activate(names[i % len(names)])
+        timings.append(time.perf_counter() - start)
+    loads = []
+    for _ in range(5):
+        start = time.perf_counter()
+        load_agent(task.agent_path, device="cpu")
+        loads.append(time.perf_counter() - start)
+    with tempfile.TemporaryDirectory() as folder:
+        bank.save(folder)
+        adapter_files = [p.stat().st_size for p in (Path(folder) / "adapters").iterdir()]
+    full = bank.base_nbytes()
+    per_task = float(np.mean([t.nbytes for t in bank.tasks.values()]))
+    return {
+        "tasks": tasks,
+        "switch_ms_median": 1000 * float(np.median(timings)),
+        "load_zip_ms_median": 1000 * float(np.median(loads)),
+        "task_bytes": per_task,
+        "full_copy_bytes": full,
+        "task_fraction_of_copy": per_task / full,
+        "task_file_bytes": float(np.mean(adapter_files)),
+        "agent_zip_bytes": task.agent_path.stat().st_size,
+    }
+
+
 def bench_main(argv: Sequence[str] | None = None) -> int:
     parser = CommandParser(prog="eva-rl bench", description=__doc__)
     parser.add_argument("--task", default="MiniGrid-DoorKey", help="a task with a bundled agent")
@@ -379,8 +429,14 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         default="Pendulum-Gravity",
         help="a task with a bundled off-policy agent, for the LoRA-SAC throughput ('' skips)",
     )
+    parser.add_argument(
+        "--bank-only", action="store_true", help="only the adapter bank's figures (switch time, bytes per task)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.bank_only:
+        print(json.dumps({"bank": measure_bank(args.task, args.seed, switches=20 if args.quick else 200)}))
+        return 0
     steps = 512 if args.quick else args.throughput_steps
     scaling = {"widths": (64, 1024), "batch_sizes": (256,), "batches": 3} if args.quick else {}
     devices = [args.device]
@@ -396,5 +452,6 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
             figures[device] = measured
     if args.offpolicy_task:
         figures["offpolicy"] = measure_offpolicy_throughput(args.offpolicy_task, args.seed, args.device, steps // 2)
+    figures["bank"] = measure_bank(args.task, args.seed, switches=20 if args.quick else 200)
     print(json.dumps(figures))
     return 0
