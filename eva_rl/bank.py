@@ -14,7 +14,6 @@ base agent stays the SB3 zip it was (a pickle: load only agents you trust).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -35,6 +34,7 @@ from eva_rl.checkpoints import (
     check_adapter_tensors,
     read_adapter_config,
     read_tensors,
+    read_versioned_json,
 )
 from eva_rl.config import LoraConfig
 from eva_rl.errors import CheckpointError, ConfigError
@@ -369,13 +369,7 @@ class AdapterBank:
         path = folder / "bank.json"
         if not path.is_file():
             raise CheckpointError(f"{folder} is not an eva-rl adapter bank: expected bank.json")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise CheckpointError(f"{path}: not JSON ({error})") from error
-        if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
-            found = (data.get("format"), data.get("version")) if isinstance(data, dict) else (None, None)
-            raise CheckpointError(f"{path}: format {found[0]!r} v{found[1]} is not {FORMAT} v{VERSION}")
+        data = read_versioned_json(path, FORMAT, VERSION)
         recorded = data.get("base")
         base_path = None
         if isinstance(recorded, dict) and isinstance(recorded.get("path"), str):

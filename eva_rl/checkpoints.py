@@ -143,14 +143,22 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{folder} is not an eva-rl adapter: expected adapter_config.json and adapter.safetensors"
         )
+    return read_versioned_json(config_path, FORMAT, VERSION)
+
+
+def read_versioned_json(path: Path, format_name: str, version: int) -> dict[str, Any]:
+    """The JSON object in ``path`` whose ``format`` and ``version`` are these.
+
+    :raises CheckpointError: for a file that is not JSON, not an object, or of another format or version.
+    """
     try:
-        config = json.loads(config_path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{config_path}: not JSON ({error})") from error
-    if not isinstance(config, dict) or config.get("format") != FORMAT or config.get("version") != VERSION:
-        found = (config.get("format"), config.get("version")) if isinstance(config, dict) else (None, None)
-        raise CheckpointError(f"{config_path}: format {found[0]!r} v{found[1]} is not {FORMAT} v1")
-    return config
+        raise CheckpointError(f"{path}: not JSON ({error})") from error
+    if not isinstance(data, dict) or data.get("format") != format_name or data.get("version") != version:
+        found = (data.get("format"), data.get("version")) if isinstance(data, dict) else (None, None)
+        raise CheckpointError(f"{path}: format {found[0]!r} v{found[1]} is not {format_name} v{version}")
+    return data
 
 
 def adapter_settings(config: dict[str, Any], where: Path) -> tuple[LoraConfig, AdapterPlan | None, EvaReport | None]:

@@ -35,9 +35,9 @@ from eva_rl.experiments.compare import run_local
 from eva_rl.experiments.environments import agent_env, import_packages
 from eva_rl.experiments.runs import RunResult, RunSpec
 from eva_rl.experiments.stats import Interval, normalized_auc, stratified_iqm
-from eva_rl.experiments.tasks import CONFIG_DIR, TaskConfig, build_config, find_task
+from eva_rl.experiments.tasks import CONFIG_DIR, TaskConfig, build_config, check_seeds, find_task, load_named_config
 from eva_rl.experiments.training import evaluate
-from eva_rl.files import atomic_write_json, atomic_write_text, check_writable, read_yaml
+from eva_rl.files import atomic_write_json, atomic_write_text, check_writable
 from eva_rl.loading import load_agent, load_pretrained
 from eva_rl.methods import get_method, method_names
 from eva_rl.selection import layer_activations, select_task, subspace_signature
@@ -131,14 +131,7 @@ class ContinualSequence:
         adapters = [m for m in method_names() if get_method(m).adapters]
         if not isinstance(self.methods, list) or not self.methods or set(self.methods) - set(adapters):
             raise ConfigError(f"methods={self.methods!r} is invalid: expected a non-empty list out of {adapters}")
-        seeds = self.seeds
-        if isinstance(seeds, bool) or not (
-            (isinstance(seeds, int) and seeds >= 1)
-            or (
-                isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-            )
-        ):
-            raise ConfigError(f"seeds={seeds!r} is invalid: expected a number of seeds >= 1 or a list of integers")
+        check_seeds(self.seeds, "seeds")
         if not isinstance(self.sequential, bool):
             raise ConfigError(f"sequential={self.sequential!r} is invalid: expected true or false")
         value = self.eval_episodes
@@ -156,15 +149,7 @@ class ContinualSequence:
 
 def load_sequence(name_or_path: str) -> ContinualSequence:
     """A sequence by name (``configs/sequences/<name>.yaml``) or path."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = SEQUENCE_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in SEQUENCE_DIR.glob("*.yaml"))
-        raise ConfigError(f"unknown sequence {name_or_path!r}; known sequences: {known}")
-    data = read_yaml(path) or {}
-    data.setdefault("name", path.stem)
-    return build_config(ContinualSequence, data, str(path))
+    return load_named_config(ContinualSequence, SEQUENCE_DIR, name_or_path, "sequence")
 
 
 class ContinualPlan:

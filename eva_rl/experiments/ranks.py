@@ -20,6 +20,7 @@ import numpy as np
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.runs import RunResult
 from eva_rl.experiments.stats import Interval, normalized_auc, probability_of_improvement, stratified_iqm
+from eva_rl.experiments.tasks import check_seeds
 from eva_rl.methods import get_method, method_names
 
 
@@ -55,14 +56,7 @@ class RankStudy:
                 f"rank_study.methods={self.methods!r} is invalid: expected a non-empty list out of the methods "
                 f"with a rank {ranked}"
             )
-        seeds = self.seeds
-        if isinstance(seeds, bool) or not (
-            (isinstance(seeds, int) and seeds >= 1)
-            or (
-                isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-            )
-        ):
-            raise ConfigError(f"rank_study.seeds={seeds!r} is invalid: expected a number of seeds >= 1 or a list")
+        check_seeds(self.seeds, "rank_study.seeds")
 
     @property
     def seed_list(self) -> list[int]:

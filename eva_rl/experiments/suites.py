@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.ranks import RankStudy
@@ -16,8 +15,9 @@ from eva_rl.experiments.tasks import (
     TaskConfig,
     build_config,
     check_method_settings,
+    check_seeds,
+    load_named_config,
 )
-from eva_rl.files import read_yaml
 from eva_rl.methods import method_names
 
 SUITE_DIR = CONFIG_DIR / "suites"
@@ -98,14 +98,7 @@ class Suite:
                     f"the suite's methods {self.methods}",
                 )
         check_method_settings(self.method_settings, "method_settings")
-        seeds = self.seeds
-        integers = (
-            isinstance(seeds, list) and seeds and all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)
-        )
-        if isinstance(seeds, bool) or not ((isinstance(seeds, int) and seeds >= 1) or integers):
-            raise ConfigError(f"seeds={seeds!r} is invalid: expected a number of seeds >= 1 or a list of integers")
-        if isinstance(seeds, list) and len(set(seeds)) != len(seeds):
-            raise ConfigError(f"seeds={seeds!r} is invalid: a seed is listed twice")
+        check_seeds(self.seeds, "seeds")
         for name in ("total_timesteps", "eval_episodes"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -161,15 +154,7 @@ def _check_subset(what: str, values: list[str], allowed: Sequence[str], accepted
 
 def load_suite(name_or_path: str) -> Suite:
     """A suite by name (``configs/suites/<name>.yaml``) or path."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = SUITE_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in SUITE_DIR.glob("*.yaml"))
-        raise ConfigError(f"unknown suite {name_or_path!r}; known suites: {known}")
-    data = read_yaml(path) or {}
-    data.setdefault("name", path.stem)
-    return build_config(Suite, data, str(path))
+    return load_named_config(Suite, SUITE_DIR, name_or_path, "suite")
 
 
 def method_task(task: TaskConfig, method: str, suite: Suite, suite_task: SuiteTask) -> TaskConfig:

@@ -304,6 +304,33 @@ def algorithm_arguments(algorithm: str | None = None) -> set[str]:
     return {name for cls in classes for name in inspect.signature(cls.__init__).parameters} - excluded
 
 
+def check_seeds(seeds: Any, where: str) -> None:
+    """:raises ConfigError: unless ``seeds`` is a number of seeds >= 1 or a list of distinct integers."""
+    integers = isinstance(seeds, list) and seeds and all(_is_int(s) for s in seeds)
+    if isinstance(seeds, bool) or not ((isinstance(seeds, int) and seeds >= 1) or integers):
+        raise ConfigError(f"{where}={seeds!r} is invalid: expected a number of seeds >= 1 or a list of integers")
+    if isinstance(seeds, list) and len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}={seeds!r} is invalid: a seed is listed twice")
+
+
+def load_named_config(cls: type, folder: Path, name_or_path: str, kind: str) -> Any:
+    """A config file by name (``<folder>/<name>.yaml``) or path, built as ``cls`` with its ``name`` defaulting to the
+    file's stem.
+
+    :raises ConfigError: for an unknown name (listing the known ones) or a bad file.
+    """
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = folder / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise ConfigError(f"unknown {kind} {name_or_path!r}; known {kind}s: {known}")
+    data = read_yaml(path) or {}
+    if isinstance(data, dict):
+        data.setdefault("name", path.stem)
+    return build_config(cls, data, str(path))
+
+
 def build_config(cls: type, values: dict[str, Any], where: str) -> Any:
     """``cls(**values)`` for a config dataclass, with unknown keys and bad values as a :class:`ConfigError` that
     says ``where`` (a file, a section)."""
