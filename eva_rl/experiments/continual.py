@@ -222,6 +222,7 @@ def evaluate_bank(bank: AdapterBank, episodes: int | None = None) -> dict[str, f
     :raises ConfigError: for a task whose info does not say where to evaluate it.
     """
     returns = {}
+    agents: dict[str, Any] = {}  # the env wrappers need the base agent (its VecNormalize); load it once per file
     for name, adapter in bank.tasks.items():
         task = find_task(str(adapter.info.get("task")))
         if task is None or not isinstance(adapter.info.get("env"), str):
@@ -236,7 +237,10 @@ def evaluate_bank(bank: AdapterBank, episodes: int | None = None) -> dict[str, f
             target_env=adapter.info["env"], env_kwargs={**task.env_kwargs, **adapter.info.get("env_kwargs", {})},
             eval=eval_settings,
         )  # fmt: skip
-        agent = load_pretrained(bank.base_path or task.agent_path, device="cpu")
+        agent_path = str(bank.base_path or task.agent_path)
+        if agent_path not in agents:
+            agents[agent_path] = load_pretrained(agent_path, device="cpu")
+        agent = agents[agent_path]
         bank.activate(name)
         with closing(agent_env(task, agent, task.eval.env_count, task.eval.seed, evaluation=True)) as env:
             returns[name] = evaluate(bank.model, env, task.eval.episodes, task.eval.seed, task.eval.deterministic)[0]
