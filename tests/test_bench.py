@@ -40,6 +40,9 @@ def test_bench_quick_prints_every_figure(capsys: pytest.CaptureFixture) -> None:
     assert bank["task_fraction_of_copy"] == pytest.approx(bank["task_bytes"] / bank["full_copy_bytes"])
     assert bank["switch_ms_median"] > 0 and bank["load_zip_ms_median"] > 0
     assert bank["task_file_bytes"] < bank["agent_zip_bytes"] / 5
+    view = figures["minigrid_view"]  # MiniGrid's view against ours on DoorKey-8x8
+    assert view["minigrid_steps_per_s"] > 0 and view["fast_view_steps_per_s"] > 0
+    assert view["speedup"] == pytest.approx(view["fast_view_steps_per_s"] / view["minigrid_steps_per_s"])
     scaling = figures["eva_scaling"]
     assert [(p["width"], p["batch_size"], p["batches"]) for p in scaling] == [(64, 256, 3), (1024, 256, 3)]
     assert all(p["ms_per_batch"] > 0 and p["peak_mib"] >= 0 for p in scaling)

@@ -414,6 +414,42 @@ def measure_bank(task_name: str, seed: int = 0, tasks: int = 5, switches: int = 
     }
 
 
+def measure_minigrid_view(
+    env_id: str = "MiniGrid-DoorKey-8x8-v0", steps: int = 5000, rounds: int = 3
+) -> dict[str, Any]:
+    """Env steps per second of ``env_id`` (random actions) with MiniGrid's own view and with
+    :func:`eva_rl.minigrid_view.speed_up_view`, in interleaved rounds (median of each)."""
+    import gymnasium as gym
+    import minigrid  # noqa: F401  (registers the ids)
+
+    from eva_rl.minigrid_view import speed_up_view
+
+    def steps_per_second(fast: bool) -> float:
+        env = gym.make(env_id)
+        if fast:
+            speed_up_view(env)
+        env.reset(seed=0)
+        actions = np.random.default_rng(0).integers(0, env.action_space.n, steps)
+        start = time.perf_counter()
+        for action in actions:
+            _, _, terminated, truncated, _ = env.step(int(action))
+            if terminated or truncated:
+                env.reset()
+        return steps / (time.perf_counter() - start)
+
+    timings: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(rounds):
+        for fast in (False, True):
+            timings[fast].append(steps_per_second(fast))
+    minigrid_rate, fast_rate = float(np.median(timings[False])), float(np.median(timings[True]))
+    return {
+        "env": env_id,
+        "minigrid_steps_per_s": minigrid_rate,
+        "fast_view_steps_per_s": fast_rate,
+        "speedup": fast_rate / minigrid_rate,
+    }
+
+
 def bench_main(argv: Sequence[str] | None = None) -> int:
     parser = CommandParser(prog="eva-rl bench", description=__doc__)
     parser.add_argument("--task", default="MiniGrid-DoorKey", help="a task with a bundled agent")
@@ -432,8 +468,14 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--bank-only", action="store_true", help="only the adapter bank's figures (switch time, bytes per task)"
     )
+    parser.add_argument(
+        "--view-only", action="store_true", help="only the MiniGrid view's figures (env steps/s: ours, MiniGrid's)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.view_only:
+        print(json.dumps({"minigrid_view": measure_minigrid_view(steps=1000 if args.quick else 5000)}))
+        return 0
     if args.bank_only:
         print(json.dumps({"bank": measure_bank(args.task, args.seed, switches=20 if args.quick else 200)}))
         return 0
@@ -453,5 +495,6 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     if args.offpolicy_task:
         figures["offpolicy"] = measure_offpolicy_throughput(args.offpolicy_task, args.seed, args.device, steps // 2)
     figures["bank"] = measure_bank(args.task, args.seed, switches=20 if args.quick else 200)
+    figures["minigrid_view"] = measure_minigrid_view(steps=1000 if args.quick else 5000)
     print(json.dumps(figures))
     return 0

@@ -28,6 +28,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
 from eva_rl.errors import EnvError, EvaRLError
 from eva_rl.loading import PretrainedAgent
+from eva_rl.minigrid_view import speed_up_view
 from eva_rl.physics import is_mujoco_env, mujoco_warnings
 
 if TYPE_CHECKING:
@@ -147,6 +148,7 @@ def env_factory(
 
     def make() -> gym.Env:
         instance = _named_failure(f"making env {env!r} (env_kwargs {env_kwargs})", make_base)
+        speed_up_view(instance)
         if render:
             instance = FrameRecorder(instance)
         for spec, wrapper in zip(wrappers, wrapper_classes):
