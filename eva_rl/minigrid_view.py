@@ -65,11 +65,18 @@ class FastView:
     """
 
     def __init__(self, env: Any) -> None:
-        self.env = env
+        from minigrid.core.world_object import Wall
 
-    def cells(self, agent_view_size: int | None = None) -> tuple[list[Any], list[bool], int]:
+        self.env = env
+        self._wall = Wall()
+
+    def cells(self, agent_view_size: int | None = None, outside: Any = None) -> tuple[list[Any], list[bool], int]:
         """The view's cells (flat, occluded cells ``None``, the carried object in the agent's cell), its visibility
-        mask (flat) and its size."""
+        mask (flat) and its size.
+
+        :param outside: The wall shown beyond the grid's edge; default: a new ``Wall`` per cell, as MiniGrid makes
+            (``obs`` only reads the cells, so it passes one wall for all).
+        """
         from minigrid.core.world_object import Wall
 
         env = self.env
@@ -77,7 +84,9 @@ class FastView:
         size = agent_view_size or env.agent_view_size
         width, height, world = env.grid.width, env.grid.height, env.grid.grid
         cells = [
-            world[(top_y + j) * width + top_x + i] if 0 <= top_x + i < width and 0 <= top_y + j < height else Wall()
+            world[(top_y + j) * width + top_x + i]
+            if 0 <= top_x + i < width and 0 <= top_y + j < height
+            else outside or Wall()
             for i, j in _view_map(size, env.agent_dir)
         ]
         if env.see_through_walls:
@@ -99,7 +108,7 @@ class FastView:
 
     def obs(self) -> dict[str, Any]:
         """What ``MiniGridEnv.gen_obs`` returns: the encoded view (``(width, height, 3)`` uint8), direction, mission."""
-        cells, mask, size = self.cells()
+        cells, mask, size = self.cells(outside=self._wall)
         codes = [(_EMPTY if cell is None else cell.encode()) if seen else _UNSEEN for cell, seen in zip(cells, mask)]
         image = np.ascontiguousarray(np.array(codes, dtype=np.uint8).reshape(size, size, 3).transpose(1, 0, 2))
         return {"image": image, "direction": self.env.agent_dir, "mission": self.env.mission}
