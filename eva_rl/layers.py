@@ -50,6 +50,7 @@ class LoraLayer(nn.Module):
         self.merged = False
         self.disabled = False
         self._merged_norm: torch.Tensor | None = None
+        self._weight_cache: _WeightCache | None = None
 
     @property
     def fan_in(self) -> int:
@@ -142,11 +143,53 @@ class LoraLayer(nn.Module):
         if isinstance(self.lora_dropout, nn.Identity):
             # Without dropout, one call with W + s*BA is exact and far cheaper for RL-sized layers than the
             # separate low-rank path: the cost of these small networks is the number of ops, not their flops.
-            return self._base_forward(x, self.adapted_weight())
+            weight = self.adapted_weight() if torch.is_grad_enabled() else self._no_grad_weight()
+            return self._base_forward(x, weight)
         return self.base_layer(x) + self.scaling * self._adapter(self.lora_dropout(x))
+
+    def _no_grad_weight(self) -> torch.Tensor:
+        """:meth:`adapted_weight`, computed once per version of the parameters it is made of.
+
+        A rollout of n steps calls each layer n times with the same parameters, one env step at a time; the cache
+        turns n computations of ``W + s B A`` into one. Any change to a parameter (an optimizer step, a
+        ``load_state_dict``, a merge, ``.to(device)``) gives it a new version or new storage, and the next call
+        computes the weight again.
+        """
+        sources = self._weight_sources()
+        cache = self._weight_cache
+        if cache is None or not cache.matches(sources):
+            cache = self._weight_cache = _WeightCache(sources, self.adapted_weight())
+        return cache.weight
+
+    def _weight_sources(self) -> tuple[torch.Tensor, ...]:
+        sources = (self.base_layer.weight, self.lora_A, self.lora_B)
+        return sources if self.lora_magnitude is None else (*sources, self.lora_magnitude)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        return {**state, "_weight_cache": None}
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, dora={self.use_dora}, merged={self.merged}"
+
+
+class _WeightCache:
+    """An adapted weight and what it was computed from: each source's storage, shape and in-place version.
+
+    The cache keeps detached views of the sources, which share their version counters and keep their storage
+    alive, so a new tensor can never take over a cached address.
+    """
+
+    def __init__(self, sources: tuple[torch.Tensor, ...], weight: torch.Tensor) -> None:
+        self.sources = tuple(source.detach() for source in sources)
+        self.versions = tuple(source._version for source in sources)
+        self.weight = weight.detach()
+
+    def matches(self, sources: tuple[torch.Tensor, ...]) -> bool:
+        return len(sources) == len(self.sources) and all(
+            new.data_ptr() == old.data_ptr() and new.shape == old.shape and new._version == version
+            for new, old, version in zip(sources, self.sources, self.versions, strict=True)
+        )
 
 
 def _row_norms(weight: torch.Tensor) -> torch.Tensor:

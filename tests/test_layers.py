@@ -54,6 +54,72 @@ def test_forward_matches_explicit_low_rank_update(kind: str) -> None:
     torch.testing.assert_close(lora(x), expected)
 
 
+def fresh_output(lora: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output with its weight computed now, bypassing the no-grad cache (the oracle)."""
+    with torch.enable_grad():
+        return lora._base_forward(x, lora.adapted_weight()).detach()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_no_grad_forward_follows_every_change_of_the_parameters(kind: str, use_dora: bool) -> None:
+    base, x = make_layer(kind)
+    lora = (LoraLinear if kind == "linear" else LoraConv2d)(base, 3, 6.0, use_dora=use_dora)
+    randomize(lora)
+    with torch.no_grad():
+        first = lora(x)
+        assert lora(x) is not first and torch.equal(lora(x), first)
+    assert torch.equal(first, fresh_output(lora, x))
+
+    def check(change: str) -> None:
+        with torch.no_grad():
+            out = lora(x)
+        assert torch.equal(out, fresh_output(lora, x)), f"stale output after {change}"
+        assert not torch.equal(out, first), f"{change} changed nothing"
+
+    optimizer = torch.optim.SGD([p for p in lora.parameters() if p.requires_grad], lr=0.1)
+    lora(x).square().sum().backward()
+    optimizer.step()
+    check("an optimizer step")
+    state = {k: v.clone() for k, v in lora.state_dict().items()}
+    state["lora_B"] += 1.0
+    lora.load_state_dict(state)
+    check("load_state_dict")
+    first = lora(x).detach()
+    lora.lora_A.data = torch.randn_like(lora.lora_A)
+    check("replacing a parameter's data")
+    first = lora(x).detach()
+    with torch.no_grad():
+        base.weight.mul_(2.0)
+    check("an in-place change of the base weight")
+    if use_dora:
+        first = lora(x).detach()
+        with torch.no_grad():
+            lora.lora_magnitude.mul_(0.5)
+        check("a new DoRA magnitude")
+    with torch.inference_mode():
+        assert torch.equal(lora(x), fresh_output(lora, x))
+
+
+def test_the_no_grad_cache_is_not_pickled_and_copies_do_not_share_it() -> None:
+    import copy
+    import pickle
+
+    base, x = make_layer("linear")
+    lora = lora_for("linear", base)
+    randomize(lora)
+    with torch.no_grad():
+        lora(x)
+    assert lora._weight_cache is not None
+    assert pickle.loads(pickle.dumps(lora))._weight_cache is None
+    twin = copy.deepcopy(lora)
+    with torch.no_grad():
+        twin.lora_B.add_(1.0)
+        assert torch.equal(twin(x), fresh_output(twin, x))
+        assert torch.equal(lora(x), fresh_output(lora, x))
+        assert not torch.equal(twin(x), lora(x))
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_merge_and_unmerge_are_exact(kind: str) -> None:
     base, x = make_layer(kind)

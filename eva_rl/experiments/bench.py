@@ -450,6 +450,32 @@ def measure_minigrid_view(
     }
 
 
+def measure_weight_cache(task_name: str, seed: int = 0, device: str = "cpu", steps: int = 2048) -> dict[str, Any]:
+    """:func:`measure_lora_throughput` on a task's bundled agent with the LoRA layers' no-grad weight cache and
+    without it (every no-grad call computing ``W + s B A`` again, as before the cache), twice each, interleaved."""
+    from unittest import mock
+
+    from eva_rl.layers import LoraLayer
+
+    task = find_task(task_name)
+    if task is None or task.agent_path is None:
+        raise ConfigError(f"bench: task {task_name!r} has no bundled agent")
+    import_packages(task.env_packages)
+    model = load_agent(task.agent_path, device=device)
+    key = f"lora_{algorithm_name(model)}_throughput_ratio"
+    ratios: dict[str, list[float]] = {"cached": [], "uncached": []}
+    for _ in range(2):
+        ratios["cached"].append(measure_lora_throughput(model, task, steps=steps, seed=seed)[key])
+        with mock.patch.object(LoraLayer, "_no_grad_weight", LoraLayer.adapted_weight):
+            ratios["uncached"].append(measure_lora_throughput(model, task, steps=steps, seed=seed)[key])
+    return {
+        "task": task.name,
+        f"{key}_cached": ratios["cached"],
+        f"{key}_uncached": ratios["uncached"],
+        "cache_gain": float(np.mean(ratios["cached"]) / np.mean(ratios["uncached"])),
+    }
+
+
 def bench_main(argv: Sequence[str] | None = None) -> int:
     parser = CommandParser(prog="eva-rl bench", description=__doc__)
     parser.add_argument("--task", default="MiniGrid-DoorKey", help="a task with a bundled agent")
@@ -471,8 +497,17 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--view-only", action="store_true", help="only the MiniGrid view's figures (env steps/s: ours, MiniGrid's)"
     )
+    parser.add_argument(
+        "--weight-cache-only",
+        action="store_true",
+        help="only the LoRA PPO throughput ratio on --task with the no-grad weight cache and without",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.weight_cache_only:
+        steps = 512 if args.quick else args.throughput_steps
+        print(json.dumps({"weight_cache": measure_weight_cache(args.task, args.seed, args.device, steps)}))
+        return 0
     if args.view_only:
         print(json.dumps({"minigrid_view": measure_minigrid_view(steps=1000 if args.quick else 5000)}))
         return 0
