@@ -16,6 +16,12 @@ from torch import nn
 from eva_rl.extractors import MinigridCNN
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist runs one worker process per core; torch's own intra-op threads on top oversubscribe the cores, and
+    # a SAC update of a 16-wide network then waits 20x longer than it computes.
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

@@ -10,6 +10,7 @@ from torch import nn
 import eva_rl
 from eva_rl import LoraConfig, LoraConv2d, LoraLinear, disable_adapters, inject_adapters, lora_layers, remove_adapters
 from eva_rl.inject import find_target_layers, merged_state_dict
+from eva_rl.layers import cached_adapter_weights
 from eva_rl.plan import AdapterPlan
 
 
@@ -66,13 +67,13 @@ def test_no_grad_forward_follows_every_change_of_the_parameters(kind: str, use_d
     base, x = make_layer(kind)
     lora = (LoraLinear if kind == "linear" else LoraConv2d)(base, 3, 6.0, use_dora=use_dora)
     randomize(lora)
-    with torch.no_grad():
+    with torch.no_grad(), cached_adapter_weights(lora):
         first = lora(x)
-        assert lora(x) is not first and torch.equal(lora(x), first)
+        assert lora._weight_cache is not None and torch.equal(lora(x), first)
     assert torch.equal(first, fresh_output(lora, x))
 
     def check(change: str) -> None:
-        with torch.no_grad():
+        with torch.no_grad(), cached_adapter_weights(lora):
             out = lora(x)
         assert torch.equal(out, fresh_output(lora, x)), f"stale output after {change}"
         assert not torch.equal(out, first), f"{change} changed nothing"
@@ -85,20 +86,51 @@ def test_no_grad_forward_follows_every_change_of_the_parameters(kind: str, use_d
     state["lora_B"] += 1.0
     lora.load_state_dict(state)
     check("load_state_dict")
-    first = lora(x).detach()
-    lora.lora_A.data = torch.randn_like(lora.lora_A)
-    check("replacing a parameter's data")
-    first = lora(x).detach()
-    with torch.no_grad():
-        base.weight.mul_(2.0)
-    check("an in-place change of the base weight")
-    if use_dora:
+    with cached_adapter_weights(lora):
+        first = lora(x).detach()
+        lora.lora_A.data = torch.randn_like(lora.lora_A)
+        check("replacing a parameter's data")
+    with cached_adapter_weights(lora):
         first = lora(x).detach()
         with torch.no_grad():
-            lora.lora_magnitude.mul_(0.5)
-        check("a new DoRA magnitude")
-    with torch.inference_mode():
+            base.weight.mul_(2.0)
+        check("an in-place change of the base weight")
+        if use_dora:
+            first = lora(x).detach()
+            with torch.no_grad():
+                lora.lora_magnitude.mul_(0.5)
+            check("a new DoRA magnitude")
+    with torch.inference_mode(), cached_adapter_weights(lora):
         assert torch.equal(lora(x), fresh_output(lora, x))
+    assert lora._weight_cache is None and not lora._cache_weights  # leaving the block frees the cache
+
+
+def test_outside_the_cache_block_writes_through_data_are_seen() -> None:
+    # SB3's Polyak update writes target networks through .data, which no version counter records
+    base, x = make_layer("linear")
+    lora = lora_for("linear", base)
+    randomize(lora)
+    with torch.no_grad():
+        before = lora(x)
+        lora.lora_B.data.mul_(2.0)
+        assert torch.equal(lora(x), fresh_output(lora, x)) and not torch.equal(lora(x), before)
+    assert lora._weight_cache is None
+
+
+def test_cache_blocks_nest_and_the_outer_one_keeps_the_cache() -> None:
+    base, x = make_layer("linear")
+    model = nn.Sequential(lora_for("linear", base), nn.ReLU())
+    lora = model[0]
+    randomize(lora)
+    with torch.no_grad(), cached_adapter_weights(model):
+        model(x)
+        with cached_adapter_weights(model):
+            model(x)
+        assert lora._cache_weights and lora._weight_cache is not None
+        cached = lora._weight_cache
+        model(x)
+        assert lora._weight_cache is cached  # no parameter changed: the same weight is reused
+    assert not lora._cache_weights and lora._weight_cache is None
 
 
 def test_the_no_grad_cache_is_not_pickled_and_copies_do_not_share_it() -> None:
@@ -108,12 +140,13 @@ def test_the_no_grad_cache_is_not_pickled_and_copies_do_not_share_it() -> None:
     base, x = make_layer("linear")
     lora = lora_for("linear", base)
     randomize(lora)
-    with torch.no_grad():
+    with torch.no_grad(), cached_adapter_weights(lora):
         lora(x)
-    assert lora._weight_cache is not None
-    assert pickle.loads(pickle.dumps(lora))._weight_cache is None
-    twin = copy.deepcopy(lora)
-    with torch.no_grad():
+        restored = pickle.loads(pickle.dumps(lora))
+        assert restored._weight_cache is None and not restored._cache_weights
+        twin = copy.deepcopy(lora)
+        assert twin._weight_cache is None and not twin._cache_weights
+    with torch.no_grad(), cached_adapter_weights(lora), cached_adapter_weights(twin):
         twin.lora_B.add_(1.0)
         assert torch.equal(twin(x), fresh_output(twin, x))
         assert torch.equal(lora(x), fresh_output(lora, x))

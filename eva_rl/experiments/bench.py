@@ -21,6 +21,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 
 from eva_rl.adapt import adapt
+from eva_rl.callbacks import CachedAdapterWeights
 from eva_rl.config import EvaConfig
 from eva_rl.errors import ConfigError
 from eva_rl.eva import layer_input_rows
@@ -91,13 +92,21 @@ def _target_ppo(task: TaskConfig, seed: int, device: Any, env_seed: int | None =
 
 
 def measure_lora_throughput(
-    model: BaseAlgorithm, task: TaskConfig, steps: int = 2048, repeats: int = 3, seed: int = 0
+    model: BaseAlgorithm,
+    task: TaskConfig,
+    steps: int = 2048,
+    repeats: int = 3,
+    seed: int = 0,
+    cached_weights: bool = True,
 ) -> dict[str, Any]:
     """Training steps/s of a LoRA-adapted copy of ``model`` against the plain policy, interleaved in one process.
 
     Both learn on their own copy of the task's target env with its settings, with ``model``'s algorithm; the plain
     one (full fine-tuning) trains every weight, the adapted one only its adapters. The ratio's key names the
     algorithm (``lora_ppo_throughput_ratio``, ``lora_sac_throughput_ratio``).
+
+    :param cached_weights: Both learn with :class:`~eva_rl.callbacks.CachedAdapterWeights`, as eva-rl's runs do
+        (it changes nothing for the plain policy).
     """
     env, settings = _target_ppo(task, seed, model.device)
     adapted = adapt(model, env, method="lora", lora=task.lora, **settings)
@@ -108,7 +117,7 @@ def measure_lora_throughput(
     for _ in range(repeats):
         for name, agent in (("plain", plain), ("lora", adapted)):
             start = time.perf_counter()
-            agent.learn(steps, reset_num_timesteps=False)
+            agent.learn(steps, callback=CachedAdapterWeights() if cached_weights else None, reset_num_timesteps=False)
             rates[name].append(steps / (time.perf_counter() - start))
     return {
         "plain_steps_per_s": round(sum(rates["plain"]) / repeats, 1),
@@ -452,11 +461,7 @@ def measure_minigrid_view(
 
 def measure_weight_cache(task_name: str, seed: int = 0, device: str = "cpu", steps: int = 2048) -> dict[str, Any]:
     """:func:`measure_lora_throughput` on a task's bundled agent with the LoRA layers' no-grad weight cache and
-    without it (every no-grad call computing ``W + s B A`` again, as before the cache), twice each, interleaved."""
-    from unittest import mock
-
-    from eva_rl.layers import LoraLayer
-
+    without it (every call computing ``W + s B A`` again), twice each, interleaved."""
     task = find_task(task_name)
     if task is None or task.agent_path is None:
         raise ConfigError(f"bench: task {task_name!r} has no bundled agent")
@@ -465,9 +470,9 @@ def measure_weight_cache(task_name: str, seed: int = 0, device: str = "cpu", ste
     key = f"lora_{algorithm_name(model)}_throughput_ratio"
     ratios: dict[str, list[float]] = {"cached": [], "uncached": []}
     for _ in range(2):
-        ratios["cached"].append(measure_lora_throughput(model, task, steps=steps, seed=seed)[key])
-        with mock.patch.object(LoraLayer, "_no_grad_weight", LoraLayer.adapted_weight):
-            ratios["uncached"].append(measure_lora_throughput(model, task, steps=steps, seed=seed)[key])
+        for cached in (True, False):
+            measured = measure_lora_throughput(model, task, steps=steps, seed=seed, cached_weights=cached)
+            ratios["cached" if cached else "uncached"].append(measured[key])
     return {
         "task": task.name,
         f"{key}_cached": ratios["cached"],

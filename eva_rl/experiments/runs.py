@@ -33,6 +33,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch.utils.tensorboard import SummaryWriter
 
 from eva_rl.adapt import adapt
+from eva_rl.callbacks import CachedAdapterWeights
 from eva_rl.checkpoints import save_adapter
 from eva_rl.errors import ConfigError, EvaConvergenceError, EvaRLError
 from eva_rl.eva_logging import record_eva_report
@@ -462,7 +463,7 @@ def _train(spec: RunSpec, model: BaseAlgorithm, callback: RunCallback) -> None:
     """PPO up to the task's budget; with EVA on PPO's rollouts, EVA must have finished within it."""
     remaining = spec.task.total_timesteps - model.num_timesteps
     if remaining > 0:
-        model.learn(remaining, callback=callback, reset_num_timesteps=False)
+        model.learn(remaining, callback=[callback, CachedAdapterWeights()], reset_num_timesteps=False)
     if getattr(model, "eva_pending", False):
         raise EvaConvergenceError(
             f"EVA on PPO's rollouts had not converged after the whole budget of {model.num_timesteps} steps "

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from eva_rl.experiments.resume import save_runtime_state
 from eva_rl.files import STATS, atomic_save_model, atomic_save_stats, atomic_write, atomic_write_json
+from eva_rl.layers import cached_adapter_weights
 from eva_rl.policies import target_pairs
 
 __all__ = [
@@ -77,7 +78,7 @@ def evaluate(
     """
     env.seed(seed)
     devices = [model.device] if model.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), cached_adapter_weights(model.policy):
         torch.manual_seed(seed)
         mean, std = evaluate_policy(model, env, n_eval_episodes=episodes, deterministic=deterministic)
     return float(mean), float(std)
