@@ -6,6 +6,7 @@ command line) lives in :mod:`eva_rl.experiments` and is built on it, never the o
 
 from eva_rl.adapt import adapt, merge
 from eva_rl.allocation import allocate_ranks
+from eva_rl.callbacks import CachedAdapterWeights
 from eva_rl.checkpoints import load_adapter, save_adapter
 from eva_rl.config import EvaConfig, LoraConfig
 from eva_rl.devices import get_device
@@ -30,7 +31,7 @@ from eva_rl.inject import (
     remove_adapters,
 )
 from eva_rl.ipca import IncrementalPCA
-from eva_rl.layers import LoraConv2d, LoraLayer, LoraLinear
+from eva_rl.layers import LoraConv2d, LoraLayer, LoraLinear, cached_adapter_weights
 from eva_rl.loading import ALGORITHMS, PretrainedAgent, detect_algorithm, load_agent, load_pretrained
 from eva_rl.methods import METHODS, Method, get_method, register_method
 from eva_rl.models import build_model, load_base_weights
@@ -51,6 +52,7 @@ __all__ = [
     "ALGORITHMS",
     "METHODS",
     "AdapterPlan",
+    "CachedAdapterWeights",
     "AgentError",
     "CheckpointError",
     "ConfigError",
@@ -79,6 +81,7 @@ __all__ = [
     "RolloutBatches",
     "SpaceMismatchError",
     "adapt",
+    "cached_adapter_weights",
     "allocate_ranks",
     "build_model",
     "compute_eva",
