@@ -210,3 +210,24 @@ def test_plots_name_each_methods_tasks_and_seeds_and_stay_readable_with_many_met
     else:
         assert (width, height) == (round(2.3 * n_methods * 120), round((2.3 * 2 + 0.6) * 120)), "a panel per method"
     assert tmp_path / "final_return.png" in paths
+
+
+def test_a_rerun_of_some_methods_keeps_the_others_on_the_page_and_names_stale_runs(tmp_path: Path) -> None:
+    suite = load_suite("smoke")
+    lines: list[str] = []
+    compare(suite, tmp_path, methods=["eva"], workers=2, echo=lines.append)
+    assert set(json.loads((tmp_path / "smoke" / "results.json").read_text())["tasks"]["PointGoal"]["methods"]) == {
+        "eva"
+    }
+    report = compare(suite, tmp_path, methods=["full"], seeds=[0], workers=1, echo=lines.append)
+    rows = report.tasks["PointGoal"].methods
+    assert (rows["eva"].seeds, rows["full"].seeds) == (2, 1)  # eva's runs stay on the page after a rerun of full
+
+    retuned = dataclasses.replace(suite, method_settings={"eva": {"learning_rate": 5e-3}})
+    lines.clear()
+    report = compare(retuned, tmp_path, report_only=True, echo=lines.append)
+    assert set(report.tasks["PointGoal"].methods) == {"full"}
+    assert len(lines) == 1 and "leave out 2 run(s) made with other settings" in lines[0]
+    assert "learning_rate" in lines[0] and "--overwrite" in lines[0]
+    with pytest.raises(ConfigError, match="no completed runs"):
+        compare(retuned, tmp_path, methods=["eva"], report_only=True, echo=lines.append)

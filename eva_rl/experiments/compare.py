@@ -18,7 +18,7 @@ from eva_rl.errors import ConfigError
 from eva_rl.experiments.environments import agent_env, import_packages
 from eva_rl.experiments.ranks import RankStudyReport, plot_rank_study, rank_markdown, rank_report, rank_settings
 from eva_rl.experiments.report import SuiteReport, aggregate, plot_suite, results_markdown
-from eva_rl.experiments.runs import RunResult, RunSpec, completed_result, run
+from eva_rl.experiments.runs import RunDirError, RunResult, RunSpec, completed_result, run
 from eva_rl.experiments.stats import normalized_auc, stratified_iqm
 from eva_rl.experiments.suites import Suite, SuiteTask, method_task
 from eva_rl.experiments.tasks import find_task
@@ -165,36 +165,59 @@ def compare(
 ) -> SuiteReport:
     """Run (or resume) the suite's grid, then write ``results.json``, ``results.md`` and the plots.
 
+    The page covers every completed run of the whole suite made with today's settings, not only the ``methods`` and
+    ``seeds`` just run (a rerun of one method must not redraw the page without the others); runs made with other
+    settings are left out and named in one line.
+
     :param backend: ``"local"`` (a process pool of ``workers``) or ``"ray"`` (Ray tasks on ``ray_address``).
-    :param report_only: Run nothing; aggregate the runs of the grid that are complete.
+    :param report_only: Run nothing; aggregate the completed runs of the grid (``methods`` and ``seeds`` restrict
+        it).
     :param overwrite: Start over the runs whose folders hold runs made with other settings.
     """
     for suite_task in suite.tasks:
         task = find_task(suite_task.task)
         if task is not None:
             import_packages(task.env_packages)
-    pairs = run_specs(suite, log_dir, methods, seeds)
     check_writable(log_dir / suite.name)
-    if report_only:
-        pairs = [(t, spec) for t, spec in pairs if (spec.run_dir / "result.json").is_file()]
-        if not pairs:
-            raise ConfigError(f"no completed runs of suite {suite.name} under {log_dir / suite.name}")
-    specs = [spec for _, spec in pairs]
-    if report_only:
-        results = [completed_result(spec) for spec in specs]
-    elif backend == "ray":
-        results = run_ray(specs, ray_address, echo, overwrite)
-    elif backend == "local":
-        results = run_local(specs, workers, echo, overwrite)
-    else:
-        raise ConfigError(f"backend={backend!r} is invalid: expected 'local' or 'ray'")
-    runs = [(suite_task, result) for (suite_task, _), result in zip(pairs, results)]
+    if not report_only:
+        specs = [spec for _, spec in run_specs(suite, log_dir, methods, seeds)]
+        if backend == "ray":
+            run_ray(specs, ray_address, echo, overwrite)
+        elif backend == "local":
+            run_local(specs, workers, echo, overwrite)
+        else:
+            raise ConfigError(f"backend={backend!r} is invalid: expected 'local' or 'ray'")
+        methods, seeds = None, None
+    runs = page_runs(suite, log_dir, methods, seeds, echo)
+    if not runs:
+        raise ConfigError(f"no completed runs of suite {suite.name} under {log_dir / suite.name}")
     out_dir = log_dir / suite.name
     report = aggregate(suite, runs)
     atomic_write_json(out_dir / "results.json", report.to_dict())
     atomic_write_text(out_dir / "results.md", results_markdown(report))
     plot_suite(report, runs, out_dir, out_dir)
     return report
+
+
+def page_runs(
+    suite: Suite,
+    log_dir: Path,
+    methods: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    echo: Callable[[str], None] = print,
+) -> list[tuple[SuiteTask, RunResult]]:
+    """The completed runs of the grid made with today's settings; one line names the runs made with other settings,
+    which are left out."""
+    runs, stale = [], []
+    for suite_task, spec in run_specs(suite, log_dir, methods, seeds):
+        if (spec.run_dir / "result.json").is_file():
+            try:
+                runs.append((suite_task, completed_result(spec)))
+            except RunDirError as error:
+                stale.append(str(error))
+    if stale:
+        echo(f"results leave out {len(stale)} run(s) made with other settings (rerun with --overwrite); {stale[0]}")
+    return runs
 
 
 def rank_study_specs(suite: Suite, log_dir: Path, device: str = "cpu") -> list[tuple[int, RunSpec]]:
