@@ -216,7 +216,7 @@ def page_runs(
             except RunDirError as error:
                 stale.append(str(error))
     if stale:
-        echo(f"results leave out {len(stale)} run(s) made with other settings (rerun with --overwrite); {stale[0]}")
+        echo(f"results leave out {len(stale)} run(s) made with other settings; the first: {stale[0]}")
     return runs
 
 
