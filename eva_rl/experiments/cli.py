@@ -311,7 +311,9 @@ def compare_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--backend", choices=("local", "ray"), default="local", help="where runs execute (local)")
     parser.add_argument(
-        "--report-only", action="store_true", help="run nothing: aggregate the runs of the grid that are complete"
+        "--report-only",
+        action="store_true",
+        help="run nothing: redraw the page from the completed runs (--methods, --seeds restrict it)",
     )
     parser.add_argument("--ray-address", help="Ray cluster address, or 'auto'; default: start a local Ray instance")
     add_overwrite_argument(parser)
