@@ -177,7 +177,7 @@ def cached_adapter_weights(module: nn.Module) -> Iterator[None]:
     version of its parameters, instead of once per call.
 
     A rollout of n steps calls each layer n times with the same parameters, one env step at a time; the cache turns
-    n computations into one (1.08x LoRA PPO steps/s on HalfCheetah, BENCHMARKS.md). A change made by an in-place
+    n computations into one (1.10x LoRA PPO steps/s on HalfCheetah, BENCHMARKS.md). A change made by an in-place
     op (an optimizer step, ``copy_``, ``load_state_dict``, a merge) or a new tensor (``.to(device)``) is seen, and
     the next call computes the weight again. A write through ``.data`` is not (PyTorch does not count it as a
     version; SB3's Polyak update of target networks writes that way): use the block where the parameters stay

@@ -202,6 +202,11 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("inspect unknown env", ["inspect", "--env", "Nope-v9"], "unknown env 'Nope-v9'"),
         ("inspect rank 0", ["inspect", "--env", "PointGoal", "--rank", "0"], "--rank 0 is invalid"),
         ("bench unknown task", ["bench", "--task", "Nope", "--quick"], "'Nope'"),
+        (
+            "bench weight cache unknown task",
+            ["bench", "--task", "Nope", "--weight-cache-only"],
+            "'Nope' is not a task with a bundled agent; these are: [",
+        ),  # fmt: skip
     ]
 
 

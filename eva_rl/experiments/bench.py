@@ -27,7 +27,7 @@ from eva_rl.errors import ConfigError
 from eva_rl.eva import layer_input_rows
 from eva_rl.experiments.environments import env_factory, import_packages, make_vec
 from eva_rl.experiments.options import CommandParser
-from eva_rl.experiments.tasks import TaskConfig, find_task
+from eva_rl.experiments.tasks import TaskConfig, find_task, known_tasks
 from eva_rl.loading import algorithm_name, load_agent
 from eva_rl.models import wrap_target_env
 from eva_rl.rollouts import RolloutBatches, policy_forward
@@ -91,6 +91,19 @@ def _target_ppo(task: TaskConfig, seed: int, device: Any, env_seed: int | None =
     return env, {**task.ppo, "seed": seed, "device": device, "verbose": 0}
 
 
+def _bundled_agent(task_name: str, device: Any) -> tuple[TaskConfig, BaseAlgorithm]:
+    """The task ``task_name`` and its bundled agent, loaded on ``device`` (its env packages imported).
+
+    :raises ConfigError: for a name that is not a task with a bundled agent.
+    """
+    task = find_task(task_name)
+    if task is None or task.agent_path is None:
+        with_agents = [name for name in known_tasks() if getattr(find_task(name), "agent_path", None) is not None]
+        raise ConfigError(f"bench: {task_name!r} is not a task with a bundled agent; these are: {with_agents}")
+    import_packages(task.env_packages)
+    return task, load_agent(task.agent_path, device=device)
+
+
 def measure_lora_throughput(
     model: BaseAlgorithm,
     task: TaskConfig,
@@ -130,11 +143,7 @@ def measure_offpolicy_throughput(
     task_name: str, seed: int = 0, device: str = "cpu", steps: int = 1000
 ) -> dict[str, Any]:
     """:func:`measure_lora_throughput` for the off-policy agent a task bundles (LoRA-SAC against plain SAC)."""
-    task = find_task(task_name)
-    if task is None or task.agent_path is None:
-        raise ConfigError(f"bench: task {task_name!r} has no bundled agent")
-    import_packages(task.env_packages)
-    model = load_agent(task.agent_path, device=device)
+    task, model = _bundled_agent(task_name, device)
     return {"task": task.name, "algorithm": type(model).__name__, "steps": steps,
             **measure_lora_throughput(model, task, steps=steps, repeats=3, seed=seed)}  # fmt: skip
 
@@ -225,11 +234,7 @@ def measure_eva_cost(
         of the same stream, PPO throughput of a LoRA policy relative to the plain one (skipped when
         ``throughput_steps`` is 0), the fractions of the task's fine-tuning budget EVA costs, and the machine.
     """
-    task = find_task(task_name)
-    if task is None or task.agent_path is None:
-        raise ConfigError(f"bench needs a task with a bundled agent; {task_name!r} is not one")
-    import_packages(task.env_packages)
-    source = load_agent(task.agent_path, device=device)
+    task, source = _bundled_agent(task_name, device)
     factory = env_factory(task.target_env, task.wrappers, task.env_kwargs)
     target = make_vec(factory, task.n_envs, seed + 1)
     eva = dataclasses.replace(task.eva, seed=seed)
@@ -381,11 +386,7 @@ def measure_bank(task_name: str, seed: int = 0, tasks: int = 5, switches: int = 
 
     from eva_rl.bank import AdapterBank
 
-    task = find_task(task_name)
-    if task is None or task.agent_path is None:
-        raise ConfigError(f"--task {task_name!r} is not a task with a bundled agent")
-    import_packages(task.env_packages)
-    base = load_agent(task.agent_path, device="cpu")
+    task, base = _bundled_agent(task_name, "cpu")
     bank = AdapterBank(load_agent(task.agent_path, device="cpu"), task.agent_path)
     generator = torch.Generator().manual_seed(seed)
     with closing_env(make_vec(env_factory(task.target_env, task.wrappers, task.env_kwargs), 1, seed)) as env:
@@ -462,11 +463,7 @@ def measure_minigrid_view(
 def measure_weight_cache(task_name: str, seed: int = 0, device: str = "cpu", steps: int = 2048) -> dict[str, Any]:
     """:func:`measure_lora_throughput` on a task's bundled agent with the LoRA layers' no-grad weight cache and
     without it (every call computing ``W + s B A`` again), twice each, interleaved."""
-    task = find_task(task_name)
-    if task is None or task.agent_path is None:
-        raise ConfigError(f"bench: task {task_name!r} has no bundled agent")
-    import_packages(task.env_packages)
-    model = load_agent(task.agent_path, device=device)
+    task, model = _bundled_agent(task_name, device)
     key = f"lora_{algorithm_name(model)}_throughput_ratio"
     ratios: dict[str, list[float]] = {"cached": [], "uncached": []}
     for _ in range(2):
@@ -509,8 +506,8 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    steps = 512 if args.quick else args.throughput_steps
     if args.weight_cache_only:
-        steps = 512 if args.quick else args.throughput_steps
         print(json.dumps({"weight_cache": measure_weight_cache(args.task, args.seed, args.device, steps)}))
         return 0
     if args.view_only:
@@ -519,7 +516,6 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     if args.bank_only:
         print(json.dumps({"bank": measure_bank(args.task, args.seed, switches=20 if args.quick else 200)}))
         return 0
-    steps = 512 if args.quick else args.throughput_steps
     scaling = {"widths": (64, 1024), "batch_sizes": (256,), "batches": 3} if args.quick else {}
     devices = [args.device]
     if args.device == "cpu" and torch.cuda.is_available():
