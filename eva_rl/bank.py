@@ -375,7 +375,12 @@ class AdapterBank:
         if isinstance(recorded, dict) and isinstance(recorded.get("path"), str):
             base_path = (folder / recorded["path"]).resolve()
         if base is None:
-            if base_path is None or not base_path.is_file():
+            if base_path is None:
+                raise CheckpointError(
+                    f"{path}: base={recorded!r} is invalid: expected {{'path': <the base agent's zip>, 'sha256': ...}}"
+                    "; or pass base="
+                )
+            if not base_path.is_file():
                 raise CheckpointError(f"{path}: the base agent {str(base_path)!r} is not there; pass base=")
             if file_sha256(base_path) != recorded.get("sha256"):
                 raise CheckpointError(

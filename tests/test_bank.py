@@ -182,6 +182,13 @@ def test_bad_names_foreign_adapters_and_changed_bases_are_clear_errors(tmp_path:
         AdapterBank.load(tmp_path / "bank")
     with pytest.raises(CheckpointError, match="is not an eva-rl adapter bank"):
         AdapterBank.load(tmp_path)
+    saved = json.loads((tmp_path / "bank" / "bank.json").read_text())
+    broken_bases = [(None, r"base=None is invalid: expected \{'path'"), ({"path": "gone.zip"}, "is not there")]
+    for recorded, message in broken_bases:
+        (tmp_path / "broken").mkdir(exist_ok=True)
+        (tmp_path / "broken" / "bank.json").write_text(json.dumps({**saved, "base": recorded}))
+        with pytest.raises(CheckpointError, match=message):
+            AdapterBank.load(tmp_path / "broken")
     # a task whose file holds other tensors than bank.json lists
     (tmp_path / "bank" / "bank.json").write_text(
         (tmp_path / "bank" / "bank.json").read_text().replace('"keys": [', '"keys": ["extra", ')

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from eva_rl.bank import AdapterBank
+from eva_rl.errors import EvaRLError
 from eva_rl.experiments.cli import main
 from eva_rl.experiments.continual import ContinualPlan, load_sequence, run_sequence
 from eva_rl.experiments.tasks import ConfigError
@@ -117,3 +119,20 @@ def test_bad_sequences_are_one_line_errors(change: dict, message: str, tmp_path:
     with pytest.raises(ConfigError) as error:
         load_sequence(str(path))
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        ({"env": "PointGoal-v9", "total_timesteps": 1024}, "unknown env 'PointGoal-v9'"),
+        ({"env": "PointGoal-v0", "total_timesteps": 100}, "total_timesteps=100 is below one rollout"),
+    ],
+)
+def test_a_stage_that_cannot_run_stops_the_sequence_before_its_first_run(stage: dict, message: str, tmp_path) -> None:
+    """The last stage is wrong: nothing of the stages before it may run first."""
+    sequence = load_sequence("smoke")
+    last = dataclasses.replace(sequence.stages[-1], env=stage["env"], total_timesteps=stage["total_timesteps"])
+    sequence = dataclasses.replace(sequence, stages=[*sequence.stages[:-1], last])
+    with pytest.raises(EvaRLError, match=re.escape(message)):
+        run_sequence(sequence, tmp_path, echo=lambda line: None)
+    assert not list(tmp_path.rglob("result.json")) and not list(tmp_path.rglob("events.out.tfevents*"))

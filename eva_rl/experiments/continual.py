@@ -33,6 +33,7 @@ from eva_rl.bank import AdapterBank
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.compare import run_local
 from eva_rl.experiments.environments import agent_env, import_packages
+from eva_rl.experiments.finetune import check_agent_fits
 from eva_rl.experiments.runs import RunResult, RunSpec
 from eva_rl.experiments.stats import Interval, normalized_auc, stratified_iqm
 from eva_rl.experiments.tasks import CONFIG_DIR, TaskConfig, build_config, check_seeds, find_task, load_named_config
@@ -200,6 +201,12 @@ class ContinualPlan:
 
     def bank_dir(self, method: str, seed: int) -> Path:
         return self.root / "banks" / method / f"seed{seed}"
+
+    def check_stages(self) -> None:
+        """Stop before the first run when a stage cannot run (an unknown env id, spaces other than the base agent's,
+        a budget below one rollout), not after the stages before it have run."""
+        for stage in self.sequence.stages:
+            check_agent_fits(self.stage_task(stage, _FULL), self.base.agent_path, self.sequence.methods)
 
 
 def evaluate_model(plan: ContinualPlan, model: Any, agent_path: Path, stage: Stage) -> float:
@@ -440,6 +447,7 @@ def run_sequence(
         import_packages(base.env_packages)
     plan = ContinualPlan(sequence, log_dir)
     check_writable(plan.root)
+    plan.check_stages()
     specs = plan.independent_specs()
     results: dict[tuple[str, str, int], RunResult] = {}
     for spec, result in zip(specs, run_local(specs, workers, echo)):
