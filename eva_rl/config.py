@@ -8,6 +8,7 @@ accepted. Types are checked before values, so ``rho="high"`` is reported as such
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -83,7 +84,8 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float, not a bool: an inf or nan setting would only fail later, inside torch."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -123,7 +125,7 @@ class LoraConfig:
         if not _is_int(self.r) or self.r < 1:
             raise _bad(name, "r", self.r, "an integer >= 1")
         if self.alpha is not None and not (_is_number(self.alpha) and self.alpha > 0):
-            raise _bad(name, "alpha", self.alpha, "a number > 0, or None for alpha = r")
+            raise _bad(name, "alpha", self.alpha, "a finite number > 0, or None for alpha = r")
         if not (_is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise _bad(name, "dropout", self.dropout, "a probability in [0, 1)")
         for flag in ("train_heads", "train_bias", "use_dora"):
@@ -150,7 +152,7 @@ class LoraConfig:
                 raise _bad(name, f"rank_pattern[{key!r}]", rank, "an integer >= 0 (0 = no adapter)")
         for key, value in self.alpha_pattern.items():
             if not (_is_number(value) and value > 0):
-                raise _bad(name, f"alpha_pattern[{key!r}]", value, "a number > 0")
+                raise _bad(name, f"alpha_pattern[{key!r}]", value, "a finite number > 0")
 
     @property
     def default_alpha(self) -> float:

@@ -13,7 +13,7 @@ from eva_rl.devices import get_device
     [
         ({"r": 0}, r"LoraConfig.r=0 is invalid: expected an integer >= 1"),
         ({"r": 2.5}, r"LoraConfig.r=2.5 is invalid"),
-        ({"alpha": -1.0}, r"LoraConfig.alpha=-1.0 is invalid: expected a number > 0"),
+        ({"alpha": -1.0}, r"LoraConfig.alpha=-1.0 is invalid: expected a finite number > 0"),
         ({"dropout": 1.0}, r"LoraConfig.dropout=1.0 is invalid: expected a probability in \[0, 1\)"),
         ({"target_modules": []}, r"LoraConfig.target_modules=\[\] is invalid"),
         ({"target_modules": 3}, r"LoraConfig.target_modules=3 is invalid"),

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eva_rl.config import EvaConfig, LoraConfig
+from eva_rl.config import EvaConfig, LoraConfig, _is_int, _is_number
 from eva_rl.errors import ConfigError
 from eva_rl.files import read_yaml
 from eva_rl.loading import ALGORITHMS
@@ -166,13 +166,13 @@ class TaskConfig:
         check_algorithm_arguments(self.ppo, "ppo")
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"methods={self.methods!r} is invalid: a method is listed twice")
-        if not isinstance(self.seeds, list) or not self.seeds or not all(_is_int(s) for s in self.seeds):
-            raise ConfigError(f"seeds={self.seeds!r} is invalid: expected a non-empty list of integers")
+        if not isinstance(self.seeds, list) or not self.seeds or not all(_is_int(s) and s >= 0 for s in self.seeds):
+            raise ConfigError(f"seeds={self.seeds!r} is invalid: expected a non-empty list of integers >= 0")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds={self.seeds!r} is invalid: a seed is listed twice (it would run once)")
         for name in ("pretrain_seed",):
-            if not _is_int(getattr(self, name)):
-                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: expected an integer")
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: expected an integer >= 0")
 
     @property
     def agent_path(self) -> Path | None:
@@ -206,14 +206,6 @@ METHOD_SETTINGS = ("learning_rate", "r", "alpha", "rho", "tau")
 """Settings a method may override, in a task's or a suite's ``method_settings``."""
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _is_wrapper_spec(spec: Any) -> bool:
     if isinstance(spec, str):
         return bool(spec)
@@ -224,7 +216,7 @@ def _is_wrapper_spec(spec: Any) -> bool:
     )
 
 
-_POSITIVE, _NON_NEGATIVE, _UNIT = "a number > 0", "a number >= 0", "a number in [0, 1]"
+_POSITIVE, _NON_NEGATIVE, _UNIT = "a finite number > 0", "a finite number >= 0", "a number in [0, 1]"
 # Accepted values of the algorithm arguments a task may set, checked before any env or agent exists: a bad value
 # otherwise surfaces deep inside SB3, after the jumpstart evaluation or EVA ran.
 _ARGUMENT_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -305,10 +297,10 @@ def algorithm_arguments(algorithm: str | None = None) -> set[str]:
 
 
 def check_seeds(seeds: Any, where: str) -> None:
-    """:raises ConfigError: unless ``seeds`` is a number of seeds >= 1 or a list of distinct integers."""
-    integers = isinstance(seeds, list) and seeds and all(_is_int(s) for s in seeds)
+    """:raises ConfigError: unless ``seeds`` is a number of seeds >= 1 or a list of distinct integers >= 0."""
+    integers = isinstance(seeds, list) and seeds and all(_is_int(s) and s >= 0 for s in seeds)
     if isinstance(seeds, bool) or not ((isinstance(seeds, int) and seeds >= 1) or integers):
-        raise ConfigError(f"{where}={seeds!r} is invalid: expected a number of seeds >= 1 or a list of integers")
+        raise ConfigError(f"{where}={seeds!r} is invalid: expected a number of seeds >= 1 or a list of integers >= 0")
     if isinstance(seeds, list) and len(set(seeds)) != len(seeds):
         raise ConfigError(f"{where}={seeds!r} is invalid: a seed is listed twice")
 
