@@ -222,7 +222,7 @@ def merge(model: BaseAlgorithm, env: GymEnv | None = None) -> BaseAlgorithm:
         (``PPO.load``) without eva_rl's LoRA classes.
     """
     if not isinstance(model.policy, LoraPolicyMixin):
-        raise ConfigError(f"model.policy is a {type(model.policy).__name__}, which has no LoRA adapters to merge")
+        raise ConfigError(f"model.policy ({type(model.policy).__name__}) has no LoRA adapters to merge")
     plain_class = PLAIN_POLICY_FOR[type(model.policy)]
     algorithm = ALGORITHMS[algorithm_name(model)]  # EvaPPO merges into PPO
     merged = build_model(model, plain_class, plain_policy_kwargs(model.policy_kwargs), algorithm=algorithm)

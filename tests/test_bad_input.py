@@ -62,7 +62,8 @@ def test_a_bad_task_value_is_one_error_line(
 
 
 BAD_SUITES = [
-    ({"tasks": [{"task": "PointGoal", "threshold": "high"}]}, "threshold='high' is invalid: expected a number"),
+    ({"tasks": [{"task": "PointGoal", "threshold": "high"}]}, "threshold='high' is invalid: expected a finite number"),
+    ({"tasks": [{"task": "PointGoal", "threshold": float("inf")}]}, "threshold=inf is invalid"),
     ({"tasks": [{"task": "PointGoal", "threshold": 0.5, "total_timesteps": 0}]}, "total_timesteps=0 is invalid"),
     ({"tasks": [{"task": "PointGoal", "threshold": 0.5}], "seeds": [1, 1]}, "a seed is listed twice"),
     ({"tasks": [{"task": "PointGoal", "threshold": 0.5}], "seeds": "five"}, "seeds='five' is invalid"),
@@ -206,7 +207,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
             "no completed runs of suite",
         ),  # fmt: skip
         ("merge missing", ["merge", "{files}/nowhere"], "nowhere"),
-        ("merge without adapters", ["merge", "{files}/plain_run"], "which has no LoRA adapters to merge"),
+        ("merge without adapters", ["merge", "{files}/plain_run"], "has no LoRA adapters to merge"),
         ("merge damaged zip", ["merge", "{files}/no_data.zip"], "no_data.zip' is not an SB3 zip"),
         ("record an unfinished run", ["record", "{files}/empty_dir"], "holds no completed run (no result.json)"),
         ("record max steps 0", ["record", "{files}/empty_dir", "--max-steps", "0"], "--max-steps: 0 is invalid"),

@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from eva_rl.config import _is_number
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.ranks import RankStudy
 from eva_rl.experiments.tasks import (
@@ -45,8 +46,8 @@ class SuiteTask:
         where = f"suite task {self.task!r}"
         if not isinstance(self.task, str) or not self.task:
             raise ConfigError(f"suite task name {self.task!r} is invalid: expected a task name in configs/")
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
-            raise ConfigError(f"{where}: threshold={self.threshold!r} is invalid: expected a number (a return)")
+        if not _is_number(self.threshold):
+            raise ConfigError(f"{where}: threshold={self.threshold!r} is invalid: expected a finite number (a return)")
         for name in ("total_timesteps", "eval_freq"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
