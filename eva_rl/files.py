@@ -95,6 +95,18 @@ def check_writable(folder: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def check_output_folder(folder: Path, what: str) -> None:
+    """:func:`check_writable` for a folder the user named: fail before any work, in one line.
+
+    :param what: The option that named it, for the message (``"--out /proc/x.png"``).
+    :raises ConfigError: naming ``what``, the folder and what the file system said.
+    """
+    try:
+        check_writable(folder)
+    except OSError as error:
+        raise ConfigError(f"{what} is invalid: {folder} cannot be written ({error.strerror or error})") from error
+
+
 def read_yaml(path: Path, loader: type[yaml.SafeLoader] = yaml.SafeLoader) -> Any:
     """The YAML document in ``path``, read with a safe loader.
 

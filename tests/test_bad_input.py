@@ -213,6 +213,10 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("record max steps 0", ["record", "{files}/empty_dir", "--max-steps", "0"], "--max-steps: 0 is invalid"),
         ("inspect unknown env", ["inspect", "--env", "Nope-v9"], "unknown env 'Nope-v9'"),
         ("inspect rank 0", ["inspect", "--env", "PointGoal", "--rank", "0"], "--rank 0 is invalid"),
+        # an output path under a file: its folder cannot be made, which must stop the command before any work
+        ("inspect out", ["inspect", "--env", "PointGoal", "--out", "{files}/no_data.zip/a.png"], "cannot be written"),
+        ("merge out", ["merge", "{files}/plain_run", "--out", "{files}/no_data.zip/m.zip"], "cannot be written"),
+        ("pretrain out", ["pretrain", "--env", "PointGoal", "--out", "{files}/no_data.zip/agent"], "cannot be written"),
         ("bench unknown task", ["bench", "--task", "Nope", "--quick"], "'Nope'"),
         (
             "bench weight cache unknown task",

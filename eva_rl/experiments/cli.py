@@ -32,7 +32,7 @@ from eva_rl.experiments.options import (
 )
 from eva_rl.experiments.tasks import ROOT, EvalSettings, TaskConfig, find_task, known_tasks, load_task
 from eva_rl.experiments.training import STATS, one_line_warnings
-from eva_rl.files import atomic_save_model
+from eva_rl.files import atomic_save_model, check_output_folder
 from eva_rl.loading import load_agent
 from eva_rl.methods import method_names
 
@@ -269,6 +269,8 @@ def pretrain_main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         torch.set_num_threads(args.threads)
+        if args.out is not None:
+            check_output_folder(args.out, f"--out {args.out}")
         task = apply_options(resolve_task(args), args, PRETRAIN_OPTIONS)
         command = " ".join(["python", "scripts/pretrain.py", *(argv if argv is not None else sys.argv[1:])])
         card = pretrain(
@@ -383,6 +385,7 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         torch.set_num_threads(args.threads)
+        check_output_folder(args.out.parent, f"--out {args.out}")
         task = apply_options(resolve_task(args), args, ADAPTER_OPTIONS)
         agent_path = _agent_path(task, args)
         device = "cpu" if args.device == "auto" else args.device
@@ -454,8 +457,10 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
         source = args.run_dir / "model.zip" if args.run_dir.is_dir() else args.run_dir
         if source.is_file() and not _trusted_location(source):
             print(f"[eva-rl] note: {source} is unpickled to load it, which can run code: use only files you trust")
-        merged = merge(load_agent(source, device="cpu"))
         out = args.out or source.with_name("merged.zip")
+        if args.out is not None:
+            check_output_folder(out.parent, f"--out {out}")
+        merged = merge(load_agent(source, device="cpu"))
         atomic_save_model(merged, out)
         print(f"merged: {out} (policy {type(merged.policy).__name__}; loads with plain {type(merged).__name__}.load)")
         stats = source.with_name(STATS)
