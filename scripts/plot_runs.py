@@ -3,14 +3,9 @@
 python scripts/plot_runs.py runs/MiniGrid-DoorKey --out docs/images/doorkey.png
 """
 
-import argparse
-from pathlib import Path
+import sys
 
-from eva_rl.experiments.plots import plot_runs
+from eva_rl.experiments.cli import plot_runs_main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("board", type=Path, help="<log-dir>/<task>")
-    parser.add_argument("--out", type=Path, default=Path("runs.png"))
-    args = parser.parse_args()
-    print(plot_runs(args.board, args.out))
+    sys.exit(plot_runs_main())

@@ -301,3 +301,12 @@ def test_a_full_disk_is_one_error_line_and_leaves_no_temp_file(
     assert "No space left on device; no half-written file was kept" in one_error_line(capsys.readouterr().err)
     run_dir = tmp_path / "PointGoal" / "lora" / "seed0"
     assert not [p.name for p in run_dir.iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize(("board", "message"), [("missing", "is not a folder"), (".", "holds no runs")])
+def test_plot_runs_of_a_folder_without_runs_is_one_error_line(
+    board: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert cli.plot_runs_main([str(tmp_path / board), "--out", str(tmp_path / "runs.png")]) == 2
+    assert message in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "runs.png").exists()

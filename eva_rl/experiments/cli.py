@@ -473,6 +473,27 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
     return _guarded(body)
 
 
+def plot_runs_main(argv: Sequence[str] | None = None) -> int:
+    """``scripts/plot_runs.py``: a task's runs from their TensorBoard event files, as one PNG."""
+    from eva_rl.experiments.plots import plot_runs
+
+    parser = CommandParser(
+        prog="plot_runs.py",
+        description="Render a task's runs (eval return and training return per method) from its TensorBoard event "
+        "files.",
+    )
+    parser.add_argument("board", type=Path, help="<log-dir>/<task>, holding <method>/seed<k>/ runs")
+    parser.add_argument("--out", type=Path, default=Path("runs.png"), help="PNG path (runs.png)")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        check_output_folder(args.out.parent, f"--out {args.out}")
+        print(plot_runs(args.board, args.out))
+        return 0
+
+    return _guarded(body)
+
+
 def record_main(argv: Sequence[str] | None = None) -> int:
     parser = CommandParser(
         prog="eva-rl record",

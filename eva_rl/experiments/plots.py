@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from eva_rl.errors import ConfigError
+
 
 def read_scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
     """Steps and values of one scalar tag in a run folder (empty arrays when absent)."""
@@ -29,9 +31,11 @@ def plot_runs(board: Path, out: Path, tags: tuple[str, ...] = ("eval/mean_return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = sorted(p for p in board.iterdir() if p.is_dir())
+    if not board.is_dir():
+        raise ConfigError(f"{board} is not a folder: expected <log-dir>/<task>, holding <method>/seed<k>/ runs")
+    methods = sorted(p for p in board.iterdir() if p.is_dir() and any(p.glob("seed*/events.out.tfevents*")))
     if not methods:
-        raise FileNotFoundError(f"no method folders under {board}")
+        raise ConfigError(f"{board} holds no runs: expected <method>/seed<k>/ folders with TensorBoard event files")
     figure, axes = plt.subplots(1, len(tags), figsize=(5.5 * len(tags), 3.8), dpi=120, squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for axis, tag in zip(axes[0], tags):
