@@ -82,29 +82,22 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_writable(folder: Path) -> None:
-    """Create ``folder`` if needed and write a temp file there (removed again), so a read-only or full folder fails
-    before a run starts, not after it trained.
+def check_writable(folder: Path, what: str | None = None) -> None:
+    """Create ``folder`` if needed and write a temp file there (removed again), so a read-only, full or impossible
+    folder fails before a run starts, not after it trained.
 
-    :raises OSError: as the file system reports it.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=folder) as handle:
-        handle.write(b"eva-rl")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def check_output_folder(folder: Path, what: str) -> None:
-    """:func:`check_writable` for a folder the user named: fail before any work, in one line.
-
-    :param what: The option that named it, for the message (``"--out /proc/x.png"``).
-    :raises ConfigError: naming ``what``, the folder and what the file system said.
+    :param what: The option that named the folder (``"--out /proc/x.png"``), for the message.
+    :raises ConfigError: in one line, naming the folder and what the file system said.
     """
     try:
-        check_writable(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as handle:
+            handle.write(b"eva-rl")
+            handle.flush()
+            os.fsync(handle.fileno())
     except OSError as error:
-        raise ConfigError(f"{what} is invalid: {folder} cannot be written ({error.strerror or error})") from error
+        invalid = f"{what} is invalid: " if what else ""
+        raise ConfigError(f"{invalid}{folder} cannot be written ({error.strerror or error})") from error
 
 
 def read_yaml(path: Path, loader: type[yaml.SafeLoader] = yaml.SafeLoader) -> Any:

@@ -186,7 +186,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("wrapper module", [*env, "--wrapper", "no_such_mod:Wrap"], "cannot import module 'no_such_mod'"),
         ("wrapper class", [*env, "--wrapper", "minigrid.wrappers:Nope"], "has no 'Nope'"),
         ("wrapper spec", [*env, "--wrapper", "Wrap"], "'Wrap' is not of the form 'module:Name'"),
-        ("log dir under a file", [*env, *TINY, "--log-dir", "{files}/a_file/runs"], "a_file/runs: Not a directory"),
+        ("log dir under a file", [*env, *TINY, "--log-dir", "{files}/a_file/runs"], "runs cannot be written (Not a"),
         ("NaN observation", [*ad_hoc, f"{FAULTY}:NaNObservationEnv"], "returned an observation with NaN or inf"),
         ("inf reward", [*ad_hoc, f"{FAULTY}:InfRewardEnv"], "returned the reward inf in step()"),
         ("env raises", [*ad_hoc, f"{FAULTY}:RaisingEnv"], "failed: IndexError: simulator state out of range"),
@@ -217,6 +217,8 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("inspect out", ["inspect", "--env", "PointGoal", "--out", "{files}/no_data.zip/a.png"], "cannot be written"),
         ("merge out", ["merge", "{files}/plain_run", "--out", "{files}/no_data.zip/m.zip"], "cannot be written"),
         ("pretrain out", ["pretrain", "--env", "PointGoal", "--out", "{files}/no_data.zip/agent"], "cannot be written"),
+        ("compare log dir", ["compare", "--suite", "smoke", "--log-dir", "{files}/no_data.zip/r"], "cannot be written"),
+        ("continual log dir", ["continual", "--sequence", "smoke", "--log-dir", "{files}/no_data.zip/r"], "be written"),
         ("bench unknown task", ["bench", "--task", "Nope", "--quick"], "'Nope'"),
         (
             "bench weight cache unknown task",

@@ -32,7 +32,7 @@ from eva_rl.experiments.options import (
 )
 from eva_rl.experiments.tasks import ROOT, EvalSettings, TaskConfig, find_task, known_tasks, load_task
 from eva_rl.experiments.training import STATS, one_line_warnings
-from eva_rl.files import atomic_save_model, check_output_folder
+from eva_rl.files import atomic_save_model, check_writable
 from eva_rl.loading import load_agent
 from eva_rl.methods import method_names
 
@@ -270,7 +270,7 @@ def pretrain_main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         torch.set_num_threads(args.threads)
         if args.out is not None:
-            check_output_folder(args.out, f"--out {args.out}")
+            check_writable(args.out, f"--out {args.out}")
         task = apply_options(resolve_task(args), args, PRETRAIN_OPTIONS)
         command = " ".join(["python", "scripts/pretrain.py", *(argv if argv is not None else sys.argv[1:])])
         card = pretrain(
@@ -385,7 +385,7 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         torch.set_num_threads(args.threads)
-        check_output_folder(args.out.parent, f"--out {args.out}")
+        check_writable(args.out.parent, f"--out {args.out}")
         task = apply_options(resolve_task(args), args, ADAPTER_OPTIONS)
         agent_path = _agent_path(task, args)
         device = "cpu" if args.device == "auto" else args.device
@@ -459,7 +459,7 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
             print(f"[eva-rl] note: {source} is unpickled to load it, which can run code: use only files you trust")
         out = args.out or source.with_name("merged.zip")
         if args.out is not None:
-            check_output_folder(out.parent, f"--out {out}")
+            check_writable(out.parent, f"--out {out}")
         merged = merge(load_agent(source, device="cpu"))
         atomic_save_model(merged, out)
         print(f"merged: {out} (policy {type(merged.policy).__name__}; loads with plain {type(merged).__name__}.load)")
@@ -487,7 +487,7 @@ def plot_runs_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        check_output_folder(args.out.parent, f"--out {args.out}")
+        check_writable(args.out.parent, f"--out {args.out}")
         print(plot_runs(args.board, args.out))
         return 0
 
