@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +98,27 @@ def test_outputs_and_the_bank_command(smoke, capsys) -> None:
     bank = AdapterBank.load(plan.bank_dir("lora", 0), device="cpu")
     assert all(task.signature is not None for task in bank.tasks.values())
     assert "Picking the adapter for an unlabelled env" in markdown
+
+
+def test_a_clone_of_the_results_regenerates_the_page_without_training(smoke, tmp_path: Path) -> None:
+    """What git keeps of ``--log-dir docs/results`` (this repository's .gitignore decides) is enough to rewrite
+    continual.md and continual.json: no run trains again, no model of the sequential chain is needed."""
+    plan, _ = smoke
+    clone = plan.root.parent.parent / f"{plan.root.parent.name}-clone"  # the same depth: banks name the base relatively
+    shutil.copytree(plan.root.parent, clone)
+    files = sorted(path for path in clone.rglob("*") if path.is_file())
+    as_committed = "\n".join(f"docs/results/{path.relative_to(clone)}" for path in files)
+    check = ["git", "check-ignore", "--no-index", "--stdin"]
+    ignored = subprocess.run(check, input=as_committed, capture_output=True, text=True, check=False).stdout.split()
+    assert ignored and len(ignored) < len(files)
+    for name in ignored:
+        (clone / Path(name).relative_to("docs/results")).unlink()
+    assert not list(clone.rglob("model.zip")) and not list(clone.rglob("*.tfevents*"))
+    (clone / plan.sequence.name / "continual.json").unlink()
+    run_sequence(plan.sequence, clone, workers=1, echo=lambda line: None)
+    assert not list(clone.rglob("model.zip")) and not list(clone.rglob("*.tfevents*"))  # nothing trained
+    for name in ("continual.json", "continual.md"):
+        assert (clone / plan.sequence.name / name).read_text() == (plan.root / name).read_text(), name
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ from eva_rl.errors import ConfigError
 from eva_rl.experiments.compare import run_local
 from eva_rl.experiments.environments import agent_env, import_packages
 from eva_rl.experiments.finetune import check_agent_fits
-from eva_rl.experiments.runs import RunResult, RunSpec
+from eva_rl.experiments.runs import RunDirError, RunResult, RunSpec, run_settings, settings_differences
 from eva_rl.experiments.stats import Interval, normalized_auc, stratified_iqm
 from eva_rl.experiments.tasks import CONFIG_DIR, TaskConfig, build_config, check_seeds, find_task, load_named_config
 from eva_rl.experiments.training import evaluate
@@ -264,7 +264,16 @@ def _cached(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]
 
 
 def build_bank(plan: ContinualPlan, method: str, seed: int) -> tuple[AdapterBank, dict[str, float]]:
-    """The bank of ``method``'s stage adapters for ``seed`` (saved to its folder) and each task's return through it."""
+    """The bank of ``method``'s stage adapters for ``seed`` (saved to its folder) and each task's return through it.
+
+    Where the stage runs' ``adapter/`` folders are gone (a clone of results that keeps only each run's
+    ``result.json``), the bank saved beside them stands in: the page regenerates without training anything.
+    """
+    folder = plan.bank_dir(method, seed)
+    adapters = [plan.from_base(stage, method, seed).run_dir / "adapter" for stage in plan.sequence.stages]
+    if not all((path / "adapter.safetensors").is_file() for path in adapters) and (folder / "bank.json").is_file():
+        bank = AdapterBank.load(folder, device="cpu")
+        return bank, _cached(folder / "returns.json", lambda: _bank_returns(plan, bank))
     bank = AdapterBank(load_agent(plan.base.agent_path, device="cpu"), plan.base.agent_path)
     for stage in plan.sequence.stages:
         spec = plan.from_base(stage, method, seed)
@@ -277,16 +286,16 @@ def build_bank(plan: ContinualPlan, method: str, seed: int) -> tuple[AdapterBank
         }
         bank.add(stage.name, spec.run_dir / "adapter", info=info)
         bank.tasks[stage.name].signature = stage_signature(plan, stage)
-    bank.save(plan.bank_dir(method, seed))
+    bank.save(folder)
+    return bank, _cached(folder / "returns.json", lambda: _bank_returns(plan, bank))
 
-    def returns() -> dict[str, float]:
-        values = {}
-        for stage in plan.sequence.stages:
-            bank.activate(stage.name)
-            values[stage.name] = evaluate_model(plan, bank.model, plan.base.agent_path, stage)
-        return values
 
-    return bank, _cached(plan.bank_dir(method, seed) / "returns.json", returns)
+def _bank_returns(plan: ContinualPlan, bank: AdapterBank) -> dict[str, float]:
+    values = {}
+    for stage in plan.sequence.stages:
+        bank.activate(stage.name)
+        values[stage.name] = evaluate_model(plan, bank.model, plan.base.agent_path, stage)
+    return values
 
 
 def _base_activations(plan: ContinualPlan, stage: Stage, steps: int, seed: int) -> dict[str, Any]:
@@ -432,6 +441,28 @@ def continual_report(plan: ContinualPlan, results: dict[tuple[str, str, int], Ru
     return report
 
 
+def _kept_without_start(plan: ContinualPlan, spec: RunSpec) -> bool:
+    """Whether ``spec`` is a sequential stage kept as a result whose starting model (the previous stage's, not kept
+    in a clone of results) is gone: it counts as complete if every other setting matches the one recorded.
+
+    :raises RunDirError: for such a run recorded with other settings (it cannot be rerun without that model).
+    """
+    result_path = spec.run_dir / "result.json"
+    if spec.agent_path.is_file() or not result_path.is_file():
+        return False
+    recorded = dict(RunResult.read(result_path).settings or {})
+    current = run_settings(dataclasses.replace(spec, agent_path=plan.base.agent_path))
+    recorded.pop("agent_sha256", None)
+    current.pop("agent_sha256", None)
+    differences = settings_differences(recorded, current)
+    if differences:
+        raise RunDirError(
+            f"{spec.run_dir} holds a completed run made with other settings ({'; '.join(differences)}) and its "
+            f"starting model {spec.agent_path} is gone: rerun the sequence from its first stage in another --log-dir"
+        )
+    return True
+
+
 def _sequential_result(plan: ContinualPlan, index: int, seed: int) -> RunResult:
     spec = plan.sequential(index, seed)
     return RunResult.from_dict(json.loads((spec.run_dir / "result.json").read_text()))
@@ -454,7 +485,8 @@ def run_sequence(
         results[(spec.task.name, spec.method, spec.seed)] = result
     if sequence.sequential:
         for index in range(1, len(sequence.stages)):
-            run_local([plan.sequential(index, seed) for seed in sequence.seed_list], workers, echo)
+            stage_runs = [plan.sequential(index, seed) for seed in sequence.seed_list]
+            run_local([spec for spec in stage_runs if not _kept_without_start(plan, spec)], workers, echo)
     report = continual_report(plan, results)
     selection = _cached(plan.root / "selection.json", lambda: selection_accuracy(plan))
     atomic_write_json(
