@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import re
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -336,16 +338,50 @@ def selection_accuracy(plan: ContinualPlan) -> dict[str, Any]:
 
 def sequential_returns(plan: ContinualPlan, seed: int) -> list[dict[str, float]]:
     """``[after stage k][task]``: the sequentially fine-tuned network's return on every task after every stage."""
-    rows = []
-    for index in range(len(plan.sequence.stages)):
-        spec = plan.sequential(index, seed)
+    return [_sequential_row(plan, index, seed) for index in range(len(plan.sequence.stages))]
 
-        def row(spec: RunSpec = spec) -> dict[str, float]:
-            model = load_agent(spec.run_dir / "model.zip", device="cpu")
-            return {s.name: evaluate_model(plan, model, spec.run_dir / "model.zip", s) for s in plan.sequence.stages}
 
-        rows.append(_cached(spec.run_dir / "returns_on_every_task.json", row))
-    return rows
+def _sequential_row(plan: ContinualPlan, index: int, seed: int) -> dict[str, float]:
+    """The network after stage ``index`` on every task (cached in its run folder)."""
+    spec = plan.sequential(index, seed)
+
+    def row() -> dict[str, float]:
+        model = load_agent(spec.run_dir / "model.zip", device="cpu")
+        # its own task: the run's last evaluation, which used this protocol
+        own = _sequential_result(plan, index, seed).final_return
+        stages = plan.sequence.stages
+        return {
+            s.name: own if i == index else evaluate_model(plan, model, spec.run_dir / "model.zip", s)
+            for i, s in enumerate(stages)
+        }
+
+    return _cached(spec.run_dir / "returns_on_every_task.json", row)
+
+
+def _sequential_row_in_worker(plan: ContinualPlan, index: int, seed: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    if plan.base.env_packages:
+        import_packages(plan.base.env_packages)
+    _sequential_row(plan, index, seed)
+
+
+def evaluate_sequential(plan: ContinualPlan, workers: int = 1) -> None:
+    """Evaluate every stage of the sequential network on every task, ``workers`` processes at a time (each row is
+    cached in its run folder, so :func:`sequential_returns` then only reads)."""
+    jobs = [
+        (index, seed)
+        for seed in plan.sequence.seed_list
+        for index in range(len(plan.sequence.stages))
+        if not (plan.sequential(index, seed).run_dir / "returns_on_every_task.json").is_file()
+    ]
+    if workers <= 1 or len(jobs) < 2:
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        for future in [pool.submit(_sequential_row_in_worker, plan, index, seed) for index, seed in jobs]:
+            future.result()
 
 
 @dataclass
@@ -487,6 +523,8 @@ def run_sequence(
         for index in range(1, len(sequence.stages)):
             stage_runs = [plan.sequential(index, seed) for seed in sequence.seed_list]
             run_local([spec for spec in stage_runs if not _kept_without_start(plan, spec)], workers, echo)
+    if sequence.sequential:
+        evaluate_sequential(plan, workers)
     report = continual_report(plan, results)
     selection = _cached(plan.root / "selection.json", lambda: selection_accuracy(plan))
     atomic_write_json(
