@@ -130,6 +130,9 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "list.yaml").write_text("- 1\n- 2\n")
     (root / "broken.yaml").write_text("target_env: [unclosed\n")
     (root / "a_file").write_text("a file, not a folder")
+    (root / "adapter").mkdir()  # the layout of a run's adapter/ folder, where a bank is expected
+    for name in ("adapter_config.json", "adapter.safetensors"):
+        (root / "adapter" / name).write_text("{}")
     task = {"target_env": "envs.point_goal:PointGoalEnv", "agent": POINT_AGENT}
     (root / "unknown_key.yaml").write_text(yaml.safe_dump({**task, "learning_rate": 0.1}))
     (root / "env_kwargs.yaml").write_text(yaml.safe_dump({**task, "env_kwargs": {"goal_x": 1}}))
@@ -212,6 +215,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("record an unfinished run", ["record", "{files}/empty_dir"], "holds no completed run (no result.json)"),
         ("record max steps 0", ["record", "{files}/empty_dir", "--max-steps", "0"], "--max-steps: 0 is invalid"),
         ("inspect unknown env", ["inspect", "--env", "Nope-v9"], "unknown env 'Nope-v9'"),
+        ("inspect a run's adapter", ["inspect", "{files}/adapter"], "is one run's adapter folder, not a bank"),
         ("inspect rank 0", ["inspect", "--env", "PointGoal", "--rank", "0"], "--rank 0 is invalid"),
         # an output path under a file: its folder cannot be made, which must stop the command before any work
         ("inspect out", ["inspect", "--env", "PointGoal", "--out", "{files}/no_data.zip/a.png"], "cannot be written"),
