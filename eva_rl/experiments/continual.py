@@ -523,7 +523,6 @@ def run_sequence(
         for index in range(1, len(sequence.stages)):
             stage_runs = [plan.sequential(index, seed) for seed in sequence.seed_list]
             run_local([spec for spec in stage_runs if not _kept_without_start(plan, spec)], workers, echo)
-    if sequence.sequential:
         evaluate_sequential(plan, workers)
     report = continual_report(plan, results)
     selection = _cached(plan.root / "selection.json", lambda: selection_accuracy(plan))
