@@ -368,6 +368,11 @@ class AdapterBank:
         folder = Path(folder)
         path = folder / "bank.json"
         if not path.is_file():
+            if (folder / "adapter_config.json").is_file():
+                raise CheckpointError(
+                    f"{folder} is one run's adapter folder, not a bank (bank.json and adapters/): put it in one with "
+                    "AdapterBank.add (README, Policy library)"
+                )
             raise CheckpointError(f"{folder} is not an eva-rl adapter bank: expected bank.json")
         data = read_versioned_json(path, FORMAT, VERSION)
         recorded = data.get("base")

@@ -412,11 +412,6 @@ def bank_main(argv: Sequence[str] | None = None) -> int:
         from eva_rl.experiments.inspection import bank_table
 
         torch.set_num_threads(1)
-        if (args.bank / "adapter_config.json").is_file() and not (args.bank / "bank.json").is_file():
-            raise ConfigError(
-                f"{args.bank} is one run's adapter folder, not a bank (bank.json and adapters/): put it in one with "
-                "AdapterBank.add (README, Policy library)"
-            )
         bank = AdapterBank.load(args.bank, device="cpu")
         returns = evaluate_bank(bank, args.episodes) if args.evaluate else None
         print(bank_table(bank, returns))

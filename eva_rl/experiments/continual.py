@@ -275,20 +275,20 @@ def build_bank(plan: ContinualPlan, method: str, seed: int) -> tuple[AdapterBank
     adapters = [plan.from_base(stage, method, seed).run_dir / "adapter" for stage in plan.sequence.stages]
     if not all((path / "adapter.safetensors").is_file() for path in adapters) and (folder / "bank.json").is_file():
         bank = AdapterBank.load(folder, device="cpu")
-        return bank, _cached(folder / "returns.json", lambda: _bank_returns(plan, bank))
-    bank = AdapterBank(load_agent(plan.base.agent_path, device="cpu"), plan.base.agent_path)
-    for stage in plan.sequence.stages:
-        spec = plan.from_base(stage, method, seed)
-        info = {
-            "task": plan.base.name,
-            "env": stage.env,
-            "env_kwargs": stage.env_kwargs,
-            "eval_episodes": spec.task.eval.episodes,
-            "run": str(spec.run_dir),
-        }
-        bank.add(stage.name, spec.run_dir / "adapter", info=info)
-        bank.tasks[stage.name].signature = stage_signature(plan, stage)
-    bank.save(folder)
+    else:
+        bank = AdapterBank(load_agent(plan.base.agent_path, device="cpu"), plan.base.agent_path)
+        for stage in plan.sequence.stages:
+            spec = plan.from_base(stage, method, seed)
+            info = {
+                "task": plan.base.name,
+                "env": stage.env,
+                "env_kwargs": stage.env_kwargs,
+                "eval_episodes": spec.task.eval.episodes,
+                "run": str(spec.run_dir),
+            }
+            bank.add(stage.name, spec.run_dir / "adapter", info=info)
+            bank.tasks[stage.name].signature = stage_signature(plan, stage)
+        bank.save(folder)
     return bank, _cached(folder / "returns.json", lambda: _bank_returns(plan, bank))
 
 
@@ -362,8 +362,7 @@ def _sequential_row_in_worker(plan: ContinualPlan, index: int, seed: int) -> Non
     import torch
 
     torch.set_num_threads(1)
-    if plan.base.env_packages:
-        import_packages(plan.base.env_packages)
+    import_packages(plan.base.env_packages)
     _sequential_row(plan, index, seed)
 
 
