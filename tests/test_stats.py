@@ -7,10 +7,12 @@ import pytest
 from scipy import stats as scipy_stats
 
 from eva_rl.experiments.stats import (
+    Interval,
     curve_at,
     iqm,
     normalized_auc,
     probability_of_improvement,
+    score_format,
     steps_to_threshold,
     stratified_iqm,
 )
@@ -48,6 +50,34 @@ def test_probability_of_improvement_matches_mann_whitney() -> None:
     assert interval.estimate == pytest.approx(u / (len(x) * len(y)))
     assert interval.low < interval.estimate < interval.high
     assert probability_of_improvement([[1, 1], [2, 2]], [[0, 0], [2, 2]]).estimate == pytest.approx(0.75)
+
+
+def test_a_sample_of_one_score_is_held_fixed_while_the_others_are_resampled() -> None:
+    # Mid-sweep a method may have one completed seed: x = 5.5 against y = 1..10. Every resample of y gives
+    # P(x > y) = the share of the resampled y below 5.5, so the oracle is that share's percentiles (numpy).
+    y = np.arange(1.0, 11.0)
+    draws = np.random.default_rng(7).choice(y, size=(20_000, y.size))
+    oracle_low, oracle_high = np.percentile((draws < 5.5).mean(axis=1), [2.5, 97.5])
+    interval = probability_of_improvement([[5.5]], [y], n_resamples=4000)
+    assert interval.estimate == 0.5
+    assert interval.low == pytest.approx(oracle_low, abs=0.1)
+    assert interval.high == pytest.approx(oracle_high, abs=0.1)
+    assert interval.low < 0.5 < interval.high
+    # The pooled IQM of tasks [10] and [0, 0, 1, 1]: the single score is in every resample, always the largest, so
+    # always trimmed; the IQM of the other four's resamples then ranges over [0, 1].
+    pooled = stratified_iqm([[10.0], [0.0, 0.0, 1.0, 1.0]], n_resamples=500)
+    assert pooled.estimate == pytest.approx(iqm([10.0, 0.0, 0.0, 1.0, 1.0]))
+    assert 0.0 <= pooled.low < pooled.estimate < pooled.high <= 1.0
+    # Only samples of one score: nothing to resample.
+    assert str(probability_of_improvement([[2.0]], [[1.0]])) == "1.000 [1.000, 1.000]"
+
+
+def test_scores_in_the_thousands_are_whole_numbers_and_small_ones_keep_three_decimals() -> None:
+    assert score_format([0.964, 0.938]) == ".3f"
+    assert score_format([-156.17, -144.3]) == ".3f"
+    assert score_format([3370.9, -1000.0]) == ",.0f"
+    assert Interval(3553.127, 3237.483, 3816.421).format(",.0f") == "3,553 [3,237, 3,816]"
+    assert str(Interval(0.9641, 0.938, 0.9666)) == "0.964 [0.938, 0.967]"
 
 
 def test_steps_to_threshold_and_auc() -> None:

@@ -19,6 +19,7 @@ from eva_rl.experiments.stats import (
     iqm,
     normalized_auc,
     probability_of_improvement,
+    score_format,
     steps_to_threshold,
     stratified_iqm,
 )
@@ -204,14 +205,16 @@ def results_markdown(report: SuiteReport) -> str:
             "source retention | trainable params | wall s |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
+        rows = task.methods.values()
+        spec = score_format([v for row in rows for v in (row.final.low, row.final.high)])
         for method, row in task.methods.items():
-            retention = "n/a" if row.source_retention is None else f"{row.source_retention:.3f}"
+            retention = "n/a" if row.source_retention is None else f"{row.source_retention:{spec}}"
             median = row.steps_to_threshold_median
             steps = "never" if median is None else f"{median:,.0f}"
             lines.append(
-                f"| {method} | {row.seeds} | {row.jumpstart:.3f} | {row.final} | {row.auc} | {steps} | "
-                f"{row.reached_threshold}/{row.seeds} | {retention} | {row.trainable_params:,} | "
-                f"{row.wall_seconds:.0f} |"
+                f"| {method} | {row.seeds} | {row.jumpstart:{spec}} | {row.final.format(spec)} | "
+                f"{row.auc.format(spec)} | {steps} | {row.reached_threshold}/{row.seeds} | {retention} | "
+                f"{row.trainable_params:,} | {row.wall_seconds:.0f} |"
             )
         lines.append("")
     lines += [
@@ -222,9 +225,13 @@ def results_markdown(report: SuiteReport) -> str:
         f"| method | tasks | final return | normalized AUC | P({report.reference} better), final |",
         "|---|---|---|---|---|",
     ]
+    spec = score_format([v for row in report.aggregate.values() for v in (row.final.low, row.final.high)])
     for method, row in report.aggregate.items():
         poi = row.p_reference_better
-        lines.append(f"| {method} | {len(row.tasks)} | {row.final} | {row.auc} | {poi if poi else '-'} |")
+        lines.append(
+            f"| {method} | {len(row.tasks)} | {row.final.format(spec)} | {row.auc.format(spec)} | "
+            f"{poi if poi else '-'} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -28,7 +28,20 @@ class Interval:
     high: float
 
     def __str__(self) -> str:
-        return f"{self.estimate:.3f} [{self.low:.3f}, {self.high:.3f}]"
+        return self.format()
+
+    def format(self, spec: str = ".3f") -> str:
+        """The estimate and the bounds in one format (``",.0f"`` for returns in the thousands)."""
+        return f"{self.estimate:{spec}} [{self.low:{spec}}, {self.high:{spec}}]"
+
+
+def score_format(values: Sequence[float]) -> str:
+    """The format of a table's scores: three decimals for returns like MiniGrid's and Pendulum's, whole numbers with
+    thousands separators once they reach the thousands (MuJoCo), where decimals are noise.
+
+    :param values: The table's final returns (its CI bounds).
+    """
+    return ",.0f" if max((abs(v) for v in values), default=0.0) >= 1000 else ".3f"
 
 
 def _bootstrap_interval(
@@ -40,14 +53,25 @@ def _bootstrap_interval(
 ) -> Interval:
     """``statistic`` of ``samples`` with a percentile-bootstrap CI, each sample resampled on its own (stratified).
 
-    Samples with no spread give a zero-width interval (SciPy would warn about a degenerate distribution).
+    Samples with no spread give a zero-width interval (SciPy would warn about a degenerate distribution). A sample
+    of one score (a method with one completed seed while a sweep runs) resamples only to itself, so it is held
+    fixed and the others are resampled (SciPy refuses a sample of one).
     """
     estimate = float(statistic(*samples))
     if all(len(s) < 2 or np.ptp(s) == 0 for s in samples):
         return Interval(estimate, estimate, estimate)
+    resampled = [i for i, s in enumerate(samples) if len(s) >= 2]
+
+    def with_fixed(*drawn: np.ndarray, axis: int = -1) -> np.ndarray:
+        batch = drawn[0].shape[:-1]
+        full = [np.broadcast_to(s, (*batch, len(s))) for s in samples]
+        for i, values in zip(resampled, drawn):
+            full[i] = values
+        return statistic(*full, axis=axis)
+
     result = stats.bootstrap(
-        samples,
-        statistic,
+        tuple(samples[i] for i in resampled),
+        with_fixed,
         confidence_level=confidence,
         n_resamples=n_resamples,
         method="percentile",
