@@ -98,6 +98,16 @@ def test_report_matches_an_independent_computation() -> None:
         assert report.p_reference_better["lora"][r].estimate == pytest.approx(expected)
     markdown = rank_markdown(report)
     assert "| eva | 4 | 4 | 100 |" in markdown and "r = 1" in markdown
+    point = report.points["eva"][4]
+    assert f"| {point.final} | {point.auc} |" in markdown  # three decimals for returns below 1000
+    # MuJoCo-sized returns print as whole numbers
+    scaled = [
+        (r, _result(x.method, x.seed, 5000 * x.final_return, [[s, 5000 * v] for s, v in x.eval_curve])) for r, x in runs
+    ]
+    big = rank_report("s", study, scaled).points["eva"][4]
+    assert f"| {big.final.format(',.0f')} | {big.auc.format(',.0f')} |" in rank_markdown(
+        rank_report("s", study, scaled)
+    )
 
 
 def test_rank_study_runs_through_the_command_line_and_writes_table_json_and_plot(tmp_path: Path, capsys) -> None:

@@ -19,7 +19,13 @@ import numpy as np
 
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.runs import RunResult
-from eva_rl.experiments.stats import Interval, normalized_auc, probability_of_improvement, stratified_iqm
+from eva_rl.experiments.stats import (
+    Interval,
+    normalized_auc,
+    probability_of_improvement,
+    score_format,
+    stratified_iqm,
+)
 from eva_rl.experiments.tasks import check_seeds
 from eva_rl.methods import get_method, method_names
 
@@ -150,10 +156,9 @@ def rank_report(
 
 def rank_markdown(report: RankStudyReport) -> str:
     """``rank_study.md``: final return and AUC per method and rank, and P(reference better) per rank."""
-
-    def cell(interval: Interval) -> str:
-        return f"{interval.estimate:.3g} [{interval.low:.3g}, {interval.high:.3g}]"
-
+    spec = score_format(
+        [v for by_rank in report.points.values() for p in by_rank.values() for v in (p.final.low, p.final.high)]
+    )
     lines = [
         f"# Rank study of suite `{report.suite}` on {report.task}",
         "",
@@ -166,8 +171,8 @@ def rank_markdown(report: RankStudyReport) -> str:
     for method, by_rank in report.points.items():
         for r, point in by_rank.items():
             lines.append(
-                f"| {method} | {r} | {point.seeds} | {point.trainable_params:,} | {cell(point.final)} | "
-                f"{cell(point.auc)} |"
+                f"| {method} | {r} | {point.seeds} | {point.trainable_params:,} | {point.final.format(spec)} | "
+                f"{point.auc.format(spec)} |"
             )
     if report.p_reference_better:
         lines += [
@@ -178,7 +183,7 @@ def rank_markdown(report: RankStudyReport) -> str:
             "|---|" + "---|" * len(report.ranks),
         ]
         for method, by_rank in report.p_reference_better.items():
-            cells = [cell(by_rank[r]) if r in by_rank else "-" for r in report.ranks]
+            cells = [str(by_rank[r]) if r in by_rank else "-" for r in report.ranks]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
