@@ -11,10 +11,22 @@ import pytest
 from eva_rl.experiments.compare import compare, run_specs, tune
 from eva_rl.experiments.report import SuiteReport
 from eva_rl.experiments.runs import RunResult
-from eva_rl.experiments.suites import load_suite
+from eva_rl.experiments.suites import SUITE_DIR, load_suite, method_task
 from eva_rl.experiments.tasks import ConfigError, find_task
 
 pytestmark = pytest.mark.filterwarnings("ignore:EVA:UserWarning")
+
+
+@pytest.mark.parametrize("path", sorted(SUITE_DIR.glob("*.yaml")), ids=lambda path: path.stem)
+def test_every_shipped_suite_names_its_own_file_and_tasks_with_agents(path: Path) -> None:
+    suite = load_suite(path.stem)
+    assert suite.name == path.stem  # results go to <log-dir>/<name>/, so two suites must not share a name
+    for suite_task in suite.tasks:
+        task = find_task(suite_task.task)
+        assert task is not None, suite_task.task
+        assert task.agent_path.is_file(), task.agent_path
+        for method in suite.task_methods(suite_task):
+            method_task(task, method, suite, suite_task)  # every method's settings apply to the task
 
 
 def test_local_sweep_writes_tables_and_plots_and_a_rerun_skips_completed_runs(tmp_path: Path) -> None:
@@ -172,7 +184,6 @@ def test_task_method_settings_apply_per_method_and_the_suite_and_command_line_ov
 
     suite = load_suite("smoke")
     suite.method_settings = {"eva": {"alpha": 8.0}, "full": {"learning_rate": 1e-4}}
-    from eva_rl.experiments.suites import method_task
 
     eva = method_task(task, "eva", suite, suite.tasks[0])
     assert (eva.ppo["learning_rate"], eva.lora.r, eva.lora.alpha) == (3e-3, 2, 8.0)
