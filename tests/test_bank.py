@@ -123,6 +123,7 @@ def test_a_bank_round_trips_in_a_fresh_process(library, tmp_path: Path) -> None:
     np.save(tmp_path / "act.npy", actions)
     script = (
         "import sys, numpy as np, torch\n"
+        "torch.set_num_threads(int(sys.argv[5]))\n"  # as here: a convolution's sums follow the thread count
         "from eva_rl.bank import AdapterBank\n"
         "bank = AdapterBank.load(sys.argv[1], device='cpu')\n"
         "obs, act = np.load(sys.argv[2]), np.load(sys.argv[3])\n"
@@ -136,7 +137,7 @@ def test_a_bank_round_trips_in_a_fresh_process(library, tmp_path: Path) -> None:
     )
     done = subprocess.run(
         [sys.executable, "-c", script, str(saved), str(tmp_path / "obs.npy"), str(tmp_path / "act.npy"),
-         str(tmp_path / "out.npz")],
+         str(tmp_path / "out.npz"), str(torch.get_num_threads())],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -225,8 +225,10 @@ def test_a_resumed_run_is_the_uninterrupted_run(
         torch.testing.assert_close(again.policy.state_dict()[key], value, atol=0, rtol=0, msg=key)
 
     def points(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+        # By step: the killed and the resumed part are two event files, read in file-name order, and names made in
+        # the same second by one process order by a counter as text (".10" before ".9").
         events = EventAccumulator(str(run_dir)).Reload()
-        return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+        return {tag: sorted((e.step, e.value) for e in events.Scalars(tag)) for tag in events.Tags()["scalars"]}
 
     ours, theirs = points(spec.run_dir), points(spec_in(tmp_path / "whole").run_dir)
     timing = {"time/fps", "time/time_elapsed"}  # wall clock
