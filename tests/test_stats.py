@@ -73,9 +73,10 @@ def test_a_sample_of_one_score_is_held_fixed_while_the_others_are_resampled() ->
 
 
 def test_scores_in_the_thousands_are_whole_numbers_and_small_ones_keep_three_decimals() -> None:
-    assert score_format([0.964, 0.938]) == ".3f"
-    assert score_format([-156.17, -144.3]) == ".3f"
-    assert score_format([3370.9, -1000.0]) == ",.0f"
+    assert score_format([Interval(0.95, 0.938, 0.964)]) == ".3f"
+    assert score_format([Interval(-150.0, -156.17, -144.3)]) == ".3f"
+    assert score_format([Interval(0.95, 0.938, 0.964), Interval(3000.0, -1000.0, 3370.9)]) == ",.0f"
+    assert score_format([]) == ".3f"
     assert Interval(3553.127, 3237.483, 3816.421).format(",.0f") == "3,553 [3,237, 3,816]"
     assert str(Interval(0.9641, 0.938, 0.9666)) == "0.964 [0.938, 0.967]"
 

@@ -156,9 +156,7 @@ def rank_report(
 
 def rank_markdown(report: RankStudyReport) -> str:
     """``rank_study.md``: final return and AUC per method and rank, and P(reference better) per rank."""
-    spec = score_format(
-        [v for by_rank in report.points.values() for p in by_rank.values() for v in (p.final.low, p.final.high)]
-    )
+    spec = score_format(point.final for by_rank in report.points.values() for point in by_rank.values())
     lines = [
         f"# Rank study of suite `{report.suite}` on {report.task}",
         "",

@@ -205,8 +205,7 @@ def results_markdown(report: SuiteReport) -> str:
             "source retention | trainable params | wall s |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        rows = task.methods.values()
-        spec = score_format([v for row in rows for v in (row.final.low, row.final.high)])
+        spec = score_format(row.final for row in task.methods.values())
         for method, row in task.methods.items():
             retention = "n/a" if row.source_retention is None else f"{row.source_retention:{spec}}"
             median = row.steps_to_threshold_median
@@ -225,7 +224,7 @@ def results_markdown(report: SuiteReport) -> str:
         f"| method | tasks | final return | normalized AUC | P({report.reference} better), final |",
         "|---|---|---|---|---|",
     ]
-    spec = score_format([v for row in report.aggregate.values() for v in (row.final.low, row.final.high)])
+    spec = score_format(row.final for row in report.aggregate.values())
     for method, row in report.aggregate.items():
         poi = row.p_reference_better
         lines.append(

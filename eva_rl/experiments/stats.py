@@ -7,7 +7,7 @@ The resampling is ``scipy.stats.bootstrap``'s; nothing here reimplements a stati
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,13 +35,14 @@ class Interval:
         return f"{self.estimate:{spec}} [{self.low:{spec}}, {self.high:{spec}}]"
 
 
-def score_format(values: Sequence[float]) -> str:
+def score_format(finals: Iterable[Interval]) -> str:
     """The format of a table's scores: three decimals for returns like MiniGrid's and Pendulum's, whole numbers with
-    thousands separators once they reach the thousands (MuJoCo), where decimals are noise.
+    thousands separators once their final returns' CI bounds reach the thousands (MuJoCo), where decimals are noise.
 
-    :param values: The table's final returns (its CI bounds).
+    :param finals: The table's final returns.
     """
-    return ",.0f" if max((abs(v) for v in values), default=0.0) >= 1000 else ".3f"
+    largest = max((max(abs(f.low), abs(f.high)) for f in finals), default=0.0)
+    return ",.0f" if largest >= 1000 else ".3f"
 
 
 def _bootstrap_interval(
