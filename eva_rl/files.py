@@ -40,6 +40,15 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def cached_json(path: Path, compute: Callable[[], Any]) -> Any:
+    """What ``compute`` returns, kept at ``path`` as JSON: read from there when it is already written."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    data = compute()
+    atomic_write_json(path, data)
+    return data
+
+
 def atomic_write(path: Path, write: Callable[[Path], None], suffix: str = ".tmp") -> None:
     """``write`` a temp file beside ``path``, then rename it to ``path``; the temp file is removed if ``write``
     fails (a full disk), so nothing half-written stays behind or takes the space."""

@@ -89,7 +89,7 @@ def test_a_bad_suite_value_is_one_error_line(
 def test_target_modules_that_match_nothing_stop_before_any_run(
     capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr("eva_rl.experiments.finetune.run_side_by_side", lambda *a, **k: pytest.fail("ran"))
+    monkeypatch.setattr("eva_rl.experiments.execute.SideBySide.run", lambda *a, **k: pytest.fail("ran"))
     config = tmp_path / "task.yaml"
     task = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "PointGoal.yaml").read_text())
     task["lora"]["target_modules"] = ["nonexistent"]
@@ -158,7 +158,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("lr 0", [*env, "--lr", "0"], "--lr 0.0 is invalid"),
         ("lr negative", [*env, "--lr", "-1"], "--lr -1.0 is invalid"),
         ("lr inf", [*env, "--lr", "inf"], "--lr inf is invalid: ppo.learning_rate=inf is invalid: expected a finite"),
-        ("alpha nan", [*env, "--alpha", "nan"], "LoraConfig.alpha=nan is invalid: expected a finite number > 0"),
+        ("alpha nan", [*env, "--alpha", "nan"], "lora.alpha=nan is invalid: expected a finite number > 0"),
         (
             "seed negative",
             [*env, "--seeds", "0", "-1"],
@@ -196,7 +196,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("raw MiniGrid dict", [*ad_hoc, "MiniGrid-Empty-5x5-v0"], "which SB3 policies cannot take"),
         ("pretrain dict without policy", ["pretrain", "--env", f"{FAULTY}:DictObservationEnv"], "MultiInputPolicy"),
         ("pretrain unknown policy", ["pretrain", "--env", "PointGoal", "--policy", "Nope"], "policy='Nope' cannot"),
-        ("pretrain eval episodes", ["pretrain", "--env", "PointGoal", "--eval-episodes", "0"], "0 is invalid"),
+        ("pretrain card episodes", ["pretrain", "--env", "PointGoal", "--card-episodes", "0"], "0 is invalid"),
         ("suite missing", ["compare", "--suite", "nowhere"], "nowhere"),
         ("suite unknown task", ["compare", "--suite", "{files}/suite_unknown_task.yaml"], "task 'Nope' is not in"),
         ("suite unknown method", ["compare", "--suite", "smoke", "--methods", "eva,foo"], "'foo'"),
@@ -223,10 +223,10 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("pretrain out", ["pretrain", "--env", "PointGoal", "--out", "{files}/no_data.zip/agent"], "cannot be written"),
         ("compare log dir", ["compare", "--suite", "smoke", "--log-dir", "{files}/no_data.zip/r"], "cannot be written"),
         ("continual log dir", ["continual", "--sequence", "smoke", "--log-dir", "{files}/no_data.zip/r"], "be written"),
-        ("bench unknown task", ["bench", "--task", "Nope", "--quick"], "'Nope'"),
+        ("bench unknown task", ["bench", "--env", "Nope", "--quick"], "'Nope'"),
         (
             "bench weight cache unknown task",
-            ["bench", "--task", "Nope", "--weight-cache-only"],
+            ["bench", "--env", "Nope", "--weight-cache-only"],
             "'Nope' is not a task with a bundled agent; these are: [",
         ),  # fmt: skip
     ]
@@ -277,7 +277,7 @@ def test_a_changed_setting_on_a_completed_run_is_named_before_anything_runs(
     argv = ["finetune", "--env", "PointGoal", *TINY, "--log-dir", str(tmp_path)]
     assert cli.main(argv) == 0
     capsys.readouterr()
-    monkeypatch.setattr("eva_rl.experiments.finetune.run_side_by_side", lambda *a, **k: pytest.fail("ran"))
+    monkeypatch.setattr("eva_rl.experiments.execute.SideBySide.run", lambda *a, **k: pytest.fail("ran"))
     assert cli.main([*argv, "--lr", "0.0123", "--rank", "3"]) == 2
     err = one_error_line(capsys.readouterr().err)
     assert "holds a completed run made with other settings" in err and "-> 0.0123" in err and "lora.r: 4 -> 3" in err

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from eva_rl.experiments.bench import bench_main
+from eva_rl.experiments.cli import bench_main
 
 
 @pytest.mark.filterwarnings("ignore:EVA:UserWarning")
@@ -66,7 +66,7 @@ def test_bench_weight_cache_only_measures_both_forwards(capsys: pytest.CaptureFi
         return original(self)
 
     with mock.patch.object(LoraLayer, "_cached_weight", counting):
-        argv = ["--weight-cache-only", "--task", "PointGoal", "--throughput-steps", "64"]
+        argv = ["--weight-cache-only", "--env", "PointGoal", "--throughput-steps", "64"]
         assert bench_main(argv) == 0
     cache = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["weight_cache"]
     assert cache["task"] == "PointGoal"

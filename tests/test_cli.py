@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from eva_rl.experiments.cli import finetune_main, finetune_parser, resolve_task
+from eva_rl.experiments.cli import COMMANDS, finetune_main, resolve_task
 from eva_rl.experiments.finetune import pretrained_return
 from eva_rl.experiments.tasks import ROOT, find_task
 
@@ -86,7 +86,7 @@ def test_every_method_writes_the_same_layout_and_tags(doorkey_runs: Path) -> Non
 
 
 def test_adapted_runs_start_at_the_pretrained_return(doorkey_runs: Path) -> None:
-    task = find_task("MiniGrid-DoorKey").override(eval=find_task("MiniGrid-DoorKey").eval.__class__(episodes=8))
+    task = find_task("MiniGrid-DoorKey").with_overrides({"eval_episodes": 8})
     expected = pretrained_return(task, task.agent_path, device="cpu")
     for method in ("eva", "lora", "full"):
         step, value = first_scalar(doorkey_runs / method / "seed0", "eval/mean_return")
@@ -106,7 +106,7 @@ def test_adapted_runs_start_at_the_pretrained_return(doorkey_runs: Path) -> None
 )
 def test_env_resolution(argv: list[str], target: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
-    task = resolve_task(finetune_parser().parse_args(argv))
+    task = resolve_task(COMMANDS["finetune"].parser().parse_args(argv))
     assert task.target_env == target
 
 
@@ -136,7 +136,7 @@ def point_agent(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "envs",
         "--total-timesteps",
         "2048",
-        "--eval-episodes",
+        "--card-episodes",
         "100",
         "--out",
         str(out),

@@ -8,13 +8,22 @@ from pathlib import Path
 
 import pytest
 
-from eva_rl.experiments.compare import compare, run_specs, tune
-from eva_rl.experiments.report import SuiteReport
-from eva_rl.experiments.runs import RunResult
-from eva_rl.experiments.suites import SUITE_DIR, load_suite, method_task
+from eva_rl.experiments.execute import LocalProcesses, RayCluster
+from eva_rl.experiments.run_folder import RunResult
+from eva_rl.experiments.studies.base import conduct
+from eva_rl.experiments.studies.suite import SuiteReport, SuiteStudy, aggregate, results_markdown
+from eva_rl.experiments.studies.tuning import TuningSweep
+from eva_rl.experiments.suites import SUITE_DIR, Suite, SuiteTask, load_suite
 from eva_rl.experiments.tasks import ConfigError, find_task
 
 pytestmark = pytest.mark.filterwarnings("ignore:EVA:UserWarning")
+
+
+def compare(suite, log_dir, methods=None, seeds=None, workers=1, echo=print, backend="local", report_only=False):
+    """What ``compare.py --suite`` does: the suite study, carried out by the executor its flags choose."""
+    study = SuiteStudy(suite, log_dir, methods, seeds, report_only, echo)
+    executor = RayCluster(echo=echo) if backend == "ray" else LocalProcesses(workers, echo=echo)
+    return conduct(study, executor, report_only=report_only)
 
 
 @pytest.mark.parametrize("path", sorted(SUITE_DIR.glob("*.yaml")), ids=lambda path: path.stem)
@@ -26,7 +35,7 @@ def test_every_shipped_suite_names_its_own_file_and_tasks_with_agents(path: Path
         assert task is not None, suite_task.task
         assert task.agent_path.is_file(), task.agent_path
         for method in suite.task_methods(suite_task):
-            method_task(task, method, suite, suite_task)  # every method's settings apply to the task
+            suite.run_spec(suite_task, method, 0, path)  # every method's settings apply to the task
 
 
 def test_local_sweep_writes_tables_and_plots_and_a_rerun_skips_completed_runs(tmp_path: Path) -> None:
@@ -64,7 +73,7 @@ def test_local_sweep_writes_tables_and_plots_and_a_rerun_skips_completed_runs(tm
 def test_specs_are_one_per_task_method_seed_with_method_settings(tmp_path: Path) -> None:
     suite = load_suite("smoke")
     suite.method_settings = {"eva": {"learning_rate": 3e-3, "alpha": 8.0}}
-    specs = [spec for _, spec in run_specs(suite, tmp_path)]
+    specs = [spec for _, spec in suite.run_specs(tmp_path)]
     assert [(s.method, s.seed) for s in specs] == [("eva", 0), ("full", 0), ("eva", 1), ("full", 1)]
     eva, full = specs[0], specs[1]
     assert eva.task.ppo["learning_rate"] == 3e-3 and eva.task.lora.alpha == 8.0
@@ -83,7 +92,8 @@ def test_bad_suites_are_clear_errors(tmp_path: Path) -> None:
 
 def test_tuning_sweeps_every_method_alike_and_picks_by_auc(tmp_path: Path) -> None:
     suite = load_suite("smoke")
-    chosen = tune(suite, tmp_path, workers=2, echo=lambda line: None)
+    report = conduct(TuningSweep(suite, tmp_path, echo=lambda line: None), LocalProcesses(2, echo=lambda line: None))
+    chosen = report["chosen"]
     table = json.loads((tmp_path / "smoke-tuning" / "tuning.json").read_text())
     assert set(chosen) == {"eva", "full"}
     for method, point in chosen.items():
@@ -117,7 +127,7 @@ def test_tasks_can_run_a_subset_of_methods_with_their_own_eval_freq(tmp_path: Pa
         "methods: [eva, full]\nseeds: 2\n"
     )
     suite = load_suite(str(path))
-    specs = [(t.task, s.method, s.seed) for t, s in run_specs(suite, tmp_path)]
+    specs = [(t.task, s.method, s.seed) for t, s in suite.run_specs(tmp_path)]
     assert specs == [
         ("PointGoal", "eva", 0),
         ("PointGoal", "full", 0),
@@ -126,10 +136,10 @@ def test_tasks_can_run_a_subset_of_methods_with_their_own_eval_freq(tmp_path: Pa
         ("MiniGrid-DoorKey", "eva", 0),
         ("MiniGrid-DoorKey", "eva", 1),
     ]
-    pairs = run_specs(suite, tmp_path, methods=["full"])
+    pairs = suite.run_specs(tmp_path, methods=["full"])
     assert [(t.task, s.method) for t, s in pairs] == [("PointGoal", "full")] * 2
     assert pairs[0][1].task.eval.freq == 512
-    doorkey = run_specs(suite, tmp_path, methods=["eva"])[-1][1].task
+    doorkey = suite.run_specs(tmp_path, methods=["eva"])[-1][1].task
     assert doorkey.eval.freq == find_task("MiniGrid-DoorKey").eval.freq and doorkey.total_timesteps == 3000
 
     path.write_text("tasks: [{task: PointGoal, threshold: 0.5, methods: [lora]}]\nmethods: [eva, full]\n")
@@ -154,9 +164,6 @@ def _synthetic_run(method: str, final: float) -> RunResult:
 
 
 def test_methods_run_on_fewer_tasks_are_aggregated_and_compared_on_their_own_tasks() -> None:
-    from eva_rl.experiments.report import aggregate, results_markdown
-    from eva_rl.experiments.suites import Suite, SuiteTask
-
     first, second = SuiteTask("A", 0.5), SuiteTask("B", 0.5, methods=["eva"])
     suite = Suite("s", [first, second], methods=["eva", "lora"])
     runs = [(first, _synthetic_run("eva", v)) for v in (0.6, 0.7, 0.8)]
@@ -171,31 +178,32 @@ def test_methods_run_on_fewer_tasks_are_aggregated_and_compared_on_their_own_tas
     assert "| lora | 1 |" in results_markdown(report)
 
 
-def test_task_method_settings_apply_per_method_and_the_suite_and_command_line_override_them(tmp_path: Path) -> None:
-    from eva_rl.experiments.cli import finetune_parser
-    from eva_rl.experiments.options import ADAPTER_OPTIONS, FINETUNE_OPTIONS, apply_options
-    from eva_rl.experiments.tasks import find_task
+def test_task_method_settings_apply_per_method_and_the_suite_and_command_line_override_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from eva_rl.experiments import cli
 
-    task = find_task("PointGoal")
-    task = task.override(method_settings={"eva": {"learning_rate": 3e-3, "r": 2}, "full": {"learning_rate": 5e-4}})
-    eva, full, lora = task.for_method("eva"), task.for_method("full"), task.for_method("lora")
+    settings = {"eva": {"learning_rate": 3e-3, "r": 2}, "full": {"learning_rate": 5e-4}}
+    task = find_task("PointGoal").with_overrides({"method_settings": settings})
+    eva, full, lora = (task.with_overrides(method=m) for m in ("eva", "full", "lora"))
     assert (eva.ppo["learning_rate"], eva.lora.r) == (3e-3, 2)
     assert full.ppo["learning_rate"] == 5e-4 and lora.ppo["learning_rate"] == task.ppo["learning_rate"]
 
     suite = load_suite("smoke")
     suite.method_settings = {"eva": {"alpha": 8.0}, "full": {"learning_rate": 1e-4}}
-
-    eva = method_task(task, "eva", suite, suite.tasks[0])
+    monkeypatch.setattr(Suite, "task", lambda self, suite_task: task)
+    eva = suite.run_spec(suite.tasks[0], "eva", 0, tmp_path).task
     assert (eva.ppo["learning_rate"], eva.lora.r, eva.lora.alpha) == (3e-3, 2, 8.0)
-    assert method_task(task, "full", suite, suite.tasks[0]).ppo["learning_rate"] == 1e-4
+    assert suite.run_spec(suite.tasks[0], "full", 0, tmp_path).task.ppo["learning_rate"] == 1e-4
 
-    args = finetune_parser().parse_args(["--env", "PointGoal", "--lr", "7e-4", "--rank", "3"])
-    cli_task = apply_options(task, args, (*ADAPTER_OPTIONS, *FINETUNE_OPTIONS))
-    assert cli_task.for_method("eva").ppo["learning_rate"] == 7e-4 and cli_task.for_method("eva").lora.r == 3
-    assert cli_task.for_method("full").ppo["learning_rate"] == 7e-4
+    args = cli.COMMANDS["finetune"].parser().parse_args(["--env", "PointGoal", "--lr", "7e-4", "--rank", "3"])
+    cli_task = cli.apply_flags(task, args)
+    assert cli_task.with_overrides(method="eva").ppo["learning_rate"] == 7e-4
+    assert cli_task.with_overrides(method="eva").lora.r == 3
+    assert cli_task.with_overrides(method="full").ppo["learning_rate"] == 7e-4
 
     with pytest.raises(ConfigError, match=r"method_settings\['eva'\]=\{'lr': 1\} is invalid"):
-        task.override(method_settings={"eva": {"lr": 1}})
+        task.with_overrides({"method_settings": {"eva": {"lr": 1}}})
 
 
 @pytest.mark.parametrize("n_methods", [3, 6])
@@ -205,15 +213,13 @@ def test_plots_name_each_methods_tasks_and_seeds_and_stay_readable_with_many_met
     """A few methods share a panel per task; more get small multiples; final_return.png says what each pooled."""
     from PIL import Image
 
-    from eva_rl.experiments.report import aggregate, plot_suite
-    from eva_rl.experiments.suites import Suite, SuiteTask
-
     methods = ["eva", "full", "lora", "pissa", "olora", "dora"][:n_methods]
     first, second = SuiteTask("A", 0.5), SuiteTask("B", 0.5, methods=["eva", "full"])
     suite = Suite("s", [first, second], methods=methods)
     runs = [(first, dataclasses.replace(_synthetic_run(m, 0.1 * i), seed=i)) for m in methods for i in range(3)]
     runs += [(second, dataclasses.replace(_synthetic_run(m, 0.5), seed=i)) for m in ("eva", "full") for i in range(2)]
-    paths = plot_suite(aggregate(suite, runs), runs, tmp_path, tmp_path)
+    paths = SuiteStudy(suite, tmp_path.parent).write_page(aggregate(suite, runs), runs)
+    tmp_path = tmp_path.parent / "s"
     with Image.open(tmp_path / "sample_efficiency.png") as image:
         width, height = image.size
     if n_methods <= 4:

@@ -16,18 +16,26 @@ import pytest
 from eva_rl.bank import AdapterBank
 from eva_rl.errors import EvaRLError
 from eva_rl.experiments.cli import main
-from eva_rl.experiments.continual import ContinualPlan, load_sequence, run_sequence
+from eva_rl.experiments.execute import LocalProcesses
+from eva_rl.experiments.sequences import load_sequence
+from eva_rl.experiments.studies.base import conduct
+from eva_rl.experiments.studies.continual import ContinualStudy
 from eva_rl.experiments.tasks import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore:EVA:UserWarning")
 
 
+def run_sequence(sequence, log_dir: Path, workers: int = 1, echo=print) -> dict:
+    """What ``eva-rl continual`` does: the continual study, carried out by local processes."""
+    return conduct(ContinualStudy(sequence, log_dir, echo=echo), LocalProcesses(workers, echo=echo))
+
+
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[ContinualPlan, dict]:
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[ContinualStudy, dict]:
     root = tmp_path_factory.mktemp("continual")
     sequence = dataclasses.replace(load_sequence("smoke"), seeds=[0], eval_episodes=4)
     report = run_sequence(sequence, root, workers=2, echo=lambda line: None)
-    return ContinualPlan(sequence, root), report
+    return ContinualStudy(sequence, root), report
 
 
 def _final(run_dir: Path) -> float:

@@ -152,6 +152,6 @@ def test_a_new_method_is_one_registry_entry(pissa_dora, tmp_path: Path) -> None:
     restored = eva_rl.load_adapter(base, folder, env=VARIANTS["cnn-discrete"][0]())
     for got, want in zip(outputs(restored.policy, obs), outputs(model.policy, obs)):
         assert (got - want).abs().max() < 1e-6
-    assert find_task("PointGoal").override(methods=["pissa+dora", "full"]).methods == ["pissa+dora", "full"]
+    assert find_task("PointGoal").with_overrides(dict(methods=["pissa+dora", "full"])).methods == ["pissa+dora", "full"]
     with pytest.raises(eva_rl.ConfigError, match="already registered"):
         eva_rl.register_method(pissa_dora)

@@ -138,7 +138,7 @@ def test_task_files_name_the_bundled_agent_and_its_statistics(name: str) -> None
 def test_one_short_eva_and_ppo_run_per_task(tmp_path: Path, name: str) -> None:
     task = find_task(name)
     eval_settings = {"freq": 512, "episodes": 1, "n_envs": 1, "deterministic": True, "seed": 10000}
-    task = task.override(total_timesteps=512, checkpoint_freq=512, eval=type(task.eval)(**eval_settings))
+    task = task.with_overrides(dict(total_timesteps=512, checkpoint_freq=512, eval=type(task.eval)(**eval_settings)))
     task.eva.max_batches = 4  # a smoke test of the pipeline: EVA keeps its estimate after 4 batches
     task.eva.on_max_batches = "warn"
     result = run(RunSpec(task, "eva", 0, tmp_path, task.agent_path, "cpu"), progress=False)

@@ -1,12 +1,15 @@
-"""Command-line settings: each declared once, parsed and applied to the task through the same table, and a bad value
-is one ``error:`` line with exit code 2 before any env is built or agent loaded."""
+"""The command-line vocabulary: every flag declared once (``options.FLAGS``), the same name meaning the same thing with
+the same default in every command, each setting flag applied to the task through ``TaskConfig.with_overrides``, and a
+bad value one ``error:`` line with exit code 2 before any env is built or agent loaded."""
 
 from __future__ import annotations
+
+import argparse
 
 import pytest
 
 from eva_rl.experiments import cli
-from eva_rl.experiments.options import ADAPTER_OPTIONS, ENV_OPTIONS, FINETUNE_OPTIONS, PRETRAIN_OPTIONS, Option
+from eva_rl.experiments.options import FLAGS
 from eva_rl.experiments.tasks import find_task
 from tests.test_bad_input import one_error_line
 
@@ -25,57 +28,80 @@ VALID = {
     "--eva-data": ("ppo", "ppo"),
     "--eval-freq": ("512", 512),
     "--eval-episodes": ("4", 4),
+    "--eval-seed": ("7", 7),
     "--checkpoint-freq": ("1024", 1024),
     "--algo": ("a2c", "a2c"),
     "--update-obs-stats": (None, True),
 }
+SETTING_FLAGS = [FLAGS[name] for name in cli.FINETUNE_FLAGS if FLAGS[name].setting is not None]
 
 
 def field_at(task, path: str):
-    section, _, key = path.rpartition(".")
-    holder = getattr(task, section) if section else task
+    from eva_rl.experiments.tasks import SETTINGS
+
+    section, _, key = SETTINGS[path].path.partition(".") if path in SETTINGS else path.partition(".")
+    holder = getattr(task, section)
+    if not key:
+        return holder
     return holder[key] if isinstance(holder, dict) else getattr(holder, key)
 
 
-@pytest.mark.parametrize("option", [*ENV_OPTIONS, *ADAPTER_OPTIONS, *FINETUNE_OPTIONS], ids=lambda o: o.flags[0])
-def test_each_option_parses_and_sets_its_task_field(option: Option) -> None:
-    text, value = VALID[option.flags[0]]
-    given = [option.flags[0]] if text is None else [option.flags[0], text]
-    args = cli.finetune_parser().parse_args(["--env", "PointGoal", *given])
-    task = cli.finetune_task(args)
-    assert field_at(task, option.path) == value
-    if option.method_setting is not None:
-        assert all(option.method_setting not in settings for settings in task.method_settings.values())
+def finetune_args(*argv: str) -> argparse.Namespace:
+    return cli.COMMANDS["finetune"].parser().parse_args(["--env", "PointGoal", *argv])
 
 
-def test_every_flag_is_declared_once_and_the_parsers_take_them() -> None:
-    finetune_flags = [flag for option in (*ENV_OPTIONS, *ADAPTER_OPTIONS, *FINETUNE_OPTIONS) for flag in option.flags]
-    assert len(finetune_flags) == len(set(finetune_flags))
-    help_text = cli.finetune_parser().format_help()
-    assert all(flag in help_text for flag in finetune_flags)
-    pretrain = cli.pretrain_parser().parse_args(["--env", "PointGoal", "--total-timesteps", "99", "--seed", "5"])
-    task = cli.apply_options(cli.resolve_task(pretrain), pretrain, PRETRAIN_OPTIONS)
-    assert (task.pretrain_timesteps, task.pretrain_seed) == (99, 5)
+@pytest.mark.parametrize("flag", SETTING_FLAGS, ids=lambda flag: flag.flags[0])
+def test_each_setting_flag_parses_and_sets_its_task_field(flag) -> None:
+    text, value = VALID[flag.flags[0]]
+    task = cli.resolve_task(finetune_args(*([flag.flags[0]] if text is None else [flag.flags[0], text])))
+    assert field_at(task, flag.setting) == value
+    assert all(flag.setting not in settings for settings in task.method_settings.values())
+
+
+def test_every_command_takes_its_flags_from_the_one_vocabulary() -> None:
+    """A flag's help, default and type are the same in every command that takes it, and every flag a command
+    declares is in its help."""
+    seen: dict[str, tuple] = {}
+    commands = [*cli.COMMANDS.values(), cli.INSPECT_BANK, cli.PLOT_RUNS]
+    for command in commands:
+        parser = command.parser()
+        help_text = parser.format_help()
+        for action in parser._actions:
+            if action.dest == "help":
+                continue
+            assert action.dest in FLAGS, f"{command.name} declares {action.dest} outside options.FLAGS"
+            described = (action.help, action.default, action.type, tuple(action.option_strings))
+            assert seen.setdefault(action.dest, described) == described, action.dest
+            assert (action.option_strings or [action.dest])[0] in help_text
+    assert {"seeds", "workers", "device", "eval_episodes", "log_dir"} <= set(seen)
+
+
+def test_seeds_are_seed_values_in_every_command() -> None:
+    assert finetune_args("--seeds", "3", "5").seeds == [3, 5]
+    compare = cli.COMMANDS["compare"].parser().parse_args(["--suite", "smoke", "--seeds", "3", "5"])
+    assert compare.seeds == [3, 5]
+
+
+def test_pretrain_puts_the_budget_and_seed_in_its_own_fields() -> None:
+    args = cli.COMMANDS["pretrain"].parser().parse_args(["--env", "PointGoal", "--total-timesteps", "99"])
+    task = cli.resolve_task(args, rename={"total_timesteps": "pretrain_timesteps"})
+    assert task.pretrain_timesteps == 99 and task.total_timesteps == find_task("PointGoal").total_timesteps
 
 
 def test_a_command_line_rate_or_rank_overrides_every_methods_own() -> None:
-    task = find_task("MiniGrid-DoorKey")
-    args = cli.finetune_parser().parse_args(["--env", "MiniGrid-DoorKey", "--rank", "2", "--lr", "1e-4"])
-    overridden = cli.apply_options(
-        task.override(method_settings={"eva": {"r": 8, "learning_rate": 3e-3}}),
-        args,
-        ADAPTER_OPTIONS + FINETUNE_OPTIONS,
-    )
-    eva = overridden.for_method("eva")
+    task = find_task("MiniGrid-DoorKey").with_overrides({"method_settings": {"eva": {"r": 8, "learning_rate": 3e-3}}})
+    overridden = cli.apply_flags(task, finetune_args("--rank", "2", "--lr", "1e-4"))
+    eva = overridden.with_overrides(method="eva")
     assert (eva.lora.r, eva.ppo["learning_rate"]) == (2, 1e-4)
+    assert task.with_overrides(method="eva").lora.r == 8, "without the flags, the method's own rank"
 
 
 BAD = [
-    (["--rank", "0"], "--rank 0 is invalid: LoraConfig.r=0 is invalid: expected an integer >= 1"),
+    (["--rank", "0"], "--rank 0 is invalid: lora.r=0 is invalid: expected an integer >= 1"),
     (["--rank", "-1"], "--rank -1 is invalid"),
-    (["--alpha", "0"], "--alpha 0.0 is invalid: LoraConfig.alpha=0.0"),
-    (["--rho", "0.5"], "--rho 0.5 is invalid: EvaConfig.rho=0.5"),
-    (["--tau", "1.5"], "--tau 1.5 is invalid: EvaConfig.tau=1.5"),
+    (["--alpha", "0"], "--alpha 0.0 is invalid: lora.alpha=0.0"),
+    (["--rho", "0.5"], "--rho 0.5 is invalid: eva.rho=0.5"),
+    (["--tau", "1.5"], "--tau 1.5 is invalid: eva.tau=1.5"),
     (["--eva-batch-size", "0"], "--eva-batch-size 0 is invalid: EvaConfig.batch_size=0"),
     (["--total-timesteps", "0"], "--total-timesteps 0 is invalid: total_timesteps=0"),
     (["--eval-freq", "0"], "--eval-freq 0 is invalid: eval.freq=0"),
@@ -101,6 +127,13 @@ def test_a_bad_value_is_one_error_line_before_anything_runs(
 @pytest.mark.parametrize("argv", [["--threads", "0"], ["--rank", "two"]])
 def test_a_value_of_the_wrong_type_is_rejected_by_the_parser(argv: list[str], capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        cli.finetune_parser().parse_args(["--env", "PointGoal", *argv])
+        finetune_args(*argv)
     assert exit_info.value.code == 2
     assert argv[0] in capsys.readouterr().err
+
+
+def test_compare_methods_outside_the_suites_own_are_one_error_line(capsys: pytest.CaptureFixture) -> None:
+    """smoke's methods are eva and full: lora would run at settings nobody tuned for the suite."""
+    code = cli.compare_main(["--suite", "smoke", "--methods", "eva,lora", "--report-only"])
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and "--methods=['eva', 'lora'] is invalid" in line and "['eva', 'full']" in line

@@ -22,7 +22,7 @@ from eva_rl.loading import load_pretrained
 def test_pretrain_writes_the_statistics_it_trained_with_and_evaluates_through_them(
     tmp_path: Path, normalize: bool
 ) -> None:
-    task = find_task("PointGoal").override(pretrain_timesteps=1024, pretrain_normalize=normalize)
+    task = find_task("PointGoal").with_overrides(dict(pretrain_timesteps=1024, pretrain_normalize=normalize))
     card = pretrain(task, tmp_path, eval_episodes=8, device="cpu", progress=False)
     stats = tmp_path / "vecnormalize.pkl"
     assert stats.is_file() == normalize and card["vec_normalize"] == ("vecnormalize.pkl" if normalize else None)

@@ -11,11 +11,10 @@ import pytest
 from PIL import Image
 
 from eva_rl.experiments.cli import compare_main
-from eva_rl.experiments.compare import rank_study_specs, run_specs
-from eva_rl.experiments.ranks import RankStudy, rank_markdown, rank_report
-from eva_rl.experiments.runs import RunResult
+from eva_rl.experiments.run_folder import RunResult
 from eva_rl.experiments.stats import iqm
-from eva_rl.experiments.suites import load_suite
+from eva_rl.experiments.studies.ranks import RankStudyRuns, rank_markdown, rank_report
+from eva_rl.experiments.suites import RankStudy, load_suite
 from eva_rl.experiments.tasks import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore:EVA:UserWarning")
@@ -24,7 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:EVA:UserWarning")
 def test_specs_reuse_the_suites_own_runs_at_its_rank_and_set_alpha_to_r_elsewhere(tmp_path: Path) -> None:
     suite = load_suite("smoke")
     suite.method_settings = {"eva": {"learning_rate": 3e-3}}
-    pairs = rank_study_specs(suite, tmp_path)
+    pairs = RankStudyRuns(suite, tmp_path).plan()
     assert [(r, s.method, s.seed) for r, s in pairs] == [(2, "lora", 0), (2, "eva", 0), (4, "lora", 0), (4, "eva", 0)]
     for r, spec in pairs:
         assert spec.task.lora.r == r and spec.task.lora.default_alpha == r
@@ -33,7 +32,7 @@ def test_specs_reuse_the_suites_own_runs_at_its_rank_and_set_alpha_to_r_elsewher
         # the suite's per-method learning rate holds at every rank
         assert spec.task.ppo["learning_rate"] == (3e-3 if spec.method == "eva" else 1e-3)
     # at the suite's rank the spec is exactly the suite's own (same settings: its finished run is reused)
-    (_, suite_eva), *_ = run_specs(suite, tmp_path, ["eva"], [0])
+    (_, suite_eva), *_ = suite.run_specs(tmp_path, ["eva"], [0])
     assert pairs[3][1].task == suite_eva.task and pairs[3][1].run_dir == suite_eva.run_dir
 
 

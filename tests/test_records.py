@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from eva_rl import ConfigError, EvaReport
-from eva_rl.experiments.report import SuiteReport
-from eva_rl.experiments.runs import RunResult
+from eva_rl.experiments.run_folder import RunResult
+from eva_rl.experiments.studies.suite import SuiteReport
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -41,11 +41,11 @@ def closed_envs(monkeypatch: pytest.MonkeyPatch) -> list[list[bool]]:
 
 def point_goal_spec(tmp_path: Path, method: str = "eva", **eva_changes) -> runs.RunSpec:
     import_packages(["envs"])
-    task = find_task("PointGoal").for_method(method)
-    task = task.override(
+    task = find_task("PointGoal").with_overrides(method=method)
+    task = task.with_overrides(dict(
         total_timesteps=512, eval=dataclasses.replace(task.eval, freq=512, episodes=2), n_envs=2,
         eva=dataclasses.replace(task.eva, **eva_changes), ppo={**task.ppo, "n_steps": 128},
-    )  # fmt: skip
+    ))  # fmt: skip
     return runs.RunSpec(task, method, 0, tmp_path, task.agent_path, "cpu")
 
 
@@ -60,11 +60,13 @@ def test_envs_are_closed_after_a_run_and_a_rerun_reads_the_record(
 ) -> None:
     spec = point_goal_spec(tmp_path, "lora")
     result = runs.run(spec, progress=False)
-    assert len(closed_envs) == 2 and all(closed[0] for closed in closed_envs)
+    # training, evaluation, and the evaluation back on the source env (the result's source_return)
+    assert len(closed_envs) == 3 and all(closed[0] for closed in closed_envs)
+    assert result.source_return is not None
     assert result.method == "lora" and result.total_timesteps == 512 and result.eval_curve[0][0] == 0
     assert (spec.run_dir / "adapter" / "adapter_config.json").is_file()
     assert runs.run(spec, progress=False) == result  # complete: read back, nothing run again
-    assert len(closed_envs) == 2
+    assert len(closed_envs) == 3
 
 
 def test_a_failed_write_leaves_neither_a_half_file_nor_its_temp(tmp_path: Path) -> None:
@@ -91,12 +93,12 @@ def test_one_run_folder_takes_one_process_at_a_time(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from eva_rl.experiments.runs import RunDirError, run_lock
+    from eva_rl.experiments.run_folder import RunDirError, RunFolder
 
     run_dir = tmp_path / "PointGoal" / "lora" / "seed0"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from eva_rl.experiments.runs import run_lock\nimport sys, time\n"
-         f"with run_lock(__import__('pathlib').Path({str(run_dir)!r})):\n    print('held', flush=True)\n"
+        [sys.executable, "-c", f"from eva_rl.experiments.run_folder import RunFolder\nimport sys, time\n"
+         f"with RunFolder({str(run_dir)!r}).lock():\n    print('held', flush=True)\n"
          "    time.sleep(60)\n"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -107,7 +109,7 @@ def test_one_run_folder_takes_one_process_at_a_time(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
-    with run_lock(run_dir):  # free again once the holder is gone
+    with RunFolder(run_dir).lock():  # free again once the holder is gone
         pass
 
 
@@ -118,8 +120,8 @@ def test_a_completed_run_made_with_other_settings_is_named_not_reused(tmp_path: 
     assert first.settings["lora"]["r"] == spec.task.lora.r and "eva" not in first.settings
     changed = dataclasses.replace(
         spec,
-        task=spec.task.override(
-            ppo={**spec.task.ppo, "learning_rate": 0.123}, lora=dataclasses.replace(spec.task.lora, r=3)
+        task=spec.task.with_overrides(
+            dict(ppo={**spec.task.ppo, "learning_rate": 0.123}, lora=dataclasses.replace(spec.task.lora, r=3))
         ),
     )
     with pytest.raises(runs.RunDirError) as error:
@@ -143,7 +145,7 @@ def test_a_checkpoint_made_with_another_learning_rate_is_not_resumed_with_the_ne
     from eva_rl.experiments.training import RunCallback
 
     spec = point_goal_spec(tmp_path, "lora")
-    spec = dataclasses.replace(spec, task=spec.task.override(total_timesteps=1024, checkpoint_freq=256))
+    spec = dataclasses.replace(spec, task=spec.task.with_overrides(dict(total_timesteps=1024, checkpoint_freq=256)))
     save = RunCallback.save_checkpoint
 
     def save_then_die(self: RunCallback) -> None:
@@ -155,7 +157,7 @@ def test_a_checkpoint_made_with_another_learning_rate_is_not_resumed_with_the_ne
         runs.run(spec, progress=False)
     monkeypatch.undo()
     assert (spec.run_dir / "checkpoint.zip").is_file() and (spec.run_dir / "settings.json").is_file()
-    faster = dataclasses.replace(spec, task=spec.task.override(ppo={**spec.task.ppo, "learning_rate": 0.01}))
+    faster = dataclasses.replace(spec, task=spec.task.with_overrides({"learning_rate": 0.01}))
     with pytest.raises(runs.RunDirError, match=r"holds an unfinished run made with other settings \(hyperpara"):
         runs.run(faster, progress=False, resume=True)
     with pytest.raises(runs.RunDirError, match="pass --resume"):
@@ -171,7 +173,7 @@ def normalized_agent(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     import_packages(["envs"])
     out = tmp_path_factory.mktemp("normalized")
-    task = find_task("PointGoal").override(pretrain_timesteps=1024, pretrain_normalize=True)
+    task = find_task("PointGoal").with_overrides(dict(pretrain_timesteps=1024, pretrain_normalize=True))
     pretrain(task, out, eval_episodes=2, device="cpu", progress=False)
     return out / "model.zip"
 
@@ -194,8 +196,8 @@ def test_a_resumed_run_is_the_uninterrupted_run(
     def spec_in(folder: Path) -> runs.RunSpec:
         spec = point_goal_spec(folder, method)
         eval_settings = dataclasses.replace(spec.task.eval, freq=384, episodes=4)
-        task = spec.task.override(
-            total_timesteps=2048, checkpoint_freq=768, eval=eval_settings, update_obs_stats=normalized
+        task = spec.task.with_overrides(
+            dict(total_timesteps=2048, checkpoint_freq=768, eval=eval_settings, update_obs_stats=normalized)
         )
         return dataclasses.replace(spec, task=task, agent_path=agent or spec.agent_path)
 

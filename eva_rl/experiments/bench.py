@@ -3,13 +3,12 @@ print them as one JSON object on the last line)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
-import multiprocessing
 import platform
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing as closing_env
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from eva_rl.config import EvaConfig
 from eva_rl.errors import ConfigError
 from eva_rl.eva import layer_input_rows
 from eva_rl.experiments.environments import env_factory, import_packages, make_vec
-from eva_rl.experiments.options import CommandParser
+from eva_rl.experiments.execute import in_fresh_process
 from eva_rl.experiments.tasks import TaskConfig, find_task, known_tasks
 from eva_rl.loading import algorithm_name, load_agent
 from eva_rl.models import wrap_target_env
@@ -370,13 +369,11 @@ def measure_eva_scaling(
     :param batches: Batches per point (``tau=1`` keeps EVA from stopping early).
     :param r: LoRA rank; EVA tracks ``round(r * 2)`` components (rho 2).
     """
-    context = multiprocessing.get_context("spawn")
-    points = []
-    for width in widths:
-        for batch_size in batch_sizes:
-            with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-                points.append(pool.submit(_scaling_point, width, batch_size, batches, r, device, seed).result())
-    return points
+    return [
+        in_fresh_process(_scaling_point, width, batch_size, batches, r, device, seed)
+        for width in widths
+        for batch_size in batch_sizes
+    ]
 
 
 def measure_bank(task_name: str, seed: int = 0, tasks: int = 5, switches: int = 100) -> dict[str, Any]:
@@ -478,33 +475,12 @@ def measure_weight_cache(task_name: str, seed: int = 0, device: str = "cpu", ste
     }
 
 
-def bench_main(argv: Sequence[str] | None = None) -> int:
-    parser = CommandParser(prog="eva-rl bench", description=__doc__)
-    parser.add_argument("--task", default="MiniGrid-DoorKey", help="a task with a bundled agent")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda; with cpu, CUDA is measured too where present")
-    parser.add_argument("--throughput-steps", type=int, default=2048, help="PPO steps per timing round; 0 skips")
-    parser.add_argument(
-        "--quick", action="store_true", help="512 PPO steps per timing round, 2 scaling points (a smoke run)"
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for small nets)")
-    parser.add_argument(
-        "--offpolicy-task",
-        default="Pendulum-Gravity",
-        help="a task with a bundled off-policy agent, for the LoRA-SAC throughput ('' skips)",
-    )
-    parser.add_argument(
-        "--bank-only", action="store_true", help="only the adapter bank's figures (switch time, bytes per task)"
-    )
-    parser.add_argument(
-        "--view-only", action="store_true", help="only the MiniGrid view's figures (env steps/s: ours, MiniGrid's)"
-    )
-    parser.add_argument(
-        "--weight-cache-only",
-        action="store_true",
-        help="only the LoRA PPO throughput ratio on --task with the no-grad weight cache and without",
-    )
-    args = parser.parse_args(argv)
+def bench(args: argparse.Namespace) -> int:
+    """``eva-rl bench``: the figures its flags ask for, as one JSON line. ``--device auto`` measures on the CPU, and on
+    CUDA too where present."""
+    args.task = args.env or "MiniGrid-DoorKey"
+    args.seed = 0 if args.seed is None else args.seed
+    args.device = "cpu" if args.device == "auto" else args.device
     torch.set_num_threads(args.threads)
     steps = 512 if args.quick else args.throughput_steps
     if args.weight_cache_only:

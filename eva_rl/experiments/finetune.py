@@ -1,7 +1,8 @@
 """The main job: fine-tune a pretrained agent on a target env with each method, and log them as comparable runs.
 
 Every method (:mod:`eva_rl.methods`) runs with the same algorithm, hyperparameters and seeds and a fresh optimizer;
-each run is a :class:`~eva_rl.experiments.runs.RunSpec` written to its own folder (see :mod:`eva_rl.experiments.runs`).
+each run is a :class:`~eva_rl.experiments.runs.RunSpec` written to its own folder (see :mod:`eva_rl.experiments.runs`),
+carried out by an :class:`~eva_rl.experiments.execute.Executor` (side by side, one progress bar each, for the main job).
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
 
-import torch
-
 from eva_rl.adapt import adapter_plan, fine_tuning_algorithm
 from eva_rl.experiments.environments import agent_env, import_packages
-from eva_rl.experiments.parallel import run_side_by_side
+from eva_rl.experiments.execute import Executor
 from eva_rl.experiments.runs import (
     RunResult,
     RunSpec,
@@ -51,7 +50,7 @@ def check_agent_fits(task: TaskConfig, agent_path: Path, methods: Sequence[str] 
     agent = load_pretrained(agent_path, device="cpu")
     fine_tuning_algorithm(agent.model, task.algo)
     for name in methods:
-        method, settings = get_method(name), task.for_method(name)
+        method, settings = get_method(name), task.with_overrides(method=name)
         if method.adapters:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the run itself warns about capped ranks
@@ -99,22 +98,22 @@ def finetune(
     task: TaskConfig,
     agent_path: Path,
     log_dir: Path,
-    methods: Sequence[str],
-    seeds: Sequence[int],
+    executor: Executor,
     device: str = "auto",
     resume: bool = False,
-    progress: bool = True,
     overwrite: bool = False,
     echo: Callable[[str], None] = print,
-    workers: int = 1,
 ) -> list[RunResult]:
-    """Every method x seed; completed runs are skipped, so a rerun resumes a sweep.
+    """Every method x seed of ``task`` (its ``methods`` and ``seeds``); completed runs are skipped, so a rerun
+    resumes a sweep.
 
+    :param executor: Carries out the runs (:class:`~eva_rl.experiments.execute.SideBySide` for the main job).
+    :param resume: Continue interrupted runs from their checkpoints (without it, one is an error before anything
+        runs).
     :param overwrite: Start over the runs whose folders hold runs made with other settings (see :func:`run`).
-    :param workers: Runs side by side, each in its own process (1: one after the other, in this process).
     """
     import_packages(task.env_packages)
-    agent = check_agent_fits(task, agent_path, methods)
+    agent = check_agent_fits(task, agent_path, task.methods)
     stats = f", VecNormalize statistics {agent.vec_normalize}" if agent.vec_normalize else ""
     algorithm = (task.algo or agent.algorithm).upper()
     echo(f"[eva-rl] agent: {agent.algorithm.upper()} ({agent.layout}{stats}); fine-tuned with {algorithm}")
@@ -126,17 +125,15 @@ def finetune(
             f"each run trains {trained}"
         )
     specs = [
-        RunSpec(task.for_method(method), method, seed, log_dir, agent_path, device)
-        for seed in seeds
-        for method in methods
+        RunSpec(task.with_overrides(method=method), method, seed, log_dir, agent_path, device)
+        for seed in task.seeds
+        for method in task.methods
     ]
     check_writable(Path(log_dir))
     for spec in specs:  # a folder that cannot be used stops the job before anything runs
         check_run_dir(spec, run_settings(spec), resume, overwrite)
     for spec in specs:
         echo(f"[eva-rl] {task.name}: {spec.method} seed {spec.seed} -> {spec.run_dir}")
-    if workers > 1 and len(specs) > 1:
-        echo(f"[eva-rl] {len(specs)} runs, {min(workers, len(specs))} side by side (--workers)")
-    return run_side_by_side(
-        specs, workers, resume=resume, overwrite=overwrite, progress=progress, threads=torch.get_num_threads()
-    )
+    if executor.workers > 1 and len(specs) > 1:
+        echo(f"[eva-rl] {len(specs)} runs, {min(executor.workers, len(specs))} side by side (--workers)")
+    return executor.run(specs, resume=resume, overwrite=overwrite)

@@ -1,20 +1,23 @@
-"""Command-line settings, each declared once: its flag, type and help build the parser, and its path says which
-field of the task (:class:`~eva_rl.experiments.tasks.TaskConfig`) it overrides.
+"""The command-line vocabulary: every flag of every ``eva-rl`` command declared once, in :data:`FLAGS`, so the same
+name means the same thing, with the same default, in each command that takes it.
 
-A value given on the command line is validated by the same dataclass that validates the task file, so a bad one
-(``--rank 0``, ``--tau 1.5``) is a :class:`~eva_rl.errors.ConfigError` naming the flag, never silently replaced.
+A flag that overrides a task setting names it (``setting``: a short name of
+:data:`~eva_rl.experiments.tasks.SETTINGS` or a dotted path); :func:`task_overrides` collects the given ones for
+:meth:`~eva_rl.experiments.tasks.TaskConfig.with_overrides`, which validates them like the task file's values, so a
+bad one (``--rank 0``, ``--tau 1.5``) is a :class:`~eva_rl.errors.ConfigError` naming the flag, never silently
+replaced.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
-from eva_rl.errors import ConfigError
-from eva_rl.experiments.tasks import TaskConfig
+from eva_rl.experiments.execute import BACKENDS
 from eva_rl.loading import ALGORITHMS
 from eva_rl.methods import method_names
 
@@ -32,32 +35,47 @@ def comma_list(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-@dataclass(frozen=True)
-class Option:
-    """One command-line setting that overrides a task field.
+def count(value: str) -> int:
+    """An integer >= 1 from the command line."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is invalid: expected an integer >= 1") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{number} is invalid: expected an integer >= 1")
+    return number
 
-    :param flags: The flag and its aliases (``("--seeds", "--seed")``).
-    :param path: The task field it sets: ``"total_timesteps"``, or ``"<section>.<field>"`` for a field of the
-        ``lora``, ``eva`` or ``eval`` settings or a key of the ``ppo`` arguments.
-    :param type: Parses the command-line string (``None`` for a flag, ``action="store_true"``).
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag.
+
+    :param flags: The flag (and its aliases).
     :param help: The ``--help`` text.
-    :param method_setting: The ``method_settings`` key it overrides for every method (a learning rate given on the
-        command line applies to all methods, not only those without their own).
+    :param group: The help section it is listed under.
+    :param type: Parses the command-line string (``None`` for a switch, ``action="store_true"``).
+    :param setting: The task setting it overrides (a short name or a dotted path), if any.
+    :param default: Its value when not given (``None``: the task's, or the command's own).
+    :param required: The command needs it.
     :param nargs: ``argparse``'s ``nargs``.
-    :param action: ``argparse``'s ``action`` (``"append"``, ``"extend"``).
+    :param action: ``argparse``'s ``action``.
     :param choices: Accepted values.
     :param metavar: Placeholder in the help text.
+    :param positional: An argument without a dash (``flags`` holds its name).
     """
 
     flags: tuple[str, ...]
-    path: str
-    type: Callable[[str], Any] | None
     help: str
-    method_setting: str | None = None
+    group: str = "options"
+    type: Callable[[str], Any] | None = str
+    setting: str | None = None
+    default: Any = None
+    required: bool = False
     nargs: str | None = None
     action: str | None = None
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
+    positional: bool = False
 
     @property
     def dest(self) -> str:
@@ -65,130 +83,298 @@ class Option:
 
     def add_to(self, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
         extra = {
-            k: v
-            for k, v in {
+            key: value
+            for key, value in {
                 "nargs": self.nargs,
                 "action": self.action,
                 "choices": self.choices,
                 "metavar": self.metavar,
+                "type": self.type if self.action != "store_true" else None,
             }.items()
-            if v is not None
+            if value is not None
         }
-        if self.type is not None:
-            extra["type"] = self.type
-        parser.add_argument(*self.flags, dest=self.dest, help=self.help, default=None, **extra)
-
-    def apply(self, task: TaskConfig, value: Any) -> TaskConfig:
-        """``task`` with this option's field set to ``value`` (and validated again).
-
-        :raises ConfigError: naming the flag and the value when the task's validation rejects it.
-        """
-        section, _, key = self.path.rpartition(".")
-        try:
-            if not section:
-                task = task.override(**{key: value})
-            else:
-                current = getattr(task, section)
-                if isinstance(current, dict):
-                    updated = {**current, key: value}
-                else:
-                    updated = dataclasses.replace(current, **{key: value})
-                task = task.override(**{section: updated})
-        except ConfigError as error:
-            raise ConfigError(f"{self.flags[0]} {_shown(value)} is invalid: {error}") from error
-        if self.method_setting is not None:
-            task = task.without_method_settings([self.method_setting])
-        return task
+        if self.positional:
+            parser.add_argument(self.flags[0], help=self.help, **extra)
+            return
+        if self.required:
+            extra["required"] = True
+        parser.add_argument(*self.flags, dest=self.dest, help=self.help, default=self.default, **extra)
 
 
-def _shown(value: Any) -> str:
-    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
-
-
-ENV_OPTIONS = (
-    Option(("--n-envs",), "n_envs", int, "parallel envs for PPO"),
-    Option(
-        ("--wrapper",), "wrappers", str, "observation wrapper (repeatable)", action="append", metavar="MODULE:CLASS"
-    ),
+ENVIRONMENT, AGENT, TRAINING, RUNS, STUDY, BENCH = (
+    "environment",
+    "agent and adapters",
+    "training",
+    "runs",
+    "study",
+    "benchmark",
 )
-"""How the target env is vectorized and encoded (every command that builds it)."""
 
-ADAPTER_OPTIONS = (
-    Option(("--rank",), "lora.r", int, "LoRA rank r per layer (EVA's budget is r x layers)", method_setting="r"),
-    Option(("--alpha",), "lora.alpha", float, "LoRA alpha (scaling alpha/r)", method_setting="alpha"),
-    Option(("--rho",), "eva.rho", float, "EVA rank redistribution factor (>= 1)", method_setting="rho"),
-    Option(("--tau",), "eva.tau", float, "EVA convergence threshold, cosine in [0, 1]", method_setting="tau"),
-    Option(("--eva-batch-size",), "eva.batch_size", int, "env steps per EVA batch"),
-    Option(
-        ("--algo",),
-        "algo",
-        str,
-        "algorithm to fine-tune with (default: the one that saved the agent; PPO and A2C agents take either)",
-        choices=tuple(ALGORITHMS),
-    ),
-)
-"""The adapters and EVA (``finetune`` and ``inspect``)."""
+FLAGS: dict[str, Flag] = {
+    flag.dest: flag
+    for flag in (
+        # what to train on
+        Flag(
+            ("--env",),
+            "a task name from configs/ (e.g. MiniGrid-DoorKey), a registered Gymnasium id, or module:Class",
+            ENVIRONMENT,
+        ),
+        Flag(
+            ("--config",),
+            "a task YAML file to use instead of looking up --env in configs/; its module:Class entries (env, "
+            "wrappers, *_class) are imported and called: use only files you trust",
+            ENVIRONMENT,
+            type=Path,
+        ),
+        Flag(
+            ("--gym-package",),
+            "import PKG first, for packages that register env ids (repeatable)",
+            ENVIRONMENT,
+            action="append",
+            metavar="PKG",
+        ),
+        Flag(("--n-envs",), "parallel envs for training", ENVIRONMENT, type=int, setting="n_envs"),
+        Flag(
+            ("--wrapper",),
+            "observation wrapper (repeatable)",
+            ENVIRONMENT,
+            setting="wrappers",
+            action="append",
+            metavar="MODULE:CLASS",
+        ),
+        Flag(("--device",), "auto (CUDA when present), cpu, cuda, cuda:N", ENVIRONMENT, default="auto"),
+        Flag(("--threads",), "torch CPU threads per run (1 is fastest for small nets)", ENVIRONMENT, count, default=1),
+        # the agent and its adapters
+        Flag(
+            ("--pretrained",),
+            "your own agent: an SB3 zip, an rl-zoo3 run folder (logs/<algo>/<env>_<n>) or a Hub folder, with its "
+            "VecNormalize statistics; zips and .pkl files are pickles, load only agents you trust (default: the "
+            "task's bundled agent)",
+            AGENT,
+            type=Path,
+        ),
+        Flag(("--rank",), "LoRA rank r per layer (EVA's budget is r x layers)", AGENT, int, setting="r"),
+        Flag(("--alpha",), "LoRA alpha (scaling alpha/r)", AGENT, float, setting="alpha"),
+        Flag(("--rho",), "EVA rank redistribution factor (>= 1)", AGENT, float, setting="rho"),
+        Flag(("--tau",), "EVA convergence threshold, cosine in [0, 1]", AGENT, float, setting="tau"),
+        Flag(("--eva-batch-size",), "env steps per EVA batch", AGENT, int, setting="eva.batch_size"),
+        Flag(
+            ("--eva-data",),
+            "EVA's data: its own rollouts before PPO (default), or PPO's first rollouts (no extra env steps)",
+            AGENT,
+            setting="eva.data_source",
+            choices=("rollouts", "ppo"),
+        ),
+        Flag(
+            ("--algo",),
+            "algorithm to train with (default: the task's, else the one that saved the agent; PPO and A2C agents "
+            "take either)",
+            AGENT,
+            setting="algo",
+            choices=tuple(ALGORITHMS),
+        ),
+        Flag(
+            ("--policy",),
+            "SB3 policy of a new agent (default: the task's, else MlpPolicy; MultiInputPolicy for Dict observations, "
+            "CnnPolicy for images)",
+            AGENT,
+            setting="policy",
+        ),
+        # training
+        Flag(
+            ("--methods",),
+            f"comma list out of {','.join(method_names())} (default: the task's, or the suite's)",
+            TRAINING,
+            comma_list,
+            setting="methods",
+        ),
+        Flag(
+            ("--seeds",),
+            "the seeds to run, one or more values (default: the task's, or the suite's)",
+            TRAINING,
+            int,
+            setting="seeds",
+            nargs="+",
+            action="extend",
+        ),
+        Flag(
+            ("--seed",), "the seed of the command's one run or measurement (default: the task's, else 0)", TRAINING, int
+        ),
+        Flag(
+            ("--total-timesteps",),
+            "training budget per run (default: the task's)",
+            TRAINING,
+            int,
+            setting="total_timesteps",
+        ),
+        Flag(
+            ("--lr",),
+            "learning rate for every method (default: the task's per-method learning rates)",
+            TRAINING,
+            float,
+            setting="learning_rate",
+        ),
+        Flag(("--eval-freq",), "env steps between evaluations", TRAINING, int, setting="eval_freq"),
+        Flag(
+            ("--eval-episodes",),
+            "episodes per evaluation (default: the task's)",
+            TRAINING,
+            int,
+            setting="eval_episodes",
+        ),
+        Flag(
+            ("--eval-seed",),
+            "seed of the evaluation episodes and action sampling (default: the task's)",
+            TRAINING,
+            int,
+            setting="eval.seed",
+        ),
+        Flag(("--checkpoint-freq",), "env steps between checkpoints", TRAINING, int, setting="checkpoint_freq"),
+        Flag(
+            ("--update-obs-stats",),
+            "let an agent's VecNormalize statistics keep updating while fine-tuning (rl-zoo3's continued training); "
+            "by default they stay as pretrained",
+            TRAINING,
+            None,
+            setting="update_obs_stats",
+            action="store_true",
+        ),
+        # where runs go and how they are carried out
+        Flag(("--log-dir",), "results root (default: runs)", RUNS, type=Path, default=Path("runs")),
+        Flag(("--resume",), "continue interrupted runs from their checkpoints", RUNS, None, action="store_true"),
+        Flag(
+            ("--overwrite",),
+            "start over the runs whose folders under --log-dir hold runs made with other settings (without it, such "
+            "a folder is an error that names what differs)",
+            RUNS,
+            None,
+            action="store_true",
+        ),
+        Flag(
+            ("--workers",),
+            "runs at a time, a process each (default: one per CPU core, at most one per run; 1: one after the other "
+            "in this process)",
+            RUNS,
+            count,
+        ),
+        Flag(("--no-progress",), "no progress bars", RUNS, None, action="store_true"),
+        Flag(
+            ("--video",),
+            "record the pretrained and each fine-tuned agent: GIFs beside each run and in its TensorBoard",
+            RUNS,
+            None,
+            action="store_true",
+        ),
+        Flag(("--out",), "where the command's output goes (default: named in its --help)", RUNS, type=Path),
+        # studies
+        Flag(("--suite",), "a suite name in configs/suites/ or a YAML path", STUDY, required=True),
+        Flag(("--sequence",), "a sequence name in configs/sequences/ or a YAML path", STUDY, required=True),
+        Flag(
+            ("--tune",),
+            "run the suite's tuning sweep on its tuning seeds and print the choices",
+            STUDY,
+            None,
+            action="store_true",
+        ),
+        Flag(
+            ("--rank-study",),
+            "run the suite's rank study (its methods at each of its ranks on one task) and plot against the rank",
+            STUDY,
+            None,
+            action="store_true",
+        ),
+        Flag(
+            ("--report-only",),
+            "run nothing: redraw the page from the completed runs (--methods, --seeds restrict it)",
+            STUDY,
+            None,
+            action="store_true",
+        ),
+        Flag(("--backend",), "where runs execute (default: local)", STUDY, choices=tuple(BACKENDS), default="local"),
+        Flag(("--ray-address",), "Ray cluster address, or 'auto'; default: start a local Ray instance", STUDY),
+        # what a command reads besides a task, and its own switches
+        Flag(("run_dir",), "a run folder holding model.zip, or a model zip", RUNS, Path, positional=True),
+        Flag(("run_dirs",), "run folders (<log-dir>/<task>/<method>/seed<k>)", RUNS, Path, nargs="+", positional=True),
+        Flag(("board",), "<log-dir>/<task>, holding <method>/seed<k>/ runs", RUNS, Path, positional=True),
+        Flag(
+            ("bank",),
+            "a bank folder (bank.json and adapters/), e.g. from eva-rl continual",
+            RUNS,
+            Path,
+            positional=True,
+        ),
+        Flag(("--evaluate",), "evaluate each task through the bank", RUNS, None, action="store_true"),
+        Flag(("--max-steps",), "frames per episode at most (default: 300)", RUNS, count, default=300),
+        Flag(
+            ("--card-episodes",),
+            "episodes of the model card's evaluation on the source and target envs (default: 100)",
+            TRAINING,
+            count,
+            default=100,
+        ),
+        Flag(("--throughput-steps",), "PPO steps per timing round; 0 skips (default: 2048)", BENCH, int, default=2048),
+        Flag(
+            ("--quick",),
+            "512 PPO steps per timing round, 2 scaling points (a smoke run)",
+            BENCH,
+            None,
+            action="store_true",
+        ),
+        Flag(
+            ("--offpolicy-task",),
+            "a task with a bundled off-policy agent, for the LoRA-SAC throughput ('' skips; default: Pendulum-Gravity)",
+            BENCH,
+            default="Pendulum-Gravity",
+        ),
+        Flag(
+            ("--bank-only",),
+            "only the adapter bank's figures (switch time, bytes per task)",
+            BENCH,
+            None,
+            action="store_true",
+        ),
+        Flag(
+            ("--view-only",),
+            "only the MiniGrid view's figures (env steps/s: ours, MiniGrid's)",
+            BENCH,
+            None,
+            action="store_true",
+        ),
+        Flag(
+            ("--weight-cache-only",),
+            "only the LoRA PPO throughput ratio on --env with the no-grad weight cache and without",
+            BENCH,
+            None,
+            action="store_true",
+        ),
+    )
+}
+"""Every flag of every command, by its ``dest``."""
 
-FINETUNE_OPTIONS = (
-    Option(("--methods",), "methods", comma_list, f"comma list out of {','.join(method_names())} (default eva,full)"),
-    Option(("--seeds", "--seed"), "seeds", int, "one or more seeds", nargs="+", action="extend"),
-    Option(("--total-timesteps",), "total_timesteps", int, "fine-tuning budget per run"),
-    Option(
-        ("--lr",),
-        "ppo.learning_rate",
-        float,
-        "learning rate for every method (default: the task's per-method learning rates)",
-        method_setting="learning_rate",
-    ),
-    Option(
-        ("--eva-data",),
-        "eva.data_source",
-        str,
-        "EVA's data: its own rollouts before PPO (default), or PPO's first rollouts (no extra env steps)",
-        choices=("rollouts", "ppo"),
-    ),
-    Option(("--eval-freq",), "eval.freq", int, "env steps between evaluations"),
-    Option(("--eval-episodes",), "eval.episodes", int, "episodes per evaluation"),
-    Option(("--checkpoint-freq",), "checkpoint_freq", int, "env steps between checkpoints"),
-    Option(
-        ("--update-obs-stats",),
-        "update_obs_stats",
-        None,
-        "let an agent's VecNormalize statistics keep updating while fine-tuning (rl-zoo3's continued training); "
-        "by default they stay as pretrained",
-        action="store_true",
-    ),
-)
-"""The fine-tuning runs (``finetune``)."""
 
-PRETRAIN_OPTIONS = (
-    Option(("--total-timesteps",), "pretrain_timesteps", int, "training budget (default: the task's)"),
-    Option(("--seed",), "pretrain_seed", int, "seed (default: the task's)"),
-    Option(
-        ("--policy",),
-        "policy",
-        str,
-        "SB3 policy (default: the task's, else MlpPolicy; MultiInputPolicy for Dict observations, CnnPolicy for "
-        "images)",
-    ),
-    Option(
-        ("--algo",), "algo", str, "algorithm to train with (default: the task's, else ppo)", choices=tuple(ALGORITHMS)
-    ),
-)
-"""The source agent's training (``pretrain``)."""
+def add_flags(parser: argparse.ArgumentParser, names: Sequence[str], required: Sequence[str] = ()) -> None:
+    """Declare the flags ``names`` on ``parser``, in their help sections (``required``: made required here)."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name in names:
+        flag = FLAGS[name]
+        if name in required and not flag.required:
+            flag = Flag(**{**flag.__dict__, "required": True})
+        if flag.group not in groups:
+            groups[flag.group] = parser.add_argument_group(flag.group)
+        flag.add_to(groups[flag.group])
 
 
-def add_options(parser: argparse.ArgumentParser, options: Sequence[Option], title: str | None = None) -> None:
-    """Declare ``options`` on ``parser`` (in an argument group called ``title``, if given)."""
-    target = parser.add_argument_group(title) if title else parser
-    for option in options:
-        option.add_to(target)
+def task_overrides(args: argparse.Namespace) -> dict[str, tuple[str, Any]]:
+    """``{setting: (flag as given, value)}`` for every given flag of ``args`` that overrides a task setting."""
+    given = {}
+    for name, value in vars(args).items():
+        flag = FLAGS.get(name)
+        if flag is not None and flag.setting is not None and value is not None and value is not False:
+            shown = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            given[flag.setting] = (f"{flag.flags[0]} {shown}" if flag.action != "store_true" else flag.flags[0], value)
+    return given
 
 
-def apply_options(task: TaskConfig, args: argparse.Namespace, options: Sequence[Option]) -> TaskConfig:
-    """``task`` with every option of ``options`` that ``args`` gives applied, in order."""
-    for option in options:
-        value = getattr(args, option.dest, None)
-        if value is not None:
-            task = option.apply(task, value)
-    return task
+def default_workers(runs: int) -> int:
+    """``--workers``' default: one per CPU core, at most one per run."""
+    return max(1, min(runs, os.cpu_count() or 1))

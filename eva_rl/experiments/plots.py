@@ -1,13 +1,43 @@
-"""Figures from the TensorBoard event files of a task's runs."""
+"""Figures: one way to make and save them (:func:`new_figure`, :func:`save_figure`; the studies' draw functions
+draw on axes and never read disk), and the figure of a task's runs from their TensorBoard event files."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from eva_rl.errors import ConfigError
+
+
+def new_figure(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """``matplotlib.pyplot.subplots(*args, **kwargs)`` on the file-only backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def palette() -> list[str]:
+    """Matplotlib's colour cycle."""
+    import matplotlib.pyplot as plt
+
+    return plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+def save_figure(figure: Any, path: Path) -> Path:
+    """Lay ``figure`` out, write it to ``path`` (its folder made) and close it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
 
 
 def read_scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
@@ -26,18 +56,13 @@ def plot_runs(board: Path, out: Path, tags: tuple[str, ...] = ("eval/mean_return
     :param board: ``<log-dir>/<task>``, holding ``<method>/seed<k>/`` run folders.
     :param out: PNG path.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not board.is_dir():
         raise ConfigError(f"{board} is not a folder: expected <log-dir>/<task>, holding <method>/seed<k>/ runs")
     methods = sorted(p for p in board.iterdir() if p.is_dir() and any(p.glob("seed*/events.out.tfevents*")))
     if not methods:
         raise ConfigError(f"{board} holds no runs: expected <method>/seed<k>/ folders with TensorBoard event files")
-    figure, axes = plt.subplots(1, len(tags), figsize=(5.5 * len(tags), 3.8), dpi=120, squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    figure, axes = new_figure(1, len(tags), figsize=(5.5 * len(tags), 3.8), dpi=120, squeeze=False)
+    colors = palette()
     for axis, tag in zip(axes[0], tags):
         for color, method_dir in zip(colors, methods):
             curves = [read_scalars(seed_dir, tag) for seed_dir in sorted(method_dir.glob("seed*"))]
@@ -54,8 +79,4 @@ def plot_runs(board: Path, out: Path, tags: tuple[str, ...] = ("eval/mean_return
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.suptitle(board.name)
-    figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out)
-    plt.close(figure)
-    return out
+    return save_figure(figure, out)

@@ -17,9 +17,10 @@ from tqdm.auto import tqdm
 
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.environments import env_factory, import_packages, load_object, make_vec
+from eva_rl.experiments.run_folder import RunFolder
 from eva_rl.experiments.tasks import ROOT, TaskConfig
 from eva_rl.experiments.training import evaluate
-from eva_rl.files import STATS, atomic_save_model, atomic_save_stats, atomic_write_json, atomic_write_text
+from eva_rl.files import atomic_save_model, atomic_save_stats, atomic_write_json, atomic_write_text
 from eva_rl.loading import ALGORITHMS, load_statistics
 from eva_rl.physics import is_mujoco_env
 
@@ -124,14 +125,14 @@ def pretrain(
         callbacks = [ProgressCallback(steps, f"pretrain {source_env}")] if progress else []
         model.learn(steps, callback=callbacks)
         # Written first: evaluating the agent needs them, and the zip without them is not the agent.
-        normalized = atomic_save_stats(model, out / STATS)
+        normalized = atomic_save_stats(model, out / RunFolder.STATS)
     train_seconds = time.perf_counter() - start
 
     def evaluate_on(env_id: str) -> tuple[float, float]:
         make_env = env_factory(env_id, task.wrappers, task.env_kwargs)
         env = make_vec(make_env, task.eval.env_count, task.eval.seed)
         if normalized:
-            env = load_statistics(out / STATS, env)
+            env = load_statistics(out / RunFolder.STATS, env)
             env.norm_reward = False
         with closing(env):
             return evaluate(model, env, eval_episodes, task.eval.seed, task.eval.deterministic)
@@ -139,12 +140,12 @@ def pretrain(
     eval_return, eval_std = evaluate_on(source_env)
     target_return = evaluate_on(task.target_env)[0] if task.target_env != source_env else None
 
-    atomic_save_model(model, out / "model.zip")
+    atomic_save_model(model, out / RunFolder.MODEL)
     card = {
         "task": task.name,
         "source_env": source_env,
         "target_env": task.target_env,
-        "path": _display_path(out / "model.zip"),
+        "path": _display_path(out / RunFolder.MODEL),
         "timesteps": int(model.num_timesteps),
         "seed": seed,
         "algorithm": algorithm,
@@ -152,7 +153,7 @@ def pretrain(
         "policy_kwargs": task.policy_kwargs,
         "ppo": {"n_envs": task.n_envs, **task.ppo},
         "observation_encoding": task.wrappers or ["none (raw observations)"],
-        "vec_normalize": STATS if normalized else None,
+        "vec_normalize": RunFolder.STATS if normalized else None,
         "observation_space": str(model.observation_space),
         "action_space": str(model.action_space),
         "eval_return": eval_return,

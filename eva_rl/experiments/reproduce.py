@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from eva_rl.experiments.runs import RunResult
+from eva_rl.experiments.run_folder import RunFolder, RunResult
 from eva_rl.experiments.tasks import ROOT
 
 MAIN_JOB = ["scripts/finetune.py", "--env", "MiniGrid-DoorKey"]
@@ -82,7 +82,8 @@ def check_readme(readme: Path, log_dir: Path) -> tuple[list[str], str]:
     text = readme.read_text()
     problems = compare_tables(summary_rows(text), summary_rows(done.stdout))
     board = log_dir / "MiniGrid-DoorKey"
-    results = [RunResult.read(path) for path in sorted(board.glob("*/seed*/result.json"))]
+    folders = [RunFolder(path) for path in sorted(board.glob("*/seed*"))]
+    results = [folder.read_result() for folder in folders if folder.is_complete]
     order = {row["method"]: i for i, row in enumerate(summary_rows(done.stdout))}
     sentence = first_reaching(sorted(results, key=lambda r: order.get(r.method, len(order))))
     if sentence not in " ".join(text.split()):  # the README wraps its lines

@@ -1,10 +1,5 @@
-"""One fine-tuning run: a method and a seed on a task, written to its own folder, resumable, skipped when complete.
-
-Layout: ``<log_dir>/<task>/<method>/seed<k>/`` holds the TensorBoard events, ``model.zip``, ``result.json``,
-``adapter/`` (adapter runs: the adapter-only checkpoint), ``eva.json`` (runs that used EVA), ``vecnormalize.pkl``
-(agents trained with VecNormalize: the run's own statistics, which evaluating ``model.zip`` needs), and while
-running ``settings.json`` and ``checkpoint.zip`` (+ ``checkpoint_vecnormalize.pkl``) and ``state.json`` for
-``--resume``.
+"""One fine-tuning run: a method and a seed on a task, written to its own folder
+(:class:`~eva_rl.experiments.run_folder.RunFolder`), resumable, skipped when complete.
 
 A run's settings (:func:`run_settings`: the agent, env, algorithm hyperparameters, budget, LoRA and EVA settings)
 are recorded in ``result.json`` and compared before a completed or interrupted run is reused: a folder holding a run
@@ -14,18 +9,14 @@ made with other settings is an error that names the differences, or, with ``over
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import inspect
 import json
-import shutil
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, closing, contextmanager
-from dataclasses import dataclass, field
+from contextlib import ExitStack, closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.logger import HParam, Logger, TensorBoardOutputFormat, configure
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
@@ -35,34 +26,23 @@ from torch.utils.tensorboard import SummaryWriter
 from eva_rl.adapt import adapt
 from eva_rl.callbacks import CachedAdapterWeights
 from eva_rl.checkpoints import save_adapter
-from eva_rl.errors import ConfigError, EvaConvergenceError, EvaRLError
+from eva_rl.errors import ConfigError, EvaConvergenceError
 from eva_rl.eva_logging import record_eva_report
 from eva_rl.eva_report import EvaReport
 from eva_rl.experiments.environments import agent_env
 from eva_rl.experiments.resume import restore_runtime_state
+from eva_rl.experiments.run_folder import RunDirError, RunFolder, RunResult
 from eva_rl.experiments.tasks import TaskConfig, algorithm_arguments
-from eva_rl.experiments.training import (
-    CHECKPOINT_BUFFER,
-    CHECKPOINT_RUNTIME,
-    CHECKPOINT_STATS,
-    STATS,
-    ProgressSink,
-    RunCallback,
-    count_parameters,
-)
-from eva_rl.files import atomic_save_model, atomic_save_stats, atomic_write_json, file_sha256
+from eva_rl.experiments.training import ProgressSink, RunCallback, count_parameters, evaluate
+from eva_rl.files import atomic_save_model, atomic_save_stats, file_sha256
 from eva_rl.loading import ALGORITHMS, PretrainedAgent, agent_zip, algorithm_name, load_agent, load_pretrained
 from eva_rl.methods import get_method
 from eva_rl.models import algorithm_hyperparameters
 
 
-class RunDirError(EvaRLError, ValueError):
-    """A run folder in a state that needs the user's decision."""
-
-
 @dataclass
 class RunSpec:
-    """One run: a method and a seed on a task (the task as that method runs it, see ``TaskConfig.for_method``)."""
+    """One run: a method and a seed on a task (the task as that method runs it, see ``TaskConfig.with_overrides``)."""
 
     task: TaskConfig
     method: str
@@ -72,65 +52,12 @@ class RunSpec:
     device: str = "auto"
 
     @property
+    def folder(self) -> RunFolder:
+        return RunFolder.of(self.log_dir, self.task.name, self.method, self.seed)
+
+    @property
     def run_dir(self) -> Path:
-        return self.log_dir / self.task.name / self.method / f"seed{self.seed}"
-
-
-@dataclass
-class RunResult:
-    """What a run wrote to ``result.json`` (:meth:`to_dict` / :meth:`from_dict` keep that file's fields).
-
-    :ivar eval_curve: ``[[env step, mean eval return], ...]``, from the step-0 evaluation (the jumpstart) on.
-    :ivar eva_env_steps: Env steps EVA's own rollouts took before PPO (0 without EVA or with EVA on PPO's data).
-    :ivar eva_skipped_steps: Env steps of PPO rollouts that fed EVA without an update (EVA on PPO's data).
-    :ivar source_return: The fine-tuned model's return back on the task's source env (``compare.py`` adds it).
-    :ivar algorithm: The algorithm that fine-tuned (``"ppo"``, ``"a2c"``...; results before it existed were PPO).
-    :ivar settings: What the run was made with (:func:`run_settings`); ``None`` in results written before it existed.
-    :ivar agent: The pretrained agent's path, as the run was given it (``eva-rl record`` loads it again).
-    """
-
-    task: str
-    method: str
-    seed: int
-    total_timesteps: int
-    jumpstart: float
-    final_return: float
-    best_return: float
-    eval_curve: list[list[float]]
-    trainable_params: int
-    total_params: int
-    wall_seconds: float
-    eva_env_steps: int = 0
-    eva_skipped_steps: int = 0
-    eva_seconds: float = 0.0
-    source_return: float | None = field(default=None)
-    algorithm: str = "ppo"
-    settings: dict[str, Any] | None = None
-    agent: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunResult:
-        """Read ``result.json`` content; fields added later get their defaults, unknown ones are ignored.
-
-        :raises ConfigError: if a field every result has is missing.
-        """
-        known = {f.name for f in dataclasses.fields(cls)}
-        try:
-            return cls(**{key: value for key, value in data.items() if key in known})
-        except TypeError as error:
-            raise ConfigError(f"not a run result ({error})") from error
-
-    @classmethod
-    def read(cls, path: Path) -> RunResult:
-        return cls.from_dict(json.loads(path.read_text()))
-
-    def sample_curve(self) -> tuple[np.ndarray, np.ndarray]:
-        """The eval curve with EVA's own env steps added to the x-axis, so methods compare in samples."""
-        curve = np.asarray(self.eval_curve, float)
-        return curve[:, 0] + self.eva_env_steps, curve[:, 1]
+        return self.folder.path
 
 
 def run(
@@ -146,13 +73,13 @@ def run(
     :raises RunDirError: for an unfinished run without ``resume``, or a folder holding a run made with other settings.
     """
     settings = run_settings(spec)
-    result_path = spec.run_dir / "result.json"
-    if result_path.exists() and not overwrite:
+    folder = spec.folder
+    if folder.is_complete and not overwrite:
         return _completed(spec, settings)
-    with run_lock(spec.run_dir):
+    with folder.lock():
         if check_run_dir(spec, settings, resume, overwrite):
-            _clear_run_dir(spec.run_dir)
-        if result_path.exists():  # also: finished by another process between the check above and the lock
+            folder.clear()
+        if folder.is_complete:  # also: finished by another process between the check above and the lock
             return _completed(spec, settings)
         return _run_locked(spec, settings, progress)
 
@@ -165,11 +92,12 @@ def check_run_dir(spec: RunSpec, settings: dict[str, Any], resume: bool = False,
     :raises RunDirError: for an unfinished run without ``resume``, or a run made with other settings without
         ``overwrite``, naming the settings that differ.
     """
-    run_dir = spec.run_dir
-    recorded = _recorded_settings(run_dir)
+    folder = spec.folder
+    run_dir = folder.path
+    recorded = folder.recorded_settings()
     stale = recorded is not None and bool(settings_differences(recorded, settings))
-    kept = "a completed" if (run_dir / "result.json").exists() else None
-    if kept is None and (run_dir / "checkpoint.zip").exists():
+    kept = "a completed" if folder.is_complete else None
+    if kept is None and folder.has_checkpoint:
         kept = "an unfinished"
     if stale and kept and not overwrite:
         raise RunDirError(_stale_message(run_dir, kept, recorded, settings))
@@ -235,23 +163,12 @@ def _stale_message(run_dir: Path, kind: str, recorded: dict[str, Any], settings:
     )
 
 
-def _recorded_settings(run_dir: Path) -> dict[str, Any] | None:
-    """The settings of the run the folder holds: its ``result.json``'s, or an unfinished run's ``settings.json``
-    (``None``: nothing there, or a run written before settings were recorded)."""
-    for name in ("result.json", "settings.json"):
-        path = run_dir / name
-        if path.is_file():
-            data = json.loads(path.read_text())
-            return data.get("settings") if name == "result.json" else data
-    return None
-
-
 def _completed(spec: RunSpec, settings: dict[str, Any]) -> RunResult:
     """The result of the completed run in ``spec.run_dir``, if it was made with ``settings``.
 
     :raises RunDirError: naming the settings that differ.
     """
-    result = RunResult.read(spec.run_dir / "result.json")
+    result = spec.folder.read_result()
     if result.settings is not None and settings_differences(result.settings, settings):
         raise RunDirError(_stale_message(spec.run_dir, "a completed", result.settings, settings))
     return result
@@ -265,48 +182,15 @@ def completed_result(spec: RunSpec) -> RunResult:
     return _completed(spec, run_settings(spec))
 
 
-def _clear_run_dir(run_dir: Path) -> None:
-    """Remove everything a run wrote to ``run_dir`` (its lock stays: the caller holds it)."""
-    for path in run_dir.iterdir():
-        if path.name == ".lock":
-            continue
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-
-
-@contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold ``run_dir``'s lock for the duration of a run, so two processes never write one run folder.
-
-    The lock is the operating system's (``flock``), so a killed process releases it.
-
-    :raises RunDirError: if another process holds it.
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as error:
-            raise RunDirError(
-                f"{run_dir} is in use by another run; wait for it to finish or use another --log-dir"
-            ) from error
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _run_locked(spec: RunSpec, settings: dict[str, Any], progress: bool | ProgressSink) -> RunResult:
     """The run itself, under its folder's lock: envs, the model (new or resumed), training, outputs."""
     start = time.perf_counter()
     if callable(progress):  # what the run does before PPO's first step (its bar shows nothing yet)
         progress(0, spec.task.total_timesteps, "EVA" if get_method(spec.method).runs_eva else "starting")
     agent = load_pretrained(spec.agent_path, device=spec.device)
-    # The model is saved before state.json: a checkpoint without one was cut off, and the run starts over.
-    resuming = (spec.run_dir / "checkpoint.zip").exists() and (spec.run_dir / "state.json").exists()
-    stats = spec.run_dir / CHECKPOINT_STATS if resuming and (spec.run_dir / CHECKPOINT_STATS).exists() else None
+    folder = spec.folder
+    resuming = folder.is_resumable
+    stats = folder.checkpoint_stats() if resuming else None
     task = spec.task
     with ExitStack() as envs:
         train_env = envs.enter_context(
@@ -319,7 +203,7 @@ def _run_locked(spec: RunSpec, settings: dict[str, Any], progress: bool | Progre
             model, state = _resume_model(spec, agent, train_env)
         else:
             model, state = _start_model(spec, agent, train_env, progress is True), None
-            atomic_write_json(spec.run_dir / "settings.json", settings)
+            folder.write_settings(settings)
         callback = _run_callback(spec, eval_env, state, progress)
         callback.wall_before += time.perf_counter() - start
         _train(spec, model, callback)
@@ -376,11 +260,10 @@ def _start_model(spec: RunSpec, agent: PretrainedAgent, train_env: VecEnv, progr
     eva = dataclasses.replace(task.eva, seed=spec.seed)
     model = adapt(agent.model, train_env, spec.method, task.lora, eva, progress, algorithm, **hyperparameters)
     spec.run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in spec.run_dir.glob("events.out.tfevents.*"):
-        stale.unlink()  # a run killed before its first checkpoint starts over: one curve per run in TensorBoard
+    spec.folder.clear_events()
     report = _eva_report(model)
     if report is not None:
-        atomic_write_json(spec.run_dir / "eva.json", report.to_dict())
+        spec.folder.write_eva(report)
     model.set_logger(configure(str(spec.run_dir), ["tensorboard"]))
     _log_start(spec, model, report)
     return model
@@ -388,18 +271,19 @@ def _start_model(spec: RunSpec, agent: PretrainedAgent, train_env: VecEnv, progr
 
 def _resume_model(spec: RunSpec, agent: PretrainedAgent, train_env: VecEnv) -> tuple[BaseAlgorithm, dict[str, Any]]:
     """The checkpointed model and the callback state (eval curve, wall time) saved with it."""
-    checkpoint, state_path = spec.run_dir / "checkpoint.zip", spec.run_dir / "state.json"
+    folder = spec.folder
+    checkpoint = folder.checkpoint_file
     model = load_agent(checkpoint, spec.device, run_algorithm(spec.task, agent), env=train_env)
-    if (spec.run_dir / CHECKPOINT_BUFFER).is_file():
-        model.load_replay_buffer(spec.run_dir / CHECKPOINT_BUFFER)
-    if (spec.run_dir / CHECKPOINT_RUNTIME).is_file():  # after load, which reseeds every generator
-        restore_runtime_state(model, spec.run_dir / CHECKPOINT_RUNTIME)
+    if folder.checkpoint_buffer_file.is_file():
+        model.load_replay_buffer(folder.checkpoint_buffer_file)
+    if folder.checkpoint_runtime_file.is_file():  # after load, which reseeds every generator
+        restore_runtime_state(model, folder.checkpoint_runtime_file)
     if get_method(spec.method).runs_eva and _eva_report(model) is None:
         raise RunDirError(
             f"{checkpoint} was saved before EVA on PPO's rollouts finished; delete {spec.run_dir} to start it over"
         )
     model.set_logger(resumed_logger(spec.run_dir, model.num_timesteps))
-    return model, json.loads(state_path.read_text())
+    return model, folder.read_state()
 
 
 def resumed_logger(run_dir: Path, step: int) -> Logger:
@@ -450,7 +334,7 @@ def _run_callback(
         task.eval.episodes,
         task.eval.seed,
         task.eval.deterministic,
-        spec.run_dir,
+        spec.folder,
         task.checkpoint_freq,
         task.total_timesteps,
         state=state,
@@ -475,14 +359,14 @@ def _train(spec: RunSpec, model: BaseAlgorithm, callback: RunCallback) -> None:
 def _write_outputs(spec: RunSpec, model: BaseAlgorithm, callback: RunCallback, settings: dict[str, Any]) -> RunResult:
     """``model.zip``, ``vecnormalize.pkl``, ``adapter/``, ``eva.json`` and last ``result.json`` (its presence marks
     the run complete)."""
-    run_dir = spec.run_dir
+    folder = spec.folder
     report = _eva_report(model)
     if report is not None:
-        atomic_write_json(run_dir / "eva.json", report.to_dict())  # EVA on PPO's data finishes during training
-    atomic_save_model(model, run_dir / "model.zip")
-    atomic_save_stats(model, run_dir / STATS)
+        folder.write_eva(report)  # EVA on PPO's data finishes during training
+    atomic_save_model(model, folder.model_file)
+    atomic_save_stats(model, folder.stats_file)
     if get_method(spec.method).adapters:
-        save_adapter(model, run_dir / "adapter", method=spec.method)
+        save_adapter(model, folder.adapter_dir, method=spec.method)
     trainable, total = count_parameters(model)
     returns = [value for _, value in callback.curve]
     result = RunResult(
@@ -501,17 +385,26 @@ def _write_outputs(spec: RunSpec, model: BaseAlgorithm, callback: RunCallback, s
         eva_env_steps=(report.env_steps or 0) if report else 0,
         eva_skipped_steps=report.skipped_steps if report else 0,
         eva_seconds=report.seconds if report else 0.0,
+        source_return=source_return(spec),
         settings=settings,
         agent=str(spec.agent_path),
     )
-    atomic_write_json(run_dir / "result.json", result.to_dict())
-    for leftover in (
-        "checkpoint.zip",
-        CHECKPOINT_STATS,
-        CHECKPOINT_BUFFER,
-        CHECKPOINT_RUNTIME,
-        "state.json",
-        "settings.json",
-    ):
-        (run_dir / leftover).unlink(missing_ok=True)
+    folder.write_result(result)
+    folder.remove_checkpoint()
     return result
+
+
+def source_return(spec: RunSpec) -> float | None:
+    """The fine-tuned model's return back on the task's source env, with the task's eval seeds (``None`` when the
+    task has no other source env): what it retains of the skill it was pretrained for."""
+    task, folder = spec.task, spec.folder
+    if task.source_env is None or task.source_env == task.target_env:
+        return None
+    model = load_agent(folder.model_file, device="cpu")
+    agent = load_pretrained(spec.agent_path, device="cpu")
+    env = agent_env(
+        task, agent, task.eval.env_count, task.eval.seed, env_id=task.source_env, evaluation=True, stats=folder.stats()
+    )
+    with closing(env):
+        mean, _ = evaluate(model, env, task.eval.episodes, task.eval.seed, task.eval.deterministic)
+    return mean

@@ -1,25 +1,30 @@
 """Suites: transfer tasks, methods, seeds, budget and per-method settings for the comparison harness, one YAML
-file per suite in ``configs/suites/``."""
+file per suite in ``configs/suites/``, and the runs a suite's task and method make (:meth:`Suite.run_spec`)."""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from eva_rl.config import _is_number
 from eva_rl.errors import ConfigError
-from eva_rl.experiments.ranks import RankStudy
+from eva_rl.experiments.runs import RunSpec
 from eva_rl.experiments.tasks import (
     CONFIG_DIR,
     METHOD_SETTINGS,
     TaskConfig,
     build_config,
+    check_count,
     check_method_settings,
     check_seeds,
+    find_task,
+    is_count,
     load_named_config,
+    seed_list,
 )
-from eva_rl.methods import method_names
+from eva_rl.methods import get_method, method_names
 
 SUITE_DIR = CONFIG_DIR / "suites"
 
@@ -49,9 +54,47 @@ class SuiteTask:
         if not _is_number(self.threshold):
             raise ConfigError(f"{where}: threshold={self.threshold!r} is invalid: expected a finite number (a return)")
         for name in ("total_timesteps", "eval_freq"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{where}: {name}={value!r} is invalid: expected an integer >= 1")
+            if getattr(self, name) is not None:
+                check_count(getattr(self, name), f"{where}: {name}")
+
+
+@dataclass
+class RankStudy:
+    """A suite's rank study: adapter methods at several LoRA ranks on one of its tasks.
+
+    :param task: The suite task it runs on.
+    :param ranks: The ranks ``r`` (every adapted layer's; EVA methods redistribute that budget).
+    :param methods: Methods whose rank means something (``lora``, ``eva``, ``lora-redist`` ...).
+    :param seeds: Number of seeds (0..n-1) or an explicit list.
+    """
+
+    task: str
+    ranks: list[int]
+    methods: list[str] = field(default_factory=lambda: ["lora", "eva", "lora-redist"])
+    seeds: int | list[int] = 5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.task, str) or not self.task:
+            raise ConfigError(f"rank_study.task={self.task!r} is invalid: expected a task of the suite")
+        ranks = self.ranks
+        if not isinstance(ranks, list) or not ranks or not all(map(is_count, ranks)) or len(set(ranks)) != len(ranks):
+            raise ConfigError(f"rank_study.ranks={ranks!r} is invalid: expected a list of distinct integers >= 1")
+        ranked = [m for m in method_names() if get_method(m).uses_rank]
+        if not isinstance(self.methods, list) or not self.methods or set(self.methods) - set(ranked):
+            raise ConfigError(
+                f"rank_study.methods={self.methods!r} is invalid: expected a non-empty list out of the methods "
+                f"with a rank {ranked}"
+            )
+        check_seeds(self.seeds, "rank_study.seeds")
+
+    @property
+    def seed_list(self) -> list[int]:
+        return seed_list(self.seeds)
+
+    @staticmethod
+    def rank_overrides(r: int) -> dict[str, int]:
+        """The settings of a run at rank ``r``: ``alpha = r``, so the scaling stays 1 at every rank."""
+        return {"r": r, "alpha": r}
 
 
 @dataclass
@@ -63,14 +106,14 @@ class Suite:
     :param methods: Methods out of the registered ones (:mod:`eva_rl.methods`).
     :param seeds: Number of seeds (0..n-1) or an explicit list.
     :param total_timesteps: Budget per run unless a task sets its own.
-    :param method_settings: Per-method ``learning_rate``, ``r``, ``alpha``, ``rho``, ``tau`` (chosen by a tuning
-        sweep on separate seeds; see the suite file's comments).
+    :param method_settings: Per-method settings (:data:`~eva_rl.experiments.tasks.SETTINGS`: ``learning_rate``,
+        ``r`` ...), chosen by a tuning sweep on separate seeds; see the suite file's comments.
     :param eval_episodes: Episodes per evaluation, overriding the tasks'.
     :param tuning_seeds: Seeds of the tuning sweep (kept apart from ``seeds``, which report results).
     :param tuning_grid: ``{setting: [values]}`` tried for every method alike, e.g. ``{learning_rate: [...]}``.
     :param tuning_tasks: Tasks the tuning sweep runs on (default: all); the chosen settings apply to every task.
-    :param rank_study: Methods at several ranks on one of the tasks (:class:`~eva_rl.experiments.ranks.RankStudy`),
-        run by ``compare.py --rank-study``.
+    :param rank_study: Methods at several ranks on one of the tasks (:class:`RankStudy`), run by
+        ``compare.py --rank-study``.
     """
 
     name: str
@@ -101,20 +144,18 @@ class Suite:
         check_method_settings(self.method_settings, "method_settings")
         check_seeds(self.seeds, "seeds")
         for name in ("total_timesteps", "eval_episodes"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name}={value!r} is invalid: expected an integer >= 1")
+            if getattr(self, name) is not None:
+                check_count(getattr(self, name), name)
         if not isinstance(self.tuning_grid, dict) or not all(
             isinstance(values, list) and values for values in self.tuning_grid.values()
         ):
             raise ConfigError(f"tuning_grid={self.tuning_grid!r} is invalid: expected {{setting: [values]}}")
-        for key, values in self.tuning_grid.items():
-            for value in values if key in METHOD_SETTINGS else ():
-                check_method_settings({self.methods[0]: {key: value}}, f"tuning_grid[{key!r}]")
-
         unknown = sorted(set(self.tuning_grid) - set(METHOD_SETTINGS))
         if unknown:
             raise ConfigError(f"tuning_grid keys {unknown} are invalid: expected keys out of {METHOD_SETTINGS}")
+        for key, values in self.tuning_grid.items():
+            for value in values:
+                check_method_settings({self.methods[0]: {key: value}}, f"tuning_grid[{key!r}]")
         names = [t.task for t in self.tasks]
         if self.tuning_tasks is not None:
             _check_subset("tuning_tasks", self.tuning_tasks, names, f"{names}")
@@ -136,15 +177,61 @@ class Suite:
 
     @property
     def seed_list(self) -> list[int]:
-        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+        return seed_list(self.seeds)
 
     def check_methods(self, methods: Sequence[str]) -> None:
-        """:raises ConfigError: if ``methods`` (a command line's choice) is empty or names an unknown method."""
-        _check_subset("--methods", list(methods), method_names(), f"{method_names()}")
+        """:raises ConfigError: if ``methods`` (a command line's choice) is empty or names a method outside the suite's
+        own (their settings were chosen for this suite; another method would run untuned)."""
+        _check_subset("--methods", list(methods), self.methods, f"the suite's methods {self.methods}")
 
-    def task_methods(self, suite_task: SuiteTask, methods: list[str] | None = None) -> list[str]:
+    def task_methods(self, suite_task: SuiteTask, methods: Sequence[str] | None = None) -> list[str]:
         """The methods run on ``suite_task``: ``methods`` (default: the suite's), less those the task leaves out."""
         return [m for m in methods or self.methods if suite_task.methods is None or m in suite_task.methods]
+
+    def task(self, suite_task: SuiteTask) -> TaskConfig:
+        """The task file of ``suite_task``.
+
+        :raises ConfigError: if ``configs/`` has no such task.
+        """
+        task = find_task(suite_task.task)
+        if task is None:
+            raise ConfigError(f"suite {self.name}: task {suite_task.task!r} is not in configs/")
+        return task
+
+    def run_spec(
+        self,
+        suite_task: SuiteTask,
+        method: str,
+        seed: int,
+        log_dir: Path,
+        settings: Mapping[str, Any] | None = None,
+        device: str = "cpu",
+    ) -> RunSpec:
+        """The run of ``method`` and ``seed`` on ``suite_task``: the task with the method's settings (the task's,
+        then ``settings``, by default the suite's) and the suite's budget and evaluation, under ``log_dir``."""
+        task = self.task(suite_task)
+        given = {
+            "total_timesteps": suite_task.total_timesteps or self.total_timesteps,
+            "eval_episodes": self.eval_episodes,
+            "eval_freq": suite_task.eval_freq,
+        }
+        overrides = {
+            **(self.method_settings.get(method, {}) if settings is None else settings),
+            **{name: value for name, value in given.items() if value is not None},
+        }
+        run_task = task.with_overrides(overrides, method=method, where=f"suite {self.name}, {method}")
+        return RunSpec(run_task, method, seed, log_dir, task.agent_path, device)
+
+    def run_specs(
+        self, log_dir: Path, methods: Sequence[str] | None = None, seeds: Sequence[int] | None = None
+    ) -> list[tuple[SuiteTask, RunSpec]]:
+        """Every (task, method, seed) run of the suite, writing under ``<log_dir>/<suite>/``."""
+        return [
+            (suite_task, self.run_spec(suite_task, method, seed, log_dir / self.name))
+            for suite_task in self.tasks
+            for seed in seeds or self.seed_list
+            for method in self.task_methods(suite_task, methods)
+        ]
 
 
 def _check_subset(what: str, values: list[str], allowed: Sequence[str], accepted: str) -> None:
@@ -156,11 +243,3 @@ def _check_subset(what: str, values: list[str], allowed: Sequence[str], accepted
 def load_suite(name_or_path: str) -> Suite:
     """A suite by name (``configs/suites/<name>.yaml``) or path."""
     return load_named_config(Suite, SUITE_DIR, name_or_path, "suite")
-
-
-def method_task(task: TaskConfig, method: str, suite: Suite, suite_task: SuiteTask) -> TaskConfig:
-    """``task`` with the suite's budget and the method's own hyperparameters applied."""
-    task = task.for_method(method, suite.method_settings.get(method))
-    eval_changes = {"episodes": suite.eval_episodes, "freq": suite_task.eval_freq}
-    eval_settings = dataclasses.replace(task.eval, **{k: v for k, v in eval_changes.items() if v is not None})
-    return task.override(total_timesteps=suite_task.total_timesteps or suite.total_timesteps, eval=eval_settings)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,8 +46,7 @@ class EvalSettings:
 
     def __post_init__(self) -> None:
         for name in ("freq", "episodes", "n_envs"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-                raise ConfigError(f"eval.{name}={getattr(self, name)!r} is invalid: expected an integer >= 1")
+            check_count(getattr(self, name), f"eval.{name}")
         if not _is_int(self.seed):
             raise ConfigError(f"eval.seed={self.seed!r} is invalid: expected an integer")
         if not isinstance(self.deterministic, bool):
@@ -149,9 +148,7 @@ class TaskConfig:
         if not isinstance(self.methods, list) or not self.methods or set(self.methods) - set(known):
             raise ConfigError(f"methods={self.methods!r} is invalid: expected a non-empty list out of {known}")
         for name in ("n_envs", "total_timesteps", "pretrain_timesteps", "checkpoint_freq"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}={value!r} is invalid: expected an integer >= 1")
+            check_count(getattr(self, name), name)
         if not isinstance(self.ppo, dict):
             raise ConfigError(f"ppo={self.ppo!r} is invalid: expected a mapping of algorithm arguments")
         unknown = sorted(set(self.ppo) - algorithm_arguments())
@@ -181,29 +178,60 @@ class TaskConfig:
         path = Path(self.agent)
         return path if path.is_absolute() else ROOT / path
 
-    def override(self, **changes: Any) -> TaskConfig:
-        """A copy with ``changes`` applied (``None`` values ignored) and validated again."""
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+    def with_overrides(
+        self, overrides: Mapping[str, Any] | None = None, method: str | None = None, where: str | None = None
+    ) -> TaskConfig:
+        """A copy with ``overrides`` applied and validated again: the one way a run's task is derived (command-line
+        options, a suite's or a sequence's settings, a rank study's rank, a tuning point, a bank task's env).
 
-    def for_method(self, method: str, settings: dict[str, float] | None = None) -> TaskConfig:
-        """The task as ``method`` runs it: its ``method_settings[method]``, then ``settings``, applied."""
-        merged = {**self.method_settings.get(method, {}), **(settings or {})}
-        ppo = dict(self.ppo)
-        if "learning_rate" in merged:
-            ppo["learning_rate"] = float(merged["learning_rate"])
-        lora = dataclasses.replace(self.lora, **{k: merged[k] for k in ("r", "alpha") if k in merged})
-        eva = dataclasses.replace(self.eva, **{k: merged[k] for k in ("rho", "tau") if k in merged})
-        return self.override(ppo=ppo, lora=lora, eva=eva)
+        :param overrides: ``{setting: value}``: a short name of :data:`SETTINGS` (``r``, ``learning_rate``, ...) or a
+            dotted path (``"eval.seed"``, ``"ppo.gamma"``, ``"env_kwargs.size"``, a whole field such as ``"name"``).
+        :param method: Apply that method's ``method_settings`` first (``overrides`` win over them).
+        :param where: Names the source of the values in an error (``"--rank 0"``, ``"suite doorkey"``).
+        :raises ConfigError: naming the setting and what would be accepted.
 
-    def without_method_settings(self, keys: Iterable[str]) -> TaskConfig:
-        """A copy whose ``method_settings`` no longer set ``keys`` (a command-line value applies to every method)."""
-        keys = set(keys)
-        settings = {m: {k: v for k, v in s.items() if k not in keys} for m, s in self.method_settings.items()}
-        return dataclasses.replace(self, method_settings=settings)
+        A setting given here is final: the copy's ``method_settings`` no longer set it, so a value given on the command
+        line applies to every method.
+        """
+        merged = {**(self.method_settings.get(method, {}) if method else {}), **(overrides or {})}
+        try:
+            fields, sections = _grouped_changes(self, merged)
+            sections_changed = {
+                name: {**getattr(self, name), **values}
+                if isinstance(getattr(self, name), dict)
+                else dataclasses.replace(getattr(self, name), **values)
+                for name, values in sections.items()
+            }
+            overridden = {name for name, setting in SETTINGS.items() if _path_of(name) in _paths(merged)}
+            method_settings = {
+                m: {k: v for k, v in s.items() if k not in overridden} for m, s in self.method_settings.items()
+            }
+            return dataclasses.replace(self, **{"method_settings": method_settings, **fields, **sections_changed})
+        except (ValueError, TypeError) as error:  # a section's own validation (LoraConfig...) raises ValueError
+            if where is None and isinstance(error, ConfigError):
+                raise
+            raise ConfigError(f"{where} is invalid: {error}" if where else str(error)) from error
 
 
-METHOD_SETTINGS = ("learning_rate", "r", "alpha", "rho", "tau")
-"""Settings a method may override, in a task's or a suite's ``method_settings``."""
+_SECTION_TYPES = (EvalSettings, LoraConfig, EvaConfig)
+"""Task fields whose own fields a dotted path sets (besides the mappings ``ppo``, ``env_kwargs``...)."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A setting with a short name, which runs, suites, sequences and the command line override alike.
+
+    :param path: The task field it sets: ``"n_envs"``, or ``"<section>.<key>"`` in ``lora``, ``eva``, ``eval`` or
+        the algorithm arguments ``ppo``.
+    :param check: Accepts a value (type first), before any task is built.
+    :param accepted: What ``check`` accepts, for the error message.
+    :param convert: Applied to an accepted value (a learning rate given as ``1`` is the float ``1.0``).
+    """
+
+    path: str
+    check: Callable[[Any], bool]
+    accepted: str
+    convert: Callable[[Any], Any] | None = None
 
 
 def _is_wrapper_spec(spec: Any) -> bool:
@@ -252,13 +280,75 @@ def check_algorithm_arguments(arguments: dict[str, Any], where: str) -> None:
             raise ConfigError(f"{where}.{key}={value!r} is invalid: expected {accepted}")
 
 
-_SETTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "learning_rate": _ARGUMENT_CHECKS["learning_rate"],
-    "r": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "alpha": (lambda v: _is_number(v) and v > 0, _POSITIVE),
-    "rho": (lambda v: _is_number(v) and v >= 1, "a number >= 1"),
-    "tau": (lambda v: _is_number(v) and 0 <= v <= 1, _UNIT),
+_COUNT = (lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+SETTINGS: dict[str, Setting] = {
+    "learning_rate": Setting("ppo.learning_rate", *_ARGUMENT_CHECKS["learning_rate"], convert=float),
+    "r": Setting("lora.r", *_COUNT),
+    "alpha": Setting("lora.alpha", lambda v: _is_number(v) and v > 0, _POSITIVE),
+    "rho": Setting("eva.rho", lambda v: _is_number(v) and v >= 1, "a number >= 1"),
+    "tau": Setting("eva.tau", lambda v: _is_number(v) and 0 <= v <= 1, _UNIT),
+    "n_envs": Setting("n_envs", *_COUNT),
+    "total_timesteps": Setting("total_timesteps", *_COUNT),
+    "checkpoint_freq": Setting("checkpoint_freq", *_COUNT),
+    "eval_freq": Setting("eval.freq", *_COUNT),
+    "eval_episodes": Setting("eval.episodes", *_COUNT),
 }
+"""Short names of the settings that runs override (a task's or a suite's ``method_settings``, a suite's tuning grid,
+a rank study, the command line): a new overridable setting is one line here."""
+
+METHOD_SETTINGS = tuple(SETTINGS)
+"""Settings a method may override, in a task's, a suite's or a sequence's ``method_settings``."""
+
+
+def is_count(value: Any) -> bool:
+    """An integer >= 1 (a budget, a frequency, a number of envs...), not a bool."""
+    return _COUNT[0](value)
+
+
+def check_count(value: Any, name: str) -> None:
+    """:raises ConfigError: unless ``value`` is an integer >= 1 (a budget, a frequency, a number of envs...)."""
+    if not is_count(value):
+        raise ConfigError(f"{name}={value!r} is invalid: expected {_COUNT[1]}")
+
+
+def check_setting(name: str, value: Any, where: str) -> Any:
+    """``value`` for the short-named setting ``name``, converted.
+
+    :raises ConfigError: naming ``where``, the setting and what would be accepted.
+    """
+    setting = SETTINGS[name]
+    if not setting.check(value):
+        raise ConfigError(f"{where}={value!r} is invalid: expected {setting.accepted}")
+    return setting.convert(value) if setting.convert else value
+
+
+def _path_of(name: str) -> str:
+    return SETTINGS[name].path if name in SETTINGS else name
+
+
+def _paths(overrides: Mapping[str, Any]) -> set[str]:
+    return {_path_of(name) for name in overrides}
+
+
+def _grouped_changes(task: TaskConfig, overrides: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict]]:
+    """``overrides`` as whole-field changes and per-section changes (``{"lora": {"r": 2}}``), each value checked."""
+    known = {f.name for f in dataclasses.fields(task)}
+    fields: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {}
+    for name, value in overrides.items():
+        if name in SETTINGS:
+            value = check_setting(name, value, _path_of(name))
+        section, _, key = _path_of(name).partition(".")
+        if section not in known or (key and not isinstance(getattr(task, section), (dict, *_SECTION_TYPES))):
+            raise ConfigError(
+                f"unknown setting {name!r}: expected one of {list(SETTINGS)} or a dotted path of a task field "
+                f"({sorted(known)})"
+            )
+        if key:
+            sections.setdefault(section, {})[key] = value
+        else:
+            fields[section] = value
+    return fields, sections
 
 
 def check_method_settings(method_settings: dict[str, dict[str, float]], where: str) -> None:
@@ -273,9 +363,12 @@ def check_method_settings(method_settings: dict[str, dict[str, float]], where: s
                 f"with keys out of {METHOD_SETTINGS}"
             )
         for key, value in settings.items():
-            check, accepted = _SETTING_CHECKS[key]
-            if not check(value):
-                raise ConfigError(f"{where}[{method!r}][{key!r}]={value!r} is invalid: expected {accepted}")
+            check_setting(key, value, f"{where}[{method!r}][{key!r}]")
+
+
+def seed_list(seeds: int | list[int]) -> list[int]:
+    """A number of seeds (``0 .. n-1``) or a list of seeds, as a list."""
+    return list(range(seeds)) if isinstance(seeds, int) else list(seeds)
 
 
 def algorithm_arguments(algorithm: str | None = None) -> set[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,16 +17,13 @@ from stable_baselines3.common.vec_env import VecEnv, sync_envs_normalization
 from tqdm.auto import tqdm
 
 from eva_rl.experiments.resume import save_runtime_state
-from eva_rl.files import STATS, atomic_save_model, atomic_save_stats, atomic_write, atomic_write_json
+from eva_rl.experiments.run_folder import RunFolder
+from eva_rl.files import atomic_save_model, atomic_save_stats, atomic_write
 from eva_rl.layers import cached_adapter_weights
 from eva_rl.policies import target_pairs
 
 __all__ = [
-    "CHECKPOINT_BUFFER",
-    "CHECKPOINT_RUNTIME",
-    "CHECKPOINT_STATS",
     "ProgressSink",
-    "STATS",
     "RunCallback",
     "count_parameters",
     "evaluate",
@@ -37,13 +33,6 @@ __all__ = [
 
 ProgressSink = Callable[[int, int, str], None]
 """Receives a run's progress: ``(steps, total steps, status)``."""
-
-CHECKPOINT_STATS = "checkpoint_vecnormalize.pkl"
-"""The statistics saved with ``checkpoint.zip``."""
-CHECKPOINT_BUFFER = "checkpoint_replay_buffer.pkl"
-"""An off-policy run's replay buffer, saved with ``checkpoint.zip`` so a resumed run trains on the same data."""
-CHECKPOINT_RUNTIME = "checkpoint_runtime.pkl"
-"""Generators, envs mid-episode and last observations, saved with ``checkpoint.zip`` (:mod:`.resume`)."""
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:
@@ -93,7 +82,7 @@ class RunCallback(BaseCallback):
     :param eval_episodes: Episodes per evaluation.
     :param eval_seed: Seed of the evaluation episodes and sampling.
     :param deterministic: Greedy evaluation.
-    :param run_dir: Where ``checkpoint.zip`` and ``state.json`` go.
+    :param folder: The run folder its checkpoints go to.
     :param checkpoint_freq: Environment steps between checkpoints.
     :param total_timesteps: The run's budget, for the progress bar.
     :param state: Curve and wall time carried over from an interrupted run.
@@ -109,7 +98,7 @@ class RunCallback(BaseCallback):
         eval_episodes: int,
         eval_seed: int,
         deterministic: bool,
-        run_dir: Path,
+        folder: RunFolder,
         checkpoint_freq: int,
         total_timesteps: int,
         state: dict[str, Any] | None = None,
@@ -122,7 +111,7 @@ class RunCallback(BaseCallback):
         self.eval_episodes = eval_episodes
         self.eval_seed = eval_seed
         self.deterministic = deterministic
-        self.run_dir = run_dir
+        self.folder = folder
         self.checkpoint_freq = checkpoint_freq
         self.total_timesteps = total_timesteps
         state = state or {}
@@ -212,13 +201,15 @@ class RunCallback(BaseCallback):
             self.save_checkpoint()
 
     def save_checkpoint(self) -> None:
-        """Model, statistics and replay buffer first, then the state that points at them: a crash between loses
+        """Model, statistics, replay buffer (so a resumed off-policy run trains on the same data) and the runtime
+        state (generators, envs mid-episode) first, then the state that points at them: a crash between loses
         nothing."""
-        atomic_save_model(self.model, self.run_dir / "checkpoint.zip")
-        atomic_save_stats(self.model, self.run_dir / CHECKPOINT_STATS)
+        folder = self.folder
+        atomic_save_model(self.model, folder.checkpoint_file)
+        atomic_save_stats(self.model, folder.checkpoint_stats_file)
         if isinstance(self.model, OffPolicyAlgorithm):
-            atomic_write(self.run_dir / CHECKPOINT_BUFFER, self.model.save_replay_buffer, suffix=".pkl")
-        left_out = save_runtime_state(self.model, self.run_dir / CHECKPOINT_RUNTIME)
+            atomic_write(folder.checkpoint_buffer_file, self.model.save_replay_buffer, suffix=".pkl")
+        left_out = save_runtime_state(self.model, folder.checkpoint_runtime_file)
         if left_out is not None and not self._warned_env:
             self._warned_env = True
             warnings.warn(
@@ -226,9 +217,8 @@ class RunCallback(BaseCallback):
                 "update but starts new episodes",
                 stacklevel=2,
             )
-        atomic_write_json(
-            self.run_dir / "state.json",
-            {"num_timesteps": self.num_timesteps, "curve": self.curve, "wall_seconds": self.wall_seconds},
+        folder.write_state(
+            {"num_timesteps": self.num_timesteps, "curve": self.curve, "wall_seconds": self.wall_seconds}
         )
 
     def _on_training_end(self) -> None:

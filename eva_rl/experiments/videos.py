@@ -22,9 +22,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 from eva_rl.errors import ConfigError, EnvError
 from eva_rl.experiments.environments import FrameRecorder, agent_env, import_packages
-from eva_rl.experiments.runs import RunResult
+from eva_rl.experiments.run_folder import RunFolder, RunResult
 from eva_rl.experiments.tasks import EvalSettings, TaskConfig, find_task
-from eva_rl.files import STATS, atomic_write
+from eva_rl.files import atomic_write
 from eva_rl.loading import PretrainedAgent, load_agent, load_pretrained
 
 VIDEO_TAG = "video/agent"
@@ -159,22 +159,23 @@ def record_runs(run_dirs: Sequence[Path], max_steps: int = 300, seed: int | None
     written: list[Path] = []
     before: dict[tuple[str, int, str], list[np.ndarray]] = {}
     for run_dir in run_dirs:
-        result_path = run_dir / "result.json"
-        if not result_path.is_file():
-            raise ConfigError(f"{run_dir} holds no completed run (no result.json); record runs once they finished")
-        result = RunResult.read(result_path)
+        folder = RunFolder(run_dir)
+        if not folder.is_complete:
+            raise ConfigError(
+                f"{run_dir} holds no completed run (no {RunFolder.RESULT}); record runs once they finished"
+            )
+        result = folder.read_result()
         task, agent_path = run_task(result)
         import_packages(task.env_packages)
         episode_seed = task.eval.seed if seed is None else seed
         agent = load_pretrained(agent_path, device="cpu")
-        model = load_agent(run_dir / "model.zip", device="cpu")
-        stats = run_dir / STATS if (run_dir / STATS).is_file() else None
-        after = record_episode(model, task, agent, episode_seed, max_steps, stats)
+        model = load_agent(folder.model_file, device="cpu")
+        after = record_episode(model, task, agent, episode_seed, max_steps, folder.stats())
         key = (task.name, episode_seed, str(agent_path))
         if key not in before:
             before[key] = record_episode(agent.model, task, agent, episode_seed, max_steps)
-        written.append(write_gif(after, run_dir / "agent.gif"))
+        written.append(write_gif(after, folder / RunFolder.AGENT_GIF))
         pair = side_by_side([before[key], after], ["pretrained", result.method])
-        written.append(write_gif(pair, run_dir / "before_after.gif"))
+        written.append(write_gif(pair, folder / RunFolder.BEFORE_AFTER_GIF))
         write_videos_to_tensorboard(run_dir, [(0, before[key]), (result.total_timesteps, after)])
     return written

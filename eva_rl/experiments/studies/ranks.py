@@ -10,15 +10,16 @@ the rank the suite itself uses is the suite's own run folder, so it is not run t
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from eva_rl.errors import ConfigError
-from eva_rl.experiments.runs import RunResult
+from eva_rl.experiments.plots import new_figure, save_figure
+from eva_rl.experiments.run_folder import RunResult
 from eva_rl.experiments.stats import (
     Interval,
     normalized_auc,
@@ -26,52 +27,9 @@ from eva_rl.experiments.stats import (
     score_format,
     stratified_iqm,
 )
-from eva_rl.experiments.tasks import check_seeds
-from eva_rl.methods import get_method, method_names
-
-
-@dataclass
-class RankStudy:
-    """A suite's rank study.
-
-    :param task: The suite task it runs on.
-    :param ranks: The ranks ``r`` (every adapted layer's; EVA methods redistribute that budget).
-    :param methods: Methods whose rank means something (``lora``, ``eva``, ``lora-redist`` ...).
-    :param seeds: Number of seeds (0..n-1) or an explicit list.
-    """
-
-    task: str
-    ranks: list[int]
-    methods: list[str] = field(default_factory=lambda: ["lora", "eva", "lora-redist"])
-    seeds: int | list[int] = 5
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.task, str) or not self.task:
-            raise ConfigError(f"rank_study.task={self.task!r} is invalid: expected a task of the suite")
-        ranks = self.ranks
-        if (
-            not isinstance(ranks, list)
-            or not ranks
-            or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks)
-            or len(set(ranks)) != len(ranks)
-        ):
-            raise ConfigError(f"rank_study.ranks={ranks!r} is invalid: expected a list of distinct integers >= 1")
-        ranked = [m for m in method_names() if get_method(m).uses_rank]
-        if not isinstance(self.methods, list) or not self.methods or set(self.methods) - set(ranked):
-            raise ConfigError(
-                f"rank_study.methods={self.methods!r} is invalid: expected a non-empty list out of the methods "
-                f"with a rank {ranked}"
-            )
-        check_seeds(self.seeds, "rank_study.seeds")
-
-    @property
-    def seed_list(self) -> list[int]:
-        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
-
-
-def rank_settings(method_settings: Mapping[str, Mapping[str, float]], method: str, r: int) -> dict[str, float]:
-    """``method``'s settings with the rank set to ``r`` and ``alpha = r`` (scaling 1 at every rank)."""
-    return {**method_settings.get(method, {}), "r": r, "alpha": r}
+from eva_rl.experiments.studies.base import Planned, Study
+from eva_rl.experiments.suites import RankStudy, Suite
+from eva_rl.files import atomic_write_json, atomic_write_text
 
 
 @dataclass
@@ -186,14 +144,8 @@ def rank_markdown(report: RankStudyReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_rank_study(report: RankStudyReport, path: Path) -> Path:
-    """``rank_study.png``: IQM normalized AUC and final return against r (log scale), CI bars, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+def draw_rank_study(axes: Any, report: RankStudyReport) -> None:
+    """IQM normalized AUC (left) and final return (right) against r (log scale), CI bars, one line per method."""
     offsets = np.linspace(-0.06, 0.06, max(len(report.points), 1))
     for offset, (method, by_rank) in zip(offsets, report.points.items()):
         ranks = np.array(list(by_rank), float)
@@ -218,9 +170,50 @@ def plot_rank_study(report: RankStudyReport, path: Path) -> Path:
         axis.set_ylabel("IQM over seeds (95% CI)")
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    figure.suptitle(f"rank study on {report.task} (suite {report.suite})", fontsize=10)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    axes[0].figure.suptitle(f"rank study on {report.task} (suite {report.suite})", fontsize=10)
+
+
+class RankStudyRuns(Study[RankStudyReport]):
+    """A suite's rank study (``compare.py --suite NAME --rank-study``): ``rank_study.json``, ``rank_study.md`` and
+    ``rank_study.png`` in ``<log_dir>/<suite>/``.
+
+    A run at the rank (and alpha) the suite itself uses is the suite's own run (``<log_dir>/<suite>/``); the others
+    go to ``<log_dir>/<suite>-ranks/r<r>/``.
+    """
+
+    def __init__(self, suite: Suite, log_dir: Path, echo: Callable[[str], None] = print) -> None:
+        super().__init__(log_dir, echo)
+        if suite.rank_study is None:
+            raise ConfigError(f"suite {suite.name} has no rank_study (task, ranks, methods, seeds)")
+        self.suite, self.study = suite, suite.rank_study
+        self.title = f"suite {suite.name}'s rank study"
+
+    @property
+    def out_dir(self) -> Path:
+        return self.log_dir / self.suite.name
+
+    def plan(self) -> Planned:
+        suite, study = self.suite, self.study
+        suite_task = next(t for t in suite.tasks if t.task == study.task)
+        planned = []
+        for r in study.ranks:
+            for seed in study.seed_list:
+                for method in study.methods:
+                    spec = suite.run_spec(suite_task, method, seed, self.log_dir / suite.name)
+                    if spec.task.lora.r != r or spec.task.lora.default_alpha != r:
+                        ranked = {**suite.method_settings.get(method, {}), **RankStudy.rank_overrides(r)}
+                        base = self.log_dir / f"{suite.name}-ranks" / f"r{r}"
+                        spec = suite.run_spec(suite_task, method, seed, base, settings=ranked)
+                    planned.append((r, spec))
+        return planned
+
+    def report(self, runs: list[tuple[int, RunResult]]) -> RankStudyReport:
+        return rank_report(self.suite.name, self.study, runs)
+
+    def write_page(self, report: RankStudyReport, runs: list[tuple[int, RunResult]]) -> list[Path]:
+        out = self.out_dir
+        atomic_write_json(out / "rank_study.json", report.to_dict())
+        atomic_write_text(out / "rank_study.md", rank_markdown(report))
+        figure, axes = new_figure(1, 2, figsize=(10, 4), dpi=120)
+        draw_rank_study(axes, report)
+        return [out / "rank_study.json", out / "rank_study.md", save_figure(figure, out / "rank_study.png")]

@@ -1,10 +1,11 @@
-"""Aggregation of a suite's runs into typed statistics (written as ``results.json``), tables and plots."""
+"""The suite study (``compare.py --suite NAME``): every method x seed x task of a suite, aggregated into typed
+statistics (``results.json``), tables (``results.md``) and figures (``sample_efficiency.png``, ``final_return.png``,
+``eva_ranks.png``)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from eva_rl.eva_report import EvaReport
-from eva_rl.experiments.runs import RunResult
+from eva_rl.experiments.plots import new_figure, palette, save_figure
+from eva_rl.experiments.run_folder import RunFolder, RunResult
 from eva_rl.experiments.stats import (
     Interval,
     curve_at,
@@ -23,7 +25,9 @@ from eva_rl.experiments.stats import (
     steps_to_threshold,
     stratified_iqm,
 )
+from eva_rl.experiments.studies.base import Planned, Study
 from eva_rl.experiments.suites import Suite, SuiteTask
+from eva_rl.files import atomic_write_json, atomic_write_text
 from eva_rl.methods import get_method
 
 
@@ -254,32 +258,36 @@ _OVERLAID_METHODS = 4
 curves is unreadable)."""
 
 
-def _plot_sample_efficiency(
-    plt: Any,
+def sample_efficiency_grid(tasks: int, methods: int) -> dict[str, Any]:
+    """The panels of the sample-efficiency figure (``new_figure``'s arguments): a panel per task for a few methods,
+    else a row per task and a panel per method."""
+    overlaid = methods <= _OVERLAID_METHODS
+    columns = 1 if overlaid else methods
+    return {
+        "nrows": tasks if not overlaid else 1,
+        "ncols": tasks if overlaid else columns,
+        "figsize": (5.5 * tasks, 4.0) if overlaid else (2.3 * columns, 2.3 * tasks + 0.6),
+        "dpi": 120,
+        "squeeze": False,
+        "sharey": "row",
+    }
+
+
+def draw_sample_efficiency(
+    axes: Any,
     report: SuiteReport,
     runs: Sequence[tuple[SuiteTask, RunResult]],
-    tasks: list[str],
-    methods: list[str],
     colors: dict[str, str],
     seeds: dict[str, int],
-    path: Path,
-) -> Path:
-    """IQM eval curves with CI bands per task: overlaid for a few methods, else small multiples (a row per task, a
-    panel per method, the reference method's curve in grey dashes in each for comparison)."""
+) -> None:
+    """IQM eval curves with CI bands per task on the panels of :func:`sample_efficiency_grid`: overlaid for a few
+    methods, else small multiples (the reference method's curve in grey dashes in each panel for comparison)."""
+    tasks, methods = list(report.tasks), report.methods
     grids = {}
     for task_name in tasks:
         task_runs = [r for t, r in runs if t.task == task_name]
         grids[task_name] = (task_runs, np.linspace(0, max(r.sample_curve()[0][-1] for r in task_runs), 40))
     overlaid = len(methods) <= _OVERLAID_METHODS
-    columns = 1 if overlaid else len(methods)
-    figure, axes = plt.subplots(
-        len(tasks) if not overlaid else 1,
-        len(tasks) if overlaid else columns,
-        figsize=(5.5 * len(tasks), 4.0) if overlaid else (2.3 * columns, 2.3 * len(tasks) + 0.6),
-        dpi=120,
-        squeeze=False,
-        sharey="row",
-    )
     # Full fine-tuning (every weight from the pretrained ones) is the curve each method is held against.
     reference = next(
         (m for m in methods if get_method(m).trains == "all" and get_method(m).pretrained), report.reference
@@ -322,36 +330,19 @@ def _plot_sample_efficiency(
             runs_here = len({r.seed for r in task_runs if r.method == method})
             axis.text(0.97, 0.05, f"{runs_here} seeds", ha="right", transform=axis.transAxes, fontsize=7)
     if not overlaid:
-        figure.suptitle(f"eval return (IQM, 95% CI) against environment steps; grey dashes: {reference}", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+        axes[0][0].figure.suptitle(
+            f"eval return (IQM, 95% CI) against environment steps; grey dashes: {reference}", fontsize=9
+        )
 
 
-def plot_suite(
-    report: SuiteReport, runs: Sequence[tuple[SuiteTask, RunResult]], out_dir: Path, log_dir: Path
-) -> list[Path]:
-    """``sample_efficiency.png`` (IQM curves with CI bands), ``final_return.png``, ``eva_ranks.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(report.tasks)
-    methods = report.methods
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    colors = {method: palette[i % len(palette)] for i, method in enumerate(methods)}
-    seeds = {method: len({r.seed for _, r in runs if r.method == method}) for method in methods}
-    paths = [
-        _plot_sample_efficiency(plt, report, runs, tasks, methods, colors, seeds, out_dir / "sample_efficiency.png")
-    ]
+def draw_final_returns(axis: Any, report: SuiteReport, colors: dict[str, str], seeds: dict[str, int]) -> None:
+    """Each method's final return over the tasks and seeds it ran (IQM, 95% CI), a row each."""
+    methods, tasks = report.methods, list(report.tasks)
 
     def where(method: str) -> str:
         ran = report.aggregate[method].tasks
         return "every task" if len(ran) == len(tasks) else ", ".join(ran)
 
-    figure, axis = plt.subplots(figsize=(7.5, 0.5 * len(methods) + 1.7), dpi=120)
     for row, method in enumerate(methods):
         final = report.aggregate[method].final
         axis.errorbar(
@@ -368,30 +359,104 @@ def plot_suite(
     axis.set_xlabel("final eval return, IQM over the seeds and tasks each ran (95% CI)")
     axis.set_title("each method pools the tasks and seeds its label names", fontsize=9)
     axis.grid(alpha=0.3)
-    figure.tight_layout()
-    paths.append(out_dir / "final_return.png")
-    figure.savefig(paths[-1])
-    plt.close(figure)
 
-    rank_sums: dict[str, list[float]] = {}
-    for task_name in tasks:
-        for eva_json in sorted((log_dir / task_name / "eva").glob("seed*/eva.json")):
-            for layer, rank in EvaReport.from_dict(json.loads(eva_json.read_text())).ranks.items():
-                rank_sums.setdefault(f"{task_name}: {layer}" if len(tasks) > 1 else layer, []).append(rank)
-    if rank_sums:
-        names = list(rank_sums)
-        figure, axis = plt.subplots(figsize=(6.5, 0.3 * len(names) + 1.2), dpi=120)
-        axis.barh(
-            range(len(names)),
-            [np.mean(rank_sums[n]) for n in names],
-            xerr=[np.std(rank_sums[n]) for n in names],
-            color="#4c72b0",
-        )
-        axis.set_yticks(range(len(names)), names, fontsize=7)
-        axis.invert_yaxis()
-        axis.set_xlabel("EVA rank (mean ± std over seeds)")
-        figure.tight_layout()
-        paths.append(out_dir / "eva_ranks.png")
-        figure.savefig(paths[-1])
-        plt.close(figure)
-    return paths
+
+def draw_eva_ranks(axis: Any, ranks: Mapping[str, Sequence[float]]) -> None:
+    """Each layer's EVA rank, mean and std over runs, a bar each (``ranks``: ``{label: [rank per run]}``)."""
+    names = list(ranks)
+    axis.barh(
+        range(len(names)),
+        [np.mean(ranks[n]) for n in names],
+        xerr=[np.std(ranks[n]) for n in names],
+        color="#4c72b0",
+    )
+    axis.set_yticks(range(len(names)), names, fontsize=7)
+    axis.invert_yaxis()
+    axis.set_xlabel("EVA rank (mean ± std over seeds)")
+
+
+def eva_ranks(report: SuiteReport, reports: Sequence[tuple[str, str, EvaReport]]) -> dict[str, list[float]]:
+    """``{label: [rank per run]}`` of ``(task, method, EVA report)`` triples, every method that ran EVA included;
+    the label names the task when the suite has several, the method when several ran EVA."""
+    several_tasks = len(report.tasks) > 1
+    several_methods = len({method for _, method, _ in reports}) > 1
+    ranks: dict[str, list[float]] = {}
+    for task_name, method, eva in reports:
+        for layer, rank in eva.ranks.items():
+            label = f"{method}: {layer}" if several_methods else layer
+            ranks.setdefault(f"{task_name}: {label}" if several_tasks else label, []).append(rank)
+    return ranks
+
+
+class SuiteStudy(Study[SuiteReport]):
+    """A suite's grid, its report and page (``results.md``, ``results.json`` and the figures in
+    ``<log_dir>/<suite>/``).
+
+    The page covers every completed run of the whole suite made with today's settings, not only the ``methods`` and
+    ``seeds`` just run (a rerun of one method must not redraw the page without the others), unless ``report_only``
+    restricts it to them.
+
+    :param methods: Run only these of the suite's methods.
+    :param seeds: Run only these seeds.
+    :param report_only: The page covers only ``methods`` and ``seeds``.
+    """
+
+    def __init__(
+        self,
+        suite: Suite,
+        log_dir: Path,
+        methods: Sequence[str] | None = None,
+        seeds: Sequence[int] | None = None,
+        report_only: bool = False,
+        echo: Callable[[str], None] = print,
+    ) -> None:
+        super().__init__(log_dir, echo)
+        if methods is not None:
+            suite.check_methods(methods)
+        self.suite, self.methods, self.seeds, self.report_only = suite, methods, seeds, report_only
+        self.title = f"suite {suite.name}"
+
+    @property
+    def out_dir(self) -> Path:
+        return self.log_dir / self.suite.name
+
+    def plan(self) -> Planned:
+        return self.suite.run_specs(self.log_dir, self.methods, self.seeds)
+
+    def page_plan(self) -> Planned:
+        return self.plan() if self.report_only else self.suite.run_specs(self.log_dir)
+
+    def report(self, runs: list[tuple[SuiteTask, RunResult]]) -> SuiteReport:
+        return aggregate(self.suite, runs)
+
+    def write_page(self, report: SuiteReport, runs: list[tuple[SuiteTask, RunResult]]) -> list[Path]:
+        """``results.json``, ``results.md``, ``sample_efficiency.png`` (IQM curves with CI bands),
+        ``final_return.png`` and, where a method ran EVA, ``eva_ranks.png``."""
+        out = self.out_dir
+        atomic_write_json(out / "results.json", report.to_dict())
+        atomic_write_text(out / "results.md", results_markdown(report))
+        methods = report.methods
+        colors = {method: palette()[i % len(palette())] for i, method in enumerate(methods)}
+        seeds = {method: len({r.seed for _, r in runs if r.method == method}) for method in methods}
+        figure, axes = new_figure(**sample_efficiency_grid(len(report.tasks), len(methods)))
+        draw_sample_efficiency(axes, report, runs, colors, seeds)
+        paths = [out / "results.json", out / "results.md", save_figure(figure, out / "sample_efficiency.png")]
+        figure, axis = new_figure(figsize=(7.5, 0.5 * len(methods) + 1.7), dpi=120)
+        draw_final_returns(axis, report, colors, seeds)
+        paths.append(save_figure(figure, out / "final_return.png"))
+        ranks = eva_ranks(report, self._eva_reports(runs))
+        if ranks:
+            figure, axis = new_figure(figsize=(6.5, 0.3 * len(ranks) + 1.2), dpi=120)
+            draw_eva_ranks(axis, ranks)
+            paths.append(save_figure(figure, out / "eva_ranks.png"))
+        return paths
+
+    def _eva_reports(self, runs: list[tuple[SuiteTask, RunResult]]) -> list[tuple[str, str, EvaReport]]:
+        """``(task, method, EVA report)`` of the runs that ran EVA, in the order the page lists methods and seeds."""
+        reports = []
+        for _, result in runs:
+            if get_method(result.method).runs_eva:
+                eva = RunFolder.of(self.out_dir, result.task, result.method, result.seed).read_eva()
+                if eva is not None:
+                    reports.append((result.task, result.method, eva))
+        return reports

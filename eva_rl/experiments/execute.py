@@ -1,0 +1,255 @@
+"""Carrying out runs: one interface, three executors, one worker setup.
+
+Every command and study hands its :class:`~eva_rl.experiments.runs.RunSpec` list to an :class:`Executor`; which one
+is a choice of class, made once where the command line is read:
+
+- :class:`LocalProcesses`: a process pool of ``workers`` (1: this process), a line per finished run (sweeps);
+- :class:`SideBySide`: the same, with one progress bar per run (the main job);
+- :class:`RayCluster`: Ray tasks on a cluster (or a local instance), results on the shared ``--log-dir``.
+
+Each run is deterministic on its own (its seed, the worker's torch threads), so the executor changes the wall time,
+never the numbers: a completed run is skipped and an interrupted one resumed, whichever executor meets it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, as_completed, wait
+from queue import Empty
+from typing import Any, TypeVar
+
+from tqdm.auto import tqdm
+
+from eva_rl.errors import ConfigError
+from eva_rl.experiments.runs import RunResult, RunSpec, run
+from eva_rl.experiments.training import ProgressSink
+
+T = TypeVar("T")
+
+
+def prepare_worker(threads: int = 1, packages: Iterable[str] = ()) -> None:
+    """What every process that carries out runs does first: its torch threads, one-line warnings, and the env
+    packages that register the runs' ids."""
+    import torch
+
+    from eva_rl.experiments.environments import import_packages
+    from eva_rl.experiments.training import one_line_warnings
+
+    torch.set_num_threads(threads)
+    one_line_warnings()
+    import_packages(packages)
+
+
+def run_in_worker(
+    spec: RunSpec,
+    resume: bool = True,
+    overwrite: bool = False,
+    threads: int = 1,
+    progress: bool | ProgressSink = False,
+) -> RunResult:
+    """One run (skipped if complete, resumed if interrupted and ``resume``) in a prepared process."""
+    prepare_worker(threads, spec.task.env_packages)
+    return run(spec, progress=progress, resume=resume, overwrite=overwrite)
+
+
+def _call_in_worker(function: Callable[..., T], threads: int, packages: Sequence[str], args: tuple) -> T:
+    prepare_worker(threads, packages)
+    return function(*args)
+
+
+def in_fresh_process(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` in a new process of its own (a measurement that must not see this process's memory)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def progress_line(done: int, total: int, spec: RunSpec, result: RunResult) -> str:
+    return f"[{done}/{total}] {spec.task.name} {spec.method} seed{spec.seed}: final {result.final_return:.3f}"
+
+
+class Executor(ABC):
+    """Carries out runs.
+
+    :param workers: Runs at a time.
+    :param threads: torch CPU threads per run.
+    :param echo: Receives a line per finished run.
+    """
+
+    def __init__(self, workers: int = 1, threads: int = 1, echo: Callable[[str], None] = print) -> None:
+        self.workers, self.threads, self.echo = workers, threads, echo
+
+    @abstractmethod
+    def run(self, specs: Sequence[RunSpec], resume: bool = True, overwrite: bool = False) -> list[RunResult]:
+        """Carry out ``specs``; the results come in their order.
+
+        :param resume: Continue an interrupted run from its checkpoint (without it, one is an error).
+        :param overwrite: Start over a run whose folder holds one made with other settings.
+        :raises EvaRLError: the first error a run raised.
+        """
+
+    def map(self, function: Callable[..., T], jobs: Sequence[tuple], packages: Sequence[str] = ()) -> list[T]:
+        """``function(*job)`` for each job, in processes prepared like the runs' (work on completed runs, such as
+        evaluating them on other tasks); in this process by default."""
+        prepare_worker(self.threads, packages)
+        return [function(*job) for job in jobs]
+
+
+class LocalProcesses(Executor):
+    """A process pool of ``workers`` on this machine (``workers`` 1: one run after the other in this process)."""
+
+    def run(self, specs: Sequence[RunSpec], resume: bool = True, overwrite: bool = False) -> list[RunResult]:
+        jobs = [(spec, resume, overwrite, self.threads) for spec in specs]
+        if self.workers <= 1 or len(specs) <= 1:
+            results = []
+            for done, job in enumerate(jobs, 1):
+                results.append(run_in_worker(*job))
+                self.echo(progress_line(done, len(specs), job[0], results[-1]))
+            return results
+        results_at: dict[int, RunResult] = {}
+        with self._pool(len(specs)) as pool:
+            futures = {pool.submit(run_in_worker, *job): i for i, job in enumerate(jobs)}
+            for done, future in enumerate(as_completed(futures), 1):
+                i = futures[future]
+                results_at[i] = future.result()
+                self.echo(progress_line(done, len(specs), specs[i], results_at[i]))
+        return [results_at[i] for i in range(len(specs))]
+
+    def map(self, function: Callable[..., T], jobs: Sequence[tuple], packages: Sequence[str] = ()) -> list[T]:
+        if self.workers <= 1 or len(jobs) < 2:
+            return super().map(function, jobs, packages)
+        with self._pool(len(jobs)) as pool:
+            futures = [pool.submit(_call_in_worker, function, self.threads, list(packages), job) for job in jobs]
+            return [future.result() for future in futures]
+
+    def _pool(self, jobs: int) -> ProcessPoolExecutor:
+        # spawn, not fork: a forked torch with threads already started can deadlock
+        context = multiprocessing.get_context("spawn")
+        return ProcessPoolExecutor(max_workers=min(self.workers, jobs), mp_context=context)
+
+
+class SideBySide(LocalProcesses):
+    """Runs side by side, one process each (up to ``workers`` at a time), one progress bar each in this process;
+    ``workers`` 1 runs them here one after the other, with their own bars.
+
+    :param progress: Show the bars.
+    """
+
+    def __init__(
+        self, workers: int = 1, threads: int = 1, echo: Callable[[str], None] = print, progress: bool = True
+    ) -> None:
+        super().__init__(workers, threads, echo)
+        self.progress = progress
+
+    def run(self, specs: Sequence[RunSpec], resume: bool = True, overwrite: bool = False) -> list[RunResult]:
+        if self.workers <= 1 or len(specs) <= 1:
+            return [run_in_worker(spec, resume, overwrite, self.threads, self.progress) for spec in specs]
+        context = multiprocessing.get_context("spawn")
+        with context.Manager() as manager:
+            queue = manager.Queue() if self.progress else None
+            bars = [
+                tqdm(
+                    total=spec.task.total_timesteps,
+                    desc=f"{spec.method} seed{spec.seed}",
+                    position=i,
+                    unit="step",
+                    disable=not self.progress,
+                    mininterval=0.5,
+                )
+                for i, spec in enumerate(specs)
+            ]
+            try:
+                with self._pool(len(specs)) as pool:
+                    futures = {
+                        pool.submit(_run_reporting, spec, i, queue, resume, overwrite, self.threads): i
+                        for i, spec in enumerate(specs)
+                    }
+                    # Move the bars while waiting; the first failure stops the pool once the runs in progress end.
+                    pending: set[Future] = set(futures)
+                    while pending:
+                        done, pending = wait(pending, timeout=0.25, return_when=FIRST_EXCEPTION)
+                        _show(queue, bars)
+                        for future in done:
+                            if future.exception() is not None:
+                                pool.shutdown(wait=True, cancel_futures=True)
+                                raise future.exception()
+                    results = {futures[future]: future.result() for future in futures}
+                _show(queue, bars)
+            finally:
+                for bar in bars:
+                    bar.close()
+        return [results[i] for i in range(len(specs))]
+
+
+def _run_reporting(spec: RunSpec, index: int, queue: Any, resume: bool, overwrite: bool, threads: int) -> RunResult:
+    """:func:`run_in_worker`, reporting its progress to the bars of the process that started it."""
+
+    def report(steps: int, total: int, status: str) -> None:
+        queue.put((index, steps, total, status))
+
+    return run_in_worker(spec, resume, overwrite, threads, report if queue is not None else False)
+
+
+def _show(queue: Any, bars: list[tqdm]) -> None:
+    """Move each run's bar to the latest progress its process reported."""
+    if queue is None:
+        return
+    while True:
+        try:
+            index, steps, total, status = queue.get_nowait()
+        except Empty:
+            return
+        bar = bars[index]
+        bar.total = total
+        bar.update(steps - bar.n)
+        if status:
+            bar.set_postfix_str(status, refresh=False)
+
+
+class RayCluster(Executor):
+    """Ray tasks (one CPU each) on the cluster at ``address`` (``None``: a new local instance).
+
+    Results are written by the workers to the shared ``--log-dir``; progress is reported as runs finish. The
+    driver's working directory goes on the workers' ``PYTHONPATH``, so env packages like ``envs/`` import there.
+    """
+
+    def __init__(
+        self, address: str | None = None, threads: int = 1, echo: Callable[[str], None] = print, workers: int = 1
+    ) -> None:
+        super().__init__(workers, threads, echo)
+        self.address = address
+
+    def run(self, specs: Sequence[RunSpec], resume: bool = True, overwrite: bool = False) -> list[RunResult]:
+        try:
+            import ray
+        except ImportError as error:
+            raise ConfigError('the Ray backend needs Ray: pip install -e ".[ray]"') from error
+
+        started_here = not ray.is_initialized()
+        if started_here:
+            python_path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
+            ray.init(
+                address=self.address,
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": {"PYTHONPATH": python_path}},
+            )
+        try:
+            task = ray.remote(num_cpus=1)(run_in_worker)
+            pending = {task.remote(spec, resume, overwrite, self.threads): i for i, spec in enumerate(specs)}
+            results: dict[int, RunResult] = {}
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                i = pending.pop(done[0])
+                results[i] = ray.get(done[0])
+                self.echo(progress_line(len(results), len(specs), specs[i], results[i]))
+            return [results[i] for i in range(len(specs))]
+        finally:
+            if started_here:
+                ray.shutdown()
+
+
+BACKENDS: dict[str, type[Executor]] = {"local": LocalProcesses, "ray": RayCluster}
+"""``--backend``'s choices, each an executor class."""

@@ -1,0 +1,281 @@
+"""A run folder ``<log_dir>/<task>/<method>/seed<k>/``: the one place that knows its files, and what a completed,
+resumable or stale run is.
+
+Files: the TensorBoard events, ``model.zip``, ``result.json`` (its presence marks the run complete), ``adapter/``
+(adapter runs: the adapter-only checkpoint), ``eva.json`` (runs that used EVA), ``vecnormalize.pkl`` (agents trained
+with VecNormalize: the run's own statistics, which evaluating ``model.zip`` needs), and while running
+``settings.json`` and ``checkpoint.zip`` (+ ``checkpoint_vecnormalize.pkl``, ``checkpoint_replay_buffer.pkl``,
+``checkpoint_runtime.pkl``) and ``state.json`` for ``--resume``; ``eva-rl record`` adds ``agent.gif`` and
+``before_after.gif``. Studies may cache what they computed on a completed run beside it
+(``returns_on_every_task.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eva_rl.errors import ConfigError, EvaRLError
+from eva_rl.eva_report import EvaReport
+from eva_rl.files import STATS, atomic_write_json, cached_json
+
+
+class RunDirError(EvaRLError, ValueError):
+    """A run folder in a state that needs the user's decision."""
+
+
+@dataclass
+class RunResult:
+    """What a run wrote to ``result.json`` (:meth:`to_dict` / :meth:`from_dict` keep that file's fields).
+
+    :ivar eval_curve: ``[[env step, mean eval return], ...]``, from the step-0 evaluation (the jumpstart) on.
+    :ivar eva_env_steps: Env steps EVA's own rollouts took before PPO (0 without EVA or with EVA on PPO's data).
+    :ivar eva_skipped_steps: Env steps of PPO rollouts that fed EVA without an update (EVA on PPO's data).
+    :ivar source_return: The fine-tuned model's return back on the task's source env (``None`` when the task has no
+        other source env).
+    :ivar algorithm: The algorithm that fine-tuned (``"ppo"``, ``"a2c"``...; results before it existed were PPO).
+    :ivar settings: What the run was made with (``runs.run_settings``); ``None`` in results written before it existed.
+    :ivar agent: The pretrained agent's path, as the run was given it (``eva-rl record`` loads it again).
+    """
+
+    task: str
+    method: str
+    seed: int
+    total_timesteps: int
+    jumpstart: float
+    final_return: float
+    best_return: float
+    eval_curve: list[list[float]]
+    trainable_params: int
+    total_params: int
+    wall_seconds: float
+    eva_env_steps: int = 0
+    eva_skipped_steps: int = 0
+    eva_seconds: float = 0.0
+    source_return: float | None = field(default=None)
+    algorithm: str = "ppo"
+    settings: dict[str, Any] | None = None
+    agent: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunResult:
+        """Read ``result.json`` content; fields added later get their defaults, unknown ones are ignored.
+
+        :raises ConfigError: if a field every result has is missing.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{key: value for key, value in data.items() if key in known})
+        except TypeError as error:
+            raise ConfigError(f"not a run result ({error})") from error
+
+    def sample_curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """The eval curve with EVA's own env steps added to the x-axis, so methods compare in samples."""
+        curve = np.asarray(self.eval_curve, float)
+        return curve[:, 0] + self.eva_env_steps, curve[:, 1]
+
+
+class RunFolder:
+    """The files of one run and the states they make: empty, unfinished (resumable), completed, or made with other
+    settings (stale; :mod:`eva_rl.experiments.runs` decides what to do with each)."""
+
+    RESULT = "result.json"
+    SETTINGS = "settings.json"
+    STATE = "state.json"
+    MODEL = "model.zip"
+    CHECKPOINT = "checkpoint.zip"
+    CHECKPOINT_STATS = "checkpoint_vecnormalize.pkl"
+    CHECKPOINT_BUFFER = "checkpoint_replay_buffer.pkl"
+    CHECKPOINT_RUNTIME = "checkpoint_runtime.pkl"
+    STATS = STATS
+    EVA = "eva.json"
+    ADAPTER = "adapter"
+    LOCK = ".lock"
+    EVENTS = "events.out.tfevents.*"
+    RETURNS_ON_EVERY_TASK = "returns_on_every_task.json"
+    AGENT_GIF = "agent.gif"
+    BEFORE_AFTER_GIF = "before_after.gif"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def of(cls, log_dir: Path, task: str, method: str, seed: int) -> RunFolder:
+        """The folder of ``method``'s run with ``seed`` on ``task`` under ``log_dir``."""
+        return cls(Path(log_dir) / task / method / f"seed{seed}")
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    # what the folder holds
+    @property
+    def result_file(self) -> Path:
+        return self.path / self.RESULT
+
+    @property
+    def model_file(self) -> Path:
+        return self.path / self.MODEL
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / self.ADAPTER
+
+    @property
+    def eva_file(self) -> Path:
+        return self.path / self.EVA
+
+    @property
+    def checkpoint_file(self) -> Path:
+        return self.path / self.CHECKPOINT
+
+    @property
+    def checkpoint_buffer_file(self) -> Path:
+        return self.path / self.CHECKPOINT_BUFFER
+
+    @property
+    def checkpoint_runtime_file(self) -> Path:
+        return self.path / self.CHECKPOINT_RUNTIME
+
+    @property
+    def checkpoint_stats_file(self) -> Path:
+        return self.path / self.CHECKPOINT_STATS
+
+    @property
+    def stats_file(self) -> Path:
+        return self.path / self.STATS
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / self.STATE
+
+    def stats(self) -> Path | None:
+        """The run's VecNormalize statistics, if its agent had any."""
+        return self.stats_file if self.stats_file.is_file() else None
+
+    def checkpoint_stats(self) -> Path | None:
+        return self.checkpoint_stats_file if self.checkpoint_stats_file.is_file() else None
+
+    @property
+    def is_complete(self) -> bool:
+        return self.result_file.is_file()
+
+    @property
+    def has_checkpoint(self) -> bool:
+        return self.checkpoint_file.exists()
+
+    @property
+    def is_resumable(self) -> bool:
+        """A checkpoint with its ``state.json`` (the model is saved first: a checkpoint without one was cut off)."""
+        return self.has_checkpoint and self.state_file.exists()
+
+    @property
+    def has_adapter(self) -> bool:
+        return (self.adapter_dir / "adapter.safetensors").is_file()
+
+    @staticmethod
+    def holds_run(path: Path) -> bool:
+        """Whether ``path`` is a folder eva-rl wrote a run to (complete or not)."""
+        return any((Path(path) / name).is_file() for name in (RunFolder.RESULT, RunFolder.SETTINGS))
+
+    def event_files(self) -> list[Path]:
+        return sorted(self.path.glob(self.EVENTS))
+
+    # records
+    def read_result(self) -> RunResult:
+        return RunResult.from_dict(json.loads(self.result_file.read_text()))
+
+    def write_result(self, result: RunResult) -> None:
+        """Written last: its presence marks the run complete."""
+        atomic_write_json(self.result_file, result.to_dict())
+
+    def recorded_settings(self) -> dict[str, Any] | None:
+        """The settings of the run the folder holds: its ``result.json``'s, or an unfinished run's ``settings.json``
+        (``None``: nothing there, or a run written before settings were recorded)."""
+        if self.result_file.is_file():
+            return json.loads(self.result_file.read_text()).get("settings")
+        path = self.path / self.SETTINGS
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def write_settings(self, settings: dict[str, Any]) -> None:
+        atomic_write_json(self.path / self.SETTINGS, settings)
+
+    def read_state(self) -> dict[str, Any]:
+        return json.loads(self.state_file.read_text())
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        """Written after the checkpoint's other files: it points at them."""
+        atomic_write_json(self.state_file, state)
+
+    def write_eva(self, report: EvaReport) -> None:
+        atomic_write_json(self.eva_file, report.to_dict())
+
+    def read_eva(self) -> EvaReport | None:
+        return EvaReport.from_dict(json.loads(self.eva_file.read_text())) if self.eva_file.is_file() else None
+
+    def cached(self, name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """What ``compute`` returns, kept in the folder as ``name`` (a study's figures of a completed run)."""
+        return cached_json(self.path / name, compute)
+
+    # changes
+    def clear(self) -> None:
+        """Remove everything a run wrote (its lock stays: the caller holds it)."""
+        for path in self.path.iterdir():
+            if path.name == self.LOCK:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+    def clear_events(self) -> None:
+        """A run killed before its first checkpoint starts over: one curve per run in TensorBoard."""
+        for stale in self.event_files():
+            stale.unlink()
+
+    def remove_checkpoint(self) -> None:
+        """The files only an unfinished run needs, once the run is complete."""
+        for name in (
+            self.CHECKPOINT,
+            self.CHECKPOINT_STATS,
+            self.CHECKPOINT_BUFFER,
+            self.CHECKPOINT_RUNTIME,
+            self.STATE,
+            self.SETTINGS,
+        ):
+            (self.path / name).unlink(missing_ok=True)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder's lock for the duration of a run, so two processes never write one run folder.
+
+        The lock is the operating system's (``flock``), so a killed process releases it.
+
+        :raises RunDirError: if another process holds it.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / self.LOCK, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as error:
+                raise RunDirError(
+                    f"{self.path} is in use by another run; wait for it to finish or use another --log-dir"
+                ) from error
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,114 @@
+"""Continual sequences: a base task and the tasks learned one after the other from its agent, one YAML file per
+sequence in ``configs/sequences/`` (run by ``eva-rl continual``, :mod:`eva_rl.experiments.studies.continual`)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from eva_rl.errors import ConfigError
+from eva_rl.experiments.tasks import (
+    CONFIG_DIR,
+    build_config,
+    check_count,
+    check_method_settings,
+    check_seeds,
+    is_count,
+    load_named_config,
+    seed_list,
+)
+from eva_rl.methods import get_method, method_names
+
+SEQUENCE_DIR = CONFIG_DIR / "sequences"
+
+
+@dataclass
+class Stage:
+    """One task of a sequence.
+
+    :param env: The stage's env (a registered id); the base task's wrappers and algorithm settings apply.
+    :param total_timesteps: Fine-tuning budget of the stage.
+    :param name: Short name (default: the id without ``MiniGrid-`` and the version).
+    :param env_kwargs: The env's keyword arguments.
+    """
+
+    env: str
+    total_timesteps: int
+    name: str | None = None
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.env, str) or not self.env:
+            raise ConfigError(f"stage env={self.env!r} is invalid: expected an env id")
+        check_count(self.total_timesteps, f"stage {self.env}: total_timesteps")
+        if self.name is None:
+            self.name = re.sub(r"^MiniGrid-|-v\d+$", "", self.env)
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", self.name):
+            raise ConfigError(f"stage name={self.name!r} is invalid: expected letters, digits and '_.+-'")
+        if not isinstance(self.env_kwargs, dict):
+            raise ConfigError(f"stage {self.env}: env_kwargs={self.env_kwargs!r} is invalid: expected a mapping")
+
+
+@dataclass
+class ContinualSequence:
+    """A continual benchmark.
+
+    :param name: Results go to ``<log-dir>/<name>/``.
+    :param base_task: Task in ``configs/`` whose agent is the base and whose settings every stage uses.
+    :param stages: The tasks, in order.
+    :param methods: Adapter methods, each building a bank.
+    :param seeds: Number of seeds (0..n-1) or a list.
+    :param sequential: Also fine-tune one network stage after stage (``full-seq``).
+    :param eval_episodes: Episodes per evaluation (default: the base task's).
+    :param method_settings: Per-method settings (``learning_rate``, ``r`` ...) as in suites (``full`` included).
+    :param signature_steps: Env steps of the base policy in each stage's env that make the stage's signature
+        (:meth:`~eva_rl.bank.AdapterBank.set_signature`).
+    :param selection_steps: Unlabelled env steps :meth:`~eva_rl.bank.AdapterBank.identify` is measured with.
+    :param selection_trials: Rollouts (other seeds than the signature's) per stage and step count.
+    """
+
+    name: str
+    base_task: str
+    stages: list[Stage]
+    methods: list[str] = field(default_factory=lambda: ["eva", "lora"])
+    seeds: int | list[int] = 5
+    sequential: bool = True
+    eval_episodes: int | None = None
+    method_settings: dict[str, dict[str, float]] = field(default_factory=dict)
+    signature_steps: int = 1024
+    selection_steps: list[int] = field(default_factory=lambda: [16, 64, 256])
+    selection_trials: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("signature_steps", "selection_trials"):
+            check_count(getattr(self, name), name)
+        steps = self.selection_steps
+        if not isinstance(steps, list) or not steps or not all(map(is_count, steps)):
+            raise ConfigError(f"selection_steps={steps!r} is invalid: expected a list of integers >= 1")
+        if not isinstance(self.stages, list) or len(self.stages) < 2:
+            raise ConfigError(f"stages={self.stages!r} is invalid: expected a list of at least two stages")
+        self.stages = [
+            s if isinstance(s, Stage) else build_config(Stage, s, f"sequence {self.name} stage") for s in self.stages
+        ]
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stage names {names} repeat; give the stages distinct names")
+        adapters = [m for m in method_names() if get_method(m).adapters]
+        if not isinstance(self.methods, list) or not self.methods or set(self.methods) - set(adapters):
+            raise ConfigError(f"methods={self.methods!r} is invalid: expected a non-empty list out of {adapters}")
+        check_seeds(self.seeds, "seeds")
+        if not isinstance(self.sequential, bool):
+            raise ConfigError(f"sequential={self.sequential!r} is invalid: expected true or false")
+        if self.eval_episodes is not None:
+            check_count(self.eval_episodes, "eval_episodes")
+        check_method_settings(self.method_settings, "method_settings")
+
+    @property
+    def seed_list(self) -> list[int]:
+        return seed_list(self.seeds)
+
+
+def load_sequence(name_or_path: str) -> ContinualSequence:
+    """A sequence by name (``configs/sequences/<name>.yaml``) or path."""
+    return load_named_config(ContinualSequence, SEQUENCE_DIR, name_or_path, "sequence")

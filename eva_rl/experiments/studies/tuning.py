@@ -1,0 +1,95 @@
+"""The tuning sweep (``compare.py --suite NAME --tune``): the same small grid for every method on the suite's tuning
+seeds and tasks; each method keeps the grid point with the best IQM normalized AUC (sample efficiency).
+
+Its page is ``<log_dir>/<suite>-tuning/tuning.json``; the choices are printed ready to paste into the suite's
+``method_settings``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from eva_rl.errors import ConfigError
+from eva_rl.experiments.run_folder import RunResult
+from eva_rl.experiments.stats import normalized_auc, stratified_iqm
+from eva_rl.experiments.studies.base import Planned, Study
+from eva_rl.experiments.suites import Suite
+from eva_rl.files import atomic_write_json
+
+TuningReport = dict[str, Any]
+"""``{"auc_iqm": {method: {point: IQM}}, "chosen": {method: settings}, "seeds": [...]}``."""
+
+
+def tuning_points(suite: Suite) -> list[dict[str, float]]:
+    """Every combination of the tuning grid, e.g. ``[{"learning_rate": 1e-4}, {"learning_rate": 1e-3}]``."""
+    points: list[dict[str, float]] = [{}]
+    for key, values in suite.tuning_grid.items():
+        points = [{**point, key: value} for point in points for value in values]
+    return points
+
+
+def point_name(point: dict[str, float]) -> str:
+    """A grid point as a folder name: ``learning_rate0.001``."""
+    return "-".join(f"{key}{value:g}" for key, value in point.items()) or "default"
+
+
+class TuningSweep(Study[TuningReport]):
+    """The suite's tuning sweep.
+
+    :param methods: The methods to tune (default: the suite's).
+    """
+
+    def __init__(
+        self,
+        suite: Suite,
+        log_dir: Path,
+        methods: Sequence[str] | None = None,
+        echo: Callable[[str], None] = print,
+    ) -> None:
+        super().__init__(log_dir, echo)
+        if not suite.tuning_grid:
+            raise ConfigError(f"suite {suite.name} has no tuning_grid to sweep")
+        if methods is not None:
+            suite.check_methods(methods)
+        self.suite, self.methods = suite, list(methods or suite.methods)
+        self.title = f"suite {suite.name}'s tuning sweep"
+
+    @property
+    def out_dir(self) -> Path:
+        return self.log_dir / f"{self.suite.name}-tuning"
+
+    def plan(self) -> Planned:
+        """Every grid point x method x tuning seed x tuning task; a point's runs go to ``<point>/<suite>/``."""
+        suite = self.suite
+        tasks = [t for t in suite.tasks if suite.tuning_tasks is None or t.task in suite.tuning_tasks]
+        return [
+            ((point_name(point), suite_task.task), suite.run_spec(suite_task, method, seed, folder, settings=point))
+            for point in tuning_points(suite)
+            for folder in [self.out_dir / point_name(point) / suite.name]
+            for suite_task in tasks
+            for seed in suite.tuning_seeds
+            for method in suite.task_methods(suite_task, self.methods)
+        ]
+
+    def report(self, runs: list[tuple[tuple[str, str], RunResult]]) -> TuningReport:
+        table: dict[str, dict[str, float]] = {}
+        for point in tuning_points(self.suite):
+            for method in self.methods:
+                per_task: dict[str, list[float]] = {}
+                for (name, task), result in runs:
+                    if name == point_name(point) and result.method == method:
+                        per_task.setdefault(task, []).append(normalized_auc(*result.sample_curve()))
+                table.setdefault(method, {})[point_name(point)] = float(
+                    stratified_iqm(list(per_task.values())).estimate
+                )
+        chosen = {
+            method: max(tuning_points(self.suite), key=lambda point: table[method][point_name(point)])
+            for method in self.methods
+        }
+        return {"auc_iqm": table, "chosen": chosen, "seeds": self.suite.tuning_seeds}
+
+    def write_page(self, report: TuningReport, runs: list[tuple[Any, RunResult]]) -> list[Path]:
+        atomic_write_json(self.out_dir / "tuning.json", report)
+        return [self.out_dir / "tuning.json"]
