@@ -1,8 +1,9 @@
 """The package's structure, checked on its source: the library never imports the experiment application, the
 torch-only core never imports stable-baselines3, method names are compared only in the method registry, and
-``adapt`` resolves its adapter plan once.
+``adapt`` resolves its adapter plan once; in the application wing, no module but the run folder names a run's files,
+no study module imports another, and long functions carry signpost comments.
 
-``python -m tests.test_architecture`` prints the module and import-arrow counts.
+``python -m tests.test_architecture`` prints the module and import-arrow counts and the wing's figures.
 """
 
 from __future__ import annotations
@@ -213,5 +214,132 @@ def counts() -> dict[str, int]:
     }
 
 
+# The application wing: one run folder object, one shape of study.
+
+STUDIES = "eva_rl.experiments.studies"
+
+
+def run_file_names() -> set[str]:
+    """The file names a run folder holds, as :class:`~eva_rl.experiments.run_folder.RunFolder` declares them."""
+    from eva_rl.experiments.run_folder import RunFolder
+
+    return {
+        value
+        for name, value in vars(RunFolder).items()
+        if name.isupper() and isinstance(value, str) and "." in value and "*" not in value
+    }
+
+
+def docstrings(tree: ast.AST) -> set[int]:
+    """``id``s of the docstring constants of ``tree`` (documentation may name files)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                found.add(id(body[0].value))
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            found.add(id(node.value))  # attribute docstrings
+    return found
+
+
+def run_file_literals(source: str, names: Iterable[str]) -> list[str]:
+    """String literals (docstrings aside) that spell a run file's name."""
+    tree = ast.parse(source)
+    skip = docstrings(tree)
+    names = sorted(names)
+    return [
+        f"line {node.lineno}: {node.value!r}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip
+        for name in names
+        if name in node.value
+    ]
+
+
+def test_no_module_but_the_run_folder_names_a_run_file() -> None:
+    names = run_file_names()
+    assert {"result.json", "model.zip", "eva.json", "checkpoint.zip", "state.json"} <= names
+    offenders = {
+        module_name(path): found
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if is_application(module_name(path)) and module_name(path) != "eva_rl.experiments.run_folder"
+        for found in [run_file_literals(path.read_text(), names)]
+        if found
+    }
+    assert offenders == {}
+
+
+def study_import_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Study modules that import another study module (the shared ``base`` aside)."""
+    studies = {m for m in graph if m.startswith(STUDIES + ".")} - {f"{STUDIES}.base"}
+    return [f"{module} -> {target}" for module in sorted(studies) for target in sorted(graph[module] & studies)]
+
+
+def test_no_study_module_imports_another() -> None:
+    graph = import_graph()
+    assert {f"{STUDIES}.suite", f"{STUDIES}.ranks", f"{STUDIES}.tuning", f"{STUDIES}.continual"} <= set(graph)
+    assert study_import_violations(graph) == []
+
+
+def test_the_wing_checks_catch_violations() -> None:
+    graph = import_graph()
+    graph[f"{STUDIES}.ranks"] = graph[f"{STUDIES}.ranks"] | {f"{STUDIES}.suite"}
+    assert study_import_violations(graph) == [f"{STUDIES}.ranks -> {STUDIES}.suite"]
+    source = '"""Reads result.json."""\npath = run_dir / "result.json"\nname = f"{x}/model.zip"\n'
+    assert run_file_literals(source, run_file_names()) == ["line 2: 'result.json'", "line 3: '/model.zip'"]
+
+
+def long_functions_without_comments(source: str, lines: int = 30) -> list[str]:
+    """Functions of more than ``lines`` lines with no ``#`` comment in their body (no signposts)."""
+    text = source.splitlines()
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > lines:
+            body = text[node.lineno : node.end_lineno]
+            if not any(line.lstrip().startswith("#") or "  # " in line for line in body):
+                found.append(f"{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    return found
+
+
+def test_long_functions_of_the_wing_carry_signposts() -> None:
+    offenders = {
+        module_name(path): found
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if is_application(module_name(path))
+        for found in [long_functions_without_comments(path.read_text())]
+        if found
+    }
+    assert offenders == {}
+
+
+def wing_figures() -> dict[str, float]:
+    """The application wing's figures: modules, lines, comment density, how many ways a run is derived, carried out,
+    and its files named."""
+    from eva_rl.experiments.execute import Executor
+
+    paths = [path for path in sorted(PACKAGE.rglob("*.py")) if is_application(module_name(path))]
+    sources = {module_name(path): path.read_text() for path in paths}
+    lines = sum(len(source.splitlines()) for source in sources.values())
+    comments = sum(
+        1
+        for source in sources.values()
+        for line in source.splitlines()
+        if line.lstrip().startswith("#") or "  # " in line
+    )
+    names = run_file_names()
+    return {
+        "modules": len(sources),
+        "study_modules": sum(m.startswith(STUDIES + ".") and not m.endswith((".base", STUDIES)) for m in sources),
+        "lines": lines,
+        "comment_lines_per_100": round(100 * comments / lines, 2),
+        "task_derivations": sum("def with_overrides(" in s for s in sources.values()),
+        "executors": len(Executor.__subclasses__()) + sum(len(c.__subclasses__()) for c in Executor.__subclasses__()),
+        "modules_naming_run_files": sum(bool(run_file_literals(s, names)) for s in sources.values()),
+        "long_functions_without_signposts": sum(len(long_functions_without_comments(s)) for s in sources.values()),
+    }
+
+
 if __name__ == "__main__":
     print(counts())
+    print(wing_figures())

@@ -137,3 +137,12 @@ def test_compare_methods_outside_the_suites_own_are_one_error_line(capsys: pytes
     code = cli.compare_main(["--suite", "smoke", "--methods", "eva,lora", "--report-only"])
     line = one_error_line(capsys.readouterr().err)
     assert code == 2 and "--methods=['eva', 'lora'] is invalid" in line and "['eva', 'full']" in line
+
+
+def test_the_readmes_cli_reference_is_what_the_code_declares() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("<!-- cli-reference")
+    table = readme[readme.index("\n", start) + 1 : readme.index("<!-- /cli-reference -->")].strip()
+    assert table == cli.cli_reference()

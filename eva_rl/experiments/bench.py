@@ -57,6 +57,7 @@ def ipca_min_cos(
     :param batches_fed: ``{layer: batch numbers (from 1)}`` its PCA consumed (EVA's report); each layer is then
         compared with an SVD of exactly its own rows. ``None`` compares every layer with the whole ``stream``.
     """
+    # Every adapted layer's input rows over the stream, hooked as EVA hooks them.
     rows: dict[str, list[torch.Tensor]] = {name: [] for name, rank in ranks.items() if rank > 0}
     policy = model.policy
     handles = [
@@ -70,6 +71,7 @@ def ipca_min_cos(
             policy_forward(policy, batch)
     for handle in handles:
         handle.remove()
+    # The oracle: an exact SVD of the centred rows each layer's PCA consumed.
     worst = 1.0
     for name, parts in rows.items():
         if batches_fed is not None:
@@ -125,6 +127,7 @@ def measure_lora_throughput(
     plain_env, _ = _target_ppo(task, seed, model.device)
     plain = adapt(model, plain_env, method="full", **settings)
     algorithm = algorithm_name(model)
+    # Interleaved rounds, so a slower stretch of the machine weighs on both alike.
     rates: dict[str, list[float]] = {"plain": [], "lora": []}
     for _ in range(repeats):
         for name, agent in (("plain", plain), ("lora", adapted)):
@@ -483,6 +486,7 @@ def bench(args: argparse.Namespace) -> int:
     args.device = "cpu" if args.device == "auto" else args.device
     torch.set_num_threads(args.threads)
     steps = 512 if args.quick else args.throughput_steps
+    # One group of figures only, when a flag asks for it.
     if args.weight_cache_only:
         print(json.dumps({"weight_cache": measure_weight_cache(args.task, args.seed, args.device, steps)}))
         return 0
@@ -492,6 +496,7 @@ def bench(args: argparse.Namespace) -> int:
     if args.bank_only:
         print(json.dumps({"bank": measure_bank(args.task, args.seed, switches=20 if args.quick else 200)}))
         return 0
+    # Everything: EVA's cost on each device, then off-policy throughput, the bank and the MiniGrid view.
     scaling = {"widths": (64, 1024), "batch_sizes": (256,), "batches": 3} if args.quick else {}
     devices = [args.device]
     if args.device == "cpu" and torch.cuda.is_available():

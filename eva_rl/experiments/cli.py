@@ -146,29 +146,6 @@ _FILE_SYSTEM_ERRORS = {
 }
 
 
-def _guarded(body: Callable[[], int]) -> int:
-    """Run a command's body: every eva-rl error becomes one ``error:`` line and exit code 2."""
-    one_line_warnings()
-    try:
-        return body()
-    except EvaRLError as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        print(f"error: {' '.join(lines)}", file=sys.stderr)  # one line, whatever the message
-        return 2
-    except OSError as error:
-        if error.errno not in _FILE_SYSTEM_ERRORS:
-            raise
-        where = f"{error.filename}: " if error.filename else ""
-        hint = ""
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            hint = "; no half-written file was kept: free some space and rerun with --resume"
-        print(f"error: {where}{error.strerror or error}{hint}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: rerun the same command with --resume to continue", file=sys.stderr)
-        return 130
-
-
 def guarded(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a command's handler: every eva-rl error becomes one ``error:`` line and exit code 2."""
     one_line_warnings()
@@ -235,6 +212,7 @@ def compare_command(args: argparse.Namespace) -> int:
         )
     if args.tune and (args.report_only or args.seeds or args.backend != "local"):
         raise ConfigError("--tune runs the suite's tuning seeds locally: drop --report-only, --seeds and --backend")
+    # One study per flag, one executor class per --backend.
     if args.rank_study:
         study = RankStudyRuns(suite, args.log_dir)
     elif args.tune:
@@ -444,8 +422,8 @@ COMMANDS: dict[str, Command] = {
             "record completed runs' agents, before and after fine-tuning, as GIFs",
             record_command,
             ("run_dirs", "eval_seed", "max_steps"),
-            description="Record the agent of completed runs: agent.gif and before_after.gif (the pretrained agent "
-            "beside it) in each run folder, and both in the run's TensorBoard (images tab).",
+            description=f"Record the agent of completed runs: {RunFolder.AGENT_GIF} and {RunFolder.BEFORE_AFTER_GIF} "
+            "(the pretrained agent beside it) in each run folder, and both in the run's TensorBoard (images tab).",
         ),
         Command(
             "bench",
@@ -542,3 +520,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[0] == "inspect":
         return inspect_main(argv[1:])
     return COMMANDS[argv[0]].main(argv[1:])
+
+
+def cli_reference() -> str:
+    """README's CLI reference table: every flag once, with the commands that take it."""
+    from eva_rl.experiments.options import flag_table
+
+    commands = {name: command.flags for name, command in COMMANDS.items()}
+    commands["inspect"] = (*commands["inspect"], *INSPECT_BANK.flags)
+    commands["plot_runs.py"] = PLOT_RUNS.flags
+    return flag_table(commands)

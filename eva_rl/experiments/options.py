@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from eva_rl.experiments.execute import BACKENDS
+from eva_rl.experiments.run_folder import RunFolder
 from eva_rl.loading import ALGORITHMS
 from eva_rl.methods import method_names
 
@@ -293,7 +294,7 @@ FLAGS: dict[str, Flag] = {
         Flag(("--backend",), "where runs execute (default: local)", STUDY, choices=tuple(BACKENDS), default="local"),
         Flag(("--ray-address",), "Ray cluster address, or 'auto'; default: start a local Ray instance", STUDY),
         # what a command reads besides a task, and its own switches
-        Flag(("run_dir",), "a run folder holding model.zip, or a model zip", RUNS, Path, positional=True),
+        Flag(("run_dir",), f"a run folder holding {RunFolder.MODEL}, or a model zip", RUNS, Path, positional=True),
         Flag(("run_dirs",), "run folders (<log-dir>/<task>/<method>/seed<k>)", RUNS, Path, nargs="+", positional=True),
         Flag(("board",), "<log-dir>/<task>, holding <method>/seed<k>/ runs", RUNS, Path, positional=True),
         Flag(
@@ -378,3 +379,19 @@ def task_overrides(args: argparse.Namespace) -> dict[str, tuple[str, Any]]:
 def default_workers(runs: int) -> int:
     """``--workers``' default: one per CPU core, at most one per run."""
     return max(1, min(runs, os.cpu_count() or 1))
+
+
+def flag_table(commands: dict[str, Sequence[str]]) -> str:
+    """The Markdown table of every flag (README's CLI reference): its meaning and default, and the commands that
+    take it (``commands``: ``{command: its flags}``)."""
+    lines = ["| flag | meaning | commands |", "|---|---|---|"]
+    for name, flag in FLAGS.items():
+        takers = [command for command, names in commands.items() if name in names]
+        if not takers:
+            continue
+        shown = f"`{flag.flags[0].upper()}`" if flag.positional else f"`{flag.flags[0]}`"
+        text = flag.help.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+        if flag.default is not None and "default" not in text:
+            text += f" (default: {flag.default})"
+        lines.append(f"| {shown} | {text} | {', '.join(takers)} |")
+    return "\n".join(lines)

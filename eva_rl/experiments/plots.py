@@ -10,6 +10,7 @@ import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from eva_rl.errors import ConfigError
+from eva_rl.experiments.run_folder import RunFolder
 
 
 def new_figure(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
@@ -50,33 +51,57 @@ def read_scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array([e.step for e in events]), np.array([e.value for e in events])
 
 
-def plot_runs(board: Path, out: Path, tags: tuple[str, ...] = ("eval/mean_return", "rollout/ep_rew_mean")) -> Path:
-    """One panel per tag, one line per method (seeds of a method drawn thin, their mean thick).
+Curves = dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]]
+"""``{tag: {method: [(steps, values) per seed]}}``."""
 
-    :param board: ``<log-dir>/<task>``, holding ``<method>/seed<k>/`` run folders.
-    :param out: PNG path.
+
+def read_runs(board: Path, tags: tuple[str, ...]) -> Curves:
+    """Every seed's curve of each of ``tags``, per method, from the event files of the run folders under ``board``.
+
+    :raises ConfigError: if ``board`` is not a folder or holds no runs.
     """
     if not board.is_dir():
         raise ConfigError(f"{board} is not a folder: expected <log-dir>/<task>, holding <method>/seed<k>/ runs")
-    methods = sorted(p for p in board.iterdir() if p.is_dir() and any(p.glob("seed*/events.out.tfevents*")))
+    methods = sorted(
+        p for p in board.iterdir() if p.is_dir() and any(RunFolder(s).event_files() for s in p.glob("seed*"))
+    )
     if not methods:
         raise ConfigError(f"{board} holds no runs: expected <method>/seed<k>/ folders with TensorBoard event files")
-    figure, axes = new_figure(1, len(tags), figsize=(5.5 * len(tags), 3.8), dpi=120, squeeze=False)
+    curves: Curves = {}
+    for tag in tags:
+        for method_dir in methods:
+            per_seed = [read_scalars(seed_dir, tag) for seed_dir in sorted(method_dir.glob("seed*"))]
+            curves.setdefault(tag, {})[method_dir.name] = [c for c in per_seed if len(c[0])]
+    return curves
+
+
+def draw_runs(axes: Any, curves: Curves) -> None:
+    """A panel per tag, a colour per method: its seeds drawn thin, their mean thick."""
     colors = palette()
-    for axis, tag in zip(axes[0], tags):
-        for color, method_dir in zip(colors, methods):
-            curves = [read_scalars(seed_dir, tag) for seed_dir in sorted(method_dir.glob("seed*"))]
-            curves = [c for c in curves if len(c[0])]
-            for steps, values in curves:
-                axis.plot(steps, values, color=color, alpha=0.3 if len(curves) > 1 else 1.0, linewidth=1)
-            if len(curves) > 1:
-                length = min(len(c[0]) for c in curves)
-                mean = np.mean([c[1][:length] for c in curves], axis=0)
-                axis.plot(curves[0][0][:length], mean, color=color, linewidth=2)
-            axis.plot([], [], color=color, label=f"{method_dir.name} ({len(curves)} seed{'s' * (len(curves) > 1)})")
+    for axis, (tag, by_method) in zip(axes, curves.items()):
+        for color, (method, runs) in zip(colors, by_method.items()):
+            for steps, values in runs:
+                axis.plot(steps, values, color=color, alpha=0.3 if len(runs) > 1 else 1.0, linewidth=1)
+            if len(runs) > 1:
+                length = min(len(c[0]) for c in runs)
+                mean = np.mean([c[1][:length] for c in runs], axis=0)
+                axis.plot(runs[0][0][:length], mean, color=color, linewidth=2)
+            axis.plot([], [], color=color, label=f"{method} ({len(runs)} seed{'s' * (len(runs) > 1)})")
         axis.set_title(tag)
         axis.set_xlabel("environment steps")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
+
+
+def plot_runs(board: Path, out: Path, tags: tuple[str, ...] = ("eval/mean_return", "rollout/ep_rew_mean")) -> Path:
+    """``scripts/plot_runs.py``: one panel per tag, one line per method (seeds of a method drawn thin, their mean
+    thick).
+
+    :param board: ``<log-dir>/<task>``, holding ``<method>/seed<k>/`` run folders.
+    :param out: PNG path.
+    """
+    curves = read_runs(board, tags)
+    figure, axes = new_figure(1, len(tags), figsize=(5.5 * len(tags), 3.8), dpi=120, squeeze=False)
+    draw_runs(axes[0], curves)
     figure.suptitle(board.name)
     return save_figure(figure, out)

@@ -10,13 +10,13 @@ from typing import Any
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.tasks import (
     CONFIG_DIR,
+    Seeded,
     build_config,
     check_count,
     check_method_settings,
     check_seeds,
     is_count,
     load_named_config,
-    seed_list,
 )
 from eva_rl.methods import get_method, method_names
 
@@ -51,7 +51,7 @@ class Stage:
 
 
 @dataclass
-class ContinualSequence:
+class ContinualSequence(Seeded):
     """A continual benchmark.
 
     :param name: Results go to ``<log-dir>/<name>/``.
@@ -103,10 +103,6 @@ class ContinualSequence:
         if self.eval_episodes is not None:
             check_count(self.eval_episodes, "eval_episodes")
         check_method_settings(self.method_settings, "method_settings")
-
-    @property
-    def seed_list(self) -> list[int]:
-        return seed_list(self.seeds)
 
 
 def load_sequence(name_or_path: str) -> ContinualSequence:

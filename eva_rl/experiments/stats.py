@@ -61,6 +61,7 @@ def _bootstrap_interval(
     estimate = float(statistic(*samples))
     if all(len(s) < 2 or np.ptp(s) == 0 for s in samples):
         return Interval(estimate, estimate, estimate)
+    # A sample of one score cannot be resampled: it goes into every resample as it is.
     resampled = [i for i, s in enumerate(samples) if len(s) >= 2]
 
     def with_fixed(*drawn: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -14,6 +14,7 @@ from eva_rl.experiments.runs import RunSpec
 from eva_rl.experiments.tasks import (
     CONFIG_DIR,
     METHOD_SETTINGS,
+    Seeded,
     TaskConfig,
     build_config,
     check_count,
@@ -22,7 +23,6 @@ from eva_rl.experiments.tasks import (
     find_task,
     is_count,
     load_named_config,
-    seed_list,
 )
 from eva_rl.methods import get_method, method_names
 
@@ -59,7 +59,7 @@ class SuiteTask:
 
 
 @dataclass
-class RankStudy:
+class RankStudy(Seeded):
     """A suite's rank study: adapter methods at several LoRA ranks on one of its tasks.
 
     :param task: The suite task it runs on.
@@ -87,10 +87,6 @@ class RankStudy:
             )
         check_seeds(self.seeds, "rank_study.seeds")
 
-    @property
-    def seed_list(self) -> list[int]:
-        return seed_list(self.seeds)
-
     @staticmethod
     def rank_overrides(r: int) -> dict[str, int]:
         """The settings of a run at rank ``r``: ``alpha = r``, so the scaling stays 1 at every rank."""
@@ -98,7 +94,7 @@ class RankStudy:
 
 
 @dataclass
-class Suite:
+class Suite(Seeded):
     """Transfer tasks and the grid to run on them.
 
     :param name: Suite name; results go to ``<log-dir>/<name>/``.
@@ -132,6 +128,7 @@ class Suite:
         self.tasks = [
             t if isinstance(t, SuiteTask) else build_config(SuiteTask, t, f"suite {self.name} task") for t in self.tasks
         ]
+        # Each field's type and range first, then what the fields must agree on (tasks, seeds, the rank study).
         _check_subset("suite methods", self.methods, method_names(), f"{method_names()}")
         for suite_task in self.tasks:
             if suite_task.methods is not None:
@@ -174,10 +171,6 @@ class Suite:
                 raise ConfigError(
                     f"tuning_seeds {self.tuning_seeds} overlap the rank study's seeds {self.rank_study.seed_list}"
                 )
-
-    @property
-    def seed_list(self) -> list[int]:
-        return seed_list(self.seeds)
 
     def check_methods(self, methods: Sequence[str]) -> None:
         """:raises ConfigError: if ``methods`` (a command line's choice) is empty or names a method outside the suite's

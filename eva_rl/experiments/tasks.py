@@ -118,6 +118,7 @@ class TaskConfig:
     method_settings: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Each field's type and range, before any env is built or agent loaded; the sections validate themselves.
         for name in ("name", "target_env"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: expected a non-empty string")
@@ -366,9 +367,15 @@ def check_method_settings(method_settings: dict[str, dict[str, float]], where: s
             check_setting(key, value, f"{where}[{method!r}][{key!r}]")
 
 
-def seed_list(seeds: int | list[int]) -> list[int]:
-    """A number of seeds (``0 .. n-1``) or a list of seeds, as a list."""
-    return list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+class Seeded:
+    """A config whose ``seeds`` field is a number of seeds (``0 .. n-1``) or a list of seeds (a suite, a sequence, a
+    rank study)."""
+
+    seeds: int | list[int]
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
 
 
 def algorithm_arguments(algorithm: str | None = None) -> set[str]:

@@ -114,6 +114,7 @@ class RunCallback(BaseCallback):
         self.folder = folder
         self.checkpoint_freq = checkpoint_freq
         self.total_timesteps = total_timesteps
+        # A resumed run carries on its eval curve and wall time.
         state = state or {}
         self.curve: list[list[float]] = state.get("curve", [])
         self.wall_before = float(state.get("wall_seconds", 0.0))

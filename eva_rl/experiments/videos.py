@@ -171,6 +171,7 @@ def record_runs(run_dirs: Sequence[Path], max_steps: int = 300, seed: int | None
         agent = load_pretrained(agent_path, device="cpu")
         model = load_agent(folder.model_file, device="cpu")
         after = record_episode(model, task, agent, episode_seed, max_steps, folder.stats())
+        # The pretrained agent's episode is the same for every run of a task, seed and agent: recorded once.
         key = (task.name, episode_seed, str(agent_path))
         if key not in before:
             before[key] = record_episode(agent.model, task, agent, episode_seed, max_steps)

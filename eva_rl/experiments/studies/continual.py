@@ -251,6 +251,7 @@ class ContinualStudy(Study[ContinualReport]):
         folder = self.bank_dir(method, seed)
         stages = self.sequence.stages
         runs = [self.from_base(stage, method, seed) for stage in stages]
+        # A clone of the results keeps the saved bank, not the runs' adapters: the bank stands in for them.
         if not all(spec.folder.has_adapter for spec in runs) and (folder / "bank.json").is_file():
             bank = AdapterBank.load(folder, device="cpu")
         else:
@@ -441,6 +442,7 @@ def continual_markdown(
             f"| {approach} | {cell(stats.average_final)} | {cell(stats.forgetting)} | {cell(stats.forward_transfer)} | "
             f"{stats.memory_bytes / 1024:,.0f} KiB | {stats.memory_bytes / full_bytes:.2f}x |"
         )
+    # Forgetting per task, then how well the base policy's subspaces name a stage.
     lines += ["", "Forgetting per task (mean over seeds, best minus final return):", ""]
     names = [s.name for s in sequence.stages]
     lines += ["| approach | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]

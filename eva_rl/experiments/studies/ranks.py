@@ -79,6 +79,7 @@ def rank_report(
     :param reference: The method the others are compared with, rank by rank.
     """
     horizon = max(result.sample_curve()[0][-1] for _, result in runs)
+    # Per method and rank: every seed's final return, AUC and adapter size.
     finals: dict[str, dict[int, list[float]]] = {}
     aucs: dict[str, dict[int, list[float]]] = {}
     params: dict[str, dict[int, list[int]]] = {}
@@ -100,6 +101,7 @@ def rank_report(
         for method in study.methods
         if method in finals
     }
+    # Rank by rank, the reference method against each other one.
     others = [m for m in finals if m != reference] if reference in finals else []
     p_reference_better = {
         method: {

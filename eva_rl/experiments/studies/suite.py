@@ -220,6 +220,7 @@ def results_markdown(report: SuiteReport) -> str:
                 f"{row.trainable_params:,} | {row.wall_seconds:.0f} |"
             )
         lines.append("")
+    # Then every method over the tasks it ran.
     lines += [
         "## All tasks",
         "",
