@@ -17,7 +17,13 @@ from eva_rl.eva_ppo import EVA_ROLLOUT_ALGORITHMS
 from eva_rl.inject import inject_adapters, merged_state_dict, remove_adapters
 from eva_rl.loading import ALGORITHMS, ON_POLICY, algorithm_name
 from eva_rl.methods import Method, get_method
-from eva_rl.models import build_model, load_base_weights, policy_kwargs_for, wrap_target_env
+from eva_rl.models import (
+    build_model,
+    carry_learned_coefficients,
+    load_base_weights,
+    policy_kwargs_for,
+    wrap_target_env,
+)
 from eva_rl.offpolicy import PRETRAINED_WARMUP
 from eva_rl.plan import AdapterPlan
 from eva_rl.policies import (
@@ -143,6 +149,7 @@ def adapt(
         if spec.pretrained:
             fresh.policy.load_state_dict(model.policy.state_dict())
             sync_target_networks(fresh.policy)  # every method starts with targets equal to the online networks
+            carry_learned_coefficients(fresh, model)
         return fresh
 
     lora = spec.lora_config(lora or LoraConfig())
@@ -170,6 +177,7 @@ def adapt(
     load_base_weights(adapted.policy, model.policy.state_dict())
     init_adapters(adapted.policy, spec, result)
     adapted.policy.sync_targets()
+    carry_learned_coefficients(adapted, model)
     if eva_from_ppo:
         check_eva_batch_size(plan, eva)
         rollout = adapted.n_steps * adapted.n_envs
@@ -227,6 +235,7 @@ def merge(model: BaseAlgorithm, env: GymEnv | None = None) -> BaseAlgorithm:
     algorithm = ALGORITHMS[algorithm_name(model)]  # EvaPPO merges into PPO
     merged = build_model(model, plain_class, plain_policy_kwargs(model.policy_kwargs), algorithm=algorithm)
     merged.policy.load_state_dict(merged_state_dict(model.policy), strict=True)
+    carry_learned_coefficients(merged, model)
     env = env if env is not None else model.get_env()
     if env is not None:
         merged.set_env(env)

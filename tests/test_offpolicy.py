@@ -201,3 +201,28 @@ def test_sac_learns_with_adapters_only() -> None:
     online_frozen = [n for n in frozen if "target" not in n]
     changed = [n for n in online_frozen if not torch.equal(frozen[n], model.policy.get_parameter(n))]
     assert changed == [], changed
+
+
+@pytest.mark.filterwarnings("ignore:EVA:UserWarning")
+@pytest.mark.parametrize("method", ["eva", "lora", "full", "scratch"])
+def test_sac_continues_with_the_entropy_coefficient_it_learned(method: str, tmp_path: Path) -> None:
+    """SAC learns alpha beside its weights: fine-tuning starts from the agent's value (scratch from SB3's 1.0), keeps
+    optimizing the same tensor, and a saved and merged model keeps it too."""
+    base = pretrained("sac")
+    with torch.no_grad():
+        base.log_ent_coef.fill_(float(np.log(0.0118)))  # what rl-zoo3's HalfCheetah SAC ends at
+    model = eva_rl.adapt(base, gym.make("Pendulum-v1"), method, LoraConfig(r=2), FAST_EVA)
+    expected = 0.0 if method == "scratch" else float(np.log(0.0118))
+    assert float(model.log_ent_coef) == pytest.approx(expected, abs=1e-7)
+    assert model.ent_coef_optimizer.param_groups[0]["params"][0] is model.log_ent_coef, "the optimizer's tensor"
+    if method == "lora":
+        assert float(eva_rl.merge(model).log_ent_coef) == pytest.approx(expected, abs=1e-7)
+        model.save(tmp_path / "model.zip")
+        assert float(SAC.load(tmp_path / "model.zip", device="cpu").log_ent_coef) == pytest.approx(expected, abs=1e-7)
+
+
+def test_a_fixed_entropy_coefficient_given_for_the_run_is_kept() -> None:
+    base = pretrained("sac")
+    model = eva_rl.adapt(base, gym.make("Pendulum-v1"), "full", ent_coef=0.2)
+    assert getattr(model, "log_ent_coef", None) is None
+    assert float(model.ent_coef_tensor) == pytest.approx(0.2)

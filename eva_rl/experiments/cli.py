@@ -22,8 +22,8 @@ import yaml
 from eva_rl.devices import get_device
 from eva_rl.errors import AgentError, ConfigError, EvaRLError
 from eva_rl.experiments.environments import env_factory, import_packages
-from eva_rl.experiments.execute import BACKENDS, LocalProcesses, SideBySide
-from eva_rl.experiments.options import CommandParser, add_flags, default_workers, task_overrides
+from eva_rl.experiments.execute import BACKENDS, LocalProcesses, SideBySide, default_workers
+from eva_rl.experiments.options import CommandParser, add_flags, task_overrides
 from eva_rl.experiments.run_folder import RunFolder
 from eva_rl.experiments.tasks import ROOT, EvalSettings, TaskConfig, find_task, known_tasks, load_task
 from eva_rl.experiments.training import one_line_warnings
@@ -219,11 +219,7 @@ def compare_command(args: argparse.Namespace) -> int:
         study = TuningSweep(suite, args.log_dir, args.methods)
     else:
         study = SuiteStudy(suite, args.log_dir, args.methods, args.seeds, args.report_only)
-    runs = len(study.plan())
-    if args.backend == "ray":
-        executor = BACKENDS["ray"](args.ray_address, args.threads)
-    else:
-        executor = BACKENDS["local"](args.workers or default_workers(runs), args.threads)
+    executor = BACKENDS[args.backend].from_flags(args, len(study.plan()))
     report = conduct(study, executor, report_only=args.report_only, overwrite=args.overwrite)
     out = study.out_dir
     if args.rank_study:
@@ -245,7 +241,7 @@ def continual_command(args: argparse.Namespace) -> int:
 
     sequence = load_sequence(args.sequence)
     study = ContinualStudy(sequence, args.log_dir)
-    executor = LocalProcesses(args.workers or default_workers(len(study.plan())), args.threads)
+    executor = LocalProcesses.from_flags(args, len(study.plan()))
     conduct(study, executor, overwrite=args.overwrite)
     out = study.out_dir
     print(f"\nContinual: {out}/continual.md, continual.json, continual.png; banks in {out}/banks/")
@@ -344,7 +340,8 @@ class Command:
     description: str | None = None
 
     def parser(self, prog: str | None = None) -> CommandParser:
-        parser = CommandParser(prog=prog or f"eva-rl {self.name}", description=self.description or self.summary)
+        description = self.description or f"{self.summary[0].upper()}{self.summary[1:]}."
+        parser = CommandParser(prog=prog or f"eva-rl {self.name}", description=description)
         add_flags(parser, self.flags, self.required)
         return parser
 

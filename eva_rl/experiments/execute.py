@@ -70,6 +70,11 @@ def progress_line(done: int, total: int, spec: RunSpec, result: RunResult) -> st
     return f"[{done}/{total}] {spec.task.name} {spec.method} seed{spec.seed}: final {result.final_return:.3f}"
 
 
+def default_workers(runs: int) -> int:
+    """``--workers``' default: one per CPU core, at most one per run."""
+    return max(1, min(runs, os.cpu_count() or 1))
+
+
 class Executor(ABC):
     """Carries out runs.
 
@@ -80,6 +85,11 @@ class Executor(ABC):
 
     def __init__(self, workers: int = 1, threads: int = 1, echo: Callable[[str], None] = print) -> None:
         self.workers, self.threads, self.echo = workers, threads, echo
+
+    @classmethod
+    def from_flags(cls, args: Any, runs: int) -> Executor:
+        """The executor a command line asks for (``--workers``, ``--threads``) to carry out ``runs`` runs."""
+        return cls(args.workers or default_workers(runs), args.threads)
 
     @abstractmethod
     def run(self, specs: Sequence[RunSpec], resume: bool = True, overwrite: bool = False) -> list[RunResult]:
@@ -220,6 +230,11 @@ class RayCluster(Executor):
     ) -> None:
         super().__init__(workers, threads, echo)
         self.address = address
+
+    @classmethod
+    def from_flags(cls, args: Any, runs: int) -> Executor:
+        """``--ray-address`` (Ray schedules the runs on the cluster's CPUs: ``--workers`` does not apply)."""
+        return cls(args.ray_address, args.threads)
 
     def run(self, specs: Sequence[RunSpec], resume: bool = True, overwrite: bool = False) -> list[RunResult]:
         try:

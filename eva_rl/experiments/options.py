@@ -11,7 +11,6 @@ replaced.
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,6 +187,7 @@ FLAGS: dict[str, Flag] = {
             TRAINING,
             comma_list,
             setting="methods",
+            metavar="METHOD,...",
         ),
         Flag(
             ("--seeds",),
@@ -197,6 +197,7 @@ FLAGS: dict[str, Flag] = {
             setting="seeds",
             nargs="+",
             action="extend",
+            metavar="SEED",
         ),
         Flag(
             ("--seed",), "the seed of the command's one run or measurement (default: the task's, else 0)", TRAINING, int
@@ -374,11 +375,6 @@ def task_overrides(args: argparse.Namespace) -> dict[str, tuple[str, Any]]:
             shown = ",".join(map(str, value)) if isinstance(value, list) else str(value)
             given[flag.setting] = (f"{flag.flags[0]} {shown}" if flag.action != "store_true" else flag.flags[0], value)
     return given
-
-
-def default_workers(runs: int) -> int:
-    """``--workers``' default: one per CPU core, at most one per run."""
-    return max(1, min(runs, os.cpu_count() or 1))
 
 
 def flag_table(commands: dict[str, Sequence[str]]) -> str:

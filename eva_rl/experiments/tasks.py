@@ -197,10 +197,12 @@ class TaskConfig:
         merged = {**(self.method_settings.get(method, {}) if method else {}), **(overrides or {})}
         try:
             fields, sections = _grouped_changes(self, merged)
+            # dotted paths apply over the section as the overrides leave it (a whole section may be given too)
+            bases = {name: fields.get(name, getattr(self, name)) for name in sections}
             sections_changed = {
-                name: {**getattr(self, name), **values}
-                if isinstance(getattr(self, name), dict)
-                else dataclasses.replace(getattr(self, name), **values)
+                name: {**bases[name], **values}
+                if isinstance(bases[name], dict)
+                else dataclasses.replace(bases[name], **values)
                 for name, values in sections.items()
             }
             overridden = {name for name, setting in SETTINGS.items() if _path_of(name) in _paths(merged)}

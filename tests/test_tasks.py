@@ -1,0 +1,66 @@
+"""``TaskConfig.with_overrides``: the one way a run's task is derived from a task file."""
+
+from __future__ import annotations
+
+import pytest
+
+from eva_rl.errors import ConfigError
+from eva_rl.experiments.tasks import SETTINGS, EvalSettings, find_task
+
+
+@pytest.fixture
+def task():
+    settings = {"eva": {"learning_rate": 3e-3, "r": 2}, "full": {"learning_rate": 5e-4}}
+    return find_task("PointGoal").with_overrides({"method_settings": settings})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("learning_rate", 7e-4), ("r", 3), ("alpha", 8.0), ("rho", 1.5), ("tau", 0.9), ("n_envs", 2),
+     ("total_timesteps", 2048), ("checkpoint_freq", 512), ("eval_freq", 256), ("eval_episodes", 3)],
+)  # fmt: skip
+def test_each_short_name_sets_the_field_its_path_names(task, name: str, value) -> None:
+    section, _, key = SETTINGS[name].path.partition(".")
+    derived = task.with_overrides({name: value})
+    holder = getattr(derived, section)
+    got = (holder[key] if isinstance(holder, dict) else getattr(holder, key)) if key else holder
+    assert got == value and type(got) is type(value)
+    assert all(name not in settings for settings in derived.method_settings.values()), "the override is final"
+    assert task.with_overrides({SETTINGS[name].path: value}) == derived, "the dotted path is the same setting"
+
+
+def test_a_methods_settings_apply_first_and_the_overrides_win(task) -> None:
+    eva = task.with_overrides(method="eva")
+    assert (eva.ppo["learning_rate"], eva.lora.r) == (3e-3, 2)
+    assert task.with_overrides({"r": 5}, method="eva").lora.r == 5
+    lora = task.with_overrides(method="lora")
+    assert lora.ppo == task.ppo and lora.lora == task.lora, "a method without settings runs the task as written"
+    full = task.with_overrides({"learning_rate": 1e-4}).with_overrides(method="full")
+    assert full.ppo["learning_rate"] == 1e-4, "a command-line rate applies to every method"
+    assert task.ppo["learning_rate"] != 1e-4 and task.method_settings["full"], "the task itself is unchanged"
+
+
+def test_dotted_paths_reach_mappings_and_whole_fields(task) -> None:
+    derived = task.with_overrides(
+        {"ppo.gamma": 0.9, "env_kwargs.size": 5, "name": "other", "eval": EvalSettings(episodes=2), "eval.seed": 7}
+    )
+    assert derived.ppo["gamma"] == 0.9 and derived.ppo["n_steps"] == task.ppo["n_steps"]
+    assert derived.env_kwargs["size"] == 5 and derived.name == "other"
+    assert (derived.eval.episodes, derived.eval.seed) == (2, 7), "a dotted path applies over a whole section given"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"r": 0}, "--rank 0 is invalid: lora.r=0 is invalid: expected an integer >= 1"),
+        ({"learning_rate": "fast"}, "ppo.learning_rate='fast' is invalid"),
+        ({"lr": 1e-3}, "unknown setting 'lr': expected one of ['learning_rate', 'r'"),
+        ({"lora.rank": 2}, "--rank 0 is invalid: "),
+        ({"n_envs.x": 2}, "unknown setting 'n_envs.x'"),
+        ({"eval_episodes": True}, "eval.episodes=True is invalid"),
+    ],
+)
+def test_a_bad_override_is_one_error_naming_where_it_came_from(task, overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        task.with_overrides(overrides, where="--rank 0")
+    assert message in str(error.value) and "\n" not in str(error.value)
