@@ -92,9 +92,11 @@ def fine_tuning_algorithm(model: BaseAlgorithm, algorithm: str | type[BaseAlgori
         algorithm = ALGORITHMS[algorithm]
     on_policy = tuple(ALGORITHMS[name] for name in ON_POLICY)
     if algorithm is not own and not (issubclass(own, on_policy) and issubclass(algorithm, on_policy)):
+        own_name = next((name for name, cls in ALGORITHMS.items() if issubclass(own, cls)), own.__name__.lower())
         raise ConfigError(
             f"a {own.__name__} agent cannot be fine-tuned with {algorithm.__name__}: their policies differ "
-            f"(PPO and A2C share theirs; other algorithms fine-tune their own agents)"
+            f"(PPO and A2C share theirs; other algorithms fine-tune their own agents); pass --algo {own_name}, or "
+            "set algo in the task file"
         )
     return algorithm
 

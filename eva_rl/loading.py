@@ -152,7 +152,8 @@ class PretrainedAgent:
         self, venv: VecEnv, training: bool = False, norm_reward: bool | None = None, stats: Path | None = None
     ) -> VecEnv:
         """``venv`` with the agent's vector wrappers, in rl-zoo3's order: ``VecNormalize`` (its statistics) inside,
-        then ``VecFrameStack``.
+        then ``VecFrameStack``, then, for channel-last images, the ``VecTransposeImage`` SB3 adds to every env it
+        trains on (an evaluation env without it would see frames the policy was never trained on).
 
         :param training: Whether the statistics keep updating.
         :param norm_reward: Override the statistics' reward normalization (``False`` to evaluate raw returns).
@@ -165,7 +166,7 @@ class PretrainedAgent:
                 venv.norm_reward = norm_reward
         if self.frame_stack:
             venv = VecFrameStack(venv, self.frame_stack)
-        return venv
+        return BaseAlgorithm._wrap_env(venv, verbose=0, monitor_wrapper=False)
 
 
 def load_statistics(path: Path, venv: VecEnv, training: bool = False) -> VecNormalize:

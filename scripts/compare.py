@@ -1,6 +1,6 @@
 """Run a suite of transfer tasks (methods x seeds), then write IQM tables with CIs and plots.
 
-python scripts/compare.py --suite doorkey --methods scratch,full,lora,eva --seeds 10 --workers 2
+python scripts/compare.py --suite doorkey --methods scratch,full,lora,eva --seeds 0 1 2 --workers 2
 """
 
 import sys

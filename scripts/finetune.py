@@ -1,4 +1,5 @@
-"""Fine-tune a pretrained PPO agent with EVA-initialized LoRA, beside full fine-tuning, on a target env.
+"""Fine-tune a pretrained SB3 agent (PPO, A2C, SAC, TD3, DQN) with EVA-initialized LoRA, beside full fine-tuning,
+on a target env.
 
 python scripts/finetune.py --env MiniGrid-DoorKey
 python scripts/finetune.py --help

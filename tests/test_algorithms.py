@@ -51,9 +51,10 @@ def test_an_a2c_agent_is_fine_tuned_with_a2c(a2c_agent: Path, tmp_path: Path) ->
 def test_algo_overrides_where_the_policies_allow_it(a2c_agent: Path, tmp_path: Path, capsys) -> None:
     argv = ["--env", "CartPole-v1", "--pretrained", str(a2c_agent), "--methods", "lora", "--algo", "ppo"]
     assert run([*argv, "--total-timesteps", "256", "--eval-freq", "128"], tmp_path) == 2
-    assert (
-        "total_timesteps=256 is below one rollout of PPO (16384 steps" in capsys.readouterr().err
-    )  # PPO's own n_steps
+    # PPO's own n_steps, with the agent's one env (it was trained with one; no task file says otherwise)
+    assert "total_timesteps=256 is below one rollout of PPO (2048 steps: n_steps 2048 x n_envs 1)" in (
+        capsys.readouterr().err
+    )
     argv += ["--n-envs", "1", "--total-timesteps", "2048", "--eval-freq", "1024", "--lr", "1e-3"]
     assert run(argv, tmp_path) == 0
     assert result(tmp_path, "lora")["algorithm"] == "ppo"

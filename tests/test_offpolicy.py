@@ -226,3 +226,21 @@ def test_a_fixed_entropy_coefficient_given_for_the_run_is_kept() -> None:
     model = eva_rl.adapt(base, gym.make("Pendulum-v1"), "full", ent_coef=0.2)
     assert getattr(model, "log_ent_coef", None) is None
     assert float(model.ent_coef_tensor) == pytest.approx(0.2)
+
+
+def test_a_budget_inside_learning_starts_is_an_error_and_the_run_says_how_many_updates_it_makes(
+    tmp_path: Path,
+) -> None:
+    from eva_rl.errors import ConfigError
+    from eva_rl.experiments.runs import check_algorithm_settings, updates_in_budget
+    from eva_rl.experiments.tasks import TaskConfig
+    from eva_rl.loading import load_pretrained
+
+    pretrained("sac").save(tmp_path / "sac.zip")  # learning_starts 50, train_freq 1 step, gradient_steps 1
+    agent = load_pretrained(tmp_path / "sac.zip", device="cpu")
+    task = TaskConfig(name="p", target_env="Pendulum-v1", n_envs=1, total_timesteps=1000)
+    assert updates_in_budget(task, agent)[0] == 950
+    assert updates_in_budget(task.with_overrides({"n_envs": 2, "ppo.gradient_steps": 3}), agent)[0] == 475 * 3
+    check_algorithm_settings(task, agent)
+    with pytest.raises(ConfigError, match=r"total_timesteps=40 makes no update of SAC \(after learning_starts=50"):
+        check_algorithm_settings(task.with_overrides({"total_timesteps": 40}), agent)

@@ -28,7 +28,7 @@ from eva_rl.experiments.run_folder import RunFolder
 from eva_rl.experiments.tasks import ROOT, EvalSettings, TaskConfig, find_task, known_tasks, load_task
 from eva_rl.experiments.training import one_line_warnings
 from eva_rl.files import atomic_save_model, check_writable
-from eva_rl.loading import load_agent
+from eva_rl.loading import load_agent, load_pretrained
 
 ENV_FLAGS = ("env", "config", "gym_package", "n_envs", "wrapper", "device", "threads")
 """Which environment and task, and where the computation runs (every command that builds the target env)."""
@@ -91,6 +91,12 @@ def resolve_task(args: argparse.Namespace, rename: dict[str, str] | None = None)
         task = TaskConfig(
             name=name, target_env=args.env, source_env=args.env, eval=EvalSettings(deterministic=not stochastic)
         )
+        if getattr(args, "pretrained", None) is not None and getattr(args, "n_envs", None) is None:
+            # Without a task file, the agent's own number of envs: an off-policy agent's train_freq counts env steps
+            # of all envs, so 8 envs would make an eighth of its updates.
+            agent_envs = load_pretrained(args.pretrained, device="cpu").model.n_envs
+            task = task.with_overrides({"n_envs": agent_envs})
+            print(f"[eva-rl] n_envs {agent_envs}: the agent's own (--n-envs sets another)")
     if packages:
         task = task.with_overrides({"env_packages": [*task.env_packages, *packages]})
     return apply_flags(task, args, rename)

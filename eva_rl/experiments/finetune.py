@@ -22,6 +22,7 @@ from eva_rl.experiments.runs import (
     check_run_dir,
     rollout_steps,
     run_settings,
+    updates_in_budget,
 )
 from eva_rl.experiments.tasks import TaskConfig
 from eva_rl.experiments.training import evaluate, whole_rollouts
@@ -117,6 +118,9 @@ def finetune(
     stats = f", VecNormalize statistics {agent.vec_normalize}" if agent.vec_normalize else ""
     algorithm = (task.algo or agent.algorithm).upper()
     echo(f"[eva-rl] agent: {agent.algorithm.upper()} ({agent.layout}{stats}); fine-tuned with {algorithm}")
+    updates, how = updates_in_budget(task, agent)
+    count = "an unknown number of" if updates is None else f"{updates:,}"
+    echo(f"[eva-rl] each run makes {count} updates in {task.total_timesteps:,} steps ({how})")
     rollout = rollout_steps(task, agent)
     if rollout is not None and task.total_timesteps % rollout:
         trained = whole_rollouts(task.total_timesteps, rollout)

@@ -160,7 +160,8 @@ FLAGS: dict[str, Flag] = {
         Flag(("--eva-batch-size",), "env steps per EVA batch", AGENT, int, setting="eva.batch_size"),
         Flag(
             ("--eva-data",),
-            "EVA's data: its own rollouts before PPO (default), or PPO's first rollouts (no extra env steps)",
+            "EVA's data: its own rollouts before training (default), or the on-policy algorithm's first rollouts "
+            "(no extra env steps)",
             AGENT,
             setting="eva.data_source",
             choices=("rollouts", "ppo"),

@@ -226,7 +226,9 @@ def check_algorithm_settings(task: TaskConfig, agent: PretrainedAgent) -> None:
     if not_taken:
         raise ConfigError(
             f"task {task.name}: ppo setting(s) {not_taken} are not arguments of {ALGORITHMS[algorithm].__name__}, "
-            f"which fine-tunes this agent; remove them or set algo"
+            f"which fine-tunes this {agent.algorithm.upper()} agent (the task's settings are for another "
+            "algorithm's agent); pass a task file whose ppo section fits it (--config), or fine-tune a plain env id "
+            "(--env <id>), where the agent's own settings apply"
         )
     rollout = rollout_steps(task, agent)
     if rollout is not None and task.total_timesteps < rollout:
@@ -235,6 +237,47 @@ def check_algorithm_settings(task: TaskConfig, agent: PretrainedAgent) -> None:
             f"({rollout} steps: n_steps {rollout // task.n_envs} x n_envs {task.n_envs}), so a run would train "
             f"{rollout} steps; expected at least {rollout}, or a smaller n_steps or n_envs"
         )
+    updates, how = updates_in_budget(task, agent)
+    if updates == 0:
+        raise ConfigError(
+            f"total_timesteps={task.total_timesteps} makes no update of {ALGORITHMS[algorithm].__name__} ({how}), so a "
+            "run would end where it started; expected a larger budget, or a smaller learning_starts or train_freq "
+            "in the task's ppo settings"
+        )
+
+
+def _algorithm_setting(task: TaskConfig, agent: PretrainedAgent, name: str) -> Any:
+    """The value of the algorithm argument ``name`` a run takes: the task's, else the agent's, else the default."""
+    algorithm = ALGORITHMS[run_algorithm(task, agent)]
+    if name in task.ppo:
+        return task.ppo[name]
+    value = algorithm_hyperparameters(agent.model, algorithm).get(name)
+    return value if value is not None else inspect.signature(algorithm.__init__).parameters[name].default
+
+
+def updates_in_budget(task: TaskConfig, agent: PretrainedAgent) -> tuple[int | None, str]:
+    """How many updates a run of ``task``'s budget makes, and how that count comes about.
+
+    On-policy: one update (``n_epochs`` passes) per rollout. Off-policy: none in the first ``learning_starts`` steps,
+    then ``gradient_steps`` every ``train_freq`` steps of each env (``None`` for a ``train_freq`` counted in
+    episodes, which depends on their lengths).
+    """
+    rollout = rollout_steps(task, agent)
+    if rollout is not None:
+        rollouts = -(-task.total_timesteps // rollout)
+        return rollouts, f"one per rollout of {rollout} steps"
+    learning_starts = int(_algorithm_setting(task, agent, "learning_starts"))
+    train_freq = _algorithm_setting(task, agent, "train_freq")
+    frequency, unit = (train_freq, "step") if isinstance(train_freq, int) else tuple(train_freq)[:2]
+    unit = getattr(unit, "value", unit)
+    after_warm_up = max(0, task.total_timesteps - learning_starts)
+    how = f"after learning_starts={learning_starts} steps, every train_freq={frequency} {unit}(s) of each env"
+    if unit != "step":
+        return (None if after_warm_up else 0), how
+    calls = after_warm_up // (int(frequency) * task.n_envs)
+    gradient_steps = int(_algorithm_setting(task, agent, "gradient_steps"))
+    per_call = gradient_steps if gradient_steps > 0 else int(frequency) * task.n_envs
+    return calls * per_call, f"{how}, {per_call} gradient step(s) each"
 
 
 def rollout_steps(task: TaskConfig, agent: PretrainedAgent) -> int | None:
