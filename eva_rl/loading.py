@@ -219,9 +219,21 @@ def _hub_layout(folder: Path) -> dict[str, Any]:
     }
 
 
+def _is_model_zip(path: Path) -> bool:
+    """Whether ``path`` is an SB3 model zip (it holds the ``data`` entry ``save`` writes)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return "data" in archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def _find_zip(folder: Path) -> Path:
     """The model zip of an rl-zoo3 run folder (``<env>.zip``, the final model) or a Hub folder (its one zip)."""
     zips = sorted(p for p in folder.glob("*.zip") if not p.name.startswith("."))
+    # rl_zoo3.push_to_hub puts train_eval_metrics.zip (evaluations, not a model) beside the agent's zip
+    models = [p for p in zips if _is_model_zip(p)]
+    zips = models or zips
     named = [p for p in zips if (folder / p.stem).is_dir() and (folder / p.stem / "config.yml").is_file()]
     final = [p for p in zips if p.stem not in ("best_model",) and not p.stem.startswith("rl_model_")]
     for candidates in (named, final, zips):

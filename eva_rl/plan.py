@@ -26,18 +26,48 @@ T = TypeVar("T")
 ADAPTABLE_TYPES: tuple[type[nn.Module], ...] = tuple(LORA_LAYER_TYPES)
 
 
+def weight_only_layers(module: nn.Module) -> list[str]:
+    """Linear layers of ``module`` whose parent reads their weights instead of calling them: a LoRA wrapper there
+    would never run (``nn.MultiheadAttention`` passes ``out_proj.weight`` to its functional forward)."""
+    return [
+        f"{name}.{child_name}" if name else child_name
+        for name, parent in module.named_modules()
+        if isinstance(parent, nn.MultiheadAttention)
+        for child_name, child in parent.named_children()
+        if isinstance(child, nn.Linear)
+    ]
+
+
 def adaptable_layers(module: nn.Module) -> dict[str, nn.Module]:
-    """Every Linear/Conv2d layer (or existing LoRA wrapper) of ``module``, by qualified name.
+    """Every Linear/Conv2d layer (or existing LoRA wrapper) of ``module``, by qualified name; not the
+    :func:`weight_only_layers`.
 
     Layers inside a LoRA wrapper (its ``base_layer``) are reported under the wrapper's name.
     """
     found: dict[str, nn.Module] = {}
+    weight_only = set(weight_only_layers(module))
     for name, child in module.named_modules():
         if any(name.startswith(wrapped + ".") for wrapped in found if isinstance(found[wrapped], LoraLayer)):
             continue
-        if isinstance(child, (LoraLayer, *ADAPTABLE_TYPES)):
+        if isinstance(child, (LoraLayer, *ADAPTABLE_TYPES)) and name not in weight_only:
             found[name] = child
     return found
+
+
+def _unmatched(pattern: str, module: nn.Module, candidates: Iterable[str], regex: bool = False) -> ConfigError:
+    """The error for a ``target_modules`` entry (or ``regex``) that names no adaptable layer, saying so when it names
+    a layer whose weights its parent reads directly."""
+    names = weight_only_layers(module)
+    weight_only = [n for n in names if (re.fullmatch(pattern, n) if regex else _matches(pattern, n))]
+    if weight_only:
+        return ConfigError(
+            f"target_modules entry {pattern!r} names {weight_only}: a MultiheadAttention reads these layers' weights "
+            "instead of calling them, so LoRA cannot wrap them; leave them out (the attention's other Linear layers "
+            "and the layers around it can be adapted)"
+        )
+    return ConfigError(
+        f"target_modules entry {pattern!r} matches no Linear/Conv2d layer; available: {list(candidates)}"
+    )
 
 
 def _matches(pattern: str, name: str) -> bool:
@@ -81,16 +111,12 @@ def find_target_layers(
     elif isinstance(target_modules, str):
         selected = {n: m for n, m in candidates.items() if re.fullmatch(target_modules, n)}
         if not selected:
-            raise ConfigError(
-                f"target_modules={target_modules!r} matches no Linear/Conv2d layer; available: {list(candidates)}"
-            )
+            raise _unmatched(target_modules, module, candidates, regex=True)
     else:
         patterns = list(target_modules)
         for pattern in patterns:
             if not any(n == pattern or n.endswith("." + pattern) for n in candidates):
-                raise ConfigError(
-                    f"target_modules entry {pattern!r} matches no Linear/Conv2d layer; available: {list(candidates)}"
-                )
+                raise _unmatched(pattern, module, candidates)
         selected = {n: m for n, m in candidates.items() if any(n == p or n.endswith("." + p) for p in patterns)}
     if not selected:
         raise ConfigError(f"no Linear/Conv2d layer to adapt in {type(module).__name__} (excluded: {exclude})")

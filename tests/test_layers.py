@@ -8,7 +8,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import eva_rl
-from eva_rl import LoraConfig, LoraConv2d, LoraLinear, disable_adapters, inject_adapters, lora_layers, remove_adapters
+from eva_rl import (
+    ConfigError,
+    LoraConfig,
+    LoraConv2d,
+    LoraLinear,
+    disable_adapters,
+    inject_adapters,
+    lora_layers,
+    remove_adapters,
+)
 from eva_rl.inject import find_target_layers, merged_state_dict
 from eva_rl.layers import cached_adapter_weights
 from eva_rl.plan import AdapterPlan
@@ -285,11 +294,39 @@ def test_injecting_twice_is_refused() -> None:
 
 
 def test_linear_subclasses_get_adapters_and_grouped_convolutions_are_refused_up_front() -> None:
-    attention = nn.MultiheadAttention(8, 2)
-    layers = inject_adapters(attention, LoraConfig(r=2))
-    assert set(layers) == {"out_proj"}  # NonDynamicallyQuantizableLinear, an nn.Linear subclass
+    class ScaledLinear(nn.Linear):  # a subclass that is called like any Linear
+        pass
+
+    layers = inject_adapters(nn.Sequential(ScaledLinear(4, 4), nn.ReLU()), LoraConfig(r=2))
+    assert set(layers) == {"0"}
     grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"))
     with pytest.raises(eva_rl.ConfigError, match=r"layer '0' is a Conv2d with groups=2"):
         AdapterPlan.resolve(grouped, LoraConfig(r=2))
     with pytest.raises(eva_rl.ConfigError, match=r"layer '1' is a Conv2d with groups=1, padding_mode='circular'"):
         AdapterPlan.resolve(grouped, LoraConfig(r=2, target_modules=["1"]))
+
+
+class _Attention(nn.Module):
+    """A block with an attention layer: its out_proj is a Linear whose weight MultiheadAttention reads directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        return self.head(self.attention(h, h, h)[0])
+
+
+def test_a_linear_whose_weight_its_parent_reads_is_left_out_or_refused_by_name() -> None:
+    model = _Attention()
+    assert list(find_target_layers(model, None)) == ["embed", "head"]
+    x = torch.randn(3, 5, 4)
+    expected = model(x)
+    inject_adapters(model, LoraConfig(r=2))
+    torch.testing.assert_close(model(x), expected)  # B = 0: the adapted block computes what it did
+    for target in (["out_proj"], "attention.out_proj"):
+        with pytest.raises(ConfigError, match=r"names \['attention.out_proj'\]: a MultiheadAttention reads"):
+            find_target_layers(_Attention(), target)

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import gymnasium as gym
@@ -63,6 +64,14 @@ def test_a_hub_folder_brings_its_statistics(tmp_path: Path) -> None:
     shutil.copy(RUN / "Pendulum-v1" / "vecnormalize.pkl", hub / "vec_normalize.pkl")
     agent = load_pretrained(hub, device="cpu")
     assert (agent.layout, agent.vec_normalize) == ("hub", hub / "vec_normalize.pkl")
+    # rl_zoo3.push_to_hub also writes the evaluations as a zip beside the agent's: not a second model
+    with zipfile.ZipFile(hub / "train_eval_metrics.zip", "w") as metrics:
+        metrics.writestr("evaluations.npz", b"")
+    assert load_pretrained(hub, device="cpu").path == hub / "ppo-Pendulum-v1.zip"
+    shutil.copy(hub / "ppo-Pendulum-v1.zip", hub / "ppo-Pendulum-v1-best.zip")
+    with pytest.raises(AgentError, match=r"holds several zips \['ppo-Pendulum-v1-best.zip', 'ppo-Pendulum-v1.zip'\]"):
+        load_pretrained(hub, device="cpu")
+    (hub / "ppo-Pendulum-v1-best.zip").unlink()
     (hub / "vec_normalize.pkl").unlink()
     with pytest.raises(AgentError, match="trained with normalize=True but has no vecnormalize.pkl or vec_normalize"):
         load_pretrained(hub, device="cpu")
