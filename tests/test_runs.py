@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from eva_rl import ConfigError
 from eva_rl.experiments import environments, runs
 from eva_rl.experiments.environments import import_packages
-from eva_rl.experiments.tasks import find_task
+from eva_rl.experiments.tasks import EvalSettings, TaskConfig, find_task
 
 pytestmark = pytest.mark.filterwarnings("ignore:EVA:UserWarning")
 
@@ -178,21 +179,11 @@ def normalized_agent(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "model.zip"
 
 
-@pytest.mark.parametrize(("method", "normalized"), [("lora", False), ("eva", False), ("eva", True)])
-def test_a_resumed_run_is_the_uninterrupted_run(
-    method: str, normalized: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
-) -> None:
-    """Killed right after a checkpoint, then resumed: the same updates, evaluations, TensorBoard points and final
-    weights as a run that was never interrupted; with an agent's VecNormalize statistics (updated during training,
-    and its running returns normalizing the rewards) too."""
-    import torch
-    from stable_baselines3 import PPO
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+ZOO_GSDE = Path(__file__).resolve().parent / "fixtures" / "zoo" / "ppo" / "Pendulum-v1_1"
+"""rl-zoo3's own PPO agent with gSDE (use_sde, sde_sample_freq 4) and VecNormalize."""
 
-    from eva_rl.experiments.training import RunCallback
 
-    agent = request.getfixturevalue("normalized_agent") if normalized else None
-
+def point_goal_run(method: str, agent: Path | None, normalized: bool) -> Callable[[Path], runs.RunSpec]:
     def spec_in(folder: Path) -> runs.RunSpec:
         spec = point_goal_spec(folder, method)
         eval_settings = dataclasses.replace(spec.task.eval, freq=384, episodes=4)
@@ -201,6 +192,55 @@ def test_a_resumed_run_is_the_uninterrupted_run(
         )
         return dataclasses.replace(spec, task=task, agent_path=agent or spec.agent_path)
 
+    return spec_in
+
+
+def gsde_run(folder: Path) -> runs.RunSpec:
+    task = TaskConfig(
+        name="Pendulum-v1",
+        target_env="Pendulum-v1",
+        n_envs=2,
+        ppo={"n_steps": 128, "batch_size": 64, "n_epochs": 2},
+        total_timesteps=1024,
+        checkpoint_freq=512,
+        eval=EvalSettings(freq=512, episodes=2, deterministic=True),
+    )
+    return runs.RunSpec(task, "lora", 0, folder, ZOO_GSDE, "cpu")
+
+
+def mujoco_run(folder: Path) -> runs.RunSpec:
+    """HalfCheetah (an EzPickle env: unpickled, it is rebuilt from its arguments) with its bundled agent."""
+    pytest.importorskip("mujoco")
+    task = find_task("HalfCheetah-FrontThighOff").with_overrides(
+        {"total_timesteps": 1024, "checkpoint_freq": 512, "n_envs": 2, "ppo.n_steps": 256, "ppo.batch_size": 128}
+    )
+    task = task.with_overrides({"eval": EvalSettings(freq=512, episodes=1, n_envs=1, deterministic=True)})
+    import_packages(task.env_packages)
+    return runs.RunSpec(task, "lora", 0, folder, task.agent_path, "cpu")
+
+
+@pytest.mark.parametrize("setup", ["lora", "eva", "eva-normalized", "zoo-gsde", "mujoco"])
+def test_a_resumed_run_is_the_uninterrupted_run(
+    setup: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    """Killed right after a checkpoint, then resumed: the same updates, evaluations, TensorBoard points and final
+    weights as a run that was never interrupted; with an agent's VecNormalize statistics (updated during training,
+    and its running returns normalizing the rewards) too, with gSDE (rl-zoo3's own agent: each rollout's exploration
+    matrix is drawn before the checkpoint), and on MuJoCo (its envs are rebuilt when unpickled, mid-episode)."""
+    import torch
+    from stable_baselines3 import PPO
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from eva_rl.experiments.training import RunCallback
+
+    if setup == "zoo-gsde":
+        spec_in = gsde_run
+    elif setup == "mujoco":
+        spec_in = mujoco_run
+    else:
+        normalized = setup == "eva-normalized"
+        agent = request.getfixturevalue("normalized_agent") if normalized else None
+        spec_in = point_goal_run(setup.split("-")[0], agent, normalized)
     uninterrupted = runs.run(spec_in(tmp_path / "whole"), progress=False)
     save = RunCallback.save_checkpoint
 

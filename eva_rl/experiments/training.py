@@ -16,7 +16,7 @@ from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv, sync_envs_normalization
 from tqdm.auto import tqdm
 
-from eva_rl.experiments.resume import save_runtime_state
+from eva_rl.experiments.resume import generator_state, save_runtime_state
 from eva_rl.experiments.run_folder import RunFolder
 from eva_rl.files import atomic_save_model, atomic_save_stats, atomic_write
 from eva_rl.layers import cached_adapter_weights
@@ -128,6 +128,7 @@ class RunCallback(BaseCallback):
         self._reported = 0.0
         self._status = ""
         self._warned_env = False
+        self.generator_before_noise: dict[str, Any] | None = None
 
     @property
     def wall_seconds(self) -> float:
@@ -162,7 +163,23 @@ class RunCallback(BaseCallback):
             return whole_rollouts(self.total_timesteps, model.n_steps * model.n_envs)
         return self.total_timesteps
 
+    def _keep_generator_state_before_noise(self) -> None:
+        """With gSDE, SB3 draws a rollout's exploration matrix (``reset_noise``) just before the rollout starts, so a
+        checkpoint written then would hold the generator one draw late, and a resumed run would draw another matrix.
+        Each ``reset_noise`` of the policy (and of an off-policy actor) first keeps the generator's state, which the
+        checkpoint then saves instead."""
+        for owner in {id(m): m for m in (self.model.policy, getattr(self.model, "actor", None)) if m}.values():
+            draw = owner.reset_noise
+
+            def keep_then_draw(*args: Any, draw: Callable[..., Any] = draw, **kwargs: Any) -> Any:
+                self.generator_before_noise = generator_state()
+                return draw(*args, **kwargs)
+
+            owner.reset_noise = keep_then_draw
+
     def _on_training_start(self) -> None:
+        if getattr(self.model, "use_sde", False):
+            self._keep_generator_state_before_noise()
         self._started = time.perf_counter()
         step = self.num_timesteps
         self._next_eval = (step // self.eval_freq + 1) * self.eval_freq
@@ -210,7 +227,7 @@ class RunCallback(BaseCallback):
         atomic_save_stats(self.model, folder.checkpoint_stats_file)
         if isinstance(self.model, OffPolicyAlgorithm):
             atomic_write(folder.checkpoint_buffer_file, self.model.save_replay_buffer, suffix=".pkl")
-        left_out = save_runtime_state(self.model, folder.checkpoint_runtime_file)
+        left_out = save_runtime_state(self.model, folder.checkpoint_runtime_file, self.generator_before_noise)
         if left_out is not None and not self._warned_env:
             self._warned_env = True
             warnings.warn(
