@@ -26,6 +26,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecFrameStack, VecNormalize
 
 from eva_rl.errors import AgentError, ConfigError
 from eva_rl.files import read_yaml
+from eva_rl.offpolicy import PRETRAINED_WARMUP
 
 ALGORITHMS: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "a2c": A2C, "sac": SAC, "td3": TD3, "dqn": DQN}
 """The algorithms eva-rl loads and fine-tunes, by rl-zoo3's name."""
@@ -295,12 +296,16 @@ def load_pretrained(path: str | Path, device: str = "auto", algorithm: str | Non
     )
 
 
-def load_agent(path: Path, device: str = "auto", algorithm: str | None = None, **kwargs: Any) -> BaseAlgorithm:
+def load_agent(
+    path: Path, device: str = "auto", algorithm: str | None = None, warm_up: bool = False, **kwargs: Any
+) -> BaseAlgorithm:
     """``<Algorithm>.load`` of a zip, the algorithm detected from the zip, with clear errors for a bad file.
 
     :param path: An SB3 zip (a pickle: load only files you trust).
     :param device: Where the policy goes (``"auto"``: CUDA when present).
     :param algorithm: Load as this algorithm instead of the detected one.
+    :param warm_up: Load SAC, TD3 and DQN as their pretrained-warm-up variants (:mod:`eva_rl.offpolicy`): a
+        fine-tuning checkpoint that continues inside ``learning_starts``.
     :param kwargs: Passed on to ``load`` (``env=``, ``custom_objects=``...).
     :raises AgentError: naming the path and what is wrong with it.
     """
@@ -308,8 +313,11 @@ def load_agent(path: Path, device: str = "auto", algorithm: str | None = None, *
     if not path.is_file():
         raise AgentError(f"pretrained agent {str(path)!r} does not exist; pass --pretrained path/to/agent.zip")
     algorithm = algorithm or detect_algorithm(path)
+    model_class = ALGORITHMS[algorithm]
+    if warm_up:
+        model_class = PRETRAINED_WARMUP.get(model_class, model_class)
     try:
-        return ALGORITHMS[algorithm].load(path, device=device, **kwargs)
+        return model_class.load(path, device=device, **kwargs)
     except (zipfile.BadZipFile, KeyError, EOFError, RuntimeError, ValueError, TypeError, AssertionError) as error:
         raise AgentError(
             f"pretrained agent {str(path)!r} cannot be loaded as an SB3 {ALGORITHMS[algorithm].__name__} zip "

@@ -219,7 +219,17 @@ def mujoco_run(folder: Path) -> runs.RunSpec:
     return runs.RunSpec(task, "lora", 0, folder, task.agent_path, "cpu")
 
 
-@pytest.mark.parametrize("setup", ["lora", "eva", "eva-normalized", "zoo-gsde", "mujoco"])
+def sac_warm_up_run(folder: Path) -> runs.RunSpec:
+    """The bundled SAC agent, killed inside its learning_starts (its warm-up acts with the pretrained policy)."""
+    task = find_task("Pendulum-Gravity").with_overrides(
+        {"total_timesteps": 384, "checkpoint_freq": 128, "ppo.learning_starts": 256, "ppo.buffer_size": 1000}
+    )
+    task = task.with_overrides({"eval": EvalSettings(freq=192, episodes=1, n_envs=1, deterministic=True)})
+    import_packages(task.env_packages)
+    return runs.RunSpec(task, "lora", 0, folder, task.agent_path, "cpu")
+
+
+@pytest.mark.parametrize("setup", ["lora", "eva", "eva-normalized", "zoo-gsde", "mujoco", "sac-warm-up"])
 def test_a_resumed_run_is_the_uninterrupted_run(
     setup: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
@@ -228,15 +238,17 @@ def test_a_resumed_run_is_the_uninterrupted_run(
     and its running returns normalizing the rewards) too, with gSDE (rl-zoo3's own agent: each rollout's exploration
     matrix is drawn before the checkpoint), and on MuJoCo (its envs are rebuilt when unpickled, mid-episode)."""
     import torch
-    from stable_baselines3 import PPO
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from eva_rl.experiments.training import RunCallback
+    from eva_rl.loading import load_agent
 
     if setup == "zoo-gsde":
         spec_in = gsde_run
     elif setup == "mujoco":
         spec_in = mujoco_run
+    elif setup == "sac-warm-up":
+        spec_in = sac_warm_up_run
     else:
         normalized = setup == "eva-normalized"
         agent = request.getfixturevalue("normalized_agent") if normalized else None
@@ -260,7 +272,7 @@ def test_a_resumed_run_is_the_uninterrupted_run(
 
     assert resumed.eval_curve == uninterrupted.eval_curve
     whole, again = (
-        PPO.load(d / "model.zip", device="cpu") for d in (spec_in(tmp_path / "whole").run_dir, spec.run_dir)
+        load_agent(d / "model.zip", device="cpu") for d in (spec_in(tmp_path / "whole").run_dir, spec.run_dir)
     )
     assert again._n_updates == whole._n_updates
     for key, value in whole.policy.state_dict().items():

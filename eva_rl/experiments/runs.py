@@ -316,7 +316,9 @@ def _resume_model(spec: RunSpec, agent: PretrainedAgent, train_env: VecEnv) -> t
     """The checkpointed model and the callback state (eval curve, wall time) saved with it."""
     folder = spec.folder
     checkpoint = folder.checkpoint_file
-    model = load_agent(checkpoint, spec.device, run_algorithm(spec.task, agent), env=train_env)
+    # as the run began: a pretrained method's SAC/TD3/DQN warm-up acts with its policy, not at random
+    warm_up = get_method(spec.method).pretrained
+    model = load_agent(checkpoint, spec.device, run_algorithm(spec.task, agent), env=train_env, warm_up=warm_up)
     if folder.checkpoint_buffer_file.is_file():
         model.load_replay_buffer(folder.checkpoint_buffer_file)
     if folder.checkpoint_runtime_file.is_file():  # after load, which reseeds every generator
