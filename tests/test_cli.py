@@ -337,3 +337,12 @@ def test_record_writes_gifs_and_puts_them_in_tensorboard(doorkey_runs: Path, cap
     events = EventAccumulator(str(run_dir), size_guidance={"images": 0}).Reload()
     steps = [image.step for image in events.Images("video/agent")]
     assert steps == [0, json.loads((run_dir / "result.json").read_text())["total_timesteps"]]
+
+
+def test_a_task_files_env_package_imports_from_any_working_directory(tmp_path: Path) -> None:
+    """PointGoal's task file names env_packages: [envs], the project's own package: it must import from elsewhere."""
+    code = "from eva_rl.experiments.cli import main; import sys; sys.exit(main(['inspect', '--env', 'PointGoal', " \
+        "'--no-progress', '--out', 'allocation.png']))"  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "allocation.png").is_file()

@@ -34,11 +34,19 @@ from eva_rl.physics import is_mujoco_env, mujoco_warnings
 if TYPE_CHECKING:
     from eva_rl.experiments.tasks import TaskConfig
 
+ROOT = Path(__file__).resolve().parents[2]
+"""The project root, where the task files' env packages (``envs/``) live."""
+
 
 def _importable_cwd() -> None:
+    """The working directory first (a user's own env package), the project root last (the task files' ``envs``
+    package, wherever the command runs from)."""
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
+    root = str(ROOT)
+    if root not in sys.path:
+        sys.path.append(root)
 
 
 def import_packages(packages: Iterable[str]) -> None:
