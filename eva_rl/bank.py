@@ -8,13 +8,16 @@ base is never reloaded or copied. :meth:`AdapterBank.predict` with ``task=`` swi
 
 A bank folder is JSON and safetensors, no pickle: ``bank.json`` (the base agent's path and SHA-256, and each
 task's method, LoRA config, adapter plan, EVA report and free-form info), ``adapters/<task>.safetensors`` and,
-for tasks with one, ``signatures/<task>.safetensors`` (:meth:`AdapterBank.identify`). The
-base agent stays the SB3 zip it was (a pickle: load only agents you trust).
+for tasks with one, ``signatures/<task>.safetensors`` (:meth:`AdapterBank.identify`) and
+``normalization/<task>.safetensors`` (the observation statistics of a task whose run kept updating the agent's
+``VecNormalize``: :meth:`AdapterBank.prepare_env` puts them in an env). The base agent stays the SB3 zip it was (a
+pickle: load only agents you trust).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.evaluation import evaluate_policy
-from stable_baselines3.common.vec_env import VecEnv
+from stable_baselines3.common.vec_env import VecEnv, VecNormalize, unwrap_vec_normalize
 
 from eva_rl.checkpoints import (
     adapter_settings,
@@ -39,7 +42,7 @@ from eva_rl.checkpoints import (
 from eva_rl.config import LoraConfig
 from eva_rl.errors import CheckpointError, ConfigError
 from eva_rl.eva_report import EvaReport
-from eva_rl.files import atomic_write, atomic_write_json, file_sha256
+from eva_rl.files import STATS, atomic_write, atomic_write_json, file_sha256
 from eva_rl.inject import inject_adapters, lora_layers, remove_adapters
 from eva_rl.loading import load_agent
 from eva_rl.plan import AdapterPlan
@@ -61,6 +64,64 @@ def _plain_key(key: str) -> str:
 
 
 @dataclass
+class ObservationStats:
+    """A run's ``VecNormalize`` observation statistics, as a bank keeps them (tensors and numbers, no pickle).
+
+    :ivar mean: ``{key: running mean}``; the key is ``""`` for a Box observation, the Dict keys otherwise.
+    :ivar var: ``{key: running variance}``.
+    :ivar count: Observations the statistics have seen.
+    """
+
+    mean: dict[str, torch.Tensor]
+    var: dict[str, torch.Tensor]
+    count: float
+
+    @classmethod
+    def of(cls, normalize: VecNormalize | None) -> ObservationStats | None:
+        """The observation statistics of ``normalize`` (``None`` without one, or when it leaves observations as
+        they are)."""
+        if normalize is None or not normalize.norm_obs:
+            return None
+        running = normalize.obs_rms if isinstance(normalize.obs_rms, dict) else {"": normalize.obs_rms}
+        return cls(
+            {k: torch.as_tensor(r.mean).clone() for k, r in running.items()},
+            {k: torch.as_tensor(r.var).clone() for k, r in running.items()},
+            float(next(iter(running.values())).count),
+        )
+
+    def apply(self, normalize: VecNormalize) -> None:
+        """Make ``normalize`` normalize observations with these statistics (it stops updating them)."""
+        running = normalize.obs_rms if isinstance(normalize.obs_rms, dict) else {"": normalize.obs_rms}
+        if set(running) != set(self.mean):
+            raise ConfigError(
+                f"the env normalizes observations {sorted(running)}, these statistics {sorted(self.mean)}"
+            )
+        for key, statistics in running.items():
+            statistics.mean = self.mean[key].numpy().copy()
+            statistics.var = self.var[key].numpy().copy()
+            statistics.count = self.count
+        normalize.training = False
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**{f"mean/{k}": v for k, v in self.mean.items()}, **{f"var/{k}": v for k, v in self.var.items()}}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], count: float) -> ObservationStats:
+        part = {
+            kind: {k.partition("/")[2]: v for k, v in tensors.items() if k.startswith(f"{kind}/")}
+            for kind in ("mean", "var")
+        }
+        return cls(part["mean"], part["var"], float(count))
+
+
+def read_observation_stats(path: Path) -> ObservationStats | None:
+    """The observation statistics of a ``vecnormalize.pkl`` a run wrote beside its adapter (a pickle: a run folder
+    the user made)."""
+    with open(path, "rb") as handle:
+        return ObservationStats.of(pickle.load(handle))  # noqa: S301 (the run's own statistics file)
+
+
+@dataclass
 class TaskAdapter:
     """One task's adapter in a bank.
 
@@ -74,6 +135,8 @@ class TaskAdapter:
     :ivar info: Free-form JSON-ready facts (target env, source run, returns).
     :ivar signature: ``{layer: (k, fan-in)}`` subspaces of the base policy's layer inputs in the task's env
         (:func:`~eva_rl.selection.subspace_signature`), which :meth:`AdapterBank.identify` compares; optional.
+    :ivar normalization: The observation statistics the task's run ended with, when its agent normalizes
+        observations (a run with ``update_obs_stats`` moves them away from the base agent's).
     """
 
     name: str
@@ -84,6 +147,7 @@ class TaskAdapter:
     eva_report: EvaReport | None = None
     info: dict[str, Any] = field(default_factory=dict)
     signature: dict[str, torch.Tensor] | None = None
+    normalization: ObservationStats | None = None
 
     @property
     def nbytes(self) -> int:
@@ -95,7 +159,7 @@ class TaskAdapter:
         return {name: layer.rank for name, layer in self.plan.adapted.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        entry = {
             "method": self.method,
             "lora_config": self.lora_config.to_dict(),
             "lora_plan": self.plan.to_dict(),
@@ -103,6 +167,9 @@ class TaskAdapter:
             "keys": sorted(self.tensors),
             "info": self.info,
         }
+        if self.normalization is not None:
+            entry["normalization_count"] = self.normalization.count
+        return entry
 
 
 class AdapterBank:
@@ -149,6 +216,7 @@ class AdapterBank:
                 policy.lora_plan.method,
                 policy.eva_report,
                 dict(info or {}),
+                normalization=ObservationStats.of(adapter.get_vec_normalize_env()),
             )
         else:
             task = self._read_task(name, Path(adapter), info)
@@ -171,7 +239,10 @@ class AdapterBank:
         keys = config.get("keys")
         if not isinstance(keys, list) or sorted(keys) != sorted(tensors):
             raise CheckpointError(f"{folder}: the config's keys do not list the file's {len(tensors)} tensors")
-        return TaskAdapter(name, plan, tensors, lora, config.get("method"), report, dict(info or {}))
+        stats = read_observation_stats(folder / STATS) if (folder / STATS).is_file() else None
+        return TaskAdapter(
+            name, plan, tensors, lora, config.get("method"), report, dict(info or {}), normalization=stats
+        )
 
     def _insert(self, task: TaskAdapter) -> TaskAdapter:
         """Add ``task`` after activating it once (which checks it fits); the active task stays what it was."""
@@ -268,14 +339,33 @@ class AdapterBank:
             self.activate(task)
         return self.model.predict(observation, state, episode_start, deterministic)
 
+    def prepare_env(self, task: str, env: VecEnv) -> None:
+        """Give ``env``'s ``VecNormalize`` (the base agent's, wrapped around the task's env) task ``task``'s own
+        observation statistics, where its run kept them; nothing otherwise.
+
+        :raises ConfigError: if the task has statistics and ``env`` normalizes no observations.
+        """
+        stats = self._task(task).normalization
+        if stats is None:
+            return
+        normalize = unwrap_vec_normalize(env)
+        if normalize is None:
+            raise ConfigError(
+                f"task {task!r} acts on observations normalized with its run's statistics; wrap the env in the base "
+                "agent's VecNormalize (load_pretrained(...).wrap_vec_env) first"
+            )
+        stats.apply(normalize)
+
     def evaluate(
         self, task: str | None, env: VecEnv, n_eval_episodes: int = 10, deterministic: bool = True
     ) -> tuple[float, float]:
-        """Mean and std of the episode return of task ``task``'s policy (``None``: the base agent's) on ``env``."""
+        """Mean and std of the episode return of task ``task``'s policy (``None``: the base agent's) on ``env``
+        (prepared with :meth:`prepare_env`)."""
         if task is None:
             self.deactivate()
         else:
             self.activate(task)
+            self.prepare_env(task, env)
         mean, std = evaluate_policy(self.model, env, n_eval_episodes, deterministic=deterministic)
         return float(mean), float(std)
 
@@ -334,6 +424,12 @@ class AdapterBank:
                     folder / "signatures" / f"{task.name}.safetensors",
                     lambda tmp, task=task: save_file(task.signature, str(tmp)),
                 )
+            if task.normalization is not None:
+                (folder / "normalization").mkdir(exist_ok=True)
+                atomic_write(
+                    folder / "normalization" / f"{task.name}.safetensors",
+                    lambda tmp, task=task: save_file(task.normalization.tensors(), str(tmp)),
+                )
         base = None
         if self.base_path is not None:
             base = {
@@ -350,9 +446,12 @@ class AdapterBank:
                 "tasks": {name: task.to_dict() for name, task in self.tasks.items()},
             },
         )
-        for stale in [*(folder / "adapters").glob("*.safetensors"), *(folder / "signatures").glob("*.safetensors")]:
+        optional = {"signatures": "signature", "normalization": "normalization"}
+        for stale in [*(folder / "adapters").glob("*.safetensors"), *(folder / "signatures").glob("*.safetensors"),
+                      *(folder / "normalization").glob("*.safetensors")]:  # fmt: skip
             task = self.tasks.get(stale.stem)
-            if task is None or (stale.parent.name == "signatures" and task.signature is None):
+            kept = optional.get(stale.parent.name)
+            if task is None or (kept is not None and getattr(task, kept) is None):
                 stale.unlink()
         return folder
 
@@ -410,8 +509,13 @@ class AdapterBank:
             info = entry.get("info") or {}
             signature_path = folder / "signatures" / f"{name}.safetensors"
             signature = read_tensors(signature_path) if signature_path.is_file() else None
+            stats_path = folder / "normalization" / f"{name}.safetensors"
+            stats = None
+            if "normalization_count" in entry:
+                stats = ObservationStats.from_tensors(read_tensors(stats_path), entry["normalization_count"])
             bank._check_new_name(name)
-            bank._insert(TaskAdapter(name, plan, tensors, lora, entry.get("method"), report, dict(info), signature))
+            task = TaskAdapter(name, plan, tensors, lora, entry.get("method"), report, dict(info), signature, stats)
+            bank._insert(task)
         return bank
 
     def __repr__(self) -> str:

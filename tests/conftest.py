@@ -108,3 +108,17 @@ class DeadBranchExtractor(BaseFeaturesExtractor):
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
         flat = observations.flatten(1)
         return torch.cat([torch.tanh(self.live(flat)), torch.tanh(self.dead(torch.zeros_like(flat)))], dim=1)
+
+
+@pytest.fixture(scope="module")
+def normalized_agent(tmp_path_factory: pytest.TempPathFactory):
+    """A PointGoal agent trained inside VecNormalize (its statistics beside the zip), as the MuJoCo agents are."""
+    from eva_rl.experiments.environments import import_packages
+    from eva_rl.experiments.pretrain import pretrain
+    from eva_rl.experiments.tasks import find_task
+
+    import_packages(["envs"])
+    out = tmp_path_factory.mktemp("normalized")
+    task = find_task("PointGoal").with_overrides({"pretrain_timesteps": 1024, "pretrain_normalize": True})
+    pretrain(task, out, eval_episodes=2, device="cpu", progress=False)
+    return out / "model.zip"

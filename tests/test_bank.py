@@ -212,3 +212,54 @@ def test_evaluate_runs_each_task_and_the_base(tmp_path: Path) -> None:
 def _saved(model: PPO, folder: Path) -> Path:
     model.save(folder / "base.zip")
     return folder / "base.zip"
+
+
+def probabilities(model: PPO, observations: np.ndarray) -> np.ndarray:
+    """The policy's action probabilities (PointGoal's actions are discrete: a small shift moves no argmax)."""
+    with torch.no_grad():
+        tensor = model.policy.obs_to_tensor(observations)[0]
+        return model.policy.get_distribution(tensor).distribution.probs.numpy()
+
+
+def test_a_task_whose_run_moved_its_observation_statistics_acts_as_that_run(
+    normalized_agent: Path, tmp_path: Path
+) -> None:
+    """A run with update_obs_stats ends with its own VecNormalize statistics: through the bank (and after save and
+    load), the task acts on observations as that run's model does, which it does not with the base agent's
+    statistics."""
+    from stable_baselines3.common.vec_env import unwrap_vec_normalize
+
+    from eva_rl.experiments.environments import agent_env
+    from eva_rl.experiments.runs import RunSpec, run
+    from eva_rl.experiments.tasks import find_task
+    from eva_rl.loading import load_agent, load_pretrained
+
+    task = find_task("PointGoal").with_overrides(
+        {"total_timesteps": 1024, "n_envs": 2, "ppo.n_steps": 128, "update_obs_stats": True, "eval_episodes": 4}
+    )
+    run(RunSpec(task, "lora", 0, tmp_path, normalized_agent, "cpu"), progress=False)
+    run_dir = tmp_path / "PointGoal" / "lora" / "seed0"
+    agent = load_pretrained(normalized_agent, device="cpu")
+    space = agent.model.observation_space
+    space.seed(0)
+    raw = np.stack([space.sample() for _ in range(32)])
+    # the run's own model, with the statistics it ended with
+    env = agent_env(task, agent, 1, 0, evaluation=True, stats=run_dir / "vecnormalize.pkl")
+    model = load_agent(run_dir / "model.zip", device="cpu")
+    expected = probabilities(model, unwrap_vec_normalize(env).normalize_obs(raw))
+
+    def actions(bank: AdapterBank, prepared: bool = True) -> np.ndarray:
+        env = agent_env(task, agent, 1, 0, evaluation=True)
+        bank.activate("goal")
+        if prepared:
+            bank.prepare_env("goal", env)
+        return probabilities(bank.model, unwrap_vec_normalize(env).normalize_obs(raw))
+
+    bank = AdapterBank(load_agent(normalized_agent, device="cpu"), normalized_agent)
+    bank.add("goal", run_dir / "adapter")
+    assert bank.tasks["goal"].normalization is not None
+    np.testing.assert_allclose(actions(bank), expected, atol=1e-6)
+    assert np.abs(actions(bank, prepared=False) - expected).max() > 1e-4, "the base agent's statistics differ"
+    np.testing.assert_allclose(
+        actions(AdapterBank.load(bank.save(tmp_path / "bank"), device="cpu")), expected, atol=1e-6
+    )

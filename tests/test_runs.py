@@ -167,18 +167,6 @@ def test_a_checkpoint_made_with_another_learning_rate_is_not_resumed_with_the_ne
     assert result.total_timesteps == 1024 and result.settings == runs.run_settings(spec)
 
 
-@pytest.fixture(scope="module")
-def normalized_agent(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A PointGoal agent trained inside VecNormalize (its statistics beside the zip), as the MuJoCo agents are."""
-    from eva_rl.experiments.pretrain import pretrain
-
-    import_packages(["envs"])
-    out = tmp_path_factory.mktemp("normalized")
-    task = find_task("PointGoal").with_overrides(dict(pretrain_timesteps=1024, pretrain_normalize=True))
-    pretrain(task, out, eval_episodes=2, device="cpu", progress=False)
-    return out / "model.zip"
-
-
 ZOO_GSDE = Path(__file__).resolve().parent / "fixtures" / "zoo" / "ppo" / "Pendulum-v1_1"
 """rl-zoo3's own PPO agent with gSDE (use_sde, sde_sample_freq 4) and VecNormalize."""
 

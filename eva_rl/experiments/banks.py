@@ -44,6 +44,7 @@ def evaluate_bank(bank: AdapterBank, episodes: int | None = None) -> dict[str, f
         agent = agents[agent_path]
         bank.activate(name)
         with closing(agent_env(task, agent, task.eval.env_count, task.eval.seed, evaluation=True)) as env:
+            bank.prepare_env(name, env)
             returns[name] = evaluate(bank.model, env, task.eval.episodes, task.eval.seed, task.eval.deterministic)[0]
     bank.deactivate()
     return returns
