@@ -11,6 +11,8 @@ agents you trust.
 from __future__ import annotations
 
 import ast
+import functools
+import importlib
 import json
 import pickle
 import zipfile
@@ -137,6 +139,8 @@ class PretrainedAgent:
     :ivar env_wrappers: rl-zoo3 ``env_wrapper`` entries (``"module.Class"`` or ``{"module.Class": kwargs}``).
     :ivar frame_stack: rl-zoo3's ``frame_stack``.
     :ivar env_kwargs: The env kwargs it was trained with.
+    :ivar vec_env_wrapper: rl-zoo3's ``vec_env_wrapper`` (``"module.Class"`` or ``{"module.Class": kwargs}``): a
+        ``VecEnvWrapper`` around the vectorized env, inside the statistics.
     """
 
     model: BaseAlgorithm
@@ -148,6 +152,7 @@ class PretrainedAgent:
     env_wrappers: list[Any] = field(default_factory=list)
     frame_stack: int | None = None
     env_kwargs: dict[str, Any] = field(default_factory=dict)
+    vec_env_wrapper: Any = None
 
     def wrap_vec_env(
         self, venv: VecEnv, training: bool = False, norm_reward: bool | None = None, stats: Path | None = None
@@ -160,6 +165,8 @@ class PretrainedAgent:
         :param norm_reward: Override the statistics' reward normalization (``False`` to evaluate raw returns).
         :param stats: A statistics file to use instead of the agent's (a fine-tuning run's own).
         """
+        if self.vec_env_wrapper:  # rl-zoo3 wraps the vectorized env first, then normalizes and stacks frames
+            venv = _vec_env_wrapper(self.vec_env_wrapper)(venv)
         stats = stats or self.vec_normalize
         if stats is not None:
             venv = load_statistics(stats, venv, training)
@@ -168,6 +175,20 @@ class PretrainedAgent:
         if self.frame_stack:
             venv = VecFrameStack(venv, self.frame_stack)
         return BaseAlgorithm._wrap_env(venv, verbose=0, monitor_wrapper=False)
+
+
+def _vec_env_wrapper(spec: Any) -> Any:
+    """The ``VecEnvWrapper`` an rl-zoo3 ``vec_env_wrapper`` entry names, with its kwargs bound.
+
+    :raises AgentError: for an entry that names no importable class.
+    """
+    name, kwargs = next(iter(spec.items())) if isinstance(spec, dict) else (spec, None)
+    module, _, attribute = str(name).rpartition(".")
+    try:
+        wrapper = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise AgentError(f"the agent's vec_env_wrapper {spec!r} cannot be imported ({error})") from error
+    return functools.partial(wrapper, **(kwargs or {}))
 
 
 def load_statistics(path: Path, venv: VecEnv, training: bool = False) -> VecNormalize:
@@ -293,6 +314,7 @@ def load_pretrained(path: str | Path, device: str = "auto", algorithm: str | Non
         env_wrappers=wrappers if isinstance(wrappers, list) else [wrappers],
         frame_stack=config.get("frame_stack") or None,
         env_kwargs=dict(recorded.get("env_kwargs") or {}),
+        vec_env_wrapper=config.get("vec_env_wrapper"),
     )
 
 

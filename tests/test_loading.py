@@ -115,7 +115,8 @@ def test_the_jumpstart_matches_rl_zoo3s_own_evaluation() -> None:
 
 
 def test_recorded_wrappers_frame_stack_and_env_kwargs_build_the_agents_env(tmp_path: Path) -> None:
-    """rl-zoo3's ``env_wrapper`` (with kwargs), ``frame_stack`` and ``env_kwargs`` from the folder shape the env."""
+    """rl-zoo3's ``env_wrapper`` (with kwargs), ``vec_env_wrapper``, ``frame_stack`` and ``env_kwargs`` from the folder
+    shape the env."""
     from stable_baselines3.common.vec_env import VecFrameStack
 
     from eva_rl.experiments.environments import agent_env
@@ -124,7 +125,9 @@ def test_recorded_wrappers_frame_stack_and_env_kwargs_build_the_agents_env(tmp_p
     shutil.copytree(RUN, run)
     config = (run / "Pendulum-v1" / "config.yml").read_text()
     config = config.replace("  - - normalize\n", "  - - env_wrapper\n    - gymnasium.wrappers.TimeLimit:\n"
-                            "        max_episode_steps: 50\n  - - frame_stack\n    - 2\n  - - normalize\n")  # fmt: skip
+                            "        max_episode_steps: 50\n  - - frame_stack\n    - 2\n"
+                            "  - - vec_env_wrapper\n    - stable_baselines3.common.vec_env.VecMonitor\n"
+                            "  - - normalize\n")  # fmt: skip
     (run / "Pendulum-v1" / "config.yml").write_text(config)
     args = (run / "Pendulum-v1" / "args.yml").read_text()
     (run / "Pendulum-v1" / "args.yml").write_text(
@@ -136,6 +139,8 @@ def test_recorded_wrappers_frame_stack_and_env_kwargs_build_the_agents_env(tmp_p
     env = agent_env(TaskConfig(name="t", target_env="Pendulum-v1"), agent, 2, 0, evaluation=True)
     assert isinstance(env, VecFrameStack) and env.observation_space.shape == (6,)
     assert env.get_attr("g") == [12.0, 12.0] and env.get_attr("_max_episode_steps") == [50, 50]
+    # rl-zoo3's order: the vec_env_wrapper inside the statistics, the frame stack outside
+    assert type(env.venv).__name__ == "VecNormalize" and type(env.venv.venv).__name__ == "VecMonitor"
     env.close()
 
 
