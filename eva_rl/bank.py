@@ -114,6 +114,19 @@ class ObservationStats:
         return cls(part["mean"], part["var"], float(count))
 
 
+def _read_observation_stats(path: Path, count: Any, where: str) -> ObservationStats:
+    """A bank task's saved statistics.
+
+    :raises CheckpointError: for a count that is not a number >= 0, or a file without matching means and variances.
+    """
+    if isinstance(count, bool) or not isinstance(count, (int, float)) or not count >= 0:
+        raise CheckpointError(f"{where}: normalization_count={count!r} is invalid: expected a number >= 0")
+    stats = ObservationStats.from_tensors(read_tensors(path), count)
+    if not stats.mean or set(stats.mean) != set(stats.var):
+        raise CheckpointError(f"{path} holds no matching mean/<key> and var/<key> tensors: not a task's statistics")
+    return stats
+
+
 def read_observation_stats(path: Path) -> ObservationStats | None:
     """The observation statistics of a ``vecnormalize.pkl`` a run wrote beside its adapter (a pickle: a run folder
     the user made)."""
@@ -512,7 +525,7 @@ class AdapterBank:
             stats_path = folder / "normalization" / f"{name}.safetensors"
             stats = None
             if "normalization_count" in entry:
-                stats = ObservationStats.from_tensors(read_tensors(stats_path), entry["normalization_count"])
+                stats = _read_observation_stats(stats_path, entry["normalization_count"], f"{path}: task {name!r}")
             bank._check_new_name(name)
             task = TaskAdapter(name, plan, tensors, lora, entry.get("method"), report, dict(info), signature, stats)
             bank._insert(task)

@@ -222,7 +222,7 @@ def probabilities(model: PPO, observations: np.ndarray) -> np.ndarray:
 
 
 def test_a_task_whose_run_moved_its_observation_statistics_acts_as_that_run(
-    normalized_agent: Path, tmp_path: Path
+    normalized_agent: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """A run with update_obs_stats ends with its own VecNormalize statistics: through the bank (and after save and
     load), the task acts on observations as that run's model does, which it does not with the base agent's
@@ -263,3 +263,19 @@ def test_a_task_whose_run_moved_its_observation_statistics_acts_as_that_run(
     np.testing.assert_allclose(
         actions(AdapterBank.load(bank.save(tmp_path / "bank"), device="cpu")), expected, atol=1e-6
     )
+
+    # damaged statistics: one error line through the command line, no traceback
+    from eva_rl.experiments.cli import main
+    from tests.test_bad_input import one_error_line
+
+    saved = (tmp_path / "bank" / "bank.json").read_text()
+    bad_count = saved.replace('"normalization_count": ', '"normalization_count": "many", "was": ')
+    for text, damage, message in [
+        (bad_count, None, "normalization_count='many' is invalid: expected a number >= 0"),
+        (saved, b"not safetensors", "cannot be read as safetensors"),
+    ]:
+        (tmp_path / "bank" / "bank.json").write_text(text)
+        if damage is not None:
+            (tmp_path / "bank" / "normalization" / "goal.safetensors").write_bytes(damage)
+        assert main(["inspect", str(tmp_path / "bank")]) == 2
+        assert message in one_error_line(capsys.readouterr().err)

@@ -146,3 +146,13 @@ def test_the_readmes_cli_reference_is_what_the_code_declares() -> None:
     start = readme.index("<!-- cli-reference")
     table = readme[readme.index("\n", start) + 1 : readme.index("<!-- /cli-reference -->")].strip()
     assert table == cli.cli_reference()
+
+
+@pytest.mark.parametrize(
+    ("seeds", "message"), [(["-1"], "--seeds=[-1] is invalid"), (["0", "0"], "a seed is listed twice")]
+)
+def test_compare_seed_values_are_checked_before_anything_runs(
+    seeds: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert cli.compare_main(["--suite", "smoke", "--seeds", *seeds, "--report-only"]) == 2
+    assert message in one_error_line(capsys.readouterr().err)

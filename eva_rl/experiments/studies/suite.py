@@ -27,6 +27,7 @@ from eva_rl.experiments.stats import (
 )
 from eva_rl.experiments.studies.base import Planned, Study
 from eva_rl.experiments.suites import Suite, SuiteTask
+from eva_rl.experiments.tasks import check_seeds
 from eva_rl.files import atomic_write_json, atomic_write_text
 from eva_rl.methods import get_method
 
@@ -414,6 +415,8 @@ class SuiteStudy(Study[SuiteReport]):
         super().__init__(log_dir, echo)
         if methods is not None:
             suite.check_methods(methods)
+        if seeds is not None:
+            check_seeds(list(seeds), "--seeds")
         self.suite, self.methods, self.seeds, self.report_only = suite, methods, seeds, report_only
         self.title = f"suite {suite.name}"
 
