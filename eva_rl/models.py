@@ -90,7 +90,7 @@ def build_model(
     return model
 
 
-def carry_learned_coefficients(model: BaseAlgorithm, agent: BaseAlgorithm) -> list[str]:
+def carry_learned_coefficients(model: BaseAlgorithm, agent: BaseAlgorithm) -> None:
     """Give ``model`` what ``agent`` learned besides its policy's weights, so fine-tuning continues its training.
 
     SAC learns its entropy coefficient (``log_ent_coef``, optimized towards ``target_entropy``); a model built from
@@ -98,16 +98,11 @@ def carry_learned_coefficients(model: BaseAlgorithm, agent: BaseAlgorithm) -> li
     (rl-zoo3's HalfCheetah ends near 0.01) floods the critic's targets with entropy and collapses the policy. The
     value is copied in place, so the coefficient's optimizer keeps optimizing the same tensor. A model whose
     coefficient is fixed (a float ``ent_coef`` given for the run) keeps its own.
-
-    :return: What was carried (``["ent_coef"]``), for the run to say so.
     """
-    carried = []
     source, target = getattr(agent, "log_ent_coef", None), getattr(model, "log_ent_coef", None)
     if isinstance(source, torch.Tensor) and isinstance(target, torch.Tensor):
         with torch.no_grad():
             target.copy_(source.detach().to(target.device))
-        carried.append("ent_coef")
-    return carried
 
 
 def load_base_weights(policy: nn.Module, plain_state_dict: dict[str, torch.Tensor]) -> None:

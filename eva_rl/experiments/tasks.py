@@ -205,7 +205,8 @@ class TaskConfig:
                 else dataclasses.replace(bases[name], **values)
                 for name, values in sections.items()
             }
-            overridden = {name for name, setting in SETTINGS.items() if _path_of(name) in _paths(merged)}
+            paths = _paths(merged)
+            overridden = {name for name in SETTINGS if _path_of(name) in paths}
             method_settings = {
                 m: {k: v for k, v in s.items() if k not in overridden} for m, s in self.method_settings.items()
             }
