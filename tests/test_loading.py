@@ -3,11 +3,7 @@ statistics, and the jumpstart rl-zoo3's own evaluation reports."""
 
 from __future__ import annotations
 
-import json
-import re
 import shutil
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -88,34 +84,17 @@ def test_zoo_yaml_is_read_without_running_code(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-def zoo_task(episodes: int) -> TaskConfig:
-    """The ad-hoc task ``--env Pendulum-v1`` makes (greedy evaluation, as rl-zoo3 evaluates Pendulum)."""
-    return TaskConfig(name="Pendulum-v1", target_env="Pendulum-v1", eval=EvalSettings(episodes=episodes,
-                      deterministic=True))  # fmt: skip
-
-
 @pytest.mark.parametrize("algo", ["ppo", "sac"])
-def test_the_jumpstart_matches_rl_zoo3s_own_evaluation(algo: str) -> None:
-    """Both fixture folders were written by ``rl_zoo3.train`` (their ``command.txt``): PPO with gSDE, SAC; both with
-    VecNormalize."""
-    pytest.importorskip("rl_zoo3")
-    episodes = 20
-    done = subprocess.run(
-        [sys.executable, "-m", "rl_zoo3.enjoy", "--algo", algo, "--env", "Pendulum-v1", "-f", str(ZOO),
-         "--exp-id", "1", "-n", str(200 * episodes), "--no-render", "--seed", "3"],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    mean, std = map(float, re.search(r"Mean reward: (-?[\d.]+) \+/- ([\d.]+)", done.stdout).groups())
-    ours = pretrained_return(zoo_task(episodes), ZOO / algo / "Pendulum-v1_1", device="cpu")
-    # 3 standard errors of the gap (a floor of 1 for an agent whose episodes all score alike)
-    assert abs(ours - mean) < 3 * max(std, 1.0) * (2 / episodes) ** 0.5, (ours, mean, std)
-    # The statistics matter: the same policy on raw observations does far worse.
+def test_the_statistics_matter(algo: str) -> None:
+    """The same policy on raw observations does far worse than with its VecNormalize statistics (the agreement with
+    ``rl_zoo3.enjoy`` itself is in ``tests/test_clients.py``)."""
     from stable_baselines3.common.evaluation import evaluate_policy
 
+    task = TaskConfig(name="p", target_env="Pendulum-v1", eval=EvalSettings(episodes=5, deterministic=True))
+    normalized = pretrained_return(task, ZOO / algo / "Pendulum-v1_1", device="cpu")
     raw = load_pretrained(ZOO / algo / "Pendulum-v1_1" / "Pendulum-v1.zip", device="cpu")
     raw_mean, _ = evaluate_policy(raw.model, gym.make("Pendulum-v1"), n_eval_episodes=5, deterministic=True)
-    assert raw_mean < mean - 5 * max(std, 1.0)
+    assert normalized > -300 and raw_mean < normalized - 300, (normalized, raw_mean)
 
 
 def test_recorded_wrappers_frame_stack_and_env_kwargs_build_the_agents_env(tmp_path: Path) -> None:
@@ -148,6 +127,22 @@ def test_recorded_wrappers_frame_stack_and_env_kwargs_build_the_agents_env(tmp_p
     env.close()
 
 
+def test_episodes_a_wrapper_ends_are_reported_though_the_monitor_sits_below_it() -> None:
+    """The Monitor sits below the wrappers, as rl-zoo3 puts it; an episode a ``TimeLimit`` wrapper ends is still
+    reported (SB3's ``evaluate_policy`` counts only reported ones, and would never finish)."""
+    from eva_rl.experiments.environments import env_factory, make_vec
+
+    limit = {"gymnasium.wrappers.TimeLimit": {"max_episode_steps": 50}}
+    env = make_vec(env_factory("Pendulum-v1", [limit]), 2, 0)
+    env.reset()
+    episodes = []
+    for _ in range(120):
+        *_, infos = env.step([env.action_space.sample()] * 2)
+        episodes += [info["episode"]["l"] for info in infos if "episode" in info]
+    assert episodes == [50] * 4
+    env.close()
+
+
 def test_damaged_statistics_are_an_agent_error(tmp_path: Path) -> None:
     run = tmp_path / "ppo" / "Pendulum-v1_1"
     shutil.copytree(RUN, run)
@@ -156,19 +151,3 @@ def test_damaged_statistics_are_an_agent_error(tmp_path: Path) -> None:
     agent = load_pretrained(run, device="cpu")
     with pytest.raises(AgentError, match=r"cannot be loaded for this env \(UnpicklingError"):
         agent.wrap_vec_env(PPO("MlpPolicy", "Pendulum-v1").get_env())
-
-
-def test_an_rl_zoo3_sac_agent_fine_tuned_on_its_own_env_does_not_collapse(tmp_path: Path) -> None:
-    """rl-zoo3's SAC learned a small entropy coefficient (about 3e-4); a run that restarted it at SB3's 1.0 fell from
-    -92 to about -900 within 1,000 steps, full fine-tuning included. Continued as the agent trained, every method
-    stays near where it started."""
-    from eva_rl.experiments.cli import finetune_main
-
-    run = ZOO / "sac" / "Pendulum-v1_1"
-    argv = ["--env", "Pendulum-v1", "--pretrained", str(run), "--methods", "lora,full", "--total-timesteps", "1000"]
-    argv += ["--eval-freq", "500", "--eval-episodes", "4", "--no-progress", "--workers", "1"]
-    assert finetune_main([*argv, "--log-dir", str(tmp_path)]) == 0
-    for method in ("lora", "full"):
-        result = json.loads((tmp_path / "Pendulum-v1" / method / "seed0" / "result.json").read_text())
-        assert result["jumpstart"] > -200, "a trained agent"
-        assert result["final_return"] > result["jumpstart"] - 100, (method, result["eval_curve"])

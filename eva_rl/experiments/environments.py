@@ -16,14 +16,18 @@ import difflib
 import importlib
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, SupportsFloat
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+from stable_baselines3.common.atari_wrappers import EpisodicLifeEnv
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
 from eva_rl.errors import EnvError, EvaRLError
@@ -86,6 +90,29 @@ def registered_ids() -> list[str]:
     return sorted(gym.registry.keys())
 
 
+PLUGIN_PACKAGES = {"MiniGrid": "minigrid", "ALE/": "ale_py", "NoFrameskip-v4": "ale_py", "Deterministic-v4": "ale_py"}
+"""Packages that register ids on import, by a piece of the ids they register (rl-zoo3 imports them all up front;
+these are imported only when an id names them)."""
+
+
+def register_plugin_ids(env_id: str) -> str | None:
+    """Import the package that registers ``env_id`` (MiniGrid, the Arcade Learning Environment's Atari games) if the
+    id is not registered yet.
+
+    :return: the package ``env_id`` needs where it is not installed, for the unknown-id error; else ``None``.
+    """
+    if env_id in gym.registry:
+        return None
+    for piece, package in PLUGIN_PACKAGES.items():
+        if piece in env_id:
+            try:
+                module = importlib.import_module(package)
+            except ImportError:
+                return package
+            gym.register_envs(module)  # ale_py registers on this call, not on import
+    return None
+
+
 WrapperSpec = str | dict[str, dict[str, Any]]
 """A wrapper: ``"module:Class"`` (or ``"module.Class"``), or rl-zoo3's ``{"module.Class": {kwargs}}``."""
 
@@ -110,7 +137,7 @@ def env_factory(
     env_kwargs: dict[str, Any] | None = None,
     known_tasks: Sequence[str] = (),
     render: bool = False,
-) -> Callable[[], gym.Env]:
+) -> EnvFactory:
     """A zero-argument constructor for ``env`` (registered id or ``module:Class``) with ``wrappers`` applied.
 
     :param env: A registered id or a ``module:Class`` entry point.
@@ -129,11 +156,12 @@ def env_factory(
             return env_class(**env_kwargs)
 
     else:
-        if env not in gym.registry and env.startswith("MiniGrid"):
-            import minigrid  # noqa: F401  (registers the MiniGrid ids; a dependency, imported only when named)
+        missing = register_plugin_ids(env)
         if env not in gym.registry:
             close = difflib.get_close_matches(env, registered_ids(), n=5)
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            if missing:
+                hint = f" Its ids are registered by {missing!r}, which is not installed (pip install {missing})."
             tasks = f" Known tasks: {', '.join(known_tasks)}." if known_tasks else ""
             raise EnvError(
                 f"unknown env {env!r}: not a task in configs/, not a registered Gymnasium id and not a "
@@ -152,18 +180,40 @@ def env_factory(
         else:
 
             def make_base() -> gym.Env:
+                register_plugin_ids(env)  # a worker process started fresh has not imported the plugin yet
                 return gym.make(env, **env_kwargs)
 
-    def make() -> gym.Env:
+    def base() -> gym.Env:
         instance = _named_failure(f"making env {env!r} (env_kwargs {env_kwargs})", make_base)
         speed_up_view(instance)
-        if render:
-            instance = FrameRecorder(instance)
+        return FrameRecorder(instance) if render else instance
+
+    def wrap(instance: gym.Env) -> gym.Env:
         for spec, wrapper in zip(wrappers, wrapper_classes):
             instance = _named_failure(f"wrapping env {env!r} in {spec!r}", wrapper, instance)
+        if wrappers:
+            instance = EpisodesEndedByWrappers(instance)
         return CheckedEnv(instance, env)
 
-    return make
+    return EnvFactory(base, wrap)
+
+
+@dataclass(frozen=True)
+class EnvFactory:
+    """Makes an env in two steps, so that :func:`make_vec` can put SB3's ``Monitor`` between them, where
+    ``make_vec_env(wrapper_class=...)`` and rl-zoo3 put it: a wrapper that ends episodes early or reshapes rewards
+    (``AtariWrapper`` ends one at each lost life and clips rewards) leaves the episode returns evaluations report
+    those of the game itself.
+
+    :param base: Makes the env itself.
+    :param wrap: Applies the wrappers to it.
+    """
+
+    base: Callable[[], gym.Env]
+    wrap: Callable[[gym.Env], gym.Env]
+
+    def __call__(self) -> gym.Env:
+        return self.wrap(self.base())
 
 
 def _named_failure(doing: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -206,6 +256,36 @@ class FrameRecorder(gym.Wrapper):
 
 
 _SB3_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
+
+
+class EpisodesEndedByWrappers(gym.Wrapper):
+    """Reports an episode that a wrapper above the ``Monitor`` ended (a ``TimeLimit`` given as a wrapper) as the
+    Monitor would have, in ``info["episode"]``: SB3's ``evaluate_policy`` counts only the Monitor's episodes and would
+    otherwise never finish. A life lost under ``EpisodicLifeEnv`` (``AtariWrapper``) is no such end: the game plays
+    on, and its score is reported when it is over."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self.monitor: Monitor | None = None
+        self.lives: list[EpisodicLifeEnv] = []
+        instance = env
+        while isinstance(instance, gym.Wrapper) and self.monitor is None:
+            if isinstance(instance, Monitor):
+                self.monitor = instance
+            elif isinstance(instance, EpisodicLifeEnv):
+                self.lives.append(instance)
+            instance = instance.env
+
+    def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        ended = (terminated or truncated) and "episode" not in info
+        game_on = any(not lives.was_real_done for lives in self.lives)
+        if ended and not game_on and self.monitor is not None and self.monitor.rewards:
+            rewards = self.monitor.rewards
+            elapsed = time.time() - self.monitor.t_start
+            info = {**info, "episode": {"r": round(sum(rewards), 6), "l": len(rewards), "t": round(elapsed, 6)}}
+            self.monitor.rewards = []
+        return observation, reward, terminated, truncated, info
 
 
 class CheckedEnv(gym.Wrapper):
@@ -261,9 +341,10 @@ class CheckedEnv(gym.Wrapper):
             )
 
 
-def make_vec(factory: Callable[[], gym.Env], n_envs: int, seed: int) -> VecEnv:
-    """``n_envs`` copies in a ``DummyVecEnv`` (faster than subprocesses for cheap envs), each with a Monitor."""
-    return make_vec_env(factory, n_envs=n_envs, seed=seed, vec_env_cls=DummyVecEnv)
+def make_vec(factory: EnvFactory, n_envs: int, seed: int) -> VecEnv:
+    """``n_envs`` copies in a ``DummyVecEnv`` (faster than subprocesses for cheap envs), each with a Monitor below
+    its wrappers."""
+    return make_vec_env(factory.base, n_envs=n_envs, seed=seed, vec_env_cls=DummyVecEnv, wrapper_class=factory.wrap)
 
 
 def agent_env(

@@ -7,7 +7,9 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import gymnasium as gym
 import torch
+from stable_baselines3.common.atari_wrappers import EpisodicLifeEnv
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
@@ -65,12 +67,25 @@ def evaluate(
     The sampling runs in a forked RNG, so evaluation neither depends on nor disturbs the training RNG: two
     policies with identical outputs get identical returns.
     """
+    start_new_games(env)
     env.seed(seed)
     devices = [model.device] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), cached_adapter_weights(model.policy):
         torch.manual_seed(seed)
         mean, std = evaluate_policy(model, env, n_eval_episodes=episodes, deterministic=deterministic)
     return float(mean), float(std)
+
+
+def start_new_games(env: VecEnv) -> None:
+    """Make the next reset of every env start a new game. SB3's ``EpisodicLifeEnv`` (in ``AtariWrapper``) ends an
+    episode at each lost life and, unless the game is over, resets by playing on; an evaluation that stopped mid-game
+    would hand the next one the rest of that game, its score so far included (scores then grow with every
+    evaluation, whatever the policy)."""
+    for instance in getattr(env.unwrapped, "envs", ()):
+        while isinstance(instance, gym.Wrapper):
+            if isinstance(instance, EpisodicLifeEnv):
+                instance.was_real_done = True
+            instance = instance.env
 
 
 class RunCallback(BaseCallback):
