@@ -54,6 +54,22 @@ VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
+def _bank_json(folder: Path) -> Path:
+    """``folder``'s ``bank.json``.
+
+    :raises CheckpointError: for a folder that holds none (one run's adapter folder is named as such).
+    """
+    path = folder / "bank.json"
+    if not path.is_file():
+        if (folder / "adapter_config.json").is_file():
+            raise CheckpointError(
+                f"{folder} is one run's adapter folder, not a bank (bank.json and adapters/): put it in one with "
+                "AdapterBank.add (README, Policy library)"
+            )
+        raise CheckpointError(f"{folder} is not an eva-rl adapter bank: expected bank.json")
+    return path
+
+
 def _is_lora_key(key: str) -> bool:
     return key.rpartition(".")[2].startswith("lora_")
 
@@ -468,41 +484,54 @@ class AdapterBank:
                 stale.unlink()
         return folder
 
+    @staticmethod
+    def base_file(folder: str | Path) -> Path | None:
+        """The base agent's zip as ``folder``'s ``bank.json`` records it (``None`` where it records none)."""
+        data = read_versioned_json(_bank_json(Path(folder)), FORMAT, VERSION)
+        recorded = data.get("base")
+        if isinstance(recorded, dict) and isinstance(recorded.get("path"), str):
+            return (Path(folder) / recorded["path"]).resolve()
+        return None
+
     @classmethod
-    def load(cls, folder: str | Path, base: BaseAlgorithm | None = None, device: str = "auto") -> AdapterBank:
+    def load(
+        cls,
+        folder: str | Path,
+        base: BaseAlgorithm | None = None,
+        device: str = "auto",
+        base_file: str | Path | None = None,
+    ) -> AdapterBank:
         """Read a bank written by :meth:`save`.
 
         :param base: The base agent, if already loaded; otherwise the zip ``bank.json`` names is loaded (after its
             SHA-256 is checked).
+        :param base_file: The base agent's zip, where the path ``bank.json`` records does not reach it (a bank
+            copied elsewhere); its SHA-256 is checked the same way.
         :raises CheckpointError: for a folder that is not a bank, a base agent whose file changed, or an adapter
             that does not fit.
         """
         folder = Path(folder)
-        path = folder / "bank.json"
-        if not path.is_file():
-            if (folder / "adapter_config.json").is_file():
-                raise CheckpointError(
-                    f"{folder} is one run's adapter folder, not a bank (bank.json and adapters/): put it in one with "
-                    "AdapterBank.add (README, Policy library)"
-                )
-            raise CheckpointError(f"{folder} is not an eva-rl adapter bank: expected bank.json")
+        path = _bank_json(folder)
         data = read_versioned_json(path, FORMAT, VERSION)
         recorded = data.get("base")
-        base_path = None
-        if isinstance(recorded, dict) and isinstance(recorded.get("path"), str):
-            base_path = (folder / recorded["path"]).resolve()
+        base_path = Path(base_file).resolve() if base_file is not None else cls.base_file(folder)
         if base is None:
             if base_path is None:
                 raise CheckpointError(
                     f"{path}: base={recorded!r} is invalid: expected {{'path': <the base agent's zip>, 'sha256': ...}}"
-                    "; or pass base="
+                    "; or pass base= (the command line: --base)"
                 )
             if not base_path.is_file():
-                raise CheckpointError(f"{path}: the base agent {str(base_path)!r} is not there; pass base=")
+                raise CheckpointError(
+                    f"{path}: the base agent {str(base_path)!r} is not there; pass its zip as base_file= (the command "
+                    "line: --base), e.g. for a bank copied elsewhere"
+                )
+            if not isinstance(recorded, dict):
+                recorded = {}
             if file_sha256(base_path) != recorded.get("sha256"):
                 raise CheckpointError(
-                    f"{path}: the base agent {str(base_path)!r} changed since the bank was saved (SHA-256 differs); "
-                    "its adapters were trained on the other one"
+                    f"{path}: the base agent {str(base_path)!r} is not the one the bank was saved with (SHA-256 "
+                    "differs; changed or another file): its adapters were trained on that one"
                 )
             base = load_agent(base_path, device=device)
         bank = cls(base, base_path)

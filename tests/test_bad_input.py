@@ -251,26 +251,6 @@ def test_bad_input_through_the_command_line_is_one_error_line(
     assert message in one_error_line("".join(f"{line}\n" for line in lines))
 
 
-def test_an_agent_from_outside_the_project_and_its_runs_gets_a_trust_note(
-    bad_files: Path, capsys: pytest.CaptureFixture, tmp_path: Path
-) -> None:
-    """SB3 zips are pickles: loading one from elsewhere says so in one line; our agents and run folders do not."""
-    outside = tmp_path / "agent.zip"
-    outside.write_bytes(Path(POINT_AGENT).read_bytes())
-    run_folder = tmp_path / "run"
-    run_folder.mkdir()
-    (run_folder / "model.zip").write_bytes(outside.read_bytes())
-    (run_folder / "result.json").write_text("{}")
-    notes = {}
-    for name, agent in (("outside", outside), ("bundled", Path(POINT_AGENT)), ("run", run_folder / "model.zip")):
-        argv = ["finetune", "--env", "PointGoal", "--pretrained", str(agent), "--total-timesteps", "10"]
-        assert cli.main(argv) == 2  # stopped by the budget, after the note
-        notes[name] = [line for line in capsys.readouterr().out.splitlines() if "note:" in line]
-    assert notes["bundled"] == notes["run"] == []
-    assert notes["outside"] == [f"[eva-rl] note: {outside} is unpickled to load it, which can run code: use only "
-                                "agents you trust"]  # fmt: skip
-
-
 def test_a_changed_setting_on_a_completed_run_is_named_before_anything_runs(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -179,7 +179,7 @@ def test_bad_names_foreign_adapters_and_changed_bases_are_clear_errors(tmp_path:
         AdapterBank(fine_tuned(base, "mlp-box", "lora", 0))
     bank.save(tmp_path / "bank")
     make_pretrained("mlp-box", seed=3).save(tmp_path / "base.zip")  # the base file changes under the bank
-    with pytest.raises(CheckpointError, match="changed since the bank was saved"):
+    with pytest.raises(CheckpointError, match="is not the one the bank was saved with"):
         AdapterBank.load(tmp_path / "bank")
     with pytest.raises(CheckpointError, match="is not an eva-rl adapter bank"):
         AdapterBank.load(tmp_path)

@@ -10,17 +10,20 @@ from eva_rl.errors import ConfigError
 from eva_rl.experiments.environments import agent_env, import_packages
 from eva_rl.experiments.tasks import find_task
 from eva_rl.experiments.training import evaluate
+from eva_rl.experiments.trust import check_recorded_code, code_references
 from eva_rl.loading import load_pretrained
 
 
-def evaluate_bank(bank: AdapterBank, episodes: int | None = None) -> dict[str, float]:
+def evaluate_bank(bank: AdapterBank, episodes: int | None = None, trust_code: bool = False) -> dict[str, float]:
     """Each task's return through ``bank``, on the env its ``info`` names (``task``: the task file whose wrappers and
     evaluation settings apply, ``env``, ``env_kwargs``, ``eval_episodes``; banks made by ``eva-rl continual`` record
     them).
 
     :param episodes: Episodes per task (default: the number the task's info records, else its task file's).
+    :param trust_code: Import an env entry point the bank records from outside the trusted packages
+        (:mod:`eva_rl.experiments.trust`).
 
-    :raises ConfigError: for a task whose info does not say where to evaluate it.
+    :raises ConfigError: for a task whose info does not say where to evaluate it, or names code it may not import.
     """
     returns = {}
     agents: dict[str, Any] = {}  # the env wrappers need the base agent (its VecNormalize); load it once per file
@@ -31,6 +34,7 @@ def evaluate_bank(bank: AdapterBank, episodes: int | None = None) -> dict[str, f
                 f"bank task {name!r} records no task file and env to evaluate on (info {adapter.info}); banks made "
                 "by eva-rl continual do"
             )
+        check_recorded_code(code_references([adapter.info["env"]]), f"bank task {name!r}'s env", trust_code)
         import_packages(task.env_packages)
         overrides = {
             "target_env": adapter.info["env"],

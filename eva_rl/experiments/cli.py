@@ -25,8 +25,9 @@ from eva_rl.experiments.environments import env_factory, import_packages
 from eva_rl.experiments.execute import BACKENDS, LocalProcesses, SideBySide, default_workers
 from eva_rl.experiments.options import CommandParser, add_flags, task_overrides
 from eva_rl.experiments.run_folder import RunFolder
-from eva_rl.experiments.tasks import ROOT, EvalSettings, TaskConfig, find_task, known_tasks, load_task
+from eva_rl.experiments.tasks import EvalSettings, TaskConfig, find_task, known_tasks, load_task
 from eva_rl.experiments.training import one_line_warnings
+from eva_rl.experiments.trust import pickle_note
 from eva_rl.files import atomic_save_model, check_writable
 from eva_rl.loading import load_agent, load_pretrained
 
@@ -60,16 +61,8 @@ def _agent_path(task: TaskConfig, args: argparse.Namespace) -> Path:
     agent_path = args.pretrained or task.agent_path
     if agent_path is None:
         raise AgentError(f"no bundled agent for {args.env!r}; pass --pretrained path/to/agent.zip")
-    if not _trusted_location(agent_path):
-        print(f"[eva-rl] note: {agent_path} is unpickled to load it, which can run code: use only agents you trust")
+    pickle_note(agent_path)
     return agent_path
-
-
-def _trusted_location(path: Path) -> bool:
-    """Inside the project's ``agents/`` (made by our ``pretrain.py``) or a run folder eva-rl wrote."""
-    resolved = Path(path).resolve()
-    folder = resolved if resolved.is_dir() else resolved.parent
-    return resolved.is_relative_to(ROOT / "agents") or RunFolder.holds_run(folder)
 
 
 def resolve_task(args: argparse.Namespace, rename: dict[str, str] | None = None) -> TaskConfig:
@@ -277,8 +270,11 @@ def bank_command(args: argparse.Namespace) -> int:
     from eva_rl.experiments.inspection import bank_table
 
     torch.set_num_threads(args.threads)
-    bank = AdapterBank.load(args.bank, device="cpu")
-    returns = evaluate_bank(bank, args.eval_episodes) if args.evaluate else None
+    base = args.base or AdapterBank.base_file(args.bank)
+    if base is not None:
+        pickle_note(base, "base agent")
+    bank = AdapterBank.load(args.bank, device="cpu", base_file=args.base)
+    returns = evaluate_bank(bank, args.eval_episodes, args.trust_code) if args.evaluate else None
     print(bank_table(bank, returns))
     return 0
 
@@ -288,8 +284,8 @@ def merge_command(args: argparse.Namespace) -> int:
     from eva_rl.adapt import merge
 
     source = RunFolder(args.run_dir).model_file if args.run_dir.is_dir() else args.run_dir
-    if source.is_file() and not _trusted_location(source):
-        print(f"[eva-rl] note: {source} is unpickled to load it, which can run code: use only files you trust")
+    if source.is_file():
+        pickle_note(source, "file")
     out = args.out or source.with_name("merged.zip")
     if args.out is not None:
         check_writable(out.parent, f"--out {out}")
@@ -320,7 +316,7 @@ def record_command(args: argparse.Namespace) -> int:
     """``record``: GIFs of completed runs' agents, before and after fine-tuning."""
     from eva_rl.experiments.videos import record_runs
 
-    for path in record_runs(args.run_dirs, args.max_steps, args.eval_seed):
+    for path in record_runs(args.run_dirs, args.max_steps, args.eval_seed, args.trust_code):
         print(f"video: {path}")
     return 0
 
@@ -424,7 +420,7 @@ COMMANDS: dict[str, Command] = {
             "record",
             "record completed runs' agents, before and after fine-tuning, as GIFs",
             record_command,
-            ("run_dirs", "eval_seed", "max_steps"),
+            ("run_dirs", "eval_seed", "max_steps", "trust_code"),
             description=f"Record the agent of completed runs: {RunFolder.AGENT_GIF} and {RunFolder.BEFORE_AFTER_GIF} "
             "(the pretrained agent beside it) in each run folder, and both in the run's TensorBoard (images tab).",
         ),
@@ -455,7 +451,7 @@ INSPECT_BANK = Command(
     "inspect BANK",
     "show an adapter bank's tasks, ranks and sizes (and their returns)",
     bank_command,
-    ("bank", "evaluate", "eval_episodes", "threads"),
+    ("bank", "base", "evaluate", "eval_episodes", "trust_code", "threads"),
 )
 PLOT_RUNS = Command(
     "plot_runs.py",

@@ -307,6 +307,21 @@ FLAGS: dict[str, Flag] = {
             positional=True,
         ),
         Flag(("--evaluate",), "evaluate each task through the bank", RUNS, None, action="store_true"),
+        Flag(
+            ("--base",),
+            "the bank's base agent zip, where the path bank.json records does not reach it (a bank copied elsewhere); "
+            "its SHA-256 must match",
+            RUNS,
+            Path,
+        ),
+        Flag(
+            ("--trust-code",),
+            "import the module:Class names a folder records (a bank task's env, a received run's wrappers) from "
+            "outside eva-rl and the libraries it uses; only for folders you trust",
+            RUNS,
+            None,
+            action="store_true",
+        ),
         Flag(("--max-steps",), "frames per episode at most (default: 300)", RUNS, count, default=300),
         Flag(
             ("--card-episodes",),

@@ -24,6 +24,7 @@ from eva_rl.errors import ConfigError, EnvError
 from eva_rl.experiments.environments import FrameRecorder, agent_env, import_packages
 from eva_rl.experiments.run_folder import RunFolder, RunResult
 from eva_rl.experiments.tasks import EvalSettings, TaskConfig, find_task
+from eva_rl.experiments.trust import check_recorded_code, code_references, pickle_note
 from eva_rl.files import atomic_write
 from eva_rl.loading import PretrainedAgent, load_agent, load_pretrained
 
@@ -124,14 +125,19 @@ def write_videos_to_tensorboard(run_dir: Path, clips: Sequence[tuple[int, Sequen
 _VIDEO_EVENTS = ".videos"
 
 
-def run_task(result: RunResult) -> tuple[TaskConfig, Path]:
+def run_task(result: RunResult, trust_code: bool = False) -> tuple[TaskConfig, Path]:
     """The task and agent a completed run was made with, from its ``result.json``.
 
-    :raises ConfigError: for a run that records neither a known task nor its settings and agent.
+    :param trust_code: Import the env entry point and wrappers the run records from outside the trusted packages
+        (:mod:`eva_rl.experiments.trust`).
+    :raises ConfigError: for a run that records neither a known task nor its settings and agent, or names code it may
+        not import.
     """
     task = find_task(result.task)
     settings = result.settings or {}
     if task is None and settings:
+        recorded = code_references([settings.get("target_env"), *settings.get("wrappers", [])])
+        check_recorded_code(recorded, f"run {result.task!r}'s {RunFolder.RESULT}", trust_code)
         task = TaskConfig(
             name=result.task,
             target_env=settings["target_env"],
@@ -148,12 +154,15 @@ def run_task(result: RunResult) -> tuple[TaskConfig, Path]:
     return task, Path(agent)
 
 
-def record_runs(run_dirs: Sequence[Path], max_steps: int = 300, seed: int | None = None) -> list[Path]:
+def record_runs(
+    run_dirs: Sequence[Path], max_steps: int = 300, seed: int | None = None, trust_code: bool = False
+) -> list[Path]:
     """For each completed run: ``agent.gif`` (the fine-tuned agent) and ``before_after.gif`` (the pretrained agent
     beside it, the same episode seed) in the run folder, and both in its TensorBoard (the pretrained agent at step
     0, the fine-tuned one at the run's last step). The pretrained agent's episode is recorded once per task and seed.
 
     :param seed: Episode and sampling seed (default: the task's eval seed).
+    :param trust_code: See :func:`run_task`.
     :return: The GIFs written.
     """
     written: list[Path] = []
@@ -165,10 +174,12 @@ def record_runs(run_dirs: Sequence[Path], max_steps: int = 300, seed: int | None
                 f"{run_dir} holds no completed run (no {RunFolder.RESULT}); record runs once they finished"
             )
         result = folder.read_result()
-        task, agent_path = run_task(result)
+        task, agent_path = run_task(result, trust_code)
         import_packages(task.env_packages)
         episode_seed = task.eval.seed if seed is None else seed
+        pickle_note(agent_path)
         agent = load_pretrained(agent_path, device="cpu")
+        pickle_note(folder.model_file, "model")
         model = load_agent(folder.model_file, device="cpu")
         after = record_episode(model, task, agent, episode_seed, max_steps, folder.stats())
         # The pretrained agent's episode is the same for every run of a task, seed and agent: recorded once.
