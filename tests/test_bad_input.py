@@ -46,6 +46,9 @@ BAD_TASKS = [
     ({"update_obs_stats": "yes"}, "update_obs_stats='yes' is invalid"),
     ({"pretrain_normalize": 1}, "pretrain_normalize=1 is invalid: expected true or false"),
     ({"target_env": 5}, "target_env=5 is invalid"),
+    ({"name": "../../x"}, "name='../../x' is invalid: expected one folder name"),
+    ({"name": "/tmp/x"}, "name='/tmp/x' is invalid: expected one folder name"),
+    ({"name": ".."}, "name='..' is invalid: expected one folder name"),
 ]
 
 
@@ -72,6 +75,10 @@ BAD_SUITES = [
         {"tasks": [{"task": "PointGoal", "threshold": 0.5}], "tuning_grid": {"learning_rate": [1e-3, "x"]}},
         "tuning_grid['learning_rate']['eva']['learning_rate']='x' is invalid",
     ),
+    ({"tasks": [{"task": "PointGoal", "threshold": 0.5}], "methods": ["eva", "eva"]}, "eva is listed twice"),
+    ({"tasks": [{"task": "PointGoal", "threshold": 0.5}] * 2}, "PointGoal is listed twice"),
+    ({"tasks": [{"task": "PointGoal", "threshold": 0.5}], "name": "../../x"}, "suite name='../../x' is invalid"),
+    ({"tasks": []}, "tasks=[] is invalid: expected a non-empty list"),
 ]
 
 
@@ -138,6 +145,9 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "env_kwargs.yaml").write_text(yaml.safe_dump({**task, "env_kwargs": {"goal_x": 1}}))
     (root / "pattern.yaml").write_text(yaml.safe_dump({**task, "lora": {"target_modules": "(.*.*)*X"}}))
     (root / "suite_unknown_task.yaml").write_text(yaml.safe_dump({"tasks": [{"task": "Nope", "threshold": 0.5}]}))
+    smoke = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "sequences" / "smoke.yaml").read_text())
+    (root / "sequence_escapes.yaml").write_text(yaml.safe_dump({**smoke, "name": "../../escaped"}))
+    (root / "sequence_twice.yaml").write_text(yaml.safe_dump({**smoke, "methods": ["eva", "eva"]}))
     return root
 
 
@@ -197,6 +207,11 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("pretrain dict without policy", ["pretrain", "--env", f"{FAULTY}:DictObservationEnv"], "MultiInputPolicy"),
         ("pretrain unknown policy", ["pretrain", "--env", "PointGoal", "--policy", "Nope"], "policy='Nope' cannot"),
         ("pretrain card episodes", ["pretrain", "--env", "PointGoal", "--card-episodes", "0"], "0 is invalid"),
+        (
+            "pretrain over the bundled agent",
+            ["pretrain", "--env", "PointGoal"],
+            "agents/PointGoal-v0 already holds an agent (model.zip); pass --overwrite to replace it",
+        ),  # fmt: skip
         ("suite missing", ["compare", "--suite", "nowhere"], "nowhere"),
         ("suite unknown task", ["compare", "--suite", "{files}/suite_unknown_task.yaml"], "task 'Nope' is not in"),
         ("suite unknown method", ["compare", "--suite", "smoke", "--methods", "eva,foo"], "'foo'"),
@@ -224,6 +239,16 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("compare log dir", ["compare", "--suite", "smoke", "--log-dir", "{files}/no_data.zip/r"], "cannot be written"),
         ("continual log dir", ["continual", "--sequence", "smoke", "--log-dir", "{files}/no_data.zip/r"], "be written"),
         ("bench unknown task", ["bench", "--env", "Nope", "--quick"], "'Nope'"),
+        (
+            "sequence name escapes the log dir",
+            ["continual", "--sequence", "{files}/sequence_escapes.yaml", "--log-dir", "{files}/runs"],
+            "sequence name='../../escaped' is invalid: expected one folder name",
+        ),  # fmt: skip
+        (
+            "sequence method twice",
+            ["continual", "--sequence", "{files}/sequence_twice.yaml", "--log-dir", "{files}/runs"],
+            "methods=['eva', 'eva'] is invalid: eva is listed twice",
+        ),  # fmt: skip
         (
             "bench weight cache unknown task",
             ["bench", "--env", "Nope", "--weight-cache-only"],

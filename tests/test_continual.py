@@ -136,7 +136,7 @@ def test_a_clone_of_the_results_regenerates_the_page_without_training(smoke, tmp
         ({"methods": ["full"]}, "methods=['full'] is invalid"),
         ({"seeds": 0}, "seeds=0 is invalid"),
         ({"stages": [{"env": "PointGoal-v0", "total_timesteps": 0}] * 2}, "total_timesteps=0 is invalid"),
-        ({"stages": [{"env": "PointGoal-v0", "total_timesteps": 10}] * 2}, "repeat"),
+        ({"stages": [{"env": "PointGoal-v0", "total_timesteps": 10}] * 2}, "PointGoal is listed twice"),
         ({"stages": [{"env": "PointGoal-v0", "total_timesteps": 10, "goal": 1}] * 2}, "unknown key(s) ['goal']"),
     ],
 )

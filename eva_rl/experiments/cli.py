@@ -182,6 +182,7 @@ def pretrain_command(args: argparse.Namespace) -> int:
     card = pretrain(
         task,
         out=args.out,
+        replace=args.overwrite,
         eval_episodes=args.card_episodes,
         device=args.device,
         command=command,
@@ -362,7 +363,17 @@ COMMANDS: dict[str, Command] = {
             "pretrain",
             "train a task's source agent, reproducibly, with a model card",
             pretrain_command,
-            (*ENV_FLAGS, "total_timesteps", "seed", "algo", "policy", "card_episodes", "out", "no_progress"),
+            (
+                *ENV_FLAGS,
+                "total_timesteps",
+                "seed",
+                "algo",
+                "policy",
+                "card_episodes",
+                "out",
+                "overwrite",
+                "no_progress",
+            ),
             required=("env",),
             description="Train the source agent of a task, reproducibly, with a model card (--out default: "
             "agents/<source env id>/).",

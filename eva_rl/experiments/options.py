@@ -248,7 +248,7 @@ FLAGS: dict[str, Flag] = {
         Flag(
             ("--overwrite",),
             "start over the runs whose folders under --log-dir hold runs made with other settings (without it, such "
-            "a folder is an error that names what differs)",
+            "a folder is an error that names what differs); pretrain: replace the agent --out already holds",
             RUNS,
             None,
             action="store_true",

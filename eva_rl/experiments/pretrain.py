@@ -99,6 +99,11 @@ def _new_model(task: TaskConfig, algorithm: str, env: VecEnv, seed: int, device:
         ) from error
 
 
+def agent_folder(task: TaskConfig) -> Path:
+    """Where ``pretrain`` writes ``task``'s source agent by default: ``agents/<source env id>/``."""
+    return ROOT / "agents" / (task.source_env or task.target_env).replace(":", "-")
+
+
 def pretrain(
     task: TaskConfig,
     out: Path | None = None,
@@ -106,15 +111,20 @@ def pretrain(
     device: str = "auto",
     command: str = "",
     progress: bool = True,
+    replace: bool = False,
 ) -> dict[str, Any]:
     """Train ``task``'s source agent and write ``model.zip``, ``card.json`` and ``README.md`` to ``out``.
+
+    :param out: The agent's folder (default: :func:`agent_folder`).
+    :param replace: Replace an agent ``out`` already holds (a bundled one, by default); without it that is an error.
+    :raises ConfigError: for an ``out`` that holds an agent, after the settings are checked and before training.
 
     :return: The model card.
     """
     import_packages(task.env_packages)
     source_env = task.source_env or task.target_env
     steps, seed = task.pretrain_timesteps, task.pretrain_seed
-    out = out or ROOT / "agents" / source_env.replace(":", "-")
+    out = out or agent_folder(task)
     factory = env_factory(source_env, task.wrappers, task.env_kwargs)
     start = time.perf_counter()
     algorithm = task.algo or "ppo"
@@ -122,6 +132,11 @@ def pretrain(
         if task.pretrain_normalize:
             train_env = VecNormalize(train_env, gamma=task.ppo.get("gamma", 0.99))
         model = _new_model(task, algorithm, train_env, seed, device)
+        if (out / RunFolder.MODEL).exists() and not replace:
+            raise ConfigError(
+                f"{out} already holds an agent ({RunFolder.MODEL}); pass --overwrite to replace it, or --out for "
+                "another folder"
+            )
         callbacks = [ProgressCallback(steps, f"pretrain {source_env}")] if progress else []
         model.learn(steps, callback=callbacks)
         # Written first: evaluating the agent needs them, and the zip without them is not the agent.

@@ -13,6 +13,8 @@ from eva_rl.experiments.tasks import (
     Seeded,
     build_config,
     check_count,
+    check_distinct,
+    check_folder_name,
     check_method_settings,
     check_seeds,
     is_count,
@@ -44,8 +46,7 @@ class Stage:
         check_count(self.total_timesteps, f"stage {self.env}: total_timesteps")
         if self.name is None:
             self.name = re.sub(r"^MiniGrid-|-v\d+$", "", self.env)
-        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", self.name):
-            raise ConfigError(f"stage name={self.name!r} is invalid: expected letters, digits and '_.+-'")
+        check_folder_name(self.name, "stage name")
         if not isinstance(self.env_kwargs, dict):
             raise ConfigError(f"stage {self.env}: env_kwargs={self.env_kwargs!r} is invalid: expected a mapping")
 
@@ -81,6 +82,7 @@ class ContinualSequence(Seeded):
     selection_trials: int = 4
 
     def __post_init__(self) -> None:
+        check_folder_name(self.name, "sequence name")
         for name in ("signature_steps", "selection_trials"):
             check_count(getattr(self, name), name)
         steps = self.selection_steps
@@ -91,12 +93,11 @@ class ContinualSequence(Seeded):
         self.stages = [
             s if isinstance(s, Stage) else build_config(Stage, s, f"sequence {self.name} stage") for s in self.stages
         ]
-        names = [s.name for s in self.stages]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"stage names {names} repeat; give the stages distinct names")
+        check_distinct([s.name for s in self.stages], "stage names")
         adapters = [m for m in method_names() if get_method(m).adapters]
         if not isinstance(self.methods, list) or not self.methods or set(self.methods) - set(adapters):
             raise ConfigError(f"methods={self.methods!r} is invalid: expected a non-empty list out of {adapters}")
+        check_distinct(self.methods, "methods")
         check_seeds(self.seeds, "seeds")
         if not isinstance(self.sequential, bool):
             raise ConfigError(f"sequential={self.sequential!r} is invalid: expected true or false")

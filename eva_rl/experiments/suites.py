@@ -18,6 +18,8 @@ from eva_rl.experiments.tasks import (
     TaskConfig,
     build_config,
     check_count,
+    check_distinct,
+    check_folder_name,
     check_method_settings,
     check_seeds,
     find_task,
@@ -125,6 +127,9 @@ class Suite(Seeded):
     rank_study: RankStudy | None = None
 
     def __post_init__(self) -> None:
+        check_folder_name(self.name, "suite name")
+        if not isinstance(self.tasks, list) or not self.tasks:
+            raise ConfigError(f"suite {self.name} tasks={self.tasks!r} is invalid: expected a non-empty list")
         self.tasks = [
             t if isinstance(t, SuiteTask) else build_config(SuiteTask, t, f"suite {self.name} task") for t in self.tasks
         ]
@@ -154,6 +159,7 @@ class Suite(Seeded):
             for value in values:
                 check_method_settings({self.methods[0]: {key: value}}, f"tuning_grid[{key!r}]")
         names = [t.task for t in self.tasks]
+        check_distinct(names, f"suite {self.name} tasks")
         if self.tuning_tasks is not None:
             _check_subset("tuning_tasks", self.tuning_tasks, names, f"{names}")
         if set(self.tuning_seeds) & set(self.seed_list):
@@ -228,9 +234,11 @@ class Suite(Seeded):
 
 
 def _check_subset(what: str, values: list[str], allowed: Sequence[str], accepted: str) -> None:
-    """:raises ConfigError: if ``values`` is empty or holds a value outside ``allowed``."""
-    if not values or set(values) - set(allowed):
+    """:raises ConfigError: if ``values`` is empty, holds a value outside ``allowed`` or one twice (a run would be
+    counted twice)."""
+    if not isinstance(values, list) or not values or set(values) - set(allowed):
         raise ConfigError(f"{what}={values!r} is invalid: expected a non-empty list out of {accepted}")
+    check_distinct(values, what)
 
 
 def load_suite(name_or_path: str) -> Suite:

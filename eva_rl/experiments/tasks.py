@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,7 @@ class TaskConfig:
         for name in ("name", "target_env"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: expected a non-empty string")
+        check_folder_name(self.name, "name")
         for name in ("source_env", "agent"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: expected a string")
@@ -397,6 +399,27 @@ def algorithm_arguments(algorithm: str | None = None) -> set[str]:
     }
     classes = [ALGORITHMS[algorithm]] if algorithm else list(ALGORITHMS.values())
     return {name for cls in classes for name in inspect.signature(cls.__init__).parameters} - excluded
+
+
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+"""A name that becomes one folder under ``--log-dir``: one path component, never ``..`` or absolute."""
+
+
+def check_folder_name(name: Any, what: str) -> None:
+    """:raises ConfigError: unless ``name`` is one path component of letters, digits and ``_.+-`` (a task, suite or
+    sequence name becomes a folder under ``--log-dir``; ``../x`` or ``/x`` would write elsewhere)."""
+    if not isinstance(name, str) or not FOLDER_NAME.fullmatch(name) or set(name) == {"."}:
+        raise ConfigError(
+            f"{what}={name!r} is invalid: expected one folder name of letters, digits and '_.+-' (it names the "
+            "results folder under --log-dir)"
+        )
+
+
+def check_distinct(values: Sequence[Any], what: str) -> None:
+    """:raises ConfigError: naming a value ``values`` lists twice."""
+    repeated = sorted({str(value) for value in values if list(values).count(value) > 1})
+    if repeated:
+        raise ConfigError(f"{what}={list(values)!r} is invalid: {', '.join(repeated)} is listed twice")
 
 
 def check_seeds(seeds: Any, where: str) -> None:
