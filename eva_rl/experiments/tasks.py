@@ -251,8 +251,17 @@ def _is_wrapper_spec(spec: Any) -> bool:
 
 
 _POSITIVE, _NON_NEGATIVE, _UNIT = "a finite number > 0", "a finite number >= 0", "a number in [0, 1]"
+_BOOLEAN = "true or false"
+
+
 # Accepted values of the algorithm arguments a task may set, checked before any env or agent exists: a bad value
 # otherwise surfaces deep inside SB3, after the jumpstart evaluation or EVA ran.
+def _is_train_freq(value: Any) -> bool:
+    if isinstance(value, list | tuple) and len(value) == 2:
+        return _is_int(value[0]) and value[0] >= 1 and value[1] in ("step", "episode")
+    return _is_int(value) and value >= 1
+
+
 _ARGUMENT_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "learning_rate": (lambda v: _is_number(v) and v > 0, _POSITIVE),
     "n_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
@@ -275,6 +284,31 @@ _ARGUMENT_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "exploration_fraction": (lambda v: _is_number(v) and 0 <= v <= 1, _UNIT),
     "exploration_initial_eps": (lambda v: _is_number(v) and 0 <= v <= 1, _UNIT),
     "exploration_final_eps": (lambda v: _is_number(v) and 0 <= v <= 1, _UNIT),
+    # a negative target_kl stops every epoch after its first minibatch; a string counts as true
+    "target_kl": (lambda v: v is None or (_is_number(v) and v > 0), "a number > 0, or null (no early stop)"),
+    "clip_range_vf": (lambda v: v is None or (_is_number(v) and v > 0), "a number > 0, or null"),
+    "normalize_advantage": (lambda v: isinstance(v, bool), _BOOLEAN),
+    "use_sde": (lambda v: isinstance(v, bool), _BOOLEAN),
+    "use_sde_at_warmup": (lambda v: isinstance(v, bool), _BOOLEAN),
+    "use_rms_prop": (lambda v: isinstance(v, bool), _BOOLEAN),
+    "optimize_memory_usage": (lambda v: isinstance(v, bool), _BOOLEAN),
+    "sde_sample_freq": (lambda v: _is_int(v) and v >= -1, "an integer >= -1"),
+    "policy_delay": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "target_policy_noise": (lambda v: _is_number(v) and v >= 0, _NON_NEGATIVE),
+    "target_noise_clip": (lambda v: _is_number(v) and v >= 0, _NON_NEGATIVE),
+    "train_freq": (
+        lambda v: (
+            (_is_int(v) and v >= 1)
+            or (
+                isinstance(v, list | tuple)
+                and len(v) == 2
+                and _is_int(v[0])
+                and v[0] >= 1
+                and v[1] in ("step", "episode")
+            )
+        ),
+        "an integer >= 1, or [n, 'step' | 'episode']",
+    ),  # fmt: skip
 }
 
 
