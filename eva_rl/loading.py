@@ -277,6 +277,27 @@ def agent_zip(path: str | Path) -> Path:
     return _find_zip(path) if path.is_dir() else path
 
 
+def _recorded_layout(path: Path, zip_path: Path) -> dict[str, Any]:
+    """What the folder of an agent records beside its zip (rl-zoo3's or a Hub folder's layout; ``{}`` for a zip)."""
+    recorded = _zoo_layout(zip_path)
+    if not recorded and path.is_dir():
+        recorded = _hub_layout(path)
+    return recorded
+
+
+def agent_inputs(path: str | Path) -> list[Path]:
+    """The files besides the model zip that decide how an agent acts: its ``VecNormalize`` statistics and rl-zoo3's
+    ``config.yml``, ``args.yml`` and ``env_kwargs.yml`` (found without unpickling anything).
+
+    :raises AgentError: as :func:`agent_zip`.
+    """
+    path = Path(path)
+    zip_path = agent_zip(path)
+    folder = _recorded_layout(path, zip_path).get("stats_dir", zip_path.parent)
+    names = (*_STATS_FILES, "config.yml", "args.yml", "env_kwargs.yml")
+    return [folder / name for name in names if (folder / name).is_file()]
+
+
 def load_pretrained(path: str | Path, device: str = "auto", algorithm: str | None = None) -> PretrainedAgent:
     """Load an agent from a zip, an rl-zoo3 experiment folder or a Hub-style folder.
 
@@ -288,9 +309,7 @@ def load_pretrained(path: str | Path, device: str = "auto", algorithm: str | Non
     """
     path = Path(path)
     zip_path = agent_zip(path)
-    recorded = _zoo_layout(zip_path)
-    if not recorded and path.is_dir():
-        recorded = _hub_layout(path)
+    recorded = _recorded_layout(path, zip_path)
     algorithm = algorithm or detect_algorithm(zip_path)
     if algorithm not in ALGORITHMS:
         raise AgentError(f"algorithm {algorithm!r} is not supported; expected one of {list(ALGORITHMS)}")

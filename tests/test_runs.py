@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -275,3 +276,29 @@ def test_a_resumed_run_is_the_uninterrupted_run(
     ours, theirs = points(spec.run_dir), points(spec_in(tmp_path / "whole").run_dir)
     timing = {"time/fps", "time/time_elapsed"}  # wall clock
     assert {t: v for t, v in ours.items() if t not in timing} == {t: v for t, v in theirs.items() if t not in timing}
+
+
+def test_a_change_to_the_agents_statistics_or_zoo_config_makes_its_runs_stale(tmp_path: Path) -> None:
+    """The agent enters a run's identity with every file that shapes how it acts, not only its zip: a rerun after
+    its vecnormalize.pkl or config.yml changed is not a stale hit of the old result."""
+    agent = tmp_path / "ppo" / "Pendulum-v1_1"
+    shutil.copytree(ZOO_GSDE, agent)
+    spec = dataclasses.replace(gsde_run(tmp_path / "run"), agent_path=agent)
+    assert set(runs.run_settings(spec)["agent_inputs"]) == {"vecnormalize.pkl", "config.yml", "args.yml"}
+    runs.run(spec, progress=False)
+    assert runs.run(spec, progress=False).settings == runs.run_settings(spec)  # the same inputs: reused
+    sac_stats = ZOO_GSDE.parents[1] / "sac" / "Pendulum-v1_1" / "Pendulum-v1" / "vecnormalize.pkl"
+    shutil.copy(sac_stats, agent / "Pendulum-v1" / "vecnormalize.pkl")
+    with pytest.raises(runs.RunDirError, match=r"other settings \(agent_inputs.vecnormalize.pkl: '[0-9a-f]{64}' -> "):
+        runs.run(spec, progress=False)
+    shutil.copy(ZOO_GSDE / "Pendulum-v1" / "vecnormalize.pkl", agent / "Pendulum-v1" / "vecnormalize.pkl")
+    config = agent / "Pendulum-v1" / "config.yml"
+    config.write_text(config.read_text().replace("- - normalize\n", "- - frame_stack\n    - 2\n  - - normalize\n"))
+    with pytest.raises(runs.RunDirError, match=r"other settings \(agent_inputs.config.yml: "):
+        runs.run(spec, progress=False)
+
+
+def test_results_written_before_the_agents_inputs_were_recorded_are_not_stale() -> None:
+    recorded = {"agent_sha256": "a", "total_timesteps": 10}
+    assert runs.settings_differences(recorded, {**recorded, "agent_inputs": {"vecnormalize.pkl": "b"}}) == []
+    assert runs.settings_differences({**recorded, "agent_inputs": {}}, {**recorded, "agent_inputs": {"x": "b"}})

@@ -35,7 +35,15 @@ from eva_rl.experiments.run_folder import RunDirError, RunFolder, RunResult
 from eva_rl.experiments.tasks import TaskConfig, algorithm_arguments
 from eva_rl.experiments.training import ProgressSink, RunCallback, count_parameters, evaluate
 from eva_rl.files import atomic_save_model, atomic_save_stats, file_sha256
-from eva_rl.loading import ALGORITHMS, PretrainedAgent, agent_zip, algorithm_name, load_agent, load_pretrained
+from eva_rl.loading import (
+    ALGORITHMS,
+    PretrainedAgent,
+    agent_inputs,
+    agent_zip,
+    algorithm_name,
+    load_agent,
+    load_pretrained,
+)
 from eva_rl.methods import get_method
 from eva_rl.models import algorithm_hyperparameters
 
@@ -109,12 +117,15 @@ def check_run_dir(spec: RunSpec, settings: dict[str, Any], resume: bool = False,
 def run_settings(spec: RunSpec) -> dict[str, Any]:
     """What decides a run's outcome besides its folder (task, method, seed), in the form ``result.json`` keeps.
 
-    The agent enters by the SHA-256 of its model zip, so a moved project still matches and a re-trained agent does
-    not; LoRA settings count only for methods with an adapter policy, EVA's only for methods that run EVA.
+    The agent enters by the SHA-256 of its model zip and of each file beside it that shapes how it acts (statistics,
+    rl-zoo3's YAML: :func:`~eva_rl.loading.agent_inputs`), so a moved project still matches and a re-trained agent or
+    changed statistics do not; LoRA settings count only for methods with an adapter policy, EVA's only for methods
+    that run EVA.
     """
     task, method = spec.task, get_method(spec.method)
     settings: dict[str, Any] = {
         "agent_sha256": file_sha256(agent_zip(spec.agent_path)),
+        "agent_inputs": {path.name: file_sha256(path) for path in agent_inputs(spec.agent_path)},
         "target_env": task.target_env,
         "env_kwargs": task.env_kwargs,
         "wrappers": task.wrappers,
@@ -134,8 +145,13 @@ def run_settings(spec: RunSpec) -> dict[str, Any]:
     return json.loads(json.dumps(settings))
 
 
+ADDED_SETTINGS = ("agent_inputs",)
+"""Settings added to the record after results were written: a result that records none is not stale for it."""
+
+
 def settings_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``["key: recorded -> current", ...]`` for every (dotted, nested) setting that differs."""
+    current = {key: value for key, value in current.items() if key in recorded or key not in ADDED_SETTINGS}
     old, new = _flatten(recorded), _flatten(current)
     missing = "unset"
     return [
