@@ -220,12 +220,14 @@ STUDIES = "eva_rl.experiments.studies"
 
 
 def run_file_names() -> set[str]:
-    """The file names a run folder holds, as :class:`~eva_rl.experiments.run_folder.RunFolder` declares them."""
-    from eva_rl.experiments.run_folder import RunFolder
+    """The file names a run folder holds, as :class:`~eva_rl.experiments.run_folder.RunFolder` and its
+    :class:`~eva_rl.experiments.run_folder.Checkpoint` declare them."""
+    from eva_rl.experiments.run_folder import Checkpoint, RunFolder
 
     return {
         value
-        for name, value in vars(RunFolder).items()
+        for owner in (RunFolder, Checkpoint)
+        for name, value in vars(owner).items()
         if name.isupper() and isinstance(value, str) and "." in value and "*" not in value
     }
 
@@ -259,7 +261,7 @@ def run_file_literals(source: str, names: Iterable[str]) -> list[str]:
 
 def test_no_module_but_the_run_folder_names_a_run_file() -> None:
     names = run_file_names()
-    assert {"result.json", "model.zip", "eva.json", "checkpoint.zip", "state.json"} <= names
+    assert {"result.json", "model.zip", "eva.json", "checkpoint.zip", "state.json", "replay_buffer.pkl"} <= names
     offenders = {
         module_name(path): found
         for path in sorted(PACKAGE.rglob("*.py"))

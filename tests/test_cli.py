@@ -60,7 +60,7 @@ def test_every_method_writes_the_same_layout_and_tags(doorkey_runs: Path) -> Non
     for method in ("eva", "lora", "full", "scratch"):
         run_dir = doorkey_runs / method / "seed0"
         assert (run_dir / "model.zip").is_file()
-        assert not (run_dir / "checkpoint.zip").exists(), "checkpoints are removed once the run is complete"
+        assert not (run_dir / "checkpoints").exists(), "checkpoints are removed once the run is complete"
         result = json.loads((run_dir / "result.json").read_text())
         assert result["method"] == method and result["total_timesteps"] == 1536
         assert [step for step, _ in result["eval_curve"]] == [0, 768, 1536]
@@ -199,11 +199,11 @@ def test_resume_after_a_kill_is_the_uninterrupted_run(point_agent: Path, tmp_pat
         args(tmp_path / "killed"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 120
-    while not (run_dir / "state.json").exists() and time.time() < deadline and process.poll() is None:
+    while not list(run_dir.glob("checkpoints/*/state.json")) and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    state = json.loads((run_dir / "state.json").read_text())
+    state = json.loads(max(run_dir.glob("checkpoints/*/state.json"), key=lambda p: int(p.parent.name)).read_text())
     assert 0 < state["num_timesteps"] < 16384 and not (run_dir / "result.json").exists()
 
     refused = subprocess.run(args(tmp_path / "killed"), cwd=ROOT, capture_output=True, text=True, check=False)

@@ -158,7 +158,8 @@ def test_a_checkpoint_made_with_another_learning_rate_is_not_resumed_with_the_ne
     with pytest.raises(RuntimeError, match="killed"):
         runs.run(spec, progress=False)
     monkeypatch.undo()
-    assert (spec.run_dir / "checkpoint.zip").is_file() and (spec.run_dir / "settings.json").is_file()
+    assert (spec.run_dir / "checkpoints" / "256" / "checkpoint.zip").is_file()
+    assert (spec.run_dir / "settings.json").is_file()
     faster = dataclasses.replace(spec, task=spec.task.with_overrides({"learning_rate": 0.01}))
     with pytest.raises(runs.RunDirError, match=r"holds an unfinished run made with other settings \(hyperpara"):
         runs.run(faster, progress=False, resume=True)
@@ -302,3 +303,73 @@ def test_results_written_before_the_agents_inputs_were_recorded_are_not_stale() 
     recorded = {"agent_sha256": "a", "total_timesteps": 10}
     assert runs.settings_differences(recorded, {**recorded, "agent_inputs": {"vecnormalize.pkl": "b"}}) == []
     assert runs.settings_differences({**recorded, "agent_inputs": {}}, {**recorded, "agent_inputs": {"x": "b"}})
+
+
+CHECKPOINT_PARTS = [
+    ("training.atomic_save_model", "before the model"),
+    ("training.atomic_save_stats", "after the model"),
+    ("training.save_runtime_state", "after the statistics"),
+    ("run_folder.Checkpoint.commit", "after the runtime state"),
+    ("run_folder.RunFolder.keep_only", "after the state, before the old checkpoint is removed"),
+]
+
+
+@pytest.mark.parametrize("target", [target for target, _ in CHECKPOINT_PARTS], ids=[w for _, w in CHECKPOINT_PARTS])
+def test_a_kill_while_a_checkpoint_is_written_resumes_from_a_whole_one(
+    target: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed between any two parts of the second checkpoint, the run resumes from the last whole checkpoint and
+    ends exactly as a run that was never interrupted (a mix of two checkpoints was accepted before)."""
+    import importlib
+
+    import torch
+
+    from eva_rl.loading import load_agent
+
+    spec_in = point_goal_run("lora", None, False)
+    uninterrupted = runs.run(spec_in(tmp_path / "whole"), progress=False)
+    module, _, attribute = target.partition(".")
+    owner = importlib.import_module(f"eva_rl.experiments.{module}")
+    for name in attribute.split(".")[:-1]:
+        owner = getattr(owner, name)
+    name = attribute.split(".")[-1]
+    part, calls = getattr(owner, name), []
+
+    def dies_the_second_time(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return part(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, dies_the_second_time)
+    spec = spec_in(tmp_path / "killed")
+    with pytest.raises(RuntimeError, match="killed"):
+        runs.run(spec, progress=False)
+    monkeypatch.undo()
+    whole_steps = [c.step for c in spec.folder.checkpoints() if c.read_state() is not None]
+    assert whole_steps[0] == (1536 if name == "keep_only" else 768)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = runs.run(spec, progress=False, resume=True)
+    cut_off = [str(w.message) for w in caught if "was cut off while it was written" in str(w.message)]
+    assert len(cut_off) == (0 if name == "keep_only" else 1), cut_off
+    assert resumed.eval_curve == uninterrupted.eval_curve
+    whole_dir = spec_in(tmp_path / "whole").run_dir
+    whole, again = (load_agent(d / "model.zip", device="cpu") for d in (whole_dir, spec.run_dir))
+    for key, value in whole.policy.state_dict().items():
+        torch.testing.assert_close(again.policy.state_dict()[key], value, atol=0, rtol=0, msg=key)
+
+
+def test_a_checkpoint_with_a_part_from_another_save_is_not_resumed_from(tmp_path: Path) -> None:
+    from eva_rl.experiments.run_folder import RunFolder
+
+    folder = RunFolder(tmp_path)
+    first, second = folder.new_checkpoint(1), folder.new_checkpoint(2)
+    for checkpoint, text in ((first, "one"), (second, "two")):
+        checkpoint.model_file.write_text(text)
+        checkpoint.runtime_file.write_text(text)
+        checkpoint.commit({"num_timesteps": checkpoint.step})
+    assert folder.latest_checkpoint()[0] == second
+    second.runtime_file.write_text("one")  # a part of another save
+    latest, state, cut_off = folder.latest_checkpoint()
+    assert (latest, state, cut_off) == (first, {"num_timesteps": 1}, [second])

@@ -4,8 +4,9 @@ resumable or stale run is.
 Files: the TensorBoard events, ``model.zip``, ``result.json`` (its presence marks the run complete), ``adapter/``
 (adapter runs: the adapter-only checkpoint), ``eva.json`` (runs that used EVA), ``vecnormalize.pkl`` (agents trained
 with VecNormalize: the run's own statistics, which evaluating ``model.zip`` needs), and while running
-``settings.json`` and ``checkpoint.zip`` (+ ``checkpoint_vecnormalize.pkl``, ``checkpoint_replay_buffer.pkl``,
-``checkpoint_runtime.pkl``) and ``state.json`` for ``--resume``; ``eva-rl record`` adds ``agent.gif`` and
+``settings.json`` and ``checkpoints/<step>/`` for ``--resume`` (:class:`Checkpoint`: the model, statistics, replay
+buffer and runtime state, then ``state.json`` with each part's SHA-256, written last: a checkpoint is complete and
+whole or it is not used); ``eva-rl record`` adds ``agent.gif`` and
 ``before_after.gif``. Studies may cache what they computed on a completed run beside it
 (``returns_on_every_task.json``).
 """
@@ -26,7 +27,7 @@ import numpy as np
 
 from eva_rl.errors import ConfigError, EvaRLError
 from eva_rl.eva_report import EvaReport
-from eva_rl.files import STATS, atomic_write_json, cached_json
+from eva_rl.files import STATS, atomic_write_json, cached_json, file_sha256
 
 
 class RunDirError(EvaRLError, ValueError):
@@ -87,6 +88,64 @@ class RunResult:
         return curve[:, 0] + self.eva_env_steps, curve[:, 1]
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint of a run: a folder ``checkpoints/<step>/`` whose parts are written first and whose
+    ``state.json`` (the callback's state and each part's SHA-256) is written last. A folder without a ``state.json``
+    whose hashes match its parts was cut off while it was written, and is never resumed from.
+
+    :param path: The checkpoint's folder.
+    """
+
+    MODEL = "checkpoint.zip"
+    STATS = "vecnormalize.pkl"
+    BUFFER = "replay_buffer.pkl"
+    RUNTIME = "runtime.pkl"
+    STATE = "state.json"
+    PARTS = (MODEL, STATS, BUFFER, RUNTIME)
+
+    path: Path
+
+    @property
+    def model_file(self) -> Path:
+        return self.path / self.MODEL
+
+    @property
+    def stats_file(self) -> Path:
+        return self.path / self.STATS
+
+    @property
+    def buffer_file(self) -> Path:
+        return self.path / self.BUFFER
+
+    @property
+    def runtime_file(self) -> Path:
+        return self.path / self.RUNTIME
+
+    @property
+    def step(self) -> int:
+        return int(self.path.name)
+
+    def stats(self) -> Path | None:
+        return self.stats_file if self.stats_file.is_file() else None
+
+    def commit(self, state: dict[str, Any]) -> None:
+        """Write ``state.json`` with the SHA-256 of every part written: from here on the checkpoint is whole."""
+        parts = {name: file_sha256(self.path / name) for name in self.PARTS if (self.path / name).is_file()}
+        atomic_write_json(self.path / self.STATE, {**state, "parts": parts})
+
+    def read_state(self) -> dict[str, Any] | None:
+        """The state saved with the checkpoint; ``None`` unless it is whole (its state written, every part there with
+        the SHA-256 the state records)."""
+        try:
+            state = json.loads((self.path / self.STATE).read_text())
+            parts = state.pop("parts")
+            whole = all(file_sha256(self.path / name) == digest for name, digest in parts.items())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return state if whole else None
+
+
 class RunFolder:
     """The files of one run and the states they make: empty, unfinished (resumable), completed, or made with other
     settings (stale; :mod:`eva_rl.experiments.runs` decides what to do with each)."""
@@ -95,10 +154,7 @@ class RunFolder:
     SETTINGS = "settings.json"
     STATE = "state.json"
     MODEL = "model.zip"
-    CHECKPOINT = "checkpoint.zip"
-    CHECKPOINT_STATS = "checkpoint_vecnormalize.pkl"
-    CHECKPOINT_BUFFER = "checkpoint_replay_buffer.pkl"
-    CHECKPOINT_RUNTIME = "checkpoint_runtime.pkl"
+    CHECKPOINTS = "checkpoints"
     STATS = STATS
     EVA = "eva.json"
     ADAPTER = "adapter"
@@ -140,35 +196,12 @@ class RunFolder:
         return self.path / self.EVA
 
     @property
-    def checkpoint_file(self) -> Path:
-        return self.path / self.CHECKPOINT
-
-    @property
-    def checkpoint_buffer_file(self) -> Path:
-        return self.path / self.CHECKPOINT_BUFFER
-
-    @property
-    def checkpoint_runtime_file(self) -> Path:
-        return self.path / self.CHECKPOINT_RUNTIME
-
-    @property
-    def checkpoint_stats_file(self) -> Path:
-        return self.path / self.CHECKPOINT_STATS
-
-    @property
     def stats_file(self) -> Path:
         return self.path / self.STATS
-
-    @property
-    def state_file(self) -> Path:
-        return self.path / self.STATE
 
     def stats(self) -> Path | None:
         """The run's VecNormalize statistics, if its agent had any."""
         return self.stats_file if self.stats_file.is_file() else None
-
-    def checkpoint_stats(self) -> Path | None:
-        return self.checkpoint_stats_file if self.checkpoint_stats_file.is_file() else None
 
     @property
     def is_complete(self) -> bool:
@@ -176,12 +209,38 @@ class RunFolder:
 
     @property
     def has_checkpoint(self) -> bool:
-        return self.checkpoint_file.exists()
+        """Whether a run began checkpointing here (whole or not: the folder holds an unfinished run)."""
+        return any(self.checkpoints()) or (self.path / self.STATE).exists()
 
-    @property
-    def is_resumable(self) -> bool:
-        """A checkpoint with its ``state.json`` (the model is saved first: a checkpoint without one was cut off)."""
-        return self.has_checkpoint and self.state_file.exists()
+    def checkpoints(self) -> list[Checkpoint]:
+        """The checkpoint folders, the latest first (whole or not)."""
+        folder = self.path / self.CHECKPOINTS
+        steps = [p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()] if folder.is_dir() else []
+        return sorted((Checkpoint(p) for p in steps), key=lambda c: c.step, reverse=True)
+
+    def latest_checkpoint(self) -> tuple[Checkpoint, dict[str, Any], list[Checkpoint]] | None:
+        """The latest whole checkpoint, its state, and the later ones that were cut off while written (``None``: no
+        whole checkpoint)."""
+        checkpoints = self.checkpoints()
+        for index, checkpoint in enumerate(checkpoints):
+            state = checkpoint.read_state()
+            if state is not None:
+                return checkpoint, state, checkpoints[:index]
+        return None
+
+    def new_checkpoint(self, step: int) -> Checkpoint:
+        """An empty folder for the checkpoint at ``step`` (one cut off at the same step is replaced)."""
+        path = self.path / self.CHECKPOINTS / str(step)
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        return Checkpoint(path)
+
+    def keep_only(self, checkpoint: Checkpoint) -> None:
+        """Remove every checkpoint but ``checkpoint`` (called once it is whole)."""
+        for other in self.checkpoints():
+            if other.path != checkpoint.path:
+                shutil.rmtree(other.path)
 
     @property
     def has_adapter(self) -> bool:
@@ -214,13 +273,6 @@ class RunFolder:
     def write_settings(self, settings: dict[str, Any]) -> None:
         atomic_write_json(self.path / self.SETTINGS, settings)
 
-    def read_state(self) -> dict[str, Any]:
-        return json.loads(self.state_file.read_text())
-
-    def write_state(self, state: dict[str, Any]) -> None:
-        """Written after the checkpoint's other files: it points at them."""
-        atomic_write_json(self.state_file, state)
-
     def write_eva(self, report: EvaReport) -> None:
         atomic_write_json(self.eva_file, report.to_dict())
 
@@ -249,14 +301,8 @@ class RunFolder:
 
     def remove_checkpoint(self) -> None:
         """The files only an unfinished run needs, once the run is complete."""
-        for name in (
-            self.CHECKPOINT,
-            self.CHECKPOINT_STATS,
-            self.CHECKPOINT_BUFFER,
-            self.CHECKPOINT_RUNTIME,
-            self.STATE,
-            self.SETTINGS,
-        ):
+        shutil.rmtree(self.path / self.CHECKPOINTS, ignore_errors=True)
+        for name in (self.STATE, self.SETTINGS):
             (self.path / name).unlink(missing_ok=True)
 
     @contextmanager

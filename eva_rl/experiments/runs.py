@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import json
 import time
+import warnings
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from eva_rl.eva_logging import record_eva_report
 from eva_rl.eva_report import EvaReport
 from eva_rl.experiments.environments import agent_env
 from eva_rl.experiments.resume import restore_runtime_state
-from eva_rl.experiments.run_folder import RunDirError, RunFolder, RunResult
+from eva_rl.experiments.run_folder import Checkpoint, RunDirError, RunFolder, RunResult
 from eva_rl.experiments.tasks import TaskConfig, algorithm_arguments
 from eva_rl.experiments.training import ProgressSink, RunCallback, count_parameters, evaluate
 from eva_rl.files import atomic_save_model, atomic_save_stats, file_sha256
@@ -205,8 +206,13 @@ def _run_locked(spec: RunSpec, settings: dict[str, Any], progress: bool | Progre
         progress(0, spec.task.total_timesteps, "EVA" if get_method(spec.method).runs_eva else "starting")
     agent = load_pretrained(spec.agent_path, device=spec.device)
     folder = spec.folder
-    resuming = folder.is_resumable
-    stats = folder.checkpoint_stats() if resuming else None
+    latest = folder.latest_checkpoint() if folder.has_checkpoint else None
+    if folder.has_checkpoint and latest is None:
+        raise RunDirError(
+            f"{spec.run_dir} holds no whole checkpoint to resume from (each was cut off while it was written, or was "
+            "written by an earlier eva-rl); pass --overwrite to start the run over"
+        )
+    stats = latest[0].stats() if latest else None
     task = spec.task
     with ExitStack() as envs:
         train_env = envs.enter_context(
@@ -215,8 +221,8 @@ def _run_locked(spec: RunSpec, settings: dict[str, Any], progress: bool | Progre
         eval_env = envs.enter_context(
             closing(agent_env(task, agent, task.eval.env_count, task.eval.seed, evaluation=True, stats=stats))
         )
-        if resuming:
-            model, state = _resume_model(spec, agent, train_env)
+        if latest is not None:
+            model, state = _resume_model(spec, agent, train_env, *latest)
         else:
             model, state = _start_model(spec, agent, train_env, progress is True), None
             folder.write_settings(settings)
@@ -328,23 +334,38 @@ def _start_model(spec: RunSpec, agent: PretrainedAgent, train_env: VecEnv, progr
     return model
 
 
-def _resume_model(spec: RunSpec, agent: PretrainedAgent, train_env: VecEnv) -> tuple[BaseAlgorithm, dict[str, Any]]:
-    """The checkpointed model and the callback state (eval curve, wall time) saved with it."""
-    folder = spec.folder
-    checkpoint = folder.checkpoint_file
+def _resume_model(
+    spec: RunSpec,
+    agent: PretrainedAgent,
+    train_env: VecEnv,
+    checkpoint: Checkpoint,
+    state: dict[str, Any],
+    cut_off: list[Checkpoint],
+) -> tuple[BaseAlgorithm, dict[str, Any]]:
+    """The model of a whole checkpoint and the callback state (eval curve, wall time) saved with it; later
+    checkpoints that were cut off while written are named and removed."""
+    if cut_off:
+        steps = ", ".join(str(c.step) for c in cut_off)
+        warnings.warn(
+            f"{spec.run_dir}: the checkpoint at step {steps} was cut off while it was written; resuming from the "
+            f"whole one at step {checkpoint.step}",
+            stacklevel=2,
+        )
+        spec.folder.keep_only(checkpoint)
     # as the run began: a pretrained method's SAC/TD3/DQN warm-up acts with its policy, not at random
     warm_up = get_method(spec.method).pretrained
-    model = load_agent(checkpoint, spec.device, run_algorithm(spec.task, agent), env=train_env, warm_up=warm_up)
-    if folder.checkpoint_buffer_file.is_file():
-        model.load_replay_buffer(folder.checkpoint_buffer_file)
-    if folder.checkpoint_runtime_file.is_file():  # after load, which reseeds every generator
-        restore_runtime_state(model, folder.checkpoint_runtime_file)
+    algorithm = run_algorithm(spec.task, agent)
+    model = load_agent(checkpoint.model_file, spec.device, algorithm, env=train_env, warm_up=warm_up)
+    if checkpoint.buffer_file.is_file():
+        model.load_replay_buffer(checkpoint.buffer_file)
+    if checkpoint.runtime_file.is_file():  # after load, which reseeds every generator
+        restore_runtime_state(model, checkpoint.runtime_file)
     if get_method(spec.method).runs_eva and _eva_report(model) is None:
         raise RunDirError(
-            f"{checkpoint} was saved before EVA on PPO's rollouts finished; delete {spec.run_dir} to start it over"
+            f"{checkpoint.path} was saved before EVA on PPO's rollouts finished; delete {spec.run_dir} to start it over"
         )
     model.set_logger(resumed_logger(spec.run_dir, model.num_timesteps))
-    return model, folder.read_state()
+    return model, state
 
 
 def resumed_logger(run_dir: Path, step: int) -> Logger:

@@ -234,15 +234,16 @@ class RunCallback(BaseCallback):
             self.save_checkpoint()
 
     def save_checkpoint(self) -> None:
-        """Model, statistics, replay buffer (so a resumed off-policy run trains on the same data) and the runtime
-        state (generators, envs mid-episode) first, then the state that points at them: a crash between loses
-        nothing."""
-        folder = self.folder
-        atomic_save_model(self.model, folder.checkpoint_file)
-        atomic_save_stats(self.model, folder.checkpoint_stats_file)
+        """A new checkpoint folder: model, statistics, replay buffer (so a resumed off-policy run trains on the same
+        data) and the runtime state (generators, envs mid-episode), then the state with each part's SHA-256, which
+        makes it whole; only then is the previous checkpoint removed. A kill at any moment leaves one whole
+        checkpoint to resume from."""
+        checkpoint = self.folder.new_checkpoint(self.num_timesteps)
+        atomic_save_model(self.model, checkpoint.model_file)
+        atomic_save_stats(self.model, checkpoint.stats_file)
         if isinstance(self.model, OffPolicyAlgorithm):
-            atomic_write(folder.checkpoint_buffer_file, self.model.save_replay_buffer, suffix=".pkl")
-        left_out = save_runtime_state(self.model, folder.checkpoint_runtime_file, self.generator_before_noise)
+            atomic_write(checkpoint.buffer_file, self.model.save_replay_buffer, suffix=".pkl")
+        left_out = save_runtime_state(self.model, checkpoint.runtime_file, self.generator_before_noise)
         if left_out is not None and not self._warned_env:
             self._warned_env = True
             warnings.warn(
@@ -250,9 +251,8 @@ class RunCallback(BaseCallback):
                 "update but starts new episodes",
                 stacklevel=2,
             )
-        folder.write_state(
-            {"num_timesteps": self.num_timesteps, "curve": self.curve, "wall_seconds": self.wall_seconds}
-        )
+        checkpoint.commit({"num_timesteps": self.num_timesteps, "curve": self.curve, "wall_seconds": self.wall_seconds})
+        self.folder.keep_only(checkpoint)
 
     def _on_training_end(self) -> None:
         if not self.curve or self.curve[-1][0] < self.num_timesteps:
