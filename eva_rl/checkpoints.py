@@ -31,7 +31,7 @@ from stable_baselines3.common.vec_env import VecEnv, unwrap_vec_normalize
 from eva_rl.config import LoraConfig
 from eva_rl.errors import CheckpointError, ConfigError
 from eva_rl.eva_report import EvaReport
-from eva_rl.files import STATS, atomic_save_stats, atomic_write, atomic_write_json
+from eva_rl.files import STATS, atomic_save_stats, atomic_write, atomic_write_json, read_text
 from eva_rl.loading import load_statistics
 from eva_rl.methods import get_method
 from eva_rl.models import build_model, load_base_weights
@@ -152,9 +152,13 @@ def read_versioned_json(path: Path, format_name: str, version: int) -> dict[str,
     :raises CheckpointError: for a file that is not JSON, not an object, or of another format or version.
     """
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path))
+    except ConfigError as error:
+        raise CheckpointError(str(error)) from error
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path}: not JSON ({error})") from error
+    except RecursionError as error:
+        raise CheckpointError(f"{path}: nested too deeply to be an eva-rl file") from error
     if not isinstance(data, dict) or data.get("format") != format_name or data.get("version") != version:
         found = (data.get("format"), data.get("version")) if isinstance(data, dict) else (None, None)
         raise CheckpointError(f"{path}: format {found[0]!r} v{found[1]} is not {format_name} v{version}")

@@ -49,24 +49,39 @@ def check_regex(pattern: str, where: str, literal_ok: bool = False) -> None:
         if literal_ok:
             return
         raise ConfigError(f"{where}={pattern!r} is invalid: not a regex ({error})") from error
-    if _repeat_depth(parsed) > 1:
+    depth, count = _repetitions(parsed)
+    if depth > 1:
         raise ConfigError(
             f"{where}={pattern!r} is invalid: a repetition inside a repeated group (such as '(a*)*') can take "
             "exponential time to match; expected a regex without nested repetition, or a list of layer names"
         )
+    if len(pattern) > MAX_PATTERN_LENGTH or count > MAX_REPEATS:
+        raise ConfigError(
+            f"{where}={pattern!r:.80} is invalid: longer than {MAX_PATTERN_LENGTH} characters or with more than "
+            f"{MAX_REPEATS} repetitions ('.*' ...), which can take a time of high polynomial degree to match; expected "
+            "a shorter regex, or a list of layer names"
+        )
 
 
-def _repeat_depth(node: Any) -> int:
-    """How deeply repetitions nest in a parsed regex (its star height), an alternation counted as one: ``(a|aa)*``
-    backtracks like ``(a*)*``."""
+MAX_PATTERN_LENGTH, MAX_REPEATS = 500, 4
+"""A layer-name regex's limits: ``.*`` repeated k times in a row backtracks like a k-th power of the name's length
+(14 of them took over 90 s on one name); no layer name needs more than a few."""
+
+
+def _repetitions(node: Any) -> tuple[int, int]:
+    """How deeply repetitions nest in a parsed regex (its star height, an alternation counted as one: ``(a|aa)*``
+    backtracks like ``(a*)*``), and how many it holds (``*``, ``+``, ``{m,n}`` with ``n > 1``)."""
     if isinstance(node, _regex_parser.SubPattern):
         node = list(node)
     if not isinstance(node, (list, tuple)):
-        return 0
+        return 0, 0
     if len(node) == 2 and node[0] in _REPEATS:
         _, maximum, body = node[1]
-        return _repeat_depth(body) + _has_branch(body) + (1 if maximum > 1 else 0)
-    return max((_repeat_depth(child) for child in node), default=0)
+        depth, count = _repetitions(body)
+        repeated = 1 if maximum > 1 else 0
+        return depth + _has_branch(body) + repeated, count + repeated
+    children = [_repetitions(child) for child in node]
+    return max((depth for depth, _ in children), default=0), sum(count for _, count in children)
 
 
 def _has_branch(node: Any) -> bool:

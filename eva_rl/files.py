@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -109,18 +110,42 @@ def check_writable(folder: Path, what: str | None = None) -> None:
         raise ConfigError(f"{invalid}{folder} cannot be written ({error.strerror or error})") from error
 
 
-def read_yaml(path: Path, loader: type[yaml.SafeLoader] = yaml.SafeLoader) -> Any:
-    """The YAML document in ``path``, read with a safe loader.
+MAX_TEXT_BYTES = 16 * 2**20
+"""The largest YAML or JSON file eva-rl reads (task, suite, sequence, adapter and bank files are a few KB)."""
+MAX_YAML_ALIASES = 20
+"""Aliases a YAML file may use: nested aliases multiply (72 of them, 9 per level, expand to 9**9 values), and 20
+expand to a few thousand at most."""
 
-    :raises ConfigError: in one line, naming the file: missing, unreadable, or not YAML (with the line and column).
+
+def read_text(path: Path) -> str:
+    """The text of a regular file of at most :data:`MAX_TEXT_BYTES` (a FIFO or a device would hang or fill memory).
+
+    :raises ConfigError: in one line, naming the file: missing, not a regular file, too large, or unreadable.
     """
+    path = Path(path)
     try:
-        text = Path(path).read_text()
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{path}: not a regular file (a folder, FIFO or device); expected a file")
+        if info.st_size > MAX_TEXT_BYTES:
+            raise ConfigError(f"{path}: {info.st_size:,} bytes is too large; expected at most {MAX_TEXT_BYTES:,}")
+        return path.read_text()
     except FileNotFoundError as error:
         raise ConfigError(f"{path}: no such file") from error
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: cannot be read ({error})") from error
+
+
+def read_yaml(path: Path, loader: type[yaml.SafeLoader] = yaml.SafeLoader) -> Any:
+    """The YAML document in ``path``, read with a safe loader.
+
+    :raises ConfigError: in one line, naming the file: missing, unreadable, too large, with more than
+        :data:`MAX_YAML_ALIASES` aliases, or not YAML (with the line and column).
+    """
+    text = read_text(path)
     try:
+        if sum(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=loader)) > MAX_YAML_ALIASES:
+            raise ConfigError(f"{path}: more than {MAX_YAML_ALIASES} YAML aliases (*name); expected plain values")
         return yaml.load(text, Loader=loader)  # noqa: S506 (a SafeLoader or a subclass)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)

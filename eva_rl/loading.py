@@ -274,7 +274,11 @@ def agent_zip(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise AgentError(f"pretrained agent {str(path)!r} does not exist; pass --pretrained path/to/agent.zip")
-    return _find_zip(path) if path.is_dir() else path
+    if path.is_dir():
+        return _find_zip(path)
+    if not path.is_file():  # a FIFO or a device (/dev/zero) would hang or fill memory
+        raise AgentError(f"pretrained agent {str(path)!r} is not a regular file; pass an SB3 zip or an agent folder")
+    return path
 
 
 def _recorded_layout(path: Path, zip_path: Path) -> dict[str, Any]:

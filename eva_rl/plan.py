@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from eva_rl.config import EvaConfig, LoraConfig
+from eva_rl.config import EvaConfig, LoraConfig, _is_int, _is_number
 from eva_rl.errors import ConfigError
 from eva_rl.layers import LORA_LAYER_TYPES, LoraLayer, weight_fan_in
 
@@ -163,6 +163,20 @@ class LayerPlan:
     out_features: int
     eva_cap: int = 0
     eva_components: int = 0
+
+    def __post_init__(self) -> None:
+        # A plan read from a file is what allocates the adapters: a rank of 1e9 would try to allocate it.
+        for name in ("fan_in", "out_features"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: expected an integer >= 1")
+        for name in ("rank", "eva_cap", "eva_components"):
+            value = getattr(self, name)
+            if not _is_int(value) or not 0 <= value <= self.fan_in:
+                raise ConfigError(
+                    f"{name}={value!r} is invalid: expected an integer in [0, fan_in={self.fan_in}] (the layer's width)"
+                )
+        if not _is_number(self.alpha) or self.alpha <= 0:
+            raise ConfigError(f"alpha={self.alpha!r} is invalid: expected a finite number > 0")
 
     @property
     def weight_rank(self) -> int:
@@ -311,12 +325,11 @@ class AdapterPlan:
             return data
         try:
             layers = {name: LayerPlan(**layer) for name, layer in data["layers"].items()}
-            return cls(
-                layers,
-                tuple(data.get("exclude", ())),
-                float(data.get("dropout", 0.0)),
-                bool(data.get("use_dora", False)),
-                data.get("method"),
-            )
+            dropout, use_dora = data.get("dropout", 0.0), data.get("use_dora", False)
+            if not _is_number(dropout) or not 0 <= dropout < 1:
+                raise ConfigError(f"dropout={dropout!r} is invalid: expected a number in [0, 1)")
+            if not isinstance(use_dora, bool):
+                raise ConfigError(f"use_dora={use_dora!r} is invalid: expected true or false")
+            return cls(layers, tuple(data.get("exclude", ())), float(dropout), use_dora, data.get("method"))
         except (KeyError, TypeError, AttributeError) as error:
             raise ConfigError(f"not an adapter plan ({type(error).__name__}: {error}): {data!r:.200}") from error

@@ -4,6 +4,7 @@ or agent loaded."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,7 @@ BAD_TASKS = [
     ({"method_settings": {"eva": 3}}, "method_settings['eva']=3 is invalid"),
     ({"wrappers": "a:B"}, "wrappers='a:B' is invalid: expected a list"),
     ({"seeds": [0, 0]}, "seeds=[0, 0] is invalid: a seed is listed twice"),
-    ({"seeds": [-1]}, "seeds=[-1] is invalid: expected a non-empty list of integers >= 0"),
+    ({"seeds": [-1]}, "seeds=[-1] is invalid: expected a non-empty list of integers in [0, 2147483647]"),
     ({"ppo": {"learning_rate": float("inf")}}, "ppo.learning_rate=inf is invalid: expected a finite number > 0"),
     ({"ppo": {"max_grad_norm": float("nan")}}, "ppo.max_grad_norm=nan is invalid: expected a finite number > 0"),
     ({"methods": ["eva", "eva"]}, "methods=['eva', 'eva'] is invalid: a method is listed twice"),
@@ -50,6 +51,8 @@ BAD_TASKS = [
     ({"ppo": {"normalize_advantage": "no"}}, "ppo.normalize_advantage='no' is invalid: expected true or false"),
     ({"ppo": {"use_sde": 1}}, "ppo.use_sde=1 is invalid: expected true or false"),
     ({"ppo": {"train_freq": [4, "steps"]}}, "ppo.train_freq=[4, 'steps'] is invalid"),
+    ({"seeds": [2**32]}, "seeds=[4294967296] is invalid: expected a non-empty list of integers in [0, 2147483647]"),
+    ({"eval": {"seed": -1}}, "eval.seed=-1 is invalid: expected an integer in [0, 2147483647]"),
     ({"name": "../../x"}, "name='../../x' is invalid: expected one folder name"),
     ({"name": "/tmp/x"}, "name='/tmp/x' is invalid: expected one folder name"),
     ({"name": ".."}, "name='..' is invalid: expected one folder name"),
@@ -74,7 +77,7 @@ BAD_SUITES = [
     ({"tasks": [{"task": "PointGoal", "threshold": 0.5, "total_timesteps": 0}]}, "total_timesteps=0 is invalid"),
     ({"tasks": [{"task": "PointGoal", "threshold": 0.5}], "seeds": [1, 1]}, "a seed is listed twice"),
     ({"tasks": [{"task": "PointGoal", "threshold": 0.5}], "seeds": "five"}, "seeds='five' is invalid"),
-    ({"tasks": [{"task": "PointGoal", "threshold": 0.5}], "seeds": [0, -2]}, "list of integers >= 0"),
+    ({"tasks": [{"task": "PointGoal", "threshold": 0.5}], "seeds": [0, -2]}, "list of integers in [0, 2147483647]"),
     (
         {"tasks": [{"task": "PointGoal", "threshold": 0.5}], "tuning_grid": {"learning_rate": [1e-3, "x"]}},
         "tuning_grid['learning_rate']['eva']['learning_rate']='x' is invalid",
@@ -149,6 +152,13 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "env_kwargs.yaml").write_text(yaml.safe_dump({**task, "env_kwargs": {"goal_x": 1}}))
     (root / "pattern.yaml").write_text(yaml.safe_dump({**task, "lora": {"target_modules": "(.*.*)*X"}}))
     (root / "suite_unknown_task.yaml").write_text(yaml.safe_dump({"tasks": [{"task": "Nope", "threshold": 0.5}]}))
+    os.mkfifo(root / "fifo.yaml")
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8)
+    )
+    (root / "alias_bomb.yaml").write_text(
+        f"target_env: CartPole-v1\nenv_kwargs:\n  {bomb.replace(chr(10), chr(10) + '  ')}"
+    )
     smoke = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "sequences" / "smoke.yaml").read_text())
     (root / "sequence_escapes.yaml").write_text(yaml.safe_dump({**smoke, "name": "../../escaped"}))
     (root / "sequence_twice.yaml").write_text(yaml.safe_dump({**smoke, "methods": ["eva", "eva"]}))
@@ -176,7 +186,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
         (
             "seed negative",
             [*env, "--seeds", "0", "-1"],
-            "seeds=[0, -1] is invalid: expected a non-empty list of integers >= 0",
+            "--seeds: -1 is invalid: expected an integer in [0, 2147483647]",
         ),
         ("empty methods", [*env, "--methods", ","], "methods=[] is invalid"),
         ("seed twice", [*env, "--seeds", "0", "0"], "a seed is listed twice"),
@@ -207,6 +217,12 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("NaN observation", [*ad_hoc, f"{FAULTY}:NaNObservationEnv"], "returned an observation with NaN or inf"),
         ("inf reward", [*ad_hoc, f"{FAULTY}:InfRewardEnv"], "returned the reward inf in step()"),
         ("env raises", [*ad_hoc, f"{FAULTY}:RaisingEnv"], "failed: IndexError: simulator state out of range"),
+        ("old Gym step", [*ad_hoc, f"{FAULTY}:OldGymStepEnv"], "step() returned a 4-tuple; Gymnasium's API returns"),
+        ("reset without info", [*ad_hoc, f"{FAULTY}:ObservationOnlyResetEnv"], "reset() returned a ndarray alone"),
+        ("wrong shape", [*ad_hoc, f"{FAULTY}:WrongShapeEnv"], "returned an observation of shape (7,), but its"),
+        ("None reward", [*ad_hoc, f"{FAULTY}:NoneRewardEnv"], "step() returned the reward None; expected a number"),
+        ("None info", [*ad_hoc, f"{FAULTY}:NoneInfoEnv"], "step() returned the info None; expected a dict"),
+        ("not an env", [*ad_hoc, f"{FAULTY}:not_an_env"], "made a str, not a gymnasium.Env"),
         ("raw MiniGrid dict", [*ad_hoc, "MiniGrid-Empty-5x5-v0"], "which SB3 policies cannot take"),
         ("pretrain dict without policy", ["pretrain", "--env", f"{FAULTY}:DictObservationEnv"], "MultiInputPolicy"),
         ("pretrain unknown policy", ["pretrain", "--env", "PointGoal", "--policy", "Nope"], "policy='Nope' cannot"),
@@ -243,6 +259,19 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("compare log dir", ["compare", "--suite", "smoke", "--log-dir", "{files}/no_data.zip/r"], "cannot be written"),
         ("continual log dir", ["continual", "--sequence", "smoke", "--log-dir", "{files}/no_data.zip/r"], "be written"),
         ("bench unknown task", ["bench", "--env", "Nope", "--quick"], "'Nope'"),
+        (
+            "record seed -1",
+            ["record", "{files}/empty_dir", "--eval-seed", "-1"],
+            "-1 is invalid: expected an integer in",
+        ),
+        (
+            "seed 2**32",
+            [*env, "--seeds", "4294967296"],
+            "4294967296 is invalid: expected an integer in [0, 2147483647]",
+        ),
+        ("a FIFO as --config", [*env, "--config", "{files}/fifo.yaml"], "fifo.yaml: not a regular file"),
+        ("a YAML alias bomb", [*env, "--config", "{files}/alias_bomb.yaml"], "more than 20 YAML aliases"),
+        ("/dev/zero as --pretrained", [*ad_hoc, "CartPole-v1", "--pretrained", "/dev/zero"], "not a regular file"),
         (
             "sequence name escapes the log dir",
             ["continual", "--sequence", "{files}/sequence_escapes.yaml", "--log-dir", "{files}/runs"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -133,6 +134,30 @@ DEFECTS = {
     "backtracking regex": (  # matched against every layer name, it would not finish in a lifetime
         lambda f: _tamper_config(f, lambda c: c["lora_config"].update(target_modules="(.*.*)*X")),
         r"target_modules='\(\.\*\.\*\)\*X' is invalid: a repetition inside a repeated group",
+    ),
+    "polynomial regex": (  # 14 '.*' in a row took over 90 s on one layer name
+        lambda f: _tamper_config(f, lambda c: c["lora_config"].update(target_modules=".*" * 14 + "X")),
+        r"is invalid: longer than 500 characters or with more than 4 repetitions",
+    ),
+    "huge plan rank": (  # would allocate hundreds of GB
+        lambda f: _tamper_config(f, lambda c: next(iter(c["lora_plan"]["layers"].values())).update(rank=10**9)),
+        r"rank=1000000000 is invalid: expected an integer in \[0, fan_in=",
+    ),
+    "negative plan alpha": (
+        lambda f: _tamper_config(f, lambda c: next(iter(c["lora_plan"]["layers"].values())).update(alpha=-1)),
+        r"alpha=-1 is invalid: expected a finite number > 0",
+    ),
+    "plan dropout of 2": (
+        lambda f: _tamper_config(f, lambda c: c["lora_plan"].update(dropout=2)),
+        r"dropout=2 is invalid: expected a number in \[0, 1\)",
+    ),
+    "nested 100,000 deep": (
+        lambda f: (f / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000),
+        "nested too deeply",
+    ),
+    "a FIFO for a config": (
+        lambda f: [(f / "adapter_config.json").unlink(), os.mkfifo(f / "adapter_config.json")],
+        "is not an eva-rl adapter: expected adapter_config.json",
     ),
     "not JSON": (lambda f: (f / "adapter_config.json").write_text("{not json"), "not JSON"),
     "damaged tensors file": (

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import numbers
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,7 +187,13 @@ def env_factory(
 
     def base() -> gym.Env:
         instance = _named_failure(f"making env {env!r} (env_kwargs {env_kwargs})", make_base)
+        if not isinstance(instance, gym.Env):
+            raise EnvError(
+                f"env {env!r} made a {type(instance).__name__}, not a gymnasium.Env; expected an entry point that "
+                "returns an env"
+            )
         speed_up_view(instance)
+        instance = GymnasiumApi(instance, env)
         return FrameRecorder(instance) if render else instance
 
     def wrap(instance: gym.Env) -> gym.Env:
@@ -258,6 +266,72 @@ class FrameRecorder(gym.Wrapper):
 _SB3_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
 
 
+class GymnasiumApi(gym.Wrapper):
+    """Holds a user's env to Gymnasium's API where it returns, so that a violation is one error naming it rather than
+    a traceback from SB3 (or worse, a wrong result: a ``reset()`` that returns a 2-vector alone unpacks as an
+    observation and its info).
+
+    :param env: The env as made (below every wrapper).
+    :param name: The env's id or entry point, for messages.
+    """
+
+    def __init__(self, env: gym.Env, name: str) -> None:
+        super().__init__(env)
+        self.name = name
+
+    def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        result = self.env.reset(**kwargs)
+        if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict)):
+            raise EnvError(
+                f"env {self.name!r} reset() returned {_described(result)}; Gymnasium's API returns (observation, "
+                "info), info a dict (an env written for the old Gym API needs porting)"
+            )
+        self._check_observation(result[0], "reset()")
+        return result
+
+    def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
+        result = self.env.step(action)
+        if not (isinstance(result, tuple) and len(result) == 5):
+            raise EnvError(
+                f"env {self.name!r} step() returned {_described(result)}; Gymnasium's API returns (observation, "
+                "reward, terminated, truncated, info) (an env written for the old Gym API, with done, needs porting)"
+            )
+        observation, reward, terminated, truncated, info = result
+        for what, value, accepted in (
+            ("reward", reward, isinstance(reward, numbers.Real)),
+            ("terminated", terminated, isinstance(terminated, bool | np.bool_)),
+            ("truncated", truncated, isinstance(truncated, bool | np.bool_)),
+            ("info", info, isinstance(info, dict)),
+        ):
+            if not accepted:
+                expected = "a dict" if what == "info" else "a number" if what == "reward" else "a bool"
+                raise EnvError(f"env {self.name!r} step() returned the {what} {value!r:.60}; expected {expected}")
+        self._check_observation(observation, "step()")
+        return result
+
+    def _check_observation(self, observation: Any, where: str) -> None:
+        space = self.observation_space
+        if isinstance(space, spaces.Box) and np.shape(observation) != space.shape:
+            raise EnvError(
+                f"env {self.name!r} {where} returned an observation of shape {np.shape(observation)}, but its "
+                f"observation_space is {space}; expected shape {space.shape}"
+            )
+        if isinstance(space, spaces.Dict) and (
+            not isinstance(observation, dict) or set(observation) != set(space.spaces)
+        ):
+            keys = sorted(observation) if isinstance(observation, dict) else type(observation).__name__
+            raise EnvError(
+                f"env {self.name!r} {where} returned an observation with keys {keys}, but its observation_space "
+                f"has {sorted(space.spaces)}"
+            )
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, tuple):
+        return f"a {len(value)}-tuple"
+    return f"a {type(value).__name__} alone"
+
+
 class EpisodesEndedByWrappers(gym.Wrapper):
     """Reports an episode that a wrapper above the ``Monitor`` ended (a ``TimeLimit`` given as a wrapper) as the
     Monitor would have, in ``info["episode"]``: SB3's ``evaluate_policy`` counts only the Monitor's episodes and would
@@ -310,6 +384,13 @@ class CheckedEnv(gym.Wrapper):
                 "(MiniGrid: --wrapper minigrid.wrappers:ImgObsWrapper, or a task file such as configs/"
                 "MiniGrid-DoorKey.yaml)"
             )
+
+    def close(self) -> None:
+        """A user's env whose ``close()`` raises is closed as far as it goes, with a warning: its run is done."""
+        try:
+            self.env.close()
+        except Exception as error:
+            warnings.warn(f"env {self.name!r} close() raised {type(error).__name__}: {error}", stacklevel=2)
 
     def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
         self.episode_step = 0

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 from eva_rl.experiments.execute import BACKENDS
 from eva_rl.experiments.run_folder import RunFolder
+from eva_rl.experiments.tasks import SEED, is_seed
 from eva_rl.loading import ALGORITHMS
 from eva_rl.methods import method_names
 
@@ -43,6 +44,17 @@ def count(value: str) -> int:
         raise argparse.ArgumentTypeError(f"{value!r} is invalid: expected an integer >= 1") from None
     if number < 1:
         raise argparse.ArgumentTypeError(f"{number} is invalid: expected an integer >= 1")
+    return number
+
+
+def seed(value: str) -> int:
+    """A seed from the command line (see :data:`~eva_rl.experiments.tasks.MAX_SEED`)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is invalid: expected {SEED}") from None
+    if not is_seed(number):
+        raise argparse.ArgumentTypeError(f"{number} is invalid: expected {SEED}")
     return number
 
 
@@ -194,14 +206,17 @@ FLAGS: dict[str, Flag] = {
             ("--seeds",),
             "the seeds to run, one or more values (default: the task's, or the suite's)",
             TRAINING,
-            int,
+            seed,
             setting="seeds",
             nargs="+",
             action="extend",
             metavar="SEED",
         ),
         Flag(
-            ("--seed",), "the seed of the command's one run or measurement (default: the task's, else 0)", TRAINING, int
+            ("--seed",),
+            "the seed of the command's one run or measurement (default: the task's, else 0)",
+            TRAINING,
+            seed,
         ),
         Flag(
             ("--total-timesteps",),
@@ -229,7 +244,7 @@ FLAGS: dict[str, Flag] = {
             ("--eval-seed",),
             "seed of the evaluation episodes and action sampling (default: the task's)",
             TRAINING,
-            int,
+            seed,
             setting="eval.seed",
         ),
         Flag(("--checkpoint-freq",), "env steps between checkpoints", TRAINING, int, setting="checkpoint_freq"),

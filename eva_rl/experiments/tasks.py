@@ -48,8 +48,8 @@ class EvalSettings:
     def __post_init__(self) -> None:
         for name in ("freq", "episodes", "n_envs"):
             check_count(getattr(self, name), f"eval.{name}")
-        if not _is_int(self.seed):
-            raise ConfigError(f"eval.seed={self.seed!r} is invalid: expected an integer")
+        if not is_seed(self.seed):
+            raise ConfigError(f"eval.seed={self.seed!r} is invalid: expected {SEED}")
         if not isinstance(self.deterministic, bool):
             raise ConfigError(f"eval.deterministic={self.deterministic!r} is invalid: expected true or false")
 
@@ -166,13 +166,12 @@ class TaskConfig:
         check_algorithm_arguments(self.ppo, "ppo")
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"methods={self.methods!r} is invalid: a method is listed twice")
-        if not isinstance(self.seeds, list) or not self.seeds or not all(_is_int(s) and s >= 0 for s in self.seeds):
-            raise ConfigError(f"seeds={self.seeds!r} is invalid: expected a non-empty list of integers >= 0")
+        if not isinstance(self.seeds, list) or not self.seeds or not all(map(is_seed, self.seeds)):
+            raise ConfigError(f"seeds={self.seeds!r} is invalid: expected a non-empty list of {SEEDS}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds={self.seeds!r} is invalid: a seed is listed twice (it would run once)")
-        for name in ("pretrain_seed",):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: expected an integer >= 0")
+        if not is_seed(self.pretrain_seed):
+            raise ConfigError(f"pretrain_seed={self.pretrain_seed!r} is invalid: expected {SEED}")
 
     @property
     def agent_path(self) -> Path | None:
@@ -435,6 +434,15 @@ def algorithm_arguments(algorithm: str | None = None) -> set[str]:
     return {name for cls in classes for name in inspect.signature(cls.__init__).parameters} - excluded
 
 
+MAX_SEED = 2**31 - 1
+"""The largest seed: NumPy takes seeds below 2**32, and env ``k`` of a run is seeded with ``seed + k``."""
+SEED, SEEDS = f"an integer in [0, {MAX_SEED}]", f"integers in [0, {MAX_SEED}]"
+
+
+def is_seed(value: Any) -> bool:
+    return _is_int(value) and 0 <= value <= MAX_SEED
+
+
 FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 """A name that becomes one folder under ``--log-dir``: one path component, never ``..`` or absolute."""
 
@@ -458,9 +466,11 @@ def check_distinct(values: Sequence[Any], what: str) -> None:
 
 def check_seeds(seeds: Any, where: str) -> None:
     """:raises ConfigError: unless ``seeds`` is a number of seeds >= 1 or a list of distinct integers >= 0."""
-    integers = isinstance(seeds, list) and seeds and all(_is_int(s) and s >= 0 for s in seeds)
-    if isinstance(seeds, bool) or not ((isinstance(seeds, int) and seeds >= 1) or integers):
-        raise ConfigError(f"{where}={seeds!r} is invalid: expected a number of seeds >= 1 or a list of integers >= 0")
+    integers = isinstance(seeds, list) and seeds and all(map(is_seed, seeds))
+    if isinstance(seeds, bool) or not ((isinstance(seeds, int) and 1 <= seeds <= 10_000) or integers):
+        raise ConfigError(
+            f"{where}={seeds!r} is invalid: expected a number of seeds in [1, 10000] or a list of {SEEDS}"
+        )
     if isinstance(seeds, list) and len(set(seeds)) != len(seeds):
         raise ConfigError(f"{where}={seeds!r} is invalid: a seed is listed twice")
 
