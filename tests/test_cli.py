@@ -346,3 +346,47 @@ def test_a_task_files_env_package_imports_from_any_working_directory(tmp_path: P
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=False)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "allocation.png").is_file()
+
+
+def _children(pid: int) -> list[int]:
+    """The pids of ``pid``'s living child processes (Linux's /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+def test_workers_die_with_a_killed_main_process_and_free_their_runs(tmp_path: Path) -> None:
+    from eva_rl.experiments.run_folder import RunFolder
+
+    argv = [sys.executable, str(ROOT / "scripts" / "finetune.py"), "--env", "PointGoal", "--methods", "eva,lora"]
+    argv += ["--workers", "2", "--total-timesteps", "262144", "--log-dir", str(tmp_path), "--no-progress"]
+    main = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = [RunFolder.of(tmp_path, "PointGoal", method, 0) for method in ("eva", "lora")]
+    deadline = time.time() + 120
+    while not all((run.path / "settings.json").exists() for run in runs) and time.time() < deadline:
+        time.sleep(0.1)
+    workers = _children(main.pid)
+    assert len(workers) >= 2 and main.poll() is None
+    main.send_signal(signal.SIGKILL)
+    main.wait()
+    deadline = time.time() + 10
+    while any(map(_alive, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if _alive(pid)], "workers outlived the process that started them"
+    for run in runs:
+        with run.lock():  # free: a resumed run can take it
+            pass

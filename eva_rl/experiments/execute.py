@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, as_completed, wait
+from multiprocessing.managers import SyncManager
 from queue import Empty
 from typing import Any, TypeVar
 
@@ -43,6 +46,23 @@ def prepare_worker(threads: int = 1, packages: Iterable[str] = ()) -> None:
     import_packages(packages)
 
 
+def die_with_parent(parent: int) -> None:
+    """Every pool process's initializer: on Linux the kernel kills it when the process that started it dies, so a
+    killed ``compare`` or ``finetune`` leaves no workers running on, holding their runs' locks (elsewhere nothing is
+    done).
+
+    :param parent: The pid of the process that started it: if that one died before this call, exit at once.
+    """
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    set_parent_death_signal = 1  # prctl's PR_SET_PDEATHSIG
+    ctypes.CDLL(None, use_errno=True).prctl(set_parent_death_signal, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def run_in_worker(
     spec: RunSpec,
     resume: bool = True,
@@ -62,8 +82,15 @@ def _call_in_worker(function: Callable[..., T], threads: int, packages: Sequence
 
 def in_fresh_process(function: Callable[..., T], *args: Any) -> T:
     """``function(*args)`` in a new process of its own (a measurement that must not see this process's memory)."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with _spawned_pool(1) as pool:
         return pool.submit(function, *args).result()
+
+
+def _spawned_pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes that die with this one; spawned, not forked: a forked torch with threads already started can
+    deadlock."""
+    context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),))
 
 
 def progress_line(done: int, total: int, spec: RunSpec, result: RunResult) -> str:
@@ -135,9 +162,7 @@ class LocalProcesses(Executor):
             return [future.result() for future in futures]
 
     def _pool(self, jobs: int) -> ProcessPoolExecutor:
-        # spawn, not fork: a forked torch with threads already started can deadlock
-        context = multiprocessing.get_context("spawn")
-        return ProcessPoolExecutor(max_workers=min(self.workers, jobs), mp_context=context)
+        return _spawned_pool(min(self.workers, jobs))
 
 
 class SideBySide(LocalProcesses):
@@ -156,8 +181,9 @@ class SideBySide(LocalProcesses):
     def run(self, specs: Sequence[RunSpec], resume: bool = True, overwrite: bool = False) -> list[RunResult]:
         if self.workers <= 1 or len(specs) <= 1:
             return [run_in_worker(spec, resume, overwrite, self.threads, self.progress) for spec in specs]
-        context = multiprocessing.get_context("spawn")
-        with context.Manager() as manager:
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(die_with_parent, (os.getpid(),))
+        with manager:
             queue = manager.Queue() if self.progress else None
             bars = [
                 tqdm(
