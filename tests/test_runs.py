@@ -373,3 +373,31 @@ def test_a_checkpoint_with_a_part_from_another_save_is_not_resumed_from(tmp_path
     second.runtime_file.write_text("one")  # a part of another save
     latest, state, cut_off = folder.latest_checkpoint()
     assert (latest, state, cut_off) == (first, {"num_timesteps": 1}, [second])
+
+
+def test_overwrite_replaces_a_run_only_when_the_new_one_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C (or a crash) during an --overwrite run leaves the completed run it was to replace, and so does a kill
+    that skips every cleanup (the next command puts the replaced run back first)."""
+    from eva_rl.experiments.training import RunCallback
+
+    spec = point_goal_run("lora", None, False)(tmp_path)
+    old = runs.run(spec, progress=False)
+    faster = dataclasses.replace(spec, task=spec.task.with_overrides({"learning_rate": 0.01}))
+
+    def interrupted(self: RunCallback) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunCallback, "save_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runs.run(faster, progress=False, overwrite=True)
+    monkeypatch.undo()
+    assert spec.folder.read_result() == old and not spec.folder.set_aside_dir.exists()
+
+    spec.folder.set_aside()  # as a kill -9 mid-replacement leaves it: the old run aside, a new one begun
+    (spec.run_dir / "settings.json").write_text("{}")
+    assert runs.run(spec, progress=False) == old  # the old settings: the replaced run is back, and reused
+
+    new = runs.run(faster, progress=False, overwrite=True)
+    assert spec.folder.read_result() == new != old and not spec.folder.set_aside_dir.exists()

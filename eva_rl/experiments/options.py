@@ -262,8 +262,9 @@ FLAGS: dict[str, Flag] = {
         Flag(("--resume",), "continue interrupted runs from their checkpoints", RUNS, None, action="store_true"),
         Flag(
             ("--overwrite",),
-            "start over the runs whose folders under --log-dir hold runs made with other settings (without it, such "
-            "a folder is an error that names what differs); pretrain: replace the agent --out already holds",
+            "start over the runs whose folders under --log-dir hold runs made with other settings, keeping each until "
+            "its replacement completes (without it, such a folder is an error that names what differs); pretrain: "
+            "replace the agent --out already holds",
             RUNS,
             None,
             action="store_true",

@@ -294,6 +294,33 @@ class RunFolder:
             else:
                 path.unlink()
 
+    @property
+    def set_aside_dir(self) -> Path:
+        """Where a run that ``--overwrite`` replaces waits until its replacement completes (a hidden sibling)."""
+        return self.path.with_name(f".{self.path.name}.replaced")
+
+    def set_aside(self) -> None:
+        """Move what the folder holds (its lock aside) out of the way of a replacing run, keeping it."""
+        aside = self.set_aside_dir
+        if aside.exists():
+            shutil.rmtree(aside)
+        aside.mkdir()
+        for path in self.path.iterdir():
+            if path.name != self.LOCK:
+                path.rename(aside / path.name)
+
+    def settle_set_aside(self) -> None:
+        """Finish a replacement: a completed run drops the run it replaced; an unfinished one (killed, interrupted,
+        failed) is removed and the replaced run comes back."""
+        aside = self.set_aside_dir
+        if not aside.is_dir():
+            return
+        if not self.is_complete:
+            self.clear()
+            for path in aside.iterdir():
+                path.rename(self.path / path.name)
+        shutil.rmtree(aside)
+
     def clear_events(self) -> None:
         """A run killed before its first checkpoint starts over: one curve per run in TensorBoard."""
         for stale in self.event_files():

@@ -78,7 +78,8 @@ def run(
         :class:`~eva_rl.experiments.training.RunCallback`).
     :param resume: Continue from the run folder's checkpoint; without it an unfinished run is an error.
     :param overwrite: Start over a run whose folder holds a run (complete or not) made with other settings; without
-        it such a folder is an error naming what differs.
+        it such a folder is an error naming what differs. The run it replaces is kept aside until the new one
+        completes, and comes back if it does not.
     :raises RunDirError: for an unfinished run without ``resume``, or a folder holding a run made with other settings.
     """
     settings = run_settings(spec)
@@ -86,11 +87,15 @@ def run(
     if folder.is_complete and not overwrite:
         return _completed(spec, settings)
     with folder.lock():
+        folder.settle_set_aside()  # a replacement that never completed: the run it was to replace comes back
         if check_run_dir(spec, settings, resume, overwrite):
-            folder.clear()
+            folder.set_aside()  # until the replacing run completes, so a Ctrl-C or a crash loses nothing
         if folder.is_complete:  # also: finished by another process between the check above and the lock
             return _completed(spec, settings)
-        return _run_locked(spec, settings, progress)
+        try:
+            return _run_locked(spec, settings, progress)
+        finally:
+            folder.settle_set_aside()
 
 
 def check_run_dir(spec: RunSpec, settings: dict[str, Any], resume: bool = False, overwrite: bool = False) -> bool:
