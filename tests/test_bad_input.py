@@ -152,6 +152,9 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "env_kwargs.yaml").write_text(yaml.safe_dump({**task, "env_kwargs": {"goal_x": 1}}))
     (root / "pattern.yaml").write_text(yaml.safe_dump({**task, "lora": {"target_modules": "(.*.*)*X"}}))
     (root / "suite_unknown_task.yaml").write_text(yaml.safe_dump({"tasks": [{"task": "Nope", "threshold": 0.5}]}))
+    for name, text in (("damaged_result", "{not json"), ("result_not_object", "[1]")):
+        (root / name).mkdir()
+        (root / name / "result.json").write_text(text)
     os.mkfifo(root / "fifo.yaml")
     bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8)
@@ -269,6 +272,9 @@ def _cases() -> list[tuple[str, list[str], str]]:
             [*env, "--seeds", "4294967296"],
             "4294967296 is invalid: expected an integer in [0, 2147483647]",
         ),
+        ("record a damaged result", ["record", "{files}/damaged_result"], "result.json is damaged (not JSON"),
+        ("record a result not an object", ["record", "{files}/result_not_object"], "is damaged (not a JSON object)"),
+        ("inspect out not an image", ["inspect", "--env", "PointGoal", "--out", "{files}/a.txt"], "an image file"),
         ("a FIFO as --config", [*env, "--config", "{files}/fifo.yaml"], "fifo.yaml: not a regular file"),
         ("a YAML alias bomb", [*env, "--config", "{files}/alias_bomb.yaml"], "more than 20 YAML aliases"),
         ("/dev/zero as --pretrained", [*ad_hoc, "CartPole-v1", "--pretrained", "/dev/zero"], "not a regular file"),

@@ -401,3 +401,13 @@ def test_overwrite_replaces_a_run_only_when_the_new_one_completes(
 
     new = runs.run(faster, progress=False, overwrite=True)
     assert spec.folder.read_result() == new != old and not spec.folder.set_aside_dir.exists()
+
+
+def test_a_damaged_run_record_is_named_and_overwrite_starts_it_over(tmp_path: Path) -> None:
+    spec = point_goal_run("lora", None, False)(tmp_path)
+    runs.run(spec, progress=False)
+    (spec.run_dir / "result.json").write_text("{not json")
+    with pytest.raises(runs.RunDirError, match=r"result.json is damaged \(not JSON.*pass --overwrite"):
+        runs.run(spec, progress=False)
+    assert runs.run(spec, progress=False, overwrite=True).final_return is not None
+    assert spec.folder.read_result().settings == runs.run_settings(spec)

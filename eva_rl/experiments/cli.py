@@ -57,6 +57,17 @@ FINETUNE_FLAGS = (
 )
 
 
+IMAGE_SUFFIXES = (".png", ".svg", ".pdf", ".jpg")
+
+
+def check_image_path(out: Path) -> None:
+    """:raises ConfigError: for an ``--out`` that is no image file matplotlib writes, or cannot be written (before
+    any work: EVA or a plot would otherwise run first)."""
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ConfigError(f"--out {out} is invalid: expected an image file ending in {', '.join(IMAGE_SUFFIXES)}")
+    check_writable(out.parent, f"--out {out}")
+
+
 def _agent_path(task: TaskConfig, args: argparse.Namespace) -> Path:
     agent_path = args.pretrained or task.agent_path
     if agent_path is None:
@@ -254,7 +265,7 @@ def inspect_command(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     out = args.out or Path("eva_allocation.png")
-    check_writable(out.parent, f"--out {out}")
+    check_image_path(out)
     task = resolve_task(args)
     agent_path = _agent_path(task, args)
     device = "cpu" if args.device == "auto" else args.device
@@ -308,7 +319,7 @@ def plot_runs_command(args: argparse.Namespace) -> int:
     from eva_rl.experiments.plots import plot_runs
 
     out = args.out or Path("runs.png")
-    check_writable(out.parent, f"--out {out}")
+    check_image_path(out)
     print(plot_runs(args.board, out))
     return 0
 

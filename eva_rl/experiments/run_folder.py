@@ -27,7 +27,7 @@ import numpy as np
 
 from eva_rl.errors import ConfigError, EvaRLError
 from eva_rl.eva_report import EvaReport
-from eva_rl.files import STATS, atomic_write_json, cached_json, file_sha256
+from eva_rl.files import STATS, atomic_write_json, cached_json, file_sha256, read_text
 
 
 class RunDirError(EvaRLError, ValueError):
@@ -256,7 +256,11 @@ class RunFolder:
 
     # records
     def read_result(self) -> RunResult:
-        return RunResult.from_dict(json.loads(self.result_file.read_text()))
+        data = self._read_json(self.result_file)
+        try:
+            return RunResult.from_dict(data)
+        except ConfigError as error:
+            raise RunDirError(f"{self.result_file} is damaged ({error}); {self._start_over}") from error
 
     def write_result(self, result: RunResult) -> None:
         """Written last: its presence marks the run complete."""
@@ -266,9 +270,24 @@ class RunFolder:
         """The settings of the run the folder holds: its ``result.json``'s, or an unfinished run's ``settings.json``
         (``None``: nothing there, or a run written before settings were recorded)."""
         if self.result_file.is_file():
-            return json.loads(self.result_file.read_text()).get("settings")
+            return self._read_json(self.result_file).get("settings")
         path = self.path / self.SETTINGS
-        return json.loads(path.read_text()) if path.is_file() else None
+        return self._read_json(path) if path.is_file() else None
+
+    _start_over = "pass --overwrite to start the run over, or move the folder away"
+
+    def _read_json(self, path: Path) -> dict[str, Any]:
+        """A JSON object the run wrote.
+
+        :raises RunDirError: for a file that is not one (damaged), naming it and how to go on.
+        """
+        try:
+            data = json.loads(read_text(path))
+        except (ConfigError, ValueError, RecursionError) as error:
+            raise RunDirError(f"{path} is damaged (not JSON: {error}); {self._start_over}") from error
+        if not isinstance(data, dict):
+            raise RunDirError(f"{path} is damaged (not a JSON object); {self._start_over}")
+        return data
 
     def write_settings(self, settings: dict[str, Any]) -> None:
         atomic_write_json(self.path / self.SETTINGS, settings)

@@ -108,7 +108,12 @@ def check_run_dir(spec: RunSpec, settings: dict[str, Any], resume: bool = False,
     """
     folder = spec.folder
     run_dir = folder.path
-    recorded = folder.recorded_settings()
+    try:
+        recorded = folder.recorded_settings()
+    except RunDirError:
+        if overwrite:  # a damaged record: started over like a stale one
+            return True
+        raise
     stale = recorded is not None and bool(settings_differences(recorded, settings))
     kept = "a completed" if folder.is_complete else None
     if kept is None and folder.has_checkpoint:
