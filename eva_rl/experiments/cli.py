@@ -138,8 +138,18 @@ def finetune_command(args: argparse.Namespace) -> int:
         print("[eva-rl] recording the agents (--video)")
         record_runs(run_dirs)
     print(f"\nResults: {board}/<method>/seed<k>/: {written_files(run_dirs, [r.method for r in results])}")
-    print(f"TensorBoard: tensorboard --logdir {board}")
+    print(tensorboard_hint(board))
     return 0
+
+
+TENSORBOARD_VIEW = "http://localhost:6006/?smoothing=0&tagFilter=eval"
+"""TensorBoard opened on the evaluations, unsmoothed: its default smoothing (0.6) over a run's few evaluation points
+draws a last point far from the real one."""
+
+
+def tensorboard_hint(board: Path) -> str:
+    """The line that tells how to look at ``board``'s runs."""
+    return f"TensorBoard: tensorboard --logdir {board}, then open {TENSORBOARD_VIEW}"
 
 
 # Failures of the file system a run writes to (a full disk, a read-only or foreign folder, a file where a folder
@@ -240,7 +250,7 @@ def compare_command(args: argparse.Namespace) -> int:
         print(yaml.safe_dump({"method_settings": report["chosen"]}, sort_keys=False))
     else:
         print(f"\nResults: {out}/results.md, results.json, sample_efficiency.png, final_return.png, eva_ranks.png")
-        print(f"TensorBoard: tensorboard --logdir {out}")
+        print(tensorboard_hint(out))
     return 0
 
 
