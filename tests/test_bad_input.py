@@ -301,10 +301,18 @@ CASES = _cases()
 
 @pytest.mark.parametrize(("argv", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_through_the_command_line_is_one_error_line(
-    argv: list[str], message: str, bad_files: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+    argv: list[str],
+    message: str,
+    bad_files: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    """Run from a folder of its own, whose ``runs/`` (the default --log-dir) is the one place it may write."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
     argv = [arg.replace("{files}", str(bad_files)) for arg in argv]
+    before = written_state(root, bad_files, tmp_path)
     try:
         code = cli.main(argv)
     except SystemExit as stop:  # argparse's errors exit from inside the parser
@@ -313,6 +321,16 @@ def test_bad_input_through_the_command_line_is_one_error_line(
     assert code == 2, err
     lines = [line for line in err.splitlines() if not line.startswith("warning: ")]
     assert message in one_error_line("".join(f"{line}\n" for line in lines))
+    assert written_state(root, bad_files, tmp_path) == before, "a refused command wrote outside its run folder"
+
+
+def written_state(root: Path, files: Path, cwd: Path) -> dict[str, int]:
+    """Every file (and its modification time) a refused command could have touched outside its runs: the project's
+    top level, agents, configs and runs, the bad files, and its working folder (less its own ``runs/``)."""
+    paths = [*root.iterdir(), *files.rglob("*"), *(p for p in cwd.rglob("*") if "runs" not in p.relative_to(cwd).parts)]
+    for folder in ("agents", "configs", "runs"):
+        paths += (root / folder).rglob("*") if (root / folder).is_dir() else []
+    return {str(path): path.lstat().st_mtime_ns for path in paths}
 
 
 def test_a_changed_setting_on_a_completed_run_is_named_before_anything_runs(

@@ -89,12 +89,15 @@ def conduct(
     :param report_only: Run nothing: the page from the runs already complete.
     :param overwrite: Start over the runs whose folders hold runs made with other settings.
     """
-    check_writable(study.out_dir)
-    if not report_only:
+    if report_only:
+        runs = study.completed()  # before the page's folder is made: a report of nothing writes nothing
+        check_writable(study.out_dir)
+    else:
+        check_writable(study.out_dir)  # before any run: a page that cannot be written stops the study first
         if executor is None:
             raise ValueError("an executor is needed to carry out the runs (or report_only)")
         study.carry_out(executor, overwrite)
-    runs = study.completed()
+        runs = study.completed()
     report = study.report(runs)
     study.write_page(report, runs)
     return report
