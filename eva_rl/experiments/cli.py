@@ -250,7 +250,8 @@ def compare_command(args: argparse.Namespace) -> int:
         print(yaml.safe_dump({"method_settings": report["chosen"]}, sort_keys=False))
     else:
         print(f"\nResults: {out}/results.md, results.json, sample_efficiency.png, final_return.png, eva_ranks.png")
-        print(tensorboard_hint(out))
+        if next(out.rglob(RunFolder.EVENTS), None) is not None:  # committed pages keep no event files
+            print(tensorboard_hint(out))
     return 0
 
 
