@@ -439,7 +439,9 @@ COMMANDS: dict[str, Command] = {
             inspect_command,
             (*ENV_FLAGS, *ADAPTER_FLAGS, "out", "no_progress"),
             required=("env",),
-            description="Run EVA only and show its allocation (--out default: eva_allocation.png).",
+            description="Run EVA only and show its allocation (--out default: eva_allocation.png). With a bank "
+            "folder instead of --env, 'eva-rl inspect BANK [--base ZIP] [--evaluate]' shows an adapter bank's tasks, "
+            "ranks and sizes (eva-rl inspect BANK --help).",
         ),
         Command(
             "merge",
