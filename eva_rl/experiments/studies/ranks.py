@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from eva_rl.errors import ConfigError
-from eva_rl.experiments.plots import new_figure, save_figure
+from eva_rl.experiments.plots import method_color, new_figure, save_figure
 from eva_rl.experiments.run_folder import RunResult
 from eva_rl.experiments.stats import (
     Interval,
@@ -162,6 +162,7 @@ def draw_rank_study(axes: Any, report: RankStudyReport) -> None:
                 yerr=[estimate - [v.low for v in values], [v.high for v in values] - estimate],
                 marker="o",
                 capsize=3,
+                color=method_color(method),
                 label=f"{method} ({max(p.seeds for p in by_rank.values())} seeds)",
             )
     for axis, label in zip(axes, ("normalized AUC (mean eval return over the budget)", "final eval return")):

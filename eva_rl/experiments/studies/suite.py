@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from eva_rl.eva_report import EvaReport
-from eva_rl.experiments.plots import new_figure, palette, save_figure
+from eva_rl.experiments.plots import method_color, new_figure, save_figure
 from eva_rl.experiments.run_folder import RunFolder, RunResult
 from eva_rl.experiments.stats import (
     Interval,
@@ -440,7 +440,7 @@ class SuiteStudy(Study[SuiteReport]):
         atomic_write_json(out / "results.json", report.to_dict())
         atomic_write_text(out / "results.md", results_markdown(report))
         methods = report.methods
-        colors = {method: palette()[i % len(palette())] for i, method in enumerate(methods)}
+        colors = {method: method_color(method) for method in methods}
         seeds = {method: len({r.seed for _, r in runs if r.method == method}) for method in methods}
         figure, axes = new_figure(**sample_efficiency_grid(len(report.tasks), len(methods)))
         draw_sample_efficiency(axes, report, runs, colors, seeds)
