@@ -337,30 +337,27 @@ def draw_sample_efficiency(
         )
 
 
-def draw_final_returns(axis: Any, report: SuiteReport, colors: dict[str, str], seeds: dict[str, int]) -> None:
-    """Each method's final return over the tasks and seeds it ran (IQM, 95% CI), a row each."""
-    methods, tasks = report.methods, list(report.tasks)
-
-    def where(method: str) -> str:
-        ran = report.aggregate[method].tasks
-        return "every task" if len(ran) == len(tasks) else ", ".join(ran)
-
-    for row, method in enumerate(methods):
-        final = report.aggregate[method].final
-        axis.errorbar(
-            final.estimate,
-            row,
-            xerr=[[final.estimate - final.low], [final.high - final.estimate]],
-            fmt="o",
-            color=colors[method],
-            capsize=4,
-        )
-    labels = [f"{method}\n{where(method)}, {seeds[method]} seeds" for method in methods]
-    axis.set_yticks(range(len(methods)), labels, fontsize=8)
-    axis.invert_yaxis()
-    axis.set_xlabel("final eval return, IQM over the seeds and tasks each ran (95% CI)")
-    axis.set_title("each method pools the tasks and seeds its label names", fontsize=9)
-    axis.grid(alpha=0.3)
+def draw_final_returns(axes: Any, report: SuiteReport, colors: dict[str, str]) -> None:
+    """A panel per task: each method's final return on it (IQM over its seeds, 95% CI), a row each. Tasks are never
+    pooled: methods that ran other task sets would not compare on one axis."""
+    for axis, (task, task_report) in zip(np.ravel(axes), report.tasks.items()):
+        methods = [m for m in report.methods if m in task_report.methods]
+        for row, method in enumerate(methods):
+            stats = task_report.methods[method]
+            final = stats.final
+            axis.errorbar(
+                final.estimate,
+                row,
+                xerr=[[final.estimate - final.low], [final.high - final.estimate]],
+                fmt="o",
+                color=colors[method],
+                capsize=4,
+            )
+        axis.set_yticks(range(len(methods)), [f"{m} ({task_report.methods[m].seeds})" for m in methods], fontsize=8)
+        axis.set_ylim(len(methods) - 0.5, -0.5)
+        axis.set_xlabel("final eval return, IQM (95% CI)", fontsize=8)
+        axis.set_title(task, fontsize=9)
+        axis.grid(alpha=0.3)
 
 
 def draw_eva_ranks(axis: Any, ranks: Mapping[str, Sequence[float]]) -> None:
@@ -445,8 +442,11 @@ class SuiteStudy(Study[SuiteReport]):
         figure, axes = new_figure(**sample_efficiency_grid(len(report.tasks), len(methods)))
         draw_sample_efficiency(axes, report, runs, colors, seeds)
         paths = [out / "results.json", out / "results.md", save_figure(figure, out / "sample_efficiency.png")]
-        figure, axis = new_figure(figsize=(7.5, 0.5 * len(methods) + 1.7), dpi=120)
-        draw_final_returns(axis, report, colors, seeds)
+        tasks = len(report.tasks)
+        rows = max(len(task.methods) for task in report.tasks.values())
+        figure, axes = new_figure(1, tasks, figsize=(4.2 * tasks, 0.4 * rows + 1.6), dpi=120, squeeze=False)
+        draw_final_returns(axes, report, colors)
+        figure.suptitle("final return per task (method, seeds)", fontsize=10)
         paths.append(save_figure(figure, out / "final_return.png"))
         ranks = eva_ranks(report, self._eva_reports(runs))
         if ranks:
