@@ -249,7 +249,7 @@ def compare_command(args: argparse.Namespace) -> int:
         print(f"\nTuning: {out}/tuning.json. For the suite file:")
         print(yaml.safe_dump({"method_settings": report["chosen"]}, sort_keys=False))
     else:
-        print(f"\nResults: {out}/results.md, results.json, sample_efficiency.png, final_return.png, eva_ranks.png")
+        print(f"\nResults: {out}/results.md, results.json, sample_efficiency*.png, final_return.png, eva_ranks.png")
         if next(out.rglob(RunFolder.EVENTS), None) is not None:  # committed pages keep no event files
             print(tensorboard_hint(out))
     return 0

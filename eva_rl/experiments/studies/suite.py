@@ -255,89 +255,60 @@ def _iqm_curve(task_runs: Sequence[RunResult], method: str, grid: np.ndarray) ->
     )
 
 
-_OVERLAID_METHODS = 4
-"""Up to this many methods share one panel per task; more get one small panel each (a legend of ten overlapping
-curves is unreadable)."""
+CORE_METHODS = ("eva", "lora", "full", "scratch")
+"""The methods ``sample_efficiency.png`` overlays; any others (the method zoo) get ``sample_efficiency_zoo.png``,
+full fine-tuning's curve beside them in grey dashes (ten overlapping curves are unreadable)."""
 
 
-def sample_efficiency_grid(tasks: int, methods: int) -> dict[str, Any]:
-    """The panels of the sample-efficiency figure (``new_figure``'s arguments): a panel per task for a few methods,
-    else a row per task and a panel per method."""
-    overlaid = methods <= _OVERLAID_METHODS
-    columns = 1 if overlaid else methods
-    return {
-        "nrows": tasks if not overlaid else 1,
-        "ncols": tasks if overlaid else columns,
-        "figsize": (5.5 * tasks, 4.0) if overlaid else (2.3 * columns, 2.3 * tasks + 0.6),
-        "dpi": 120,
-        "squeeze": False,
-        "sharey": "row",
-    }
+def sample_efficiency_figure(tasks: int) -> dict[str, Any]:
+    """``new_figure``'s arguments for a sample-efficiency figure: a panel per task, side by side."""
+    return {"nrows": 1, "ncols": tasks, "figsize": (5.0 * tasks, 3.8), "dpi": 120, "squeeze": False}
 
 
 def draw_sample_efficiency(
     axes: Any,
     report: SuiteReport,
     runs: Sequence[tuple[SuiteTask, RunResult]],
-    colors: dict[str, str],
-    seeds: dict[str, int],
+    methods: Sequence[str],
+    tasks: Sequence[str],
+    reference: str | None = None,
 ) -> None:
-    """IQM eval curves with CI bands per task on the panels of :func:`sample_efficiency_grid`: overlaid for a few
-    methods, else small multiples (the reference method's curve in grey dashes in each panel for comparison)."""
-    tasks, methods = list(report.tasks), report.methods
-    grids = {}
-    for task_name in tasks:
+    """A panel per task of ``tasks``: the IQM eval curve of each of ``methods`` that ran it, with its 95% CI band.
+
+    :param reference: A method drawn in grey dashes beside them (full fine-tuning beside the method zoo).
+
+    Where training from scratch starts far below every pretrained method, the axis keeps to the pretrained methods'
+    range (the title says scratch is clipped), so their differences stay visible.
+    """
+    for axis, task_name in zip(axes[0], tasks):
         task_runs = [r for t, r in runs if t.task == task_name]
-        grids[task_name] = (task_runs, np.linspace(0, max(r.sample_curve()[0][-1] for r in task_runs), 40))
-    overlaid = len(methods) <= _OVERLAID_METHODS
-    # Full fine-tuning (every weight from the pretrained ones) is the curve each method is held against.
-    reference = next(
-        (m for m in methods if get_method(m).trains == "all" and get_method(m).pretrained), report.reference
-    )
-    for row, task_name in enumerate(tasks):
-        task_runs, grid = grids[task_name]
-        if overlaid:
-            axis = axes[0][row]
-            for method in methods:
-                curve = _iqm_curve(task_runs, method, grid)
-                if curve is None:
-                    continue
-                x, estimate, low, high = curve
-                axis.plot(x, estimate, color=colors[method], label=f"{method} ({seeds[method]} seeds)")
-                axis.fill_between(x, low, high, color=colors[method], alpha=0.2)
-            axis.set_title(task_name)
-            axis.set_xlabel("environment steps (EVA's included)")
-            axis.set_ylabel("eval return (IQM, 95% CI)")
-            axis.grid(alpha=0.3)
-            axis.legend(fontsize=8, loc="lower right")
-            continue
-        base = _iqm_curve(task_runs, reference, grid)
-        for column, method in enumerate(methods):
-            axis = axes[row][column]
-            curve = _iqm_curve(task_runs, method, grid)
-            axis.grid(alpha=0.3)
-            axis.tick_params(labelsize=6)
-            if row == 0:
-                axis.set_title(method, fontsize=9)
-            if column == 0:
-                axis.set_ylabel(task_name, fontsize=8)
-            if curve is None:
-                axis.text(0.5, 0.5, "not run", ha="center", va="center", transform=axis.transAxes, fontsize=8)
-                continue
-            if base is not None and method != reference:
-                axis.plot(base[0], base[1], color="grey", linestyle="--", linewidth=1)
-            x, estimate, low, high = curve
-            axis.plot(x, estimate, color=colors[method])
-            axis.fill_between(x, low, high, color=colors[method], alpha=0.25)
-            runs_here = len({r.seed for r in task_runs if r.method == method})
-            axis.text(0.97, 0.05, f"{runs_here} seeds", ha="right", transform=axis.transAxes, fontsize=7)
-    if not overlaid:
-        axes[0][0].figure.suptitle(
-            f"eval return (IQM, 95% CI) against environment steps; grey dashes: {reference}", fontsize=9
-        )
+        grid = np.linspace(0, max(r.sample_curve()[0][-1] for r in task_runs), 40)
+        curves = {m: c for m in methods if (c := _iqm_curve(task_runs, m, grid)) is not None}
+        # the curves, the reference's first so that it lies beneath them
+        if reference is not None and (base := _iqm_curve(task_runs, reference, grid)) is not None:
+            axis.plot(base[0], base[1], color="grey", linestyle="--", linewidth=1, label=f"{reference}")
+        for method, (x, estimate, low, high) in curves.items():
+            seeds = len({r.seed for r in task_runs if r.method == method})
+            axis.plot(x, estimate, color=method_color(method), label=f"{method} ({seeds} seeds)")
+            axis.fill_between(x, low, high, color=method_color(method), alpha=0.15)
+        # the axis: the pretrained methods' range where scratch starts far below it
+        title = task_name
+        pretrained = [c for m, c in curves.items() if get_method(m).pretrained]
+        if pretrained and any(not get_method(m).pretrained for m in curves):
+            low = min(float(c[2].min()) for c in pretrained)
+            high = max(float(c[3].max()) for c in pretrained)
+            span = high - low
+            if min(float(c[2].min()) for m, c in curves.items() if not get_method(m).pretrained) < low - span:
+                axis.set_ylim(low - 0.1 * span, high + 0.1 * span)
+                title += " (scratch clipped below)"
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("environment steps (EVA's included)")
+        axis.set_ylabel("eval return (IQM, 95% CI)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, loc="lower right")
 
 
-def draw_final_returns(axes: Any, report: SuiteReport, colors: dict[str, str]) -> None:
+def draw_final_returns(axes: Any, report: SuiteReport) -> None:
     """A panel per task: each method's final return on it (IQM over its seeds, 95% CI), a row each. Tasks are never
     pooled: methods that ran other task sets would not compare on one axis."""
     for axis, (task, task_report) in zip(np.ravel(axes), report.tasks.items()):
@@ -350,7 +321,7 @@ def draw_final_returns(axes: Any, report: SuiteReport, colors: dict[str, str]) -
                 row,
                 xerr=[[final.estimate - final.low], [final.high - final.estimate]],
                 fmt="o",
-                color=colors[method],
+                color=method_color(method),
                 capsize=4,
             )
         axis.set_yticks(range(len(methods)), [f"{m} ({task_report.methods[m].seeds})" for m in methods], fontsize=8)
@@ -437,15 +408,22 @@ class SuiteStudy(Study[SuiteReport]):
         atomic_write_json(out / "results.json", report.to_dict())
         atomic_write_text(out / "results.md", results_markdown(report))
         methods = report.methods
-        colors = {method: method_color(method) for method in methods}
-        seeds = {method: len({r.seed for _, r in runs if r.method == method}) for method in methods}
-        figure, axes = new_figure(**sample_efficiency_grid(len(report.tasks), len(methods)))
-        draw_sample_efficiency(axes, report, runs, colors, seeds)
+        core = [m for m in methods if m in CORE_METHODS] or methods
+        zoo = [m for m in methods if m not in core]
+        figure, axes = new_figure(**sample_efficiency_figure(len(report.tasks)))
+        draw_sample_efficiency(axes, report, runs, core, list(report.tasks))
         paths = [out / "results.json", out / "results.md", save_figure(figure, out / "sample_efficiency.png")]
+        if zoo:
+            tasks = [name for name, task in report.tasks.items() if set(zoo) & set(task.methods)]
+            figure, axes = new_figure(**sample_efficiency_figure(len(tasks)))
+            # full fine-tuning (every weight from the pretrained ones) is what the others are held against
+            full = next((m for m in methods if get_method(m).trains == "all" and get_method(m).pretrained), None)
+            draw_sample_efficiency(axes, report, runs, zoo, tasks, reference=full)
+            paths.append(save_figure(figure, out / "sample_efficiency_zoo.png"))
         tasks = len(report.tasks)
         rows = max(len(task.methods) for task in report.tasks.values())
         figure, axes = new_figure(1, tasks, figsize=(4.2 * tasks, 0.4 * rows + 1.6), dpi=120, squeeze=False)
-        draw_final_returns(axes, report, colors)
+        draw_final_returns(axes, report)
         figure.suptitle("final return per task (method, seeds)", fontsize=10)
         paths.append(save_figure(figure, out / "final_return.png"))
         ranks = eva_ranks(report, self._eva_reports(runs))
