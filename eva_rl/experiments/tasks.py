@@ -295,19 +295,7 @@ _ARGUMENT_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "policy_delay": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "target_policy_noise": (lambda v: _is_number(v) and v >= 0, _NON_NEGATIVE),
     "target_noise_clip": (lambda v: _is_number(v) and v >= 0, _NON_NEGATIVE),
-    "train_freq": (
-        lambda v: (
-            (_is_int(v) and v >= 1)
-            or (
-                isinstance(v, list | tuple)
-                and len(v) == 2
-                and _is_int(v[0])
-                and v[0] >= 1
-                and v[1] in ("step", "episode")
-            )
-        ),
-        "an integer >= 1, or [n, 'step' | 'episode']",
-    ),  # fmt: skip
+    "train_freq": (_is_train_freq, "an integer >= 1, or [n, 'step' | 'episode']"),
 }
 
 
