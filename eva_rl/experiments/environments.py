@@ -33,15 +33,13 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
 from eva_rl.errors import EnvError, EvaRLError
+from eva_rl.experiments.tasks import ROOT
 from eva_rl.loading import PretrainedAgent
 from eva_rl.minigrid_view import speed_up_view
 from eva_rl.physics import is_mujoco_env, mujoco_warnings
 
 if TYPE_CHECKING:
     from eva_rl.experiments.tasks import TaskConfig
-
-ROOT = Path(__file__).resolve().parents[2]
-"""The project root, where the task files' env packages (``envs/``) live."""
 
 
 def _importable_cwd() -> None:
@@ -332,6 +330,25 @@ def _described(value: Any) -> str:
     return f"a {type(value).__name__} alone"
 
 
+def wrapper_chain(env: gym.Env) -> list[gym.Env]:
+    """``env`` and every env it wraps, outermost first (the last is the env itself)."""
+    chain = [env]
+    while isinstance(chain[-1], gym.Wrapper):
+        chain.append(chain[-1].env)
+    return chain
+
+
+def start_new_games(env: VecEnv) -> None:
+    """Make the next reset of every env of ``env`` start a new game. SB3's ``EpisodicLifeEnv`` (in ``AtariWrapper``)
+    ends an episode at each lost life and, unless the game is over, resets by playing on; an evaluation that stopped
+    mid-game would hand the next one the rest of that game, its score so far included (scores then grow with every
+    evaluation, whatever the policy)."""
+    for instance in getattr(env.unwrapped, "envs", ()):
+        for wrapper in wrapper_chain(instance):
+            if isinstance(wrapper, EpisodicLifeEnv):
+                wrapper.was_real_done = True
+
+
 class EpisodesEndedByWrappers(gym.Wrapper):
     """Reports an episode that a wrapper above the ``Monitor`` ended (a ``TimeLimit`` given as a wrapper) as the
     Monitor would have, in ``info["episode"]``: SB3's ``evaluate_policy`` counts only the Monitor's episodes and would
@@ -340,15 +357,10 @@ class EpisodesEndedByWrappers(gym.Wrapper):
 
     def __init__(self, env: gym.Env) -> None:
         super().__init__(env)
-        self.monitor: Monitor | None = None
-        self.lives: list[EpisodicLifeEnv] = []
-        instance = env
-        while isinstance(instance, gym.Wrapper) and self.monitor is None:
-            if isinstance(instance, Monitor):
-                self.monitor = instance
-            elif isinstance(instance, EpisodicLifeEnv):
-                self.lives.append(instance)
-            instance = instance.env
+        chain = wrapper_chain(env)
+        self.monitor = next((e for e in chain if isinstance(e, Monitor)), None)
+        above_monitor = chain[: chain.index(self.monitor)] if self.monitor is not None else chain
+        self.lives = [e for e in above_monitor if isinstance(e, EpisodicLifeEnv)]
 
     def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
         observation, reward, terminated, truncated, info = self.env.step(action)

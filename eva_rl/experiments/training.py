@@ -7,9 +7,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import gymnasium as gym
 import torch
-from stable_baselines3.common.atari_wrappers import EpisodicLifeEnv
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
@@ -18,6 +16,7 @@ from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv, sync_envs_normalization
 from tqdm.auto import tqdm
 
+from eva_rl.experiments.environments import start_new_games
 from eva_rl.experiments.resume import generator_state, save_runtime_state
 from eva_rl.experiments.run_folder import RunFolder
 from eva_rl.files import atomic_save_model, atomic_save_stats, atomic_write
@@ -74,18 +73,6 @@ def evaluate(
         torch.manual_seed(seed)
         mean, std = evaluate_policy(model, env, n_eval_episodes=episodes, deterministic=deterministic)
     return float(mean), float(std)
-
-
-def start_new_games(env: VecEnv) -> None:
-    """Make the next reset of every env start a new game. SB3's ``EpisodicLifeEnv`` (in ``AtariWrapper``) ends an
-    episode at each lost life and, unless the game is over, resets by playing on; an evaluation that stopped mid-game
-    would hand the next one the rest of that game, its score so far included (scores then grow with every
-    evaluation, whatever the policy)."""
-    for instance in getattr(env.unwrapped, "envs", ()):
-        while isinstance(instance, gym.Wrapper):
-            if isinstance(instance, EpisodicLifeEnv):
-                instance.was_real_done = True
-            instance = instance.env
 
 
 class RunCallback(BaseCallback):

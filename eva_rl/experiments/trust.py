@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from eva_rl.errors import ConfigError
-from eva_rl.experiments.environments import ROOT
+from eva_rl.experiments.tasks import ROOT
 
 TRUSTED_PACKAGES = frozenset(
     {"eva_rl", "envs", "gymnasium", "stable_baselines3", "sb3_contrib", "minigrid", "ale_py", "rl_zoo3", "torch"}

@@ -21,7 +21,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 
 from eva_rl.errors import ConfigError, EnvError
-from eva_rl.experiments.environments import FrameRecorder, agent_env, import_packages
+from eva_rl.experiments.environments import FrameRecorder, agent_env, import_packages, wrapper_chain
 from eva_rl.experiments.run_folder import RunFolder, RunResult
 from eva_rl.experiments.tasks import EvalSettings, TaskConfig, find_task
 from eva_rl.experiments.trust import check_recorded_code, code_references, pickle_note
@@ -37,12 +37,10 @@ def _recorder(venv: VecEnv) -> FrameRecorder:
         venv = venv.venv
     if not isinstance(venv, DummyVecEnv):
         raise EnvError(f"cannot record frames from a {type(venv).__name__}")
-    env = venv.envs[0]
-    while not isinstance(env, FrameRecorder):
-        if not hasattr(env, "env"):
-            raise EnvError("the env has no frame recorder; make it with render=True")
-        env = env.env
-    return env
+    recorder = next((e for e in wrapper_chain(venv.envs[0]) if isinstance(e, FrameRecorder)), None)
+    if recorder is None:
+        raise EnvError("the env has no frame recorder; make it with render=True")
+    return recorder
 
 
 def record_episode(
