@@ -70,6 +70,14 @@ def _bank_json(folder: Path) -> Path:
     return path
 
 
+def _recorded_base(folder: Path, data: Mapping[str, Any]) -> Path | None:
+    """The base agent's zip a bank's ``bank.json`` content records, resolved from its folder."""
+    recorded = data.get("base")
+    if isinstance(recorded, dict) and isinstance(recorded.get("path"), str):
+        return (folder / recorded["path"]).resolve()
+    return None
+
+
 def _is_lora_key(key: str) -> bool:
     return key.rpartition(".")[2].startswith("lora_")
 
@@ -487,11 +495,7 @@ class AdapterBank:
     @staticmethod
     def base_file(folder: str | Path) -> Path | None:
         """The base agent's zip as ``folder``'s ``bank.json`` records it (``None`` where it records none)."""
-        data = read_versioned_json(_bank_json(Path(folder)), FORMAT, VERSION)
-        recorded = data.get("base")
-        if isinstance(recorded, dict) and isinstance(recorded.get("path"), str):
-            return (Path(folder) / recorded["path"]).resolve()
-        return None
+        return _recorded_base(Path(folder), read_versioned_json(_bank_json(Path(folder)), FORMAT, VERSION))
 
     @classmethod
     def load(
@@ -514,7 +518,7 @@ class AdapterBank:
         path = _bank_json(folder)
         data = read_versioned_json(path, FORMAT, VERSION)
         recorded = data.get("base")
-        base_path = Path(base_file).resolve() if base_file is not None else cls.base_file(folder)
+        base_path = Path(base_file).resolve() if base_file is not None else _recorded_base(folder, data)
         if base is None:
             if base_path is None:
                 raise CheckpointError(

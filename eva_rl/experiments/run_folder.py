@@ -138,10 +138,10 @@ class Checkpoint:
         """The state saved with the checkpoint; ``None`` unless it is whole (its state written, every part there with
         the SHA-256 the state records)."""
         try:
-            state = json.loads((self.path / self.STATE).read_text())
+            state = json.loads(read_text(self.path / self.STATE))
             parts = state.pop("parts")
             whole = all(file_sha256(self.path / name) == digest for name, digest in parts.items())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # ConfigError (read_text) is a ValueError
             return None
         return state if whole else None
 

@@ -216,8 +216,9 @@ def _run_locked(spec: RunSpec, settings: dict[str, Any], progress: bool | Progre
         progress(0, spec.task.total_timesteps, "EVA" if get_method(spec.method).runs_eva else "starting")
     agent = load_pretrained(spec.agent_path, device=spec.device)
     folder = spec.folder
-    latest = folder.latest_checkpoint() if folder.has_checkpoint else None
-    if folder.has_checkpoint and latest is None:
+    unfinished = folder.has_checkpoint
+    latest = folder.latest_checkpoint() if unfinished else None
+    if unfinished and latest is None:
         raise RunDirError(
             f"{spec.run_dir} holds no whole checkpoint to resume from (each was cut off while it was written, or was "
             "written by an earlier eva-rl); pass --overwrite to start the run over"
