@@ -295,14 +295,13 @@ class GymnasiumApi(gym.Wrapper):
                 "reward, terminated, truncated, info) (an env written for the old Gym API, with done, needs porting)"
             )
         observation, reward, terminated, truncated, info = result
-        for what, value, accepted in (
-            ("reward", reward, isinstance(reward, numbers.Real)),
-            ("terminated", terminated, isinstance(terminated, bool | np.bool_)),
-            ("truncated", truncated, isinstance(truncated, bool | np.bool_)),
-            ("info", info, isinstance(info, dict)),
+        for what, value, accepted, expected in (
+            ("reward", reward, isinstance(reward, numbers.Real), "a number"),
+            ("terminated", terminated, isinstance(terminated, bool | np.bool_), "a bool"),
+            ("truncated", truncated, isinstance(truncated, bool | np.bool_), "a bool"),
+            ("info", info, isinstance(info, dict), "a dict"),
         ):
             if not accepted:
-                expected = "a dict" if what == "info" else "a number" if what == "reward" else "a bool"
                 raise EnvError(f"env {self.name!r} step() returned the {what} {value!r:.60}; expected {expected}")
         self._check_observation(observation, "step()")
         return result
