@@ -525,6 +525,8 @@ class AdapterBank:
                     f"{path}: base={recorded!r} is invalid: expected {{'path': <the base agent's zip>, 'sha256': ...}}"
                     "; or pass base= (the command line: --base)"
                 )
+            if not base_path.is_file() and base_file is not None:
+                raise CheckpointError(f"base_file={str(base_file)!r} is invalid: expected the base agent's zip file")
             if not base_path.is_file():
                 raise CheckpointError(
                     f"{path}: the base agent {str(base_path)!r} is not there; pass its zip as base_file= (the command "

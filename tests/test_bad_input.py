@@ -254,6 +254,11 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("record max steps 0", ["record", "{files}/empty_dir", "--max-steps", "0"], "--max-steps: 0 is invalid"),
         ("inspect unknown env", ["inspect", "--env", "Nope-v9"], "unknown env 'Nope-v9'"),
         ("inspect a run's adapter", ["inspect", "{files}/adapter"], "is one run's adapter folder, not a bank"),
+        (
+            "bank base missing",
+            ["inspect", "{files}/adapter", "--base", "{files}/nowhere.zip"],
+            "nowhere.zip is invalid: expected the bank's base agent zip file",
+        ),  # fmt: skip
         ("inspect rank 0", ["inspect", "--env", "PointGoal", "--rank", "0"], "--rank 0 is invalid"),
         # an output path under a file: its folder cannot be made, which must stop the command before any work
         ("inspect out", ["inspect", "--env", "PointGoal", "--out", "{files}/no_data.zip/a.png"], "cannot be written"),

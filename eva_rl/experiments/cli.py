@@ -293,6 +293,8 @@ def bank_command(args: argparse.Namespace) -> int:
     from eva_rl.experiments.inspection import bank_table
 
     torch.set_num_threads(args.threads)
+    if args.base is not None and not args.base.is_file():
+        raise ConfigError(f"--base {args.base} is invalid: expected the bank's base agent zip file")
     base = args.base or AdapterBank.base_file(args.bank)
     if base is not None:
         pickle_note(base, "base agent")
