@@ -10,12 +10,14 @@ import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from stable_baselines3.common.base_class import BaseAlgorithm
 
 from eva_rl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from stable_baselines3.common.base_class import BaseAlgorithm
 
 STATS = "vecnormalize.pkl"
 """VecNormalize statistics beside a model (rl-zoo3's file name): a run's ``model.zip``, an adapter checkpoint."""

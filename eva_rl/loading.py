@@ -26,11 +26,12 @@ from stable_baselines3 import A2C, DQN, PPO, SAC, TD3
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import VecEnv, VecFrameStack, VecNormalize
 
+from eva_rl.algorithms import ALGORITHM_NAMES
 from eva_rl.errors import AgentError, ConfigError
 from eva_rl.files import read_yaml
 from eva_rl.offpolicy import PRETRAINED_WARMUP
 
-ALGORITHMS: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "a2c": A2C, "sac": SAC, "td3": TD3, "dqn": DQN}
+ALGORITHMS: dict[str, type[BaseAlgorithm]] = dict(zip(ALGORITHM_NAMES, (PPO, A2C, SAC, TD3, DQN), strict=True))
 """The algorithms eva-rl loads and fine-tunes, by rl-zoo3's name."""
 ON_POLICY = ("ppo", "a2c")
 """Algorithms that share SB3's actor-critic policy classes, so one can fine-tune the other's agent."""

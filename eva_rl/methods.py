@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from eva_rl.config import LoraConfig
 from eva_rl.errors import ConfigError
-from eva_rl.inits import olora_init, pissa_init
-from eva_rl.layers import LoraLayer
+
+if TYPE_CHECKING:
+    from eva_rl.layers import LoraLayer
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,20 @@ def method_names(adapters: bool | None = None) -> tuple[str, ...]:
     return tuple(name for name, m in METHODS.items() if adapters is None or m.adapters == adapters)
 
 
+# The initializers import torch when an adapter is built, not when the registry is read for its names (the command
+# line's choices and help).
+def _pissa_init(layer: LoraLayer) -> None:
+    from eva_rl.inits import pissa_init
+
+    pissa_init(layer)
+
+
+def _olora_init(layer: LoraLayer) -> None:
+    from eva_rl.inits import olora_init
+
+    olora_init(layer)
+
+
 for _method in (
     Method(
         "eva",
@@ -111,13 +126,13 @@ for _method in (
     Method(
         "pissa",
         "LoRA, A and B from the top-r SVD of W; the residual is the frozen base",
-        init=pissa_init,
+        init=_pissa_init,
         rewrites_base=True,
     ),
     Method(
         "olora",
         "LoRA, A and B from the QR decomposition of W; the residual is frozen",
-        init=olora_init,
+        init=_olora_init,
         rewrites_base=True,
     ),
     Method("dora", "lora with DoRA's weight decomposition (a trainable magnitude per output unit)", use_dora=True),

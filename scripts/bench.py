@@ -6,7 +6,7 @@ python scripts/bench.py --device cuda
 
 import sys
 
-from eva_rl.experiments.bench import bench_main
+from eva_rl.experiments.cli import bench_main
 
 if __name__ == "__main__":
     sys.exit(bench_main())

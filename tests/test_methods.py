@@ -129,9 +129,7 @@ def test_dora_magnitude_trains_saves_and_merges(tmp_path: Path) -> None:
 def pissa_dora():
     """A method that exists only in this test, registered with one entry and removed afterwards."""
     method = eva_rl.register_method(
-        eva_rl.Method(
-            "pissa+dora", "PiSSA with DoRA", init=eva_rl.methods.pissa_init, rewrites_base=True, use_dora=True
-        )
+        eva_rl.Method("pissa+dora", "PiSSA with DoRA", init=eva_rl.inits.pissa_init, rewrites_base=True, use_dora=True)
     )
     yield method
     del eva_rl.METHODS[method.name]

@@ -14,6 +14,7 @@ from eva_rl.experiments.tasks import find_task
 from tests.test_bad_input import one_error_line
 
 VALID = {
+    "--env-kwargs": ("max_steps:100", {"max_steps": 100}),
     "--n-envs": ("3", 3),
     "--wrapper": ("eva_rl.wrappers:OneHotImage", ["eva_rl.wrappers:OneHotImage"]),
     "--rank": ("3", 3),
@@ -74,6 +75,15 @@ def test_every_command_takes_its_flags_from_the_one_vocabulary() -> None:
             assert seen.setdefault(action.dest, described) == described, action.dest
             assert (action.option_strings or [action.dest])[0] in help_text
     assert {"seeds", "workers", "device", "eval_episodes", "log_dir"} <= set(seen)
+
+
+def test_env_kwargs_are_literals_that_update_the_tasks_own() -> None:
+    """rl-zoo3's key:value form; a tuple becomes the list a task file's YAML would give, so a rerun's settings match."""
+    task = cli.resolve_task(finetune_args("--env-kwargs", "goal:(0.3, 0.7)", "max_steps:100", "name:'x'"))
+    assert task.env_kwargs == {"goal": [0.3, 0.7], "max_steps": 100, "name": "x"}
+    kept = cli.resolve_task(finetune_args("--env-kwargs", "max_steps:7")).with_overrides({"env_kwargs.goal": [0, 0]})
+    updated = cli.apply_flags(kept, finetune_args("--env-kwargs", "max_steps:9"))
+    assert updated.env_kwargs == {"goal": [0, 0], "max_steps": 9}
 
 
 def test_seeds_are_seed_values_in_every_command() -> None:
@@ -139,10 +149,10 @@ def test_compare_methods_outside_the_suites_own_are_one_error_line(capsys: pytes
     assert code == 2 and "--methods=['eva', 'lora'] is invalid" in line and "['eva', 'full']" in line
 
 
-def test_the_readmes_cli_reference_is_what_the_code_declares() -> None:
+def test_the_docs_cli_reference_is_what_the_code_declares() -> None:
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
     start = readme.index("<!-- cli-reference")
     table = readme[readme.index("\n", start) + 1 : readme.index("<!-- /cli-reference -->")].strip()
     assert table == cli.cli_reference()

@@ -16,22 +16,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
 
-from eva_rl.devices import get_device
 from eva_rl.errors import AgentError, ConfigError, EvaRLError
-from eva_rl.experiments.environments import env_factory, import_packages
 from eva_rl.experiments.execute import BACKENDS, LocalProcesses, SideBySide, default_workers
 from eva_rl.experiments.options import CommandParser, add_flags, task_overrides
 from eva_rl.experiments.run_folder import RunFolder
 from eva_rl.experiments.tasks import EvalSettings, TaskConfig, find_task, known_tasks, load_task
-from eva_rl.experiments.training import one_line_warnings
 from eva_rl.experiments.trust import pickle_note
 from eva_rl.files import atomic_save_model, check_writable
-from eva_rl.loading import load_agent, load_pretrained
 
-ENV_FLAGS = ("env", "config", "gym_package", "n_envs", "wrapper", "device", "threads")
+ENV_FLAGS = ("env", "config", "gym_package", "env_kwargs", "n_envs", "wrapper", "device", "threads")
 """Which environment and task, and where the computation runs (every command that builds the target env)."""
 ADAPTER_FLAGS = ("pretrained", "rank", "alpha", "rho", "tau", "eva_batch_size", "algo")
 """The pretrained agent and the adapter settings (``finetune`` and ``inspect``)."""
@@ -59,6 +54,17 @@ FINETUNE_FLAGS = (
 
 IMAGE_SUFFIXES = (".png", ".svg", ".pdf", ".jpg")
 
+# The handlers import torch, stable-baselines3 and Gymnasium when a command runs, not when this module is imported:
+# parsing and --help stay well under a second.
+
+
+def torch_threads(threads: int) -> int:
+    """Set torch's CPU threads for this process; the number it uses."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
 
 def check_image_path(out: Path) -> None:
     """:raises ConfigError: for an ``--out`` that is no image file matplotlib writes, or cannot be written (before
@@ -80,6 +86,10 @@ def resolve_task(args: argparse.Namespace, rename: dict[str, str] | None = None)
     """The task named by ``--env`` (or ``--config``), or an ad-hoc task for a plain env id or entry point, with the
     command line's settings applied (each checked like the task file's, an error naming the flag; ``rename``: see
     :func:`apply_flags`)."""
+    from eva_rl.devices import get_device
+    from eva_rl.experiments.environments import env_factory, import_packages
+    from eva_rl.loading import load_pretrained
+
     try:
         get_device(args.device)
     except ValueError as error:
@@ -121,12 +131,12 @@ def finetune_command(args: argparse.Namespace) -> int:
     """``finetune``: every method x seed of the task, side by side; a table, the files written, TensorBoard."""
     from eva_rl.experiments.finetune import finetune, summary_table, written_files
 
-    torch.set_num_threads(args.threads)
+    threads = torch_threads(args.threads)
     task = resolve_task(args)
     agent_path = _agent_path(task, args)
     print(f"[eva-rl] task {task.name}: {task.target_env}, agent {agent_path}")
     workers = args.workers or default_workers(len(task.methods) * len(task.seeds))
-    executor = SideBySide(workers, torch.get_num_threads(), progress=not args.no_progress)
+    executor = SideBySide(workers, threads, progress=not args.no_progress)
     results = finetune(task, agent_path, args.log_dir, executor, args.device, args.resume, args.overwrite)
     board = args.log_dir / task.name
     print()
@@ -168,6 +178,8 @@ _FILE_SYSTEM_ERRORS = {
 
 def guarded(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a command's handler: every eva-rl error becomes one ``error:`` line and exit code 2."""
+    from eva_rl.experiments.training import one_line_warnings
+
     one_line_warnings()
     try:
         return handler(args)
@@ -193,7 +205,7 @@ def pretrain_command(args: argparse.Namespace) -> int:
     """``pretrain``: the task's source agent, reproducibly, with a model card."""
     from eva_rl.experiments.pretrain import pretrain
 
-    torch.set_num_threads(args.threads)
+    torch_threads(args.threads)
     if args.out is not None:
         check_writable(args.out, f"--out {args.out}")
     task = resolve_task(args, rename={"total_timesteps": "pretrain_timesteps"})
@@ -274,7 +286,7 @@ def inspect_command(args: argparse.Namespace) -> int:
     """``inspect``: EVA only, its ranks and captured variance per layer."""
     from eva_rl.experiments.inspection import allocation_table, inspect_eva, save_allocation_png
 
-    torch.set_num_threads(args.threads)
+    torch_threads(args.threads)
     out = args.out or Path("eva_allocation.png")
     check_image_path(out)
     task = resolve_task(args)
@@ -292,7 +304,7 @@ def bank_command(args: argparse.Namespace) -> int:
     from eva_rl.experiments.banks import evaluate_bank
     from eva_rl.experiments.inspection import bank_table
 
-    torch.set_num_threads(args.threads)
+    torch_threads(args.threads)
     if args.base is not None and not args.base.is_file():
         raise ConfigError(f"--base {args.base} is invalid: expected the bank's base agent zip file")
     base = args.base or AdapterBank.base_file(args.bank)
@@ -307,6 +319,7 @@ def bank_command(args: argparse.Namespace) -> int:
 def merge_command(args: argparse.Namespace) -> int:
     """``merge``: a run's adapters folded into a plain SB3 zip."""
     from eva_rl.adapt import merge
+    from eva_rl.loading import load_agent
 
     source = RunFolder(args.run_dir).model_file if args.run_dir.is_dir() else args.run_dir
     if source.is_file():
@@ -559,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cli_reference() -> str:
-    """README's CLI reference table: every flag once, with the commands that take it."""
+    """The CLI reference table of ``docs/cli.md``: every flag once, with the commands that take it."""
     from eva_rl.experiments.options import flag_table
 
     commands = {name: command.flags for name, command in COMMANDS.items()}

@@ -22,13 +22,16 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, as_completed, wait
 from multiprocessing.managers import SyncManager
 from queue import Empty
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tqdm.auto import tqdm
 
 from eva_rl.errors import ConfigError
-from eva_rl.experiments.runs import RunResult, RunSpec, run
-from eva_rl.experiments.training import ProgressSink
+from eva_rl.experiments.run_folder import RunResult
+
+if TYPE_CHECKING:  # the command line's help needs neither torch nor SB3, which the runs import
+    from eva_rl.experiments.runs import RunSpec
+    from eva_rl.experiments.training import ProgressSink
 
 T = TypeVar("T")
 
@@ -71,6 +74,8 @@ def run_in_worker(
     progress: bool | ProgressSink = False,
 ) -> RunResult:
     """One run (skipped if complete, resumed if interrupted and ``resume``) in a prepared process."""
+    from eva_rl.experiments.runs import run
+
     prepare_worker(threads, spec.task.env_packages)
     return run(spec, progress=progress, resume=resume, overwrite=overwrite)
 

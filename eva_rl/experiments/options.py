@@ -11,15 +11,16 @@ replaced.
 from __future__ import annotations
 
 import argparse
+import ast
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from eva_rl.algorithms import ALGORITHM_NAMES
 from eva_rl.experiments.execute import BACKENDS
 from eva_rl.experiments.run_folder import RunFolder
 from eva_rl.experiments.tasks import SEED, is_seed
-from eva_rl.loading import ALGORITHMS
 from eva_rl.methods import method_names
 
 
@@ -45,6 +46,30 @@ def count(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"{number} is invalid: expected an integer >= 1")
     return number
+
+
+def env_kwarg(value: str) -> tuple[str, Any]:
+    """``"goal:(0.3, 0.7)"`` -> ``("goal", [0.3, 0.7])``: rl-zoo3's ``--env-kwargs`` form, the value a Python literal
+    (tuples become lists, as a task file's YAML gives them)."""
+    key, colon, text = value.partition(":")
+    if not colon or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"{value!r} is invalid: expected key:value, e.g. goal:(0.3,0.7)")
+    try:
+        parsed = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is invalid: the value {text!r} is no Python literal (a number, True, None, a list, a tuple, "
+            "a dict, or a quoted string such as 'rgb_array')"
+        ) from None
+    return key, _as_yaml(parsed)
+
+
+def _as_yaml(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_as_yaml(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _as_yaml(item) for key, item in value.items()}
+    return value
 
 
 def seed(value: str) -> int:
@@ -145,6 +170,16 @@ FLAGS: dict[str, Flag] = {
             action="append",
             metavar="PKG",
         ),
+        Flag(
+            ("--env-kwargs",),
+            "keyword arguments for the target env, as key:value with a Python literal value (rl-zoo3's form), e.g. "
+            "--env-kwargs goal:(0.3,0.7) max_steps:100; they update the task's env_kwargs",
+            ENVIRONMENT,
+            env_kwarg,
+            setting="env_kwargs",
+            nargs="+",
+            metavar="KEY:VALUE",
+        ),
         Flag(("--n-envs",), "parallel envs for training", ENVIRONMENT, type=int, setting="n_envs"),
         Flag(
             ("--wrapper",),
@@ -184,7 +219,7 @@ FLAGS: dict[str, Flag] = {
             "take either)",
             AGENT,
             setting="algo",
-            choices=tuple(ALGORITHMS),
+            choices=ALGORITHM_NAMES,
         ),
         Flag(
             ("--policy",),
@@ -403,15 +438,18 @@ def task_overrides(args: argparse.Namespace) -> dict[str, tuple[str, Any]]:
     given = {}
     for name, value in vars(args).items():
         flag = FLAGS.get(name)
-        if flag is not None and flag.setting is not None and value is not None and value is not False:
+        if flag is not None and flag.setting == "env_kwargs" and value is not None:
+            for key, item in value:  # each key its own dotted setting, so the task's other env kwargs stay
+                given[f"env_kwargs.{key}"] = (f"{flag.flags[0]} {key}:{item!r}", item)
+        elif flag is not None and flag.setting is not None and value is not None and value is not False:
             shown = ",".join(map(str, value)) if isinstance(value, list) else str(value)
             given[flag.setting] = (f"{flag.flags[0]} {shown}" if flag.action != "store_true" else flag.flags[0], value)
     return given
 
 
 def flag_table(commands: dict[str, Sequence[str]]) -> str:
-    """The Markdown table of every flag (README's CLI reference): its meaning and default, and the commands that
-    take it (``commands``: ``{command: its flags}``)."""
+    """The Markdown table of every flag (the CLI reference in ``docs/cli.md``): its meaning and default, and the
+    commands that take it (``commands``: ``{command: its flags}``)."""
     lines = ["| flag | meaning | commands |", "|---|---|---|"]
     for name, flag in FLAGS.items():
         takers = [command for command, names in commands.items() if name in names]

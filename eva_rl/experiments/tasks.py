@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eva_rl.algorithms import ALGORITHM_NAMES
 from eva_rl.config import EvaConfig, LoraConfig, _is_int, _is_number
 from eva_rl.errors import ConfigError
 from eva_rl.files import read_yaml
-from eva_rl.loading import ALGORITHMS
 from eva_rl.methods import method_names
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,8 +158,8 @@ class TaskConfig:
         if unknown:
             accepted = sorted(algorithm_arguments())
             raise ConfigError(f"unknown algorithm argument(s) {unknown} in ppo; accepted: {accepted}")
-        if self.algo is not None and self.algo not in ALGORITHMS:
-            raise ConfigError(f"algo={self.algo!r} is invalid: expected one of {list(ALGORITHMS)}")
+        if self.algo is not None and self.algo not in ALGORITHM_NAMES:
+            raise ConfigError(f"algo={self.algo!r} is invalid: expected one of {list(ALGORITHM_NAMES)}")
         for name in ("update_obs_stats", "pretrain_normalize"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: expected true or false")
@@ -418,6 +418,8 @@ def algorithm_arguments(algorithm: str | None = None) -> set[str]:
         "tensorboard_log",
         "_init_setup_model",
     }
+    from eva_rl.loading import ALGORITHMS  # SB3's classes: imported when a run's arguments are checked
+
     classes = [ALGORITHMS[algorithm]] if algorithm else list(ALGORITHMS.values())
     return {name for cls in classes for name in inspect.signature(cls.__init__).parameters} - excluded
 
