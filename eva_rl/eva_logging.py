@@ -45,7 +45,9 @@ def eva_report_markdown(report: EvaReport) -> str:
 
 
 def allocation_chart(ranks: Mapping[str, int], captured: Mapping[str, float]) -> np.ndarray:
-    """Rank and captured variance per layer, side by side, as an ``(H, W, 3)`` uint8 image."""
+    """The rank EVA gave each layer, labelled with the share of the layer input's variance it captures, as an
+    ``(H, W, 3)`` uint8 image. One narrow panel with large type: TensorBoard's image cards shrink an image to their
+    width (about 330 pixels), where a wide chart's labels could not be read."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,22 +55,16 @@ def allocation_chart(ranks: Mapping[str, int], captured: Mapping[str, float]) ->
 
     names = list(ranks)
     positions = range(len(names))
-    figure, (rank_axis, variance_axis) = plt.subplots(
-        1, 2, figsize=(9, 0.32 * len(names) + 1.4), dpi=100, sharey=True, gridspec_kw={"width_ratios": [1, 1]}
-    )
-    rank_axis.barh(positions, [ranks[n] for n in names], color="#4c72b0")
-    rank_axis.set_yticks(positions, names, fontsize=8)
-    rank_axis.invert_yaxis()
-    rank_axis.set_xlabel("rank")
-    rank_axis.set_title("rank EVA allocated", fontsize=10)
+    widest = max(ranks.values(), default=0) or 1
+    figure, axis = plt.subplots(figsize=(4.4, 0.42 * len(names) + 1.1), dpi=100)
+    axis.barh(positions, [ranks[n] for n in names], color="#1f77b4")
+    axis.set_yticks(positions, names, fontsize=10)
+    axis.invert_yaxis()
+    axis.set_xlim(0, widest * 1.75)  # room for the labels
+    axis.set_xlabel("rank (label: variance captured)", fontsize=10)
+    axis.set_title("EVA's rank per layer", fontsize=11)
     for i, name in enumerate(names):
-        rank_axis.text(ranks[name], i, f" {ranks[name]}", va="center", fontsize=8)
-    variance_axis.barh(positions, [100 * captured.get(n, 0.0) for n in names], color="#55a868")
-    variance_axis.set_xlim(0, 105)
-    variance_axis.set_xlabel("% of the layer input's variance")
-    variance_axis.set_title("variance the rank captures", fontsize=10)
-    for i, name in enumerate(names):
-        variance_axis.text(100 * captured.get(name, 0.0), i, f" {captured.get(name, 0.0):.0%}", va="center", fontsize=8)
+        axis.text(ranks[name], i, f" {ranks[name]} · {captured.get(name, 0.0):.0%}", va="center", fontsize=10)
     figure.tight_layout()
     figure.canvas.draw()
     image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()

@@ -19,6 +19,13 @@ from eva_rl.experiments.tasks import ConfigError, find_task
 pytestmark = pytest.mark.filterwarnings("ignore:EVA:UserWarning")
 
 
+def smoke_suite() -> Suite:
+    """The smoke suite at a quarter of its budget: these tests check the harness, not what the runs learn."""
+    suite = load_suite("smoke")
+    suite.tasks = [dataclasses.replace(task, total_timesteps=4096) for task in suite.tasks]
+    return suite
+
+
 def compare(suite, log_dir, methods=None, seeds=None, workers=1, echo=print, backend="local", report_only=False):
     """What ``compare.py --suite`` does: the suite study, carried out by the executor its flags choose."""
     study = SuiteStudy(suite, log_dir, methods, seeds, report_only, echo)
@@ -39,7 +46,7 @@ def test_every_shipped_suite_names_its_own_file_and_tasks_with_agents(path: Path
 
 
 def test_local_sweep_writes_tables_and_plots_and_a_rerun_skips_completed_runs(tmp_path: Path) -> None:
-    suite = load_suite("smoke")
+    suite = smoke_suite()
     lines: list[str] = []
     report = compare(suite, tmp_path, workers=2, echo=lines.append)
     out = tmp_path / "smoke"
@@ -71,7 +78,7 @@ def test_local_sweep_writes_tables_and_plots_and_a_rerun_skips_completed_runs(tm
 
 
 def test_specs_are_one_per_task_method_seed_with_method_settings(tmp_path: Path) -> None:
-    suite = load_suite("smoke")
+    suite = smoke_suite()
     suite.method_settings = {"eva": {"learning_rate": 3e-3, "alpha": 8.0}}
     specs = [spec for _, spec in suite.run_specs(tmp_path)]
     assert [(s.method, s.seed) for s in specs] == [("eva", 0), ("full", 0), ("eva", 1), ("full", 1)]
@@ -91,14 +98,14 @@ def test_bad_suites_are_clear_errors(tmp_path: Path) -> None:
 
 
 def test_tuning_sweeps_every_method_alike_and_picks_by_auc(tmp_path: Path) -> None:
-    suite = load_suite("smoke")
+    suite = smoke_suite()
     report = conduct(TuningSweep(suite, tmp_path, echo=lambda line: None), LocalProcesses(2, echo=lambda line: None))
     chosen = report["chosen"]
     table = json.loads((tmp_path / "smoke-tuning" / "tuning.json").read_text())
     assert set(chosen) == {"eva", "full"}
     for method, point in chosen.items():
         scores = table["auc_iqm"][method]
-        assert set(scores) == {"learning_rate0.001", "learning_rate0.003"}
+        assert set(scores) == {"learning_rate0.001", "learning_rate0.003", "learning_rate0.01"}
         assert scores[f"learning_rate{point['learning_rate']:g}"] == max(scores.values())
     assert sorted(
         p.name for p in (tmp_path / "smoke-tuning" / "learning_rate0.003" / "smoke" / "PointGoal").iterdir()
@@ -110,7 +117,7 @@ def test_tuning_sweeps_every_method_alike_and_picks_by_auc(tmp_path: Path) -> No
 
 def test_ray_backend_runs_a_tiny_sweep_on_a_local_instance(tmp_path: Path) -> None:
     pytest.importorskip("ray")
-    suite = load_suite("smoke")
+    suite = smoke_suite()
     lines: list[str] = []
     report = compare(suite, tmp_path, echo=lines.append, backend="ray")
     assert len(lines) == 4 and lines[-1].startswith("[4/4]")
@@ -189,7 +196,7 @@ def test_task_method_settings_apply_per_method_and_the_suite_and_command_line_ov
     assert (eva.ppo["learning_rate"], eva.lora.r) == (3e-3, 2)
     assert full.ppo["learning_rate"] == 5e-4 and lora.ppo["learning_rate"] == task.ppo["learning_rate"]
 
-    suite = load_suite("smoke")
+    suite = smoke_suite()
     suite.method_settings = {"eva": {"alpha": 8.0}, "full": {"learning_rate": 1e-4}}
     monkeypatch.setattr(Suite, "task", lambda self, suite_task: task)
     eva = suite.run_spec(suite.tasks[0], "eva", 0, tmp_path).task
@@ -229,7 +236,7 @@ def test_plots_name_each_methods_tasks_and_seeds_and_stay_readable_with_many_met
 
 
 def test_a_rerun_of_some_methods_keeps_the_others_on_the_page_and_names_stale_runs(tmp_path: Path) -> None:
-    suite = load_suite("smoke")
+    suite = smoke_suite()
     lines: list[str] = []
     compare(suite, tmp_path, methods=["eva"], workers=2, echo=lines.append)
     assert set(json.loads((tmp_path / "smoke" / "results.json").read_text())["tasks"]["PointGoal"]["methods"]) == {
@@ -239,7 +246,7 @@ def test_a_rerun_of_some_methods_keeps_the_others_on_the_page_and_names_stale_ru
     rows = report.tasks["PointGoal"].methods
     assert (rows["eva"].seeds, rows["full"].seeds) == (2, 1)  # eva's runs stay on the page after a rerun of full
 
-    retuned = dataclasses.replace(suite, method_settings={"eva": {"learning_rate": 5e-3}})
+    retuned = dataclasses.replace(suite, method_settings={**suite.method_settings, "eva": {"learning_rate": 5e-3}})
     lines.clear()
     report = compare(retuned, tmp_path, report_only=True, echo=lines.append)
     assert set(report.tasks["PointGoal"].methods) == {"full"}

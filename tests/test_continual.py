@@ -33,7 +33,9 @@ def run_sequence(sequence, log_dir: Path, workers: int = 1, echo=print) -> dict:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[ContinualStudy, dict]:
     root = tmp_path_factory.mktemp("continual")
-    sequence = dataclasses.replace(load_sequence("smoke"), seeds=[0], eval_episodes=4)
+    sequence = load_sequence("smoke")  # at a sixteenth of its budget: the banks, not what they learn, are tested here
+    stages = [dataclasses.replace(stage, total_timesteps=1024) for stage in sequence.stages]
+    sequence = dataclasses.replace(sequence, stages=stages, seeds=[0], eval_episodes=4)
     report = run_sequence(sequence, root, workers=2, echo=lambda line: None)
     return ContinualStudy(sequence, root), report
 
@@ -135,6 +137,7 @@ def test_a_clone_of_the_results_regenerates_the_page_without_training(smoke, tmp
         ({"stages": [{"env": "PointGoal-v0", "total_timesteps": 10}]}, "at least two stages"),
         ({"methods": ["full"]}, "methods=['full'] is invalid"),
         ({"seeds": 0}, "seeds=0 is invalid"),
+        ({"eval_freq": 0}, "eval_freq=0 is invalid"),
         ({"stages": [{"env": "PointGoal-v0", "total_timesteps": 0}] * 2}, "total_timesteps=0 is invalid"),
         ({"stages": [{"env": "PointGoal-v0", "total_timesteps": 10}] * 2}, "PointGoal is listed twice"),
         ({"stages": [{"env": "PointGoal-v0", "total_timesteps": 10, "goal": 1}] * 2}, "unknown key(s) ['goal']"),
@@ -167,3 +170,15 @@ def test_a_stage_that_cannot_run_stops_the_sequence_before_its_first_run(stage: 
     with pytest.raises(EvaRLError, match=re.escape(message)):
         run_sequence(sequence, tmp_path, echo=lambda line: None)
     assert not list(tmp_path.rglob("result.json")) and not list(tmp_path.rglob("events.out.tfevents*"))
+
+
+def test_a_sequences_eval_freq_holds_in_every_stage_within_its_budget(tmp_path: Path) -> None:
+    sequence = dataclasses.replace(load_sequence("smoke"), eval_freq=4096)
+    study = ContinualStudy(sequence, tmp_path)
+    assert {study.stage_task(stage, method).eval.freq for stage in sequence.stages for method in ("eva", "full")} == {
+        4096
+    }
+    short = dataclasses.replace(sequence.stages[0], total_timesteps=1024)
+    assert study.stage_task(short, "eva").eval.freq == 1024
+    unset = ContinualStudy(dataclasses.replace(sequence, eval_freq=None), tmp_path)
+    assert unset.stage_task(sequence.stages[0], "eva").eval.freq == unset.base.eval.freq == 5000

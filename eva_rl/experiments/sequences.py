@@ -62,6 +62,8 @@ class ContinualSequence(Seeded):
     :param seeds: Number of seeds (0..n-1) or a list.
     :param sequential: Also fine-tune one network stage after stage (``full-seq``).
     :param eval_episodes: Episodes per evaluation (default: the base task's).
+    :param eval_freq: Env steps between evaluations in every stage (default: the base task's), at most a stage's
+        budget.
     :param method_settings: Per-method settings (``learning_rate``, ``r`` ...) as in suites (``full`` included).
     :param signature_steps: Env steps of the base policy in each stage's env that make the stage's signature
         (:meth:`~eva_rl.bank.AdapterBank.set_signature`).
@@ -76,6 +78,7 @@ class ContinualSequence(Seeded):
     seeds: int | list[int] = 5
     sequential: bool = True
     eval_episodes: int | None = None
+    eval_freq: int | None = None
     method_settings: dict[str, dict[str, float]] = field(default_factory=dict)
     signature_steps: int = 1024
     selection_steps: list[int] = field(default_factory=lambda: [16, 64, 256])
@@ -101,8 +104,9 @@ class ContinualSequence(Seeded):
         check_seeds(self.seeds, "seeds")
         if not isinstance(self.sequential, bool):
             raise ConfigError(f"sequential={self.sequential!r} is invalid: expected true or false")
-        if self.eval_episodes is not None:
-            check_count(self.eval_episodes, "eval_episodes")
+        for name in ("eval_episodes", "eval_freq"):
+            if getattr(self, name) is not None:
+                check_count(getattr(self, name), name)
         check_method_settings(self.method_settings, "method_settings")
 
 

@@ -133,7 +133,7 @@ class ContinualStudy(Study[ContinualReport]):
     def stage_task(self, stage: Stage, method: str) -> TaskConfig:
         """The base task as ``method`` fine-tunes it on ``stage``: the stage's env, budget and evaluation."""
         sequence, base = self.sequence, self.base
-        eval_freq = min(base.eval.freq, stage.total_timesteps)
+        eval_freq = min(sequence.eval_freq or base.eval.freq, stage.total_timesteps)
         overrides = {
             **sequence.method_settings.get(method, {}),
             **({"eval_episodes": sequence.eval_episodes} if sequence.eval_episodes is not None else {}),
