@@ -52,6 +52,14 @@ def adapter_plan(model: BaseAlgorithm, method: Method, lora: LoraConfig, eva: Ev
     )
 
 
+def reads_algorithm_rollouts(eva: EvaConfig, algorithm: type[BaseAlgorithm], n_steps: int | None, n_envs: int) -> bool:
+    """Whether EVA reads the algorithm's own first rollouts: ``data_source="ppo"``, or ``"auto"`` for an on-policy
+    algorithm whose rollout (``n_steps * n_envs``) holds an EVA batch (A2C's 5-step rollouts on few envs do not)."""
+    if eva.data_source == "auto":
+        return algorithm in EVA_ROLLOUT_ALGORITHMS and n_steps is not None and n_steps * n_envs >= eva.batch_size
+    return eva.data_source == "ppo"
+
+
 def check_eva_batch_size(plan: AdapterPlan, eva: EvaConfig) -> None:
     """:raises ConfigError: if an EVA batch has fewer rows than the components EVA tracks at some layer."""
     if eva.batch_size < plan.eva_components:
@@ -159,7 +167,8 @@ def adapt(
     policy_class = lora_policy_class(type(model.policy))
     vec_env = wrap_target_env(model, env)
     plan = adapter_plan(model, spec, lora, eva)
-    eva_from_ppo = spec.runs_eva and eva.data_source == "ppo"
+    n_steps = kwargs.get("n_steps", getattr(model, "n_steps", None))
+    eva_from_ppo = spec.runs_eva and reads_algorithm_rollouts(eva, algorithm, n_steps, vec_env.num_envs)
     if eva_from_ppo and algorithm not in EVA_ROLLOUT_ALGORITHMS:
         raise ConfigError(
             f"EvaConfig.data_source='ppo' reads the rollouts of an on-policy algorithm; {algorithm.__name__} has "

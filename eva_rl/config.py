@@ -27,7 +27,7 @@ _REPEATS = tuple(
 )
 _ON_MAX_BATCHES = ("raise", "warn")
 _SVD_SOLVERS = ("lowrank", "full")
-_DATA_SOURCES = ("rollouts", "ppo")
+_DATA_SOURCES = ("auto", "rollouts", "ppo")
 
 
 def _bad(cls_name: str, field_name: str, value: Any, accepted: str) -> ConfigError:
@@ -212,10 +212,12 @@ class EvaConfig:
     :param extra_components: Components tracked beyond ``round(r * rho)`` per layer and dropped at the end. The
         incremental SVD truncates to the tracked components after every batch, which loses what lies beyond them;
         tracking more makes the kept directions closer to an exact SVD of the stream (0, peft's choice: none).
-    :param data_source: Where EVA's observations come from: ``"rollouts"``, its own rollouts of the pretrained
-        policy before PPO starts (extra env steps, as a static-dataset EVA would spend); or ``"ppo"``, the first
-        rollouts PPO collects anyway (:class:`~eva_rl.eva_ppo.EvaPPO`; no extra env steps when EVA converges
-        within the first rollout, otherwise PPO skips its update on the rollouts before).
+    :param data_source: Where EVA's observations come from: ``"ppo"``, the first rollouts an on-policy algorithm
+        (PPO, A2C) collects anyway, on which it then trains (:class:`~eva_rl.eva_ppo.EvaPPO`: no extra env steps,
+        no update lost); ``"rollouts"``, EVA's own rollouts of the pretrained policy before training starts (extra
+        env steps, as a static-dataset EVA would spend; the only source for off-policy algorithms; the default,
+        since it converges whatever the fine-tuning budget); ``"auto"``, ``"ppo"`` where the algorithm is on-policy
+        and one rollout holds an EVA batch, else ``"rollouts"``.
     """
 
     rho: float = 2.0
@@ -229,7 +231,7 @@ class EvaConfig:
     svd_solver: Literal["lowrank", "full"] = "lowrank"
     seed: int = 0
     extra_components: int = 0
-    data_source: Literal["rollouts", "ppo"] = "rollouts"
+    data_source: Literal["auto", "rollouts", "ppo"] = "rollouts"
 
     def __post_init__(self) -> None:
         name = type(self).__name__

@@ -51,10 +51,12 @@ class EvaResult:
         its ranked components converged (unless a rank change makes it need more).
     :ivar seconds: Wall time EVA itself took: its batches' forward passes and PCA updates, and with its own rollouts
         their collection; with PPO's rollouts (``data_source="ppo"``) neither PPO's collection nor anything between
-        rollouts counts (their env steps are ``skipped_steps``).
+        rollouts counts (their env steps are ``deferred_steps``).
     :ivar env_steps: Environment steps of EVA's own rollouts, taken before PPO starts (0 when EVA reads PPO's).
     :ivar data_source: ``"rollouts"`` (EVA's own) or ``"ppo"`` (PPO's first rollouts, :class:`~eva_rl.eva_ppo.EvaPPO`).
-    :ivar skipped_steps: Env steps of PPO rollouts that fed EVA without a PPO update (``data_source="ppo"``).
+    :ivar skipped_steps: Env steps of PPO rollouts that fed EVA and were never trained on (see
+        :class:`~eva_rl.eva_report.EvaReport`).
+    :ivar deferred_steps: Env steps of PPO rollouts EVA read before it converged, trained on after it did.
     """
 
     A: dict[str, torch.Tensor]
@@ -72,6 +74,7 @@ class EvaResult:
     env_steps: int | None = None
     data_source: str = "rollouts"
     skipped_steps: int = 0
+    deferred_steps: int = 0
 
     def captured_variance(self, name: str) -> float:
         """Fraction of layer ``name``'s input variance captured by its ``rank`` EVA directions."""
@@ -93,6 +96,7 @@ class EvaResult:
             env_steps=self.env_steps,
             data_source=self.data_source,
             skipped_steps=self.skipped_steps,
+            deferred_steps=self.deferred_steps,
             seconds=self.seconds,
         )
 

@@ -35,12 +35,12 @@ def eva_report_markdown(report: EvaReport) -> str:
             f"| {layer}{shared} | {report.fan_in.get(layer, '')} | {rank} | "
             f"{'' if captured is None else f'{captured:.1%}'} | {report.converged_at.get(layer, '-')} |"
         )
-    source = "PPO's rollouts" if report.data_source == "ppo" else "its own rollouts"
-    steps = report.skipped_steps if report.data_source == "ppo" else (report.env_steps or 0)
-    cost = (
-        f"Rank budget {sum(report.ranks.values())}; {report.batches_used} batches from {source}, {steps:,} env steps, "
-        f"{report.seconds:.1f} s."
-    )
+    if report.data_source == "ppo":  # no env steps of its own; the rollouts it read were trained on
+        source = f"PPO's rollouts (no extra env steps; {report.deferred_steps:,} steps' updates waited for EVA)"
+    else:
+        source = f"its own rollouts, {report.env_steps or 0:,} env steps"
+    budget = sum(report.ranks.values())
+    cost = f"Rank budget {budget}; {report.batches_used} batches from {source}, {report.seconds:.1f} s."
     return "\n".join([*rows, "", cost])
 
 

@@ -1,8 +1,10 @@
 """EVA from the algorithm's own rollouts: the adapters are initialized from the first rollouts PPO (or A2C) collects
-anyway, so EVA takes no environment steps of its own (``EvaConfig(data_source="ppo")``)."""
+anyway, and PPO then trains on every one of them, so EVA costs no environment steps (``EvaConfig(data_source="ppo")``,
+or ``"auto"`` for an on-policy algorithm)."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -23,31 +25,38 @@ def _time_major(observations: np.ndarray, rows: int, space: spaces.Space) -> np.
 
 
 class EvaRolloutsMixin:
-    """An on-policy algorithm that finishes its EVA initialization on its first rollouts.
+    """An on-policy algorithm that finishes its EVA initialization on its first rollouts, and trains on all of them.
 
     Until EVA has converged, the policy's adapters have ``B = 0``, so it acts exactly as the pretrained policy.
-    After each rollout, the buffer's observations feed EVA; PPO skips its update on every rollout before the one
-    where EVA converges. Then EVA's adapters replace the placeholder ones and PPO trains on that same rollout,
-    which stays on-policy: the actions, log-probabilities and values in the buffer came from a policy whose outputs
-    EVA's swap does not change. When EVA converges within the first rollout, it costs no environment steps.
+    After each rollout, the buffer's observations feed EVA; while EVA has not converged, the rollout is kept and its
+    update waits. On the rollout where EVA converges, EVA's adapters replace the placeholder ones (which leaves the
+    policy's outputs unchanged), and the algorithm makes the update of every kept rollout, oldest first, then that
+    of the converging one. All of those rollouts were collected by the pretrained policy, which is the adapted policy
+    at its first update, so none is lost: EVA costs no environment steps and no update (the kept rollouts' updates
+    after the first read data one or more updates old, which PPO's ratio to the log-probabilities they were collected
+    with accounts for, as it does for its own epochs).
 
     Once EVA is done, this is the plain algorithm: the saved zip loads with ``PPO.load`` (``A2C.load``).
 
-    A model saved while EVA is pending keeps its policy's ``eva_pending`` (the session and its data are not saved):
-    loaded, with this class or the plain one, it predicts as the pretrained policy but refuses to train, since it
-    would train the placeholder adapters as plain LoRA.
+    A model saved while EVA is pending keeps its policy's ``eva_pending`` (the session, its data and the kept
+    rollouts are not saved): loaded, with this class or the plain one, it predicts as the pretrained policy but
+    refuses to train, since it would train the placeholder adapters as plain LoRA.
 
-    :ivar eva_skipped_steps: Env steps of rollouts that fed EVA without a PPO update (EVA's whole env-step cost).
+    :ivar eva_deferred_steps: Env steps of the rollouts EVA read before the one it converged on, whose updates waited.
     """
+
+    KEPT = ("observations", "actions", "rewards", "advantages", "returns", "episode_starts", "log_probs", "values")
+    """The rollout buffer's arrays a kept rollout holds (what an update reads)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.eva_session: EvaSession | None = None
         self.eva_apply: Callable[[EvaResult], None] | None = None
-        self.eva_skipped_steps = 0
+        self.eva_deferred_steps = 0
+        self.eva_rollouts: list[dict[str, Any]] = []
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "eva_session", "eva_apply"]
+        return [*super()._excluded_save_params(), "eva_session", "eva_apply", "eva_rollouts"]
 
     def start_eva(self, session: EvaSession, apply: Callable[[EvaResult], None]) -> None:
         """Feed ``session`` from the coming rollouts and call ``apply`` with its result before the first update."""
@@ -59,7 +68,7 @@ class EvaRolloutsMixin:
         return self.eva_session is not None
 
     def _feed_eva(self) -> bool:
-        """Feed this rollout to EVA; apply EVA's result when it is done. Return whether PPO may update."""
+        """Feed this rollout to EVA; apply EVA's result when it is done. Return whether EVA is done."""
         session = self.eva_session
         buffer = self.rollout_buffer
         rows = buffer.buffer_size * buffer.n_envs
@@ -78,11 +87,11 @@ class EvaRolloutsMixin:
             else:
                 session.feed(observations[start:end])
         if not (session.done or session.capped):
-            self.eva_skipped_steps += rows
+            self.eva_deferred_steps += rows
             return False
         stop_reason = None if session.done else f"max_batches={session.eva.max_batches} reached"
         result = session.result(stop_reason)
-        result.env_steps, result.data_source, result.skipped_steps = 0, "ppo", self.eva_skipped_steps
+        result.env_steps, result.data_source, result.deferred_steps = 0, "ppo", self.eva_deferred_steps
         self.eva_apply(result)
         self.eva_session, self.eva_apply = None, None
         record_eva_report(self.logger, self.policy.eva_report)
@@ -94,8 +103,26 @@ class EvaRolloutsMixin:
             self.policy.check_trainable()
         return super().learn(*args, **kwargs)  # type: ignore[misc]
 
+    def _rollout(self) -> dict[str, Any]:
+        return {name: copy.deepcopy(getattr(self.rollout_buffer, name)) for name in self.KEPT}
+
+    def _train_on(self, rollout: dict[str, Any]) -> None:
+        for name, value in rollout.items():
+            setattr(self.rollout_buffer, name, value)
+        self.rollout_buffer.generator_ready = False  # the next update flattens these arrays anew
+        super().train()  # type: ignore[misc]
+
     def train(self) -> None:
-        if self.eva_session is not None and not self._feed_eva():
+        if self.eva_session is not None:
+            if not self._feed_eva():
+                self.eva_rollouts.append(self._rollout())  # its update waits for EVA's adapters
+                return
+            # EVA is done: the kept rollouts' updates, oldest first, then this rollout's
+            current = self._rollout()
+            for kept in self.eva_rollouts:
+                self._train_on(kept)
+            self.eva_rollouts = []
+            self._train_on(current)
             return
         super().train()  # type: ignore[misc]
 

@@ -29,7 +29,10 @@ class EvaReport:
     :ivar batches_used: Batches consumed.
     :ivar env_steps: Environment steps of EVA's own rollouts (0 when EVA read PPO's rollouts).
     :ivar data_source: ``"rollouts"`` or ``"ppo"``.
-    :ivar skipped_steps: Env steps of PPO rollouts that fed EVA without a PPO update (``data_source="ppo"``).
+    :ivar skipped_steps: Env steps of PPO rollouts that fed EVA and were never trained on (0 since PPO trains on
+        every rollout EVA read; older runs with ``data_source="ppo"`` skipped those before the converging one).
+    :ivar deferred_steps: Env steps of PPO rollouts that fed EVA before the one it converged on; PPO trained on them
+        once EVA was done (``data_source="ppo"``).
     :ivar seconds: Wall time EVA itself took (its own rollouts' collection included; PPO's rollouts not).
     """
 
@@ -46,6 +49,7 @@ class EvaReport:
     env_steps: int | None = None
     data_source: str = "rollouts"
     skipped_steps: int = 0
+    deferred_steps: int = 0
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:

@@ -38,8 +38,11 @@ def first_scalar(run_dir: Path, tag: str) -> tuple[int, float]:
 def doorkey_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     log_dir = tmp_path_factory.mktemp("runs")
     # 2 envs x 768 steps: longer than DoorKey-8x8's 640-step episodes, so every method logs rollout/ tags too.
+    # EVA on its own rollouts: the task's default, PPO's, needs two of its 1,024-step rollouts, more than this budget
     argv = ["--env", "MiniGrid-DoorKey", "--methods", "eva,lora,full,scratch", "--log-dir", str(log_dir)]
     argv += [
+        "--eva-data",
+        "rollouts",
         "--n-envs",
         "2",
         "--total-timesteps",

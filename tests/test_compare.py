@@ -254,3 +254,40 @@ def test_a_rerun_of_some_methods_keeps_the_others_on_the_page_and_names_stale_ru
     assert "learning_rate" in lines[0] and "--overwrite" in lines[0]
     with pytest.raises(ConfigError, match="no completed runs"):
         compare(retuned, tmp_path, methods=["eva"], report_only=True, echo=lines.append)
+
+
+@pytest.mark.parametrize(("plateau", "zoomed"), [([-150.0, -152.0], True), ([-500.0, -150.0], False)])
+def test_a_panel_whose_curves_end_on_a_plateau_gets_a_zoomed_inset(plateau: list[float], zoomed: bool) -> None:
+    """Pendulum's methods end within 40 of each other on an axis that starts at -900: an inset shows them apart."""
+    from eva_rl.experiments.plots import new_figure
+    from eva_rl.experiments.studies.suite import draw_sample_efficiency, sample_efficiency_figure
+
+    task = SuiteTask("A", 0.5)
+    suite = Suite("s", [task], methods=["eva", "lora"])
+    runs = []
+    for i, method in enumerate(["eva", "lora"]):
+        curve = [[0, -900.0], [500, -700.0], [1000, plateau[0] - i], [2000, plateau[1] - i]]
+        runs.append((task, dataclasses.replace(_synthetic_run(method, curve[-1][1]), eval_curve=curve)))
+    figure, axes = new_figure(**sample_efficiency_figure(1))
+    draw_sample_efficiency(axes, aggregate(suite, runs), runs, ["eva", "lora"], ["A"])
+    assert bool(axes[0][0].child_axes) == zoomed
+    if zoomed:
+        low, high = axes[0][0].child_axes[0].get_ylim()
+        assert -160 < low < high < -145
+
+
+def test_a_suites_settings_hold_for_every_run_its_tuning_and_rank_study_included(tmp_path: Path) -> None:
+    """The committed suites pin ``eva_data: rollouts``, the data source their runs were made with."""
+    from eva_rl.experiments.studies.ranks import RankStudyRuns
+
+    suite = dataclasses.replace(smoke_suite(), settings={"eva_data": "rollouts", "eval_episodes": 3})
+    specs = [spec for _, spec in suite.run_specs(tmp_path)]
+    specs += [spec for _, spec in TuningSweep(suite, tmp_path).plan()]
+    specs += [spec for _, spec in RankStudyRuns(suite, tmp_path).plan()]
+    assert {(spec.task.eva.data_source, spec.task.eval.episodes) for spec in specs} == {("rollouts", 8)}
+    unpinned = dataclasses.replace(smoke_suite(), settings={"eva_data": "ppo"}).run_specs(tmp_path)
+    assert {spec.task.eva.data_source for _, spec in unpinned} == {"ppo"}
+    with pytest.raises(ConfigError, match=r"settings\['eva_data'\]='own' is invalid"):
+        dataclasses.replace(smoke_suite(), settings={"eva_data": "own"})
+    with pytest.raises(ConfigError, match=r"settings=\{'lr': 1\} is invalid"):
+        dataclasses.replace(smoke_suite(), settings={"lr": 1})

@@ -45,7 +45,7 @@ def test_lora_config_rejects(kwargs: dict, message: str) -> None:
         ({"extra_components": -1}, r"EvaConfig.extra_components=-1 is invalid: expected an integer >= 0"),
         (
             {"data_source": "static"},
-            r"EvaConfig.data_source='static' is invalid: expected one of \('rollouts', 'ppo'\)",
+            r"EvaConfig.data_source='static' is invalid: expected one of \('auto', 'rollouts', 'ppo'\)",
         ),
     ],
 )

@@ -76,9 +76,10 @@ def test_eva_from_ppo_rollouts_costs_no_own_env_steps_and_equals_eva_on_that_str
     model.learn(rollouts * N_STEPS * N_ENVS, callback=recorder)
     report = model.policy.eva_report
     assert not model.eva_pending and report.data_source == "ppo" and report.env_steps == 0
-    skipped = math.ceil(report.batches_used / 2) - 1  # rollouts spent before the one where EVA converged
-    assert report.skipped_steps == skipped * N_STEPS * N_ENVS
-    assert model._n_updates == 2 * (rollouts - skipped), "PPO must update on the rollout where EVA converged"
+    deferred = math.ceil(report.batches_used / 2) - 1  # rollouts read before the one where EVA converged
+    assert deferred >= 1, "the test needs EVA to read more than one rollout"
+    assert report.deferred_steps == deferred * N_STEPS * N_ENVS and report.skipped_steps == 0
+    assert model._n_updates == 2 * rollouts, "PPO must update on every rollout, those EVA read included"
 
     stream = _time_major_batches(recorder.observations, BATCH)[: report.batches_used]
     oracle = run_eva(base.policy, stream, lora, eva, forward_fn=policy_forward)
@@ -94,7 +95,7 @@ def test_eva_from_ppo_rollouts_costs_no_own_env_steps_and_equals_eva_on_that_str
     model.save(path)
     loaded = PPO.load(path, device="cpu")
     assert loaded.policy.lora_ranks == model.policy.lora_ranks
-    assert loaded.policy.eva_report.skipped_steps == report.skipped_steps
+    assert loaded.policy.eva_report.deferred_steps == report.deferred_steps
 
 
 def test_eva_from_ppo_trains_the_swapped_in_adapters() -> None:
@@ -175,3 +176,59 @@ def test_eva_seconds_on_ppo_rollouts_count_eva_not_the_time_around_it() -> None:
     learning = time.perf_counter() - started
     report = model.policy.eva_report
     assert report is not None and 0 < report.seconds < learning  # a part of learn(), none of the sleep
+
+
+def test_every_rollout_eva_read_is_trained_on_with_its_own_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The updates that waited for EVA read the rollouts they were collected for, oldest first, then the converging
+    one: not the last rollout's buffer again."""
+    base = make_pretrained("mlp-discrete")
+    eva = EvaConfig(batch_size=BATCH, max_batches=60, on_max_batches="warn", data_source="ppo")
+    env = make_vec_env(VARIANTS["mlp-discrete"][0], n_envs=N_ENVS, seed=0)
+    model = eva_rl.adapt(base, env, "eva", LoraConfig(r=2), eva, n_steps=N_STEPS, batch_size=64, n_epochs=1)
+    trained_on: list[np.ndarray] = []
+    plain_train = PPO.train
+
+    def recording_train(self: PPO) -> None:
+        trained_on.append(self.rollout_buffer.observations.copy())
+        plain_train(self)
+
+    monkeypatch.setattr(PPO, "train", recording_train)
+    recorder = RecordRollouts()
+    rollouts = 5
+    model.learn(rollouts * N_STEPS * N_ENVS, callback=recorder)
+    assert model.policy.eva_report.deferred_steps >= N_STEPS * N_ENVS, "the test needs EVA to read two rollouts"
+    assert len(trained_on) == len(recorder.observations) == rollouts
+    for got, collected in zip(trained_on, recorder.observations):
+        np.testing.assert_array_equal(got, collected)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "n_steps", "reads_rollouts_of_the_algorithm"),
+    [("ppo", N_STEPS, True), ("a2c", 5, False), ("sac", None, False)],
+)
+def test_auto_reads_the_algorithms_rollouts_where_it_is_on_policy_and_a_rollout_holds_a_batch(
+    algorithm: str, n_steps: int | None, reads_rollouts_of_the_algorithm: bool
+) -> None:
+    from eva_rl.adapt import reads_algorithm_rollouts
+    from eva_rl.loading import ALGORITHMS
+
+    eva = EvaConfig(batch_size=BATCH, data_source="auto")
+    decided = reads_algorithm_rollouts(eva, ALGORITHMS[algorithm], n_steps, N_ENVS)
+    assert decided == reads_rollouts_of_the_algorithm
+    assert reads_algorithm_rollouts(EvaConfig(data_source="rollouts"), ALGORITHMS[algorithm], n_steps, N_ENVS) is False
+
+
+def test_auto_eva_on_ppo_takes_no_env_steps_of_its_own() -> None:
+    base = make_pretrained("mlp-discrete")
+    env = make_vec_env(VARIANTS["mlp-discrete"][0], n_envs=N_ENVS, seed=0)
+    model = eva_rl.adapt(
+        base,
+        env,
+        "eva",
+        LoraConfig(r=2),
+        EvaConfig(batch_size=BATCH, max_batches=60, on_max_batches="warn", data_source="auto"),
+        n_steps=N_STEPS,
+    )
+    assert isinstance(model, EvaPPO) and model.eva_pending
+    model.learn(4 * N_STEPS * N_ENVS)
+    assert model.policy.eva_report.env_steps == 0 and model.policy.eva_report.skipped_steps == 0

@@ -183,11 +183,8 @@ def profile_lora_ppo(model: PPO, task: TaskConfig, steps: int = 4096, seed: int 
 
 
 def measure_eva_from_ppo(model: PPO, task: TaskConfig, eva: EvaConfig, device: str = "cpu") -> dict[str, Any]:
-    """EVA on PPO's own first rollouts (``data_source="ppo"``): the env steps PPO spent without an update.
-
-    PPO learns rollout by rollout until EVA is done; the env-step cost is the rollouts before the one where EVA
-    converged (PPO updates on that one).
-    """
+    """EVA on PPO's own first rollouts (``data_source="ppo"``): no env steps of its own and no update lost; the
+    rollouts before the one where EVA converged wait for their updates (``ppo_source_deferred_steps``)."""
     env, settings = _target_ppo(task, eva.seed, device, env_seed=eva.seed + 1)
     eva = dataclasses.replace(eva, data_source="ppo")
     adapted = adapt(model, env, method="eva", lora=task.lora, eva=eva, **settings)
@@ -198,6 +195,7 @@ def measure_eva_from_ppo(model: PPO, task: TaskConfig, eva: EvaConfig, device: s
     return {
         "ppo_source_eva_batches": report.batches_used,
         "ppo_source_skipped_steps": report.skipped_steps,
+        "ppo_source_deferred_steps": report.deferred_steps,
         "ppo_source_eva_env_step_fraction": round(report.skipped_steps / task.total_timesteps, 5),
         "ppo_source_ranks": report.ranks,
     }
@@ -239,7 +237,9 @@ def measure_eva_cost(
     task, source = _bundled_agent(task_name, device)
     factory = env_factory(task.target_env, task.wrappers, task.env_kwargs)
     target = make_vec(factory, task.n_envs, seed + 1)
-    eva = dataclasses.replace(task.eva, seed=seed)
+    # EVA on its own rollouts, whose env steps, seconds and accuracy are measured here (measure_eva_from_ppo measures
+    # EVA on PPO's first rollouts, the task's own setting)
+    eva = dataclasses.replace(task.eva, seed=seed, data_source="rollouts")
     start = time.perf_counter()
     adapted = adapt(source, target, method="eva", lora=task.lora, eva=eva, device=device)
     adapt_seconds = time.perf_counter() - start

@@ -207,11 +207,11 @@ FLAGS: dict[str, Flag] = {
         Flag(("--eva-batch-size",), "env steps per EVA batch", AGENT, int, setting="eva.batch_size"),
         Flag(
             ("--eva-data",),
-            "EVA's data: its own rollouts before training (default), or the on-policy algorithm's first rollouts "
-            "(no extra env steps)",
+            "EVA's data: rollouts, its own rollouts before training (the default); ppo, the on-policy algorithm's "
+            "first rollouts, trained on too (no extra env steps); auto, ppo for PPO and A2C, else rollouts",
             AGENT,
             setting="eva.data_source",
-            choices=("rollouts", "ppo"),
+            choices=("auto", "rollouts", "ppo"),
         ),
         Flag(
             ("--algo",),

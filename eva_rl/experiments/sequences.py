@@ -17,6 +17,7 @@ from eva_rl.experiments.tasks import (
     check_folder_name,
     check_method_settings,
     check_seeds,
+    check_settings,
     is_count,
     load_named_config,
 )
@@ -64,6 +65,7 @@ class ContinualSequence(Seeded):
     :param eval_episodes: Episodes per evaluation (default: the base task's).
     :param eval_freq: Env steps between evaluations in every stage (default: the base task's), at most a stage's
         budget.
+    :param settings: Settings (:data:`~eva_rl.experiments.tasks.SETTINGS`) of every run, before each method's own.
     :param method_settings: Per-method settings (``learning_rate``, ``r`` ...) as in suites (``full`` included).
     :param signature_steps: Env steps of the base policy in each stage's env that make the stage's signature
         (:meth:`~eva_rl.bank.AdapterBank.set_signature`).
@@ -79,6 +81,7 @@ class ContinualSequence(Seeded):
     sequential: bool = True
     eval_episodes: int | None = None
     eval_freq: int | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
     method_settings: dict[str, dict[str, float]] = field(default_factory=dict)
     signature_steps: int = 1024
     selection_steps: list[int] = field(default_factory=lambda: [16, 64, 256])
@@ -107,6 +110,7 @@ class ContinualSequence(Seeded):
         for name in ("eval_episodes", "eval_freq"):
             if getattr(self, name) is not None:
                 check_count(getattr(self, name), name)
+        check_settings(self.settings, "settings")
         check_method_settings(self.method_settings, "method_settings")
 
 

@@ -22,6 +22,7 @@ from eva_rl.experiments.tasks import (
     check_folder_name,
     check_method_settings,
     check_seeds,
+    check_settings,
     find_task,
     is_count,
     load_named_config,
@@ -107,6 +108,9 @@ class Suite(Seeded):
     :param method_settings: Per-method settings (:data:`~eva_rl.experiments.tasks.SETTINGS`: ``learning_rate``,
         ``r`` ...), chosen by a tuning sweep on separate seeds; see the suite file's comments.
     :param eval_episodes: Episodes per evaluation, overriding the tasks'.
+    :param settings: Settings (:data:`~eva_rl.experiments.tasks.SETTINGS`) of every run of the suite, its tuning sweep
+        and rank study included, before each method's own (e.g. ``eva_data: rollouts``, the data source its runs
+        were made with).
     :param tuning_seeds: Seeds of the tuning sweep (kept apart from ``seeds``, which report results).
     :param tuning_grid: ``{setting: [values]}`` tried for every method alike, e.g. ``{learning_rate: [...]}``.
     :param tuning_tasks: Tasks the tuning sweep runs on (default: all); the chosen settings apply to every task.
@@ -121,6 +125,7 @@ class Suite(Seeded):
     total_timesteps: int | None = None
     method_settings: dict[str, dict[str, float]] = field(default_factory=dict)
     eval_episodes: int | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
     tuning_seeds: list[int] = field(default_factory=lambda: [100, 101])
     tuning_grid: dict[str, list[float]] = field(default_factory=dict)
     tuning_tasks: list[str] | None = None
@@ -144,6 +149,7 @@ class Suite(Seeded):
                     f"the suite's methods {self.methods}",
                 )
         check_method_settings(self.method_settings, "method_settings")
+        check_settings(self.settings, "settings")
         check_seeds(self.seeds, "seeds")
         for name in ("total_timesteps", "eval_episodes"):
             if getattr(self, name) is not None:
@@ -215,6 +221,7 @@ class Suite(Seeded):
             "eval_freq": suite_task.eval_freq,
         }
         overrides = {
+            **self.settings,
             **(self.method_settings.get(method, {}) if settings is None else settings),
             **{name: value for name, value in given.items() if value is not None},
         }

@@ -319,6 +319,7 @@ SETTINGS: dict[str, Setting] = {
     "checkpoint_freq": Setting("checkpoint_freq", *_COUNT),
     "eval_freq": Setting("eval.freq", *_COUNT),
     "eval_episodes": Setting("eval.episodes", *_COUNT),
+    "eva_data": Setting("eva.data_source", lambda v: v in ("auto", "rollouts", "ppo"), "one of auto, rollouts, ppo"),
 }
 """Short names of the settings that runs override (a task's or a suite's ``method_settings``, a suite's tuning grid,
 a rank study, the command line): a new overridable setting is one line here."""
@@ -376,6 +377,15 @@ def _grouped_changes(task: TaskConfig, overrides: Mapping[str, Any]) -> tuple[di
         else:
             fields[section] = value
     return fields, sections
+
+
+def check_settings(settings: dict[str, Any], where: str) -> None:
+    """:raises ConfigError: naming the key or value of ``settings`` (short names of :data:`SETTINGS`, for every
+    run of a suite or a sequence) that is not accepted."""
+    if not isinstance(settings, dict) or set(settings) - set(SETTINGS):
+        raise ConfigError(f"{where}={settings!r} is invalid: expected a mapping with keys out of {tuple(SETTINGS)}")
+    for key, value in settings.items():
+        check_setting(key, value, f"{where}[{key!r}]")
 
 
 def check_method_settings(method_settings: dict[str, dict[str, float]], where: str) -> None:

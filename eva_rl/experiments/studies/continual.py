@@ -135,6 +135,7 @@ class ContinualStudy(Study[ContinualReport]):
         sequence, base = self.sequence, self.base
         eval_freq = min(sequence.eval_freq or base.eval.freq, stage.total_timesteps)
         overrides = {
+            **sequence.settings,
             **sequence.method_settings.get(method, {}),
             **({"eval_episodes": sequence.eval_episodes} if sequence.eval_episodes is not None else {}),
             "name": stage.name,

@@ -306,6 +306,48 @@ def draw_sample_efficiency(
         axis.set_ylabel("eval return (IQM, 95% CI)")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7, loc="lower right")
+        _zoom_on_the_plateau(axis, {m: c for m, c in curves.items() if get_method(m).pretrained})
+
+
+PLATEAU_SHARE = 0.1
+"""The pretrained methods' curves over the budget's second half, spanning less than this share of a panel's height,
+get a zoomed inset: the differences the results cite (Pendulum's -186 against -190) are invisible on an axis that
+reaches down to the jumpstart (-900)."""
+
+INSET_PLACES = ([0.42, 0.3, 0.54, 0.4], [0.08, 0.3, 0.54, 0.4], [0.08, 0.08, 0.54, 0.4])
+"""Where an inset may go, in the panel's axes fraction (``[x, y, width, height]``); the legend holds the lower right."""
+
+
+def _zoom_on_the_plateau(axis: Any, curves: Mapping[str, tuple[np.ndarray, ...]]) -> None:
+    """An inset of the budget's second half, its y-axis fitted to ``curves``' IQM there (without their CI bands,
+    which would undo the zoom), where those curves are flat on the panel's scale; it goes where it hides the fewest
+    of the panel's points."""
+    if not curves:
+        return
+    start = max(float(c[0][-1]) for c in curves.values()) / 2
+    late = {m: (x >= start) for m, (x, *_) in curves.items()}
+    values = np.concatenate([curves[m][1][mask] for m, mask in late.items()])
+    bottom, top = axis.get_ylim()
+    if not values.size or values.max() - values.min() >= PLATEAU_SHARE * (top - bottom):
+        return
+    # every drawn point (curves and bands) in the panel's axes fraction
+    drawn = np.concatenate([np.column_stack([x, y]) for line in axis.get_lines() for x, y in [line.get_data()]])
+    drawn = np.concatenate([drawn, *(collection.get_paths()[0].vertices for collection in axis.collections)])
+    fractions = axis.transAxes.inverted().transform(axis.transData.transform(drawn))
+
+    def hidden(place: list[float]) -> int:
+        x, y, width, height = place
+        inside = (fractions[:, 0] >= x) & (fractions[:, 0] <= x + width)
+        return int((inside & (fractions[:, 1] >= y) & (fractions[:, 1] <= y + height)).sum())
+
+    span = max(values.max() - values.min(), 1e-3 * (top - bottom))
+    inset = axis.inset_axes(min(INSET_PLACES, key=hidden))
+    for method, mask in late.items():
+        inset.plot(curves[method][0][mask], curves[method][1][mask], color=method_color(method), linewidth=1.2)
+    inset.set_ylim(values.min() - 0.15 * span, values.max() + 0.15 * span)
+    inset.set_title("second half, zoomed (IQM)", fontsize=7)
+    inset.tick_params(labelsize=6)
+    inset.grid(alpha=0.3)
 
 
 def draw_final_returns(axes: Any, report: SuiteReport) -> None:
