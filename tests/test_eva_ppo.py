@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -232,3 +233,34 @@ def test_auto_eva_on_ppo_takes_no_env_steps_of_its_own() -> None:
     assert isinstance(model, EvaPPO) and model.eva_pending
     model.learn(4 * N_STEPS * N_ENVS)
     assert model.policy.eva_report.env_steps == 0 and model.policy.eva_report.skipped_steps == 0
+
+
+def test_a_run_writes_no_checkpoint_while_eva_reads_its_rollouts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EVA's session and kept rollouts are not saved, so a checkpoint written then could not resume: the first one
+    waits until EVA is done."""
+    from eva_rl.experiments.environments import import_packages
+    from eva_rl.experiments.runs import RunSpec, run
+    from eva_rl.experiments.tasks import find_task
+    from eva_rl.experiments.training import RunCallback
+
+    base = find_task("PointGoal")
+    import_packages(base.env_packages)  # as a run's worker does
+    # a 128-step EVA batch and a 512-step rollout: EVA reads several rollouts past the 512-step checkpoint schedule
+    task = base.with_overrides(
+        {"eva_data": "ppo", "eva.batch_size": 128, "tau": 0.999, "total_timesteps": 4096, "checkpoint_freq": 512}
+    )
+    pending_at_checkpoint: list[bool] = []
+    save = RunCallback.save_checkpoint
+
+    def recording_save(self: RunCallback) -> None:
+        pending_at_checkpoint.append(self.model.eva_pending)
+        save(self)
+
+    monkeypatch.setattr(RunCallback, "save_checkpoint", recording_save)
+    result = run(RunSpec(task, "eva", 0, tmp_path, base.agent_path, "cpu"), progress=False)
+    report = json.loads((tmp_path / "PointGoal" / "eva" / "seed0" / "eva.json").read_text())
+    assert report["deferred_steps"] >= 512, "the test needs EVA to read a rollout past a checkpoint's step"
+    assert pending_at_checkpoint and not any(pending_at_checkpoint)
+    assert result.final_return is not None

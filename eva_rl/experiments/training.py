@@ -217,6 +217,10 @@ class RunCallback(BaseCallback):
         # the next rollout, so a process killed after the checkpoint would lose them.
         self.logger.dump(step)
         if step >= self._next_checkpoint and step < self.total_timesteps:
+            if getattr(self.model, "eva_pending", False):
+                # EVA's session and the rollouts it keeps are not saved: the checkpoint waits until EVA is done, and a
+                # run killed before that starts over on --resume (as one killed before its first checkpoint does)
+                return
             self._next_checkpoint = (step // self.checkpoint_freq + 1) * self.checkpoint_freq
             self.save_checkpoint()
 
