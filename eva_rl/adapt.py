@@ -230,6 +230,7 @@ def _swap_in_eva(model: OnPolicyAlgorithm, method: Method, lora: LoraConfig, eva
     )
     model.policy_kwargs.pop("eva_pending", None)
     model.policy_kwargs.update(lora_policy_kwargs(policy.lora_config, plan, policy.eva_report))
+    policy._cache_acting_weights()  # the layers at EVA's ranks are new ones
 
 
 def merge(model: BaseAlgorithm, env: GymEnv | None = None) -> BaseAlgorithm:

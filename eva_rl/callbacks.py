@@ -12,6 +12,10 @@ from eva_rl.layers import cached_adapter_weights
 class CachedAdapterWeights(BaseCallback):
     """Computes each LoRA layer's ``W + s B A`` once per rollout instead of once per env step.
 
+    eva-rl's policies do so already for their online networks (they keep the weight between calls without
+    gradients); the callback also covers LoRA layers injected into other modules, and target networks' layers while
+    a rollout runs.
+
     Opens :func:`~eva_rl.layers.cached_adapter_weights` on the policy from the start of each rollout collection to
     its end, where SB3 (PPO, A2C, SAC, TD3, DQN) changes no parameter; the updates and target networks that follow
     run outside it. Pass it to ``learn`` beside your own callbacks::

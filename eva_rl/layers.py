@@ -155,8 +155,8 @@ class LoraLayer(nn.Module):
         :func:`cached_adapter_weights`)."""
         sources = self._weight_sources()
         cache = self._weight_cache
-        if cache is None or not cache.matches(sources):
-            cache = self._weight_cache = _WeightCache(sources, self.adapted_weight())
+        if cache is None or not cache.matches(sources, self.scaling):
+            cache = self._weight_cache = _WeightCache(sources, self.scaling, self.adapted_weight())
         return cache.weight
 
     def _weight_sources(self) -> tuple[torch.Tensor, ...]:
@@ -204,15 +204,20 @@ class _WeightCache:
     alive, so a new tensor can never take over a cached address.
     """
 
-    def __init__(self, sources: tuple[torch.Tensor, ...], weight: torch.Tensor) -> None:
+    def __init__(self, sources: tuple[torch.Tensor, ...], scaling: float, weight: torch.Tensor) -> None:
         self.sources = tuple(source.detach() for source in sources)
         self.versions = tuple(source._version for source in sources)
+        self.scaling = scaling
         self.weight = weight.detach()
 
-    def matches(self, sources: tuple[torch.Tensor, ...]) -> bool:
-        return len(sources) == len(self.sources) and all(
-            new.data_ptr() == old.data_ptr() and new.shape == old.shape and new._version == version
-            for new, old, version in zip(sources, self.sources, self.versions, strict=True)
+    def matches(self, sources: tuple[torch.Tensor, ...], scaling: float) -> bool:
+        return (
+            len(sources) == len(self.sources)
+            and scaling == self.scaling
+            and all(
+                new.data_ptr() == old.data_ptr() and new.shape == old.shape and new._version == version
+                for new, old, version in zip(sources, self.sources, self.versions, strict=True)
+            )
         )
 
 

@@ -141,6 +141,17 @@ class LoraPolicyMixin:
         self._mirror_into_targets()
         self._set_trainable()
         self._make_optimizers(lr_schedule)
+        self._cache_acting_weights()
+
+    def _cache_acting_weights(self) -> None:
+        """The online networks' LoRA layers keep their adapted weight ``W + s B A`` between calls made without
+        gradients (acting, evaluating, PPO's value estimates), so SAC, TD3 and DQN, which act one env step at a time,
+        compute it once per update instead of once per step. It is computed again whenever one of its parameters
+        changes in place (an optimizer step, ``load_state_dict``), is replaced (``.to(device)``) or the scaling
+        changes. Target networks never keep one: SB3's Polyak update writes them through ``.data``, which PyTorch
+        does not count as a change (:func:`~eva_rl.layers.cached_adapter_weights`)."""
+        for layer in self.lora_layers.values():
+            layer._cache_weights = True
 
     def _mirror_into_targets(self) -> None:
         """Give each target network the adapters of its online network, then make it a copy of it."""

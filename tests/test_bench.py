@@ -35,6 +35,11 @@ def test_bench_quick_prints_every_figure(capsys: pytest.CaptureFixture) -> None:
     offpolicy = figures["offpolicy"]  # LoRA-SAC against plain SAC on the bundled Pendulum agent
     assert offpolicy["algorithm"] == "SAC" and offpolicy["lora_sac_throughput_ratio"] > 0
     assert offpolicy["plain_steps_per_s"] > 0 and offpolicy["lora_steps_per_s"] > 0
+    acting = figures["acting"]  # predict calls/s: plain, LoRA keeping its weights, LoRA computing them per call
+    assert all(acting[f"{name}_predicts_per_s"] > 0 for name in ("plain", "lora", "lora_uncached"))
+    assert acting["lora_acting_ratio"] == pytest.approx(
+        acting["lora_predicts_per_s"] / acting["plain_predicts_per_s"], abs=2e-3
+    )
     bank = figures["bank"]  # five adapters on one DoorKey agent
     assert bank["tasks"] == 5 and 0 < bank["task_fraction_of_copy"] < 0.2
     assert bank["task_fraction_of_copy"] == pytest.approx(bank["task_bytes"] / bank["full_copy_bytes"])

@@ -1,5 +1,7 @@
-"""CachedAdapterWeights: the cache is open exactly during rollouts, and learning with it is bit for bit learning
-without it (PPO, and SAC, whose target networks are Polyak-averaged through ``.data`` between rollouts)."""
+"""The adapted-weight cache: an eva-rl policy's online LoRA layers keep ``W + s B A`` between calls without gradients,
+its target networks never do; a kept weight is never stale; and learning with the cache is bit for bit learning
+without it (PPO, and SAC, whose target networks are Polyak-averaged through ``.data``). CachedAdapterWeights opens
+the cache for any module during rollouts."""
 
 from __future__ import annotations
 
@@ -36,8 +38,16 @@ def lora_ppo(seed: int = 0):
     return eva_rl.adapt(base, gym.make("Pendulum-v1"), "lora", LoraConfig(r=2), seed=seed, n_steps=64, batch_size=32)
 
 
-def test_the_cache_is_open_during_rollouts_only() -> None:
-    model = lora_ppo()
+def without_cache(model):
+    """``model`` with every LoRA layer computing ``W + s B A`` at each call (as before the cache was the default)."""
+    for layer in model.policy.modules():
+        if isinstance(layer, LoraLayer):
+            layer._cache_weights = False
+    return model
+
+
+def test_the_callback_opens_the_cache_during_rollouts_only() -> None:
+    model = without_cache(lora_ppo())
     layers = [m for m in model.policy.modules() if isinstance(m, LoraLayer)]
     in_updates: list[bool] = []
     train = model.train
@@ -52,6 +62,37 @@ def test_the_cache_is_open_during_rollouts_only() -> None:
     assert probe.states and all(probe.states)  # every step of the three rollouts computed with cached weights
     assert in_updates == [False, False, False]
     assert layers and not any(layer._cache_weights or layer._weight_cache is not None for layer in layers)
+
+
+class StaleProbe(BaseCallback):
+    """At every env step, checks each LoRA layer's kept weight: one that still claims to match its parameters must
+    equal ``W + s B A`` computed now, bit for bit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checked = 0
+
+    def _on_step(self) -> bool:
+        for layer in self.model.policy.modules():
+            cache = getattr(layer, "_weight_cache", None)
+            if cache is not None and cache.matches(layer._weight_sources(), layer.scaling):
+                with torch.no_grad():
+                    assert torch.equal(cache.weight, layer.adapted_weight()), "a stale adapted weight"
+                self.checked += 1
+        return True
+
+
+def test_online_layers_keep_their_weight_targets_never_and_no_kept_weight_is_stale() -> None:
+    model = lora_sac()
+    targets = [m for m in model.policy.critic_target.modules() if isinstance(m, LoraLayer)]
+    online = list(model.policy.lora_layers.values())
+    assert online and all(layer._cache_weights for layer in online)
+    probe = StaleProbe()
+    model.learn(192, callback=probe)
+    assert probe.checked > 0
+    assert targets and not any(layer._cache_weights or layer._weight_cache is not None for layer in targets)
+    actor = [layer for name, layer in model.policy.lora_layers.items() if name.startswith("actor.")]
+    assert any(layer._weight_cache is not None for layer in actor)  # acting used the kept weights
 
 
 def _trained_state(model, callback) -> dict[str, torch.Tensor]:
@@ -69,7 +110,7 @@ def lora_sac(seed: int = 0):
 
 @pytest.mark.parametrize("make", [lora_ppo, lora_sac], ids=["ppo", "sac"])
 def test_learning_with_the_cache_is_learning_without_it(make) -> None:
-    plain = _trained_state(make(), None)
+    plain = _trained_state(without_cache(make()), None)
     cached = _trained_state(make(), CachedAdapterWeights())
     assert plain.keys() == cached.keys()
     moved = [name for name in plain if "lora_B" in name and plain[name].abs().max() > 0]

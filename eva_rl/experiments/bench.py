@@ -27,6 +27,7 @@ from eva_rl.eva import layer_input_rows
 from eva_rl.experiments.environments import env_factory, import_packages, make_vec
 from eva_rl.experiments.execute import in_fresh_process
 from eva_rl.experiments.tasks import TaskConfig, find_task, known_tasks
+from eva_rl.inject import lora_layers
 from eva_rl.loading import algorithm_name, load_agent
 from eva_rl.models import wrap_target_env
 from eva_rl.rollouts import RolloutBatches, policy_forward
@@ -119,11 +120,15 @@ def measure_lora_throughput(
     one (full fine-tuning) trains every weight, the adapted one only its adapters. The ratio's key names the
     algorithm (``lora_ppo_throughput_ratio``, ``lora_sac_throughput_ratio``).
 
-    :param cached_weights: Both learn with :class:`~eva_rl.callbacks.CachedAdapterWeights`, as eva-rl's runs do
-        (it changes nothing for the plain policy).
+    :param cached_weights: The adapted policy keeps its weights between calls without gradients (its default) and
+        both learn with :class:`~eva_rl.callbacks.CachedAdapterWeights`, as eva-rl's runs do (it changes nothing for
+        the plain policy); ``False``: every call computes ``W + s B A``.
     """
     env, settings = _target_ppo(task, seed, model.device)
     adapted = adapt(model, env, method="lora", lora=task.lora, **settings)
+    if not cached_weights:  # every call computes W + s B A again (eva-rl's policies keep it by default)
+        for layer in lora_layers(adapted.policy).values():
+            layer._cache_weights = False
     plain_env, _ = _target_ppo(task, seed, model.device)
     plain = adapt(model, plain_env, method="full", **settings)
     algorithm = algorithm_name(model)
@@ -460,6 +465,33 @@ def measure_minigrid_view(
     }
 
 
+def measure_acting(task_name: str, seed: int = 0, device: str = "cpu", calls: int = 3000) -> dict[str, Any]:
+    """``predict`` calls per second, one observation at a time as an off-policy agent acts, of the task's bundled
+    agent (plain), of a LoRA copy keeping its adapted weights between calls (eva-rl's default) and of one computing
+    ``W + s B A`` at every call; three interleaved rounds."""
+    task, model = _bundled_agent(task_name, device)
+    env, _ = _target_ppo(task, seed, device)
+    agents = {"plain": model, "lora": adapt(model, env, method="lora", lora=task.lora, device=device)}
+    agents["lora_uncached"] = adapt(model, env, method="lora", lora=task.lora, device=device)
+    for layer in lora_layers(agents["lora_uncached"].policy).values():
+        layer._cache_weights = False
+    observation = env.reset()
+    rates: dict[str, list[float]] = {name: [] for name in agents}
+    for _ in range(3):
+        for name, agent in agents.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                agent.predict(observation, deterministic=True)
+            rates[name].append(calls / (time.perf_counter() - start))
+    mean = {name: float(np.mean(values)) for name, values in rates.items()}
+    return {
+        "task": task.name,
+        **{f"{name}_predicts_per_s": round(value, 1) for name, value in mean.items()},
+        "lora_acting_ratio": round(mean["lora"] / mean["plain"], 3),
+        "lora_uncached_acting_ratio": round(mean["lora_uncached"] / mean["plain"], 3),
+    }
+
+
 def measure_weight_cache(task_name: str, seed: int = 0, device: str = "cpu", steps: int = 2048) -> dict[str, Any]:
     """:func:`measure_lora_throughput` on a task's bundled agent with the LoRA layers' no-grad weight cache and
     without it (every call computing ``W + s B A`` again), twice each, interleaved."""
@@ -511,6 +543,7 @@ def bench(args: argparse.Namespace) -> int:
             figures[device] = measured
     if args.offpolicy_task:
         figures["offpolicy"] = measure_offpolicy_throughput(args.offpolicy_task, args.seed, args.device, steps // 2)
+        figures["acting"] = measure_acting(args.offpolicy_task, args.seed, args.device, 300 if args.quick else 3000)
     figures["bank"] = measure_bank(args.task, args.seed, switches=20 if args.quick else 200)
     figures["minigrid_view"] = measure_minigrid_view(steps=1000 if args.quick else 5000)
     print(json.dumps(figures))
