@@ -27,7 +27,8 @@ _REPEATS = tuple(
 )
 _ON_MAX_BATCHES = ("raise", "warn")
 _SVD_SOLVERS = ("lowrank", "full")
-_DATA_SOURCES = ("auto", "rollouts", "ppo")
+DATA_SOURCES = ("auto", "rollouts", "ppo")
+"""Where EVA's observations may come from (:attr:`EvaConfig.data_source`)."""
 
 
 def _bad(cls_name: str, field_name: str, value: Any, accepted: str) -> ConfigError:
@@ -235,8 +236,8 @@ class EvaConfig:
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        if self.data_source not in _DATA_SOURCES:
-            raise _bad(name, "data_source", self.data_source, f"one of {_DATA_SOURCES}")
+        if self.data_source not in DATA_SOURCES:
+            raise _bad(name, "data_source", self.data_source, f"one of {DATA_SOURCES}")
         if not _is_int(self.extra_components) or self.extra_components < 0:
             raise _bad(name, "extra_components", self.extra_components, "an integer >= 0")
         if not (_is_number(self.rho) and self.rho >= 1.0):

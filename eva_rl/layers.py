@@ -8,7 +8,7 @@ Output: ``base_layer(x) + scaling * B(A(dropout(x)))`` with ``scaling = alpha / 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -195,6 +195,16 @@ def cached_adapter_weights(module: nn.Module) -> Iterator[None]:
             layer._cache_weights = enabled
             if not enabled:
                 layer._weight_cache = None
+
+
+def keep_adapted_weights(layers: Iterable[LoraLayer], keep: bool = True) -> None:
+    """Whether each of ``layers`` keeps its adapted weight ``W + s B A`` between calls without gradients, outside
+    any :func:`cached_adapter_weights` block too (eva-rl's policies do so for their online networks); ``False``
+    frees the kept weights, and every call computes the weight again."""
+    for layer in layers:
+        layer._cache_weights = keep
+        if not keep:
+            layer._weight_cache = None
 
 
 class _WeightCache:

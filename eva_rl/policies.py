@@ -41,7 +41,7 @@ from eva_rl.config import LoraConfig
 from eva_rl.errors import AgentError, CheckpointError
 from eva_rl.eva_report import EvaReport
 from eva_rl.inject import inject_adapters, lora_layers, set_submodule
-from eva_rl.layers import LoraLayer, lora_layer_type
+from eva_rl.layers import LoraLayer, keep_adapted_weights, lora_layer_type
 from eva_rl.plan import AdapterPlan
 
 HEADS = ("action_net", "value_net")
@@ -150,8 +150,7 @@ class LoraPolicyMixin:
         changes in place (an optimizer step, ``load_state_dict``), is replaced (``.to(device)``) or the scaling
         changes. Target networks never keep one: SB3's Polyak update writes them through ``.data``, which PyTorch
         does not count as a change (:func:`~eva_rl.layers.cached_adapter_weights`)."""
-        for layer in self.lora_layers.values():
-            layer._cache_weights = True
+        keep_adapted_weights(self.lora_layers.values())
 
     def _mirror_into_targets(self) -> None:
         """Give each target network the adapters of its online network, then make it a copy of it."""

@@ -14,7 +14,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 import eva_rl
 from eva_rl import LoraConfig
 from eva_rl.callbacks import CachedAdapterWeights
-from eva_rl.layers import LoraLayer
+from eva_rl.layers import LoraLayer, keep_adapted_weights
 from tests.conftest import make_pretrained
 
 pytestmark = pytest.mark.filterwarnings("ignore:(EVA|lora):UserWarning")
@@ -40,9 +40,7 @@ def lora_ppo(seed: int = 0):
 
 def without_cache(model):
     """``model`` with every LoRA layer computing ``W + s B A`` at each call (as before the cache was the default)."""
-    for layer in model.policy.modules():
-        if isinstance(layer, LoraLayer):
-            layer._cache_weights = False
+    keep_adapted_weights([layer for layer in model.policy.modules() if isinstance(layer, LoraLayer)], keep=False)
     return model
 
 

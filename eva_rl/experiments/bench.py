@@ -28,6 +28,7 @@ from eva_rl.experiments.environments import env_factory, import_packages, make_v
 from eva_rl.experiments.execute import in_fresh_process
 from eva_rl.experiments.tasks import TaskConfig, find_task, known_tasks
 from eva_rl.inject import lora_layers
+from eva_rl.layers import keep_adapted_weights
 from eva_rl.loading import algorithm_name, load_agent
 from eva_rl.models import wrap_target_env
 from eva_rl.rollouts import RolloutBatches, policy_forward
@@ -127,8 +128,7 @@ def measure_lora_throughput(
     env, settings = _target_ppo(task, seed, model.device)
     adapted = adapt(model, env, method="lora", lora=task.lora, **settings)
     if not cached_weights:  # every call computes W + s B A again (eva-rl's policies keep it by default)
-        for layer in lora_layers(adapted.policy).values():
-            layer._cache_weights = False
+        keep_adapted_weights(lora_layers(adapted.policy).values(), keep=False)
     plain_env, _ = _target_ppo(task, seed, model.device)
     plain = adapt(model, plain_env, method="full", **settings)
     algorithm = algorithm_name(model)
@@ -473,8 +473,7 @@ def measure_acting(task_name: str, seed: int = 0, device: str = "cpu", calls: in
     env, _ = _target_ppo(task, seed, device)
     agents = {"plain": model, "lora": adapt(model, env, method="lora", lora=task.lora, device=device)}
     agents["lora_uncached"] = adapt(model, env, method="lora", lora=task.lora, device=device)
-    for layer in lora_layers(agents["lora_uncached"].policy).values():
-        layer._cache_weights = False
+    keep_adapted_weights(lora_layers(agents["lora_uncached"].policy).values(), keep=False)
     observation = env.reset()
     rates: dict[str, list[float]] = {name: [] for name in agents}
     for _ in range(3):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from eva_rl.algorithms import ALGORITHM_NAMES
+from eva_rl.config import DATA_SOURCES
 from eva_rl.experiments.execute import BACKENDS
 from eva_rl.experiments.run_folder import RunFolder
 from eva_rl.experiments.tasks import SEED, is_seed
@@ -211,7 +212,7 @@ FLAGS: dict[str, Flag] = {
             "first rollouts, trained on too (no extra env steps); auto, ppo for PPO and A2C, else rollouts",
             AGENT,
             setting="eva.data_source",
-            choices=("auto", "rollouts", "ppo"),
+            choices=DATA_SOURCES,
         ),
         Flag(
             ("--algo",),

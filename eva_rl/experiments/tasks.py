@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from eva_rl.algorithms import ALGORITHM_NAMES
-from eva_rl.config import EvaConfig, LoraConfig, _is_int, _is_number
+from eva_rl.config import DATA_SOURCES, EvaConfig, LoraConfig, _is_int, _is_number
 from eva_rl.errors import ConfigError
 from eva_rl.files import read_yaml
 from eva_rl.methods import method_names
@@ -319,7 +319,7 @@ SETTINGS: dict[str, Setting] = {
     "checkpoint_freq": Setting("checkpoint_freq", *_COUNT),
     "eval_freq": Setting("eval.freq", *_COUNT),
     "eval_episodes": Setting("eval.episodes", *_COUNT),
-    "eva_data": Setting("eva.data_source", lambda v: v in ("auto", "rollouts", "ppo"), "one of auto, rollouts, ppo"),
+    "eva_data": Setting("eva.data_source", lambda v: v in DATA_SOURCES, f"one of {', '.join(DATA_SOURCES)}"),
 }
 """Short names of the settings that runs override (a task's or a suite's ``method_settings``, a suite's tuning grid,
 a rank study, the command line): a new overridable setting is one line here."""
