@@ -46,6 +46,7 @@ __all__ = [
     "PretrainedAgent",
     "RolloutBatches",
     "SpaceMismatchError",
+    "StopTrainingOnEvaDone",
     "adapt",
     "cached_adapter_weights",
     "allocate_ranks",
@@ -103,6 +104,7 @@ _EXPORTS: dict[str, str] = {
     "PretrainedAgent": "eva_rl.loading",
     "RolloutBatches": "eva_rl.rollouts",
     "SpaceMismatchError": "eva_rl.errors",
+    "StopTrainingOnEvaDone": "eva_rl.callbacks",
     "adapt": "eva_rl.adapt",
     "allocate_ranks": "eva_rl.allocation",
     "build_model": "eva_rl.models",
@@ -164,7 +166,7 @@ sys.modules[__name__].__class__ = _Package
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from eva_rl.adapt import adapt, merge
     from eva_rl.allocation import allocate_ranks
-    from eva_rl.callbacks import CachedAdapterWeights
+    from eva_rl.callbacks import CachedAdapterWeights, StopTrainingOnEvaDone
     from eva_rl.checkpoints import load_adapter, save_adapter
     from eva_rl.config import EvaConfig, LoraConfig
     from eva_rl.devices import get_device

@@ -6,6 +6,8 @@ from typing import Any
 
 from stable_baselines3 import DQN
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.vec_env import VecEnv
@@ -35,7 +37,7 @@ from eva_rl.policies import (
     plain_policy_kwargs,
     sync_target_networks,
 )
-from eva_rl.rollouts import RolloutBatches, policy_forward
+from eva_rl.rollouts import RolloutBatches, Transition, policy_forward
 
 __all__ = ["SpaceMismatchError", "adapt", "load_base_weights", "merge"]
 
@@ -70,19 +72,42 @@ def check_eva_batch_size(plan: AdapterPlan, eva: EvaConfig) -> None:
 
 
 def eva_from_rollouts(
-    model: BaseAlgorithm, vec_env: VecEnv, plan: AdapterPlan, eva: EvaConfig, progress: bool = False
+    model: BaseAlgorithm,
+    vec_env: VecEnv,
+    plan: AdapterPlan,
+    eva: EvaConfig,
+    progress: bool = False,
+    transitions: list[Transition] | None = None,
 ) -> EvaResult:
-    """EVA on rollouts of ``model``'s policy in ``vec_env``, for the layers of ``plan``."""
+    """EVA on rollouts of ``model``'s policy in ``vec_env``, for the layers of ``plan``; with a ``transitions``
+    list, every step taken is appended to it (for a replay buffer)."""
     check_eva_batch_size(plan, eva)
     # Off-policy critics see (observation, action) pairs; DQN explores epsilon-greedily as fine-tuning will.
     with_actions = hasattr(model.policy, "critic")
     exploration = model.exploration_final_eps if isinstance(model, DQN) else 0.0
     rollouts = RolloutBatches(
-        model.policy, vec_env, eva.batch_size, eva.deterministic, eva.seed, with_actions, exploration
+        model.policy,
+        vec_env,
+        eva.batch_size,
+        eva.deterministic,
+        eva.seed,
+        with_actions,
+        exploration,
+        keep_transitions=transitions is not None,
     )
     result = EvaSession(model.policy, plan, eva, forward_fn=policy_forward).run(rollouts, progress)
     result.env_steps = rollouts.env_steps
+    if transitions is not None:
+        transitions.extend(rollouts.transitions)
+        result.replayed_steps = rollouts.env_steps
     return result
+
+
+def store_transitions(buffer: ReplayBuffer, transitions: list[Transition]) -> None:
+    """Add EVA's steps to an off-policy algorithm's replay buffer: the pretrained policy collected them with the
+    algorithm's exploration, so its first updates learn from them as from its own warm-up."""
+    for transition in transitions:
+        buffer.add(*transition)
 
 
 def fine_tuning_algorithm(model: BaseAlgorithm, algorithm: str | type[BaseAlgorithm] | None) -> type[BaseAlgorithm]:
@@ -130,6 +155,8 @@ def adapt(
     - ``"pissa"`` / ``"olora"``: A and B from the SVD / QR of ``W``, the residual ``W - s B A`` frozen;
     - ``"dora"`` / ``"eva+dora"``: ``"lora"`` / ``"eva"`` with DoRA's trainable magnitude;
     - ``"lora-redist"``: EVA's rank allocation with Kaiming-uniform A (separates EVA's ranks from its directions);
+    - ``"lora-orth"``, ``"eva-rescaled"``, ``"eva-fa"``, ``"lora-fa"``: controls (random orthonormal A; EVA's rows
+      at Kaiming-uniform's norm; ``eva`` / ``lora`` with A frozen);
     - ``"head"``: no adapters; only the action and value heads (and ``log_std``) train;
     - ``"full"``: the pretrained policy, every weight trainable; ``"scratch"``: the same architecture, freshly
       initialized.
@@ -175,8 +202,10 @@ def adapt(
             "none: use data_source='rollouts'"
         )
     result = None
+    # an off-policy algorithm keeps EVA's steps in its replay buffer rather than discarding them
+    transitions: list[Transition] | None = [] if issubclass(algorithm, OffPolicyAlgorithm) else None
     if spec.runs_eva and not eva_from_ppo:
-        result = eva_from_rollouts(model, vec_env, plan, eva, progress)
+        result = eva_from_rollouts(model, vec_env, plan, eva, progress, transitions)
         plan = plan.with_ranks(result.ranks, eva.adjust_scaling_factors)
 
     # With EVA on PPO's rollouts the adapters start as placeholders (configured ranks, B = 0) until EVA is done.
@@ -187,6 +216,8 @@ def adapt(
     adapted = build_model(model, policy_class, policy_kwargs, vec_env, built_with, **kwargs)
     load_base_weights(adapted.policy, model.policy.state_dict())
     init_adapters(adapted.policy, spec, result)
+    if transitions:
+        store_transitions(adapted.replay_buffer, transitions)
     adapted.policy.sync_targets()
     carry_learned_coefficients(adapted, model)
     if eva_from_ppo:
@@ -209,6 +240,8 @@ def init_adapters(policy: LoraPolicyMixin, method: Method, result: EvaResult | N
             layer.set_lora_A(result.A[name])
         elif method.init is not None:
             method.init(layer)
+        if method.rescale is not None:
+            method.rescale(layer)
         if layer.use_dora:
             layer.reset_dora_magnitude()  # to the loaded pretrained weights
 

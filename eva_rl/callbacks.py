@@ -41,3 +41,17 @@ class CachedAdapterWeights(BaseCallback):
 
     def _on_training_end(self) -> None:
         self._scope.close()
+
+
+class StopTrainingOnEvaDone(BaseCallback):
+    """Stops ``learn`` at the first env step after EVA on the algorithm's rollouts has initialized the adapters
+    (:class:`~eva_rl.eva_ppo.EvaPPO`), after the updates of the rollouts it read: a way to run EVA, and only the
+    updates its data pays for, within a budget large enough for it to converge::
+
+        model = adapt(pretrained, env, eva=EvaConfig(data_source="ppo"))
+        model.learn(100_000, callback=StopTrainingOnEvaDone())
+        print(model.policy.eva_report.batches_used)
+    """
+
+    def _on_step(self) -> bool:
+        return bool(getattr(self.model, "eva_pending", False))

@@ -124,6 +124,12 @@ class LoraConfig:
     :param alpha_pattern: Per-layer ``alpha`` overrides, ``{name or pattern: alpha}``.
     :param use_dora: DoRA (weight-decomposed LoRA): a trainable magnitude per output unit times the normalized
         adapted weight. Needs ``dropout=0``.
+    :param use_rslora: rsLoRA's scaling ``alpha / sqrt(r)`` instead of ``alpha / r`` (peft's ``use_rslora``): the
+        adapter's output and gradients keep their size as the rank grows. EVA's redistribution rescales alpha with
+        the rank as peft does (``alpha * r_new / r``), which under rsLoRA changes the scaling to
+        ``alpha * sqrt(r_new) / r``.
+    :param train_A: Train A; ``False`` freezes it where its init put it and only B (and what else trains) learns,
+        as LoRA-FA does: the adapter then moves the layer only along the input directions A spans.
     """
 
     r: int = 4
@@ -135,6 +141,8 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
+    use_rslora: bool = False
+    train_A: bool = True
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -144,7 +152,7 @@ class LoraConfig:
             raise _bad(name, "alpha", self.alpha, "a finite number > 0, or None for alpha = r")
         if not (_is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise _bad(name, "dropout", self.dropout, "a probability in [0, 1)")
-        for flag in ("train_heads", "train_bias", "use_dora"):
+        for flag in ("train_heads", "train_bias", "use_dora", "use_rslora", "train_A"):
             if not isinstance(getattr(self, flag), bool):
                 raise _bad(name, flag, getattr(self, flag), "true or false")
         if self.use_dora and self.dropout > 0:
@@ -215,10 +223,11 @@ class EvaConfig:
         tracking more makes the kept directions closer to an exact SVD of the stream (0, peft's choice: none).
     :param data_source: Where EVA's observations come from: ``"ppo"``, the first rollouts an on-policy algorithm
         (PPO, A2C) collects anyway, on which it then trains (:class:`~eva_rl.eva_ppo.EvaPPO`: no extra env steps,
-        no update lost); ``"rollouts"``, EVA's own rollouts of the pretrained policy before training starts (extra
-        env steps, as a static-dataset EVA would spend; the only source for off-policy algorithms; the default,
-        since it converges whatever the fine-tuning budget); ``"auto"``, ``"ppo"`` where the algorithm is on-policy
-        and one rollout holds an EVA batch, else ``"rollouts"``.
+        no update lost; if the budget ends first, EVA's estimate at its last rollout is used); ``"rollouts"``, EVA's
+        own rollouts of the pretrained policy before training starts (extra env steps, as a static-dataset EVA
+        would spend; the only source for off-policy algorithms; converges whatever the fine-tuning budget);
+        ``"auto"`` (the default), ``"ppo"`` where the algorithm is on-policy and one rollout holds an EVA batch,
+        else ``"rollouts"``.
     """
 
     rho: float = 2.0
@@ -232,7 +241,7 @@ class EvaConfig:
     svd_solver: Literal["lowrank", "full"] = "lowrank"
     seed: int = 0
     extra_components: int = 0
-    data_source: Literal["auto", "rollouts", "ppo"] = "rollouts"
+    data_source: Literal["auto", "rollouts", "ppo"] = "auto"
 
     def __post_init__(self) -> None:
         name = type(self).__name__

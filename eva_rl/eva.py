@@ -57,6 +57,7 @@ class EvaResult:
     :ivar skipped_steps: Env steps of PPO rollouts that fed EVA and were never trained on (see
         :class:`~eva_rl.eva_report.EvaReport`).
     :ivar deferred_steps: Env steps of PPO rollouts EVA read before it converged, trained on after it did.
+    :ivar replayed_steps: Env steps of EVA's own rollouts stored in an off-policy algorithm's replay buffer.
     """
 
     A: dict[str, torch.Tensor]
@@ -75,6 +76,7 @@ class EvaResult:
     data_source: str = "rollouts"
     skipped_steps: int = 0
     deferred_steps: int = 0
+    replayed_steps: int = 0
 
     def captured_variance(self, name: str) -> float:
         """Fraction of layer ``name``'s input variance captured by its ``rank`` EVA directions."""
@@ -97,6 +99,7 @@ class EvaResult:
             data_source=self.data_source,
             skipped_steps=self.skipped_steps,
             deferred_steps=self.deferred_steps,
+            replayed_steps=self.replayed_steps,
             seconds=self.seconds,
         )
 
@@ -140,6 +143,11 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 def _default_forward(module: nn.Module, batch: Any) -> Any:
     return module(batch)
+
+
+class _AllInputsCaptured(Exception):
+    """Raised by a capture hook once every wanted layer input of the batch is in: the rest of the forward pass
+    (the layers after the last one still fitted) would compute outputs nobody reads."""
 
 
 class _ComponentTracker:
@@ -222,6 +230,7 @@ class EvaSession:
         self.ranks = dict(self.caps)
         self.converged_at: dict[str, int] = {}
         self.batches_fed: dict[str, list[int]] = {}
+        self._calls: dict[str, int] = {}  # times each layer runs in one forward pass (the first batch's, in full)
         self.batches_used = 0
 
     def _group_done(self, leader: str) -> bool:
@@ -245,10 +254,15 @@ class EvaSession:
 
     def _capture(self, batch: Any, wanted: list[str]) -> dict[str, torch.Tensor]:
         captured: dict[str, list[torch.Tensor]] = {}
+        # After the first batch, the forward stops once each wanted layer has run as often as it did then (peft runs
+        # it whole): the layers after the last one still fitted, and every converged layer's output, are skipped.
+        expected = {name: self._calls[name] for name in wanted} if self._calls else None
 
         def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
             def hook(layer: nn.Module, args: tuple[Any, ...]) -> None:
                 captured.setdefault(name, []).append(layer_input_rows(layer, args[0]).detach())
+                if expected is not None and all(len(captured.get(n, ())) >= count for n, count in expected.items()):
+                    raise _AllInputsCaptured
 
             return hook
 
@@ -258,10 +272,14 @@ class EvaSession:
             self.module.eval()
             with torch.no_grad(), disable_adapters(self.module):
                 self.forward_fn(self.module, _to_device(batch, self.device))
+        except _AllInputsCaptured:
+            pass
         finally:
             for handle in handles:
                 handle.remove()
             self.module.train(was_training)
+        if not self._calls:
+            self._calls = {name: len(calls) for name, calls in captured.items()}
         rows = {}
         for name in wanted:
             if name not in captured:
@@ -353,10 +371,13 @@ class EvaSession:
             self.seconds += time.perf_counter() - started  # the batches' collection (rollouts) included
         return self.result(stop_reason)
 
-    def result(self, stop_reason: str | None = None) -> EvaResult:
+    def result(self, stop_reason: str | None = None, final: bool = False) -> EvaResult:
         """The directions and ranks so far.
 
         :param stop_reason: Why feeding stopped, for the message when some layer has not converged.
+        :param final: No more data will come (the fine-tuning budget ended): a layer that has not converged warns
+            and keeps its current estimate whatever ``on_max_batches`` says, since raising would leave the run
+            untrained.
         :raises EvaConvergenceError: if a layer has not converged and ``on_max_batches="raise"`` (or no batch came).
         """
         trackers, leader_of, ranks, caps = self.trackers, self.leader_of, self.ranks, self.caps
@@ -370,7 +391,7 @@ class EvaSession:
                 for n in not_converged
             )
             message = f"EVA stopped ({stop_reason}) before these layers converged at tau={self.eva.tau}: {details}"
-            if self.eva.on_max_batches == "raise" or not trackers:
+            if (self.eva.on_max_batches == "raise" and not final) or not trackers:
                 raise EvaConvergenceError(
                     message + ". Raise max_batches, lower tau, or set on_max_batches='warn' to use the current estimate"
                 )

@@ -39,6 +39,8 @@ def eva_report_markdown(report: EvaReport) -> str:
         source = f"PPO's rollouts (no extra env steps; {report.deferred_steps:,} steps' updates waited for EVA)"
     else:
         source = f"its own rollouts, {report.env_steps or 0:,} env steps"
+        if report.replayed_steps:
+            source += ", kept in the replay buffer"
     budget = sum(report.ranks.values())
     cost = f"Rank budget {budget}; {report.batches_used} batches from {source}, {report.seconds:.1f} s."
     return "\n".join([*rows, "", cost])

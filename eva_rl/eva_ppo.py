@@ -36,6 +36,10 @@ class EvaRolloutsMixin:
     after the first read data one or more updates old, which PPO's ratio to the log-probabilities they were collected
     with accounts for, as it does for its own epochs).
 
+    If the budget's last rollout comes before EVA converges, EVA stops there and its current estimate (the batches
+    it read, ``converged`` false for the layers still moving, and a warning, whatever ``on_max_batches`` says)
+    initializes the adapters, which then train on every kept rollout as above.
+
     Once EVA is done, this is the plain algorithm: the saved zip loads with ``PPO.load`` (``A2C.load``).
 
     A model saved while EVA is pending keeps its policy's ``eva_pending`` (the session, its data and the kept
@@ -67,8 +71,9 @@ class EvaRolloutsMixin:
         """EVA has not finished yet (the adapters are placeholders)."""
         return self.eva_session is not None
 
-    def _feed_eva(self) -> bool:
-        """Feed this rollout to EVA; apply EVA's result when it is done. Return whether EVA is done."""
+    def _feed_eva(self, last: bool = False) -> bool:
+        """Feed this rollout to EVA; apply EVA's result when it is done, or with what it has on the ``last`` rollout
+        of the budget. Return whether EVA is done."""
         session = self.eva_session
         buffer = self.rollout_buffer
         rows = buffer.buffer_size * buffer.n_envs
@@ -86,11 +91,16 @@ class EvaRolloutsMixin:
                 session.feed({key: value[start:end] for key, value in observations.items()})
             else:
                 session.feed(observations[start:end])
-        if not (session.done or session.capped):
+        if not (session.done or session.capped or last):
             self.eva_deferred_steps += rows
             return False
-        stop_reason = None if session.done else f"max_batches={session.eva.max_batches} reached"
-        result = session.result(stop_reason)
+        if session.done:
+            stop_reason = None
+        elif session.capped:
+            stop_reason = f"max_batches={session.eva.max_batches} reached"
+        else:
+            stop_reason = f"the training budget ended after {session.batches_used} batches"
+        result = session.result(stop_reason, final=last and not (session.done or session.capped))
         result.env_steps, result.data_source, result.deferred_steps = 0, "ppo", self.eva_deferred_steps
         self.eva_apply(result)
         self.eva_session, self.eva_apply = None, None
@@ -114,7 +124,9 @@ class EvaRolloutsMixin:
 
     def train(self) -> None:
         if self.eva_session is not None:
-            if not self._feed_eva():
+            # A budget that ends before EVA converges still trains: EVA's current estimate initializes the adapters
+            last = self.num_timesteps >= self._total_timesteps
+            if not self._feed_eva(last):
                 self.eva_rollouts.append(self._rollout())  # its update waits for EVA's adapters
                 return
             # EVA is done: the kept rollouts' updates, oldest first, then this rollout's

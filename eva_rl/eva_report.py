@@ -33,6 +33,8 @@ class EvaReport:
         every rollout EVA read; older runs with ``data_source="ppo"`` skipped those before the converging one).
     :ivar deferred_steps: Env steps of PPO rollouts that fed EVA before the one it converged on; PPO trained on them
         once EVA was done (``data_source="ppo"``).
+    :ivar replayed_steps: Env steps of EVA's own rollouts stored in an off-policy algorithm's replay buffer, which
+        its updates sample from as from its warm-up (SAC, TD3, DQN; 0 before 2026-12-05: they were discarded).
     :ivar seconds: Wall time EVA itself took (its own rollouts' collection included; PPO's rollouts not).
     """
 
@@ -50,6 +52,7 @@ class EvaReport:
     data_source: str = "rollouts"
     skipped_steps: int = 0
     deferred_steps: int = 0
+    replayed_steps: int = 0
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:

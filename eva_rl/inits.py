@@ -1,4 +1,5 @@
-"""Weight-derived adapter initializations: PiSSA and OLoRA.
+"""Adapter initializations besides Kaiming-uniform and EVA: PiSSA and OLoRA from the weight, and the controls that
+take EVA's geometry or its scale apart (random orthonormal rows, rows at Kaiming's norm).
 
 Both take A and B from the pretrained weight itself and keep the residual ``W - s B A`` as the frozen base, so the
 layer's output is unchanged at step 0 and the adapter starts on the weight's principal (PiSSA) or orthonormal
@@ -52,3 +53,25 @@ def olora_init(layer: LoraLayer) -> None:
     weight = layer.base_layer.weight
     q, r = torch.linalg.qr(weight.reshape(weight.shape[0], -1).double())
     _set_factors(layer, r[: layer.r], q[:, : layer.r])
+
+
+KAIMING_ROW_NORM = 3**-0.5
+"""The expected norm of a Kaiming-uniform A row (``kaiming_uniform_(a=sqrt(5))``: entries uniform in
+``±1/sqrt(fan_in)``, so each row's squared norm is ``fan_in / (3 fan_in)``), whatever the fan-in."""
+
+
+@torch.no_grad()
+def orthonormal_init(layer: LoraLayer) -> None:
+    """A: ``r`` random orthonormal rows (the Q of a Gaussian matrix's QR, drawn from torch's global generator as
+    Kaiming-uniform is), unit norm like EVA's directions; B = 0. A control: EVA's geometry without its data."""
+    gaussian = torch.randn(layer.fan_in, layer.r, dtype=torch.float64)
+    q, _ = torch.linalg.qr(gaussian)
+    layer.set_lora_A(q.T.to(layer.lora_A.dtype))
+
+
+@torch.no_grad()
+def kaiming_row_norm(layer: LoraLayer) -> None:
+    """Scale every row of A to Kaiming-uniform's expected row norm (:data:`KAIMING_ROW_NORM`), its direction kept.
+    A control: EVA's subspace with LoRA's step size (EVA's rows have unit norm, about 1.7x Kaiming's)."""
+    rows = layer.lora_A.reshape(layer.r, -1)
+    rows.mul_(KAIMING_ROW_NORM / rows.norm(dim=1, keepdim=True).clamp_min(1e-12))

@@ -48,7 +48,9 @@ def inject_adapters(
         layer = module.get_submodule(name)
         if isinstance(layer, LoraLayer):
             raise ConfigError(f"layer {name!r} already has a LoRA adapter; remove_adapters() first")
-        lora = lora_layer_type(layer)(layer, layer_plan.rank, layer_plan.alpha, plan.dropout, plan.use_dora)
+        lora = lora_layer_type(layer)(
+            layer, layer_plan.rank, layer_plan.alpha, plan.dropout, plan.use_dora, plan.use_rslora
+        )
         set_submodule(module, name, lora)
         wrapped[name] = lora
     return wrapped

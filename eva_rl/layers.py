@@ -30,10 +30,17 @@ class LoraLayer(nn.Module):
     :param dropout: Dropout probability on the adapter input.
     :param use_dora: DoRA: the adapted weight ``W + s B A`` is renormalized per output unit and scaled by a trainable
         magnitude vector, initialized to the row norms of ``W`` (so the layer starts as its base).
+    :param use_rslora: rsLoRA's scaling ``alpha / sqrt(r)``.
     """
 
     def __init__(
-        self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_dora: bool = False
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_dora: bool = False,
+        use_rslora: bool = False,
     ) -> None:
         super().__init__()
         if r < 1:
@@ -45,7 +52,8 @@ class LoraLayer(nn.Module):
             param.requires_grad_(False)
         self.r = int(r)
         self.alpha = float(alpha)
-        self.scaling = self.alpha / self.r
+        self.use_rslora = use_rslora
+        self.scaling = self.alpha / (math.sqrt(self.r) if use_rslora else self.r)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.use_dora = use_dora
         self.lora_magnitude: nn.Parameter | None = None
@@ -244,9 +252,15 @@ class LoraLinear(LoraLayer):
     """LoRA wrapper of an ``nn.Linear``: ``A`` is ``(r, in_features)``, ``B`` is ``(out_features, r)``."""
 
     def __init__(
-        self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_dora: bool = False
+        self,
+        base_layer: nn.Linear,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_dora: bool = False,
+        use_rslora: bool = False,
     ) -> None:
-        super().__init__(base_layer, r, alpha, dropout, use_dora)
+        super().__init__(base_layer, r, alpha, dropout, use_dora, use_rslora)
         weight = base_layer.weight
         self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, device=weight.device, dtype=weight.dtype))
         self.lora_B = nn.Parameter(torch.empty(base_layer.out_features, r, device=weight.device, dtype=weight.dtype))
@@ -268,13 +282,19 @@ class LoraConv2d(LoraLayer):
     """
 
     def __init__(
-        self, base_layer: nn.Conv2d, r: int, alpha: float, dropout: float = 0.0, use_dora: bool = False
+        self,
+        base_layer: nn.Conv2d,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_dora: bool = False,
+        use_rslora: bool = False,
     ) -> None:
         if base_layer.groups != 1:
             raise ValueError(f"LoRA on Conv2d needs groups=1, got groups={base_layer.groups}")
         if base_layer.padding_mode != "zeros":
             raise ValueError(f"LoRA on Conv2d needs padding_mode='zeros', got {base_layer.padding_mode!r}")
-        super().__init__(base_layer, r, alpha, dropout, use_dora)
+        super().__init__(base_layer, r, alpha, dropout, use_dora, use_rslora)
         weight = base_layer.weight
         kh, kw = base_layer.kernel_size
         factory = dict(device=weight.device, dtype=weight.dtype)

@@ -35,6 +35,9 @@ class Method:
     :param rewrites_base: ``init`` rewrites the frozen base weight as a residual ``W - s B A``: the rank is capped at
         ``min(out, fan_in)``, and adapter checkpoints keep the rewritten base weights.
     :param use_dora: DoRA's trainable magnitude per output unit on every adapter.
+    :param rescale: Runs on each adapter after its A is set (EVA's directions, ``init`` or Kaiming-uniform), e.g. to
+        change A's row norms; B stays 0.
+    :param train_A: A trains; ``False`` freezes it at its init (LoRA-FA): only the subspace the init chose adapts.
     """
 
     name: str
@@ -46,6 +49,8 @@ class Method:
     init: Callable[[LoraLayer], None] | None = None
     rewrites_base: bool = False
     use_dora: bool = False
+    rescale: Callable[[LoraLayer], None] | None = None
+    train_A: bool = True
 
     @property
     def adapters(self) -> bool:
@@ -63,7 +68,9 @@ class Method:
         if self.trains == "heads":
             return dataclasses.replace(lora, train_heads=True, rank_pattern={".*": 0})
         if self.use_dora:
-            return dataclasses.replace(lora, use_dora=True)
+            lora = dataclasses.replace(lora, use_dora=True)
+        if not self.train_A:
+            lora = dataclasses.replace(lora, train_A=False)
         return lora
 
 
@@ -115,6 +122,18 @@ def _olora_init(layer: LoraLayer) -> None:
     olora_init(layer)
 
 
+def _orthonormal_init(layer: LoraLayer) -> None:
+    from eva_rl.inits import orthonormal_init
+
+    orthonormal_init(layer)
+
+
+def _kaiming_row_norm(layer: LoraLayer) -> None:
+    from eva_rl.inits import kaiming_row_norm
+
+    kaiming_row_norm(layer)
+
+
 for _method in (
     Method(
         "eva",
@@ -142,6 +161,24 @@ for _method in (
         "EVA's rank allocation with Kaiming-uniform A (EVA's ranks without its directions)",
         runs_eva=True,
     ),
+    # Controls (issue 27): each changes one thing about EVA or LoRA, so that what EVA's init does can be told apart:
+    # its subspace (from data or not), its row norm (the step size B sees), and whether A moves at all.
+    Method("lora-orth", "LoRA, A = random orthonormal rows (unit norm, as EVA's), B = 0", init=_orthonormal_init),
+    Method(
+        "eva-rescaled",
+        "eva with each A row scaled to Kaiming-uniform's norm (1/sqrt(3)): EVA's subspace at LoRA's scale",
+        runs_eva=True,
+        eva_directions=True,
+        rescale=_kaiming_row_norm,
+    ),
+    Method(
+        "eva-fa",
+        "eva with A frozen (LoRA-FA): only B trains, in EVA's subspace",
+        runs_eva=True,
+        eva_directions=True,
+        train_A=False,
+    ),
+    Method("lora-fa", "lora with A frozen (LoRA-FA): only B trains, in a random subspace", train_A=False),
     Method("head", "the action and value heads train, the rest is frozen", trains="heads"),
     Method("full", "every weight of the pretrained policy trains", trains="all"),
     Method(

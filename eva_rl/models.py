@@ -22,6 +22,18 @@ from eva_rl.errors import AgentError, SpaceMismatchError
 _NOT_HYPERPARAMETERS = {"self", "policy", "env", "policy_kwargs", "_init_setup_model"}
 
 
+def _constructor_parameters(algorithm: type[BaseAlgorithm]) -> list[str]:
+    """The named parameters of ``algorithm``'s constructor; a mixin's ``__init__(*args, **kwargs)`` (``EvaPPO``'s)
+    passes them on, so they are read from the first class in the MRO that names them."""
+    for cls in algorithm.__mro__:
+        if "__init__" not in vars(cls):
+            continue
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        if not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
+            return [p.name for p in parameters]
+    return []
+
+
 def algorithm_hyperparameters(model: BaseAlgorithm, algorithm: type[BaseAlgorithm] | None = None) -> dict[str, Any]:
     """The constructor arguments of ``algorithm`` (default: ``model``'s own) that ``model``'s setup gives.
 
@@ -33,7 +45,7 @@ def algorithm_hyperparameters(model: BaseAlgorithm, algorithm: type[BaseAlgorith
     same = issubclass(algorithm, type(model)) or issubclass(type(model), algorithm)  # EvaPPO is PPO
     skipped = _NOT_HYPERPARAMETERS | (set() if same else {"n_steps"})
     values = {}
-    for name in inspect.signature(algorithm.__init__).parameters:
+    for name in _constructor_parameters(algorithm):
         if name in skipped:
             continue
         for attribute in (name, f"_{name}"):

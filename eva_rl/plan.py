@@ -193,6 +193,7 @@ class AdapterPlan:
     :param dropout: Dropout on the adapter input.
     :param use_dora: DoRA's magnitude on every adapter.
     :param method: The fine-tuning method the plan was made for (see :mod:`eva_rl.methods`), if any.
+    :param use_rslora: rsLoRA's scaling ``alpha / sqrt(r)`` on every adapter.
     """
 
     layers: dict[str, LayerPlan]
@@ -200,6 +201,7 @@ class AdapterPlan:
     dropout: float = 0.0
     use_dora: bool = False
     method: str | None = None
+    use_rslora: bool = False
 
     @classmethod
     def resolve(
@@ -255,7 +257,7 @@ class AdapterPlan:
                 f"EVA: round(r*rho) exceeds the fan-in of {', '.join(eva_clipped)}; tracking the fan-in there",
                 stacklevel=2,
             )
-        return cls(layers, tuple(exclude), lora.dropout, lora.use_dora, method)
+        return cls(layers, tuple(exclude), lora.dropout, lora.use_dora, method, lora.use_rslora)
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -316,6 +318,7 @@ class AdapterPlan:
             "exclude": list(self.exclude),
             "dropout": self.dropout,
             "use_dora": self.use_dora,
+            "use_rslora": self.use_rslora,
             "layers": {name: dataclasses.asdict(layer) for name, layer in self.layers.items()},
         }
 
@@ -325,11 +328,14 @@ class AdapterPlan:
             return data
         try:
             layers = {name: LayerPlan(**layer) for name, layer in data["layers"].items()}
-            dropout, use_dora = data.get("dropout", 0.0), data.get("use_dora", False)
+            dropout = data.get("dropout", 0.0)
+            use_dora, use_rslora = data.get("use_dora", False), data.get("use_rslora", False)
             if not _is_number(dropout) or not 0 <= dropout < 1:
                 raise ConfigError(f"dropout={dropout!r} is invalid: expected a number in [0, 1)")
-            if not isinstance(use_dora, bool):
-                raise ConfigError(f"use_dora={use_dora!r} is invalid: expected true or false")
-            return cls(layers, tuple(data.get("exclude", ())), float(dropout), use_dora, data.get("method"))
+            for flag, value in (("use_dora", use_dora), ("use_rslora", use_rslora)):
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{flag}={value!r} is invalid: expected true or false")
+            exclude = tuple(data.get("exclude", ()))
+            return cls(layers, exclude, float(dropout), use_dora, data.get("method"), use_rslora)
         except (KeyError, TypeError, AttributeError) as error:
             raise ConfigError(f"not an adapter plan ({type(error).__name__}: {error}): {data!r:.200}") from error

@@ -161,13 +161,14 @@ class LoraPolicyMixin:
                 if isinstance(base, LoraLayer):
                     continue  # shared with another target network (TD3's shared extractor): wrapped already
                 dropout = self.lora_plan.dropout
-                wrapped = lora_layer_type(base)(base, layer.r, layer.alpha, dropout, layer.use_dora)
+                wrapped = lora_layer_type(base)(base, layer.r, layer.alpha, dropout, layer.use_dora, layer.use_rslora)
                 set_submodule(target, name, wrapped)
         sync_target_networks(self)  # type: ignore[arg-type]
 
     def _set_trainable(self) -> None:
-        """Freeze Linear/Conv2d weights (and biases unless ``train_bias``) and every target network; adapters and any
-        other parameter (``log_std``, normalization layers) stay trainable; ``train_heads`` unfreezes the heads."""
+        """Freeze Linear/Conv2d weights (and biases unless ``train_bias``) and every target network; adapters (A
+        unless ``train_A`` is off) and any other parameter (``log_std``, normalization layers) stay trainable;
+        ``train_heads`` unfreezes the heads."""
         config = self.lora_config
         for module in self.modules():  # type: ignore[attr-defined]
             if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -177,6 +178,9 @@ class LoraPolicyMixin:
         if config.train_heads:
             for head in head_names(self):  # type: ignore[arg-type]
                 self.get_submodule(head).requires_grad_(True)  # type: ignore[attr-defined]
+        if not config.train_A:
+            for layer in lora_layers(self).values():  # type: ignore[arg-type]
+                layer.lora_A.requires_grad_(False)
         for _, target in target_pairs(self):  # type: ignore[arg-type]
             getattr(self, target).requires_grad_(False)
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -32,6 +33,39 @@ def _rows(obs: Observation) -> int:
     return len(next(iter(obs.values()))) if isinstance(obs, dict) else len(obs)
 
 
+class Transition(NamedTuple):
+    """One vectorized env step as an off-policy replay buffer's ``add`` takes it: observations as the env gave them
+    (before ``VecNormalize``), the next ones (an episode's terminal observation where it ended), the actions as the
+    buffer keeps them, the unnormalized rewards."""
+
+    obs: Observation
+    next_obs: Observation
+    actions: np.ndarray
+    rewards: np.ndarray
+    dones: np.ndarray
+    infos: list[dict[str, Any]]
+
+
+def _next_observations(
+    new_obs: Observation, dones: np.ndarray, infos: list[dict[str, Any]], normalizer: VecNormalize | None
+) -> Observation:
+    # A VecEnv resets a finished env at once: the step's real next observation is in its info (normalized by
+    # VecNormalize like every observation, so it is unnormalized here, as SB3's off-policy algorithms store it).
+    next_obs = copy.deepcopy(new_obs)
+    for i, done in enumerate(dones):
+        terminal = infos[i].get("terminal_observation") if done else None
+        if terminal is None:
+            continue
+        if normalizer is not None:
+            terminal = normalizer.unnormalize_obs(terminal)
+        if isinstance(next_obs, dict):
+            for key in next_obs:
+                next_obs[key][i] = terminal[key]
+        else:
+            next_obs[i] = terminal
+    return next_obs
+
+
 class RolloutBatches:
     """Iterate observation batches collected by running ``policy`` in ``env``.
 
@@ -51,7 +85,10 @@ class RolloutBatches:
         ``[-1, 1]`` for Box action spaces, as off-policy replay buffers store them).
     :param exploration_rate: Take a uniformly random action with this probability (DQN's epsilon-greedy
         exploration), drawn from the same private stream.
+    :param keep_transitions: Keep every env step as a :class:`Transition` in :attr:`transitions`, for an
+        off-policy algorithm's replay buffer (the actions as a critic sees them, whatever ``with_actions``).
     :ivar env_steps: Environment steps taken so far (all sub-environments counted).
+    :ivar transitions: The steps taken, with ``keep_transitions``.
     """
 
     def __init__(
@@ -63,6 +100,7 @@ class RolloutBatches:
         seed: int | None = 0,
         with_actions: bool = False,
         exploration_rate: float = 0.0,
+        keep_transitions: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} is invalid: expected an integer >= 1")
@@ -73,7 +111,9 @@ class RolloutBatches:
         self.seed = seed
         self.with_actions = with_actions
         self.exploration_rate = exploration_rate
+        self.keep_transitions = keep_transitions
         self.env_steps = 0
+        self.transitions: list[Transition] = []
 
     def _initial_rng_state(self) -> RngState:
         """The private stream's start: the CPU generator, and the policy's CUDA device's when it samples there."""
@@ -130,8 +170,17 @@ class RolloutBatches:
                     batch, pending = _split(pending, self.batch_size)
                     batch_actions, taken = _split(taken, self.batch_size)
                     yield (batch, batch_actions) if self.with_actions else batch
-                obs, _, _, _ = self.env.step(actions)
+                original_obs = normalizer.get_original_obs() if normalizer is not None else obs
+                obs, rewards, dones, infos = self.env.step(actions)
                 self.env_steps += self.env.num_envs
+                if self.keep_transitions:
+                    if normalizer is not None:
+                        new_obs, rewards = normalizer.get_original_obs(), normalizer.get_original_reward()
+                    else:
+                        new_obs = obs
+                    next_obs = _next_observations(new_obs, dones, infos, normalizer)
+                    kept = self._critic_actions(actions)
+                    self.transitions.append(Transition(original_obs, next_obs, kept, rewards, dones, infos))
         finally:
             if normalizer is not None:
                 normalizer.training = was_updating

@@ -77,3 +77,32 @@ def test_bench_weight_cache_only_measures_both_forwards(capsys: pytest.CaptureFi
     assert len(cached) == len(uncached) == 2 and min(cached + uncached) > 0
     assert cache["cache_gain"] == pytest.approx(sum(cached) / sum(uncached))
     assert cached_calls  # the cached rounds computed through the cache
+
+
+def test_bench_peft_only_times_both_implementations_at_each_width(capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("peft")
+    assert bench_main(["--peft-only", "--quick"]) == 0
+    points = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eva_vs_peft"]
+    assert [p["width"] for p in points] == [256, 1024]
+    for point in points:
+        assert point["ours_s"] > 0 and point["peft_s"] > 0
+        assert point["ratio"] == pytest.approx(point["ours_s"] / point["peft_s"], abs=2e-3)
+
+
+def test_device_crossover_reports_the_smallest_policy_the_second_device_ran_faster() -> None:
+    from eva_rl.experiments.bench import measure_device_crossover
+
+    figures = measure_device_crossover(widths=(16, 32), devices=("cpu", "cpu"), steps=256)
+    points = figures["points"]
+    assert [p["width"] for p in points] == [16, 32] and points[0]["parameters"] < points[1]["parameters"]
+    assert all(p["cpu_steps_per_second"] > 0 for p in points)
+    assert figures["crossover_parameters"] is None  # one key per device: the "two" CPUs are the same figure
+
+
+def test_bench_device_crossover_needs_cuda(capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert bench_main(["--device-crossover"]) == 2
+    assert "CUDA is not available here" in capsys.readouterr().err

@@ -70,3 +70,21 @@ def test_device_auto_and_errors() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             get_device("cuda")
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_a_runs_auto_device_takes_cuda_only_for_a_policy_of_a_million_parameters(
+    cuda: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from eva_rl.devices import CUDA_MIN_PARAMETERS, run_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    small = torch.nn.Linear(100, 100)  # 10,100 parameters
+    large = torch.nn.Linear(1000, 1000)  # 1,001,000 parameters
+    sizes = [sum(p.numel() for p in module.parameters()) for module in (small, large)]
+    assert sizes[0] < CUDA_MIN_PARAMETERS <= sizes[1]
+    assert run_device("auto", small).type == "cpu"
+    assert run_device("auto", large).type == ("cuda" if cuda else "cpu")
+    assert run_device("cpu", large).type == "cpu"

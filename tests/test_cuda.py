@@ -32,7 +32,14 @@ def test_adapt_and_one_ppo_update_on_the_gpu(variant: str) -> None:
     base.policy.to("cuda")
     base.device = torch.device("cuda")
     env = make_minigrid() if variant.startswith("cnn") else gym.make("CartPole-v1")
-    model = eva_rl.adapt(base, env, lora=LoraConfig(r=2), eva=EvaConfig(batch_size=64), device="auto", n_steps=64)
+    model = eva_rl.adapt(
+        base,
+        env,
+        lora=LoraConfig(r=2),
+        eva=EvaConfig(batch_size=64, data_source="rollouts"),
+        device="auto",
+        n_steps=64,
+    )
     assert model.device.type == "cuda"
     assert all(p.device.type == "cuda" for p in model.policy.parameters())
     before = {n: p.detach().clone() for n, p in model.policy.named_parameters() if "lora_B" in n}
@@ -46,8 +53,7 @@ def test_eva_on_ppo_rollouts_swaps_in_gpu_adapters() -> None:
     base.device = torch.device("cuda")
     eva = EvaConfig(batch_size=64, max_batches=60, on_max_batches="warn", data_source="ppo")
     model = eva_rl.adapt(base, gym.make("CartPole-v1"), lora=LoraConfig(r=2), eva=eva, device="cuda", n_steps=128)
-    while model.eva_pending:
-        model.learn(128, reset_num_timesteps=False)
+    model.learn(128 * 60, callback=eva_rl.StopTrainingOnEvaDone())
     model.learn(128, reset_num_timesteps=False)
     assert model.policy.eva_report.data_source == "ppo"
     assert all(p.device.type == "cuda" for p in model.policy.parameters())
@@ -67,6 +73,9 @@ def test_eva_on_cuda_leaves_the_global_cuda_rng_alone() -> None:
     base = make_pretrained("mlp-discrete")
     base.policy.to("cuda")
     env = make_vec_env(VARIANTS["mlp-discrete"][0], n_envs=2, seed=0)
+    # PPO(seed=...) in make_pretrained calls torch.manual_seed, which reseeds every device's generator: the H200 run
+    # failed on that reseeding, not on the rollouts. The state to keep is the one the rollouts start from.
+    state = torch.cuda.get_rng_state()
     streams = []
     for _ in range(2):
         batches = iter(RolloutBatches(base.policy, env, batch_size=16, seed=3))

@@ -264,3 +264,47 @@ def test_a_run_writes_no_checkpoint_while_eva_reads_its_rollouts(
     assert report["deferred_steps"] >= 512, "the test needs EVA to read a rollout past a checkpoint's step"
     assert pending_at_checkpoint and not any(pending_at_checkpoint)
     assert result.final_return is not None
+
+
+@pytest.mark.parametrize("on_max_batches", ["raise", "warn"])
+def test_a_budget_that_ends_before_eva_converges_trains_on_every_rollout_with_evas_estimate(
+    on_max_batches: str,
+) -> None:
+    base = make_pretrained("mlp-discrete")
+    # tau this close to 1 keeps EVA from converging within the three rollouts of the budget
+    eva = EvaConfig(batch_size=BATCH, max_batches=60, tau=0.999999, on_max_batches=on_max_batches, data_source="ppo")
+    env = make_vec_env(VARIANTS["mlp-discrete"][0], n_envs=N_ENVS, seed=0)
+    model = eva_rl.adapt(base, env, "eva", LoraConfig(r=2), eva, n_steps=N_STEPS, batch_size=64, n_epochs=2)
+    rollouts = 3
+    with pytest.warns(UserWarning, match="the training budget ended after 6 batches"):
+        model.learn(rollouts * N_STEPS * N_ENVS)
+    report = model.policy.eva_report
+    assert not model.eva_pending and report.batches_used == 2 * rollouts
+    assert not all(report.converged.values())
+    assert report.deferred_steps == (rollouts - 1) * N_STEPS * N_ENVS and report.skipped_steps == 0
+    assert model._n_updates == 2 * rollouts, "every rollout of the budget is trained on"
+    assert any(layer.lora_B.abs().sum() > 0 for layer in model.policy.lora_layers.values())
+
+
+def test_stop_training_on_eva_done_stops_at_the_first_step_after_evas_updates() -> None:
+    base = make_pretrained("mlp-discrete")
+    eva = EvaConfig(batch_size=BATCH, max_batches=60, on_max_batches="warn", data_source="ppo")
+    env = make_vec_env(VARIANTS["mlp-discrete"][0], n_envs=N_ENVS, seed=0)
+    model = eva_rl.adapt(base, env, "eva", LoraConfig(r=2), eva, n_steps=N_STEPS, batch_size=64, n_epochs=1)
+    model.learn(100 * N_STEPS * N_ENVS, callback=eva_rl.StopTrainingOnEvaDone())
+    read = math.ceil(model.policy.eva_report.batches_used / 2)  # rollouts EVA read, each trained on once
+    assert not model.eva_pending and model._n_updates == read
+    assert model.num_timesteps == read * N_STEPS * N_ENVS + N_ENVS  # one step into the next rollout
+
+
+@pytest.mark.parametrize("data_source", ["ppo", "rollouts"])
+def test_the_agents_hyperparameters_carry_over_whatever_evas_data_source(data_source: str) -> None:
+    """EvaPPO's constructor takes ``*args, **kwargs``: its hyperparameters are read from PPO's own signature
+    (before the fix a gSDE agent got EvaPPO without gSDE, and every setting took SB3's default)."""
+    agent = dict(gamma=0.93, gae_lambda=0.8, ent_coef=0.02, max_grad_norm=0.3, vf_coef=0.7, use_sde=True)
+    base = PPO("MlpPolicy", "Pendulum-v1", n_steps=64, batch_size=32, seed=0, device="cpu", **agent)
+    eva = EvaConfig(batch_size=BATCH, data_source=data_source)
+    model = eva_rl.adapt(base, make_vec_env("Pendulum-v1", n_envs=N_ENVS, seed=0), "eva", LoraConfig(r=2), eva)
+    assert isinstance(model, EvaPPO) == (data_source == "ppo")
+    assert {name: getattr(model, name) for name in agent} == agent
+    assert model.policy.log_std.shape == base.policy.log_std.shape  # gSDE's (latent, action) matrix

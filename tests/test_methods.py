@@ -16,7 +16,8 @@ from tests.test_policy import outputs, sample_obs
 
 pytestmark = pytest.mark.filterwarnings("ignore:EVA:UserWarning", "ignore:(pissa|olora):UserWarning")
 
-FAST_EVA = EvaConfig(batch_size=64, max_batches=60, on_max_batches="warn")
+# EVA's own rollouts: adapt() returns the EVA-initialized adapters, to be inspected before any learning
+FAST_EVA = EvaConfig(batch_size=64, max_batches=60, on_max_batches="warn", data_source="rollouts")
 
 
 def adapt(variant: str, method: str, **kwargs) -> tuple[PPO, PPO]:

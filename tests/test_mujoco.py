@@ -144,7 +144,8 @@ def test_one_short_eva_and_ppo_run_per_task(tmp_path: Path, name: str) -> None:
     result = run(RunSpec(task, "eva", 0, tmp_path, task.agent_path, "cpu"), progress=False)
     run_dir = tmp_path / name / "eva" / "seed0"
     eva = json.loads((run_dir / "eva.json").read_text())
-    assert sum(eva["ranks"].values()) > 0 and result.eva_env_steps > 0
+    assert sum(eva["ranks"].values()) > 0
+    assert eva["data_source"] == "ppo" and result.eva_env_steps == 0  # the default reads PPO's first rollout
     assert (run_dir / "vecnormalize.pkl").is_file() and (run_dir / "adapter").is_dir()
     assert [step for step, _ in result.eval_curve] == [0, 512]
     # B = 0 after EVA: the step-0 evaluation is the pretrained agent's own return on the target

@@ -244,3 +244,38 @@ def test_a_budget_inside_learning_starts_is_an_error_and_the_run_says_how_many_u
     check_algorithm_settings(task, agent)
     with pytest.raises(ConfigError, match=r"total_timesteps=40 makes no update of SAC \(after learning_starts=50"):
         check_algorithm_settings(task.with_overrides({"total_timesteps": 40}), agent)
+
+
+def test_sacs_replay_buffer_keeps_evas_steps_as_pendulum_computes_them() -> None:
+    """EVA's own rollouts go into the replay buffer: the observations and scaled actions EVA's stream took, and
+    rewards as Pendulum defines them (computed here from each step's observation and action, not read back)."""
+    base = pretrained("sac")
+    model = eva_rl.adapt(base, gym.make("Pendulum-v1"), "eva", LoraConfig(r=2), FAST_EVA)
+    report = model.policy.eva_report
+    buffer = model.replay_buffer
+    assert report.replayed_steps == report.env_steps == buffer.size() > 0 and model.num_timesteps == 0
+    n = buffer.size()
+    obs, next_obs = buffer.observations[:n, 0], buffer.next_observations[:n, 0]
+    actions, rewards = buffer.actions[:n, 0], buffer.rewards[:n, 0]
+    np.testing.assert_array_equal(obs[1:], next_obs[:-1])  # one unbroken episode (Pendulum truncates at 200)
+    assert np.abs(actions).max() <= 1.0  # scaled to [-1, 1], as SAC stores them
+    theta = np.arctan2(obs[:, 1], obs[:, 0])
+    torque = 2.0 * actions[:, 0]  # unscaled to Pendulum's [-2, 2]
+    np.testing.assert_allclose(rewards, -(theta**2 + 0.1 * obs[:, 2] ** 2 + 0.001 * torque**2), rtol=1e-5, atol=1e-5)
+
+
+def test_dqns_replay_buffer_keeps_the_terminal_observation_of_each_episode_evas_rollouts_ended() -> None:
+    base = pretrained("dqn")
+    model = eva_rl.adapt(base, gym.make("CartPole-v1"), "eva", LoraConfig(r=2), FAST_EVA)
+    buffer = model.replay_buffer
+    n = buffer.size()
+    assert n == model.policy.eva_report.env_steps > 0
+    dones, next_obs = buffer.dones[:n, 0].astype(bool), buffer.next_observations[:n, 0]
+    timeouts = buffer.timeouts[:n, 0].astype(bool)
+    ended = dones & ~timeouts
+    assert ended.any(), "the test needs an episode to end inside EVA's rollouts"
+    # CartPole terminates when the cart leaves [-2.4, 2.4] or the pole tilts past 12 degrees: the stored next
+    # observation is the one that crossed, not the reset observation that follows
+    crossed = (np.abs(next_obs[:, 0]) > 2.4) | (np.abs(next_obs[:, 2]) > 12 * 2 * np.pi / 360)
+    np.testing.assert_array_equal(crossed, ended)
+    np.testing.assert_array_equal(buffer.observations[1:n, 0][~dones[:-1]], next_obs[:-1][~dones[:-1]])

@@ -33,6 +33,7 @@ VALID = {
     "--checkpoint-freq": ("1024", 1024),
     "--algo": ("a2c", "a2c"),
     "--update-obs-stats": (None, True),
+    "--rslora": (None, True),
 }
 SETTING_FLAGS = [FLAGS[name] for name in cli.FINETUNE_FLAGS if FLAGS[name].setting is not None]
 

@@ -26,7 +26,8 @@ from tests.conftest import VARIANTS, DeadBranchExtractor, make_pretrained
 # Pendulum's 3 observation features are fewer than round(r*rho)=4: EVA clips and warns, as it should.
 pytestmark = pytest.mark.filterwarnings("ignore:EVA:UserWarning")
 
-FAST_EVA = EvaConfig(batch_size=64, max_batches=60, on_max_batches="warn")
+# EVA's own rollouts: adapt() returns the EVA-initialized adapters, to be inspected before any learning
+FAST_EVA = EvaConfig(batch_size=64, max_batches=60, on_max_batches="warn", data_source="rollouts")
 
 
 def sample_obs(model: PPO, n: int = 16, seed: int = 0) -> torch.Tensor | dict[str, torch.Tensor]:

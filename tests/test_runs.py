@@ -180,6 +180,8 @@ def point_goal_run(method: str, agent: Path | None, normalized: bool) -> Callabl
         task = spec.task.with_overrides(
             dict(total_timesteps=2048, checkpoint_freq=768, eval=eval_settings, update_obs_stats=normalized)
         )
+        if normalized:  # EVA's own rollouts (with VecNormalize frozen); "eva" resumes after EVA on PPO's rollouts
+            task = task.with_overrides({"eva_data": "rollouts"})
         return dataclasses.replace(spec, task=task, agent_path=agent or spec.agent_path)
 
     return spec_in

@@ -190,7 +190,12 @@ FLAGS: dict[str, Flag] = {
             action="append",
             metavar="MODULE:CLASS",
         ),
-        Flag(("--device",), "auto (CUDA when present), cpu, cuda, cuda:N", ENVIRONMENT, default="auto"),
+        Flag(
+            ("--device",),
+            "auto (CUDA when present and the policy has 1M+ parameters, else the CPU), cpu, cuda, cuda:N",
+            ENVIRONMENT,
+            default="auto",
+        ),
         Flag(("--threads",), "torch CPU threads per run (1 is fastest for small nets)", ENVIRONMENT, count, default=1),
         # the agent and its adapters
         Flag(
@@ -203,13 +208,22 @@ FLAGS: dict[str, Flag] = {
         ),
         Flag(("--rank",), "LoRA rank r per layer (EVA's budget is r x layers)", AGENT, int, setting="r"),
         Flag(("--alpha",), "LoRA alpha (scaling alpha/r)", AGENT, float, setting="alpha"),
+        Flag(
+            ("--rslora",),
+            "rsLoRA's scaling alpha/sqrt(r) instead of alpha/r (peft's use_rslora)",
+            AGENT,
+            None,
+            setting="rslora",
+            action="store_true",
+        ),
         Flag(("--rho",), "EVA rank redistribution factor (>= 1)", AGENT, float, setting="rho"),
         Flag(("--tau",), "EVA convergence threshold, cosine in [0, 1]", AGENT, float, setting="tau"),
         Flag(("--eva-batch-size",), "env steps per EVA batch", AGENT, int, setting="eva.batch_size"),
         Flag(
             ("--eva-data",),
-            "EVA's data: rollouts, its own rollouts before training (the default); ppo, the on-policy algorithm's "
-            "first rollouts, trained on too (no extra env steps); auto, ppo for PPO and A2C, else rollouts",
+            "EVA's data: auto (the default), ppo for PPO and A2C where a rollout holds an EVA batch, else rollouts; "
+            "ppo, the on-policy algorithm's first rollouts, trained on too (no extra env steps); rollouts, its own "
+            "rollouts before training",
             AGENT,
             setting="eva.data_source",
             choices=DATA_SOURCES,
@@ -406,6 +420,20 @@ FLAGS: dict[str, Flag] = {
         Flag(
             ("--view-only",),
             "only the MiniGrid view's figures (env steps/s: ours, MiniGrid's)",
+            BENCH,
+            None,
+            action="store_true",
+        ),
+        Flag(
+            ("--device-crossover",),
+            "only PPO steps/s on the CPU and on CUDA against the policy's size (where --device auto should take CUDA)",
+            BENCH,
+            None,
+            action="store_true",
+        ),
+        Flag(
+            ("--peft-only",),
+            "only compute_eva's time against peft's EVA (get_eva_state_dict) on the same MLPs and batches",
             BENCH,
             None,
             action="store_true",

@@ -46,6 +46,8 @@ class RunResult:
     :ivar algorithm: The algorithm that fine-tuned (``"ppo"``, ``"a2c"``...; results before it existed were PPO).
     :ivar settings: What the run was made with (``runs.run_settings``); ``None`` in results written before it existed.
     :ivar agent: The pretrained agent's path, as the run was given it (``eva-rl record`` loads it again).
+    :ivar platform: What the run was made on (:func:`~eva_rl.experiments.machine.describe_platform`); ``None`` in
+        results written before it existed.
     """
 
     task: str
@@ -66,6 +68,7 @@ class RunResult:
     algorithm: str = "ppo"
     settings: dict[str, Any] | None = None
     agent: str | None = None
+    platform: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -27,10 +27,12 @@ from torch.utils.tensorboard import SummaryWriter
 from eva_rl.adapt import adapt
 from eva_rl.callbacks import CachedAdapterWeights
 from eva_rl.checkpoints import save_adapter
-from eva_rl.errors import ConfigError, EvaConvergenceError
+from eva_rl.devices import run_device
+from eva_rl.errors import ConfigError
 from eva_rl.eva_logging import record_eva_report
 from eva_rl.eva_report import EvaReport
 from eva_rl.experiments.environments import agent_env
+from eva_rl.experiments.machine import describe_platform
 from eva_rl.experiments.resume import restore_runtime_state
 from eva_rl.experiments.run_folder import Checkpoint, RunDirError, RunFolder, RunResult
 from eva_rl.experiments.tasks import TaskConfig, algorithm_arguments
@@ -156,14 +158,22 @@ def run_settings(spec: RunSpec) -> dict[str, Any]:
     return json.loads(json.dumps(settings))
 
 
-ADDED_SETTINGS = ("agent_inputs",)
-"""Settings added to the record after results were written: a result that records none is not stale for it."""
+_ANY = object()
+ADDED_SETTINGS: dict[str, Any] = {"agent_inputs": _ANY, "lora.use_rslora": False, "lora.train_A": True}
+"""Settings added to the record after results were written (dotted), with the value that gives what runs did before
+they existed: a result that records none is not stale for it while the run asks for that value (any value for a
+record that only got more detailed, like ``agent_inputs``)."""
 
 
 def settings_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``["key: recorded -> current", ...]`` for every (dotted, nested) setting that differs."""
-    current = {key: value for key, value in current.items() if key in recorded or key not in ADDED_SETTINGS}
     old, new = _flatten(recorded), _flatten(current)
+    for added, before in ADDED_SETTINGS.items():
+        if any(key == added or key.startswith(f"{added}.") for key in old):
+            continue
+        for key in [key for key in new if key == added or key.startswith(f"{added}.")]:
+            if before is _ANY or new[key] == before:
+                del new[key]
     missing = "unset"
     return [
         f"{key}: {old.get(key, missing)!r} -> {new.get(key, missing)!r}"
@@ -214,7 +224,12 @@ def _run_locked(spec: RunSpec, settings: dict[str, Any], progress: bool | Progre
     start = time.perf_counter()
     if callable(progress):  # what the run does before PPO's first step (its bar shows nothing yet)
         progress(0, spec.task.total_timesteps, "EVA" if get_method(spec.method).runs_eva else "starting")
-    agent = load_pretrained(spec.agent_path, device=spec.device)
+    agent = load_pretrained(spec.agent_path, device="cpu")
+    # "auto" trains on CUDA only where the policy is large enough to be faster there
+    device = run_device(spec.device, agent.model.policy)
+    if device.type != "cpu":
+        agent = load_pretrained(spec.agent_path, device=device)
+    spec = dataclasses.replace(spec, device=str(device))
     folder = spec.folder
     unfinished = folder.has_checkpoint
     latest = folder.latest_checkpoint() if unfinished else None
@@ -437,16 +452,11 @@ def _run_callback(
 
 
 def _train(spec: RunSpec, model: BaseAlgorithm, callback: RunCallback) -> None:
-    """PPO up to the task's budget; with EVA on PPO's rollouts, EVA must have finished within it."""
+    """The algorithm up to the task's budget (with EVA on PPO's rollouts, EVA finishes within it: on its last
+    rollout at the latest, :class:`~eva_rl.eva_ppo.EvaRolloutsMixin`)."""
     remaining = spec.task.total_timesteps - model.num_timesteps
     if remaining > 0:
         model.learn(remaining, callback=[callback, CachedAdapterWeights()], reset_num_timesteps=False)
-    if getattr(model, "eva_pending", False):
-        raise EvaConvergenceError(
-            f"EVA on PPO's rollouts had not converged after the whole budget of {model.num_timesteps} steps "
-            f"({model.eva_session.batches_used} batches), so PPO never updated; raise total_timesteps, lower tau, "
-            "or let EVA collect its own rollouts (--eva-data rollouts)"
-        )
 
 
 def _write_outputs(spec: RunSpec, model: BaseAlgorithm, callback: RunCallback, settings: dict[str, Any]) -> RunResult:
@@ -481,6 +491,7 @@ def _write_outputs(spec: RunSpec, model: BaseAlgorithm, callback: RunCallback, s
         source_return=source_return(spec),
         settings=settings,
         agent=str(spec.agent_path),
+        platform=describe_platform(model.device),
     )
     folder.write_result(result)
     folder.remove_checkpoint()

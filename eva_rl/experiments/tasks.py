@@ -320,6 +320,7 @@ SETTINGS: dict[str, Setting] = {
     "eval_freq": Setting("eval.freq", *_COUNT),
     "eval_episodes": Setting("eval.episodes", *_COUNT),
     "eva_data": Setting("eva.data_source", lambda v: v in DATA_SOURCES, f"one of {', '.join(DATA_SOURCES)}"),
+    "rslora": Setting("lora.use_rslora", lambda v: isinstance(v, bool), "true or false"),
 }
 """Short names of the settings that runs override (a task's or a suite's ``method_settings``, a suite's tuning grid,
 a rank study, the command line): a new overridable setting is one line here."""

@@ -32,6 +32,7 @@ from eva_rl.errors import ConfigError
 from eva_rl.experiments.environments import agent_env, import_packages
 from eva_rl.experiments.execute import Executor
 from eva_rl.experiments.finetune import check_agent_fits
+from eva_rl.experiments.machine import platform_line
 from eva_rl.experiments.plots import new_figure, save_figure
 from eva_rl.experiments.run_folder import RunDirError, RunFolder, RunResult
 from eva_rl.experiments.runs import RunSpec, run_settings, settings_differences
@@ -405,7 +406,8 @@ class ContinualStudy(Study[ContinualReport]):
                 "selection": selection["accuracy"],
             },
         )
-        atomic_write_text(root / "continual.md", continual_markdown(self.sequence, report, selection))
+        platform = platform_line(result.platform for _, result in runs)
+        atomic_write_text(root / "continual.md", continual_markdown(self.sequence, report, selection, platform))
         figure, axes = new_figure(1, len(report), figsize=(3.6 * len(report), 3.4), dpi=120, sharey=True)
         draw_continual(np.atleast_1d(axes), self.sequence, report)
         return [root / "continual.json", root / "continual.md", save_figure(figure, root / "continual.png")]
@@ -418,10 +420,10 @@ def _sequential_row(sequence: ContinualSequence, log_dir: Path, device: str, ind
 
 
 def continual_markdown(
-    sequence: ContinualSequence, report: ContinualReport, selection: dict[str, Any] | None = None
+    sequence: ContinualSequence, report: ContinualReport, selection: dict[str, Any] | None = None, platform: str = ""
 ) -> str:
     """``continual.md``: each approach's average return, forgetting, forward transfer and memory; forgetting per
-    task; the adapter selection's accuracy."""
+    task; the adapter selection's accuracy; the runs' platform line."""
 
     def cell(interval: Interval) -> str:
         return f"{interval.estimate:.3f} [{interval.low:.3f}, {interval.high:.3f}]"
@@ -434,6 +436,7 @@ def continual_markdown(
         f"Stages: {' -> '.join(f'{s.name} ({s.total_timesteps:,})' for s in sequence.stages)}; base: the agent of "
         f"`{sequence.base_task}`. IQM over {len(sequence.seed_list)} seeds with 95% stratified-bootstrap CIs.",
         "",
+        *([platform, ""] if platform else []),
         "| approach | average return after the sequence | forgetting | forward transfer (AUC vs full) | memory "
         "| vs one network |",
         "|---|---|---|---|---|---|",

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from eva_rl.errors import ConfigError
+from eva_rl.experiments.machine import platform_line
 from eva_rl.experiments.plots import method_color, new_figure, save_figure
 from eva_rl.experiments.run_folder import RunResult
 from eva_rl.experiments.stats import (
@@ -53,6 +54,8 @@ class RankStudyReport:
     points: dict[str, dict[int, RankPoint]]
     p_reference_better: dict[str, dict[int, Interval]]
     reference: str = "eva"
+    platform: str = ""
+    """The page's platform line (:func:`~eva_rl.experiments.machine.platform_line`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +71,7 @@ class RankStudyReport:
                 method: {str(r): dataclasses.asdict(p) for r, p in by_rank.items()}
                 for method, by_rank in self.p_reference_better.items()
             },
+            **({"platform": self.platform} if self.platform else {}),
         }
 
 
@@ -111,7 +115,8 @@ def rank_report(
         }
         for method in others
     }
-    return RankStudyReport(suite, study.task, list(study.ranks), points, p_reference_better, reference)
+    platform = platform_line(result.platform for _, result in runs)
+    return RankStudyReport(suite, study.task, list(study.ranks), points, p_reference_better, reference, platform)
 
 
 def rank_markdown(report: RankStudyReport) -> str:
@@ -123,15 +128,19 @@ def rank_markdown(report: RankStudyReport) -> str:
         "IQM over seeds with 95% stratified-bootstrap CIs; alpha = r at every rank. Normalized AUC: mean eval "
         "return over the budget (EVA's own env steps on its x-axis).",
         "",
+        report.platform,
+        "",
         "| method | r | seeds | trainable params | final return | normalized AUC |",
         "|---|---|---|---|---|---|",
     ]
+    # one row per method and rank
     for method, by_rank in report.points.items():
         for r, point in by_rank.items():
             lines.append(
                 f"| {method} | {r} | {point.seeds} | {point.trainable_params:,} | {point.final.format(spec)} | "
                 f"{point.auc.format(spec)} |"
             )
+    # then how often the reference beats each method, one column per rank
     if report.p_reference_better:
         lines += [
             "",

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from eva_rl.eva_report import EvaReport
+from eva_rl.experiments.machine import platform_line
 from eva_rl.experiments.plots import method_color, new_figure, save_figure
 from eva_rl.experiments.run_folder import RunFolder, RunResult
 from eva_rl.experiments.stats import (
@@ -99,6 +100,8 @@ class SuiteReport:
     tasks: dict[str, TaskReport] = field(default_factory=dict)
     aggregate: dict[str, MethodAggregate] = field(default_factory=dict)
     reference: str = "eva"
+    platform: str = ""
+    """The page's platform line (:func:`~eva_rl.experiments.machine.platform_line`)."""
 
     @property
     def methods(self) -> list[str]:
@@ -120,6 +123,7 @@ class SuiteReport:
             "reference": self.reference,
             "tasks": {name: task.to_dict() for name, task in self.tasks.items()},
             "aggregate": aggregate,
+            **({"platform": self.platform} if self.platform else {}),
         }
 
     @classmethod
@@ -136,7 +140,7 @@ class SuiteReport:
             for method, row in data["aggregate"].items()
         }
         tasks = {name: TaskReport.from_dict(task) for name, task in data["tasks"].items()}
-        return cls(data["suite"], tasks, aggregate, reference)
+        return cls(data["suite"], tasks, aggregate, reference, data.get("platform", ""))
 
 
 def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], reference: str = "eva") -> SuiteReport:
@@ -148,7 +152,7 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
         thresholds[suite_task.task] = suite_task.threshold
     seen = {result.method for _, result in runs}
     methods = [m for m in suite.methods if m in seen] + sorted(seen - set(suite.methods))
-    report = SuiteReport(suite.name, reference=reference)
+    report = SuiteReport(suite.name, reference=reference, platform=platform_line(r.platform for _, r in runs))
     scores: dict[str, dict[str, dict[str, list[float]]]] = {m: {"final": {}, "auc": {}} for m in methods}
     for task_name, per_method in by_task.items():
         threshold = thresholds[task_name]
@@ -200,6 +204,8 @@ def results_markdown(report: SuiteReport) -> str:
         "",
         "IQM over seeds with 95% stratified-bootstrap CIs. Steps include EVA's own environment steps. "
         "wall s: mean wall-clock seconds of a run (evaluations included).",
+        "",
+        report.platform,
         "",
     ]
     for task_name, task in report.tasks.items():

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from eva_rl.errors import ConfigError
+from eva_rl.experiments.machine import platform_line
 from eva_rl.experiments.run_folder import RunResult
 from eva_rl.experiments.stats import normalized_auc, stratified_iqm
 from eva_rl.experiments.studies.base import Planned, Study
@@ -88,7 +89,8 @@ class TuningSweep(Study[TuningReport]):
             method: max(tuning_points(self.suite), key=lambda point: table[method][point_name(point)])
             for method in self.methods
         }
-        return {"auc_iqm": table, "chosen": chosen, "seeds": self.suite.tuning_seeds}
+        platform = platform_line(result.platform for _, result in runs)
+        return {"auc_iqm": table, "chosen": chosen, "seeds": self.suite.tuning_seeds, "platform": platform}
 
     def write_page(self, report: TuningReport, runs: list[tuple[Any, RunResult]]) -> list[Path]:
         atomic_write_json(self.out_dir / "tuning.json", report)

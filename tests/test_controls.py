@@ -1,0 +1,100 @@
+"""The controls that take EVA's init apart: random orthonormal A (``lora-orth``), EVA's rows at Kaiming-uniform's
+norm (``eva-rescaled``), A frozen (``eva-fa``, ``lora-fa``), and rsLoRA's ``alpha / sqrt(r)`` scaling. That each
+keeps the pretrained policy's outputs at step 0 is checked with every other method in ``tests/test_methods.py``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from stable_baselines3 import PPO
+from torch import nn
+
+import eva_rl
+from eva_rl import EvaConfig, LoraConfig
+from eva_rl.inits import KAIMING_ROW_NORM
+from eva_rl.plan import AdapterPlan
+from tests.conftest import VARIANTS, make_pretrained
+
+pytestmark = pytest.mark.filterwarnings("ignore:(EVA|eva|lora):UserWarning")
+
+EVA = EvaConfig(batch_size=64, max_batches=60, on_max_batches="warn", data_source="rollouts")
+
+
+def adapted(method: str, variant: str = "mlp-discrete", lora: LoraConfig | None = None, seed: int = 0) -> PPO:
+    base = make_pretrained(variant)
+    env = VARIANTS[variant][0]()
+    # the random inits draw from torch's global generator, as Kaiming-uniform does, which the model's seed sets
+    settings = dict(n_steps=64, batch_size=64, n_epochs=2, seed=seed)
+    return eva_rl.adapt(base, env, method, lora or LoraConfig(r=2), EVA, **settings)
+
+
+def rows(layer: eva_rl.LoraLayer) -> torch.Tensor:
+    return layer.lora_A.detach().reshape(layer.r, -1)
+
+
+def test_kaiming_row_norm_is_the_norm_of_kaiming_uniform_rows() -> None:
+    for fan_in in (16, 256, 4096):
+        a = torch.empty(512, fan_in)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # what LoRA's reset_lora_parameters draws
+        assert a.norm(dim=1).mean().item() == pytest.approx(KAIMING_ROW_NORM, rel=0.02)
+
+
+@pytest.mark.parametrize("variant", ["mlp-discrete", "cnn-discrete"])
+def test_lora_orth_draws_orthonormal_rows_that_differ_by_seed(variant: str) -> None:
+    first, second = adapted("lora-orth", variant, seed=0), adapted("lora-orth", variant, seed=1)
+    for name, layer in first.policy.lora_layers.items():
+        a = rows(layer)
+        torch.testing.assert_close(a @ a.T, torch.eye(layer.r), atol=1e-5, rtol=0)
+        assert not torch.allclose(a, rows(second.policy.lora_layers[name]))
+        assert layer.lora_B.abs().sum() == 0
+
+
+def test_eva_rescaled_keeps_evas_directions_at_kaimings_norm() -> None:
+    eva, rescaled = adapted("eva"), adapted("eva-rescaled")
+    assert rescaled.policy.lora_ranks == eva.policy.lora_ranks
+    for name, layer in rescaled.policy.lora_layers.items():
+        want = rows(eva.policy.lora_layers[name])  # unit-norm principal directions
+        torch.testing.assert_close(rows(layer), KAIMING_ROW_NORM * want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["eva-fa", "lora-fa"])
+def test_frozen_a_methods_train_b_only_and_keep_a_through_save_and_load(method: str, tmp_path: Path) -> None:
+    model = adapted(method)
+    before = {name: rows(layer).clone() for name, layer in model.policy.lora_layers.items()}
+    optimized = {id(p) for group in model.policy.optimizer.param_groups for p in group["params"]}
+    assert not any(id(layer.lora_A) in optimized for layer in model.policy.lora_layers.values())
+    model.learn(256)
+    for name, layer in model.policy.lora_layers.items():
+        torch.testing.assert_close(rows(layer), before[name], atol=0, rtol=0)
+    assert any(layer.lora_B.abs().sum() > 0 for layer in model.policy.lora_layers.values())
+    model.save(tmp_path / "model.zip")
+    loaded = PPO.load(tmp_path / "model.zip", device="cpu")
+    assert not loaded.policy.lora_config.train_A
+    assert not any(layer.lora_A.requires_grad for layer in loaded.policy.lora_layers.values())
+
+
+def test_rslora_scales_by_alpha_over_sqrt_r_in_the_forward_pass() -> None:
+    torch.manual_seed(0)
+    base = nn.Linear(8, 5)
+    layer = eva_rl.LoraLinear(base, r=4, alpha=2.0, use_rslora=True)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 8)
+    want = base(x) + (2.0 / math.sqrt(4)) * x @ layer.lora_A.T @ layer.lora_B.T
+    torch.testing.assert_close(layer(x), want)
+    assert eva_rl.LoraLinear(nn.Linear(8, 5), r=4, alpha=2.0).scaling == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("method", ["lora", "eva"])
+def test_rslora_carries_into_every_adapter_the_plan_and_a_reloaded_model(method: str, tmp_path: Path) -> None:
+    model = adapted(method, lora=LoraConfig(r=2, use_rslora=True))
+    layers = model.policy.lora_layers
+    # EVA rescales alpha with the rank as peft does (alpha * r_new / r); the scaling is then alpha / sqrt(r_new)
+    assert all(layer.scaling == pytest.approx(layer.alpha / math.sqrt(layer.r)) for layer in layers.values())
+    plan = model.policy.lora_plan
+    assert plan.use_rslora and AdapterPlan.from_dict(plan.to_dict()) == plan
+    model.save(tmp_path / "model.zip")
+    loaded = PPO.load(tmp_path / "model.zip", device="cpu")
+    assert {n: la.scaling for n, la in loaded.policy.lora_layers.items()} == {n: la.scaling for n, la in layers.items()}
