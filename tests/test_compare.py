@@ -107,6 +107,13 @@ def test_tuning_sweeps_every_method_alike_and_picks_by_auc(tmp_path: Path) -> No
         scores = table["auc_iqm"][method]
         assert set(scores) == {"learning_rate0.001", "learning_rate0.003", "learning_rate0.01"}
         assert scores[f"learning_rate{point['learning_rate']:g}"] == max(scores.values())
+    # the final-return table, against every run's own final return (one task, one tuning seed: the IQM is the run)
+    for point_dir in (tmp_path / "smoke-tuning").glob("learning_rate*"):
+        for method in ("eva", "full"):
+            (result,) = point_dir.glob(f"smoke/PointGoal/{method}/seed*/result.json")
+            final = json.loads(result.read_text())["final_return"]
+            assert table["final_iqm"][method][point_dir.name] == pytest.approx(final)
+    assert (tmp_path / "smoke-tuning" / "sensitivity.png").stat().st_size > 10_000
     assert sorted(
         p.name for p in (tmp_path / "smoke-tuning" / "learning_rate0.003" / "smoke" / "PointGoal").iterdir()
     ) == [

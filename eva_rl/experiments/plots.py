@@ -35,10 +35,15 @@ METHOD_COLORS = {
     "dora": "#e377c2",
     "eva+dora": "#17becf",
     "lora-redist": "#bcbd22",
+    # the controls, each a lighter or darker shade of the method it takes apart
+    "lora-orth": "#ffbb78",
+    "lora-fa": "#a05d00",
+    "eva-rescaled": "#aec7e8",
+    "eva-fa": "#0b3c5d",
 }
 """One colour per method in every plot the project draws (matplotlib's ten, the core methods first: eva blue, lora
 orange, full green, scratch grey)."""
-_OTHER_COLORS = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d")
+_OTHER_COLORS = ("#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d")
 
 
 def method_color(method: str) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.machine import platform_line
+from eva_rl.experiments.plots import method_color, new_figure, save_figure
 from eva_rl.experiments.run_folder import RunResult
 from eva_rl.experiments.stats import normalized_auc, stratified_iqm
 from eva_rl.experiments.studies.base import Planned, Study
@@ -20,7 +21,8 @@ from eva_rl.experiments.suites import Suite
 from eva_rl.files import atomic_write_json
 
 TuningReport = dict[str, Any]
-"""``{"auc_iqm": {method: {point: IQM}}, "chosen": {method: settings}, "seeds": [...]}``."""
+"""``{"auc_iqm": {method: {point: IQM}}, "final_iqm": {...}, "chosen": {method: settings}, "seeds": [...],
+"platform": line}``."""
 
 
 def tuning_points(suite: Suite) -> list[dict[str, float]]:
@@ -75,23 +77,62 @@ class TuningSweep(Study[TuningReport]):
         ]
 
     def report(self, runs: list[tuple[tuple[str, str], RunResult]]) -> TuningReport:
-        table: dict[str, dict[str, float]] = {}
+        auc: dict[str, dict[str, float]] = {}
+        final: dict[str, dict[str, float]] = {}
         for point in tuning_points(self.suite):
             for method in self.methods:
-                per_task: dict[str, list[float]] = {}
+                aucs: dict[str, list[float]] = {}
+                finals: dict[str, list[float]] = {}
                 for (name, task), result in runs:
                     if name == point_name(point) and result.method == method:
-                        per_task.setdefault(task, []).append(normalized_auc(*result.sample_curve()))
-                table.setdefault(method, {})[point_name(point)] = float(
-                    stratified_iqm(list(per_task.values())).estimate
-                )
+                        aucs.setdefault(task, []).append(normalized_auc(*result.sample_curve()))
+                        finals.setdefault(task, []).append(result.final_return)
+                auc.setdefault(method, {})[point_name(point)] = float(stratified_iqm(list(aucs.values())).estimate)
+                final.setdefault(method, {})[point_name(point)] = float(stratified_iqm(list(finals.values())).estimate)
         chosen = {
-            method: max(tuning_points(self.suite), key=lambda point: table[method][point_name(point)])
+            method: max(tuning_points(self.suite), key=lambda point: auc[method][point_name(point)])
             for method in self.methods
         }
         platform = platform_line(result.platform for _, result in runs)
-        return {"auc_iqm": table, "chosen": chosen, "seeds": self.suite.tuning_seeds, "platform": platform}
+        return {
+            "auc_iqm": auc,
+            "final_iqm": final,
+            "chosen": chosen,
+            "seeds": self.suite.tuning_seeds,
+            "platform": platform,
+        }
 
     def write_page(self, report: TuningReport, runs: list[tuple[Any, RunResult]]) -> list[Path]:
+        """``tuning.json``, and ``sensitivity.png`` where the grid varies one setting (the learning rate)."""
         atomic_write_json(self.out_dir / "tuning.json", report)
-        return [self.out_dir / "tuning.json"]
+        written = [self.out_dir / "tuning.json"]
+        if len(self.suite.tuning_grid) == 1:
+            figure, axes = new_figure(1, 2, figsize=(10, 4), dpi=120)
+            draw_sensitivity(axes, self.suite, report)
+            written.append(save_figure(figure, self.out_dir / "sensitivity.png"))
+        return written
+
+
+def draw_sensitivity(axes: Any, suite: Suite, report: TuningReport) -> None:
+    """Normalized AUC and final return (IQM over the tuning seeds and tasks) against the one tuned setting, one line
+    per method, each method's chosen value ringed: how sharply each method depends on it."""
+    ((key, values),) = suite.tuning_grid.items()
+    points = tuning_points(suite)
+    for axis, (table, label) in zip(
+        axes, ((report["auc_iqm"], "normalized AUC"), (report["final_iqm"], "final return"))
+    ):
+        for method, by_point in table.items():
+            ys = [by_point[point_name(point)] for point in points]
+            color = method_color(method)
+            axis.plot(values, ys, marker="o", markersize=3, color=color, label=method)
+            chosen = values.index(report["chosen"][method][key])
+            axis.plot(values[chosen], ys[chosen], "o", markersize=9, markerfacecolor="none", color=color)
+        axis.set_xscale("log")
+        axis.set_xticks(values, [f"{value:g}" for value in values])  # the grid's own values, not log decades
+        axis.tick_params(axis="x", which="minor", labelbottom=False)
+        axis.set_xlabel(key)
+        axis.set_ylabel(f"{label} (IQM)")
+        axis.grid(alpha=0.3)
+    seeds = ", ".join(str(seed) for seed in suite.tuning_seeds)
+    axes[0].set_title(f"{suite.name}: tuning seeds {seeds} (ring: chosen)")
+    axes[1].legend(fontsize=7, ncol=2)
