@@ -298,3 +298,30 @@ def test_a_suites_settings_hold_for_every_run_its_tuning_and_rank_study_included
         dataclasses.replace(smoke_suite(), settings={"eva_data": "own"})
     with pytest.raises(ConfigError, match=r"settings=\{'lr': 1\} is invalid"):
         dataclasses.replace(smoke_suite(), settings={"lr": 1})
+
+
+def _evaluated_run(method: str, curve: list[list[float]], algorithm: str = "ppo") -> RunResult:
+    run = _synthetic_run(method, curve[-1][1])
+    settings = {"hyperparameters": {"n_steps": 16}, "n_envs": 2}  # a rollout of 32 steps
+    return dataclasses.replace(run, eval_curve=curve, algorithm=algorithm, settings=settings)
+
+
+def test_the_return_after_k_updates_is_read_where_every_seed_was_evaluated_there() -> None:
+    task = SuiteTask("A", 0.5)
+    suite = Suite("s", [task], methods=["eva", "lora", "full"])
+    # every 5 updates (160 steps) for eva: after 5, 10 and 25 updates; lora evaluated off the grid near 10 updates
+    every_five = [[0, 0.0], [160, 0.2], [320, 0.4], [480, 0.5], [640, 0.6], [800, 0.9]]
+    eva = [_evaluated_run("eva", [[s, v + i / 10] for s, v in every_five]) for i in range(4)]
+    lora = [_evaluated_run("lora", [[0, 0.0], [160, 0.1], [330, 0.3], [800, 0.8]]) for _ in range(3)]
+    sac = [_evaluated_run("full", every_five, algorithm="sac") for _ in range(3)]  # an off-policy run: no updates
+    report = aggregate(suite, [(task, run) for run in eva + lora + sac])
+    rows = report.tasks["A"].methods
+    # the IQM of 4 seeds is the mean of the middle two: (v + 0.1 + v + 0.2) / 2
+    assert {k: round(i.estimate, 6) for k, i in rows["eva"].after_updates.items()} == {5: 0.35, 10: 0.55, 25: 1.05}
+    assert set(rows["lora"].after_updates) == {5, 25} and rows["full"].after_updates == {}
+    page = results_markdown(report)
+    assert (
+        "| method | after 5 | after 10 | after 25 |" in page
+        and "| lora | 0.100 [0.100, 0.100] | - | 0.800 [0.800, 0.800] |" in page
+    )
+    assert SuiteReport.from_dict(report.to_dict()).tasks["A"].methods["eva"].after_updates == rows["eva"].after_updates

@@ -42,6 +42,9 @@ class MethodTaskStats:
     :ivar steps_to_threshold_median: Median env steps to the task's threshold (``None``: most seeds never reach it).
     :ivar reached_threshold: Seeds that reached the threshold.
     :ivar source_retention: IQM return back on the source env (``None`` when the task has no other source env).
+    :ivar after_updates: ``{k: IQM eval return after k updates}`` for k in :data:`UPDATES_REPORTED` where every seed
+        was evaluated exactly there (an on-policy run whose eval frequency is a multiple of its rollout); empty
+        otherwise.
     """
 
     seeds: int
@@ -53,13 +56,46 @@ class MethodTaskStats:
     source_retention: float | None
     trainable_params: int
     wall_seconds: float
+    after_updates: dict[int, Interval] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data.pop("after_updates")  # written only where there are any, as {"5": interval, ...}
+        if self.after_updates:
+            data["after_updates"] = {str(k): dataclasses.asdict(v) for k, v in self.after_updates.items()}
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MethodTaskStats:
-        return cls(**{**data, "final": Interval(**data["final"]), "auc": Interval(**data["auc"])})
+        after = {int(k): Interval(**v) for k, v in data.get("after_updates", {}).items()}
+        fields = {**data, "final": Interval(**data["final"]), "auc": Interval(**data["auc"]), "after_updates": after}
+        return cls(**fields)
+
+
+UPDATES_REPORTED = (5, 10, 25)
+"""The update counts after which a suite page reports the return: EVA's argument is about the first updates."""
+
+
+def returns_after_updates(results: Sequence[RunResult]) -> dict[int, Interval]:
+    """``{k: IQM eval return after k updates}`` for the k of :data:`UPDATES_REPORTED` at which every run of an
+    on-policy algorithm was evaluated (its eval curve has a point at ``k * n_steps * n_envs`` steps, EVA's own env
+    steps not counted: they make no update); no interpolation between evaluations."""
+    after: dict[int, Interval] = {}
+    for k in UPDATES_REPORTED:
+        values = []
+        for result in results:
+            settings = result.settings or {}
+            n_steps = (settings.get("hyperparameters") or {}).get("n_steps")
+            if result.algorithm not in ("ppo", "a2c") or n_steps is None or "n_envs" not in settings:
+                return after
+            at = dict((int(step), value) for step, value in result.eval_curve)
+            step = k * n_steps * settings["n_envs"]
+            if step not in at:
+                break
+            values.append(at[step])
+        else:
+            after[k] = stratified_iqm([values])
+    return after
 
 
 @dataclass
@@ -177,6 +213,7 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
                 source_retention=float(iqm(sources)) if sources else None,
                 trainable_params=int(np.mean([r.trainable_params for r in results])),
                 wall_seconds=float(np.mean([r.wall_seconds for r in results])),
+                after_updates=returns_after_updates(results),
             )
             scores[method]["final"][task_name] = finals
             scores[method]["auc"][task_name] = aucs
@@ -195,6 +232,23 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
             )
         report.aggregate[method] = entry
     return report
+
+
+def _after_updates_table(task: TaskReport, spec: str) -> list[str]:
+    """The return after each reported update count, for the methods evaluated there (none: no table)."""
+    counts = sorted({k for row in task.methods.values() for k in row.after_updates})
+    if not counts:
+        return []
+    lines = [
+        "Eval return after k updates (IQM [95% CI]; an evaluation at exactly that step, EVA's own env steps aside):",
+        "",
+        "| method | " + " | ".join(f"after {k}" for k in counts) + " |",
+        "|---|" + "---|" * len(counts),
+    ]
+    for method, row in task.methods.items():
+        cells = [row.after_updates[k].format(spec) if k in row.after_updates else "-" for k in counts]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def results_markdown(report: SuiteReport) -> str:
@@ -227,6 +281,7 @@ def results_markdown(report: SuiteReport) -> str:
                 f"{row.trainable_params:,} | {row.wall_seconds:.0f} |"
             )
         lines.append("")
+        lines += _after_updates_table(task, spec)
     # Then every method over the tasks it ran.
     lines += [
         "## All tasks",
