@@ -325,3 +325,25 @@ def test_the_return_after_k_updates_is_read_where_every_seed_was_evaluated_there
         and "| lora | 0.100 [0.100, 0.100] | - | 0.800 [0.800, 0.800] |" in page
     )
     assert SuiteReport.from_dict(report.to_dict()).tasks["A"].methods["eva"].after_updates == rows["eva"].after_updates
+
+
+def test_pooled_scores_are_normalized_per_task_between_zero_shot_and_full_fine_tuning() -> None:
+    """Two tasks on scales 100x apart: eva halfway from the pretrained agent to full fine-tuning on both is 0.5 on
+    the normalized scale, whatever the raw returns."""
+    a, b = SuiteTask("A", 0.5), SuiteTask("B", 250.0)
+    suite = Suite("s", [a, b], methods=["eva", "full"])
+
+    def run(method: str, zero: float, final: float) -> RunResult:
+        return dataclasses.replace(_synthetic_run(method, final), jumpstart=zero, eval_curve=[[0, zero], [1000, final]])
+
+    runs = [(a, run("full", 0.0, 1.0)) for _ in range(3)] + [(a, run("eva", 0.0, 0.5)) for _ in range(3)]
+    runs += [(b, run("full", 100.0, 300.0)) for _ in range(3)] + [(b, run("eva", 100.0, 200.0)) for _ in range(3)]
+    report = aggregate(suite, runs)
+    eva, full = report.aggregate["eva"], report.aggregate["full"]
+    assert eva.final_normalized.estimate == pytest.approx(0.5) and full.final_normalized.estimate == pytest.approx(1)
+    # AUC of a straight line from zero-shot to the final return is their mean: eva's is halfway to full's too
+    assert eva.auc_normalized.estimate == pytest.approx(0.5) and full.auc_normalized.estimate == pytest.approx(1)
+    assert eva.final.estimate not in (pytest.approx(0.5),)  # the raw pooled IQM mixes the two scales
+    page = results_markdown(report)
+    assert "A 0.000 -> 1.000; B 100.000 -> 300.000" in page
+    assert SuiteReport.from_dict(report.to_dict()).aggregate["eva"].final_normalized == eva.final_normalized

@@ -120,12 +120,33 @@ class MethodAggregate:
 
     :ivar p_reference_better: Probability that the reference method's final return beats this one's, over the
         tasks both ran (``None`` for the reference itself); in JSON ``p_<reference>_better_final``.
+    :ivar final_normalized: IQM over seeds and tasks of the final return normalized per task,
+        ``(s - zero-shot) / (full's IQM - zero-shot)`` (:func:`task_normalizers`); ``None`` without such a task.
+    :ivar auc_normalized: The same for the normalized AUC.
     """
 
     tasks: list[str]
     final: Interval
     auc: Interval
     p_reference_better: Interval | None = None
+    final_normalized: Interval | None = None
+    auc_normalized: Interval | None = None
+
+
+NORMALIZER = "full"
+"""The method whose IQM per task is 1 on the normalized scale (rliable's min-max normalization, with the pretrained
+agent's zero-shot return as the minimum and tuned full fine-tuning at the same budget as the maximum)."""
+
+
+def task_normalizers(report: SuiteReport) -> dict[str, tuple[float, float, float]]:
+    """``{task: (zero-shot return, full's IQM final return, full's IQM AUC)}`` for the tasks where full fine-tuning
+    ran and ended above the zero-shot return (elsewhere the scale has no width, and the task is left out)."""
+    normalizers = {}
+    for name, task in report.tasks.items():
+        full = task.methods.get(NORMALIZER)
+        if full is not None and full.final.estimate > full.jumpstart and full.auc.estimate > full.jumpstart:
+            normalizers[name] = (full.jumpstart, full.final.estimate, full.auc.estimate)
+    return normalizers
 
 
 @dataclass
@@ -153,6 +174,9 @@ class SuiteReport:
             }
             if entry.p_reference_better is not None:
                 row[f"p_{self.reference}_better_final"] = dataclasses.asdict(entry.p_reference_better)
+            for name in ("final_normalized", "auc_normalized"):
+                if getattr(entry, name) is not None:
+                    row[name] = dataclasses.asdict(getattr(entry, name))
             aggregate[method] = row
         return {
             "suite": self.suite,
@@ -172,6 +196,8 @@ class SuiteReport:
                 Interval(**row["final"]),
                 Interval(**row["auc"]),
                 Interval(**row[key]) if key in row else None,
+                Interval(**row["final_normalized"]) if "final_normalized" in row else None,
+                Interval(**row["auc_normalized"]) if "auc_normalized" in row else None,
             )
             for method, row in data["aggregate"].items()
         }
@@ -231,7 +257,24 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
                 [scores[reference]["final"][t] for t in common], [scores[method]["final"][t] for t in common]
             )
         report.aggregate[method] = entry
+    _normalize_aggregates(report, scores)
     return report
+
+
+def _normalize_aggregates(report: SuiteReport, scores: dict[str, dict[str, dict[str, list[float]]]]) -> None:
+    """Each method's pooled IQMs on the per-task normalized scale (:func:`task_normalizers`), so a task with large
+    returns does not outweigh one with small ones."""
+    normalizers = task_normalizers(report)
+    for method, entry in report.aggregate.items():
+        tasks = [t for t in scores[method]["final"] if t in normalizers]
+        if not tasks:
+            continue
+        finals, aucs = [], []
+        for task in tasks:
+            zero, full_final, full_auc = normalizers[task]
+            finals.append([(s - zero) / (full_final - zero) for s in scores[method]["final"][task]])
+            aucs.append([(s - zero) / (full_auc - zero) for s in scores[method]["auc"][task]])
+        entry.final_normalized, entry.auc_normalized = stratified_iqm(finals), stratified_iqm(aucs)
 
 
 def _after_updates_table(task: TaskReport, spec: str) -> list[str]:
@@ -288,16 +331,29 @@ def results_markdown(report: SuiteReport) -> str:
         "",
         f"IQM over seeds and the tasks each method ran on; P({report.reference} better) compares on those tasks.",
         "",
-        f"| method | tasks | final return | normalized AUC | P({report.reference} better), final |",
-        "|---|---|---|---|---|",
+        f"| method | tasks | final return | normalized AUC | P({report.reference} better), final |"
+        " final, task-normalized | AUC, task-normalized |",
+        "|---|---|---|---|---|---|---|",
     ]
     spec = score_format(row.final for row in report.aggregate.values())
     for method, row in report.aggregate.items():
         poi = row.p_reference_better
+        normalized = [
+            "-" if interval is None else interval.format(".3f")
+            for interval in (row.final_normalized, row.auc_normalized)
+        ]
         lines.append(
             f"| {method} | {len(row.tasks)} | {row.final.format(spec)} | {row.auc.format(spec)} | "
-            f"{poi if poi else '-'} |"
+            f"{poi if poi else '-'} | {' | '.join(normalized)} |"
         )
+    normalizers = task_normalizers(report)
+    scale = "; ".join(f"{task} {zero:{spec}} -> {final:{spec}}" for task, (zero, final, _) in normalizers.items())
+    lines += [
+        "",
+        "Task-normalized: each run's score as (score - zero-shot) / (full fine-tuning's IQM - zero-shot) on its task,"
+        " then the IQM over seeds and tasks: 0 is the pretrained agent, 1 is full fine-tuning. Zero-shot -> full's"
+        f" final return: {scale or 'no task (full fine-tuning did not run, or did not beat zero-shot)'}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
