@@ -347,3 +347,14 @@ def test_pooled_scores_are_normalized_per_task_between_zero_shot_and_full_fine_t
     page = results_markdown(report)
     assert "A 0.000 -> 1.000; B 100.000 -> 300.000" in page
     assert SuiteReport.from_dict(report.to_dict()).aggregate["eva"].final_normalized == eva.final_normalized
+
+
+def test_a_suite_sets_the_bootstrap_resamples_of_its_page() -> None:
+    task = SuiteTask("A", 0.5)
+    runs = [(task, _synthetic_run("eva", v)) for v in (0.1, 0.5, 0.9, 0.3, 0.25, 0.7, 0.65, 0.15, 0.8, 0.45)]
+    few, many = (aggregate(Suite("s", [task], methods=["eva"], resamples=n), runs) for n in (2000, 50000))
+    assert "(50,000 resamples)" in results_markdown(many) and many.to_dict()["resamples"] == 50000
+    assert "resamples" not in few.to_dict()  # the pages made before it existed read back unchanged
+    assert few.tasks["A"].methods["eva"].final != many.tasks["A"].methods["eva"].final  # another bootstrap
+    with pytest.raises(ConfigError, match="resamples=0 is invalid"):
+        Suite("s", [task], methods=["eva"], resamples=0)

@@ -116,6 +116,8 @@ class Suite(Seeded):
     :param tuning_tasks: Tasks the tuning sweep runs on (default: all); the chosen settings apply to every task.
     :param rank_study: Methods at several ranks on one of the tasks (:class:`RankStudy`), run by
         ``compare.py --rank-study``.
+    :param resamples: Bootstrap resamples behind every CI of the suite's page (rliable uses 50,000; the suites
+        committed before 2026-12-05 keep the 2,000 their pages were made with).
     """
 
     name: str
@@ -130,6 +132,7 @@ class Suite(Seeded):
     tuning_grid: dict[str, list[float]] = field(default_factory=dict)
     tuning_tasks: list[str] | None = None
     rank_study: RankStudy | None = None
+    resamples: int = 2000
 
     def __post_init__(self) -> None:
         check_folder_name(self.name, "suite name")
@@ -151,7 +154,7 @@ class Suite(Seeded):
         check_method_settings(self.method_settings, "method_settings")
         check_settings(self.settings, "settings")
         check_seeds(self.seeds, "seeds")
-        for name in ("total_timesteps", "eval_episodes"):
+        for name in ("total_timesteps", "eval_episodes", "resamples"):
             if getattr(self, name) is not None:
                 check_count(getattr(self, name), name)
         if not isinstance(self.tuning_grid, dict) or not all(

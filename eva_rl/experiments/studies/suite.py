@@ -76,7 +76,7 @@ UPDATES_REPORTED = (5, 10, 25)
 """The update counts after which a suite page reports the return: EVA's argument is about the first updates."""
 
 
-def returns_after_updates(results: Sequence[RunResult]) -> dict[int, Interval]:
+def returns_after_updates(results: Sequence[RunResult], resamples: int = 2000) -> dict[int, Interval]:
     """``{k: IQM eval return after k updates}`` for the k of :data:`UPDATES_REPORTED` at which every run of an
     on-policy algorithm was evaluated (its eval curve has a point at ``k * n_steps * n_envs`` steps, EVA's own env
     steps not counted: they make no update); no interpolation between evaluations."""
@@ -94,7 +94,7 @@ def returns_after_updates(results: Sequence[RunResult]) -> dict[int, Interval]:
                 break
             values.append(at[step])
         else:
-            after[k] = stratified_iqm([values])
+            after[k] = stratified_iqm([values], n_resamples=resamples)
     return after
 
 
@@ -159,6 +159,8 @@ class SuiteReport:
     reference: str = "eva"
     platform: str = ""
     """The page's platform line (:func:`~eva_rl.experiments.machine.platform_line`)."""
+    resamples: int = 2000
+    """Bootstrap resamples behind the CIs (:attr:`~eva_rl.experiments.suites.Suite.resamples`)."""
 
     @property
     def methods(self) -> list[str]:
@@ -184,6 +186,7 @@ class SuiteReport:
             "tasks": {name: task.to_dict() for name, task in self.tasks.items()},
             "aggregate": aggregate,
             **({"platform": self.platform} if self.platform else {}),
+            **({"resamples": self.resamples} if self.resamples != 2000 else {}),
         }
 
     @classmethod
@@ -202,11 +205,12 @@ class SuiteReport:
             for method, row in data["aggregate"].items()
         }
         tasks = {name: TaskReport.from_dict(task) for name, task in data["tasks"].items()}
-        return cls(data["suite"], tasks, aggregate, reference, data.get("platform", ""))
+        return cls(data["suite"], tasks, aggregate, reference, data.get("platform", ""), data.get("resamples", 2000))
 
 
 def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], reference: str = "eva") -> SuiteReport:
-    """Per-task and suite-level statistics of every method."""
+    """Per-task and suite-level statistics of every method (CIs from ``suite.resamples`` bootstrap resamples)."""
+    resamples = suite.resamples
     by_task: dict[str, dict[str, list[RunResult]]] = {}
     thresholds = {}
     for suite_task, result in runs:
@@ -214,7 +218,8 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
         thresholds[suite_task.task] = suite_task.threshold
     seen = {result.method for _, result in runs}
     methods = [m for m in suite.methods if m in seen] + sorted(seen - set(suite.methods))
-    report = SuiteReport(suite.name, reference=reference, platform=platform_line(r.platform for _, r in runs))
+    platform = platform_line(r.platform for _, r in runs)
+    report = SuiteReport(suite.name, reference=reference, platform=platform, resamples=resamples)
     scores: dict[str, dict[str, dict[str, list[float]]]] = {m: {"final": {}, "auc": {}} for m in methods}
     for task_name, per_method in by_task.items():
         threshold = thresholds[task_name]
@@ -231,15 +236,15 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
             sources = [r.source_return for r in results if r.source_return is not None]
             task_report.methods[method] = MethodTaskStats(
                 seeds=len(results),
-                final=stratified_iqm([finals]),
+                final=stratified_iqm([finals], n_resamples=resamples),
                 jumpstart=float(iqm([r.jumpstart for r in results])),
-                auc=stratified_iqm([aucs]),
+                auc=stratified_iqm([aucs], n_resamples=resamples),
                 steps_to_threshold_median=None if np.isinf(np.median(steps)) else float(np.median(steps)),
                 reached_threshold=sum(s is not None for s in reached),
                 source_retention=float(iqm(sources)) if sources else None,
                 trainable_params=int(np.mean([r.trainable_params for r in results])),
                 wall_seconds=float(np.mean([r.wall_seconds for r in results])),
-                after_updates=returns_after_updates(results),
+                after_updates=returns_after_updates(results, resamples),
             )
             scores[method]["final"][task_name] = finals
             scores[method]["auc"][task_name] = aucs
@@ -247,21 +252,25 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
     for method in methods:
         entry = MethodAggregate(
             sorted(scores[method]["final"]),
-            stratified_iqm(list(scores[method]["final"].values())),
-            stratified_iqm(list(scores[method]["auc"].values())),
+            stratified_iqm(list(scores[method]["final"].values()), n_resamples=resamples),
+            stratified_iqm(list(scores[method]["auc"].values()), n_resamples=resamples),
         )
         # Over the tasks both ran, so a method run on fewer tasks is compared on its own tasks only.
         common = [t for t in scores[method]["final"] if t in scores.get(reference, {}).get("final", {})]
         if method != reference and common:
             entry.p_reference_better = probability_of_improvement(
-                [scores[reference]["final"][t] for t in common], [scores[method]["final"][t] for t in common]
+                [scores[reference]["final"][t] for t in common],
+                [scores[method]["final"][t] for t in common],
+                n_resamples=resamples,
             )
         report.aggregate[method] = entry
-    _normalize_aggregates(report, scores)
+    _normalize_aggregates(report, scores, resamples)
     return report
 
 
-def _normalize_aggregates(report: SuiteReport, scores: dict[str, dict[str, dict[str, list[float]]]]) -> None:
+def _normalize_aggregates(
+    report: SuiteReport, scores: dict[str, dict[str, dict[str, list[float]]]], resamples: int
+) -> None:
     """Each method's pooled IQMs on the per-task normalized scale (:func:`task_normalizers`), so a task with large
     returns does not outweigh one with small ones."""
     normalizers = task_normalizers(report)
@@ -274,7 +283,8 @@ def _normalize_aggregates(report: SuiteReport, scores: dict[str, dict[str, dict[
             zero, full_final, full_auc = normalizers[task]
             finals.append([(s - zero) / (full_final - zero) for s in scores[method]["final"][task]])
             aucs.append([(s - zero) / (full_auc - zero) for s in scores[method]["auc"][task]])
-        entry.final_normalized, entry.auc_normalized = stratified_iqm(finals), stratified_iqm(aucs)
+        entry.final_normalized = stratified_iqm(finals, n_resamples=resamples)
+        entry.auc_normalized = stratified_iqm(aucs, n_resamples=resamples)
 
 
 def _after_updates_table(task: TaskReport, spec: str) -> list[str]:
@@ -299,7 +309,8 @@ def results_markdown(report: SuiteReport) -> str:
     lines = [
         f"# Suite `{report.suite}`",
         "",
-        "IQM over seeds with 95% stratified-bootstrap CIs. Steps include EVA's own environment steps. "
+        f"IQM over seeds with 95% stratified-bootstrap CIs ({report.resamples:,} resamples). Steps include EVA's own "
+        "environment steps. "
         "wall s: mean wall-clock seconds of a run (evaluations included).",
         "",
         report.platform,
