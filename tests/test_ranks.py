@@ -46,6 +46,12 @@ def test_specs_reuse_the_suites_own_runs_at_its_rank_and_set_alpha_to_r_elsewher
         ({"task": "Nope", "ranks": [2]}, "rank_study.task='Nope'"),
         ({"task": "PointGoal", "ranks": [2], "seeds": [100]}, "overlap the rank study's seeds"),
         ({"task": "PointGoal", "ranks": [2], "rank": 3}, "rank"),
+        ({"task": "PointGoal", "ranks": [2], "methods": ["lora"], "method_settings": {"eva": {}}}, "method_settings="),
+        ({"task": "PointGoal", "ranks": [2], "method_settings": {"lora": {8: {}}}}, "with r out of [2]"),
+        (
+            {"task": "PointGoal", "ranks": [2], "method_settings": {"lora": {2: {"learning_rate": "fast"}}}},
+            "rank_study.method_settings['lora'][2]",
+        ),
         ("r=2", "rank_study='r=2'"),
     ],
 )
@@ -124,4 +130,46 @@ def test_rank_study_runs_through_the_command_line_and_writes_table_json_and_plot
         assert image.size[0] >= 800
     assert "Rank study:" in capsys.readouterr().out
     assert compare_main(["--suite", "smoke", "--rank-study", "--seeds", "2", "--log-dir", str(tmp_path)]) == 2
-    assert "drop --tune, --methods, --seeds" in capsys.readouterr().err
+    assert "drop --methods, --seeds" in capsys.readouterr().err
+
+
+def test_settings_tuned_at_a_rank_apply_there_and_leave_the_suites_own_run_where_they_differ(tmp_path: Path) -> None:
+    suite = load_suite("smoke")
+    suite.method_settings = {"eva": {"learning_rate": 3e-3}, "lora": {"learning_rate": 1e-3}}
+    study = dataclasses.replace(
+        suite.rank_study, method_settings={"eva": {2: {"learning_rate": 5e-3}, 4: {"learning_rate": 2e-3}}}
+    )
+    suite = dataclasses.replace(suite, rank_study=study)
+    specs = {(r, spec.method): spec for r, spec in RankStudyRuns(suite, tmp_path).plan()}
+    assert specs[(2, "eva")].task.ppo["learning_rate"] == 5e-3
+    assert specs[(4, "eva")].task.ppo["learning_rate"] == 2e-3  # not the suite's 3e-3, so not the suite's run
+    assert specs[(4, "eva")].run_dir == tmp_path / "smoke-ranks" / "r4" / "PointGoal" / "eva" / "seed0"
+    assert specs[(4, "lora")].run_dir == tmp_path / "smoke" / "PointGoal" / "lora" / "seed0"  # untouched: reused
+
+
+def test_tuning_at_every_rank_plans_each_point_and_picks_per_method_and_rank(tmp_path: Path) -> None:
+    from eva_rl.experiments.studies.tuning import RankTuningSweep, point_name, tuning_points
+
+    suite = load_suite("smoke")  # grid 1e-3 / 3e-3 / 1e-2, tuning seed 100, ranks 2 and 4, lora and eva
+    sweep = RankTuningSweep(suite, tmp_path)
+    planned = sweep.plan()
+    assert len(planned) == 2 * 3 * 1 * 2
+    for (r, name), spec in planned:
+        assert spec.task.lora.r == r and spec.task.lora.default_alpha == r and spec.seed == 100
+        assert point_name({"learning_rate": spec.task.ppo["learning_rate"]}) == name
+        assert (
+            spec.run_dir
+            == tmp_path / "smoke-rank-tuning" / f"r{r}" / name / "smoke" / "PointGoal" / spec.method / "seed100"
+        )
+    # eva's best rate differs by rank, lora's does not: AUC = the run's constant return
+    best = {("eva", 2): "learning_rate0.001", ("eva", 4): "learning_rate0.01"}
+    runs = []
+    for (r, name), spec in planned:
+        value = 1.0 if best.get((spec.method, r), "learning_rate0.003") == name else 0.0
+        runs.append(((r, name), _result(spec.method, 100, value, [[0, value], [4096, value]])))
+    report = sweep.report(runs)
+    points = {point_name(p): p for p in tuning_points(suite)}
+    assert report["chosen"]["eva"] == {2: points["learning_rate0.001"], 4: points["learning_rate0.01"]}
+    assert report["chosen"]["lora"] == {2: points["learning_rate0.003"], 4: points["learning_rate0.003"]}
+    study = dataclasses.replace(suite.rank_study, method_settings=report["chosen"])  # what the page says to paste
+    assert study.settings_at("eva", 4) == {"learning_rate": 1e-2}

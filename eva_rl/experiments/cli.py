@@ -233,20 +233,20 @@ def compare_command(args: argparse.Namespace) -> int:
     from eva_rl.experiments.studies.base import conduct
     from eva_rl.experiments.studies.ranks import RankStudyRuns
     from eva_rl.experiments.studies.suite import SuiteStudy
-    from eva_rl.experiments.studies.tuning import TuningSweep
+    from eva_rl.experiments.studies.tuning import RankTuningSweep, TuningSweep
     from eva_rl.experiments.suites import load_suite
 
     suite = load_suite(args.suite)
     if args.methods is not None:
         suite.check_methods(args.methods)
-    if args.rank_study and (args.tune or args.methods or args.seeds or args.backend != "local"):
-        raise ConfigError(
-            "--rank-study runs the suite's rank_study as written: drop --tune, --methods, --seeds and --backend"
-        )
+    if args.rank_study and (args.methods or args.seeds or args.backend != "local"):
+        raise ConfigError("--rank-study runs the suite's rank_study as written: drop --methods, --seeds and --backend")
     if args.tune and (args.report_only or args.seeds or args.backend != "local"):
         raise ConfigError("--tune runs the suite's tuning seeds locally: drop --report-only, --seeds and --backend")
     # One study per flag, one executor class per --backend.
-    if args.rank_study:
+    if args.rank_study and args.tune:
+        study = RankTuningSweep(suite, args.log_dir)
+    elif args.rank_study:
         study = RankStudyRuns(suite, args.log_dir)
     elif args.tune:
         study = TuningSweep(suite, args.log_dir, args.methods)
@@ -255,7 +255,10 @@ def compare_command(args: argparse.Namespace) -> int:
     executor = BACKENDS[args.backend].from_flags(args, len(study.plan()))
     report = conduct(study, executor, report_only=args.report_only, overwrite=args.overwrite)
     out = study.out_dir
-    if args.rank_study:
+    if args.rank_study and args.tune:
+        print(f"\nTuning at every rank: {out}/rank_tuning.json. For the suite file's rank_study:")
+        print(yaml.safe_dump({"method_settings": report["chosen"]}, sort_keys=False))
+    elif args.rank_study:
         print(f"\nRank study: {out}/rank_study.md, rank_study.json, rank_study.png")
     elif args.tune:
         print(f"\nTuning: {out}/tuning.json. For the suite file:")

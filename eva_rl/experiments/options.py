@@ -340,7 +340,8 @@ FLAGS: dict[str, Flag] = {
         Flag(("--sequence",), "a sequence name in configs/sequences/ or a YAML path", STUDY, required=True),
         Flag(
             ("--tune",),
-            "run the suite's tuning sweep on its tuning seeds and print the choices",
+            "run the suite's tuning sweep on its tuning seeds and print the choices (with --rank-study: at every rank "
+            "of its rank study)",
             STUDY,
             None,
             action="store_true",

@@ -69,12 +69,15 @@ class RankStudy(Seeded):
     :param ranks: The ranks ``r`` (every adapted layer's; EVA methods redistribute that budget).
     :param methods: Methods whose rank means something (``lora``, ``eva``, ``lora-redist`` ...).
     :param seeds: Number of seeds (0..n-1) or an explicit list.
+    :param method_settings: ``{method: {r: {setting: value}}}``: a method's settings at one rank (its learning rate
+        tuned there, ``compare.py --rank-study --tune``), over the suite's ``method_settings``.
     """
 
     task: str
     ranks: list[int]
     methods: list[str] = field(default_factory=lambda: ["lora", "eva", "lora-redist"])
     seeds: int | list[int] = 5
+    method_settings: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.task, str) or not self.task:
@@ -89,6 +92,23 @@ class RankStudy(Seeded):
                 f"with a rank {ranked}"
             )
         check_seeds(self.seeds, "rank_study.seeds")
+        where = "rank_study.method_settings"
+        if not isinstance(self.method_settings, dict) or set(self.method_settings) - set(self.methods):
+            raise ConfigError(
+                f"{where}={self.method_settings!r} is invalid: expected {{method: {{r: settings}}}} with methods out "
+                f"of the rank study's {self.methods}"
+            )
+        for method, by_rank in self.method_settings.items():
+            if not isinstance(by_rank, dict) or set(by_rank) - set(self.ranks):
+                raise ConfigError(
+                    f"{where}[{method!r}]={by_rank!r} is invalid: expected {{r: settings}} with r out of {self.ranks}"
+                )
+            for r, settings in by_rank.items():
+                check_method_settings({method: settings}, f"{where}[{method!r}][{r}]")
+
+    def settings_at(self, method: str, r: int) -> dict[str, float]:
+        """``method``'s own settings at rank ``r`` (empty where the study gives none)."""
+        return dict(self.method_settings.get(method, {}).get(r, {}))
 
     @staticmethod
     def rank_overrides(r: int) -> dict[str, int]:

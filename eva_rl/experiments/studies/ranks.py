@@ -212,8 +212,11 @@ class RankStudyRuns(Study[RankStudyReport]):
             for seed in study.seed_list:
                 for method in study.methods:
                     spec = suite.run_spec(suite_task, method, seed, self.log_dir / suite.name)
-                    if spec.task.lora.r != r or spec.task.lora.default_alpha != r:
-                        ranked = {**suite.method_settings.get(method, {}), **RankStudy.rank_overrides(r)}
+                    own = study.settings_at(method, r)  # tuned at this rank: the suite's own run only if it agrees
+                    suite_own = suite.method_settings.get(method, {})
+                    retuned = any(suite_own.get(key) != value for key, value in own.items())
+                    if spec.task.lora.r != r or spec.task.lora.default_alpha != r or retuned:
+                        ranked = {**suite.method_settings.get(method, {}), **own, **RankStudy.rank_overrides(r)}
                         base = self.log_dir / f"{suite.name}-ranks" / f"r{r}"
                         spec = suite.run_spec(suite_task, method, seed, base, settings=ranked)
                     planned.append((r, spec))

@@ -136,3 +136,62 @@ def draw_sensitivity(axes: Any, suite: Suite, report: TuningReport) -> None:
     seeds = ", ".join(str(seed) for seed in suite.tuning_seeds)
     axes[0].set_title(f"{suite.name}: tuning seeds {seeds} (ring: chosen)")
     axes[1].legend(fontsize=7, ncol=2)
+
+
+class RankTuningSweep(Study[TuningReport]):
+    """The tuning grid at every rank of the suite's rank study (``compare.py --suite NAME --rank-study --tune``): each
+    rank-study method at each rank r and grid point, on the suite's tuning seeds, on the rank study's task; each
+    (method, r) keeps the point with the best IQM normalized AUC, printed for the rank study's ``method_settings``.
+
+    Its page is ``<log_dir>/<suite>-rank-tuning/rank_tuning.json``; the runs go to
+    ``<log_dir>/<suite>-rank-tuning/r<r>/<point>/<suite>/``.
+    """
+
+    def __init__(self, suite: Suite, log_dir: Path, echo: Callable[[str], None] = print) -> None:
+        super().__init__(log_dir, echo)
+        if suite.rank_study is None or not suite.tuning_grid:
+            raise ConfigError(f"suite {suite.name} needs a rank_study and a tuning_grid to tune at every rank")
+        self.suite, self.study = suite, suite.rank_study
+        self.title = f"suite {suite.name}'s tuning at every rank"
+
+    @property
+    def out_dir(self) -> Path:
+        return self.log_dir / f"{self.suite.name}-rank-tuning"
+
+    def plan(self) -> Planned:
+        suite, study = self.suite, self.study
+        suite_task = next(t for t in suite.tasks if t.task == study.task)
+        planned = []
+        for r in study.ranks:
+            for point in tuning_points(suite):
+                folder = self.out_dir / f"r{r}" / point_name(point) / suite.name
+                for seed in suite.tuning_seeds:
+                    for method in study.methods:
+                        settings = {**suite.method_settings.get(method, {}), **study.rank_overrides(r), **point}
+                        spec = suite.run_spec(suite_task, method, seed, folder, settings=settings)
+                        planned.append(((r, point_name(point)), spec))
+        return planned
+
+    def report(self, runs: list[tuple[tuple[int, str], RunResult]]) -> TuningReport:
+        aucs: dict[str, dict[int, dict[str, list[float]]]] = {}
+        for (r, name), result in runs:
+            by_point = aucs.setdefault(result.method, {}).setdefault(r, {})
+            by_point.setdefault(name, []).append(normalized_auc(*result.sample_curve()))
+        table = {
+            method: {
+                r: {name: float(stratified_iqm([scores]).estimate) for name, scores in by_point.items()}
+                for r, by_point in by_rank.items()
+            }
+            for method, by_rank in aucs.items()
+        }
+        points = {point_name(point): point for point in tuning_points(self.suite)}
+        chosen = {
+            method: {r: points[max(by_point, key=by_point.__getitem__)] for r, by_point in by_rank.items()}
+            for method, by_rank in table.items()
+        }
+        platform = platform_line(result.platform for _, result in runs)
+        return {"auc_iqm": table, "chosen": chosen, "seeds": self.suite.tuning_seeds, "platform": platform}
+
+    def write_page(self, report: TuningReport, runs: list[tuple[Any, RunResult]]) -> list[Path]:
+        atomic_write_json(self.out_dir / "rank_tuning.json", report)
+        return [self.out_dir / "rank_tuning.json"]
