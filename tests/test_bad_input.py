@@ -244,7 +244,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("compare workers 0", ["compare", "--suite", "smoke", "--workers", "0"], "--workers: 0 is invalid"),
         ("compare backend", ["compare", "--suite", "smoke", "--backend", "gpu"], "invalid choice: 'gpu'"),
         ("no rank study", ["compare", "--suite", "pendulum", "--rank-study"], "suite pendulum has no rank_study"),
-        ("rank study methods", ["compare", "--suite", "smoke", "--rank-study", "--methods", "eva"], "drop --tune"),
+        ("rank study methods", ["compare", "--suite", "smoke", "--rank-study", "--methods", "eva"], "drop --methods"),
         (
             "report of nothing",
             ["compare", "--suite", "smoke", "--report-only", "--log-dir", "{files}/none"],
