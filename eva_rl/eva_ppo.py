@@ -94,13 +94,14 @@ class EvaRolloutsMixin:
         if not (session.done or session.capped or last):
             self.eva_deferred_steps += rows
             return False
+        budget_ended = not (session.done or session.capped)  # only on the last rollout, by the check above
         if session.done:
             stop_reason = None
-        elif session.capped:
-            stop_reason = f"max_batches={session.eva.max_batches} reached"
-        else:
+        elif budget_ended:
             stop_reason = f"the training budget ended after {session.batches_used} batches"
-        result = session.result(stop_reason, final=last and not (session.done or session.capped))
+        else:
+            stop_reason = f"max_batches={session.eva.max_batches} reached"
+        result = session.result(stop_reason, final=budget_ended)
         result.env_steps, result.data_source, result.deferred_steps = 0, "ppo", self.eva_deferred_steps
         self.eva_apply(result)
         self.eva_session, self.eva_apply = None, None
