@@ -60,7 +60,10 @@ def test_local_sweep_writes_tables_and_plots_and_a_rerun_skips_completed_runs(tm
     rows = report.tasks["PointGoal"].methods
     assert set(rows) == {"eva", "full"} and rows["eva"].seeds == 2
     assert rows["eva"].trainable_params < rows["full"].trainable_params
-    assert rows["eva"].source_retention is not None
+    retention = rows["eva"].source_retention_ci
+    assert retention is not None
+    assert retention.low <= rows["eva"].source_retention == retention.estimate <= retention.high
+    assert retention.format() in (out / "results.md").read_text()
     assert report.aggregate["full"].p_reference_better is not None
     markdown = (out / "results.md").read_text()
     assert "## PointGoal (threshold 0.5)" in markdown and "| eva | 2 |" in markdown

@@ -44,3 +44,21 @@ def test_pretrain_writes_the_statistics_it_trained_with_and_evaluates_through_th
     assert (mean, std) == (card["eval_return"], card["eval_return_std"])
     raw = make_vec(factory, task.eval.env_count, task.eval.seed)
     assert not np.isclose(evaluate(agent.model, raw, 8, task.eval.seed, task.eval.deterministic)[0], mean)
+
+
+def test_the_bundled_zip_carries_an_empty_optimizer_and_its_parameter_count(tmp_path: Path) -> None:
+    task = find_task("PointGoal").with_overrides(dict(pretrain_timesteps=1024))
+    card = pretrain(task, tmp_path, eval_episodes=2, device="cpu", progress=False)
+    agent = load_pretrained(tmp_path, device="cpu")  # SB3 loads it strictly: the optimizer entry is there
+    optimizer = agent.model.policy.optimizer
+    assert len(optimizer.state) == 0 and optimizer.param_groups[0]["lr"] == task.ppo["learning_rate"]
+    assert card["parameters"] == sum(p.numel() for p in agent.model.policy.parameters()) > 0
+    assert f"{card['parameters']:,} parameters" in model_card_markdown(card)
+
+
+def test_the_agent_is_written_to_the_folder_the_task_names(tmp_path: Path) -> None:
+    from eva_rl.experiments.pretrain import agent_folder
+
+    task = find_task("PointGoal")
+    assert agent_folder(task) == task.agent_path.parent
+    assert agent_folder(task.with_overrides({"agent": str(tmp_path / "big" / "model.zip")})) == tmp_path / "big"

@@ -64,3 +64,43 @@ def test_a_bad_override_is_one_error_naming_where_it_came_from(task, overrides: 
     with pytest.raises(ConfigError) as error:
         task.with_overrides(overrides, where="--rank 0")
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def _write(folder, name: str, text: str):
+    path = folder / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_variant_states_what_differs_from_its_base(tmp_path) -> None:
+    from eva_rl.experiments.tasks import load_task
+
+    _write(
+        tmp_path,
+        "small",
+        "target_env: CartPole-v1\npolicy_kwargs: {net_arch: [8], activation_fn: 'torch.nn:ReLU'}\n"
+        "ppo: {n_steps: 64, batch_size: 32}\nlora: {r: 4}\n",
+    )
+    big = load_task(_write(tmp_path, "big", "base: small\npolicy_kwargs: {net_arch: [512]}\nppo: {n_steps: 128}\n"))
+    assert big.name == "big" and big.target_env == "CartPole-v1" and big.lora.r == 4
+    # mappings merge key by key; a list replaces the base's
+    assert big.policy_kwargs == {"net_arch": [512], "activation_fn": "torch.nn:ReLU"}
+    assert big.ppo == {"n_steps": 128, "batch_size": 32}
+
+
+@pytest.mark.parametrize(
+    ("base", "message"),
+    [("nowhere", "base='nowhere' is invalid: expected the name of a task file beside it"), ("loop", "returns to")],
+)
+def test_a_bad_base_is_one_error_naming_it(tmp_path, base: str, message: str) -> None:
+    from eva_rl.experiments.tasks import load_task
+
+    _write(tmp_path, "other", "base: loop\ntarget_env: CartPole-v1\n")
+    _write(tmp_path, "loop", "base: other\ntarget_env: CartPole-v1\n")
+    with pytest.raises(ConfigError, match=message):
+        load_task(_write(tmp_path, "task", f"base: {base}\n"))
+
+
+def test_a_target_env_finds_the_task_before_its_variants() -> None:
+    assert find_task("MiniGrid-DoorKey-8x8-v0").name == "MiniGrid-DoorKey"
+    assert find_task("HalfCheetah-FrontThighOff-v0").name == "HalfCheetah-FrontThighOff"

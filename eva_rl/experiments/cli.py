@@ -415,8 +415,8 @@ COMMANDS: dict[str, Command] = {
                 "no_progress",
             ),
             required=("env",),
-            description="Train the source agent of a task, reproducibly, with a model card (--out default: "
-            "agents/<source env id>/).",
+            description="Train the source agent of a task, reproducibly, with a model card (--out default: the "
+            "folder of the task's agent, else agents/<source env id>/).",
         ),
         Command(
             "finetune",

@@ -10,6 +10,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize
@@ -100,8 +101,25 @@ def _new_model(task: TaskConfig, algorithm: str, env: VecEnv, seed: int, device:
 
 
 def agent_folder(task: TaskConfig) -> Path:
-    """Where ``pretrain`` writes ``task``'s source agent by default: ``agents/<source env id>/``."""
+    """Where ``pretrain`` writes ``task``'s source agent by default: the folder of the task's ``agent``, else
+    ``agents/<source env id>/``."""
+    if task.agent_path is not None:
+        return task.agent_path.parent
     return ROOT / "agents" / (task.source_env or task.target_env).replace(":", "-")
+
+
+def clear_optimizer_state(model: BaseAlgorithm) -> None:
+    """Empty the state (Adam's moments and step counts) of every optimizer ``model`` saves, keeping their settings.
+
+    Fine-tuning starts a fresh optimizer for every method, so the moments are never read, and they would triple the
+    bundled zip (two moments per weight); the zip still loads strictly, with an optimizer as new as a fresh model's.
+    """
+    for name in model._get_torch_save_params()[0]:
+        owner = model
+        for part in name.split("."):
+            owner = getattr(owner, part)
+        if isinstance(owner, torch.optim.Optimizer):
+            owner.state.clear()
 
 
 def pretrain(
@@ -155,6 +173,7 @@ def pretrain(
     eval_return, eval_std = evaluate_on(source_env)
     target_return = evaluate_on(task.target_env)[0] if task.target_env != source_env else None
 
+    clear_optimizer_state(model)
     atomic_save_model(model, out / RunFolder.MODEL)
     card = {
         "task": task.name,
@@ -166,6 +185,8 @@ def pretrain(
         "algorithm": algorithm,
         "policy": task.policy,
         "policy_kwargs": task.policy_kwargs,
+        "parameters": sum(parameter.numel() for parameter in model.policy.parameters()),
+        "optimizer_state": "cleared (fine-tuning starts a fresh optimizer)",
         "ppo": {"n_envs": task.n_envs, **task.ppo},
         "observation_encoding": task.wrappers or ["none (raw observations)"],
         "vec_normalize": RunFolder.STATS if normalized else None,
@@ -198,6 +219,8 @@ def model_card_markdown(card: dict[str, Any]) -> str:
         if card.get("vec_normalize")
         else ""
     )
+    # cards written before the count was recorded do not have it
+    size = f", {card['parameters']:,} parameters" if "parameters" in card else ""
     return (
         f"# {card['source_env']} source agent\n\n"
         f"{card.get('algorithm', 'ppo').upper()} agent trained by eva-rl's `scripts/pretrain.py` for task "
@@ -210,7 +233,7 @@ def model_card_markdown(card: dict[str, Any]) -> str:
         f"{target}"
         f"- Observation encoding: {', '.join(f'`{w}`' for w in card['observation_encoding'])}\n"
         f"{stats}"
-        f"- Policy: `{card['policy']}` with `{json.dumps(card['policy_kwargs'])}`\n"
+        f"- Policy: `{card['policy']}` with `{json.dumps(card['policy_kwargs'])}`{size}\n"
         f"- Packages: {', '.join(f'{k} {v}' for k, v in card['packages'].items())}\n\n"
         f"Reproduce:\n\n```bash\n{card['command']}\n```\n\n"
         "SB3 zips contain pickles: load them only from sources you trust.\n"

@@ -509,15 +509,47 @@ def build_config(cls: type, values: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"{where}: {error}") from error
 
 
-def load_task(path: Path) -> TaskConfig:
-    """Read and validate a task YAML file.
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` applied: mappings merge key by key, any other value replaces the base's."""
+    merged = dict(base)
+    for key, value in changes.items():
+        both_mappings = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = _merged(base[key], value) if both_mappings else value
+    return merged
 
-    :raises ConfigError: naming the file and the bad key or value.
+
+def _task_data(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A task file's settings, over those of the task its ``base:`` names (a file in the same folder): a variant
+    (a larger agent on the same transfer) states only what differs.
+
+    :raises ConfigError: for a file that is not a mapping, an unknown base or a file that is its own base.
     """
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of task settings, got {type(data).__name__}")
     data.setdefault("name", path.stem)
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+    if not isinstance(base, str) or base not in known:
+        raise ConfigError(
+            f"{path}: base={base!r} is invalid: expected the name of a task file beside it, one of {known}"
+        )
+    base_path = path.parent / f"{base}.yaml"
+    if base_path in (path, *seen):
+        raise ConfigError(f"{path}: base={base!r} is invalid: the chain of bases returns to {base_path.name}")
+    inherited = _task_data(base_path, (*seen, path))
+    inherited.pop("name")  # each file names its own task
+    return _merged(inherited, data)
+
+
+def load_task(path: Path) -> TaskConfig:
+    """Read and validate a task YAML file (over its ``base:`` task's settings, when it names one).
+
+    :raises ConfigError: naming the file and the bad key or value.
+    """
+    data = _task_data(path)
     try:
         return build_config(TaskConfig, data, str(path))
     except ConfigError as error:
@@ -526,8 +558,9 @@ def load_task(path: Path) -> TaskConfig:
 
 
 def known_tasks(config_dir: Path = CONFIG_DIR) -> dict[str, Path]:
-    """``{task name: YAML path}`` for every task file in ``config_dir``."""
-    return {path.stem: path for path in sorted(config_dir.glob("*.yaml"))}
+    """``{task name: YAML path}`` for every task file in ``config_dir``, by name (a task before its variants: the
+    target env of ``MiniGrid-DoorKey`` finds it, not ``MiniGrid-DoorKey-1M``)."""
+    return {path.stem: path for path in sorted(config_dir.glob("*.yaml"), key=lambda p: p.stem)}
 
 
 def find_task(env: str, config_dir: Path = CONFIG_DIR) -> TaskConfig | None:

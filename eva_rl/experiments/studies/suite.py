@@ -42,6 +42,7 @@ class MethodTaskStats:
     :ivar steps_to_threshold_median: Median env steps to the task's threshold (``None``: most seeds never reach it).
     :ivar reached_threshold: Seeds that reached the threshold.
     :ivar source_retention: IQM return back on the source env (``None`` when the task has no other source env).
+    :ivar source_retention_ci: The same with its 95% CI (``None`` in reports written before it was recorded).
     :ivar after_updates: ``{k: IQM eval return after k updates}`` for k in :data:`UPDATES_REPORTED` where every seed
         was evaluated exactly there (an on-policy run whose eval frequency is a multiple of its rollout); empty
         otherwise.
@@ -57,18 +58,24 @@ class MethodTaskStats:
     trainable_params: int
     wall_seconds: float
     after_updates: dict[int, Interval] = field(default_factory=dict)
+    source_retention_ci: Interval | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data.pop("after_updates")  # written only where there are any, as {"5": interval, ...}
+        # written only where there are any, so a report written before them reads back unchanged
+        data.pop("after_updates")
         if self.after_updates:
             data["after_updates"] = {str(k): dataclasses.asdict(v) for k, v in self.after_updates.items()}
+        if self.source_retention_ci is None:
+            data.pop("source_retention_ci")
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MethodTaskStats:
         after = {int(k): Interval(**v) for k, v in data.get("after_updates", {}).items()}
         fields = {**data, "final": Interval(**data["final"]), "auc": Interval(**data["auc"]), "after_updates": after}
+        if data.get("source_retention_ci") is not None:
+            fields["source_retention_ci"] = Interval(**data["source_retention_ci"])
         return cls(**fields)
 
 
@@ -245,6 +252,7 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
                 trainable_params=int(np.mean([r.trainable_params for r in results])),
                 wall_seconds=float(np.mean([r.wall_seconds for r in results])),
                 after_updates=returns_after_updates(results, resamples),
+                source_retention_ci=stratified_iqm([sources], n_resamples=resamples) if sources else None,
             )
             scores[method]["final"][task_name] = finals
             scores[method]["auc"][task_name] = aucs
@@ -327,6 +335,8 @@ def results_markdown(report: SuiteReport) -> str:
         spec = score_format(row.final for row in task.methods.values())
         for method, row in task.methods.items():
             retention = "n/a" if row.source_retention is None else f"{row.source_retention:{spec}}"
+            if row.source_retention_ci is not None:
+                retention = row.source_retention_ci.format(spec)
             median = row.steps_to_threshold_median
             steps = "never" if median is None else f"{median:,.0f}"
             lines.append(
