@@ -3,6 +3,7 @@ page, since returns move in their second or third decimal across CPUs, torch bui
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 from collections.abc import Iterable, Mapping
@@ -10,6 +11,8 @@ from functools import cache
 from typing import Any
 
 import torch
+
+from eva_rl.physics import is_mujoco_env
 
 
 @cache
@@ -25,23 +28,29 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def describe_platform(device: str | torch.device = "cpu") -> dict[str, Any]:
+def describe_platform(device: str | torch.device = "cpu", env_id: str | None = None) -> dict[str, Any]:
     """The platform of a run on ``device``, as ``result.json`` records it.
 
+    :param env_id: The run's env: a MuJoCo env adds the simulator's version, since its physics moves returns across
+        versions too (the bundled HalfCheetah agent: -2% on FrontThighOff from mujoco 4.0.1 to 3.3.0).
     :return: ``cpu`` (model and logical cores), ``torch`` (version), ``torch_build`` (``"cpu"`` or ``"cuda X"``),
-        ``threads`` (torch's intra-op threads), ``device`` (with the GPU's name on CUDA).
+        ``threads`` (torch's intra-op threads), ``device`` (with the GPU's name on CUDA), and ``simulator``
+        (``"mujoco X"``) for a MuJoCo env.
     """
     device = torch.device(device)
     described = str(device)
     if device.type == "cuda":
         described = f"{device} ({torch.cuda.get_device_name(device)})"
-    return {
+    platform = {
         "cpu": f"{cpu_model()}, {os.cpu_count()} logical cores",
         "torch": torch.__version__,
         "torch_build": f"cuda {torch.version.cuda}" if torch.version.cuda else "cpu",
         "threads": torch.get_num_threads(),
         "device": described,
     }
+    if env_id is not None and is_mujoco_env(env_id):
+        platform["simulator"] = f"mujoco {importlib.metadata.version('mujoco')}"
+    return platform
 
 
 def platform_line(platforms: Iterable[Mapping[str, Any] | None]) -> str:
@@ -56,6 +65,8 @@ def platform_line(platforms: Iterable[Mapping[str, Any] | None]) -> str:
             f"{entry['cpu']}; torch {entry['torch']} ({entry['torch_build']}), {entry['threads']} thread(s), "
             f"device {entry['device']}"
         )
+        if "simulator" in entry:
+            text += f", {entry['simulator']}"
         seen[text] = seen.get(text, 0) + 1
     parts = [f"{text} ({count} runs)" for text, count in seen.items()]
     if missing:

@@ -491,7 +491,7 @@ def _write_outputs(spec: RunSpec, model: BaseAlgorithm, callback: RunCallback, s
         source_return=source_return(spec),
         settings=settings,
         agent=str(spec.agent_path),
-        platform=describe_platform(model.device),
+        platform=describe_platform(model.device, spec.task.target_env),
     )
     folder.write_result(result)
     folder.remove_checkpoint()
