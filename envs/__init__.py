@@ -2,6 +2,8 @@
 
 from gymnasium.envs.registration import register
 
+from envs.meta_world import EPISODE_STEPS, MT50
+from envs.meta_world import env_id as meta_world_id
 from envs.point_goal import PointGoalEnv
 
 register(id="PointGoal-v0", entry_point="envs.point_goal:PointGoalEnv", kwargs={"goal": (0.7, 0.7)})
@@ -26,5 +28,15 @@ register(
     entry_point="eva_rl.physics:make_variant",
     kwargs={"base_id": "HalfCheetah-v5", "physics": {"body_mass": {"torso": 3.0}}},
 )
+
+# Meta-World's 50 tasks as Continual World runs them (envs/meta_world.py; Meta-World is imported on first make, so
+# registering needs only Gymnasium).
+for _task in MT50:
+    register(
+        id=meta_world_id(_task),
+        entry_point="envs.meta_world:MetaWorldTask",
+        kwargs={"task": _task},
+        max_episode_steps=EPISODE_STEPS,
+    )
 
 __all__ = ["PointGoalEnv"]

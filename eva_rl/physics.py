@@ -24,11 +24,17 @@ class MujocoWarning(UserWarning):
     """A warning MuJoCo printed (through :func:`mujoco_warnings`)."""
 
 
+MUJOCO_ENTRY_POINTS = (__name__, "envs.meta_world")
+"""Modules whose registered envs run on MuJoCo besides Gymnasium's ``gymnasium.envs.mujoco``: this one's variants
+(:func:`make_variant`) and the example package's Meta-World tasks."""
+
+
 def is_mujoco_env(env_id: str) -> bool:
-    """Whether the registered ``env_id`` is a MuJoCo env (Gymnasium's, or a variant made by :func:`make_variant`)."""
+    """Whether the registered ``env_id`` is a MuJoCo env (Gymnasium's, a variant made by :func:`make_variant`, or a
+    Meta-World task of ``envs``)."""
     spec = gym.registry.get(env_id)
     entry_point = getattr(spec, "entry_point", None)
-    return isinstance(entry_point, str) and ("mujoco" in entry_point or entry_point.startswith(__name__))
+    return isinstance(entry_point, str) and ("mujoco" in entry_point or entry_point.startswith(MUJOCO_ENTRY_POINTS))
 
 
 @contextmanager

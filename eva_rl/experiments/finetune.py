@@ -37,8 +37,7 @@ def pretrained_return(task: TaskConfig, agent_path: Path, device: str = "auto") 
     (the jumpstart)."""
     agent = load_pretrained(agent_path, device=device)
     with closing(agent_env(task, agent, task.eval.env_count, task.eval.seed, evaluation=True)) as env:
-        mean, _ = evaluate(agent.model, env, task.eval.episodes, task.eval.seed, task.eval.deterministic)
-    return mean
+        return evaluate(agent.model, env, task.eval.episodes, task.eval.seed, task.eval.deterministic).mean
 
 
 def check_agent_fits(task: TaskConfig, agent_path: Path, methods: Sequence[str] = ()) -> PretrainedAgent:

@@ -3,6 +3,7 @@ model card recording how to reproduce them and how well they do."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import time
@@ -10,9 +11,11 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 from tqdm.auto import tqdm
 
@@ -20,7 +23,7 @@ from eva_rl.errors import ConfigError
 from eva_rl.experiments.environments import env_factory, import_packages, load_object, make_vec
 from eva_rl.experiments.run_folder import RunFolder
 from eva_rl.experiments.tasks import ROOT, TaskConfig
-from eva_rl.experiments.training import evaluate
+from eva_rl.experiments.training import Evaluation, evaluate
 from eva_rl.files import atomic_save_model, atomic_save_stats, atomic_write_json, atomic_write_text
 from eva_rl.loading import ALGORITHMS, load_statistics
 from eva_rl.physics import is_mujoco_env
@@ -122,6 +125,24 @@ def clear_optimizer_state(model: BaseAlgorithm) -> None:
             owner.state.clear()
 
 
+def _clone_experts(task: TaskConfig, model: BaseAlgorithm, progress: bool) -> dict[str, Any]:
+    """Pretrain ``model`` by cloning the experts of ``task.pretrain_cloning`` (:mod:`eva_rl.experiments.cloning`).
+
+    :return: What the card records of it: the demonstrations' size, the experts' success, the fit.
+    """
+    from eva_rl.experiments.cloning import clone, collect_demonstrations
+
+    if not isinstance(model, OnPolicyAlgorithm):
+        raise ConfigError(
+            f"pretrain_cloning needs an actor-critic algorithm (ppo or a2c), not algo={task.algo!r}: the clone's value "
+            "head is fitted too"
+        )
+    settings, seed = task.pretrain_cloning, task.pretrain_seed
+    demonstrations = collect_demonstrations(settings, task.ppo.get("gamma", 0.99), seed, task.wrappers, progress)
+    fit = clone(model, demonstrations, settings, seed, progress)
+    return {"transitions": len(demonstrations), "expert_success": demonstrations.expert_success, **fit}
+
+
 def pretrain(
     task: TaskConfig,
     out: Path | None = None,
@@ -140,12 +161,15 @@ def pretrain(
     :return: The model card.
     """
     import_packages(task.env_packages)
-    source_env = task.source_env or task.target_env
+    cloning = task.pretrain_cloning
+    # a clone's spaces are those its experts' envs share: the first one builds the model
+    source_env = cloning.envs[0] if cloning else task.source_env or task.target_env
     steps, seed = task.pretrain_timesteps, task.pretrain_seed
     out = out or agent_folder(task)
     factory = env_factory(source_env, task.wrappers, task.env_kwargs)
     start = time.perf_counter()
     algorithm = task.algo or "ppo"
+    cloned: dict[str, Any] = {}
     with closing(make_vec(factory, task.n_envs, seed)) as train_env:
         if task.pretrain_normalize:
             train_env = VecNormalize(train_env, gamma=task.ppo.get("gamma", 0.99))
@@ -155,23 +179,34 @@ def pretrain(
                 f"{out} already holds an agent ({RunFolder.MODEL}); pass --overwrite to replace it, or --out for "
                 "another folder"
             )
-        callbacks = [ProgressCallback(steps, f"pretrain {source_env}")] if progress else []
-        model.learn(steps, callback=callbacks)
+        if cloning:
+            cloned = _clone_experts(task, model, progress)
+        else:
+            callbacks = [ProgressCallback(steps, f"pretrain {source_env}")] if progress else []
+            model.learn(steps, callback=callbacks)
         # Written first: evaluating the agent needs them, and the zip without them is not the agent.
         normalized = atomic_save_stats(model, out / RunFolder.STATS)
     train_seconds = time.perf_counter() - start
 
-    def evaluate_on(env_id: str) -> tuple[float, float]:
+    def evaluate_on(env_id: str, episodes: int) -> Evaluation:
         make_env = env_factory(env_id, task.wrappers, task.env_kwargs)
-        env = make_vec(make_env, task.eval.env_count, task.eval.seed)
+        env = make_vec(make_env, min(task.eval.env_count, episodes), task.eval.seed)
         if normalized:
             env = load_statistics(out / RunFolder.STATS, env)
             env.norm_reward = False
         with closing(env):
-            return evaluate(model, env, eval_episodes, task.eval.seed, task.eval.deterministic)
+            return evaluate(model, env, episodes, task.eval.seed, task.eval.deterministic)
 
-    eval_return, eval_std = evaluate_on(source_env)
-    target_return = evaluate_on(task.target_env)[0] if task.target_env != source_env else None
+    if cloning:
+        # the clone on each of its experts' envs, task.eval.episodes episodes each
+        evaluations = {env_id: evaluate_on(env_id, task.eval.episodes) for env_id in cloning.envs}
+        cloned["success"] = {env_id: evaluation.success_rate for env_id, evaluation in evaluations.items()}
+        eval_episodes = task.eval.episodes * len(cloning.envs)
+        returns = [evaluation.mean for evaluation in evaluations.values()]
+        eval_return, eval_std = float(np.mean(returns)), float(np.std(returns))
+    else:
+        eval_return, eval_std = evaluate_on(source_env, eval_episodes)[:2]
+    target = evaluate_on(task.target_env, eval_episodes) if task.target_env != source_env or cloning else None
 
     clear_optimizer_state(model)
     atomic_save_model(model, out / RunFolder.MODEL)
@@ -197,19 +232,55 @@ def pretrain(
         "eval_episodes": eval_episodes,
         "eval_deterministic": task.eval.deterministic,
         "eval_seed": task.eval.seed,
-        "target_return": target_return,
+        "target_return": target.mean if target else None,
+        "target_success": target.success_rate if target else None,
         "train_seconds": round(train_seconds, 1),
         "packages": package_versions(("mujoco",) if is_mujoco_env(source_env) else ()),
         "command": command,
     }
+    if cloning:
+        card["source_env"] = f"{len(cloning.envs)} envs, each expert's"
+        card["cloning"] = {**dataclasses.asdict(cloning), **cloned}
+        card.pop("timesteps")  # no RL steps: the demonstrations are in card["cloning"]
     atomic_write_json(out / "card.json", card)
     atomic_write_text(out / "README.md", model_card_markdown(card))
     return card
 
 
+def _success(rate: float | None) -> str:
+    return "" if rate is None else f", success {rate:.2f}"
+
+
+def _how_trained(card: dict[str, Any]) -> str:
+    """The card's lines on what the agent learned from, and how well it does there."""
+    episodes = f"({'greedy' if card['eval_deterministic'] else 'stochastic'} actions, eval seed {card['eval_seed']})"
+    cloning = card.get("cloning")
+    if cloning is None:
+        return (
+            f"- Trained on `{card['source_env']}` for {card['timesteps']:,} steps, seed {card['seed']} "
+            f"({card['train_seconds']} s)\n"
+            f"- Return on `{card['source_env']}`: **{card['eval_return']:.3f}** ± {card['eval_return_std']:.3f} over "
+            f"{card['eval_episodes']} episodes {episodes}\n"
+        )
+    rates = [rate for rate in cloning["success"].values() if rate is not None]
+    experts = [rate for rate in cloning["expert_success"].values() if rate is not None]
+    mean_success = f"; mean success **{sum(rates) / len(rates):.2f}**" if rates else ""
+    expert_success = f" (the experts' own success with the noise: {sum(experts) / len(experts):.2f})" if experts else ""
+    per_env = "".join(f"  - `{env}`: {rate:.2f}\n" for env, rate in cloning["success"].items() if rate is not None)
+    return (
+        f"- Cloned from `{cloning['expert']}` on {len(cloning['envs'])} envs: {cloning['episodes']} demonstrations "
+        f"each, {cloning['transitions']:,} transitions, action noise {cloning['action_noise']}, "
+        f"{cloning['epochs']} epochs, seed {card['seed']} ({card['train_seconds']} s){expert_success}\n"
+        f"- Fit: log-likelihood {cloning['log_likelihood']:.2f} per action, value RMSE {cloning['value_rmse']:.1f}\n"
+        f"- Mean return over those envs: **{card['eval_return']:.3f}** (std across envs {card['eval_return_std']:.3f}, "
+        f"{card['eval_episodes']} episodes in all {episodes}){mean_success}; per env:\n{per_env}"
+    )
+
+
 def model_card_markdown(card: dict[str, Any]) -> str:
     target = (
-        f"- Zero-shot return on `{card['target_env']}` (the jumpstart): **{card['target_return']:.3f}**\n"
+        f"- Zero-shot return on `{card['target_env']}` (the jumpstart): **{card['target_return']:.3f}**"
+        f"{_success(card.get('target_success'))}\n"
         if card["target_return"] is not None
         else ""
     )
@@ -221,15 +292,12 @@ def model_card_markdown(card: dict[str, Any]) -> str:
     )
     # cards written before the count was recorded do not have it
     size = f", {card['parameters']:,} parameters" if "parameters" in card else ""
+    title = card["task"] if "cloning" in card else card["source_env"]
     return (
-        f"# {card['source_env']} source agent\n\n"
+        f"# {title} source agent\n\n"
         f"{card.get('algorithm', 'ppo').upper()} agent trained by eva-rl's `scripts/pretrain.py` for task "
         f"`{card['task']}`.\n\n"
-        f"- Trained on `{card['source_env']}` for {card['timesteps']:,} steps, seed {card['seed']} "
-        f"({card['train_seconds']} s)\n"
-        f"- Return on `{card['source_env']}`: **{card['eval_return']:.3f}** ± {card['eval_return_std']:.3f} over "
-        f"{card['eval_episodes']} episodes ({'greedy' if card['eval_deterministic'] else 'stochastic'} actions, "
-        f"eval seed {card['eval_seed']})\n"
+        f"{_how_trained(card)}"
         f"{target}"
         f"- Observation encoding: {', '.join(f'`{w}`' for w in card['observation_encoding'])}\n"
         f"{stats}"

@@ -48,6 +48,8 @@ class RunResult:
     :ivar agent: The pretrained agent's path, as the run was given it (``eva-rl record`` loads it again).
     :ivar platform: What the run was made on (:func:`~eva_rl.experiments.machine.describe_platform`); ``None`` in
         results written before it existed.
+    :ivar success_curve: ``[[env step, success rate], ...]`` at the evaluations of ``eval_curve``, for an env that
+        reports ``info["success"]`` (Meta-World); ``None`` otherwise.
     """
 
     task: str
@@ -69,6 +71,7 @@ class RunResult:
     settings: dict[str, Any] | None = None
     agent: str | None = None
     platform: dict[str, Any] | None = None
+    success_curve: list[list[float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -492,6 +492,7 @@ def _write_outputs(spec: RunSpec, model: BaseAlgorithm, callback: RunCallback, s
         settings=settings,
         agent=str(spec.agent_path),
         platform=describe_platform(model.device, spec.task.target_env),
+        success_curve=callback.success_curve or None,
     )
     folder.write_result(result)
     folder.remove_checkpoint()
@@ -510,5 +511,4 @@ def source_return(spec: RunSpec) -> float | None:
         task, agent, task.eval.env_count, task.eval.seed, env_id=task.source_env, evaluation=True, stats=folder.stats()
     )
     with closing(env):
-        mean, _ = evaluate(model, env, task.eval.episodes, task.eval.seed, task.eval.deterministic)
-    return mean
+        return evaluate(model, env, task.eval.episodes, task.eval.seed, task.eval.deterministic).mean

@@ -55,6 +55,47 @@ class EvalSettings:
 
 
 @dataclass
+class CloningSettings:
+    """Pretraining by behaviour cloning from scripted experts, instead of by RL on the source env.
+
+    :param envs: Env ids the experts act in (registered, sharing one observation and action space).
+    :param expert: ``module:function`` taking an env id and returning the expert for it: an object whose
+        ``get_action(observation)`` gives the action (Meta-World's scripted policies).
+    :param episodes: Demonstrations per env.
+    :param action_noise: Std of Gaussian noise added to the actions the env executes (the recorded action stays the
+        expert's), so the demonstrations also cover states a little off the expert's path, where a clone drifts to
+        (DART, Laskey et al. 2017).
+    :param epochs: Passes of the cloning over the demonstrations.
+    :param batch_size: Transitions per gradient step.
+    :param learning_rate: Adam's step size for the cloning.
+    """
+
+    envs: list[str]
+    expert: str
+    episodes: int = 50
+    action_noise: float = 0.1
+    epochs: int = 10
+    batch_size: int = 256
+    learning_rate: float = 3e-4
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.envs, list) or not self.envs or not all(isinstance(e, str) and e for e in self.envs):
+            raise ConfigError(f"pretrain_cloning.envs={self.envs!r} is invalid: expected a non-empty list of env ids")
+        check_distinct(self.envs, "pretrain_cloning.envs")
+        if not isinstance(self.expert, str) or ":" not in self.expert:
+            raise ConfigError(
+                f"pretrain_cloning.expert={self.expert!r} is invalid: expected 'module:function' (it takes an env id "
+                "and returns an object with get_action(observation))"
+            )
+        for name in ("episodes", "epochs", "batch_size"):
+            check_count(getattr(self, name), f"pretrain_cloning.{name}")
+        for name, low, accepted in (("action_noise", 0.0, _NON_NEGATIVE), ("learning_rate", None, _POSITIVE)):
+            value = getattr(self, name)
+            if not _is_number(value) or (value < 0 if low is not None else value <= 0):
+                raise ConfigError(f"pretrain_cloning.{name}={value!r} is invalid: expected {accepted}")
+
+
+@dataclass
 class TaskConfig:
     """One transfer task.
 
@@ -79,6 +120,8 @@ class TaskConfig:
         inputs normalized with the pretrained statistics, and moving them would change what the frozen base sees.
     :param pretrain_timesteps: Budget of ``scripts/pretrain.py``.
     :param pretrain_seed: Seed of ``scripts/pretrain.py``.
+    :param pretrain_cloning: ``scripts/pretrain.py`` clones scripted experts (:class:`CloningSettings`) instead of
+        training with RL on ``source_env`` (``pretrain_timesteps`` then goes unused).
     :param pretrain_normalize: ``scripts/pretrain.py`` trains inside ``VecNormalize`` (observations and rewards,
         discounted with the algorithm's gamma), as rl-zoo3's ``normalize: true``, and writes its statistics to
         ``vecnormalize.pkl`` beside the agent's zip, where fine-tuning finds them.
@@ -109,6 +152,7 @@ class TaskConfig:
     pretrain_timesteps: int = 100_000
     pretrain_seed: int = 0
     pretrain_normalize: bool = False
+    pretrain_cloning: CloningSettings | None = None
     total_timesteps: int = 100_000
     methods: list[str] = field(default_factory=lambda: ["eva", "full"])
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -147,6 +191,16 @@ class TaskConfig:
             self.lora = build_config(LoraConfig, self.lora, "lora")
         if isinstance(self.eva, dict):
             self.eva = build_config(EvaConfig, self.eva, "eva")
+        if isinstance(self.pretrain_cloning, dict):
+            self.pretrain_cloning = build_config(CloningSettings, self.pretrain_cloning, "pretrain_cloning")
+        elif self.pretrain_cloning is not None and not isinstance(self.pretrain_cloning, CloningSettings):
+            raise ConfigError(
+                f"pretrain_cloning={self.pretrain_cloning!r} is invalid: expected a mapping of cloning settings"
+            )
+        if self.pretrain_cloning is not None and self.pretrain_normalize:
+            raise ConfigError(
+                "pretrain_normalize=true is invalid with pretrain_cloning: cloning trains no VecNormalize"
+            )
         known = method_names()
         if not isinstance(self.methods, list) or not self.methods or set(self.methods) - set(known):
             raise ConfigError(f"methods={self.methods!r} is invalid: expected a non-empty list out of {known}")
@@ -218,7 +272,7 @@ class TaskConfig:
             raise ConfigError(f"{where} is invalid: {error}" if where else str(error)) from error
 
 
-_SECTION_TYPES = (EvalSettings, LoraConfig, EvaConfig)
+_SECTION_TYPES = (EvalSettings, LoraConfig, EvaConfig, CloningSettings)
 """Task fields whose own fields a dotted path sets (besides the mappings ``ppo``, ``env_kwargs``...)."""
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
@@ -26,6 +27,7 @@ from eva_rl.policies import target_pairs
 __all__ = [
     "ProgressSink",
     "RunCallback",
+    "Evaluation",
     "count_parameters",
     "evaluate",
     "one_line_warnings",
@@ -58,10 +60,42 @@ def count_parameters(model: BaseAlgorithm) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def evaluate(
-    model: BaseAlgorithm, env: VecEnv, episodes: int, seed: int, deterministic: bool = False
-) -> tuple[float, float]:
-    """Mean and std return over ``episodes`` episodes with fixed env seeds and a fixed action-sampling seed.
+class Evaluation(NamedTuple):
+    """One evaluation: the mean and std return over its episodes, and the share of episodes in which the env set
+    ``info["success"]`` at any step (Continual World's success; ``None`` for an env that never reports it)."""
+
+    mean: float
+    std: float
+    success_rate: float | None = None
+
+
+class _SuccessCounter:
+    """``evaluate_policy``'s per-step callback: whether each counted episode reported success at any step."""
+
+    def __init__(self, n_envs: int) -> None:
+        self.running = np.zeros(n_envs, dtype=bool)
+        self.episodes: list[bool] = []
+        self.reported = False
+
+    def __call__(self, locals_: dict[str, Any], globals_: dict[str, Any]) -> None:
+        i, info = locals_["i"], locals_["info"]
+        if "success" in info:
+            self.reported = True
+            self.running[i] |= bool(info["success"])
+        # evaluate_policy counts an episode where a Monitor says it ended (a lost life is not an episode's end)
+        ended = locals_["done"] and (not locals_["is_monitor_wrapped"] or "episode" in info)
+        if ended:
+            self.episodes.append(bool(self.running[i]))
+        if locals_["done"]:
+            self.running[i] = self.running[i] and not ended
+
+    def rate(self) -> float | None:
+        return float(np.mean(self.episodes)) if self.reported and self.episodes else None
+
+
+def evaluate(model: BaseAlgorithm, env: VecEnv, episodes: int, seed: int, deterministic: bool = False) -> Evaluation:
+    """Mean and std return (and success rate, where the env reports success) over ``episodes`` episodes with fixed
+    env seeds and a fixed action-sampling seed.
 
     The sampling runs in a forked RNG, so evaluation neither depends on nor disturbs the training RNG: two
     policies with identical outputs get identical returns.
@@ -69,15 +103,19 @@ def evaluate(
     start_new_games(env)
     env.seed(seed)
     devices = [model.device] if model.device.type == "cuda" else []
+    successes = _SuccessCounter(env.num_envs)
     with torch.random.fork_rng(devices=devices), cached_adapter_weights(model.policy):
         torch.manual_seed(seed)
-        mean, std = evaluate_policy(model, env, n_eval_episodes=episodes, deterministic=deterministic)
-    return float(mean), float(std)
+        mean, std = evaluate_policy(
+            model, env, n_eval_episodes=episodes, deterministic=deterministic, callback=successes
+        )
+    return Evaluation(float(mean), float(std), successes.rate())
 
 
 class RunCallback(BaseCallback):
     """Evaluates at step 0 and every ``eval_freq`` steps, checkpoints every ``checkpoint_freq`` steps, and shows
-    a progress bar. Logs ``eval/mean_return``, ``eval/std_return`` and ``train/trainable_params``.
+    a progress bar. Logs ``eval/mean_return``, ``eval/std_return``, ``eval/success_rate`` (where the env reports
+    ``info["success"]``) and ``train/trainable_params``.
 
     :param eval_env: The evaluation env.
     :param eval_freq: Environment steps between evaluations.
@@ -119,6 +157,7 @@ class RunCallback(BaseCallback):
         # A resumed run carries on its eval curve and wall time.
         state = state or {}
         self.curve: list[list[float]] = state.get("curve", [])
+        self.success_curve: list[list[float]] = state.get("success_curve", [])
         self.wall_before = float(state.get("wall_seconds", 0.0))
         self.progress = progress
         self.description = description
@@ -138,12 +177,17 @@ class RunCallback(BaseCallback):
 
     def _evaluate(self) -> None:
         sync_envs_normalization(self.training_env, self.eval_env)  # statistics that keep updating
-        mean, std = evaluate(self.model, self.eval_env, self.eval_episodes, self.eval_seed, self.deterministic)
+        mean, std, success_rate = evaluate(
+            self.model, self.eval_env, self.eval_episodes, self.eval_seed, self.deterministic
+        )
         step = self.num_timesteps
         self.curve.append([step, mean])
         trainable, _ = count_parameters(self.model)
         self.logger.record("eval/mean_return", mean)
         self.logger.record("eval/std_return", std)
+        if success_rate is not None:
+            self.success_curve.append([step, success_rate])
+            self.logger.record("eval/success_rate", success_rate)
         self.logger.record("train/trainable_params", trainable)
         self.logger.dump(step)
         self._status = f"eval {mean:.3f}"
@@ -242,7 +286,14 @@ class RunCallback(BaseCallback):
                 "update but starts new episodes",
                 stacklevel=2,
             )
-        checkpoint.commit({"num_timesteps": self.num_timesteps, "curve": self.curve, "wall_seconds": self.wall_seconds})
+        checkpoint.commit(
+            {
+                "num_timesteps": self.num_timesteps,
+                "curve": self.curve,
+                "success_curve": self.success_curve,
+                "wall_seconds": self.wall_seconds,
+            }
+        )
         self.folder.keep_only(checkpoint)
 
     def _on_training_end(self) -> None:

@@ -1,0 +1,161 @@
+"""Meta-World v3 tasks as Continual World runs them (``pip install -e ".[metaworld]"``).
+
+Continual World (Wołczyk et al. 2021) cuts episodes at 200 steps, shows the goal, draws the object and goal positions
+afresh at every reset, and counts an episode a success if ``info["success"]`` is set at any step. Meta-World's own
+``Meta-World/MT1`` instead cycles through 50 positions fixed at construction, ignores ``reset(seed=...)`` and gives
+each task its own observation bounds (the goal's), which SB3 would refuse between a source and a target task.
+:class:`MetaWorldTask` is the Continual World version: seeded by ``reset(seed=...)``, one observation space for all
+50 tasks. ``import envs`` registers ``MetaWorld-<task>-v3`` for each task of :data:`MT50`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+CW10 = (
+    "hammer",
+    "push-wall",
+    "faucet-close",
+    "push-back",
+    "stick-pull",
+    "handle-press-side",
+    "push",
+    "shelf-place",
+    "window-close",
+    "peg-unplug-side",
+)
+"""Continual World's CW10 sequence, in its order (``continualworld/tasks.py``)."""
+
+MT50 = (
+    "assembly",
+    "basketball",
+    "bin-picking",
+    "box-close",
+    "button-press-topdown",
+    "button-press-topdown-wall",
+    "button-press",
+    "button-press-wall",
+    "coffee-button",
+    "coffee-pull",
+    "coffee-push",
+    "dial-turn",
+    "disassemble",
+    "door-close",
+    "door-lock",
+    "door-open",
+    "door-unlock",
+    "hand-insert",
+    "drawer-close",
+    "drawer-open",
+    "faucet-open",
+    "faucet-close",
+    "hammer",
+    "handle-press-side",
+    "handle-press",
+    "handle-pull-side",
+    "handle-pull",
+    "lever-pull",
+    "pick-place-wall",
+    "pick-out-of-hole",
+    "pick-place",
+    "plate-slide",
+    "plate-slide-side",
+    "plate-slide-back",
+    "plate-slide-back-side",
+    "peg-insert-side",
+    "peg-unplug-side",
+    "soccer",
+    "stick-push",
+    "stick-pull",
+    "push",
+    "push-wall",
+    "push-back",
+    "reach",
+    "reach-wall",
+    "shelf-place",
+    "sweep-into",
+    "sweep",
+    "window-open",
+    "window-close",
+)
+"""Meta-World's 50 tasks (``metaworld.env_dict.MT50_V3``, without the ``-v3``)."""
+
+MT10 = ("reach", "push", "pick-place", "door-open", "drawer-open", "drawer-close", "button-press-topdown",
+        "peg-insert-side", "window-open", "window-close")  # fmt: skip
+"""Meta-World's MT10: it shares push and window-close with CW10, so a base for CW10 is never trained on it."""
+
+PRETRAINING_TASKS = tuple(task for task in MT50 if task not in CW10)
+"""The 40 tasks outside CW10 (the EVA paper's MT40 pretraining set): the source of a base fine-tuned on CW10."""
+
+EPISODE_STEPS = 200
+"""Continual World's horizon (``META_WORLD_TIME_HORIZON``); every CW10 task's scripted expert succeeds within it."""
+
+OBSERVATION_SIZE = 39
+"""End effector (3), gripper (1), two objects (7 each), the same 18 values one step earlier, the goal (3)."""
+
+
+def env_id(task: str) -> str:
+    """The registered id of a Meta-World task: ``MetaWorld-<task>-v3``."""
+    return f"MetaWorld-{task}-v3"
+
+
+def _v3_environments() -> dict[str, Any]:
+    try:
+        from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+    except ImportError as error:
+        raise gym.error.DependencyNotInstalled(
+            'Meta-World is not installed: pip install -e ".[metaworld]" (it pins mujoco==3.3.0)'
+        ) from error
+    return ALL_V3_ENVIRONMENTS
+
+
+class MetaWorldTask(gym.Wrapper):
+    """One Meta-World v3 task, goal observed, object and goal positions drawn from the env's own generator at every
+    reset (seeded by ``reset(seed=...)``), observations as float32 in one unbounded 39-dim space for every task.
+
+    :param task: A task of :data:`MT50` (``"hammer"``).
+    :param render_mode: Meta-World's (``"rgb_array"`` for videos).
+    :raises ValueError: for an unknown task, listing the known ones.
+    """
+
+    def __init__(self, task: str, render_mode: str | None = None) -> None:
+        if task not in MT50:
+            raise ValueError(f"task={task!r} is not a Meta-World task; expected one of {list(MT50)}")
+        env = _v3_environments()[f"{task}-v3"](render_mode=render_mode)
+        env._partially_observable = False  # the goal in obs[36:39], as Meta-World's MT benchmarks and CW show it
+        del env.sawyer_observation_space  # cached with the goal hidden; recomputed on next use, as set_task does
+        env._freeze_rand_vec = False  # a fresh object and goal position at every reset ...
+        env.seeded_rand_vec = True  # ... from env.np_random, which reset(seed=...) seeds
+        env._set_task_called = True
+        env._set_task_inner()
+        super().__init__(env)
+        self.task = task
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (OBSERVATION_SIZE,), np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        if seed is not None:
+            self.env.unwrapped.seed(seed)  # Meta-World ignores reset(seed=...)
+        observation, info = self.env.reset(options=options)
+        return observation.astype(np.float32), info
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        return observation.astype(np.float32), float(reward), terminated, truncated, info
+
+
+def scripted_expert(registered_id: str) -> Any:
+    """Meta-World's scripted policy for the task of ``MetaWorld-<task>-v3`` (``get_action(observation)``): the expert
+    of the behaviour cloning that pretrains a Meta-World base (``pretrain_cloning.expert``).
+
+    :raises ValueError: for an id that is not a Meta-World task's.
+    """
+    task = registered_id.removeprefix("MetaWorld-").removesuffix("-v3")
+    if registered_id != env_id(task) or task not in MT50:
+        raise ValueError(f"{registered_id!r} is not a Meta-World task id; expected MetaWorld-<task>-v3 of {list(MT50)}")
+    _v3_environments()  # the clear error when Meta-World is not installed
+    from metaworld.policies import ENV_POLICY_MAP
+
+    return ENV_POLICY_MAP[f"{task}-v3"]()

@@ -1,0 +1,70 @@
+"""Meta-World's tasks as Continual World runs them (envs/meta_world.py): ids, seeding, one observation space."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import envs  # noqa: F401  (registers MetaWorld-<task>-v3)
+from envs.meta_world import CW10, EPISODE_STEPS, MT10, MT50, PRETRAINING_TASKS, env_id
+
+metaworld = pytest.importorskip("metaworld")
+
+
+def test_the_task_lists_match_meta_worlds_and_keep_cw10_out_of_pretraining() -> None:
+    from metaworld.env_dict import MT10_V3, MT50_V3
+
+    assert {f"{task}-v3" for task in MT50} == set(MT50_V3) and {f"{task}-v3" for task in MT10} == set(MT10_V3)
+    assert set(CW10) <= set(MT50) and len(PRETRAINING_TASKS) == 40 and not set(PRETRAINING_TASKS) & set(CW10)
+
+
+@pytest.mark.parametrize("task", ["hammer", "push"])
+def test_a_seed_fixes_the_positions_and_the_next_reset_draws_new_ones(task: str) -> None:
+    env = gym.make(env_id(task))
+    first, _ = env.reset(seed=3)
+    again, _ = env.reset(seed=3)
+    following, _ = env.reset()
+    other, _ = env.reset(seed=4)
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+    assert not np.array_equal(again[4:7], following[4:7])  # the object moved: a fresh draw, not a fixed list
+    assert first.dtype == np.float32 and np.any(first[36:39] != 0)  # the goal is observed
+
+
+def test_every_task_has_the_same_observation_space_and_200_step_episodes() -> None:
+    spaces = [gym.make(env_id(task)).observation_space for task in ("hammer", "reach", "window-close")]
+    assert spaces[0] == spaces[1] == spaces[2]
+    env = gym.make(env_id("reach"))
+    env.reset(seed=0)
+    steps, truncated = 0, False
+    while not truncated:
+        *_, truncated, info = env.step(env.action_space.sample())
+        steps += 1
+    assert steps == EPISODE_STEPS and "success" in info
+
+
+def test_the_scripted_expert_succeeds_within_the_horizon() -> None:
+    from metaworld.policies import ENV_POLICY_MAP
+
+    env, expert = gym.make(env_id("hammer")), ENV_POLICY_MAP["hammer-v3"]()
+    observation, _ = env.reset(seed=0)
+    success = False
+    for _ in range(EPISODE_STEPS):
+        observation, _, _, _, info = env.step(expert.get_action(observation))
+        success |= bool(info["success"])
+    assert success
+
+
+def test_an_unknown_task_names_the_known_ones() -> None:
+    from envs.meta_world import MetaWorldTask
+
+    with pytest.raises(ValueError, match="task='hamer' is not a Meta-World task; expected one of"):
+        MetaWorldTask("hamer")
+
+
+def test_runs_on_meta_world_record_the_mujoco_version() -> None:
+    import importlib.metadata
+
+    from eva_rl.experiments.machine import describe_platform
+
+    assert describe_platform("cpu", env_id("hammer"))["simulator"] == f"mujoco {importlib.metadata.version('mujoco')}"
