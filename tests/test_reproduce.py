@@ -39,3 +39,12 @@ def test_the_summary_table_reads_back_and_a_changed_number_is_named() -> None:
 def test_the_sample_efficiency_sentence_comes_from_the_curves() -> None:
     never = dataclasses.replace(RESULT, method="scratch", eval_curve=[[0, 0.0], [5120, 0.2]])
     assert first_reaching([RESULT, never]) == ("First evaluation at or above 0.9: eva at 10,240 steps, scratch never.")
+
+
+def test_a_run_that_reports_success_adds_its_rates_at_step_0_and_at_the_end() -> None:
+    succeeding = dataclasses.replace(RESULT, success_curve=[[0, 0.1], [5120, 0.5], [10240, 0.8]])
+    table = summary_table([succeeding])
+    assert table.splitlines()[0].split()[-2:] == ["success@0", "success"]
+    assert table.splitlines()[-1].split()[-2:] == ["0.10", "0.80"]
+    assert summary_rows(table)[0]["final"] == "0.970"
+    assert "success" not in summary_table([RESULT])

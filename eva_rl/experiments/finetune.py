@@ -75,6 +75,9 @@ def summary_table(results: Sequence[RunResult]) -> str:
     ]
     header = " ".join(f"{title:{align}}" for title, align, _, _ in columns)
     rows = [" ".join(f"{getattr(r, key):{align}{fmt}}" for _, align, key, fmt in columns) for r in results]
+    if results and all(r.success_curve for r in results):  # an env that reports success (Meta-World)
+        header += f" {'success@0':>9} {'success':>7}"
+        rows = [f"{row} {r.success_curve[0][1]:>9.2f} {r.success_curve[-1][1]:>7.2f}" for row, r in zip(rows, results)]
     return "\n".join([header, "-" * len(header), *rows])
 
 

@@ -88,6 +88,24 @@ class RunResult:
         except TypeError as error:
             raise ConfigError(f"not a run result ({error})") from error
 
+    def scored(self, score: str) -> RunResult:
+        """This result as a page compares it: itself for ``"return"``; for ``"success"`` a copy whose curve, jumpstart,
+        final and best values are the success rates.
+
+        :raises ConfigError: for ``"success"`` when the run's env reported no success.
+        """
+        if score == "return":
+            return self
+        if not self.success_curve:
+            raise ConfigError(
+                f"{self.task} {self.method} seed {self.seed}: score 'success' needs an env that sets "
+                "info['success'] (Meta-World's do); this run recorded none"
+            )
+        rates = [rate for _, rate in self.success_curve]
+        return dataclasses.replace(
+            self, eval_curve=self.success_curve, jumpstart=rates[0], final_return=rates[-1], best_return=max(rates)
+        )
+
     def sample_curve(self) -> tuple[np.ndarray, np.ndarray]:
         """The eval curve with EVA's own env steps added to the x-axis, so methods compare in samples."""
         curve = np.asarray(self.eval_curve, float)

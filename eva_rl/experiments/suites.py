@@ -42,6 +42,8 @@ class SuiteTask:
     :param eval_freq: Env steps between evaluations for this task (defaults to the task's).
     :param methods: The suite's methods that run on this task (default: all of them), so a costly method zoo can
         run on one task while the core methods run on every task.
+    :param score: What the page compares: ``"return"`` (the mean eval return) or ``"success"`` (the share of eval
+        episodes in which the env set ``info["success"]``, Meta-World's measure); ``threshold`` is on that scale.
     """
 
     task: str
@@ -49,6 +51,7 @@ class SuiteTask:
     total_timesteps: int | None = None
     eval_freq: int | None = None
     methods: list[str] | None = None
+    score: str = "return"
 
     def __post_init__(self) -> None:
         where = f"suite task {self.task!r}"
@@ -59,6 +62,12 @@ class SuiteTask:
         for name in ("total_timesteps", "eval_freq"):
             if getattr(self, name) is not None:
                 check_count(getattr(self, name), f"{where}: {name}")
+        if self.score not in SCORES:
+            raise ConfigError(f"{where}: score={self.score!r} is invalid: expected one of {list(SCORES)}")
+
+
+SCORES = ("return", "success")
+"""What a suite task's page may compare (:attr:`SuiteTask.score`)."""
 
 
 @dataclass

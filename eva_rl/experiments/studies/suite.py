@@ -111,14 +111,18 @@ class TaskReport:
 
     threshold: float
     methods: dict[str, MethodTaskStats]
+    score: str = "return"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "methods": {m: s.to_dict() for m, s in self.methods.items()}}
+        data = {"threshold": self.threshold, "methods": {m: s.to_dict() for m, s in self.methods.items()}}
+        if self.score != "return":  # written where it differs, so reports written before it read back unchanged
+            data["score"] = self.score
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TaskReport:
         methods = {m: MethodTaskStats.from_dict(s) for m, s in data["methods"].items()}
-        return cls(data["threshold"], methods)
+        return cls(data["threshold"], methods, data.get("score", "return"))
 
 
 @dataclass
@@ -219,10 +223,11 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
     """Per-task and suite-level statistics of every method (CIs from ``suite.resamples`` bootstrap resamples)."""
     resamples = suite.resamples
     by_task: dict[str, dict[str, list[RunResult]]] = {}
-    thresholds = {}
+    thresholds, scores_of = {}, {}
     for suite_task, result in runs:
         by_task.setdefault(suite_task.task, {}).setdefault(result.method, []).append(result)
         thresholds[suite_task.task] = suite_task.threshold
+        scores_of[suite_task.task] = suite_task.score
     seen = {result.method for _, result in runs}
     methods = [m for m in suite.methods if m in seen] + sorted(seen - set(suite.methods))
     platform = platform_line(r.platform for _, r in runs)
@@ -231,7 +236,7 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
     for task_name, per_method in by_task.items():
         threshold = thresholds[task_name]
         horizon = max(r.sample_curve()[0][-1] for rs in per_method.values() for r in rs)
-        task_report = TaskReport(threshold, {})
+        task_report = TaskReport(threshold, {}, scores_of[task_name])
         for method in methods:
             results = per_method.get(method, [])
             if not results:
@@ -328,8 +333,8 @@ def results_markdown(report: SuiteReport) -> str:
         lines += [
             f"## {task_name} (threshold {task.threshold})",
             "",
-            "| method | seeds | jumpstart | final return | normalized AUC | steps to threshold (median) | reached | "
-            "source retention | trainable params | wall s |",
+            f"| method | seeds | jumpstart | final {task.score} | normalized AUC | steps to threshold (median) | "
+            "reached | source retention | trainable params | wall s |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         spec = score_format(row.final for row in task.methods.values())
@@ -441,7 +446,7 @@ def draw_sample_efficiency(
                 title += " (scratch clipped below)"
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("environment steps (EVA's included)")
-        axis.set_ylabel("eval return (IQM, 95% CI)")
+        axis.set_ylabel(f"eval {report.tasks[task_name].score} (IQM, 95% CI)")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7, loc="lower right")
         _zoom_on_the_plateau(axis, {m: c for m, c in curves.items() if get_method(m).pretrained})
@@ -506,7 +511,7 @@ def draw_final_returns(axes: Any, report: SuiteReport) -> None:
             )
         axis.set_yticks(range(len(methods)), [f"{m} ({task_report.methods[m].seeds})" for m in methods], fontsize=8)
         axis.set_ylim(len(methods) - 0.5, -0.5)
-        axis.set_xlabel("final eval return, IQM (95% CI)", fontsize=8)
+        axis.set_xlabel(f"final eval {task_report.score}, IQM (95% CI)", fontsize=8)
         axis.set_title(task, fontsize=9)
         axis.grid(alpha=0.3)
 
@@ -577,6 +582,10 @@ class SuiteStudy(Study[SuiteReport]):
 
     def page_plan(self) -> Planned:
         return self.plan() if self.report_only else self.suite.run_specs(self.log_dir)
+
+    def completed(self) -> list[tuple[SuiteTask, RunResult]]:
+        """The completed runs, each as its task's page compares it (:meth:`RunResult.scored`)."""
+        return [(task, result.scored(task.score)) for task, result in super().completed()]
 
     def report(self, runs: list[tuple[SuiteTask, RunResult]]) -> SuiteReport:
         return aggregate(self.suite, runs)
