@@ -68,3 +68,45 @@ def test_runs_on_meta_world_record_the_mujoco_version() -> None:
     from eva_rl.experiments.machine import describe_platform
 
     assert describe_platform("cpu", env_id("hammer"))["simulator"] == f"mujoco {importlib.metadata.version('mujoco')}"
+
+
+def test_a_cloned_base_fine_tunes_on_two_cw10_tasks_and_the_page_scores_success(tmp_path) -> None:
+    """The smoke version of the CW10 suite: a base cloned from two experts (one demonstration each, a small net),
+    eva and full on hammer and push-wall for one short run each, the page comparing success rates."""
+    from eva_rl.experiments.pretrain import pretrain
+    from eva_rl.experiments.runs import RunSpec, run
+    from eva_rl.experiments.studies.suite import aggregate, results_markdown
+    from eva_rl.experiments.suites import Suite, SuiteTask
+    from eva_rl.experiments.tasks import find_task
+
+    small = {
+        "policy_kwargs": {"net_arch": {"pi": [32, 32], "vf": [16]}, "activation_fn": "torch.nn:ReLU"},
+        "agent": str(tmp_path / "base" / "model.zip"),
+        "ppo.n_steps": 64,
+        "ppo.batch_size": 64,
+        "n_envs": 2,
+        "total_timesteps": 256,
+        "eval.freq": 128,
+        "eval.episodes": 2,
+        "eval.n_envs": 2,
+        "lora.r": 2,
+        "eva.batch_size": 64,
+    }
+    base = find_task("MetaWorld-MT40").with_overrides(
+        {**small, "pretrain_cloning.envs": [env_id("reach"), env_id("door-open")], "pretrain_cloning.episodes": 1}
+    )
+    card = pretrain(base, tmp_path / "base", device="cpu", progress=False)
+    assert card["cloning"]["transitions"] == 2 * EPISODE_STEPS and card["target_success"] is not None
+    suite_tasks = [SuiteTask(f"MetaWorld-{task}", threshold=0.5, score="success") for task in ("hammer", "push-wall")]
+    runs = []
+    for suite_task in suite_tasks:
+        task = find_task(suite_task.task).with_overrides(small)
+        for method in ("eva", "full"):
+            spec = RunSpec(task, method, 0, tmp_path / "runs", task.agent_path, device="cpu")
+            result = run(spec, progress=False)
+            assert [step for step, _ in result.success_curve] == [0, 128, 256]
+            runs.append((suite_task, result.scored("success")))
+    report = aggregate(Suite("cw10-smoke", suite_tasks, methods=["eva", "full"], seeds=1), runs)
+    assert set(report.tasks) == {"MetaWorld-hammer", "MetaWorld-push-wall"}
+    assert all(0.0 <= row.final.estimate <= 1.0 for task in report.tasks.values() for row in task.methods.values())
+    assert results_markdown(report).count("final success") == 2
