@@ -12,6 +12,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
@@ -53,6 +54,27 @@ def discounted_returns(rewards: Sequence[float], gamma: float) -> np.ndarray:
     return returns
 
 
+def _demonstrate(
+    env: gym.Env, expert: Any, action_noise: float, rng: np.random.Generator, seed: int | None
+) -> tuple[list[np.ndarray], list[np.ndarray], list[float], bool | None]:
+    """One episode of ``expert`` in ``env``: its observations, the expert's actions (the env executes them with
+    noise), the rewards, and whether ``info["success"]`` was set at some step (``None``: the env never reports it)."""
+    low, high = env.action_space.low, env.action_space.high
+    observation, _ = env.reset(seed=seed)
+    observations, actions, rewards, succeeded, done = [], [], [], None, False
+    while not done:
+        action = np.clip(np.asarray(expert.get_action(observation), dtype=np.float32), low, high)
+        executed = np.clip(action + action_noise * rng.standard_normal(action.shape), low, high)
+        observations.append(np.asarray(observation, dtype=np.float32))
+        actions.append(action)
+        observation, reward, terminated, truncated, info = env.step(executed)
+        rewards.append(float(reward))
+        if "success" in info:
+            succeeded = bool(succeeded) or bool(info["success"])
+        done = terminated or truncated
+    return observations, actions, rewards, succeeded
+
+
 def collect_demonstrations(
     settings: CloningSettings,
     gamma: float,
@@ -62,10 +84,10 @@ def collect_demonstrations(
 ) -> Demonstrations:
     """Run each env's expert for ``settings.episodes`` episodes (the first reset of env ``k`` seeded ``seed + k``).
 
-    :raises ConfigError: when the expert cannot be loaded or returns nothing for an env.
+    :raises ConfigError: when the expert cannot be loaded or returns nothing for an env, or an env's actions are not
+        continuous.
     """
     expert_for: Callable[[str], Any] = load_object(settings.expert, "pretrain_cloning.expert")
-
     rng = np.random.default_rng(seed)
     observations, actions, returns, expert_success = [], [], [], {}
     bar = tqdm(
@@ -78,30 +100,22 @@ def collect_demonstrations(
                 f"pretrain_cloning.expert={settings.expert!r} returned {expert!r} for {env_id!r}: expected an object "
                 "with get_action(observation)"
             )
-        successes: list[bool] = []
+        successes = []
         with closing(env_factory(env_id, wrappers)()) as env:
             if not isinstance(env.action_space, spaces.Box):
                 raise ConfigError(
                     f"pretrain_cloning needs continuous (Box) actions; {env_id!r} has {env.action_space}: the "
                     "experts' actions are cloned by a Gaussian's likelihood, with Gaussian exploration noise"
                 )
-            low, high = env.action_space.low, env.action_space.high
+            # the first episode seeds the env; the others go on from its generator, each with new positions
             for episode in range(settings.episodes):
-                observation, _ = env.reset(seed=seed + k if episode == 0 else None)
-                rewards, succeeded, done = [], None, False
-                while not done:
-                    action = np.clip(np.asarray(expert.get_action(observation), dtype=np.float32), low, high)
-                    executed = np.clip(action + settings.action_noise * rng.standard_normal(action.shape), low, high)
-                    observations.append(np.asarray(observation, dtype=np.float32))
-                    actions.append(action)
-                    observation, reward, terminated, truncated, info = env.step(executed)
-                    rewards.append(float(reward))
-                    if "success" in info:
-                        succeeded = bool(succeeded) or bool(info["success"])
-                    done = terminated or truncated
+                seen, acted, rewards, succeeded = _demonstrate(
+                    env, expert, settings.action_noise, rng, seed + k if episode == 0 else None
+                )
+                observations += seen
+                actions += acted
                 returns.append(discounted_returns(rewards, gamma))
-                if succeeded is not None:
-                    successes.append(succeeded)
+                successes += [] if succeeded is None else [succeeded]
                 bar.update()
         expert_success[env_id] = float(np.mean(successes)) if successes else None
     bar.close()
