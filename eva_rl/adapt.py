@@ -155,8 +155,8 @@ def adapt(
     - ``"pissa"`` / ``"olora"``: A and B from the SVD / QR of ``W``, the residual ``W - s B A`` frozen;
     - ``"dora"`` / ``"eva+dora"``: ``"lora"`` / ``"eva"`` with DoRA's trainable magnitude;
     - ``"lora-redist"``: EVA's rank allocation with Kaiming-uniform A (separates EVA's ranks from its directions);
-    - ``"lora-orth"``, ``"eva-rescaled"``, ``"eva-fa"``, ``"lora-fa"``: controls (random orthonormal A; EVA's rows
-      at Kaiming-uniform's norm; ``eva`` / ``lora`` with A frozen);
+    - ``"lora-orth"``, ``"eva-rescaled"``, ``"eva-fa"``, ``"lora-fa"``, ``"lora-orth-fa"``: controls (random
+      orthonormal A; EVA's rows at Kaiming-uniform's norm; ``eva`` / ``lora`` / ``lora-orth`` with A frozen);
     - ``"head"``: no adapters; only the action and value heads (and ``log_std``) train;
     - ``"full"``: the pretrained policy, every weight trainable; ``"scratch"``: the same architecture, freshly
       initialized.

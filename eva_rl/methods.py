@@ -179,6 +179,12 @@ for _method in (
         train_A=False,
     ),
     Method("lora-fa", "lora with A frozen (LoRA-FA): only B trains, in a random subspace", train_A=False),
+    Method(
+        "lora-orth-fa",
+        "lora-orth with A frozen: only B trains, in a random subspace at EVA's row norm (eva-fa's control)",
+        init=_orthonormal_init,
+        train_A=False,
+    ),
     Method("head", "the action and value heads train, the rest is frozen", trains="heads"),
     Method("full", "every weight of the pretrained policy trains", trains="all"),
     Method(

@@ -1,6 +1,7 @@
 """The controls that take EVA's init apart: random orthonormal A (``lora-orth``), EVA's rows at Kaiming-uniform's
-norm (``eva-rescaled``), A frozen (``eva-fa``, ``lora-fa``), and rsLoRA's ``alpha / sqrt(r)`` scaling. That each
-keeps the pretrained policy's outputs at step 0 is checked with every other method in ``tests/test_methods.py``."""
+norm (``eva-rescaled``), A frozen (``eva-fa``, ``lora-fa``, ``lora-orth-fa``), and rsLoRA's ``alpha / sqrt(r)``
+scaling. That each keeps the pretrained policy's outputs at step 0 is checked with every other method in
+``tests/test_methods.py``."""
 
 from __future__ import annotations
 
@@ -43,8 +44,9 @@ def test_kaiming_row_norm_is_the_norm_of_kaiming_uniform_rows() -> None:
 
 
 @pytest.mark.parametrize("variant", ["mlp-discrete", "cnn-discrete"])
-def test_lora_orth_draws_orthonormal_rows_that_differ_by_seed(variant: str) -> None:
-    first, second = adapted("lora-orth", variant, seed=0), adapted("lora-orth", variant, seed=1)
+@pytest.mark.parametrize("method", ["lora-orth", "lora-orth-fa"])
+def test_lora_orth_draws_orthonormal_rows_that_differ_by_seed(variant: str, method: str) -> None:
+    first, second = adapted(method, variant, seed=0), adapted(method, variant, seed=1)
     for name, layer in first.policy.lora_layers.items():
         a = rows(layer)
         torch.testing.assert_close(a @ a.T, torch.eye(layer.r), atol=1e-5, rtol=0)
@@ -60,7 +62,7 @@ def test_eva_rescaled_keeps_evas_directions_at_kaimings_norm() -> None:
         torch.testing.assert_close(rows(layer), KAIMING_ROW_NORM * want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["eva-fa", "lora-fa"])
+@pytest.mark.parametrize("method", ["eva-fa", "lora-fa", "lora-orth-fa"])
 def test_frozen_a_methods_train_b_only_and_keep_a_through_save_and_load(method: str, tmp_path: Path) -> None:
     model = adapted(method)
     before = {name: rows(layer).clone() for name, layer in model.policy.lora_layers.items()}

@@ -40,6 +40,7 @@ METHOD_COLORS = {
     "lora-fa": "#a05d00",
     "eva-rescaled": "#aec7e8",
     "eva-fa": "#0b3c5d",
+    "lora-orth-fa": "#e6550d",
 }
 """One colour per method in every plot the project draws (matplotlib's ten, the core methods first: eva blue, lora
 orange, full green, scratch grey)."""
