@@ -17,7 +17,8 @@ MOVES = np.array([[0.1, 0.0], [-0.1, 0.0], [0.0, 0.1], [0.0, -0.1]], dtype=np.fl
 
 class PointGoalEnv(gym.Env):
     """Observation: the position and its distances to the four walls (6 floats). Actions: +x, -x, +y, -y.
-    Reward: -0.01 per step, +1 on reaching the goal (within 0.15), which ends the episode.
+    Reward: -0.01 per step, +1 on reaching the goal (within 0.15), which ends the episode; ``info["success"]`` says
+    whether it was reached (a page can then compare success rates, as Meta-World's tasks report theirs).
 
     :param goal: The goal position, inside ``[-1, 1]^2``.
     :param max_steps: Steps before the episode is truncated.
@@ -48,4 +49,4 @@ class PointGoalEnv(gym.Env):
         self._steps += 1
         reached = bool(np.linalg.norm(self._position - self.goal) < 0.15)
         reward = 1.0 if reached else -0.01
-        return self._observation(), reward, reached, self._steps >= self.max_steps, {}
+        return self._observation(), reward, reached, self._steps >= self.max_steps, {"success": reached}

@@ -182,3 +182,44 @@ def test_a_sequences_eval_freq_holds_in_every_stage_within_its_budget(tmp_path: 
     assert study.stage_task(short, "eva").eval.freq == 1024
     unset = ContinualStudy(dataclasses.replace(sequence, eval_freq=None), tmp_path)
     assert unset.stage_task(sequence.stages[0], "eva").eval.freq == unset.base.eval.freq == 5000
+
+
+def test_continual_world_transfer_normalizes_by_what_scratch_left_to_learn() -> None:
+    from eva_rl.experiments.studies.continual import continual_world_transfer
+
+    # (0.8 - 0.5) / 0.5 = 0.6 and (0.2 - 0.6) / 0.4 = -1.0; a task scratch solves throughout counts 0
+    assert continual_world_transfer([0.8, 0.2, 0.9], [0.5, 0.6, 1.0]) == pytest.approx((0.6 - 1.0 + 0.0) / 3)
+
+
+def test_a_success_scored_sequence_reports_continual_worlds_metrics(tmp_path: Path) -> None:
+    sequence = load_sequence("smoke")
+    stages = [dataclasses.replace(stage, total_timesteps=512) for stage in sequence.stages[:2]]
+    sequence = dataclasses.replace(
+        sequence, stages=stages, seeds=[0], eval_episodes=4, eval_freq=256, score="success", continual_world=True,
+        method_settings={**sequence.method_settings, "scratch": {"learning_rate": 1.0e-2}},
+    )  # fmt: skip
+    report = run_sequence(sequence, tmp_path, echo=lambda line: None)
+    study = ContinualStudy(sequence, tmp_path)
+    scratch = [study.from_base(stage, "scratch", 0) for stage in stages]
+    assert all(spec.folder.is_complete for spec in scratch), "the single-task reference runs from scratch"
+    for method in sequence.methods:
+        success = json.loads((study.bank_dir(method, 0) / "success.json").read_text())
+        finals = [study.from_base(s, method, 0).folder.read_result().success_curve[-1][1] for s in stages]
+        assert [success[s.name] for s in stages] == finals  # the bank reproduces each stage's success rate
+        stats = report[method]
+        assert stats.cw_forgetting.estimate == 0.0  # a bank forgets nothing
+        assert 0.0 <= stats.average_final.estimate <= 1.0 and stats.cw_forward_transfer is not None
+    sequential = report["full-seq"]
+    matrix = sequential.returns  # one seed: the means are that seed's rows
+    expected = np.mean([matrix[i + 1][s.name] - matrix[-1][s.name] for i, s in enumerate(stages)])
+    assert sequential.cw_forgetting.estimate == pytest.approx(expected)
+    page = (tmp_path / sequence.name / "continual.md").read_text()
+    assert "average success after the sequence" in page and "CW forward transfer (vs scratch)" in page
+    saved = json.loads((tmp_path / sequence.name / "continual.json").read_text())
+    assert "cw_forgetting" in saved["approaches"]["eva"]
+
+
+def test_continual_worlds_metrics_need_success_scores() -> None:
+    sequence = load_sequence("smoke")
+    with pytest.raises(ConfigError, match="continual_world=true is invalid with score='return'"):
+        dataclasses.replace(sequence, continual_world=True)

@@ -40,7 +40,7 @@ def test_pretrain_writes_the_statistics_it_trained_with_and_evaluates_through_th
     # the card's return is the one seen through the frozen statistics, with raw (unnormalized) rewards
     factory = env_factory(task.source_env, task.wrappers, task.env_kwargs)
     env = agent.wrap_vec_env(make_vec(factory, task.eval.env_count, task.eval.seed), norm_reward=False)
-    mean, std = evaluate(agent.model, env, 8, task.eval.seed, task.eval.deterministic)
+    mean, std, _ = evaluate(agent.model, env, 8, task.eval.seed, task.eval.deterministic)
     assert (mean, std) == (card["eval_return"], card["eval_return_std"])
     raw = make_vec(factory, task.eval.env_count, task.eval.seed)
     assert not np.isclose(evaluate(agent.model, raw, 8, task.eval.seed, task.eval.deterministic)[0], mean)

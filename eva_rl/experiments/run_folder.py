@@ -185,6 +185,7 @@ class RunFolder:
     LOCK = ".lock"
     EVENTS = "events.out.tfevents.*"
     RETURNS_ON_EVERY_TASK = "returns_on_every_task.json"
+    SUCCESS_ON_EVERY_TASK = "success_on_every_task.json"
     AGENT_GIF = "agent.gif"
     BEFORE_AFTER_GIF = "before_after.gif"
 

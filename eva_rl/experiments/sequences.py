@@ -10,6 +10,7 @@ from typing import Any
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.tasks import (
     CONFIG_DIR,
+    SCORES,
     Seeded,
     build_config,
     check_count,
@@ -71,6 +72,11 @@ class ContinualSequence(Seeded):
         (:meth:`~eva_rl.bank.AdapterBank.set_signature`).
     :param selection_steps: Unlabelled env steps :meth:`~eva_rl.bank.AdapterBank.identify` is measured with.
     :param selection_trials: Rollouts (other seeds than the signature's) per stage and step count.
+    :param score: What the page compares: ``"return"``, or ``"success"`` (the share of episodes in which the env set
+        ``info["success"]``, Meta-World's).
+    :param continual_world: Also train every stage from scratch (the single-task reference) and report Continual
+        World's forgetting and forward transfer (Wołczyk et al. 2021) beside the page's own; needs ``score:
+        success``, since its forward transfer normalizes by ``1 - AUC`` of a score in [0, 1].
     """
 
     name: str
@@ -86,6 +92,8 @@ class ContinualSequence(Seeded):
     signature_steps: int = 1024
     selection_steps: list[int] = field(default_factory=lambda: [16, 64, 256])
     selection_trials: int = 4
+    score: str = "return"
+    continual_world: bool = False
 
     def __post_init__(self) -> None:
         check_folder_name(self.name, "sequence name")
@@ -112,6 +120,15 @@ class ContinualSequence(Seeded):
                 check_count(getattr(self, name), name)
         check_settings(self.settings, "settings")
         check_method_settings(self.method_settings, "method_settings")
+        if self.score not in SCORES:
+            raise ConfigError(f"score={self.score!r} is invalid: expected one of {list(SCORES)}")
+        if not isinstance(self.continual_world, bool):
+            raise ConfigError(f"continual_world={self.continual_world!r} is invalid: expected true or false")
+        if self.continual_world and self.score != "success":
+            raise ConfigError(
+                "continual_world=true is invalid with score='return': Continual World's forward transfer is defined "
+                "on success rates in [0, 1]; set score: success"
+            )
 
 
 def load_sequence(name_or_path: str) -> ContinualSequence:

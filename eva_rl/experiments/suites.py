@@ -14,6 +14,7 @@ from eva_rl.experiments.runs import RunSpec
 from eva_rl.experiments.tasks import (
     CONFIG_DIR,
     METHOD_SETTINGS,
+    SCORES,
     Seeded,
     TaskConfig,
     build_config,
@@ -64,10 +65,6 @@ class SuiteTask:
                 check_count(getattr(self, name), f"{where}: {name}")
         if self.score not in SCORES:
             raise ConfigError(f"{where}: score={self.score!r} is invalid: expected one of {list(SCORES)}")
-
-
-SCORES = ("return", "success")
-"""What a suite task's page may compare (:attr:`SuiteTask.score`)."""
 
 
 @dataclass

@@ -272,6 +272,10 @@ class TaskConfig:
             raise ConfigError(f"{where} is invalid: {error}" if where else str(error)) from error
 
 
+SCORES = ("return", "success")
+"""What a page may compare: the mean eval return, or the share of eval episodes in which the env set
+``info["success"]`` (Meta-World's measure; :meth:`~eva_rl.experiments.run_folder.RunResult.scored`)."""
+
 _SECTION_TYPES = (EvalSettings, LoraConfig, EvaConfig, CloningSettings)
 """Task fields whose own fields a dotted path sets (besides the mappings ``ppo``, ``env_kwargs``...)."""
 

@@ -49,6 +49,8 @@ from eva_rl.selection import layer_activations, select_task, subspace_signature
 SIGNATURE_SEED = 20_000  # apart from training (0..), evaluation (the task's eval seed) and tuning seeds
 # The registry's full fine-tuning of the pretrained weights: the copies, the sequential network, the reference.
 FULL = next(m for m in method_names() if get_method(m).trains == "all" and get_method(m).pretrained)
+# Training from scratch: Continual World's single-task reference for forward transfer.
+SCRATCH = next(m for m in method_names() if not get_method(m).pretrained)
 
 
 class ApproachKind(enum.Enum):
@@ -91,6 +93,11 @@ class ApproachStats:
     :ivar forgetting_per_task: ``{task: IQM forgetting}``.
     :ivar forward_transfer: Mean over tasks of the stage's normalized AUC minus full fine-tuning's from the base.
     :ivar memory_bytes: What the approach holds after the sequence (parameters and buffers, float32).
+    :ivar cw_forgetting: Continual World's forgetting: mean over tasks of the score at the end of the task's own stage
+        minus the score after the last stage (``None`` unless the sequence sets ``continual_world``).
+    :ivar cw_forward_transfer: Continual World's forward transfer: mean over tasks of
+        ``(AUC - AUC_scratch) / (1 - AUC_scratch)``, ``AUC_scratch`` the mean over seeds of training from scratch on
+        the task with the same budget (``None`` unless ``continual_world``).
     """
 
     seeds: int
@@ -100,6 +107,14 @@ class ApproachStats:
     forgetting_per_task: dict[str, float]
     forward_transfer: Interval
     memory_bytes: int
+    cw_forgetting: Interval | None = None
+    cw_forward_transfer: Interval | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields, Continual World's only where the sequence measures them (pages written before them read the
+        same)."""
+        data = dataclasses.asdict(self)
+        return {key: value for key, value in data.items() if value is not None or not key.startswith("cw_")}
 
 
 ContinualReport = dict[str, ApproachStats]
@@ -162,12 +177,14 @@ class ContinualStudy(Study[ContinualReport]):
         return RunSpec(self.stage_task(stage, FULL), FULL, seed, self.root / "sequential", previous, self.device)
 
     def plan(self) -> Planned:
-        """The runs from the base: ``((stage, method, seed), spec)``."""
+        """The runs from the base (and, for Continual World's metrics, from scratch): ``((stage, method, seed),
+        spec)``."""
+        methods = [*self.sequence.methods, FULL, *([SCRATCH] if self.sequence.continual_world else [])]
         return [
             ((stage.name, method, seed), self.from_base(stage, method, seed))
             for seed in self.sequence.seed_list
             for stage in self.sequence.stages
-            for method in [*self.sequence.methods, FULL]
+            for method in methods
         ]
 
     def bank_dir(self, method: str, seed: int) -> Path:
@@ -221,13 +238,24 @@ class ContinualStudy(Study[ContinualReport]):
 
     # evaluation on every task
     def evaluate_model(self, model: Any, agent_path: Path, stage: Stage) -> float:
-        """The return of ``model`` (acting with the observation pipeline of the agent at ``agent_path``) on
-        ``stage``, with the base task's evaluation settings: the protocol of every run's own evaluations."""
+        """The score (return or success rate) of ``model``, acting with the observation pipeline of the agent at
+        ``agent_path``, on ``stage``, with the base task's evaluation settings: the protocol of every run's own
+        evaluations."""
         task = self.stage_task(stage, FULL)
         agent = load_pretrained(agent_path, device="cpu")
         env = agent_env(task, agent, task.eval.env_count, task.eval.seed, evaluation=True)
         with closing(env):
-            return evaluate(model, env, task.eval.episodes, task.eval.seed, task.eval.deterministic)[0]
+            evaluation = evaluate(model, env, task.eval.episodes, task.eval.seed, task.eval.deterministic)
+        if self.sequence.score == "return":
+            return evaluation.mean
+        if evaluation.success_rate is None:
+            raise ConfigError(f"sequence {self.sequence.name}: score 'success', but {stage.env} reports no success")
+        return evaluation.success_rate
+
+    @property
+    def _scores_file(self) -> str:
+        """Where each cached row of scores on every task is kept: returns and success rates apart."""
+        return RunFolder.RETURNS_ON_EVERY_TASK if self.sequence.score == "return" else RunFolder.SUCCESS_ON_EVERY_TASK
 
     def sequential_row(self, index: int, seed: int) -> dict[str, float]:
         """The network after stage ``index`` on every task (cached in its run folder)."""
@@ -235,13 +263,14 @@ class ContinualStudy(Study[ContinualReport]):
 
         def row() -> dict[str, float]:
             model = load_agent(folder.model_file, device="cpu")
-            own = folder.read_result().final_return  # its own task: the run's last evaluation, same protocol
+            # its own task: the run's last evaluation, same protocol
+            own = folder.read_result().scored(self.sequence.score).final_return
             return {
                 s.name: own if i == index else self.evaluate_model(model, folder.model_file, s)
                 for i, s in enumerate(self.sequence.stages)
             }
 
-        return folder.cached(RunFolder.RETURNS_ON_EVERY_TASK, row)
+        return folder.cached(self._scores_file, row)
 
     def build_bank(self, method: str, seed: int) -> tuple[AdapterBank, dict[str, float]]:
         """The bank of ``method``'s stage adapters for ``seed`` (saved to its folder) and each task's return through
@@ -277,7 +306,9 @@ class ContinualStudy(Study[ContinualReport]):
                 values[stage.name] = self.evaluate_model(bank.model, self.base.agent_path, stage)
             return values
 
-        return bank, cached_json(folder / "returns.json", returns)
+        return bank, cached_json(
+            folder / ("returns.json" if self.sequence.score == "return" else "success.json"), returns
+        )
 
     # adapter selection
     def _base_activations(self, stage: Stage, steps: int, seed: int) -> dict[str, Any]:
@@ -320,7 +351,7 @@ class ContinualStudy(Study[ContinualReport]):
     # the report
     def report(self, runs: list[tuple[tuple[str, str, int], RunResult]]) -> ContinualReport:
         """Every approach's statistics (the runs from the base must be complete)."""
-        results = dict(runs)
+        results = {key: result.scored(self.sequence.score) for key, result in runs}
         stages = self.sequence.stages
         missing = [key for key, _ in self.plan() if key not in results]
         if missing:
@@ -330,9 +361,16 @@ class ContinualStudy(Study[ContinualReport]):
         }
         auc = {key: normalized_auc(*r.sample_curve(), horizon=horizon[key[0]]) for key, r in results.items()}
         base_bytes = AdapterBank(load_agent(self.base.agent_path, device="cpu")).base_nbytes()
+        # Continual World's reference: each task's AUC from scratch, the mean over seeds
+        scratch_auc = {
+            s.name: float(np.mean([auc[(s.name, SCRATCH, seed)] for seed in self.sequence.seed_list]))
+            for s in stages
+            if self.sequence.continual_world
+        }
         report = {}
         for approach in approaches(self.sequence):
             matrices, memory, averages, forgetting, transfer = [], [], [], [], []
+            cw_forgetting, cw_transfer = [], []
             per_task: dict[str, list[float]] = {s.name: [] for s in stages}
             for seed in self.sequence.seed_list:
                 matrix, held = self._approach_seed(approach, seed, results, base_bytes)
@@ -346,6 +384,11 @@ class ContinualStudy(Study[ContinualReport]):
                 forgetting.append(float(np.mean(drops)))
                 own = self._stage_aucs(approach, seed, auc, horizon)
                 transfer.append(float(np.mean([o - auc[(s.name, FULL, seed)] for o, s in zip(own, stages)])))
+                if self.sequence.continual_world:
+                    cw_forgetting.append(
+                        float(np.mean([matrix[i + 1][s.name] - matrix[-1][s.name] for i, s in enumerate(stages)]))
+                    )
+                    cw_transfer.append(continual_world_transfer(own, [scratch_auc[s.name] for s in stages]))
             report[approach.name] = ApproachStats(
                 seeds=len(matrices),
                 returns=[
@@ -357,6 +400,8 @@ class ContinualStudy(Study[ContinualReport]):
                 forgetting_per_task={name: float(np.mean(values)) for name, values in per_task.items()},
                 forward_transfer=stratified_iqm([transfer]),
                 memory_bytes=int(np.mean(memory)),
+                cw_forgetting=stratified_iqm([cw_forgetting]) if cw_forgetting else None,
+                cw_forward_transfer=stratified_iqm([cw_transfer]) if cw_transfer else None,
             )
         return report
 
@@ -402,7 +447,7 @@ class ContinualStudy(Study[ContinualReport]):
         atomic_write_json(
             root / "continual.json",
             {
-                "approaches": {name: dataclasses.asdict(stats) for name, stats in report.items()},
+                "approaches": {name: stats.to_dict() for name, stats in report.items()},
                 "selection": selection["accuracy"],
             },
         )
@@ -411,6 +456,14 @@ class ContinualStudy(Study[ContinualReport]):
         figure, axes = new_figure(1, len(report), figsize=(3.6 * len(report), 3.4), dpi=120, sharey=True)
         draw_continual(np.atleast_1d(axes), self.sequence, report)
         return [root / "continual.json", root / "continual.md", save_figure(figure, root / "continual.png")]
+
+
+def continual_world_transfer(aucs: list[float], scratch_aucs: list[float]) -> float:
+    """Continual World's forward transfer of one run of the sequence: the mean over tasks of
+    ``(AUC - AUC_scratch) / (1 - AUC_scratch)`` (``normalized_ft``), with AUCs of success curves in [0, 1]; a task that
+    scratch already solves throughout (``AUC_scratch = 1``) leaves nothing to transfer and counts 0."""
+    terms = [(a - b) / (1.0 - b) if b < 1.0 else 0.0 for a, b in zip(aucs, scratch_aucs)]
+    return float(np.mean(terms))
 
 
 def _sequential_row(sequence: ContinualSequence, log_dir: Path, device: str, index: int, seed: int) -> None:
@@ -430,6 +483,8 @@ def continual_markdown(
 
     copies = Approach(ApproachKind.COPIES, FULL).name
     full_bytes = report[copies].memory_bytes / len(sequence.stages)
+    score = sequence.score
+    continual_world = " | CW forgetting | CW forward transfer (vs scratch)" if sequence.continual_world else ""
     lines = [
         f"# Continual sequence `{sequence.name}`",
         "",
@@ -437,17 +492,31 @@ def continual_markdown(
         f"`{sequence.base_task}`. IQM over {len(sequence.seed_list)} seeds with 95% stratified-bootstrap CIs.",
         "",
         *([platform, ""] if platform else []),
-        "| approach | average return after the sequence | forgetting | forward transfer (AUC vs full) | memory "
-        "| vs one network |",
-        "|---|---|---|---|---|---|",
+        f"| approach | average {score} after the sequence | forgetting | forward transfer (AUC vs full) | memory "
+        f"| vs one network{continual_world} |",
+        "|---|---|---|---|---|---|" + "---|" * (2 if sequence.continual_world else 0),
     ]
     for approach, stats in report.items():
+        measured = (
+            f" | {cell(stats.cw_forgetting)} | {cell(stats.cw_forward_transfer)}"
+            if stats.cw_forgetting is not None and stats.cw_forward_transfer is not None
+            else ""
+        )
         lines.append(
             f"| {approach} | {cell(stats.average_final)} | {cell(stats.forgetting)} | {cell(stats.forward_transfer)} | "
-            f"{stats.memory_bytes / 1024:,.0f} KiB | {stats.memory_bytes / full_bytes:.2f}x |"
+            f"{stats.memory_bytes / 1024:,.0f} KiB | {stats.memory_bytes / full_bytes:.2f}x{measured} |"
         )
+    if sequence.continual_world:
+        lines += [
+            "",
+            "Continual World's metrics (Wołczyk et al. 2021) beside the page's own: CW forgetting is the success at "
+            "the end of a task's own stage minus after the last stage (the page's: best after its stage minus "
+            "final); CW forward transfer is (AUC - AUC_scratch) / (1 - AUC_scratch) against training from scratch "
+            "on the task with the same budget (the page's: AUC minus full fine-tuning's from the base). Continual "
+            "World averages the last 5 evaluations where this page takes the last one, and its CIs are 90%.",
+        ]
     # Forgetting per task, then how well the base policy's subspaces name a stage.
-    lines += ["", "Forgetting per task (mean over seeds, best minus final return):", ""]
+    lines += ["", f"Forgetting per task (mean over seeds, best minus final {score}):", ""]
     names = [s.name for s in sequence.stages]
     lines += ["| approach | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for approach, stats in report.items():
@@ -477,5 +546,5 @@ def draw_continual(axes: Any, sequence: ContinualSequence, report: ContinualRepo
         axis.set_xticks(range(len(stats.returns)), ["base", *[str(i) for i in range(1, len(names) + 1)]])
         axis.set_xlabel("after stage")
         axis.grid(alpha=0.3)
-    axes[0].set_ylabel(f"eval return (mean of {len(sequence.seed_list)} seeds)")
+    axes[0].set_ylabel(f"eval {sequence.score} (mean of {len(sequence.seed_list)} seeds)")
     axes[-1].legend(fontsize=7)
