@@ -3,6 +3,7 @@ the bundled HalfCheetah agent with its VecNormalize statistics, and one short EV
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from pathlib import Path
 
@@ -114,7 +115,9 @@ def test_mujoco_compile_warnings_show_once_not_per_env_copy(capfd, recwarn) -> N
         make().close()
     out, err = capfd.readouterr()
     assert "settotalmass" not in out + err  # MuJoCo's own print is routed into Python's warnings
-    assert any("settotalmass" in str(w.message) for w in recwarn)
+    # MuJoCo 4 deprecates the attribute half_cheetah.xml sets; 3.x (which Meta-World pins) compiles it silently
+    deprecated = int(importlib.metadata.version("mujoco").split(".")[0]) >= 4
+    assert sum("settotalmass" in str(w.message) for w in recwarn) == (1 if deprecated else 0)
 
 
 @pytest.mark.parametrize("name", TASKS)
