@@ -96,6 +96,7 @@ class ContinualSequence(Seeded):
     continual_world: bool = False
 
     def __post_init__(self) -> None:
+        # each field's type and range, then what the fields must agree on (the score and Continual World's metrics)
         check_folder_name(self.name, "sequence name")
         for name in ("signature_steps", "selection_trials"):
             check_count(getattr(self, name), name)
