@@ -86,8 +86,7 @@ class _SuccessCounter:
         ended = locals_["done"] and (not locals_["is_monitor_wrapped"] or "episode" in info)
         if ended:
             self.episodes.append(bool(self.running[i]))
-        if locals_["done"]:
-            self.running[i] = self.running[i] and not ended
+            self.running[i] = False
 
     def rate(self) -> float | None:
         return float(np.mean(self.episodes)) if self.reported and self.episodes else None
