@@ -104,3 +104,12 @@ def test_a_bad_base_is_one_error_naming_it(tmp_path, base: str, message: str) ->
 def test_a_target_env_finds_the_task_before_its_variants() -> None:
     assert find_task("MiniGrid-DoorKey-8x8-v0").name == "MiniGrid-DoorKey"
     assert find_task("HalfCheetah-FrontThighOff-v0").name == "HalfCheetah-FrontThighOff"
+
+
+def test_a_target_env_finds_the_task_it_names_before_a_base_on_the_same_target(tmp_path) -> None:
+    # the base sorts first (upper case before lower) and fine-tunes on the same target as its first task
+    _write(tmp_path, "Grid-Base", "target_env: Grid-hammer-v3\n")
+    _write(tmp_path, "Grid-hammer", "base: Grid-Base\ntarget_env: Grid-hammer-v3\n")
+    assert find_task("Grid-hammer-v3", tmp_path).name == "Grid-hammer"
+    assert find_task("Grid-Base", tmp_path).name == "Grid-Base"
+    assert find_task("Grid-other-v3", tmp_path) is None

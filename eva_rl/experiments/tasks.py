@@ -622,12 +622,16 @@ def known_tasks(config_dir: Path = CONFIG_DIR) -> dict[str, Path]:
 
 
 def find_task(env: str, config_dir: Path = CONFIG_DIR) -> TaskConfig | None:
-    """The task named ``env``, or the task whose ``target_env`` is ``env``; ``None`` if there is none."""
+    """The task named ``env``, or a task whose ``target_env`` is ``env``; ``None`` if there is none.
+
+    Where several tasks target ``env`` (a base that fine-tunes on its first target, and that target's own file), the
+    one whose name ``env`` extends wins: ``MetaWorld-hammer-v3`` finds ``MetaWorld-hammer``, not ``MetaWorld-MT40``.
+    """
     tasks = known_tasks(config_dir)
     if env in tasks:
         return load_task(tasks[env])
-    for path in tasks.values():
-        task = load_task(path)
-        if task.target_env == env:
-            return task
-    return None
+    targeting = [task for task in map(load_task, tasks.values()) if task.target_env == env]
+    if not targeting:
+        return None
+    # the longest name that env extends, else the first by name
+    return max(targeting, key=lambda task: len(task.name) if env.startswith(task.name) else -1)
