@@ -37,6 +37,15 @@ def is_mujoco_env(env_id: str) -> bool:
     return isinstance(entry_point, str) and ("mujoco" in entry_point or entry_point.startswith(MUJOCO_ENTRY_POINTS))
 
 
+def simulator_packages(env_id: str) -> tuple[str, ...]:
+    """The distributions whose versions move the registered ``env_id``'s physics: ``("mujoco",)`` for a MuJoCo env,
+    with ``"metaworld"`` for a Meta-World task (its models and reward code), ``()`` for any other env."""
+    if not is_mujoco_env(env_id):
+        return ()
+    entry_point = gym.registry[env_id].entry_point
+    return ("mujoco", "metaworld") if str(entry_point).startswith("envs.meta_world") else ("mujoco",)
+
+
 @contextmanager
 def mujoco_warnings() -> Iterator[None]:
     """MuJoCo's warnings as Python warnings while the block runs, so each shows once per process.

@@ -62,12 +62,17 @@ def test_an_unknown_task_names_the_known_ones() -> None:
         MetaWorldTask("hamer")
 
 
-def test_runs_on_meta_world_record_the_mujoco_version() -> None:
-    import importlib.metadata
+def test_runs_and_cards_on_meta_world_record_the_mujoco_and_metaworld_versions() -> None:
+    from importlib.metadata import version
 
     from eva_rl.experiments.machine import describe_platform
+    from eva_rl.experiments.pretrain import package_versions
+    from eva_rl.physics import simulator_packages
 
-    assert describe_platform("cpu", env_id("hammer"))["simulator"] == f"mujoco {importlib.metadata.version('mujoco')}"
+    simulator = describe_platform("cpu", env_id("hammer"))["simulator"]
+    assert simulator == f"mujoco {version('mujoco')}, metaworld {version('metaworld')}"
+    assert package_versions(simulator_packages(env_id("hammer")))["metaworld"] == version("metaworld")
+    assert simulator_packages("HalfCheetah-v5") == ("mujoco",) and simulator_packages("CartPole-v1") == ()
 
 
 def test_a_cloned_base_fine_tunes_on_two_cw10_tasks_and_the_page_scores_success(tmp_path) -> None:

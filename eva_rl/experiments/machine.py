@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from eva_rl.physics import is_mujoco_env
+from eva_rl.physics import simulator_packages
 
 
 @cache
@@ -32,10 +32,11 @@ def describe_platform(device: str | torch.device = "cpu", env_id: str | None = N
     """The platform of a run on ``device``, as ``result.json`` records it.
 
     :param env_id: The run's env: a MuJoCo env adds the simulator's version, since its physics moves returns across
-        versions too (the bundled HalfCheetah agent: -2% on FrontThighOff from mujoco 4.0.1 to 3.3.0).
+        versions too (the bundled HalfCheetah agent: -2% on FrontThighOff from mujoco 4.0.1 to 3.3.0), and a
+        Meta-World task Meta-World's.
     :return: ``cpu`` (model and logical cores), ``torch`` (version), ``torch_build`` (``"cpu"`` or ``"cuda X"``),
         ``threads`` (torch's intra-op threads), ``device`` (with the GPU's name on CUDA), and ``simulator``
-        (``"mujoco X"``) for a MuJoCo env.
+        (``"mujoco X"``, ``"mujoco X, metaworld Y"`` for a Meta-World task) for a MuJoCo env.
     """
     device = torch.device(device)
     described = str(device)
@@ -48,8 +49,9 @@ def describe_platform(device: str | torch.device = "cpu", env_id: str | None = N
         "threads": torch.get_num_threads(),
         "device": described,
     }
-    if env_id is not None and is_mujoco_env(env_id):
-        platform["simulator"] = f"mujoco {importlib.metadata.version('mujoco')}"
+    simulators = simulator_packages(env_id) if env_id is not None else ()
+    if simulators:
+        platform["simulator"] = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in simulators)
     return platform
 
 

@@ -26,7 +26,7 @@ from eva_rl.experiments.tasks import ROOT, TaskConfig
 from eva_rl.experiments.training import Evaluation, evaluate
 from eva_rl.files import atomic_save_model, atomic_save_stats, atomic_write_json, atomic_write_text
 from eva_rl.loading import ALGORITHMS, load_statistics
-from eva_rl.physics import is_mujoco_env
+from eva_rl.physics import simulator_packages
 
 _PACKAGES = ("eva-rl", "torch", "stable-baselines3", "gymnasium", "minigrid", "numpy")
 
@@ -235,7 +235,7 @@ def pretrain(
         "target_return": target.mean if target else None,
         "target_success": target.success_rate if target else None,
         "train_seconds": round(train_seconds, 1),
-        "packages": package_versions(("mujoco",) if is_mujoco_env(source_env) else ()),
+        "packages": package_versions(simulator_packages(source_env)),
         "command": command,
     }
     if cloning:
