@@ -218,6 +218,15 @@ def test_a_success_scored_sequence_reports_continual_worlds_metrics(tmp_path: Pa
     saved = json.loads((tmp_path / sequence.name / "continual.json").read_text())
     assert "cw_forgetting" in saved["approaches"]["eva"]
 
+    class Recording(LocalProcesses):
+        def map(self, function, jobs, packages=()):
+            mapped.extend(jobs)
+            return super().map(function, jobs, packages)
+
+    mapped: list[tuple] = []
+    study.carry_out(Recording())
+    assert mapped == [], "every sequential stage's row of success rates is cached: nothing to evaluate again"
+
 
 def test_continual_worlds_metrics_need_success_scores() -> None:
     sequence = load_sequence("smoke")

@@ -211,7 +211,7 @@ class ContinualStudy(Study[ContinualReport]):
             (self.sequence, self.log_dir, self.device, index, seed)
             for seed in self.sequence.seed_list
             for index in range(len(self.sequence.stages))
-            if not (self.sequential(index, seed).folder / RunFolder.RETURNS_ON_EVERY_TASK).is_file()
+            if not (self.sequential(index, seed).folder / self._scores_file).is_file()
         ]
         executor.map(_sequential_row, jobs, self.base.env_packages)
 
@@ -254,8 +254,13 @@ class ContinualStudy(Study[ContinualReport]):
 
     @property
     def _scores_file(self) -> str:
-        """Where each cached row of scores on every task is kept: returns and success rates apart."""
+        """Where a sequential run's row of scores on every task is cached: returns and success rates apart."""
         return RunFolder.RETURNS_ON_EVERY_TASK if self.sequence.score == "return" else RunFolder.SUCCESS_ON_EVERY_TASK
+
+    @property
+    def _bank_scores_file(self) -> str:
+        """Where a bank's score on every task is cached, beside ``bank.json``: returns and success rates apart."""
+        return "returns.json" if self.sequence.score == "return" else "success.json"
 
     def sequential_row(self, index: int, seed: int) -> dict[str, float]:
         """The network after stage ``index`` on every task (cached in its run folder)."""
@@ -306,9 +311,7 @@ class ContinualStudy(Study[ContinualReport]):
                 values[stage.name] = self.evaluate_model(bank.model, self.base.agent_path, stage)
             return values
 
-        return bank, cached_json(
-            folder / ("returns.json" if self.sequence.score == "return" else "success.json"), returns
-        )
+        return bank, cached_json(folder / self._bank_scores_file, returns)
 
     # adapter selection
     def _base_activations(self, stage: Stage, steps: int, seed: int) -> dict[str, Any]:
