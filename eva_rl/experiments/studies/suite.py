@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from eva_rl.eva_report import EvaReport
+from eva_rl.experiments.contrasts import AUC, FINAL, ContrastStats, after_key, contrast_stats, contrasts_markdown
 from eva_rl.experiments.machine import platform_line
 from eva_rl.experiments.plots import method_color, new_figure, save_figure
 from eva_rl.experiments.run_folder import RunFolder, RunResult
@@ -83,11 +84,11 @@ UPDATES_REPORTED = (5, 10, 25)
 """The update counts after which a suite page reports the return: EVA's argument is about the first updates."""
 
 
-def returns_after_updates(results: Sequence[RunResult], resamples: int = 2000) -> dict[int, Interval]:
-    """``{k: IQM eval return after k updates}`` for the k of :data:`UPDATES_REPORTED` at which every run of an
-    on-policy algorithm was evaluated (its eval curve has a point at ``k * n_steps * n_envs`` steps, EVA's own env
+def values_after_updates(results: Sequence[RunResult]) -> dict[int, list[float]]:
+    """``{k: each run's eval return after k updates}`` for the k of :data:`UPDATES_REPORTED` at which every run of
+    an on-policy algorithm was evaluated (its eval curve has a point at ``k * n_steps * n_envs`` steps, EVA's own env
     steps not counted: they make no update); no interpolation between evaluations."""
-    after: dict[int, Interval] = {}
+    after: dict[int, list[float]] = {}
     for k in UPDATES_REPORTED:
         values = []
         for result in results:
@@ -101,7 +102,7 @@ def returns_after_updates(results: Sequence[RunResult], resamples: int = 2000) -
                 break
             values.append(at[step])
         else:
-            after[k] = stratified_iqm([values], n_resamples=resamples)
+            after[k] = values
     return after
 
 
@@ -172,6 +173,8 @@ class SuiteReport:
     """The page's platform line (:func:`~eva_rl.experiments.machine.platform_line`)."""
     resamples: int = 2000
     """Bootstrap resamples behind the CIs (:attr:`~eva_rl.experiments.suites.Suite.resamples`)."""
+    contrasts: list[ContrastStats] = field(default_factory=list)
+    """Each method against its control (:func:`~eva_rl.experiments.contrasts.contrast_stats`)."""
 
     @property
     def methods(self) -> list[str]:
@@ -198,6 +201,7 @@ class SuiteReport:
             "aggregate": aggregate,
             **({"platform": self.platform} if self.platform else {}),
             **({"resamples": self.resamples} if self.resamples != 2000 else {}),
+            **({"contrasts": [c.to_dict() for c in self.contrasts]} if self.contrasts else {}),
         }
 
     @classmethod
@@ -216,7 +220,9 @@ class SuiteReport:
             for method, row in data["aggregate"].items()
         }
         tasks = {name: TaskReport.from_dict(task) for name, task in data["tasks"].items()}
-        return cls(data["suite"], tasks, aggregate, reference, data.get("platform", ""), data.get("resamples", 2000))
+        contrasts = [ContrastStats.from_dict(c) for c in data.get("contrasts", [])]
+        resamples = data.get("resamples", 2000)
+        return cls(data["suite"], tasks, aggregate, reference, data.get("platform", ""), resamples, contrasts)
 
 
 def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], reference: str = "eva") -> SuiteReport:
@@ -232,7 +238,7 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
     methods = [m for m in suite.methods if m in seen] + sorted(seen - set(suite.methods))
     platform = platform_line(r.platform for _, r in runs)
     report = SuiteReport(suite.name, reference=reference, platform=platform, resamples=resamples)
-    scores: dict[str, dict[str, dict[str, list[float]]]] = {m: {"final": {}, "auc": {}} for m in methods}
+    scores: dict[str, dict[str, dict[str, list[float]]]] = {m: {FINAL: {}, AUC: {}} for m in methods}
     for task_name, per_method in by_task.items():
         threshold = thresholds[task_name]
         horizon = max(r.sample_curve()[0][-1] for rs in per_method.values() for r in rs)
@@ -246,6 +252,7 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
             reached = [steps_to_threshold(*r.sample_curve(), threshold) for r in results]
             steps = [s if s is not None else np.inf for s in reached]
             sources = [r.source_return for r in results if r.source_return is not None]
+            after = values_after_updates(results)
             task_report.methods[method] = MethodTaskStats(
                 seeds=len(results),
                 final=stratified_iqm([finals], n_resamples=resamples),
@@ -256,28 +263,31 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
                 source_retention=float(iqm(sources)) if sources else None,
                 trainable_params=int(np.mean([r.trainable_params for r in results])),
                 wall_seconds=float(np.mean([r.wall_seconds for r in results])),
-                after_updates=returns_after_updates(results, resamples),
+                after_updates={k: stratified_iqm([v], n_resamples=resamples) for k, v in after.items()},
                 source_retention_ci=stratified_iqm([sources], n_resamples=resamples) if sources else None,
             )
-            scores[method]["final"][task_name] = finals
-            scores[method]["auc"][task_name] = aucs
+            scores[method][FINAL][task_name] = finals
+            scores[method][AUC][task_name] = aucs
+            for k, values in after.items():
+                scores[method].setdefault(after_key(k), {})[task_name] = values
         report.tasks[task_name] = task_report
     for method in methods:
         entry = MethodAggregate(
-            sorted(scores[method]["final"]),
-            stratified_iqm(list(scores[method]["final"].values()), n_resamples=resamples),
-            stratified_iqm(list(scores[method]["auc"].values()), n_resamples=resamples),
+            sorted(scores[method][FINAL]),
+            stratified_iqm(list(scores[method][FINAL].values()), n_resamples=resamples),
+            stratified_iqm(list(scores[method][AUC].values()), n_resamples=resamples),
         )
         # Over the tasks both ran, so a method run on fewer tasks is compared on its own tasks only.
-        common = [t for t in scores[method]["final"] if t in scores.get(reference, {}).get("final", {})]
+        common = [t for t in scores[method][FINAL] if t in scores.get(reference, {}).get(FINAL, {})]
         if method != reference and common:
             entry.p_reference_better = probability_of_improvement(
-                [scores[reference]["final"][t] for t in common],
-                [scores[method]["final"][t] for t in common],
+                [scores[reference][FINAL][t] for t in common],
+                [scores[method][FINAL][t] for t in common],
                 n_resamples=resamples,
             )
         report.aggregate[method] = entry
     _normalize_aggregates(report, scores, resamples)
+    report.contrasts = contrast_stats(scores, UPDATES_REPORTED, resamples)
     return report
 
 
@@ -288,14 +298,14 @@ def _normalize_aggregates(
     returns does not outweigh one with small ones."""
     normalizers = task_normalizers(report)
     for method, entry in report.aggregate.items():
-        tasks = [t for t in scores[method]["final"] if t in normalizers]
+        tasks = [t for t in scores[method][FINAL] if t in normalizers]
         if not tasks:
             continue
         finals, aucs = [], []
         for task in tasks:
             zero, full_final, full_auc = normalizers[task]
-            finals.append([(s - zero) / (full_final - zero) for s in scores[method]["final"][task]])
-            aucs.append([(s - zero) / (full_auc - zero) for s in scores[method]["auc"][task]])
+            finals.append([(s - zero) / (full_final - zero) for s in scores[method][FINAL][task]])
+            aucs.append([(s - zero) / (full_auc - zero) for s in scores[method][AUC][task]])
         entry.final_normalized = stratified_iqm(finals, n_resamples=resamples)
         entry.auc_normalized = stratified_iqm(aucs, n_resamples=resamples)
 
@@ -379,8 +389,10 @@ def results_markdown(report: SuiteReport) -> str:
         "Task-normalized: each run's score as (score - zero-shot) / (full fine-tuning's IQM - zero-shot) on its task,"
         " then the IQM over seeds and tasks: 0 is the pretrained agent, 1 is full fine-tuning. Zero-shot -> full's"
         f" final return: {scale or 'no task (full fine-tuning did not run, or did not beat zero-shot)'}.",
+        "",
+        *contrasts_markdown(report.contrasts),
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def _iqm_curve(task_runs: Sequence[RunResult], method: str, grid: np.ndarray) -> tuple[np.ndarray, ...] | None:

@@ -1,0 +1,128 @@
+"""Contrasts between a method and the control that changes one thing about it (issue 27's controls): how often a run
+of the one beats a run of the other, on final return, normalized AUC and the return after the first updates.
+
+Each control keeps EVA's init but for one thing (or LoRA's, but for one thing), so the contrasts together tell
+"EVA's subspace helps" from "EVA's row norm changes the step size" from "training A matters": a suite page shows
+them where at least two can be drawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from eva_rl.experiments.stats import Interval, probability_of_improvement
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """``method`` against ``control``, which differ in ``differs`` only."""
+
+    method: str
+    control: str
+    differs: str
+
+
+CONTRASTS: tuple[Contrast, ...] = (
+    Contrast("eva", "lora", "EVA's init as a whole: data subspace and ranks, unit row norm"),
+    Contrast("eva", "lora-orth", "data subspace and ranks against random ones, both at unit row norm"),
+    Contrast("eva-rescaled", "lora", "data subspace and ranks against random ones, both at Kaiming's row norm"),
+    Contrast("eva-fa", "lora-orth-fa", "the subspace alone: A frozen at unit row norm, only B trains"),
+    Contrast("eva", "eva-rescaled", "row norm, unit against Kaiming's, in EVA's subspace"),
+    Contrast("lora-orth", "lora", "row norm, unit orthonormal against Kaiming-uniform, random subspace"),
+    Contrast("eva", "eva-fa", "A trains or stays frozen, EVA's subspace"),
+    Contrast("lora", "lora-fa", "A trains or stays frozen, random subspace"),
+)
+"""The contrasts a page draws, where both methods ran."""
+
+FINAL, AUC = "final", "auc"
+"""Keys of the per-run scores :func:`contrast_stats` compares; ``after k`` for the return after k updates."""
+
+
+def after_key(updates: int) -> str:
+    return f"after {updates}"
+
+
+@dataclass
+class ContrastStats:
+    """P(a run of ``method`` scores higher than a run of ``control``), averaged over the tasks both ran, with
+    stratified-bootstrap 95% CIs.
+
+    :ivar after_updates: ``{k: P(...) on the return after k updates}`` where both were evaluated there.
+    """
+
+    method: str
+    control: str
+    differs: str
+    tasks: list[str]
+    final: Interval
+    auc: Interval
+    after_updates: dict[int, Interval] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["after_updates"] = {str(k): dataclasses.asdict(v) for k, v in self.after_updates.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ContrastStats:
+        after = {int(k): Interval(**v) for k, v in data.get("after_updates", {}).items()}
+        intervals = {"final": Interval(**data["final"]), "auc": Interval(**data["auc"]), "after_updates": after}
+        return cls(**{**data, **intervals})
+
+
+Scores = Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]]
+"""``{method: {FINAL | AUC | after_key(k): {task: per-seed scores}}}``."""
+
+
+def contrast_stats(scores: Scores, updates: Sequence[int], resamples: int) -> list[ContrastStats]:
+    """The :data:`CONTRASTS` whose two methods ran on a common task, or none where fewer than two can be drawn (a
+    page without controls has its P(eva better) column already).
+
+    :param scores: Every method's per-seed scores per task.
+    :param updates: The update counts whose returns are compared where both methods have them.
+    :param resamples: Bootstrap resamples behind each CI.
+    """
+    drawn = []
+    for contrast in CONTRASTS:
+        ours, theirs = scores.get(contrast.method, {}), scores.get(contrast.control, {})
+        tasks = [task for task in ours.get(FINAL, {}) if task in theirs.get(FINAL, {})]
+        if not tasks:
+            continue
+        keys = [FINAL, AUC] + [
+            after_key(k)
+            for k in updates
+            if all(t in ours.get(after_key(k), {}) and t in theirs.get(after_key(k), {}) for t in tasks)
+        ]
+        p = {
+            key: probability_of_improvement(
+                [ours[key][t] for t in tasks], [theirs[key][t] for t in tasks], n_resamples=resamples
+            )
+            for key in keys
+        }
+        after = {k: p[after_key(k)] for k in updates if after_key(k) in p}
+        drawn.append(ContrastStats(contrast.method, contrast.control, contrast.differs, tasks, p[FINAL], p[AUC], after))
+    return drawn if len(drawn) >= 2 else []
+
+
+def contrasts_markdown(contrasts: Sequence[ContrastStats]) -> list[str]:
+    """The page's section on the controls (no lines without contrasts)."""
+    if not contrasts:
+        return []
+    counts = sorted({k for c in contrasts for k in c.after_updates})
+    lines = [
+        "## Controls",
+        "",
+        "P(a run of the method scores higher than a run of its control), averaged over the tasks both ran, 95% CIs; "
+        "0.5 is a tie. Each pair differs in one thing, each method at its own tuned learning rate.",
+        "",
+        "| method > control | what differs | tasks | final | AUC | " + " | ".join(f"after {k}" for k in counts) + " |",
+        "|---|---|---|---|---|" + "---|" * len(counts),
+    ]
+    for c in contrasts:
+        cells = [str(c.after_updates[k]) if k in c.after_updates else "-" for k in counts]
+        row = [f"{c.method} > {c.control}", c.differs, str(len(c.tasks)), str(c.final), str(c.auc), *cells]
+        lines.append("| " + " | ".join(row) + " |")
+    return [*lines, ""]
