@@ -43,6 +43,7 @@ FINETUNE_FLAGS = (
     "eval_seed",
     "checkpoint_freq",
     "update_obs_stats",
+    "critic_warmup",
     "log_dir",
     "resume",
     "overwrite",

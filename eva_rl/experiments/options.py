@@ -307,6 +307,14 @@ FLAGS: dict[str, Flag] = {
             setting="update_obs_stats",
             action="store_true",
         ),
+        Flag(
+            ("--critic-warmup",),
+            "the first N updates train only the critic (PPO, A2C): for an agent whose value head does not know the "
+            "target task (default: the task's, else 0)",
+            TRAINING,
+            int,
+            setting="critic_warmup",
+        ),
         # where runs go and how they are carried out
         Flag(("--log-dir",), "results root (default: runs)", RUNS, type=Path, default=Path("runs")),
         Flag(("--resume",), "continue interrupted runs from their checkpoints", RUNS, None, action="store_true"),

@@ -25,7 +25,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch.utils.tensorboard import SummaryWriter
 
 from eva_rl.adapt import adapt
-from eva_rl.callbacks import CachedAdapterWeights
+from eva_rl.callbacks import CachedAdapterWeights, CriticWarmup
 from eva_rl.checkpoints import save_adapter
 from eva_rl.devices import run_device
 from eva_rl.errors import ConfigError
@@ -149,6 +149,8 @@ def run_settings(spec: RunSpec) -> dict[str, Any]:
         "total_timesteps": task.total_timesteps,
         "eval": dataclasses.asdict(task.eval),
     }
+    if task.critic_warmup:  # recorded where set, so the runs made before it existed still match
+        settings["critic_warmup"] = task.critic_warmup
     if not method.pretrained:
         settings.update(policy=task.policy, policy_kwargs=task.policy_kwargs)
     if method.adapters:
@@ -286,6 +288,16 @@ def check_algorithm_settings(task: TaskConfig, agent: PretrainedAgent) -> None:
             f"{rollout} steps; expected at least {rollout}, or a smaller n_steps or n_envs"
         )
     updates, how = updates_in_budget(task, agent)
+    if task.critic_warmup and rollout is None:
+        raise ConfigError(
+            f"critic_warmup={task.critic_warmup} is invalid for {ALGORITHMS[algorithm].__name__}: the warm-up is for "
+            "on-policy algorithms (ppo, a2c), whose actor and critic share an optimizer; expected 0"
+        )
+    if task.critic_warmup and updates is not None and task.critic_warmup >= updates:
+        raise ConfigError(
+            f"critic_warmup={task.critic_warmup} is invalid: the budget makes {updates} updates ({how}), so the actor "
+            f"would never train; expected at most {updates - 1}"
+        )
     if updates == 0:
         raise ConfigError(
             f"total_timesteps={task.total_timesteps} makes no update of {ALGORITHMS[algorithm].__name__} ({how}), so a "
@@ -455,8 +467,11 @@ def _train(spec: RunSpec, model: BaseAlgorithm, callback: RunCallback) -> None:
     """The algorithm up to the task's budget (with EVA on PPO's rollouts, EVA finishes within it: on its last
     rollout at the latest, :class:`~eva_rl.eva_ppo.EvaRolloutsMixin`)."""
     remaining = spec.task.total_timesteps - model.num_timesteps
+    callbacks = [callback, CachedAdapterWeights()]
+    if spec.task.critic_warmup:
+        callbacks.append(CriticWarmup(spec.task.critic_warmup))
     if remaining > 0:
-        model.learn(remaining, callback=[callback, CachedAdapterWeights()], reset_num_timesteps=False)
+        model.learn(remaining, callback=callbacks, reset_num_timesteps=False)
 
 
 def _write_outputs(spec: RunSpec, model: BaseAlgorithm, callback: RunCallback, settings: dict[str, Any]) -> RunResult:

@@ -118,6 +118,9 @@ class TaskConfig:
     :param update_obs_stats: An agent's ``VecNormalize`` statistics keep updating during fine-tuning, as rl-zoo3 does
         when it continues training. Off by default: the frozen base weights and EVA's directions were computed on
         inputs normalized with the pretrained statistics, and moving them would change what the frozen base sees.
+    :param critic_warmup: The first this many updates of an on-policy run train only the critic
+        (:class:`~eva_rl.callbacks.CriticWarmup`): for an agent whose value head does not know the target task, whose
+        advantages would otherwise move the actor at random.
     :param pretrain_timesteps: Budget of ``scripts/pretrain.py``.
     :param pretrain_seed: Seed of ``scripts/pretrain.py``.
     :param pretrain_cloning: ``scripts/pretrain.py`` clones scripted experts (:class:`CloningSettings`) instead of
@@ -149,6 +152,7 @@ class TaskConfig:
     ppo: dict[str, Any] = field(default_factory=dict)
     algo: str | None = None
     update_obs_stats: bool = False
+    critic_warmup: int = 0
     pretrain_timesteps: int = 100_000
     pretrain_seed: int = 0
     pretrain_normalize: bool = False
@@ -218,6 +222,8 @@ class TaskConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: expected true or false")
         check_algorithm_arguments(self.ppo, "ppo")
+        if not SETTINGS["critic_warmup"].check(self.critic_warmup):
+            raise ConfigError(f"critic_warmup={self.critic_warmup!r} is invalid: expected an integer >= 0")
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"methods={self.methods!r} is invalid: a method is listed twice")
         if not isinstance(self.seeds, list) or not self.seeds or not all(map(is_seed, self.seeds)):
@@ -379,6 +385,7 @@ SETTINGS: dict[str, Setting] = {
     "eval_episodes": Setting("eval.episodes", *_COUNT),
     "eva_data": Setting("eva.data_source", lambda v: v in DATA_SOURCES, f"one of {', '.join(DATA_SOURCES)}"),
     "rslora": Setting("lora.use_rslora", lambda v: isinstance(v, bool), "true or false"),
+    "critic_warmup": Setting("critic_warmup", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
 }
 """Short names of the settings that runs override (a task's or a suite's ``method_settings``, a suite's tuning grid,
 a rank study, the command line): a new overridable setting is one line here."""
