@@ -199,6 +199,12 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("eval episodes 0", [*env, "--eval-episodes", "0"], "eval.episodes=0 is invalid"),
         ("checkpoint freq 0", [*env, "--checkpoint-freq", "0"], "checkpoint_freq=0 is invalid"),
         ("budget below a rollout", [*env, "--total-timesteps", "10"], "total_timesteps=10 is below one rollout"),
+        ("critic warm-up negative", [*env, "--critic-warmup", "-2"], "critic_warmup=-2 is invalid"),
+        (
+            "critic warm-up over the budget",
+            [*env, "--critic-warmup", "99", *TINY],
+            "critic_warmup=99 is invalid: the budget makes",
+        ),
         ("missing agent", [*env, "--pretrained", "{files}/nowhere.zip"], "nowhere.zip' does not exist"),
         ("zip without data", [*env, "--pretrained", "{files}/no_data.zip"], "no_data.zip' is not an SB3 zip (KeyError"),
         ("not a zip", [*env, "--pretrained", "{files}/not_a_zip.zip"], "not_a_zip.zip"),

@@ -244,6 +244,8 @@ def test_a_budget_inside_learning_starts_is_an_error_and_the_run_says_how_many_u
     check_algorithm_settings(task, agent)
     with pytest.raises(ConfigError, match=r"total_timesteps=40 makes no update of SAC \(after learning_starts=50"):
         check_algorithm_settings(task.with_overrides({"total_timesteps": 40}), agent)
+    with pytest.raises(ConfigError, match="critic_warmup=3 is invalid for SAC: the warm-up is for on-policy"):
+        check_algorithm_settings(task.with_overrides({"critic_warmup": 3}), agent)
 
 
 def test_sacs_replay_buffer_keeps_evas_steps_as_pendulum_computes_them() -> None:

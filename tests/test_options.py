@@ -34,6 +34,7 @@ VALID = {
     "--algo": ("a2c", "a2c"),
     "--update-obs-stats": (None, True),
     "--rslora": (None, True),
+    "--critic-warmup": ("3", 3),
 }
 SETTING_FLAGS = [FLAGS[name] for name in cli.FINETUNE_FLAGS if FLAGS[name].setting is not None]
 

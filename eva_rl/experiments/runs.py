@@ -280,6 +280,7 @@ def check_algorithm_settings(task: TaskConfig, agent: PretrainedAgent) -> None:
             "algorithm's agent); pass a task file whose ppo section fits it (--config), or fine-tune a plain env id "
             "(--env <id>), where the agent's own settings apply"
         )
+    # the budget: a rollout at least, an update at least, and a critic warm-up shorter than it
     rollout = rollout_steps(task, agent)
     if rollout is not None and task.total_timesteps < rollout:
         raise ConfigError(
@@ -288,21 +289,28 @@ def check_algorithm_settings(task: TaskConfig, agent: PretrainedAgent) -> None:
             f"{rollout} steps; expected at least {rollout}, or a smaller n_steps or n_envs"
         )
     updates, how = updates_in_budget(task, agent)
-    if task.critic_warmup and rollout is None:
-        raise ConfigError(
-            f"critic_warmup={task.critic_warmup} is invalid for {ALGORITHMS[algorithm].__name__}: the warm-up is for "
-            "on-policy algorithms (ppo, a2c), whose actor and critic share an optimizer; expected 0"
-        )
-    if task.critic_warmup and updates is not None and task.critic_warmup >= updates:
-        raise ConfigError(
-            f"critic_warmup={task.critic_warmup} is invalid: the budget makes {updates} updates ({how}), so the actor "
-            f"would never train; expected at most {updates - 1}"
-        )
+    if task.critic_warmup:
+        _check_critic_warmup(task, agent, updates, how)
     if updates == 0:
         raise ConfigError(
             f"total_timesteps={task.total_timesteps} makes no update of {ALGORITHMS[algorithm].__name__} ({how}), so a "
             "run would end where it started; expected a larger budget, or a smaller learning_starts or train_freq "
             "in the task's ppo settings"
+        )
+
+
+def _check_critic_warmup(task: TaskConfig, agent: PretrainedAgent, updates: int | None, how: str) -> None:
+    """:raises ConfigError: for a critic warm-up of an off-policy algorithm, or one that lasts the whole budget."""
+    if rollout_steps(task, agent) is None:
+        name = ALGORITHMS[run_algorithm(task, agent)].__name__
+        raise ConfigError(
+            f"critic_warmup={task.critic_warmup} is invalid for {name}: the warm-up is for on-policy algorithms (ppo, "
+            "a2c), whose actor and critic share an optimizer; expected 0"
+        )
+    if updates is not None and task.critic_warmup >= updates:
+        raise ConfigError(
+            f"critic_warmup={task.critic_warmup} is invalid: the budget makes {updates} updates ({how}), so the actor "
+            f"would never train; expected at most {updates - 1}"
         )
 
 
