@@ -73,7 +73,8 @@ class CriticWarmup(BaseCallback):
 
     A pretrained agent's value head was fitted on its source task (or on demonstrations); on a new task its advantages
     are noise at first, and the first policy updates follow that noise away from what the agent knew (a cloned
-    Meta-World agent's eval return halves in 5 PPO updates even at a learning rate of 1e-5). The warm-up lets the
+    Meta-World agent's training return on push fell from 278 to 157 in 34k steps even at a learning rate of 1e-5,
+    its critic explaining 0.11 of the return variance at the first update). The warm-up lets the
     critic fit the target's returns before the actor moves; its env steps count in the budget like any other::
 
         model.learn(100_000, callback=CriticWarmup(updates=5))
