@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from stable_baselines3 import DQN
@@ -155,8 +156,9 @@ def adapt(
     - ``"pissa"`` / ``"olora"``: A and B from the SVD / QR of ``W``, the residual ``W - s B A`` frozen;
     - ``"dora"`` / ``"eva+dora"``: ``"lora"`` / ``"eva"`` with DoRA's trainable magnitude;
     - ``"lora-redist"``: EVA's rank allocation with Kaiming-uniform A (separates EVA's ranks from its directions);
-    - ``"lora-orth"``, ``"eva-rescaled"``, ``"eva-fa"``, ``"lora-fa"``, ``"lora-orth-fa"``: controls (random
-      orthonormal A; EVA's rows at Kaiming-uniform's norm; ``eva`` / ``lora`` / ``lora-orth`` with A frozen);
+    - ``"lora-orth"``, ``"eva-rescaled"``, ``"eva-fa"``, ``"lora-fa"``, ``"lora-orth-fa"``, ``"lora-deferred"``:
+      controls (random orthonormal A; EVA's rows at Kaiming-uniform's norm; ``eva`` / ``lora`` / ``lora-orth`` with
+      A frozen; ``lora`` whose first update waits for EVA as ``eva``'s does);
     - ``"head"``: no adapters; only the action and value heads (and ``log_std``) train;
     - ``"full"``: the pretrained policy, every weight trainable; ``"scratch"``: the same architecture, freshly
       initialized.
@@ -205,7 +207,7 @@ def adapt(
     # an off-policy algorithm keeps EVA's steps in its replay buffer rather than discarding them
     transitions: list[Transition] | None = [] if issubclass(algorithm, OffPolicyAlgorithm) else None
     if spec.runs_eva and not eva_from_ppo:
-        result = eva_from_rollouts(model, vec_env, plan, eva, progress, transitions)
+        result = ranks_taken(spec, plan, eva_from_rollouts(model, vec_env, plan, eva, progress, transitions))
         plan = plan.with_ranks(result.ranks, eva.adjust_scaling_factors)
 
     # With EVA on PPO's rollouts the adapters start as placeholders (configured ranks, B = 0) until EVA is done.
@@ -246,9 +248,17 @@ def init_adapters(policy: LoraPolicyMixin, method: Method, result: EvaResult | N
             layer.reset_dora_magnitude()  # to the loaded pretrained weights
 
 
+def ranks_taken(method: Method, plan: AdapterPlan, result: EvaResult) -> EvaResult:
+    """``result`` with the ranks ``method`` takes: EVA's allocation, or ``plan``'s own ranks (``eva_ranks=False``)."""
+    if method.eva_ranks:
+        return result
+    return dataclasses.replace(result, ranks={name: plan.ranks[name] for name in result.ranks})
+
+
 def _swap_in_eva(model: OnPolicyAlgorithm, method: Method, lora: LoraConfig, eva: EvaConfig, result: EvaResult) -> None:
     """Replace the placeholder adapters of ``model`` by EVA's (ranks and A), and the optimizer with them."""
     policy = model.policy
+    result = ranks_taken(method, policy.lora_plan, result)
     plan = policy.lora_plan.with_ranks(result.ranks, eva.adjust_scaling_factors)
     remove_adapters(policy)
     policy.lora_config, policy.lora_plan, policy.eva_report = plan.lora_config(lora), plan, result.report()

@@ -38,6 +38,9 @@ class Method:
     :param rescale: Runs on each adapter after its A is set (EVA's directions, ``init`` or Kaiming-uniform), e.g. to
         change A's row norms; B stays 0.
     :param train_A: A trains; ``False`` freezes it at its init (LoRA-FA): only the subspace the init chose adapts.
+    :param eva_ranks: Takes EVA's rank allocation (with ``runs_eva``); ``False`` keeps the configured ranks, so that
+        EVA, run without ``eva_directions`` either, only sets when the first update comes (on PPO's rollouts) or
+        what env steps go before it (on its own).
     """
 
     name: str
@@ -51,6 +54,7 @@ class Method:
     use_dora: bool = False
     rescale: Callable[[LoraLayer], None] | None = None
     train_A: bool = True
+    eva_ranks: bool = True
 
     @property
     def adapters(self) -> bool:
@@ -87,6 +91,8 @@ def register_method(method: Method) -> Method:
         raise ConfigError(f"a method named {method.name!r} is already registered")
     if method.eva_directions and not method.runs_eva:
         raise ConfigError(f"method {method.name!r}: eva_directions needs runs_eva")
+    if method.eva_directions and not method.eva_ranks:
+        raise ConfigError(f"method {method.name!r}: eva_directions needs eva_ranks (EVA's A has EVA's ranks)")
     METHODS[method.name] = method
     return method
 
@@ -184,6 +190,14 @@ for _method in (
         "lora-orth with A frozen: only B trains, in a random subspace at EVA's row norm (eva-fa's control)",
         init=_orthonormal_init,
         train_A=False,
+    ),
+    # EVA on PPO's rollouts holds back the updates until it converges, then makes them in a row on rollouts the
+    # pretrained policy collected: lora-deferred runs EVA for that schedule alone, so eva against it is the init alone.
+    Method(
+        "lora-deferred",
+        "lora whose updates wait for EVA as eva's do (EVA runs; its ranks and directions are not used)",
+        runs_eva=True,
+        eva_ranks=False,
     ),
     Method("head", "the action and value heads train, the rest is frozen", trains="heads"),
     Method("full", "every weight of the pretrained policy trains", trains="all"),

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from stable_baselines3 import PPO
+from stable_baselines3.common.env_util import make_vec_env
 from torch import nn
 
 import eva_rl
@@ -100,3 +101,34 @@ def test_rslora_carries_into_every_adapter_the_plan_and_a_reloaded_model(method:
     model.save(tmp_path / "model.zip")
     loaded = PPO.load(tmp_path / "model.zip", device="cpu")
     assert {n: la.scaling for n, la in loaded.policy.lora_layers.items()} == {n: la.scaling for n, la in layers.items()}
+
+
+# variants where EVA moves rank between layers on this data (it keeps r = 2 everywhere on some)
+@pytest.mark.parametrize(("variant", "data_source"), [("cnn-discrete", "ppo"), ("mlp-box", "rollouts")])
+def test_lora_deferred_waits_for_eva_as_eva_does_but_keeps_loras_ranks_and_init(variant: str, data_source: str) -> None:
+    eva = EvaConfig(batch_size=64, max_batches=60, on_max_batches="warn", data_source=data_source, rho=2.0)
+    settings = dict(n_steps=64, batch_size=64, n_epochs=2, seed=3)
+    models = {}
+    for method in ("eva", "lora-deferred"):
+        base = make_pretrained(variant)
+        env = make_vec_env(VARIANTS[variant][0], n_envs=2, seed=0)
+        models[method] = eva_rl.adapt(base, env, method, LoraConfig(r=2), eva, **settings)
+        models[method].learn(6 * 128)
+    eva_model, deferred = models["eva"], models["lora-deferred"]
+    want, got = eva_model.policy.eva_report, deferred.policy.eva_report
+    uniform = {name: 2 for name in want.ranks}
+    assert want.ranks != uniform, "the test needs EVA to move rank between layers"
+    assert got.ranks == uniform and deferred.policy.lora_ranks == uniform
+    # the same pretrained policy acts until EVA converges, so both read the same data and wait as long
+    for cost in ("batches_used", "env_steps", "deferred_steps"):
+        assert getattr(got, cost) == getattr(want, cost), cost
+    assert got.deferred_steps + got.env_steps > 0, "the test needs EVA to cost something"
+    assert deferred._n_updates == eva_model._n_updates
+    for layer in deferred.policy.lora_layers.values():
+        norms = rows(layer).norm(dim=1)
+        assert not torch.allclose(norms, torch.ones_like(norms), atol=0.05), "Kaiming-uniform rows, not EVA's"
+
+
+def test_a_method_with_evas_directions_needs_evas_ranks() -> None:
+    with pytest.raises(eva_rl.ConfigError, match="eva_directions needs eva_ranks"):
+        eva_rl.register_method(eva_rl.Method("eva-uniform", "x", runs_eva=True, eva_directions=True, eva_ranks=False))

@@ -34,6 +34,8 @@ CONTRASTS: tuple[Contrast, ...] = (
     Contrast("lora-orth", "lora", "row norm, unit orthonormal against Kaiming-uniform, random subspace"),
     Contrast("eva", "eva-fa", "A trains or stays frozen, EVA's subspace"),
     Contrast("lora", "lora-fa", "A trains or stays frozen, random subspace"),
+    Contrast("eva", "lora-deferred", "EVA's init alone: both hold their first updates back until EVA converges"),
+    Contrast("lora-deferred", "lora", "the deferral alone: first updates held back for EVA, then made in a row"),
 )
 """The contrasts a page draws, where both methods ran."""
 
