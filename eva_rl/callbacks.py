@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from contextlib import ExitStack
 from typing import Any
 
@@ -102,7 +103,18 @@ class CriticWarmup(BaseCallback):
                 "is a separate network with its own optimizer"
             )
         if self.updates > 0:
-            self._handle = register_optimizer_step_pre_hook(self._drop_actor_gradients)
+            # A global hook, since EVA on PPO's rollouts replaces the optimizer mid-run. It holds the callback weakly
+            # and goes with it, so a learn() that raised (no _on_training_end) leaves no hook behind once the
+            # callback is dropped.
+            callback = weakref.ref(self)
+
+            def drop_actor_gradients(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+                alive = callback()
+                if alive is not None:
+                    alive._drop_actor_gradients(optimizer, args, kwargs)
+
+            self._handle = register_optimizer_step_pre_hook(drop_actor_gradients)
+            weakref.finalize(self, self._handle.remove)
 
     @property
     def updates_made(self) -> int:

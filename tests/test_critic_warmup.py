@@ -74,3 +74,32 @@ def test_the_warmup_is_for_on_policy_algorithms_and_counts_updates() -> None:
     model = SAC("MlpPolicy", "Pendulum-v1", learning_starts=0, seed=0)
     with pytest.raises(TypeError, match="CriticWarmup is for on-policy algorithms"):
         model.learn(2, callback=CriticWarmup(updates=1))
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_a_learn_that_raises_leaves_no_hook_once_the_callback_is_dropped() -> None:
+    import gc
+
+    from stable_baselines3.common.callbacks import BaseCallback
+    from torch.optim.optimizer import _global_optimizer_pre_hooks
+
+    class RaiseAtFirstStep(BaseCallback):
+        def _on_step(self) -> bool:
+            raise _Interrupt
+
+    hooks = len(_global_optimizer_pre_hooks)
+    model = eva_rl.adapt(make_pretrained("mlp-box"), gym.make("Pendulum-v1"), "full", n_steps=64, batch_size=32)
+    warmup = CriticWarmup(updates=2)
+    with pytest.raises(_Interrupt):
+        model.learn(128, callback=[warmup, RaiseAtFirstStep()])
+    assert len(_global_optimizer_pre_hooks) == hooks + 1, "the warm-up's hook is on while its learn() runs"
+    del warmup
+    gc.collect()
+    assert len(_global_optimizer_pre_hooks) == hooks
+    before = _snapshot(model)
+    model.learn(128)  # no warm-up asked for: the actor trains from the first update
+    moved = _moved(before, model)
+    assert any(moved[n] for n in moved if not _critic(n))
