@@ -185,9 +185,9 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("env kwarg no literal", [*env, "--env-kwargs", "goal:far"], "the value 'far' is no Python literal"),
         ("env kwarg unknown", [*env, "--env-kwargs", "speed:3", *TINY], "unexpected keyword argument 'speed'"),
         ("bad device", [*env, "--device", "tpu"], "'tpu'"),
-        ("lr 0", [*env, "--lr", "0"], "--lr 0.0 is invalid"),
-        ("lr negative", [*env, "--lr", "-1"], "--lr -1.0 is invalid"),
-        ("lr inf", [*env, "--lr", "inf"], "--lr inf is invalid: ppo.learning_rate=inf is invalid: expected a finite"),
+        ("lr 0", [*env, "--lr", "0"], "--lr 0.0: ppo.learning_rate=0.0 is invalid"),
+        ("lr negative", [*env, "--lr", "-1"], "--lr -1.0: ppo.learning_rate=-1.0 is invalid"),
+        ("lr inf", [*env, "--lr", "inf"], "--lr inf: ppo.learning_rate=inf is invalid: expected a finite"),
         ("alpha nan", [*env, "--alpha", "nan"], "lora.alpha=nan is invalid: expected a finite number > 0"),
         (
             "seed negative",
@@ -268,7 +268,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
             ["inspect", "{files}/adapter", "--base", "{files}/nowhere.zip"],
             "nowhere.zip is invalid: expected the bank's base agent zip file",
         ),  # fmt: skip
-        ("inspect rank 0", ["inspect", "--env", "PointGoal", "--rank", "0"], "--rank 0 is invalid"),
+        ("inspect rank 0", ["inspect", "--env", "PointGoal", "--rank", "0"], "--rank 0: lora.r=0 is invalid"),
         # an output path under a file: its folder cannot be made, which must stop the command before any work
         ("inspect out", ["inspect", "--env", "PointGoal", "--out", "{files}/no_data.zip/a.png"], "cannot be written"),
         ("merge out", ["merge", "{files}/plain_run", "--out", "{files}/no_data.zip/m.zip"], "cannot be written"),

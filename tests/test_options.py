@@ -109,16 +109,16 @@ def test_a_command_line_rate_or_rank_overrides_every_methods_own() -> None:
 
 
 BAD = [
-    (["--rank", "0"], "--rank 0 is invalid: lora.r=0 is invalid: expected an integer >= 1"),
-    (["--rank", "-1"], "--rank -1 is invalid"),
-    (["--alpha", "0"], "--alpha 0.0 is invalid: lora.alpha=0.0"),
-    (["--rho", "0.5"], "--rho 0.5 is invalid: eva.rho=0.5"),
-    (["--tau", "1.5"], "--tau 1.5 is invalid: eva.tau=1.5"),
-    (["--eva-batch-size", "0"], "--eva-batch-size 0 is invalid: EvaConfig.batch_size=0"),
-    (["--total-timesteps", "0"], "--total-timesteps 0 is invalid: total_timesteps=0"),
-    (["--eval-freq", "0"], "--eval-freq 0 is invalid: eval.freq=0"),
-    (["--n-envs", "0"], "--n-envs 0 is invalid: n_envs=0"),
-    (["--methods", "eva,foo"], "--methods eva,foo is invalid: methods=['eva', 'foo'] is invalid"),
+    (["--rank", "0"], "--rank 0: lora.r=0 is invalid: expected an integer >= 1"),
+    (["--rank", "-1"], "--rank -1: lora.r=-1 is invalid"),
+    (["--alpha", "0"], "--alpha 0.0: lora.alpha=0.0"),
+    (["--rho", "0.5"], "--rho 0.5: eva.rho=0.5"),
+    (["--tau", "1.5"], "--tau 1.5: eva.tau=1.5"),
+    (["--eva-batch-size", "0"], "--eva-batch-size 0: EvaConfig.batch_size=0"),
+    (["--total-timesteps", "0"], "--total-timesteps 0: total_timesteps=0"),
+    (["--eval-freq", "0"], "--eval-freq 0: eval.freq=0"),
+    (["--n-envs", "0"], "--n-envs 0: n_envs=0"),
+    (["--methods", "eva,foo"], "--methods eva,foo: methods=['eva', 'foo'] is invalid"),
 ]
 
 

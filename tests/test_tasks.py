@@ -52,7 +52,7 @@ def test_dotted_paths_reach_mappings_and_whole_fields(task) -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"r": 0}, "--rank 0 is invalid: lora.r=0 is invalid: expected an integer >= 1"),
+        ({"r": 0}, "--rank 0: lora.r=0 is invalid: expected an integer >= 1"),
         ({"learning_rate": "fast"}, "ppo.learning_rate='fast' is invalid"),
         ({"lr": 1e-3}, "unknown setting 'lr': expected one of ['learning_rate', 'r'"),
         ({"lora.rank": 2}, "--rank 0 is invalid: "),

@@ -275,7 +275,11 @@ class TaskConfig:
         except (ValueError, TypeError) as error:  # a section's own validation (LoraConfig...) raises ValueError
             if where is None and isinstance(error, ConfigError):
                 raise
-            raise ConfigError(f"{where} is invalid: {error}" if where else str(error)) from error
+            if not where:
+                raise ConfigError(str(error)) from error
+            # a section's message names the bad value already ("eva.tau=2.0 is invalid: ..."): say it once
+            said = " is invalid" in str(error)
+            raise ConfigError(f"{where}: {error}" if said else f"{where} is invalid: {error}") from error
 
 
 SCORES = ("return", "success")
