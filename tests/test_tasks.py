@@ -90,7 +90,11 @@ def test_a_variant_states_what_differs_from_its_base(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     ("base", "message"),
-    [("nowhere", "base='nowhere' is invalid: expected the name of a task file beside it"), ("loop", "returns to")],
+    [
+        ("zz", r"base='zz' is invalid: expected the name of a task file beside it; one of \['loop', 'other'"),
+        ("othr", "base='othr' is invalid: expected the name of a task file beside it; did you mean 'other'?"),
+        ("loop", "returns to"),
+    ],
 )
 def test_a_bad_base_is_one_error_naming_it(tmp_path, base: str, message: str) -> None:
     from eva_rl.experiments.tasks import load_task

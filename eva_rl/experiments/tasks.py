@@ -4,6 +4,7 @@ defaults, read from one YAML file per task in ``configs/``."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -602,9 +603,9 @@ def _task_data(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = data.pop("base")
     known = sorted(p.stem for p in path.parent.glob("*.yaml"))
     if not isinstance(base, str) or base not in known:
-        raise ConfigError(
-            f"{path}: base={base!r} is invalid: expected the name of a task file beside it, one of {known}"
-        )
+        close = difflib.get_close_matches(base, known, n=3) if isinstance(base, str) else []
+        accepted = f"did you mean {' or '.join(map(repr, close))}?" if close else f"one of {known}"
+        raise ConfigError(f"{path}: base={base!r} is invalid: expected the name of a task file beside it; {accepted}")
     base_path = path.parent / f"{base}.yaml"
     if base_path in (path, *seen):
         raise ConfigError(f"{path}: base={base!r} is invalid: the chain of bases returns to {base_path.name}")
