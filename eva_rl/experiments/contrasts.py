@@ -36,6 +36,8 @@ CONTRASTS: tuple[Contrast, ...] = (
     Contrast("lora", "lora-fa", "A trains or stays frozen, random subspace"),
     Contrast("eva", "lora-deferred", "EVA's init alone: both hold their first updates back until EVA converges"),
     Contrast("lora-deferred", "lora", "the deferral alone: first updates held back for EVA, then made in a row"),
+    Contrast("lora-redist", "lora-deferred", "EVA's ranks alone: Kaiming-uniform A, both on EVA's schedule"),
+    Contrast("eva-rescaled", "lora-redist", "EVA's subspace alone: EVA's ranks and schedule, Kaiming's row norm"),
 )
 """The contrasts a page draws, where both methods ran."""
 
