@@ -41,7 +41,7 @@ METHOD_COLORS = {
     "eva-rescaled": "#aec7e8",
     "eva-fa": "#0b3c5d",
     "lora-orth-fa": "#e6550d",
-    "lora-deferred": "#fdd0a2",
+    "lora-deferred": "#843c39",
 }
 """One colour per method in every plot the project draws (matplotlib's ten, the core methods first: eva blue, lora
 orange, full green, scratch grey)."""
