@@ -159,6 +159,7 @@ def adapt(
     - ``"lora-orth"``, ``"eva-rescaled"``, ``"eva-fa"``, ``"lora-fa"``, ``"lora-orth-fa"``, ``"lora-deferred"``:
       controls (random orthonormal A; EVA's rows at Kaiming-uniform's norm; ``eva`` / ``lora`` / ``lora-orth`` with
       A frozen; ``lora`` whose first update waits for EVA as ``eva``'s does);
+    - ``"eva-own"``: ``"eva"`` on rollouts of its own before training, whatever ``eva.data_source`` says;
     - ``"head"``: no adapters; only the action and value heads (and ``log_std``) train;
     - ``"full"``: the pretrained policy, every weight trainable; ``"scratch"``: the same architecture, freshly
       initialized.
@@ -193,6 +194,8 @@ def adapt(
 
     lora = spec.lora_config(lora or LoraConfig())
     eva = eva or EvaConfig()
+    if spec.eva_data is not None:
+        eva = dataclasses.replace(eva, data_source=spec.eva_data)
     policy_class = lora_policy_class(type(model.policy))
     vec_env = wrap_target_env(model, env)
     plan = adapter_plan(model, spec, lora, eva)

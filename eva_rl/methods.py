@@ -41,6 +41,8 @@ class Method:
     :param eva_ranks: Takes EVA's rank allocation (with ``runs_eva``); ``False`` keeps the configured ranks, so that
         EVA, run without ``eva_directions`` either, only sets when the first update comes (on PPO's rollouts) or
         what env steps go before it (on its own).
+    :param eva_data: Pins where EVA reads (:attr:`~eva_rl.config.EvaConfig.data_source`) whatever the EVA config
+        says; ``None`` keeps the config's.
     """
 
     name: str
@@ -55,6 +57,7 @@ class Method:
     rescale: Callable[[LoraLayer], None] | None = None
     train_A: bool = True
     eva_ranks: bool = True
+    eva_data: Literal["rollouts", "ppo"] | None = None
 
     @property
     def adapters(self) -> bool:
@@ -91,6 +94,9 @@ def register_method(method: Method) -> Method:
         raise ConfigError(f"a method named {method.name!r} is already registered")
     if method.eva_directions and not method.runs_eva:
         raise ConfigError(f"method {method.name!r}: eva_directions needs runs_eva")
+    if method.eva_data is not None and (not method.runs_eva or method.eva_data not in ("rollouts", "ppo")):
+        wanted = "runs_eva and 'rollouts' or 'ppo'"
+        raise ConfigError(f"method {method.name!r}: eva_data={method.eva_data!r} needs {wanted}")
     if method.eva_directions and not method.eva_ranks:
         raise ConfigError(f"method {method.name!r}: eva_directions needs eva_ranks (EVA's A has EVA's ranks)")
     METHODS[method.name] = method
@@ -198,6 +204,13 @@ for _method in (
         "lora whose updates wait for EVA as eva's do (EVA runs; its ranks and directions are not used)",
         runs_eva=True,
         eva_ranks=False,
+    ),
+    Method(
+        "eva-own",
+        "eva on rollouts of its own before training (their env steps charged), not on PPO's first ones",
+        runs_eva=True,
+        eva_directions=True,
+        eva_data="rollouts",
     ),
     Method("head", "the action and value heads train, the rest is frozen", trains="heads"),
     Method("full", "every weight of the pretrained policy trains", trains="all"),

@@ -132,3 +132,23 @@ def test_lora_deferred_waits_for_eva_as_eva_does_but_keeps_loras_ranks_and_init(
 def test_a_method_with_evas_directions_needs_evas_ranks() -> None:
     with pytest.raises(eva_rl.ConfigError, match="eva_directions needs eva_ranks"):
         eva_rl.register_method(eva_rl.Method("eva-uniform", "x", runs_eva=True, eva_directions=True, eva_ranks=False))
+
+
+def test_eva_own_reads_rollouts_of_its_own_whatever_the_eva_config_says() -> None:
+    from eva_rl.eva_ppo import EvaPPO
+
+    on_ppo = EvaConfig(batch_size=64, max_batches=60, on_max_batches="warn", data_source="ppo")
+    own = eva_rl.adapt(make_pretrained("mlp-box"), VARIANTS["mlp-box"][0](), "eva-own", LoraConfig(r=2), on_ppo)
+    assert not isinstance(own, EvaPPO) and not own.policy.eva_pending
+    report = own.policy.eva_report
+    assert report.data_source == "rollouts" and report.env_steps > 0
+    on_rollouts = EvaConfig(batch_size=64, max_batches=60, on_max_batches="warn", data_source="rollouts")
+    eva = eva_rl.adapt(make_pretrained("mlp-box"), VARIANTS["mlp-box"][0](), "eva", LoraConfig(r=2), on_rollouts)
+    assert own.policy.lora_ranks == eva.policy.lora_ranks
+    for name, layer in own.policy.lora_layers.items():
+        torch.testing.assert_close(rows(layer), rows(eva.policy.lora_layers[name]), atol=0, rtol=0)
+
+
+def test_a_method_pins_evas_data_only_when_it_runs_eva() -> None:
+    with pytest.raises(eva_rl.ConfigError, match="eva_data='rollouts' needs runs_eva"):
+        eva_rl.register_method(eva_rl.Method("lora-own", "x", eva_data="rollouts"))
