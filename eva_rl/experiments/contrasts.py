@@ -38,7 +38,7 @@ CONTRASTS: tuple[Contrast, ...] = (
     Contrast("lora-deferred", "lora", "the deferral alone: first updates held back for EVA, then made in a row"),
     Contrast("lora-redist", "lora-deferred", "EVA's ranks alone: Kaiming-uniform A, both on EVA's schedule"),
     Contrast("eva-rescaled", "lora-redist", "EVA's subspace alone: EVA's ranks and schedule, Kaiming's row norm"),
-    Contrast("eva-own", "eva", "where EVA reads: rollouts of its own (steps charged) against PPO's (updates wait)"),
+    Contrast("eva-own", "eva", "where EVA reads: rollouts of its own before training against PPO's (updates wait)"),
 )
 """The contrasts a page draws, where both methods ran."""
 
