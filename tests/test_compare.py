@@ -195,6 +195,21 @@ def test_methods_run_on_fewer_tasks_are_aggregated_and_compared_on_their_own_tas
     assert "| lora | 1 |" in results_markdown(report)
 
 
+def test_env_steps_eva_collected_itself_come_out_of_the_same_budget_and_move_no_other_method() -> None:
+    """A run whose EVA took 200 env steps of its own is scored over the same 1000 steps as the others: the pretrained
+    policy (return 0) over its first 200, its curve cut at 1000. Adding it must leave the other method's AUC as it
+    was."""
+    task = SuiteTask("A", 0.5)
+    suite = Suite("s", [task], methods=["eva", "lora"])
+    lora = [(task, _synthetic_run("lora", v)) for v in (0.2, 0.4, 0.6)]
+    own = [(task, dataclasses.replace(_synthetic_run("eva", v), eva_env_steps=200)) for v in (0.2, 0.4, 0.6)]
+    alone = aggregate(Suite("s", [task], methods=["lora"]), lora).tasks["A"].methods["lora"].auc.estimate
+    both = aggregate(suite, lora + own).tasks["A"].methods
+    assert both["lora"].auc.estimate == pytest.approx(alone) == pytest.approx(0.4 / 2)
+    # eva: 0 until 200, then linear from 0 to v over 1000 steps, cut at 1000 where it is 0.8 v: 0.8 v * 800 / 2 / 1000
+    assert both["eva"].auc.estimate == pytest.approx(0.8 * 0.4 * 800 / 2 / 1000)
+
+
 def test_task_method_settings_apply_per_method_and_the_suite_and_command_line_override_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

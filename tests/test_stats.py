@@ -89,5 +89,7 @@ def test_steps_to_threshold_and_auc() -> None:
     assert normalized_auc(steps, returns) == pytest.approx(19 / 30)
     assert normalized_auc(steps, returns, horizon=40) == pytest.approx((19 + 10) / 40)
     assert normalized_auc(steps, returns, horizon=20) == pytest.approx(9.5 / 20)
+    # cut between two evals: the value at 25 is 0.95, so the last trapezoid is (0.9+0.95)/2*5
+    assert normalized_auc(steps, returns, horizon=25) == pytest.approx((9.5 + 4.625) / 25)
     np.testing.assert_allclose(curve_at(steps, returns, np.array([5.0, 40.0])), [0.25, 1.0])
     assert np.isnan(curve_at([10, 20], [0.0, 1.0], np.array([0.0]))[0])

@@ -39,6 +39,7 @@ CONTRASTS: tuple[Contrast, ...] = (
     Contrast("lora-redist", "lora-deferred", "EVA's ranks alone: Kaiming-uniform A, both on EVA's schedule"),
     Contrast("eva-rescaled", "lora-redist", "EVA's subspace alone: EVA's ranks and schedule, Kaiming's row norm"),
     Contrast("eva-own", "eva", "where EVA reads: rollouts of its own before training against PPO's (updates wait)"),
+    Contrast("eva-own", "lora", "EVA's init with no update waiting, its own env steps taken out of its budget"),
 )
 """The contrasts a page draws, where both methods ran."""
 

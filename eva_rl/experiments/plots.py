@@ -42,7 +42,7 @@ METHOD_COLORS = {
     "eva-fa": "#0b3c5d",
     "lora-orth-fa": "#e6550d",
     "lora-deferred": "#843c39",
-    "eva-own": "#6baed6",
+    "eva-own": "#e7298a",
 }
 """One colour per method in every plot the project draws (matplotlib's ten, the core methods first: eva blue, lora
 orange, full green, scratch grey)."""

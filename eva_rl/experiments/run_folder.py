@@ -106,10 +106,23 @@ class RunResult:
             self, eval_curve=self.success_curve, jumpstart=rates[0], final_return=rates[-1], best_return=max(rates)
         )
 
+    @property
+    def budget(self) -> float:
+        """The env steps of training, the eval curve's last step: the window every AUC is taken over, so that env
+        steps EVA collected on its own come out of the same budget."""
+        return float(self.eval_curve[-1][0])
+
     def sample_curve(self) -> tuple[np.ndarray, np.ndarray]:
-        """The eval curve with EVA's own env steps added to the x-axis, so methods compare in samples."""
+        """The eval curve against every env step the run took, EVA's own included, from step 0.
+
+        EVA's own collection shifts the curve right by its env steps; the pretrained policy (B = 0, so unchanged)
+        is what acts while it collects, so the shifted curve is led by its first eval from step 0.
+        """
         curve = np.asarray(self.eval_curve, float)
-        return curve[:, 0] + self.eva_env_steps, curve[:, 1]
+        steps, returns = curve[:, 0] + self.eva_env_steps, curve[:, 1]
+        if self.eva_env_steps > 0:
+            steps, returns = np.insert(steps, 0, 0.0), np.insert(returns, 0, returns[0])
+        return steps, returns
 
 
 @dataclass(frozen=True)

@@ -136,17 +136,15 @@ def steps_to_threshold(steps: Sequence[float], returns: Sequence[float], thresho
 def normalized_auc(steps: Sequence[float], returns: Sequence[float], horizon: float | None = None) -> float:
     """Area under the eval curve divided by its step span: the curve's average return over training.
 
-    :param horizon: Integrate up to this step (the curve is held at its last value beyond its end); defaults to
-        the last step, so runs with the same budget compare directly.
+    :param horizon: Integrate up to this step: a curve that ends before it is held at its last value, one that goes
+        past it is cut there (its value at ``horizon`` interpolated); defaults to the last step.
     """
     steps = np.asarray(steps, float)
     returns = np.asarray(returns, float)
-    if horizon is not None and horizon > steps[-1]:
-        steps = np.append(steps, horizon)
-        returns = np.append(returns, returns[-1])
     if horizon is not None:
-        keep = steps <= horizon
-        steps, returns = steps[keep], returns[keep]
+        end = np.interp(horizon, steps, returns)
+        keep = steps < horizon
+        steps, returns = np.append(steps[keep], horizon), np.append(returns[keep], end)
     span = steps[-1] - steps[0]
     if span <= 0:
         return float(returns[-1])
@@ -154,6 +152,6 @@ def normalized_auc(steps: Sequence[float], returns: Sequence[float], horizon: fl
 
 
 def curve_at(steps: Sequence[float], returns: Sequence[float], grid: np.ndarray) -> np.ndarray:
-    """The eval curve on a common step grid: linear interpolation, NaN before its first step (a curve shifted by
-    EVA's own env steps starts late), held at its last value after its end."""
+    """The eval curve on a common step grid: linear interpolation, NaN before its first step, held at its last value
+    after its end."""
     return np.interp(grid, np.asarray(steps, float), np.asarray(returns, float), left=np.nan)

@@ -359,9 +359,7 @@ class ContinualStudy(Study[ContinualReport]):
         missing = [key for key, _ in self.plan() if key not in results]
         if missing:
             raise ConfigError(f"{len(missing)} run(s) of {self.title} are not complete; the first: {missing[0]}")
-        horizon = {
-            s.name: max(r.sample_curve()[0][-1] for (n, _, _), r in results.items() if n == s.name) for s in stages
-        }
+        horizon = {s.name: max(r.budget for (n, _, _), r in results.items() if n == s.name) for s in stages}
         auc = {key: normalized_auc(*r.sample_curve(), horizon=horizon[key[0]]) for key, r in results.items()}
         base_bytes = AdapterBank(load_agent(self.base.agent_path, device="cpu")).base_nbytes()
         # Continual World's reference: each task's AUC from scratch, the mean over seeds

@@ -78,11 +78,11 @@ class RankStudyReport:
 def rank_report(
     suite: str, study: RankStudy, runs: Sequence[tuple[int, RunResult]], reference: str = "eva"
 ) -> RankStudyReport:
-    """Aggregate ``(r, result)`` pairs; the AUC's horizon is the longest curve, as in the suite's report.
+    """Aggregate ``(r, result)`` pairs; the AUC's horizon is the training budget, as in the suite's report.
 
     :param reference: The method the others are compared with, rank by rank.
     """
-    horizon = max(result.sample_curve()[0][-1] for _, result in runs)
+    horizon = max(result.budget for _, result in runs)
     # Per method and rank: every seed's final return, AUC and adapter size.
     finals: dict[str, dict[int, list[float]]] = {}
     aucs: dict[str, dict[int, list[float]]] = {}
@@ -126,7 +126,7 @@ def rank_markdown(report: RankStudyReport) -> str:
         f"# Rank study of suite `{report.suite}` on {report.task}",
         "",
         "IQM over seeds with 95% stratified-bootstrap CIs; alpha = r at every rank. Normalized AUC: mean eval "
-        "return over the budget (EVA's own env steps on its x-axis).",
+        "return over the training budget, which EVA's own env steps come out of.",
         "",
         report.platform,
         "",

@@ -241,7 +241,7 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
     scores: dict[str, dict[str, dict[str, list[float]]]] = {m: {FINAL: {}, AUC: {}} for m in methods}
     for task_name, per_method in by_task.items():
         threshold = thresholds[task_name]
-        horizon = max(r.sample_curve()[0][-1] for rs in per_method.values() for r in rs)
+        horizon = max(r.budget for rs in per_method.values() for r in rs)
         task_report = TaskReport(threshold, {}, scores_of[task_name])
         for method in methods:
             results = per_method.get(method, [])
@@ -333,7 +333,8 @@ def results_markdown(report: SuiteReport) -> str:
         f"# Suite `{report.suite}`",
         "",
         f"IQM over seeds with 95% stratified-bootstrap CIs ({report.resamples:,} resamples). Steps include EVA's own "
-        "environment steps. "
+        "environment steps. Normalized AUC: mean eval return over the training budget, which EVA's own environment "
+        "steps come out of (the pretrained policy's return counts while EVA collects). "
         "wall s: mean wall-clock seconds of a run (evaluations included).",
         "",
         report.platform,
@@ -437,7 +438,8 @@ def draw_sample_efficiency(
     """
     for axis, task_name in zip(axes[0], tasks):
         task_runs = [r for t, r in runs if t.task == task_name]
-        grid = np.linspace(0, max(r.sample_curve()[0][-1] for r in task_runs), 40)
+        # over the training budget, the AUC's window: EVA's own env steps come out of it
+        grid = np.linspace(0, max(r.budget for r in task_runs), 40)
         curves = {m: c for m in methods if (c := _iqm_curve(task_runs, m, grid)) is not None}
         # the curves, the reference's first so that it lies beneath them
         if reference is not None and (base := _iqm_curve(task_runs, reference, grid)) is not None:
@@ -466,7 +468,7 @@ def draw_sample_efficiency(
 
 PLATEAU_SHARE = 0.1
 """The pretrained methods' curves over the budget's second half, spanning less than this share of a panel's height,
-get a zoomed inset: the differences the results cite (Pendulum's -186 against -190) are invisible on an axis that
+get a zoomed inset: the differences the results cite (Pendulum's -201 against -205) are invisible on an axis that
 reaches down to the jumpstart (-900)."""
 
 INSET_PLACES = ([0.42, 0.3, 0.54, 0.4], [0.08, 0.3, 0.54, 0.4], [0.08, 0.08, 0.54, 0.4])

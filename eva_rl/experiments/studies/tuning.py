@@ -85,7 +85,7 @@ class TuningSweep(Study[TuningReport]):
                 finals: dict[str, list[float]] = {}
                 for (name, task), result in runs:
                     if name == point_name(point) and result.method == method:
-                        aucs.setdefault(task, []).append(normalized_auc(*result.sample_curve()))
+                        aucs.setdefault(task, []).append(normalized_auc(*result.sample_curve(), result.budget))
                         finals.setdefault(task, []).append(result.final_return)
                 auc.setdefault(method, {})[point_name(point)] = float(stratified_iqm(list(aucs.values())).estimate)
                 final.setdefault(method, {})[point_name(point)] = float(stratified_iqm(list(finals.values())).estimate)
@@ -176,7 +176,7 @@ class RankTuningSweep(Study[TuningReport]):
         aucs: dict[str, dict[int, dict[str, list[float]]]] = {}
         for (r, name), result in runs:
             by_point = aucs.setdefault(result.method, {}).setdefault(r, {})
-            by_point.setdefault(name, []).append(normalized_auc(*result.sample_curve()))
+            by_point.setdefault(name, []).append(normalized_auc(*result.sample_curve(), result.budget))
         table = {
             method: {
                 r: {name: float(stratified_iqm([scores]).estimate) for name, scores in by_point.items()}
