@@ -208,6 +208,9 @@ def test_env_steps_eva_collected_itself_come_out_of_the_same_budget_and_move_no_
     assert both["lora"].auc.estimate == pytest.approx(alone) == pytest.approx(0.4 / 2)
     # eva: 0 until 200, then linear from 0 to v over 1000 steps, cut at 1000 where it is 0.8 v: 0.8 v * 800 / 2 / 1000
     assert both["eva"].auc.estimate == pytest.approx(0.8 * 0.4 * 800 / 2 / 1000)
+    # and its final return is read where the budget ends, not 200 steps later
+    assert both["eva"].final.estimate == pytest.approx(0.8 * 0.4) and both["lora"].final.estimate == pytest.approx(0.4)
+    assert both["eva"].reached_threshold == 0 and both["lora"].reached_threshold == 1
 
 
 def test_task_method_settings_apply_per_method_and_the_suite_and_command_line_override_them(

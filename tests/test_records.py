@@ -3,6 +3,7 @@ records, and the files they write keep their fields, so readers of files written
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -42,6 +43,9 @@ def test_an_old_result_reads_and_writes_every_field_it_had() -> None:
     # EVA's 2040 own env steps shift the curve; the pretrained policy acting while they were collected leads it
     assert list(steps) == [0, 2040, 15360 + 2040, 30720 + 2040] and list(returns) == [0.396, 0.396, 0.9, 0.964]
     assert result.budget == 30720
+    # at the budget: between (17400, 0.9) and (32760, 0.964), 13320 of the 15360 steps along
+    assert result.budget_return == pytest.approx(0.9 + 0.064 * 13320 / 15360)
+    assert dataclasses.replace(result, eva_env_steps=0).budget_return == result.final_return
 
 
 def test_a_result_missing_a_field_every_result_has_is_an_error() -> None:

@@ -112,6 +112,12 @@ class RunResult:
         steps EVA collected on its own come out of the same budget."""
         return float(self.eval_curve[-1][0])
 
+    @property
+    def budget_return(self) -> float:
+        """The eval return at the end of the budget, EVA's own env steps included: the final return where EVA took
+        none, else the sample curve's value at the budget (interpolated between the two evaluations around it)."""
+        return float(np.interp(self.budget, *self.sample_curve()))
+
     def sample_curve(self) -> tuple[np.ndarray, np.ndarray]:
         """The eval curve against every env step the run took, EVA's own included, from step 0.
 

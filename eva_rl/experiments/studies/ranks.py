@@ -88,7 +88,7 @@ def rank_report(
     aucs: dict[str, dict[int, list[float]]] = {}
     params: dict[str, dict[int, list[int]]] = {}
     for r, result in runs:
-        finals.setdefault(result.method, {}).setdefault(r, []).append(result.final_return)
+        finals.setdefault(result.method, {}).setdefault(r, []).append(result.budget_return)
         aucs.setdefault(result.method, {}).setdefault(r, []).append(normalized_auc(*result.sample_curve(), horizon))
         params.setdefault(result.method, {}).setdefault(r, []).append(result.trainable_params)
     points = {
@@ -125,8 +125,8 @@ def rank_markdown(report: RankStudyReport) -> str:
     lines = [
         f"# Rank study of suite `{report.suite}` on {report.task}",
         "",
-        "IQM over seeds with 95% stratified-bootstrap CIs; alpha = r at every rank. Normalized AUC: mean eval "
-        "return over the training budget, which EVA's own env steps come out of.",
+        "IQM over seeds with 95% stratified-bootstrap CIs; alpha = r at every rank. EVA's own env steps come out of "
+        "the training budget: final return where the budget ends, normalized AUC the mean eval return over it.",
         "",
         report.platform,
         "",

@@ -225,6 +225,11 @@ class SuiteReport:
         return cls(data["suite"], tasks, aggregate, reference, data.get("platform", ""), resamples, contrasts)
 
 
+def _within(step: float | None, budget: float) -> float | None:
+    """``step``, or ``None`` where it lies past the budget (a run whose EVA took env steps of its own ends late)."""
+    return step if step is not None and step <= budget else None
+
+
 def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], reference: str = "eva") -> SuiteReport:
     """Per-task and suite-level statistics of every method (CIs from ``suite.resamples`` bootstrap resamples)."""
     resamples = suite.resamples
@@ -247,9 +252,9 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
             results = per_method.get(method, [])
             if not results:
                 continue
-            finals = [r.final_return for r in results]
+            finals = [r.budget_return for r in results]
             aucs = [normalized_auc(*r.sample_curve(), horizon=horizon) for r in results]
-            reached = [steps_to_threshold(*r.sample_curve(), threshold) for r in results]
+            reached = [_within(steps_to_threshold(*r.sample_curve(), threshold), r.budget) for r in results]
             steps = [s if s is not None else np.inf for s in reached]
             sources = [r.source_return for r in results if r.source_return is not None]
             after = values_after_updates(results)
@@ -333,8 +338,9 @@ def results_markdown(report: SuiteReport) -> str:
         f"# Suite `{report.suite}`",
         "",
         f"IQM over seeds with 95% stratified-bootstrap CIs ({report.resamples:,} resamples). Steps include EVA's own "
-        "environment steps. Normalized AUC: mean eval return over the training budget, which EVA's own environment "
-        "steps come out of (the pretrained policy's return counts while EVA collects). "
+        "environment steps, and they come out of the training budget: the final return is the eval return where the "
+        "budget ends (interpolated between two evaluations where EVA's steps moved them), the normalized AUC the mean "
+        "eval return over the budget (the pretrained policy's while EVA collects). "
         "wall s: mean wall-clock seconds of a run (evaluations included).",
         "",
         report.platform,

@@ -86,7 +86,7 @@ class TuningSweep(Study[TuningReport]):
                 for (name, task), result in runs:
                     if name == point_name(point) and result.method == method:
                         aucs.setdefault(task, []).append(normalized_auc(*result.sample_curve(), result.budget))
-                        finals.setdefault(task, []).append(result.final_return)
+                        finals.setdefault(task, []).append(result.budget_return)
                 auc.setdefault(method, {})[point_name(point)] = float(stratified_iqm(list(aucs.values())).estimate)
                 final.setdefault(method, {})[point_name(point)] = float(stratified_iqm(list(finals.values())).estimate)
         chosen = {
