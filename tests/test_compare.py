@@ -12,7 +12,7 @@ from eva_rl.experiments.execute import LocalProcesses, RayCluster
 from eva_rl.experiments.run_folder import RunResult
 from eva_rl.experiments.studies.base import conduct
 from eva_rl.experiments.studies.suite import SuiteReport, SuiteStudy, aggregate, results_markdown
-from eva_rl.experiments.studies.tuning import TuningSweep
+from eva_rl.experiments.studies.tuning import TuningSweep, at_the_edge
 from eva_rl.experiments.suites import SUITE_DIR, Suite, SuiteTask, load_suite
 from eva_rl.experiments.tasks import ConfigError, find_task
 
@@ -123,6 +123,20 @@ def test_tuning_sweeps_every_method_alike_and_picks_by_auc(tmp_path: Path) -> No
         "eva",
         "full",
     ]
+
+
+def test_a_choice_at_the_grids_edge_is_named_with_the_way_to_extend_it() -> None:
+    grid = {"learning_rate": [1e-3, 2e-3, 4e-3]}
+    suite = Suite("s", [SuiteTask("A", 0.5)], methods=["eva", "lora"], tuning_grid=grid)
+    notes = at_the_edge(suite, {"eva": {"learning_rate": 4e-3}, "lora": {"learning_rate": 2e-3}})
+    assert notes == [
+        "note: eva's best learning_rate, 0.004, is the grid's largest: the best may lie beyond it "
+        "(extend tuning_grid.learning_rate past it and tune again; the runs made are kept)"
+    ]
+    assert "smallest" in at_the_edge(suite, {"lora at r = 1": {"learning_rate": 1e-3}})[0]
+    # a grid of two values has no inside to prefer
+    two = Suite("s", [SuiteTask("A", 0.5)], methods=["eva"], tuning_grid={"learning_rate": [1e-3, 2e-3]})
+    assert at_the_edge(two, {"eva": {"learning_rate": 2e-3}}) == []
 
 
 def test_ray_backend_runs_a_tiny_sweep_on_a_local_instance(tmp_path: Path) -> None:

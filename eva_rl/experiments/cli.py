@@ -234,7 +234,7 @@ def compare_command(args: argparse.Namespace) -> int:
     from eva_rl.experiments.studies.base import conduct
     from eva_rl.experiments.studies.ranks import RankStudyRuns
     from eva_rl.experiments.studies.suite import SuiteStudy
-    from eva_rl.experiments.studies.tuning import RankTuningSweep, TuningSweep
+    from eva_rl.experiments.studies.tuning import RankTuningSweep, TuningSweep, at_the_edge
     from eva_rl.experiments.suites import load_suite
 
     suite = load_suite(args.suite)
@@ -259,11 +259,14 @@ def compare_command(args: argparse.Namespace) -> int:
     if args.rank_study and args.tune:
         print(f"\nTuning at every rank: {out}/rank_tuning.json. For the suite file's rank_study:")
         print(yaml.safe_dump({"method_settings": report["chosen"]}, sort_keys=False))
+        by_rank = {f"{m} at r = {r}": point for m, points in report["chosen"].items() for r, point in points.items()}
+        print("\n".join(at_the_edge(suite, by_rank)))
     elif args.rank_study:
         print(f"\nRank study: {out}/rank_study.md, rank_study.json, rank_study.png")
     elif args.tune:
         print(f"\nTuning: {out}/tuning.json. For the suite file:")
         print(yaml.safe_dump({"method_settings": report["chosen"]}, sort_keys=False))
+        print("\n".join(at_the_edge(suite, report["chosen"])))
     else:
         print(f"\nResults: {out}/results.md, results.json, sample_efficiency*.png, final_return.png, eva_ranks.png")
         if next(out.rglob(RunFolder.EVENTS), None) is not None:  # committed pages keep no event files

@@ -7,7 +7,7 @@ Its page is ``<log_dir>/<suite>-tuning/tuning.json``; the choices are printed re
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,25 @@ def tuning_points(suite: Suite) -> list[dict[str, float]]:
     for key, values in suite.tuning_grid.items():
         points = [{**point, key: value} for point in points for value in values]
     return points
+
+
+def at_the_edge(suite: Suite, chosen: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """A note for every choice that is the smallest or largest value of a grid of three or more: the best may lie
+    beyond it, and a fair protocol extends the grid there.
+
+    :param chosen: ``{who: point}``, e.g. ``{"eva": {"learning_rate": 0.004}}`` or ``{"eva at r = 1": ...}``.
+    """
+    notes = []
+    for who, point in chosen.items():
+        for key, value in point.items():
+            values = sorted(suite.tuning_grid.get(key, []))
+            if len(values) >= 3 and value in (values[0], values[-1]):
+                side = "smallest" if value == values[0] else "largest"
+                notes.append(
+                    f"note: {who}'s best {key}, {value:g}, is the grid's {side}: the best may lie beyond it "
+                    f"(extend tuning_grid.{key} past it and tune again; the runs made are kept)"
+                )
+    return notes
 
 
 def point_name(point: dict[str, float]) -> str:
