@@ -174,7 +174,8 @@ def draw_rank_study(axes: Any, report: RankStudyReport) -> None:
                 color=method_color(method),
                 label=f"{method} ({max(p.seeds for p in by_rank.values())} seeds)",
             )
-    for axis, label in zip(axes, ("normalized AUC (mean eval return over the budget)", "final eval return")):
+    titles = ("normalized AUC (mean eval return over the budget)", "eval return where the budget ends")
+    for axis, label in zip(axes, titles):
         axis.set_xscale("log", base=2)
         axis.set_xticks(report.ranks, [str(r) for r in report.ranks])
         axis.set_xlabel("LoRA rank r per layer (alpha = r)")
