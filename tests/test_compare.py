@@ -130,7 +130,7 @@ def test_a_choice_at_the_grids_edge_is_named_with_the_way_to_extend_it() -> None
     suite = Suite("s", [SuiteTask("A", 0.5)], methods=["eva", "lora"], tuning_grid=grid)
     notes = at_the_edge(suite, {"eva": {"learning_rate": 4e-3}, "lora": {"learning_rate": 2e-3}})
     assert notes == [
-        "note: eva's best learning_rate, 0.004, is the grid's largest: the best may lie beyond it "
+        "note: the best learning_rate of eva, 0.004, is the grid's largest: the best may lie beyond it "
         "(extend tuning_grid.learning_rate past it and tune again; the runs made are kept)"
     ]
     assert "smallest" in at_the_edge(suite, {"lora at r = 1": {"learning_rate": 1e-3}})[0]

@@ -258,7 +258,9 @@ def compare_command(args: argparse.Namespace) -> int:
     out = study.out_dir
     if args.rank_study and args.tune:
         print(f"\nTuning at every rank: {out}/rank_tuning.json. For the suite file's rank_study:")
-        print(yaml.safe_dump({"method_settings": report["chosen"]}, sort_keys=False))
+        # a copy per rank: shared dicts would print as YAML anchors and aliases
+        chosen = {m: {r: dict(point) for r, point in points.items()} for m, points in report["chosen"].items()}
+        print(yaml.safe_dump({"method_settings": chosen}, sort_keys=False))
         by_rank = {f"{m} at r = {r}": point for m, points in report["chosen"].items() for r, point in points.items()}
         print("\n".join(at_the_edge(suite, by_rank)))
     elif args.rank_study:

@@ -46,7 +46,7 @@ def at_the_edge(suite: Suite, chosen: Mapping[str, Mapping[str, float]]) -> list
             if len(values) >= 3 and value in (values[0], values[-1]):
                 side = "smallest" if value == values[0] else "largest"
                 notes.append(
-                    f"note: {who}'s best {key}, {value:g}, is the grid's {side}: the best may lie beyond it "
+                    f"note: the best {key} of {who}, {value:g}, is the grid's {side}: the best may lie beyond it "
                     f"(extend tuning_grid.{key} past it and tune again; the runs made are kept)"
                 )
     return notes
