@@ -85,6 +85,8 @@ def test_steps_to_threshold_and_auc() -> None:
     steps, returns = [0, 10, 20, 30], [0.0, 0.5, 0.9, 1.0]
     assert steps_to_threshold(steps, returns, 0.9) == 20
     assert steps_to_threshold(steps, returns, 1.1) is None
+    assert steps_to_threshold(steps, returns, 0.9, horizon=20) == 20
+    assert steps_to_threshold(steps, returns, 0.9, horizon=19) is None
     # Trapezoids: (0+0.5)/2*10 + (0.5+0.9)/2*10 + (0.9+1)/2*10 = 19 over a span of 30.
     assert normalized_auc(steps, returns) == pytest.approx(19 / 30)
     assert normalized_auc(steps, returns, horizon=40) == pytest.approx((19 + 10) / 40)

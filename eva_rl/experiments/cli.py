@@ -261,7 +261,7 @@ def compare_command(args: argparse.Namespace) -> int:
         # a copy per rank: shared dicts would print as YAML anchors and aliases
         chosen = {m: {r: dict(point) for r, point in points.items()} for m, points in report["chosen"].items()}
         print(yaml.safe_dump({"method_settings": chosen}, sort_keys=False))
-        by_rank = {f"{m} at r = {r}": point for m, points in report["chosen"].items() for r, point in points.items()}
+        by_rank = {f"{m} at r = {r}": point for m, points in chosen.items() for r, point in points.items()}
         print("\n".join(at_the_edge(suite, by_rank)))
     elif args.rank_study:
         print(f"\nRank study: {out}/rank_study.md, rank_study.json, rank_study.png")

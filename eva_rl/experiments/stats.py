@@ -125,9 +125,14 @@ def probability_of_improvement(
     return _bootstrap_interval(flat, statistic, confidence, n_resamples, seed)
 
 
-def steps_to_threshold(steps: Sequence[float], returns: Sequence[float], threshold: float) -> float | None:
-    """The first evaluation step whose return reaches ``threshold``; ``None`` if none does."""
+def steps_to_threshold(
+    steps: Sequence[float], returns: Sequence[float], threshold: float, horizon: float | None = None
+) -> float | None:
+    """The first evaluation step whose return reaches ``threshold``; ``None`` if none does (by ``horizon``, if given:
+    a run whose EVA took env steps of its own may reach it past the budget)."""
     for step, value in zip(steps, returns):
+        if horizon is not None and step > horizon:
+            break
         if value >= threshold:
             return float(step)
     return None

@@ -225,11 +225,6 @@ class SuiteReport:
         return cls(data["suite"], tasks, aggregate, reference, data.get("platform", ""), resamples, contrasts)
 
 
-def _within(step: float | None, budget: float) -> float | None:
-    """``step``, or ``None`` where it lies past the budget (a run whose EVA took env steps of its own ends late)."""
-    return step if step is not None and step <= budget else None
-
-
 def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], reference: str = "eva") -> SuiteReport:
     """Per-task and suite-level statistics of every method (CIs from ``suite.resamples`` bootstrap resamples)."""
     resamples = suite.resamples
@@ -254,7 +249,7 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
                 continue
             finals = [r.budget_return for r in results]
             aucs = [normalized_auc(*r.sample_curve(), horizon=horizon) for r in results]
-            reached = [_within(steps_to_threshold(*r.sample_curve(), threshold), r.budget) for r in results]
+            reached = [steps_to_threshold(*r.sample_curve(), threshold, r.budget) for r in results]
             steps = [s if s is not None else np.inf for s in reached]
             sources = [r.source_return for r in results if r.source_return is not None]
             after = values_after_updates(results)
