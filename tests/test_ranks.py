@@ -12,6 +12,7 @@ from PIL import Image
 
 from eva_rl.experiments.cli import compare_main
 from eva_rl.experiments.run_folder import RunResult
+from eva_rl.experiments.runs import run_settings
 from eva_rl.experiments.stats import iqm
 from eva_rl.experiments.studies.ranks import RankStudyRuns, rank_markdown, rank_report
 from eva_rl.experiments.suites import RankStudy, load_suite
@@ -148,7 +149,7 @@ def test_settings_tuned_at_a_rank_apply_there_and_leave_the_suites_own_run_where
 
 
 def test_tuning_at_every_rank_plans_each_point_and_picks_per_method_and_rank(tmp_path: Path) -> None:
-    from eva_rl.experiments.studies.tuning import RankTuningSweep, point_name, tuning_points
+    from eva_rl.experiments.studies.tuning import RankTuningSweep, TuningSweep, point_name, tuning_points
 
     suite = load_suite("smoke")  # grid 1e-3 / 3e-3 / 1e-2, tuning seed 100, ranks 2 and 4, lora and eva
     sweep = RankTuningSweep(suite, tmp_path)
@@ -157,10 +158,14 @@ def test_tuning_at_every_rank_plans_each_point_and_picks_per_method_and_rank(tmp
     for (r, name), spec in planned:
         assert spec.task.lora.r == r and spec.task.lora.default_alpha == r and spec.seed == 100
         assert point_name({"learning_rate": spec.task.ppo["learning_rate"]}) == name
-        assert (
-            spec.run_dir
-            == tmp_path / "smoke-rank-tuning" / f"r{r}" / name / "smoke" / "PointGoal" / spec.method / "seed100"
-        )
+        # eva at the task's own r = 4 is a run of the suite's tuning sweep (lora is not among the suite's methods)
+        own = (r, spec.method) == (4, "eva")
+        folder = tmp_path / "smoke-tuning" if own else tmp_path / "smoke-rank-tuning" / f"r{r}"
+        assert spec.run_dir == folder / name / "smoke" / "PointGoal" / spec.method / "seed100"
+    suite_runs = {spec.run_dir: spec for _, spec in TuningSweep(suite, tmp_path).plan()}
+    for _, spec in planned:
+        if spec.run_dir in suite_runs:
+            assert run_settings(spec) == run_settings(suite_runs[spec.run_dir])  # the very run, not a namesake
     # eva's best rate differs by rank, lora's does not: AUC = the run's constant return
     best = {("eva", 2): "learning_rate0.001", ("eva", 4): "learning_rate0.01"}
     runs = []
@@ -173,3 +178,19 @@ def test_tuning_at_every_rank_plans_each_point_and_picks_per_method_and_rank(tmp
     assert report["chosen"]["lora"] == {2: points["learning_rate0.003"], 4: points["learning_rate0.003"]}
     study = dataclasses.replace(suite.rank_study, method_settings=report["chosen"])  # what the page says to paste
     assert study.settings_at("eva", 4) == {"learning_rate": 1e-2}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"method_settings": {"eva": {"learning_rate": 3e-3, "tau": 0.9}}},  # a setting the grid does not set
+        {"settings": {"alpha": 8}},  # alpha = 8 at r = 4: not the rank study's alpha = r
+        {"methods": ["full"]},
+    ],
+)
+def test_tuning_at_every_rank_runs_its_own_where_the_suites_tuning_makes_another_run(tmp_path: Path, change) -> None:
+    from eva_rl.experiments.studies.tuning import RankTuningSweep
+
+    suite = dataclasses.replace(load_suite("smoke"), **change)
+    for (r, name), spec in RankTuningSweep(suite, tmp_path).plan():
+        assert spec.run_dir.is_relative_to(tmp_path / "smoke-rank-tuning" / f"r{r}" / name)

@@ -163,7 +163,9 @@ class RankTuningSweep(Study[TuningReport]):
     (method, r) keeps the point with the best IQM normalized AUC, printed for the rank study's ``method_settings``.
 
     Its page is ``<log_dir>/<suite>-rank-tuning/rank_tuning.json``; the runs go to
-    ``<log_dir>/<suite>-rank-tuning/r<r>/<point>/<suite>/``.
+    ``<log_dir>/<suite>-rank-tuning/r<r>/<point>/<suite>/``, except those the suite's own tuning sweep makes (at the
+    suite's rank and alpha, on one of its tuning tasks, with no setting of the method's besides the grid's), which
+    are that sweep's runs, as the rank study reuses the suite's.
     """
 
     def __init__(self, suite: Suite, log_dir: Path, echo: Callable[[str], None] = print) -> None:
@@ -180,16 +182,34 @@ class RankTuningSweep(Study[TuningReport]):
     def plan(self) -> Planned:
         suite, study = self.suite, self.study
         suite_task = next(t for t in suite.tasks if t.task == study.task)
+        suite_tuning = TuningSweep(suite, self.log_dir).out_dir
         planned = []
         for r in study.ranks:
             for point in tuning_points(suite):
                 folder = self.out_dir / f"r{r}" / point_name(point) / suite.name
                 for seed in suite.tuning_seeds:
                     for method in study.methods:
-                        settings = {**suite.method_settings.get(method, {}), **study.rank_overrides(r), **point}
-                        spec = suite.run_spec(suite_task, method, seed, folder, settings=settings)
+                        if self._in_suite_tuning(method, r, point):
+                            shared = suite_tuning / point_name(point) / suite.name
+                            spec = suite.run_spec(suite_task, method, seed, shared, settings=point)
+                        else:
+                            settings = {**suite.method_settings.get(method, {}), **study.rank_overrides(r), **point}
+                            spec = suite.run_spec(suite_task, method, seed, folder, settings=settings)
                         planned.append(((r, point_name(point)), spec))
         return planned
+
+    def _in_suite_tuning(self, method: str, r: int, point: dict[str, float]) -> bool:
+        """Whether the suite's tuning sweep makes the run of ``method`` at rank ``r`` and ``point``: the same run."""
+        suite = self.suite
+        suite_task = next(t for t in suite.tasks if t.task == self.study.task)
+        lora = suite.run_spec(suite_task, method, suite.tuning_seeds[0], self.out_dir, settings=point).task.lora
+        return (
+            (suite.tuning_tasks is None or suite_task.task in suite.tuning_tasks)
+            and method in suite.task_methods(suite_task, suite.methods)
+            and lora.r == r
+            and lora.default_alpha == r
+            and set(suite.method_settings.get(method, {})) <= set(point)
+        )
 
     def report(self, runs: list[tuple[tuple[int, str], RunResult]]) -> TuningReport:
         aucs: dict[str, dict[int, dict[str, list[float]]]] = {}
