@@ -131,6 +131,8 @@ class MetaWorldTask(gym.Wrapper):
         env.seeded_rand_vec = True  # ... from env.np_random, which reset(seed=...) seeds
         env._set_task_called = True
         env._set_task_inner()
+        if type(env).touching_object is _sawyer_touching_object():
+            env.touching_object = TouchingObject(env)
         super().__init__(env)
         self.task = task
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (OBSERVATION_SIZE,), np.float32)
@@ -144,6 +146,40 @@ class MetaWorldTask(gym.Wrapper):
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
         observation, reward, terminated, truncated, info = self.env.step(action)
         return observation.astype(np.float32), float(reward), terminated, truncated, info
+
+
+def _sawyer_touching_object() -> Any:
+    from metaworld.sawyer_xyz_env import SawyerXYZEnv
+
+    return SawyerXYZEnv.touching_object
+
+
+class TouchingObject:
+    """Meta-World's ``SawyerXYZEnv.touching_object``, the same answer without a Python loop over MuJoCo's contacts.
+
+    Whether both gripper pads push on an object (a positive summed contact force for each) is part of most tasks'
+    reward; Meta-World walks ``data.contact`` twice in Python at every step, a quarter of a push step in our
+    profiles. This selects the pad-object contacts with array masks and sums their forces in contact order, as
+    Meta-World does (``tests/test_meta_world.py`` compares the two on scripted episodes). An object, not a bound
+    function, so the env still pickles.
+
+    :param env: The unwrapped Meta-World env.
+    """
+
+    def __init__(self, env: Any) -> None:
+        self.env = env
+
+    def __call__(self, object_geom_id: int) -> bool:
+        data = self.env.data
+        contact = data.contact
+        geom1, geom2 = contact.geom1, contact.geom2
+        with_object = (geom1 == object_geom_id) | (geom2 == object_geom_id)
+        forces = []
+        for pad in ("leftpad_geom", "rightpad_geom"):
+            pad_id = data.geom(pad).id
+            pairs = with_object & ((geom1 == pad_id) | (geom2 == pad_id))
+            forces.append(sum(data.efc_force[contact.efc_address[pairs]].tolist()))
+        return 0 < forces[0] and 0 < forces[1]
 
 
 def scripted_expert(registered_id: str) -> Any:

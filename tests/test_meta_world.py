@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -115,3 +117,37 @@ def test_a_cloned_base_fine_tunes_on_two_cw10_tasks_and_the_page_scores_success(
     assert set(report.tasks) == {"MetaWorld-hammer", "MetaWorld-push-wall"}
     assert all(0.0 <= row.final.estimate <= 1.0 for task in report.tasks.values() for row in task.methods.values())
     assert results_markdown(report).count("final success") == 2
+
+
+def test_the_fast_touching_object_answers_as_meta_worlds_own_on_scripted_episodes() -> None:
+    from metaworld.policies import ENV_POLICY_MAP
+    from metaworld.sawyer_xyz_env import SawyerXYZEnv
+
+    from envs.meta_world import TouchingObject
+
+    touched = 0
+    for task in CW10:
+        env, expert = gym.make(env_id(task)), ENV_POLICY_MAP[f"{task}-v3"]()
+        core = env.unwrapped
+        assert isinstance(core.touching_object, TouchingObject)
+        noise = np.random.default_rng(0)
+        observation, _ = env.reset(seed=1)
+        for _ in range(120):
+            action = expert.get_action(observation) + noise.normal(0.0, 0.3, 4)
+            observation, *_ = env.step(np.clip(action, -1.0, 1.0))
+            # every geom a contact names, the object's and others', against Meta-World's own loop
+            for geom in {int(g) for g in core.data.contact.geom1} | {int(g) for g in core.data.contact.geom2}:
+                expected = SawyerXYZEnv.touching_object(core, geom)
+                assert core.touching_object(geom) == expected, (task, geom)
+                touched += expected
+    assert touched > 50  # the pads grip objects in these episodes: the comparison covers both answers
+
+
+def test_the_contact_benchmark_times_both_checks(capsys) -> None:
+    from eva_rl.experiments.cli import bench_main
+
+    assert bench_main(["--meta-world-only", "--quick"]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["meta_world_contacts"]
+    assert figures["env"] == "MetaWorld-push-v3"
+    assert figures["meta_world_steps_per_s"] > 0 and figures["fast_contacts_steps_per_s"] > 0
+    assert figures["speedup"] == pytest.approx(figures["fast_contacts_steps_per_s"] / figures["meta_world_steps_per_s"])

@@ -572,6 +572,48 @@ def measure_minigrid_view(
     }
 
 
+def measure_meta_world_contacts(task: str = "push", steps: int = 2000, rounds: int = 3) -> dict[str, Any]:
+    """Env steps per second of a Meta-World task (``envs.meta_world``, its scripted expert acting, noised so that the
+    gripper also misses) with Meta-World's own ``touching_object`` and with :class:`envs.meta_world.TouchingObject`,
+    in interleaved rounds (median of each).
+
+    :raises ConfigError: if Meta-World is not installed.
+    """
+    import gymnasium as gym
+
+    try:
+        from metaworld.policies import ENV_POLICY_MAP
+    except ImportError as error:
+        raise ConfigError('Meta-World is not installed: pip install -e ".[metaworld]"') from error
+    import_packages(["envs"])  # the project's Meta-World ids, as its task files load them
+
+    def steps_per_second(fast: bool) -> float:
+        env, expert = gym.make(f"MetaWorld-{task}-v3"), ENV_POLICY_MAP[f"{task}-v3"]()
+        if not fast:  # Meta-World's own method back in place of the instance's
+            del env.unwrapped.touching_object
+        noise = np.random.default_rng(0)
+        observation, _ = env.reset(seed=0)
+        start = time.perf_counter()
+        for _ in range(steps):
+            action = np.clip(expert.get_action(observation) + noise.normal(0.0, 0.3, 4), -1.0, 1.0)
+            observation, _, terminated, truncated, _ = env.step(action)
+            if terminated or truncated:
+                observation, _ = env.reset()
+        return steps / (time.perf_counter() - start)
+
+    timings: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(rounds):
+        for fast in (False, True):
+            timings[fast].append(steps_per_second(fast))
+    own_rate, fast_rate = float(np.median(timings[False])), float(np.median(timings[True]))
+    return {
+        "env": f"MetaWorld-{task}-v3",
+        "meta_world_steps_per_s": own_rate,
+        "fast_contacts_steps_per_s": fast_rate,
+        "speedup": fast_rate / own_rate,
+    }
+
+
 def measure_acting(task_name: str, seed: int = 0, device: str = "cpu", calls: int = 3000) -> dict[str, Any]:
     """``predict`` calls per second, one observation at a time as an off-policy agent acts, of the task's bundled
     agent (plain), of a LoRA copy keeping its adapted weights between calls (eva-rl's default) and of one computing
@@ -630,6 +672,9 @@ def bench(args: argparse.Namespace) -> int:
         return 0
     if args.view_only:
         print(json.dumps({"minigrid_view": measure_minigrid_view(steps=1000 if args.quick else 5000)}))
+        return 0
+    if args.meta_world_only:
+        print(json.dumps({"meta_world_contacts": measure_meta_world_contacts(steps=400 if args.quick else 2000)}))
         return 0
     if args.device_crossover:
         if not torch.cuda.is_available():

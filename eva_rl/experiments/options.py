@@ -434,6 +434,13 @@ FLAGS: dict[str, Flag] = {
             action="store_true",
         ),
         Flag(
+            ("--meta-world-only",),
+            "only Meta-World's env steps/s (push, scripted expert) with its own contact check and ours",
+            BENCH,
+            None,
+            action="store_true",
+        ),
+        Flag(
             ("--device-crossover",),
             "only PPO steps/s on the CPU and on CUDA against the policy's size (where --device auto should take CUDA)",
             BENCH,
