@@ -99,11 +99,14 @@ def test_report_matches_an_independent_computation() -> None:
         assert point.auc.estimate == pytest.approx(iqm(aucs[(method, r)]))
         assert point.final.low <= point.final.estimate <= point.final.high
     for r in study.ranks:
-        eva, lora = np.array(finals[("eva", r)]), np.array(finals[("lora", r)])
-        expected = np.mean([(e > x) + 0.5 * (e == x) for e in eva for x in lora])
-        assert report.p_reference_better["lora"][r].estimate == pytest.approx(expected)
+        for scores, table in ((finals, report.p_reference_better), (aucs, report.p_reference_better_auc)):
+            eva, lora = np.array(scores[("eva", r)]), np.array(scores[("lora", r)])
+            expected = np.mean([(e > x) + 0.5 * (e == x) for e in eva for x in lora])
+            assert table["lora"][r].estimate == pytest.approx(expected)
     markdown = rank_markdown(report)
     assert "| eva | 4 | 4 | 100 |" in markdown and "r = 1" in markdown
+    assert "P(eva's final return beats" in markdown and "P(eva's normalized AUC beats" in markdown
+    assert f"| lora | {report.p_reference_better_auc['lora'][1]} |" in markdown
     point = report.points["eva"][4]
     assert f"| {point.final} | {point.auc} |" in markdown  # three decimals for returns below 1000
     # MuJoCo-sized returns print as whole numbers

@@ -46,13 +46,15 @@ class RankPoint:
 @dataclass
 class RankStudyReport:
     """A rank study's statistics: ``points[method][r]``, and per r the probability that the reference method's
-    final return beats each other method's (``p_reference_better[method][r]``)."""
+    final return beats each other method's (``p_reference_better[method][r]``), and its normalized AUC
+    (``p_reference_better_auc[method][r]``)."""
 
     suite: str
     task: str
     ranks: list[int]
     points: dict[str, dict[int, RankPoint]]
     p_reference_better: dict[str, dict[int, Interval]]
+    p_reference_better_auc: dict[str, dict[int, Interval]] = dataclasses.field(default_factory=dict)
     reference: str = "eva"
     platform: str = ""
     """The page's platform line (:func:`~eva_rl.experiments.machine.platform_line`)."""
@@ -70,6 +72,10 @@ class RankStudyReport:
             f"p_{self.reference}_better_final": {
                 method: {str(r): dataclasses.asdict(p) for r, p in by_rank.items()}
                 for method, by_rank in self.p_reference_better.items()
+            },
+            f"p_{self.reference}_better_auc": {
+                method: {str(r): dataclasses.asdict(p) for r, p in by_rank.items()}
+                for method, by_rank in self.p_reference_better_auc.items()
             },
             **({"platform": self.platform} if self.platform else {}),
         }
@@ -107,16 +113,28 @@ def rank_report(
     }
     # Rank by rank, the reference method against each other one.
     others = [m for m in finals if m != reference] if reference in finals else []
-    p_reference_better = {
-        method: {
-            r: probability_of_improvement([finals[reference][r]], [finals[method][r]])
-            for r in study.ranks
-            if r in finals[reference] and r in finals[method]
+
+    def reference_better(scores: dict[str, dict[int, list[float]]]) -> dict[str, dict[int, Interval]]:
+        return {
+            method: {
+                r: probability_of_improvement([scores[reference][r]], [scores[method][r]])
+                for r in study.ranks
+                if r in scores[reference] and r in scores[method]
+            }
+            for method in others
         }
-        for method in others
-    }
+
     platform = platform_line(result.platform for _, result in runs)
-    return RankStudyReport(suite, study.task, list(study.ranks), points, p_reference_better, reference, platform)
+    return RankStudyReport(
+        suite,
+        study.task,
+        list(study.ranks),
+        points,
+        reference_better(finals),
+        reference_better(aucs),
+        reference,
+        platform,
+    )
 
 
 def rank_markdown(report: RankStudyReport) -> str:
@@ -140,16 +158,19 @@ def rank_markdown(report: RankStudyReport) -> str:
                 f"| {method} | {r} | {point.seeds} | {point.trainable_params:,} | {point.final.format(spec)} | "
                 f"{point.auc.format(spec)} |"
             )
-    # then how often the reference beats each method, one column per rank
-    if report.p_reference_better:
+    # then how often the reference beats each method, one column per rank, by final return and by AUC
+    tables = {"final return": report.p_reference_better, "normalized AUC": report.p_reference_better_auc}
+    for score, table in tables.items():
+        if not table:
+            continue
         lines += [
             "",
-            f"P({report.reference}'s final return beats the method's), per rank:",
+            f"P({report.reference}'s {score} beats the method's), per rank:",
             "",
             "| method | " + " | ".join(f"r = {r}" for r in report.ranks) + " |",
             "|---|" + "---|" * len(report.ranks),
         ]
-        for method, by_rank in report.p_reference_better.items():
+        for method, by_rank in table.items():
             cells = [str(by_rank[r]) if r in by_rank else "-" for r in report.ranks]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
