@@ -160,6 +160,7 @@ def adapt(
       controls (random orthonormal A; EVA's rows at Kaiming-uniform's norm; ``eva`` / ``lora`` / ``lora-orth`` with
       A frozen; ``lora`` whose first update waits for EVA as ``eva``'s does);
     - ``"eva-own"``: ``"eva"`` on rollouts of its own before training, whatever ``eva.data_source`` says;
+    - ``"eva-span"``: ``"eva"`` whose convergence test is each layer's span (``EvaConfig.convergence="subspace"``);
     - ``"head"``: no adapters; only the action and value heads (and ``log_std``) train;
     - ``"full"``: the pretrained policy, every weight trainable; ``"scratch"``: the same architecture, freshly
       initialized.
@@ -196,6 +197,8 @@ def adapt(
     eva = eva or EvaConfig()
     if spec.eva_data is not None:
         eva = dataclasses.replace(eva, data_source=spec.eva_data)
+    if spec.eva_convergence is not None:
+        eva = dataclasses.replace(eva, convergence=spec.eva_convergence)
     policy_class = lora_policy_class(type(model.policy))
     vec_env = wrap_target_env(model, env)
     plan = adapter_plan(model, spec, lora, eva)

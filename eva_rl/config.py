@@ -30,6 +30,9 @@ _SVD_SOLVERS = ("lowrank", "full")
 DATA_SOURCES = ("auto", "rollouts", "ppo")
 """Where EVA's observations may come from (:attr:`EvaConfig.data_source`)."""
 
+CONVERGENCE_TESTS = ("components", "subspace")
+"""How EVA decides that a layer's directions stopped moving (:attr:`EvaConfig.convergence`)."""
+
 
 def _bad(cls_name: str, field_name: str, value: Any, accepted: str) -> ConfigError:
     return ConfigError(f"{cls_name}.{field_name}={value!r} is invalid: expected {accepted}")
@@ -205,6 +208,12 @@ class EvaConfig:
         that many principal components are tracked per layer. ``rho=1`` keeps uniform ranks.
     :param tau: Convergence threshold in ``[0, 1]``: a component has converged when the cosine between
         two successive estimates is >= ``tau``.
+    :param convergence: What must stop moving before a layer's directions are taken: ``"components"`` (peft's test),
+        each of its first ``r`` components, by the cosine between successive estimates; ``"subspace"``, the span of
+        its first ``r`` components, by the smallest cosine of the principal angles between successive spans.
+        Components whose variances are nearly equal keep turning within their span long after the span has
+        settled; with ``B = 0`` an adapter whose A rows are turned within their span learns the same updates
+        (``B A`` ranges over the same matrices), so the span is what the adapter depends on.
     :param batch_size: Activation rows (environment steps) per incremental SVD update. Must be at least
         the number of tracked components.
     :param max_batches: Stop after this many batches even if some layers have not converged
@@ -232,6 +241,7 @@ class EvaConfig:
 
     rho: float = 2.0
     tau: float = 0.99
+    convergence: Literal["components", "subspace"] = "components"
     batch_size: int = 256
     max_batches: int | None = 100
     on_max_batches: Literal["raise", "warn"] = "raise"
@@ -253,6 +263,8 @@ class EvaConfig:
             raise _bad(name, "rho", self.rho, "a number >= 1.0 (1.0 keeps uniform ranks)")
         if not (_is_number(self.tau) and 0.0 <= self.tau <= 1.0):
             raise _bad(name, "tau", self.tau, "a cosine threshold in [0, 1]")
+        if self.convergence not in CONVERGENCE_TESTS:
+            raise _bad(name, "convergence", self.convergence, f"one of {CONVERGENCE_TESTS}")
         if not _is_int(self.batch_size) or self.batch_size < 1:
             raise _bad(name, "batch_size", self.batch_size, "an integer >= 1")
         if not _is_int(self.seed):

@@ -151,24 +151,48 @@ class _AllInputsCaptured(Exception):
 
 
 class _ComponentTracker:
-    """One incremental PCA plus its per-component convergence flags."""
+    """One incremental PCA plus its convergence test (:attr:`~eva_rl.config.EvaConfig.convergence`): per component
+    (peft's), or of the span of the first ``rank`` components."""
 
-    def __init__(self, n_components: int, svd_solver: str, seed: int) -> None:
+    def __init__(self, n_components: int, svd_solver: str, seed: int, convergence: str = "components") -> None:
         self.pca = IncrementalPCA(n_components, svd_solver=svd_solver, seed=seed)
+        self.convergence = convergence
         self.converged = torch.zeros(n_components, dtype=torch.bool)
         self.cosine = torch.full((n_components,), float("nan"))
+        self.previous: torch.Tensor | None = None
+        self.tau = 1.0
 
     def update(self, rows: torch.Tensor, tau: float) -> None:
         previous = self.pca.components_
         self.pca.partial_fit(rows)
+        self.tau = tau
         if self.pca.zero_variance:
             self.converged[:] = True
         elif previous is not None:
+            self.previous = previous
             self.cosine = F.cosine_similarity(self.pca.components_, previous, dim=1).cpu()
             self.converged = self.cosine >= tau
 
+    def subspace_cosine(self, rank: int) -> float:
+        """The smallest cosine of the principal angles between the spans of the first ``rank`` components of the
+        last two estimates (their rows are orthonormal): the smallest singular value of ``previous @ current.T``."""
+        if rank == 0 or self.pca.zero_variance:
+            return 1.0
+        if self.previous is None:
+            return float("nan")
+        overlap = self.previous[:rank].double() @ self.pca.components_[:rank].double().T
+        return float(torch.linalg.svdvals(overlap).min())
+
     def done(self, rank: int) -> bool:
+        if self.convergence == "subspace":
+            return self.subspace_cosine(rank) >= self.tau  # nan (one estimate so far) is not done
         return bool(self.converged[:rank].all())
+
+    def describe(self, rank: int) -> str:
+        """Where the test stands, for a message: ``"3/8 components"`` or ``"subspace cosine 0.912"``."""
+        if self.convergence == "subspace":
+            return f"subspace cosine {self.subspace_cosine(rank):.3f}"
+        return f"{int(self.converged[:rank].sum())}/{rank} components"
 
 
 def _group_identical(rows: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -318,7 +342,9 @@ class EvaSession:
                 for n in group:
                     self.caps[n] = cap
                 tracked = max(self.plan.layers[n].eva_components for n in group)
-                self.trackers[leader] = _ComponentTracker(tracked, self.eva.svd_solver, self.eva.seed)
+                self.trackers[leader] = _ComponentTracker(
+                    tracked, self.eva.svd_solver, self.eva.seed, self.eva.convergence
+                )
         for leader, tracker in self.trackers.items():
             if leader not in rows:
                 continue
@@ -385,10 +411,7 @@ class EvaSession:
         not_converged = [n for n in self.layers if not converged.get(n, False)]
         if not_converged:
             details = ", ".join(
-                f"{n} ({int(trackers[leader_of[n]].converged[: ranks[n]].sum())}/{ranks[n]} components)"
-                if trackers
-                else n
-                for n in not_converged
+                f"{n} ({trackers[leader_of[n]].describe(ranks[n])})" if trackers else n for n in not_converged
             )
             message = f"EVA stopped ({stop_reason}) before these layers converged at tau={self.eva.tau}: {details}"
             if (self.eva.on_max_batches == "raise" and not final) or not trackers:
@@ -470,6 +493,7 @@ def compute_eva(
     rank_pattern: dict[str, int] | None = None,
     on_max_batches: str = "raise",
     svd_solver: str = "lowrank",
+    convergence: str = "components",
     progress: bool = False,
 ) -> EvaResult:
     """Compute EVA's LoRA ``A`` matrices and rank allocation for the target layers of ``module``.
@@ -494,6 +518,8 @@ def compute_eva(
     :param rank_pattern: Per-layer rank overrides (0 = not adapted, not analysed).
     :param on_max_batches: ``"raise"`` or ``"warn"`` when stopping before convergence.
     :param svd_solver: ``"lowrank"`` (peft's randomized SVD) or ``"full"``.
+    :param convergence: ``"components"`` (peft's: each component) or ``"subspace"`` (their span), see
+        :attr:`~eva_rl.config.EvaConfig.convergence`.
     :param progress: Show a progress bar.
     :return: An :class:`EvaResult`.
     :raises EvaConvergenceError: if the batches end or the cap is hit first (with ``on_max_batches="raise"``).
@@ -508,5 +534,6 @@ def compute_eva(
         on_max_batches=on_max_batches,
         svd_solver=svd_solver,
         seed=seed,
+        convergence=convergence,
     )
     return run_eva(module, batches, lora, eva, forward_fn=forward_fn, progress=progress)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from eva_rl.config import LoraConfig
+from eva_rl.config import CONVERGENCE_TESTS, LoraConfig
 from eva_rl.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -43,6 +43,8 @@ class Method:
         what env steps go before it (on its own).
     :param eva_data: Pins where EVA reads (:attr:`~eva_rl.config.EvaConfig.data_source`) whatever the EVA config
         says; ``None`` keeps the config's.
+    :param eva_convergence: Pins EVA's convergence test (:attr:`~eva_rl.config.EvaConfig.convergence`) whatever the
+        EVA config says; ``None`` keeps the config's.
     """
 
     name: str
@@ -58,6 +60,7 @@ class Method:
     train_A: bool = True
     eva_ranks: bool = True
     eva_data: Literal["rollouts", "ppo"] | None = None
+    eva_convergence: Literal["components", "subspace"] | None = None
 
     @property
     def adapters(self) -> bool:
@@ -97,6 +100,9 @@ def register_method(method: Method) -> Method:
     if method.eva_data is not None and (not method.runs_eva or method.eva_data not in ("rollouts", "ppo")):
         wanted = "runs_eva and 'rollouts' or 'ppo'"
         raise ConfigError(f"method {method.name!r}: eva_data={method.eva_data!r} needs {wanted}")
+    if method.eva_convergence is not None and (not method.runs_eva or method.eva_convergence not in CONVERGENCE_TESTS):
+        wanted = f"runs_eva and one of {CONVERGENCE_TESTS}"
+        raise ConfigError(f"method {method.name!r}: eva_convergence={method.eva_convergence!r} needs {wanted}")
     if method.eva_directions and not method.eva_ranks:
         raise ConfigError(f"method {method.name!r}: eva_directions needs eva_ranks (EVA's A has EVA's ranks)")
     METHODS[method.name] = method
@@ -211,6 +217,15 @@ for _method in (
         runs_eva=True,
         eva_directions=True,
         eva_data="rollouts",
+    ),
+    # EVA's wait grows with the rank: per-component convergence holds PPO's updates back while nearly equal
+    # components keep turning within a span that has settled; eva-span waits for the span only.
+    Method(
+        "eva-span",
+        "eva whose convergence test is the span of each layer's first r directions, not each direction",
+        runs_eva=True,
+        eva_directions=True,
+        eva_convergence="subspace",
     ),
     Method("head", "the action and value heads train, the rest is frozen", trains="heads"),
     Method("full", "every weight of the pretrained policy trains", trains="all"),

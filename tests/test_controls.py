@@ -152,3 +152,29 @@ def test_eva_own_reads_rollouts_of_its_own_whatever_the_eva_config_says() -> Non
 def test_a_method_pins_evas_data_only_when_it_runs_eva() -> None:
     with pytest.raises(eva_rl.ConfigError, match="eva_data='rollouts' needs runs_eva"):
         eva_rl.register_method(eva_rl.Method("lora-own", "x", eva_data="rollouts"))
+
+
+def test_eva_span_is_eva_with_the_subspace_test_whatever_the_eva_config_says() -> None:
+    config = {"batch_size": 64, "max_batches": 60, "on_max_batches": "warn", "data_source": "rollouts"}
+    span = eva_rl.adapt(
+        make_pretrained("mlp-box"), VARIANTS["mlp-box"][0](), "eva-span", LoraConfig(r=2), EvaConfig(**config)
+    )
+    subspace = EvaConfig(**config, convergence="subspace")
+    eva = eva_rl.adapt(make_pretrained("mlp-box"), VARIANTS["mlp-box"][0](), "eva", LoraConfig(r=2), subspace)
+    plain = eva_rl.adapt(
+        make_pretrained("mlp-box"), VARIANTS["mlp-box"][0](), "eva", LoraConfig(r=2), EvaConfig(**config)
+    )
+    assert span.policy.eva_report.batches_used == eva.policy.eva_report.batches_used
+    assert span.policy.eva_report.batches_used < plain.policy.eva_report.batches_used, (
+        "the test needs the tests to differ"
+    )
+    assert span.policy.lora_ranks == eva.policy.lora_ranks
+    for name, layer in span.policy.lora_layers.items():
+        torch.testing.assert_close(rows(layer), rows(eva.policy.lora_layers[name]), atol=0, rtol=0)
+
+
+def test_a_method_pins_evas_convergence_test_only_when_it_runs_eva() -> None:
+    with pytest.raises(eva_rl.ConfigError, match="eva_convergence='subspace' needs runs_eva"):
+        eva_rl.register_method(eva_rl.Method("lora-span", "x", eva_convergence="subspace"))
+    with pytest.raises(eva_rl.ConfigError, match="eva_convergence='span' needs runs_eva and one of"):
+        eva_rl.register_method(eva_rl.Method("eva-x", "x", runs_eva=True, eva_convergence="span"))

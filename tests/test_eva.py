@@ -258,3 +258,54 @@ def test_extra_components_bring_eva_to_the_exact_svd_of_the_stream() -> None:
 
     assert worst_cos(8) > worst_cos(0)
     assert worst_cos(d - 2) > 1 - 1e-6  # every component tracked: the incremental SVD is exact
+
+
+def turning_span(n_batches: int, rows: int = 128) -> list[torch.Tensor]:
+    """Inputs of width 12 whose first 4 directions (a random basis) carry equal variance 25 and the rest 0.25: the
+    top-4 span is sharp, its components are not (any basis of the span is a principal one)."""
+    generator = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(12, 12, generator=generator, dtype=torch.float64))
+    scales = torch.tensor([5.0] * 4 + [0.5] * 8, dtype=torch.float64)
+    return [
+        ((torch.randn(rows, 12, generator=generator, dtype=torch.float64) * scales) @ basis.T).float()
+        for _ in range(n_batches)
+    ]
+
+
+def test_the_subspace_cosine_is_the_cosine_of_the_largest_principal_angle() -> None:
+    from scipy.linalg import subspace_angles
+
+    from eva_rl.eva import _ComponentTracker
+
+    tracker = _ComponentTracker(6, "full", seed=0, convergence="subspace")
+    batches = turning_span(3)
+    tracker.update(batches[0], tau=0.99)
+    assert tracker.subspace_cosine(4) != tracker.subspace_cosine(4)  # nan: one estimate, nothing to compare yet
+    previous = tracker.pca.components_.clone()
+    tracker.update(batches[1], tau=0.99)
+    for rank in (1, 3, 4, 6):
+        angles = subspace_angles(previous[:rank].double().T.numpy(), tracker.pca.components_[:rank].double().T.numpy())
+        assert tracker.subspace_cosine(rank) == pytest.approx(float(torch.tensor(angles).cos().min()), abs=1e-6)
+    assert tracker.subspace_cosine(0) == 1.0
+
+
+def test_the_subspace_test_stops_once_the_span_settles_and_its_span_is_the_exact_one() -> None:
+    model = nn.Linear(12, 3)
+    stream = turning_span(60)
+    kwargs = {"r": 4, "rho": 1.0, "tau": 0.99, "svd_solver": "full", "max_batches": 60, "on_max_batches": "warn"}
+    components = compute_eva(model, stream, **kwargs)
+    span = compute_eva(model, stream, convergence="subspace", **kwargs)
+    # the four equal-variance components keep turning after their span has settled at the second batch
+    assert span.converged == components.converged == {"": True}
+    assert span.batches_used == 2 and components.batches_used >= 3 * span.batches_used
+    rank = span.ranks[""]
+    exact, _, _ = exact_pca(torch.cat(stream[: span.batches_used]), rank)
+    cosines = torch.linalg.svdvals(span.A[""].double() @ exact.T)
+    assert rank == 4 and float(cosines.min()) >= 0.99  # the same span as an exact SVD of the rows it read
+
+
+def test_an_unknown_convergence_test_names_the_accepted_ones() -> None:
+    with pytest.raises(
+        ValueError, match=r"convergence='span' is invalid: expected one of \('components', 'subspace'\)"
+    ):
+        EvaConfig(convergence="span")

@@ -21,6 +21,7 @@ VALID = {
     "--alpha": ("8", 8.0),
     "--rho": ("1.5", 1.5),
     "--tau": ("0.95", 0.95),
+    "--eva-convergence": ("subspace", "subspace"),
     "--eva-batch-size": ("64", 64),
     "--methods": ("eva,lora", ["eva", "lora"]),
     "--seeds": ("4", [4]),

@@ -54,6 +54,21 @@ def test_specs_reuse_the_suites_own_runs_at_its_rank_and_set_alpha_to_r_elsewher
             "rank_study.method_settings['lora'][2]",
         ),
         ("r=2", "rank_study='r=2'"),
+        ({"task": "PointGoal", "ranks": [2], "controls": {"eva-span": "eva"}}, "rank_study.controls="),  # not a method
+        (
+            {
+                "task": "PointGoal",
+                "ranks": [2],
+                "methods": ["eva", "eva-span"],
+                "controls": {"eva": "eva-span"},
+                "method_settings": {"eva": {2: {"learning_rate": 1e-3}}},
+            },
+            "the control without method_settings of its own",
+        ),
+        (
+            {"task": "PointGoal", "ranks": [2], "methods": ["eva", "lora"], "controls": "eva"},
+            "rank_study.controls='eva'",
+        ),
     ],
 )
 def test_bad_rank_studies_are_one_clear_error(study: object, message: str) -> None:
@@ -197,3 +212,22 @@ def test_tuning_at_every_rank_runs_its_own_where_the_suites_tuning_makes_another
     suite = dataclasses.replace(load_suite("smoke"), **change)
     for (r, name), spec in RankTuningSweep(suite, tmp_path).plan():
         assert spec.run_dir.is_relative_to(tmp_path / "smoke-rank-tuning" / f"r{r}" / name)
+
+
+def test_a_control_takes_its_methods_rate_at_every_rank_and_is_not_tuned(tmp_path: Path) -> None:
+    from eva_rl.experiments.studies.tuning import RankTuningSweep
+
+    suite = load_suite("smoke")
+    study = dataclasses.replace(
+        suite.rank_study,
+        methods=["lora", "eva", "eva-span"],
+        method_settings={"eva": {2: {"learning_rate": 5e-3}, 4: {"learning_rate": 2e-3}}},
+        controls={"eva-span": "eva"},
+    )
+    suite = dataclasses.replace(suite, rank_study=study)
+    specs = {(r, spec.method): spec for r, spec in RankStudyRuns(suite, tmp_path).plan()}
+    for r, rate in ((2, 5e-3), (4, 2e-3)):
+        assert specs[(r, "eva-span")].task.ppo["learning_rate"] == specs[(r, "eva")].task.ppo["learning_rate"] == rate
+        assert specs[(r, "eva-span")].run_dir == tmp_path / "smoke-ranks" / f"r{r}" / "PointGoal" / "eva-span" / "seed0"
+    assert study.tuned_methods == ["lora", "eva"]
+    assert {spec.method for _, spec in RankTuningSweep(suite, tmp_path).plan()} == {"lora", "eva"}

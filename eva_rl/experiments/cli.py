@@ -28,7 +28,7 @@ from eva_rl.files import atomic_save_model, check_writable
 
 ENV_FLAGS = ("env", "config", "gym_package", "env_kwargs", "n_envs", "wrapper", "device", "threads")
 """Which environment and task, and where the computation runs (every command that builds the target env)."""
-ADAPTER_FLAGS = ("pretrained", "rank", "alpha", "rslora", "rho", "tau", "eva_batch_size", "algo")
+ADAPTER_FLAGS = ("pretrained", "rank", "alpha", "rslora", "rho", "tau", "eva_convergence", "eva_batch_size", "algo")
 """The pretrained agent and the adapter settings (``finetune`` and ``inspect``)."""
 FINETUNE_FLAGS = (
     *ENV_FLAGS,

@@ -40,6 +40,8 @@ CONTRASTS: tuple[Contrast, ...] = (
     Contrast("eva-rescaled", "lora-redist", "EVA's subspace alone: EVA's ranks and schedule, Kaiming's row norm"),
     Contrast("eva-own", "eva", "where EVA reads: rollouts of its own before training against PPO's (updates wait)"),
     Contrast("eva-own", "lora", "EVA's init with no update waiting, its own env steps taken out of its budget"),
+    Contrast("eva-span", "eva", "EVA's convergence test: the span of each layer's directions, not each direction"),
+    Contrast("eva-span", "lora", "EVA's init, waiting only until the span of its directions settles"),
 )
 """The contrasts a page draws, where both methods ran."""
 

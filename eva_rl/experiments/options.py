@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from eva_rl.algorithms import ALGORITHM_NAMES
-from eva_rl.config import DATA_SOURCES
+from eva_rl.config import CONVERGENCE_TESTS, DATA_SOURCES
 from eva_rl.experiments.execute import BACKENDS
 from eva_rl.experiments.run_folder import RunFolder
 from eva_rl.experiments.tasks import SEED, is_seed
@@ -218,6 +218,14 @@ FLAGS: dict[str, Flag] = {
         ),
         Flag(("--rho",), "EVA rank redistribution factor (>= 1)", AGENT, float, setting="rho"),
         Flag(("--tau",), "EVA convergence threshold, cosine in [0, 1]", AGENT, float, setting="tau"),
+        Flag(
+            ("--eva-convergence",),
+            "what must stop moving before EVA is done: components (peft's: each of a layer's first r directions) or "
+            "subspace (their span)",
+            AGENT,
+            setting="eva.convergence",
+            choices=CONVERGENCE_TESTS,
+        ),
         Flag(("--eva-batch-size",), "env steps per EVA batch", AGENT, int, setting="eva.batch_size"),
         Flag(
             ("--eva-data",),

@@ -43,6 +43,7 @@ METHOD_COLORS = {
     "lora-orth-fa": "#e6550d",
     "lora-deferred": "#843c39",
     "eva-own": "#e7298a",
+    "eva-span": "#66a61e",
 }
 """One colour per method in every plot the project draws (matplotlib's ten, the core methods first: eva blue, lora
 orange, full green, scratch grey)."""

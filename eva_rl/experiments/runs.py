@@ -161,7 +161,12 @@ def run_settings(spec: RunSpec) -> dict[str, Any]:
 
 
 _ANY = object()
-ADDED_SETTINGS: dict[str, Any] = {"agent_inputs": _ANY, "lora.use_rslora": False, "lora.train_A": True}
+ADDED_SETTINGS: dict[str, Any] = {
+    "agent_inputs": _ANY,
+    "lora.use_rslora": False,
+    "lora.train_A": True,
+    "eva.convergence": "components",
+}
 """Settings added to the record after results were written (dotted), with the value that gives what runs did before
 they existed: a result that records none is not stale for it while the run asks for that value (any value for a
 record that only got more detailed, like ``agent_inputs``)."""

@@ -77,6 +77,9 @@ class RankStudy(Seeded):
     :param seeds: Number of seeds (0..n-1) or an explicit list.
     :param method_settings: ``{method: {r: {setting: value}}}``: a method's settings at one rank (its learning rate
         tuned there, ``compare.py --rank-study --tune``), over the suite's ``method_settings``.
+    :param controls: ``{control: method}``: a study method that takes another one's settings at every rank instead
+        of a tuned rate of its own, so that the two differ in one thing (``{eva-span: eva}``: EVA's convergence test
+        alone); the rank tuning leaves it out.
     """
 
     task: str
@@ -84,6 +87,7 @@ class RankStudy(Seeded):
     methods: list[str] = field(default_factory=lambda: ["lora", "eva", "lora-redist"])
     seeds: int | list[int] = 5
     method_settings: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
+    controls: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.task, str) or not self.task:
@@ -111,10 +115,29 @@ class RankStudy(Seeded):
                 )
             for r, settings in by_rank.items():
                 check_method_settings({method: settings}, f"{where}[{method!r}][{r}]")
+        # a control takes a tuned method's settings: it names study methods and has none of its own
+        controls = self.controls
+        tuned = [m for m in self.methods if m not in (controls if isinstance(controls, dict) else {})]
+        if (
+            not isinstance(controls, dict)
+            or set(controls) - set(self.methods)
+            or set(controls.values()) - set(tuned)
+            or set(controls) & set(self.method_settings)
+        ):
+            raise ConfigError(
+                f"rank_study.controls={controls!r} is invalid: expected {{control: method}}, both out of the rank "
+                f"study's {self.methods}, the method not a control itself and the control without method_settings "
+                "of its own"
+            )
+
+    @property
+    def tuned_methods(self) -> list[str]:
+        """The methods the rank tuning tunes: all but the controls."""
+        return [method for method in self.methods if method not in self.controls]
 
     def settings_at(self, method: str, r: int) -> dict[str, float]:
-        """``method``'s own settings at rank ``r`` (empty where the study gives none)."""
-        return dict(self.method_settings.get(method, {}).get(r, {}))
+        """``method``'s own settings at rank ``r`` (a control's: its method's; empty where the study gives none)."""
+        return dict(self.method_settings.get(self.controls.get(method, method), {}).get(r, {}))
 
     @staticmethod
     def rank_overrides(r: int) -> dict[str, int]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from eva_rl.algorithms import ALGORITHM_NAMES
-from eva_rl.config import DATA_SOURCES, EvaConfig, LoraConfig, _is_int, _is_number
+from eva_rl.config import CONVERGENCE_TESTS, DATA_SOURCES, EvaConfig, LoraConfig, _is_int, _is_number
 from eva_rl.errors import ConfigError
 from eva_rl.files import read_yaml
 from eva_rl.methods import method_names
@@ -383,6 +383,9 @@ SETTINGS: dict[str, Setting] = {
     "alpha": Setting("lora.alpha", lambda v: _is_number(v) and v > 0, _POSITIVE),
     "rho": Setting("eva.rho", lambda v: _is_number(v) and v >= 1, "a number >= 1"),
     "tau": Setting("eva.tau", lambda v: _is_number(v) and 0 <= v <= 1, _UNIT),
+    "eva_convergence": Setting(
+        "eva.convergence", lambda v: v in CONVERGENCE_TESTS, f"one of {', '.join(CONVERGENCE_TESTS)}"
+    ),
     "n_envs": Setting("n_envs", *_COUNT),
     "total_timesteps": Setting("total_timesteps", *_COUNT),
     "checkpoint_freq": Setting("checkpoint_freq", *_COUNT),

@@ -159,8 +159,9 @@ def draw_sensitivity(axes: Any, suite: Suite, report: TuningReport) -> None:
 
 class RankTuningSweep(Study[TuningReport]):
     """The tuning grid at every rank of the suite's rank study (``compare.py --suite NAME --rank-study --tune``): each
-    rank-study method at each rank r and grid point, on the suite's tuning seeds, on the rank study's task; each
-    (method, r) keeps the point with the best IQM normalized AUC, printed for the rank study's ``method_settings``.
+    rank-study method but the controls at each rank r and grid point, on the suite's tuning seeds, on the rank
+    study's task; each (method, r) keeps the point with the best IQM normalized AUC, printed for the rank study's
+    ``method_settings``.
 
     Its page is ``<log_dir>/<suite>-rank-tuning/rank_tuning.json``; the runs go to
     ``<log_dir>/<suite>-rank-tuning/r<r>/<point>/<suite>/``, except those the suite's own tuning sweep makes (at the
@@ -188,7 +189,7 @@ class RankTuningSweep(Study[TuningReport]):
             for point in tuning_points(suite):
                 folder = self.out_dir / f"r{r}" / point_name(point) / suite.name
                 for seed in suite.tuning_seeds:
-                    for method in study.methods:
+                    for method in study.tuned_methods:
                         if self._in_suite_tuning(method, r, point):
                             shared = suite_tuning / point_name(point) / suite.name
                             spec = suite.run_spec(suite_task, method, seed, shared, settings=point)
