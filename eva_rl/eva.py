@@ -258,8 +258,9 @@ class EvaSession:
         self.batches_used = 0
 
     def _group_done(self, leader: str) -> bool:
-        needed = max(self.ranks[n] for n, lead in self.leader_of.items() if lead == leader)
-        return self.trackers[leader].done(needed)
+        # each layer's own rank: a span that settled at one rank may still turn at a smaller one
+        tracker = self.trackers[leader]
+        return all(tracker.done(self.ranks[n]) for n, lead in self.leader_of.items() if lead == leader)
 
     @property
     def done(self) -> bool:

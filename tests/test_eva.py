@@ -260,14 +260,14 @@ def test_extra_components_bring_eva_to_the_exact_svd_of_the_stream() -> None:
     assert worst_cos(d - 2) > 1 - 1e-6  # every component tracked: the incremental SVD is exact
 
 
-def turning_span(n_batches: int, rows: int = 128) -> list[torch.Tensor]:
-    """Inputs of width 12 whose first 4 directions (a random basis) carry equal variance 25 and the rest 0.25: the
-    top-4 span is sharp, its components are not (any basis of the span is a principal one)."""
+def turning_span(n_batches: int, rows: int = 128, width: int = 12) -> list[torch.Tensor]:
+    """Inputs whose first 4 directions (a random basis) carry equal variance 25 and the rest 0.25: the top-4 span is
+    sharp, its components are not (any basis of the span is a principal one)."""
     generator = torch.Generator().manual_seed(0)
-    basis, _ = torch.linalg.qr(torch.randn(12, 12, generator=generator, dtype=torch.float64))
-    scales = torch.tensor([5.0] * 4 + [0.5] * 8, dtype=torch.float64)
+    basis, _ = torch.linalg.qr(torch.randn(width, width, generator=generator, dtype=torch.float64))
+    scales = torch.tensor([5.0] * 4 + [0.5] * (width - 4), dtype=torch.float64)
     return [
-        ((torch.randn(rows, 12, generator=generator, dtype=torch.float64) * scales) @ basis.T).float()
+        ((torch.randn(rows, width, generator=generator, dtype=torch.float64) * scales) @ basis.T).float()
         for _ in range(n_batches)
     ]
 
@@ -309,3 +309,20 @@ def test_an_unknown_convergence_test_names_the_accepted_ones() -> None:
         ValueError, match=r"convergence='span' is invalid: expected one of \('components', 'subspace'\)"
     ):
         EvaConfig(convergence="span")
+
+
+def test_layers_sharing_an_input_wait_for_the_span_at_each_ones_rank() -> None:
+    # policy_net.0 and value_net.0 read the same input, whose first 4 directions have equal variance, and EVA gives
+    # them ranks 4 and 3: the 3-span (inside the 4) settles after the 4-span; neither layer may be taken before its own
+    result = compute_eva(
+        ActorCriticMLP(),
+        turning_span(80, width=10),
+        target_modules=["policy_net.0", "value_net.0", "policy_net.2"],
+        r=3,
+        rho=2.0,
+        svd_solver="full",
+        convergence="subspace",
+        max_batches=80,
+    )
+    assert result.ranks["policy_net.0"] == 4 and result.ranks["value_net.0"] == 3
+    assert all(result.converged.values())
