@@ -96,7 +96,7 @@ def _result(method: str, seed: int, final: float, curve: list[list[float]], para
 
 def test_report_matches_an_independent_computation() -> None:
     rng = np.random.default_rng(0)
-    study = RankStudy(task="T", ranks=[1, 4], methods=["lora", "eva"], seeds=4)
+    study = RankStudy(task="T", ranks=[1, 4], methods=["lora", "eva", "eva-span"], seeds=4)
     runs, finals, aucs = [], {}, {}
     for r in study.ranks:
         for method in study.methods:
@@ -113,15 +113,27 @@ def test_report_matches_an_independent_computation() -> None:
         assert point.final.estimate == pytest.approx(iqm(values))
         assert point.auc.estimate == pytest.approx(iqm(aucs[(method, r)]))
         assert point.final.low <= point.final.estimate <= point.final.high
+
+    def pairs_won(first: list[float], second: list[float]) -> float:
+        return float(np.mean([(a > b) + 0.5 * (a == b) for a in first for b in second]))
+
     for r in study.ranks:
         for scores, table in ((finals, report.p_reference_better), (aucs, report.p_reference_better_auc)):
-            eva, lora = np.array(scores[("eva", r)]), np.array(scores[("lora", r)])
-            expected = np.mean([(e > x) + 0.5 * (e == x) for e in eva for x in lora])
-            assert table["lora"][r].estimate == pytest.approx(expected)
+            for other in ("lora", "eva-span"):
+                assert table[other][r].estimate == pytest.approx(pairs_won(scores[("eva", r)], scores[(other, r)]))
+        # the method that is neither the reference nor the baseline, against the baseline
+        for scores, table in ((finals, report.p_better_than_baseline), (aucs, report.p_better_than_baseline_auc)):
+            assert set(table) == {"eva-span"}
+            assert table["eva-span"][r].estimate == pytest.approx(
+                pairs_won(scores[("eva-span", r)], scores[("lora", r)])
+            )
     markdown = rank_markdown(report)
     assert "| eva | 4 | 4 | 100 |" in markdown and "r = 1" in markdown
     assert "P(eva's final return beats" in markdown and "P(eva's normalized AUC beats" in markdown
     assert f"| lora | {report.p_reference_better_auc['lora'][1]} |" in markdown
+    assert "P(the method's normalized AUC beats lora's), per rank:" in markdown
+    assert f"| eva-span | {report.p_better_than_baseline_auc['eva-span'][1]} |" in markdown
+    assert set(report.to_dict()["p_better_than_lora_auc"]) == {"eva-span"}
     point = report.points["eva"][4]
     assert f"| {point.final} | {point.auc} |" in markdown  # three decimals for returns below 1000
     # MuJoCo-sized returns print as whole numbers

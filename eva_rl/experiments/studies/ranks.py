@@ -47,7 +47,8 @@ class RankPoint:
 class RankStudyReport:
     """A rank study's statistics: ``points[method][r]``, and per r the probability that the reference method's
     final return beats each other method's (``p_reference_better[method][r]``), and its normalized AUC
-    (``p_reference_better_auc[method][r]``)."""
+    (``p_reference_better_auc[method][r]``); and for every method but those two, the probability that it beats the
+    baseline (``p_better_than_baseline[_auc][method][r]``: a control against plain LoRA)."""
 
     suite: str
     task: str
@@ -58,6 +59,9 @@ class RankStudyReport:
     reference: str = "eva"
     platform: str = ""
     """The page's platform line (:func:`~eva_rl.experiments.machine.platform_line`)."""
+    baseline: str = "lora"
+    p_better_than_baseline: dict[str, dict[int, Interval]] = dataclasses.field(default_factory=dict)
+    p_better_than_baseline_auc: dict[str, dict[int, Interval]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -78,15 +82,28 @@ class RankStudyReport:
                 for method, by_rank in self.p_reference_better_auc.items()
             },
             **({"platform": self.platform} if self.platform else {}),
+            **{
+                f"p_better_than_{self.baseline}_{score}": {
+                    method: {str(r): dataclasses.asdict(p) for r, p in by_rank.items()}
+                    for method, by_rank in table.items()
+                }
+                for score, table in (("final", self.p_better_than_baseline), ("auc", self.p_better_than_baseline_auc))
+                if table
+            },
         }
 
 
 def rank_report(
-    suite: str, study: RankStudy, runs: Sequence[tuple[int, RunResult]], reference: str = "eva"
+    suite: str,
+    study: RankStudy,
+    runs: Sequence[tuple[int, RunResult]],
+    reference: str = "eva",
+    baseline: str = "lora",
 ) -> RankStudyReport:
     """Aggregate ``(r, result)`` pairs; the AUC's horizon is the training budget, as in the suite's report.
 
     :param reference: The method the others are compared with, rank by rank.
+    :param baseline: The method every method but the reference is compared with too.
     """
     horizon = max(result.budget for _, result in runs)
     # Per method and rank: every seed's final return, AUC and adapter size.
@@ -111,29 +128,29 @@ def rank_report(
         for method in study.methods
         if method in finals
     }
-    # Rank by rank, the reference method against each other one.
-    others = [m for m in finals if m != reference] if reference in finals else []
 
-    def reference_better(scores: dict[str, dict[int, list[float]]]) -> dict[str, dict[int, Interval]]:
+    # Rank by rank, the reference method against each other one, and each of the rest against the baseline.
+    def better(scores: dict[str, dict[int, list[float]]], first: str, second: str) -> dict[int, Interval]:
         return {
-            method: {
-                r: probability_of_improvement([scores[reference][r]], [scores[method][r]])
-                for r in study.ranks
-                if r in scores[reference] and r in scores[method]
-            }
-            for method in others
+            r: probability_of_improvement([scores[first][r]], [scores[second][r]])
+            for r in study.ranks
+            if r in scores[first] and r in scores[second]
         }
 
-    platform = platform_line(result.platform for _, result in runs)
+    others = [m for m in finals if m != reference] if reference in finals else []
+    controls = [m for m in finals if m not in (reference, baseline)] if baseline in finals else []
     return RankStudyReport(
         suite,
         study.task,
         list(study.ranks),
         points,
-        reference_better(finals),
-        reference_better(aucs),
+        {method: better(finals, reference, method) for method in others},
+        {method: better(aucs, reference, method) for method in others},
         reference,
-        platform,
+        platform_line(result.platform for _, result in runs),
+        baseline,
+        {method: better(finals, method, baseline) for method in controls},
+        {method: better(aucs, method, baseline) for method in controls},
     )
 
 
@@ -158,14 +175,19 @@ def rank_markdown(report: RankStudyReport) -> str:
                 f"| {method} | {r} | {point.seeds} | {point.trainable_params:,} | {point.final.format(spec)} | "
                 f"{point.auc.format(spec)} |"
             )
-    # then how often the reference beats each method, one column per rank, by final return and by AUC
-    tables = {"final return": report.p_reference_better, "normalized AUC": report.p_reference_better_auc}
-    for score, table in tables.items():
+    # then how often the reference beats each method, and each other method the baseline, one column per rank
+    tables = {
+        f"P({report.reference}'s final return beats the method's)": report.p_reference_better,
+        f"P({report.reference}'s normalized AUC beats the method's)": report.p_reference_better_auc,
+        f"P(the method's final return beats {report.baseline}'s)": report.p_better_than_baseline,
+        f"P(the method's normalized AUC beats {report.baseline}'s)": report.p_better_than_baseline_auc,
+    }
+    for title, table in tables.items():
         if not table:
             continue
         lines += [
             "",
-            f"P({report.reference}'s {score} beats the method's), per rank:",
+            f"{title}, per rank:",
             "",
             "| method | " + " | ".join(f"r = {r}" for r in report.ranks) + " |",
             "|---|" + "---|" * len(report.ranks),
