@@ -179,7 +179,7 @@ class TouchingObject:
             pad_id = data.geom(pad).id
             pairs = with_object & ((geom1 == pad_id) | (geom2 == pad_id))
             forces.append(sum(data.efc_force[contact.efc_address[pairs]].tolist()))
-        return 0 < forces[0] and 0 < forces[1]
+        return forces[0] > 0 and forces[1] > 0
 
 
 def scripted_expert(registered_id: str) -> Any:
