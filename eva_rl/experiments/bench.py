@@ -8,7 +8,7 @@ import dataclasses
 import json
 import platform
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing as closing_env
 from pathlib import Path
 from typing import Any
@@ -536,6 +536,16 @@ def measure_bank(task_name: str, seed: int = 0, tasks: int = 5, switches: int = 
     }
 
 
+def _interleaved_medians(rate: Callable[[bool], float], rounds: int) -> tuple[float, float]:
+    """The medians of ``rate(False)`` and ``rate(True)`` over ``rounds`` rounds, alternating within each, so that
+    both sides see the machine's load alike."""
+    timings: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(rounds):
+        for fast in (False, True):
+            timings[fast].append(rate(fast))
+    return float(np.median(timings[False])), float(np.median(timings[True]))
+
+
 def measure_minigrid_view(
     env_id: str = "MiniGrid-DoorKey-8x8-v0", steps: int = 5000, rounds: int = 3
 ) -> dict[str, Any]:
@@ -559,11 +569,7 @@ def measure_minigrid_view(
                 env.reset()
         return steps / (time.perf_counter() - start)
 
-    timings: dict[bool, list[float]] = {False: [], True: []}
-    for _ in range(rounds):
-        for fast in (False, True):
-            timings[fast].append(steps_per_second(fast))
-    minigrid_rate, fast_rate = float(np.median(timings[False])), float(np.median(timings[True]))
+    minigrid_rate, fast_rate = _interleaved_medians(steps_per_second, rounds)
     return {
         "env": env_id,
         "minigrid_steps_per_s": minigrid_rate,
@@ -601,11 +607,7 @@ def measure_meta_world_contacts(task: str = "push", steps: int = 2000, rounds: i
                 observation, _ = env.reset()
         return steps / (time.perf_counter() - start)
 
-    timings: dict[bool, list[float]] = {False: [], True: []}
-    for _ in range(rounds):
-        for fast in (False, True):
-            timings[fast].append(steps_per_second(fast))
-    own_rate, fast_rate = float(np.median(timings[False])), float(np.median(timings[True]))
+    own_rate, fast_rate = _interleaved_medians(steps_per_second, rounds)
     return {
         "env": f"MetaWorld-{task}-v3",
         "meta_world_steps_per_s": own_rate,
