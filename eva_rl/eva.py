@@ -154,24 +154,24 @@ class _ComponentTracker:
     """One incremental PCA plus its convergence test (:attr:`~eva_rl.config.EvaConfig.convergence`): per component
     (peft's), or of the span of the first ``rank`` components."""
 
-    def __init__(self, n_components: int, svd_solver: str, seed: int, convergence: str = "components") -> None:
+    def __init__(
+        self, n_components: int, svd_solver: str, seed: int, tau: float, convergence: str = "components"
+    ) -> None:
         self.pca = IncrementalPCA(n_components, svd_solver=svd_solver, seed=seed)
-        self.convergence = convergence
+        self.tau, self.convergence = tau, convergence
         self.converged = torch.zeros(n_components, dtype=torch.bool)
         self.cosine = torch.full((n_components,), float("nan"))
         self.previous: torch.Tensor | None = None
-        self.tau = 1.0
 
-    def update(self, rows: torch.Tensor, tau: float) -> None:
+    def update(self, rows: torch.Tensor) -> None:
         previous = self.pca.components_
         self.pca.partial_fit(rows)
-        self.tau = tau
         if self.pca.zero_variance:
             self.converged[:] = True
         elif previous is not None:
             self.previous = previous
             self.cosine = F.cosine_similarity(self.pca.components_, previous, dim=1).cpu()
-            self.converged = self.cosine >= tau
+            self.converged = self.cosine >= self.tau
 
     def subspace_cosine(self, rank: int) -> float:
         """The smallest cosine of the principal angles between the spans of the first ``rank`` components of the
@@ -344,7 +344,7 @@ class EvaSession:
                     self.caps[n] = cap
                 tracked = max(self.plan.layers[n].eva_components for n in group)
                 self.trackers[leader] = _ComponentTracker(
-                    tracked, self.eva.svd_solver, self.eva.seed, self.eva.convergence
+                    tracked, self.eva.svd_solver, self.eva.seed, self.eva.tau, self.eva.convergence
                 )
         for leader, tracker in self.trackers.items():
             if leader not in rows:
@@ -355,7 +355,7 @@ class EvaSession:
                     f"than the {tracker.pca.n_components} components tracked there (round(r*rho) plus "
                     f"extra_components); use a batch size of at least {tracker.pca.n_components}"
                 )
-            tracker.update(rows[leader], self.eva.tau)
+            tracker.update(rows[leader])
             self.batches_fed.setdefault(leader, []).append(self.batches_used)
         ratios = {n: self.trackers[self.leader_of[n]].pca.explained_variance_ratio_ for n in self.layers}
         self.ranks = allocate_ranks(ratios, self.caps, self.budget)

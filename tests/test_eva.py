@@ -277,12 +277,12 @@ def test_the_subspace_cosine_is_the_cosine_of_the_largest_principal_angle() -> N
 
     from eva_rl.eva import _ComponentTracker
 
-    tracker = _ComponentTracker(6, "full", seed=0, convergence="subspace")
+    tracker = _ComponentTracker(6, "full", seed=0, tau=0.99, convergence="subspace")
     batches = turning_span(3)
-    tracker.update(batches[0], tau=0.99)
+    tracker.update(batches[0])
     assert tracker.subspace_cosine(4) != tracker.subspace_cosine(4)  # nan: one estimate, nothing to compare yet
     previous = tracker.pca.components_.clone()
-    tracker.update(batches[1], tau=0.99)
+    tracker.update(batches[1])
     for rank in (1, 3, 4, 6):
         angles = subspace_angles(previous[:rank].double().T.numpy(), tracker.pca.components_[:rank].double().T.numpy())
         assert tracker.subspace_cosine(rank) == pytest.approx(float(torch.tensor(angles).cos().min()), abs=1e-6)

@@ -17,7 +17,7 @@ from eva_rl.experiments.plots import method_color, new_figure, save_figure
 from eva_rl.experiments.run_folder import RunResult
 from eva_rl.experiments.stats import normalized_auc, stratified_iqm
 from eva_rl.experiments.studies.base import Planned, Study
-from eva_rl.experiments.suites import Suite
+from eva_rl.experiments.suites import Suite, SuiteTask
 from eva_rl.files import atomic_write_json
 
 TuningReport = dict[str, Any]
@@ -188,9 +188,10 @@ class RankTuningSweep(Study[TuningReport]):
         for r in study.ranks:
             for point in tuning_points(suite):
                 folder = self.out_dir / f"r{r}" / point_name(point) / suite.name
+                shared_runs = {m: self._in_suite_tuning(suite_task, m, r, point) for m in study.tuned_methods}
                 for seed in suite.tuning_seeds:
                     for method in study.tuned_methods:
-                        if self._in_suite_tuning(method, r, point):
+                        if shared_runs[method]:
                             shared = suite_tuning / point_name(point) / suite.name
                             spec = suite.run_spec(suite_task, method, seed, shared, settings=point)
                         else:
@@ -199,10 +200,9 @@ class RankTuningSweep(Study[TuningReport]):
                         planned.append(((r, point_name(point)), spec))
         return planned
 
-    def _in_suite_tuning(self, method: str, r: int, point: dict[str, float]) -> bool:
+    def _in_suite_tuning(self, suite_task: SuiteTask, method: str, r: int, point: dict[str, float]) -> bool:
         """Whether the suite's tuning sweep makes the run of ``method`` at rank ``r`` and ``point``: the same run."""
         suite = self.suite
-        suite_task = next(t for t in suite.tasks if t.task == self.study.task)
         lora = suite.run_spec(suite_task, method, suite.tuning_seeds[0], self.out_dir, settings=point).task.lora
         return (
             (suite.tuning_tasks is None or suite_task.task in suite.tuning_tasks)
