@@ -33,6 +33,11 @@ def adapted(method: str, variant: str = "mlp-discrete", lora: LoraConfig | None 
     return eva_rl.adapt(base, env, method, lora or LoraConfig(r=2), EVA, **settings)
 
 
+def adapted_with(method: str, eva: EvaConfig) -> PPO:
+    """``method`` on the mlp-box agent at r = 2 with ``eva`` and the agent's own PPO settings."""
+    return eva_rl.adapt(make_pretrained("mlp-box"), VARIANTS["mlp-box"][0](), method, LoraConfig(r=2), eva)
+
+
 def rows(layer: eva_rl.LoraLayer) -> torch.Tensor:
     return layer.lora_A.detach().reshape(layer.r, -1)
 
@@ -138,12 +143,12 @@ def test_eva_own_reads_rollouts_of_its_own_whatever_the_eva_config_says() -> Non
     from eva_rl.eva_ppo import EvaPPO
 
     on_ppo = EvaConfig(batch_size=64, max_batches=60, on_max_batches="warn", data_source="ppo")
-    own = eva_rl.adapt(make_pretrained("mlp-box"), VARIANTS["mlp-box"][0](), "eva-own", LoraConfig(r=2), on_ppo)
+    own = adapted_with("eva-own", on_ppo)
     assert not isinstance(own, EvaPPO) and not own.policy.eva_pending
     report = own.policy.eva_report
     assert report.data_source == "rollouts" and report.env_steps > 0
     on_rollouts = EvaConfig(batch_size=64, max_batches=60, on_max_batches="warn", data_source="rollouts")
-    eva = eva_rl.adapt(make_pretrained("mlp-box"), VARIANTS["mlp-box"][0](), "eva", LoraConfig(r=2), on_rollouts)
+    eva = adapted_with("eva", on_rollouts)
     assert own.policy.lora_ranks == eva.policy.lora_ranks
     for name, layer in own.policy.lora_layers.items():
         torch.testing.assert_close(rows(layer), rows(eva.policy.lora_layers[name]), atol=0, rtol=0)
@@ -156,14 +161,10 @@ def test_a_method_pins_evas_data_only_when_it_runs_eva() -> None:
 
 def test_eva_span_is_eva_with_the_subspace_test_whatever_the_eva_config_says() -> None:
     config = {"batch_size": 64, "max_batches": 60, "on_max_batches": "warn", "data_source": "rollouts"}
-    span = eva_rl.adapt(
-        make_pretrained("mlp-box"), VARIANTS["mlp-box"][0](), "eva-span", LoraConfig(r=2), EvaConfig(**config)
-    )
+    span = adapted_with("eva-span", EvaConfig(**config))
     subspace = EvaConfig(**config, convergence="subspace")
-    eva = eva_rl.adapt(make_pretrained("mlp-box"), VARIANTS["mlp-box"][0](), "eva", LoraConfig(r=2), subspace)
-    plain = eva_rl.adapt(
-        make_pretrained("mlp-box"), VARIANTS["mlp-box"][0](), "eva", LoraConfig(r=2), EvaConfig(**config)
-    )
+    eva = adapted_with("eva", subspace)
+    plain = adapted_with("eva", EvaConfig(**config))
     assert span.policy.eva_report.batches_used == eva.policy.eva_report.batches_used
     assert span.policy.eva_report.batches_used < plain.policy.eva_report.batches_used, (
         "the test needs the tests to differ"
