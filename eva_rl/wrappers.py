@@ -26,11 +26,11 @@ class OneHotImage(gym.ObservationWrapper):
         height, width, _ = image.shape
         self.observation_space = spaces.Box(0.0, 1.0, (N_OBJECTS + N_COLORS + N_STATES, height, width), np.float32)
         self._offsets = np.array([0, N_OBJECTS, N_OBJECTS + N_COLORS])
+        rows, cols = np.indices((height, width))
+        self._rows, self._cols = rows[..., None], cols[..., None]  # broadcast over the three codes of a cell
 
     def observation(self, observation: dict) -> np.ndarray:
         codes = observation["image"].astype(np.int64) + self._offsets  # (H, W, 3) channel indices
         encoded = np.zeros(self.observation_space.shape, np.float32)
-        rows, cols = np.indices(codes.shape[:2])
-        for k in range(3):
-            encoded[codes[..., k], rows, cols] = 1.0
+        encoded[codes, self._rows, self._cols] = 1.0
         return encoded

@@ -79,6 +79,19 @@ def test_bench_weight_cache_only_measures_both_forwards(capsys: pytest.CaptureFi
     assert cached_calls  # the cached rounds computed through the cache
 
 
+def test_bench_evaluation_only_scores_both_sides_alike(capsys: pytest.CaptureFixture) -> None:
+    from eva_rl.experiments.tasks import find_task
+
+    assert bench_main(["--evaluation-only", "--env", "PointGoal", "--quick"]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["evaluation"]
+    assert figures["task"] == "PointGoal" and figures["episodes"] == find_task("PointGoal").eval.episodes
+    assert figures["same_returns"]  # switching once changes the time, never the episodes
+    assert figures["switch_every_predict_episodes_per_s"] > 0 and figures["switch_once_episodes_per_s"] > 0
+    assert figures["speedup"] == pytest.approx(
+        figures["switch_once_episodes_per_s"] / figures["switch_every_predict_episodes_per_s"], abs=2e-3
+    )
+
+
 def test_bench_peft_only_times_both_implementations_at_each_width(capsys: pytest.CaptureFixture) -> None:
     pytest.importorskip("peft")
     assert bench_main(["--peft-only", "--quick"]) == 0

@@ -10,6 +10,7 @@ import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing as closing_env
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import VecEnv
 
 from eva_rl.adapt import adapt
@@ -27,8 +29,9 @@ from eva_rl.eva import layer_input_rows
 from eva_rl.experiments.environments import env_factory, import_packages, make_vec
 from eva_rl.experiments.execute import in_fresh_process
 from eva_rl.experiments.tasks import TaskConfig, find_task, known_tasks
+from eva_rl.experiments.training import eval_mode
 from eva_rl.inject import lora_layers
-from eva_rl.layers import keep_adapted_weights
+from eva_rl.layers import cached_adapter_weights, keep_adapted_weights
 from eva_rl.loading import algorithm_name, load_agent
 from eva_rl.models import wrap_target_env
 from eva_rl.rollouts import RolloutBatches, policy_forward
@@ -642,6 +645,40 @@ def measure_acting(task_name: str, seed: int = 0, device: str = "cpu", calls: in
     }
 
 
+def measure_evaluation(task_name: str, seed: int = 0, device: str = "cpu", rounds: int = 3) -> dict[str, Any]:
+    """Eval episodes per second of a LoRA copy of the task's bundled agent, evaluated as runs evaluate (the task's
+    eval envs, episodes and seed, the adapted weights cached), with the policy switched to eval mode at every
+    ``predict`` as SB3 does and once per evaluation (:func:`~eva_rl.experiments.training.eval_mode`); interleaved
+    rounds, median of each. Both sides must score the same return."""
+    task, model = _bundled_agent(task_name, device)
+    train_env, settings = _target_ppo(task, seed, device)
+    adapted = adapt(model, train_env, method="lora", lora=task.lora, **settings)
+    env = make_vec(env_factory(task.target_env, task.wrappers, task.env_kwargs), task.eval.env_count, task.eval.seed)
+    returns: dict[bool, set[float]] = {False: set(), True: set()}
+
+    # Each round evaluates as evaluate() does: the same episodes, the sampling in a forked, reseeded RNG.
+    def episodes_per_second(once: bool) -> float:
+        env.seed(task.eval.seed)
+        switching = eval_mode(adapted.policy) if once else nullcontext()
+        with torch.random.fork_rng(), cached_adapter_weights(adapted.policy), switching:
+            torch.manual_seed(task.eval.seed)
+            start = time.perf_counter()
+            mean, _ = evaluate_policy(adapted, env, task.eval.episodes, deterministic=task.eval.deterministic)
+            elapsed = time.perf_counter() - start
+        returns[once].add(round(float(mean), 9))
+        return task.eval.episodes / elapsed
+
+    every_predict, once = _interleaved_medians(episodes_per_second, rounds)
+    return {
+        "task": task.name,
+        "episodes": task.eval.episodes,
+        "switch_every_predict_episodes_per_s": round(every_predict, 2),
+        "switch_once_episodes_per_s": round(once, 2),
+        "speedup": round(once / every_predict, 3),
+        "same_returns": len(returns[False] | returns[True]) == 1,
+    }
+
+
 def measure_weight_cache(task_name: str, seed: int = 0, device: str = "cpu", steps: int = 2048) -> dict[str, Any]:
     """:func:`measure_lora_throughput` on a task's bundled agent with the LoRA layers' no-grad weight cache and
     without it (every call computing ``W + s B A`` again), twice each, interleaved."""
@@ -671,6 +708,9 @@ def bench(args: argparse.Namespace) -> int:
     # One group of figures only, when a flag asks for it.
     if args.weight_cache_only:
         print(json.dumps({"weight_cache": measure_weight_cache(args.task, args.seed, args.device, steps)}))
+        return 0
+    if args.evaluation_only:
+        print(json.dumps({"evaluation": measure_evaluation(args.task, args.seed, args.device, 1 if args.quick else 3)}))
         return 0
     if args.view_only:
         print(json.dumps({"minigrid_view": measure_minigrid_view(steps=1000 if args.quick else 5000)}))

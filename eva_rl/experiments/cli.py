@@ -497,6 +497,7 @@ COMMANDS: dict[str, Command] = {
                 "offpolicy_task",
                 "bank_only",
                 "view_only",
+                "evaluation_only",
                 "meta_world_only",
                 "weight_cache_only",
                 "peft_only",

@@ -442,6 +442,14 @@ FLAGS: dict[str, Flag] = {
             action="store_true",
         ),
         Flag(
+            ("--evaluation-only",),
+            "only eval episodes/s of a LoRA copy of --env's agent, the policy switched to eval mode once or at every "
+            "predict",
+            BENCH,
+            None,
+            action="store_true",
+        ),
+        Flag(
             ("--meta-world-only",),
             "only Meta-World's env steps/s (push, scripted expert) with its own contact check and ours",
             BENCH,
