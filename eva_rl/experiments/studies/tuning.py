@@ -147,7 +147,9 @@ def draw_sensitivity(axes: Any, suite: Suite, report: TuningReport) -> None:
             chosen = values.index(report["chosen"][method][key])
             axis.plot(values[chosen], ys[chosen], "o", markersize=9, markerfacecolor="none", color=color)
         axis.set_xscale("log")
-        axis.set_xticks(values, [f"{value:g}" for value in values])  # the grid's own values, not log decades
+        labels = [f"{value:g}" for value in values]  # the grid's own values, not log decades
+        slanted = max(map(len, labels)) > 6  # 3.125e-05 beside 6.25e-05 overlap when level
+        axis.set_xticks(values, labels, rotation=30 if slanted else 0, ha="right" if slanted else "center")
         axis.tick_params(axis="x", which="minor", labelbottom=False)
         axis.set_xlabel(key)
         axis.set_ylabel(f"{label} (IQM)")
