@@ -77,7 +77,9 @@ def test_suite_results_written_before_the_records_read_back_unchanged() -> None:
     assert json.loads(json.dumps(written)) == saved
 
 
-@pytest.mark.parametrize("suite", ["doorkey", "pendulum", "mujoco", "mujoco-eva-rate"])
+@pytest.mark.parametrize(
+    "suite", ["doorkey", "pendulum", "mujoco", "mujoco-eva-rate", "pendulum-protocol", "pendulum-at-eva-rate"]
+)
 def test_the_committed_suite_results_read_back_unchanged(suite: str) -> None:
     saved = json.loads((ROOT / "docs" / "results" / suite / "results.json").read_text())
     report = SuiteReport.from_dict(saved)
