@@ -10,7 +10,6 @@ import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing as closing_env
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ import numpy as np
 import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import VecEnv
 
 from eva_rl.adapt import adapt
@@ -29,9 +27,9 @@ from eva_rl.eva import layer_input_rows
 from eva_rl.experiments.environments import env_factory, import_packages, make_vec
 from eva_rl.experiments.execute import in_fresh_process
 from eva_rl.experiments.tasks import TaskConfig, find_task, known_tasks
-from eva_rl.experiments.training import eval_mode
+from eva_rl.experiments.training import evaluate
 from eva_rl.inject import lora_layers
-from eva_rl.layers import cached_adapter_weights, keep_adapted_weights
+from eva_rl.layers import keep_adapted_weights
 from eva_rl.loading import algorithm_name, load_agent
 from eva_rl.models import wrap_target_env
 from eva_rl.rollouts import RolloutBatches, policy_forward
@@ -656,16 +654,11 @@ def measure_evaluation(task_name: str, seed: int = 0, device: str = "cpu", round
     env = make_vec(env_factory(task.target_env, task.wrappers, task.env_kwargs), task.eval.env_count, task.eval.seed)
     returns: dict[bool, set[float]] = {False: set(), True: set()}
 
-    # Each round evaluates as evaluate() does: the same episodes, the sampling in a forked, reseeded RNG.
     def episodes_per_second(once: bool) -> float:
-        env.seed(task.eval.seed)
-        switching = eval_mode(adapted.policy) if once else nullcontext()
-        with torch.random.fork_rng(), cached_adapter_weights(adapted.policy), switching:
-            torch.manual_seed(task.eval.seed)
-            start = time.perf_counter()
-            mean, _ = evaluate_policy(adapted, env, task.eval.episodes, deterministic=task.eval.deterministic)
-            elapsed = time.perf_counter() - start
-        returns[once].add(round(float(mean), 9))
+        start = time.perf_counter()
+        result = evaluate(adapted, env, task.eval.episodes, task.eval.seed, task.eval.deterministic, switch_once=once)
+        elapsed = time.perf_counter() - start
+        returns[once].add(round(result.mean, 9))
         return task.eval.episodes / elapsed
 
     every_predict, once = _interleaved_medians(episodes_per_second, rounds)

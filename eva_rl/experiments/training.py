@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -110,18 +110,24 @@ def eval_mode(policy: BasePolicy) -> Iterator[None]:
         del policy.set_training_mode
 
 
-def evaluate(model: BaseAlgorithm, env: VecEnv, episodes: int, seed: int, deterministic: bool = False) -> Evaluation:
+def evaluate(
+    model: BaseAlgorithm, env: VecEnv, episodes: int, seed: int, deterministic: bool = False, switch_once: bool = True
+) -> Evaluation:
     """Mean and std return (and success rate, where the env reports success) over ``episodes`` episodes with fixed
     env seeds and a fixed action-sampling seed.
 
     The sampling runs in a forked RNG, so evaluation neither depends on nor disturbs the training RNG: two
     policies with identical outputs get identical returns.
+
+    :param switch_once: Switch the policy to eval mode once (:func:`eval_mode`); ``False`` leaves SB3's switch at
+        every ``predict`` (for the benchmark that measures the difference).
     """
     start_new_games(env)
     env.seed(seed)
     devices = [model.device] if model.device.type == "cuda" else []
     successes = _SuccessCounter(env.num_envs)
-    with torch.random.fork_rng(devices=devices), cached_adapter_weights(model.policy), eval_mode(model.policy):
+    switching = eval_mode(model.policy) if switch_once else nullcontext()
+    with torch.random.fork_rng(devices=devices), cached_adapter_weights(model.policy), switching:
         torch.manual_seed(seed)
         mean, std = evaluate_policy(
             model, env, n_eval_episodes=episodes, deterministic=deterministic, callback=successes
