@@ -90,6 +90,10 @@ def test_bench_evaluation_only_scores_both_sides_alike(capsys: pytest.CaptureFix
     assert figures["speedup"] == pytest.approx(
         figures["switch_once_episodes_per_s"] / figures["switch_every_predict_episodes_per_s"], abs=2e-3
     )
+    assert figures["predict_us_switch_every"] > 0 and figures["predict_us_switch_once"] > 0
+    assert figures["predict_speedup"] == pytest.approx(
+        figures["predict_us_switch_every"] / figures["predict_us_switch_once"], rel=2e-3
+    )
 
 
 def test_bench_peft_only_times_both_implementations_at_each_width(capsys: pytest.CaptureFixture) -> None:

@@ -10,6 +10,7 @@ import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing as closing_env
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,9 @@ from eva_rl.eva import layer_input_rows
 from eva_rl.experiments.environments import env_factory, import_packages, make_vec
 from eva_rl.experiments.execute import in_fresh_process
 from eva_rl.experiments.tasks import TaskConfig, find_task, known_tasks
-from eva_rl.experiments.training import evaluate
+from eva_rl.experiments.training import eval_mode, evaluate
 from eva_rl.inject import lora_layers
-from eva_rl.layers import keep_adapted_weights
+from eva_rl.layers import cached_adapter_weights, keep_adapted_weights
 from eva_rl.loading import algorithm_name, load_agent
 from eva_rl.models import wrap_target_env
 from eva_rl.rollouts import RolloutBatches, policy_forward
@@ -647,7 +648,8 @@ def measure_evaluation(task_name: str, seed: int = 0, device: str = "cpu", round
     """Eval episodes per second of a LoRA copy of the task's bundled agent, evaluated as runs evaluate (the task's
     eval envs, episodes and seed, the adapted weights cached), with the policy switched to eval mode at every
     ``predict`` as SB3 does and once per evaluation (:func:`~eva_rl.experiments.training.eval_mode`); interleaved
-    rounds, median of each. Both sides must score the same return."""
+    rounds, median of each. Both sides must score the same return. The time of one ``predict`` call on the eval
+    envs' first observation, both ways, comes with it: the part of an evaluation that the switch changes."""
     task, model = _bundled_agent(task_name, device)
     train_env, settings = _target_ppo(task, seed, device)
     adapted = adapt(model, train_env, method="lora", lora=task.lora, **settings)
@@ -661,13 +663,27 @@ def measure_evaluation(task_name: str, seed: int = 0, device: str = "cpu", round
         returns[once].add(round(result.mean, 9))
         return task.eval.episodes / elapsed
 
+    # The switch costs each predict call a fixed time; env steps, the rest of an evaluation, dilute it.
+    observation = env.reset()
+
+    def predicts_per_second(once: bool, calls: int = 200) -> float:
+        with cached_adapter_weights(adapted.policy), eval_mode(adapted.policy) if once else nullcontext():
+            start = time.perf_counter()
+            for _ in range(calls):
+                adapted.predict(observation, deterministic=True)
+            return calls / (time.perf_counter() - start)
+
     every_predict, once = _interleaved_medians(episodes_per_second, rounds)
+    predict_every, predict_once = _interleaved_medians(predicts_per_second, 3 * rounds)
     return {
         "task": task.name,
         "episodes": task.eval.episodes,
         "switch_every_predict_episodes_per_s": round(every_predict, 2),
         "switch_once_episodes_per_s": round(once, 2),
         "speedup": round(once / every_predict, 3),
+        "predict_us_switch_every": round(1e6 / predict_every, 1),
+        "predict_us_switch_once": round(1e6 / predict_once, 1),
+        "predict_speedup": round(predict_once / predict_every, 3),
         "same_returns": len(returns[False] | returns[True]) == 1,
     }
 

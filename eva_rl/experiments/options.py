@@ -443,8 +443,8 @@ FLAGS: dict[str, Flag] = {
         ),
         Flag(
             ("--evaluation-only",),
-            "only eval episodes/s of a LoRA copy of --env's agent, the policy switched to eval mode once or at every "
-            "predict",
+            "only eval episodes/s and the time of a predict call of a LoRA copy of --env's agent, the policy switched "
+            "to eval mode once or at every predict",
             BENCH,
             None,
             action="store_true",

@@ -98,8 +98,8 @@ class _SuccessCounter:
 @contextmanager
 def eval_mode(policy: BasePolicy) -> Iterator[None]:
     """The policy in eval mode for the block, switched once: SB3's ``predict`` switches it again at every call, a walk
-    over every module (8% of a run of the 1M-parameter DoorKey agent, most of it in evaluations). Inside the block a
-    switch is made only where it changes the mode; the policy stays in eval mode after it, as after ``predict``
+    over every module (0.2-0.3 ms, a fifth of a ``predict`` call of the DoorKey agents: BENCHMARKS.md). Inside the
+    block a switch is made only where it changes the mode; the policy stays in eval mode after it, as after ``predict``
     (switching back to training mode checks that the adapters can train, and EVA's may be waiting for rollouts)."""
     switch = policy.set_training_mode
     switch(False)
