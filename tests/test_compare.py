@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from eva_rl.experiments.execute import LocalProcesses, RayCluster
@@ -207,6 +208,36 @@ def test_methods_run_on_fewer_tasks_are_aggregated_and_compared_on_their_own_tas
     assert report.aggregate["lora"].p_reference_better.estimate == 1.0
     assert report.aggregate["lora"].final.estimate == pytest.approx(0.2)
     assert "| lora | 1 |" in results_markdown(report)
+
+
+def test_each_task_table_gives_p_eva_better_there_as_the_mann_whitney_statistic() -> None:
+    from scipy.stats import mannwhitneyu
+
+    first, second = SuiteTask("A", 0.5), SuiteTask("B", 0.5)
+    suite = Suite("s", [first, second], methods=["eva", "lora"])
+    finals = {("A", "eva"): (0.6, 0.2, 0.9, 0.4), ("A", "lora"): (0.5, 0.5, 0.1), ("B", "eva"): (0.3, 0.3, 0.1)}
+    finals[("B", "lora")] = (0.3, 0.8, 0.2, 0.7)
+    runs = [
+        (first if task == "A" else second, _synthetic_run(method, v))
+        for (task, method), values in finals.items()
+        for v in values
+    ]
+    report = aggregate(suite, runs)
+    markdown = results_markdown(report)
+    for task in ("A", "B"):
+        eva, lora = finals[(task, "eva")], finals[(task, "lora")]
+        # ties count half, as in the U statistic
+        expected = mannwhitneyu(eva, lora).statistic / (len(eva) * len(lora))
+        row = report.tasks[task].methods["lora"]
+        assert row.p_reference_better.estimate == pytest.approx(expected)
+        # a straight-line curve from 0: the AUC is half the final return, so the order of the runs is the same
+        assert row.p_reference_better_auc.estimate == pytest.approx(expected)
+        assert report.tasks[task].methods["eva"].p_reference_better is None
+        assert str(row.p_reference_better) in markdown
+    # the page's pooled figure is the mean of the per-task ones
+    pooled = report.aggregate["lora"].p_reference_better.estimate
+    assert pooled == pytest.approx(np.mean([report.tasks[t].methods["lora"].p_reference_better.estimate for t in "AB"]))
+    assert SuiteReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
 
 
 def test_env_steps_eva_collected_itself_come_out_of_the_same_budget_and_move_no_other_method() -> None:

@@ -78,7 +78,8 @@ def test_suite_results_written_before_the_records_read_back_unchanged() -> None:
 
 
 @pytest.mark.parametrize(
-    "suite", ["doorkey", "pendulum", "mujoco", "mujoco-eva-rate", "pendulum-protocol", "pendulum-at-eva-rate"]
+    "suite",
+    ["doorkey", "pendulum", "mujoco", "mujoco-eva-rate", "pendulum-protocol", "pendulum-at-eva-rate", "doorkey-1m"],
 )
 def test_the_committed_suite_results_read_back_unchanged(suite: str) -> None:
     saved = json.loads((ROOT / "docs" / "results" / suite / "results.json").read_text())

@@ -47,6 +47,9 @@ class MethodTaskStats:
     :ivar after_updates: ``{k: IQM eval return after k updates}`` for k in :data:`UPDATES_REPORTED` where every seed
         was evaluated exactly there (an on-policy run whose eval frequency is a multiple of its rollout); empty
         otherwise.
+    :ivar p_reference_better: Probability that a run of the report's reference method (EVA) scores a higher final
+        return on this task than a run of this one (``None`` for the reference itself, or where it did not run here).
+    :ivar p_reference_better_auc: The same on the normalized AUC.
     """
 
     seeds: int
@@ -60,6 +63,10 @@ class MethodTaskStats:
     wall_seconds: float
     after_updates: dict[int, Interval] = field(default_factory=dict)
     source_retention_ci: Interval | None = None
+    p_reference_better: Interval | None = None
+    p_reference_better_auc: Interval | None = None
+
+    _OPTIONAL_INTERVALS = ("source_retention_ci", "p_reference_better", "p_reference_better_auc")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -67,16 +74,18 @@ class MethodTaskStats:
         data.pop("after_updates")
         if self.after_updates:
             data["after_updates"] = {str(k): dataclasses.asdict(v) for k, v in self.after_updates.items()}
-        if self.source_retention_ci is None:
-            data.pop("source_retention_ci")
+        for name in self._OPTIONAL_INTERVALS:
+            if getattr(self, name) is None:
+                data.pop(name)
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MethodTaskStats:
         after = {int(k): Interval(**v) for k, v in data.get("after_updates", {}).items()}
         fields = {**data, "final": Interval(**data["final"]), "auc": Interval(**data["auc"]), "after_updates": after}
-        if data.get("source_retention_ci") is not None:
-            fields["source_retention_ci"] = Interval(**data["source_retention_ci"])
+        for name in cls._OPTIONAL_INTERVALS:
+            if data.get(name) is not None:
+                fields[name] = Interval(**data[name])
         return cls(**fields)
 
 
@@ -270,6 +279,7 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
             scores[method][AUC][task_name] = aucs
             for k, values in after.items():
                 scores[method].setdefault(after_key(k), {})[task_name] = values
+        _compare_with_reference(task_report, scores, task_name, reference, resamples)
         report.tasks[task_name] = task_report
     for method in methods:
         entry = MethodAggregate(
@@ -289,6 +299,26 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
     _normalize_aggregates(report, scores, resamples)
     report.contrasts = contrast_stats(scores, UPDATES_REPORTED, resamples)
     return report
+
+
+def _compare_with_reference(
+    task: TaskReport,
+    scores: Mapping[str, Mapping[str, Mapping[str, list[float]]]],
+    name: str,
+    reference: str,
+    resamples: int,
+) -> None:
+    """Each method's P(a run of ``reference`` scores higher) on task ``name``, on final return and AUC."""
+    if reference not in task.methods:
+        return
+    for method, row in task.methods.items():
+        if method != reference:
+            row.p_reference_better, row.p_reference_better_auc = (
+                probability_of_improvement(
+                    [scores[reference][key][name]], [scores[method][key][name]], n_resamples=resamples
+                )
+                for key in (FINAL, AUC)
+            )
 
 
 def _normalize_aggregates(
@@ -345,9 +375,10 @@ def results_markdown(report: SuiteReport) -> str:
         lines += [
             f"## {task_name} (threshold {task.threshold})",
             "",
-            f"| method | seeds | jumpstart | final {task.score} | normalized AUC | steps to threshold (median) | "
-            "reached | source retention | trainable params | wall s |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            f"| method | seeds | jumpstart | final {task.score} | normalized AUC | P({report.reference} better), "
+            f"final | P({report.reference} better), AUC | steps to threshold (median) | reached | source retention | "
+            "trainable params | wall s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         spec = score_format(row.final for row in task.methods.values())
         for method, row in task.methods.items():
@@ -356,10 +387,11 @@ def results_markdown(report: SuiteReport) -> str:
                 retention = row.source_retention_ci.format(spec)
             median = row.steps_to_threshold_median
             steps = "never" if median is None else f"{median:,.0f}"
+            versus = [str(p) if p is not None else "-" for p in (row.p_reference_better, row.p_reference_better_auc)]
             lines.append(
                 f"| {method} | {row.seeds} | {row.jumpstart:{spec}} | {row.final.format(spec)} | "
-                f"{row.auc.format(spec)} | {steps} | {row.reached_threshold}/{row.seeds} | {retention} | "
-                f"{row.trainable_params:,} | {row.wall_seconds:.0f} |"
+                f"{row.auc.format(spec)} | {' | '.join(versus)} | {steps} | {row.reached_threshold}/{row.seeds} | "
+                f"{retention} | {row.trainable_params:,} | {row.wall_seconds:.0f} |"
             )
         lines.append("")
         lines += _after_updates_table(task, spec)
