@@ -58,8 +58,15 @@ def test_contrasts_count_pairs_over_the_tasks_both_methods_ran_on_final_auc_and_
         assert interval.estimate == pytest.approx(oracle)
         assert interval.low <= interval.estimate <= interval.high
     assert set(eva_lora.after_updates) == {5, 10, 25}
+    # each task alone, where the pooled figure is their mean
+    for task in (a, b):
+        alone = eva_lora.per_task[task.task]
+        assert alone["final"].estimate == pytest.approx(_pairs_better(scores("eva", task, 3), scores("lora", task, 3)))
+    assert eva_lora.final.estimate == pytest.approx(np.mean([eva_lora.per_task[t]["final"].estimate for t in "AB"]))
     page = results_markdown(report)
     assert "## Controls" in page and f"| eva > lora-orth | {CONTRASTS[1].differs} | 2 |" in page
+    alone = eva_lora.per_task
+    assert f"| eva > lora | {alone['A']['final']}; {alone['A']['auc']} | {alone['B']['final']}; " in page
     assert SuiteReport.from_dict(report.to_dict()).contrasts == report.contrasts
 
 
@@ -76,6 +83,7 @@ def test_a_method_always_ahead_of_its_control_scores_one_and_a_tie_one_half() ->
     assert drawn[("eva-fa", "lora-orth-fa")].final.estimate == 1.0
     assert drawn[("eva-fa", "lora-orth-fa")].auc.estimate == 0.5
     assert drawn[("eva", "eva-rescaled")].after_updates == {}  # no early returns recorded
+    assert all(not c.per_task for c in drawn.values())  # one task: the pooled figure is that task's
     # a page of eva and lora alone has its P(eva better) column: no controls section
     plain = Suite("s", [task], methods=["eva", "lora"])
     report = aggregate(plain, [(task, _run(m, curve)) for m in ("eva", "lora") for _ in range(3)])

@@ -59,6 +59,8 @@ class ContrastStats:
     stratified-bootstrap 95% CIs.
 
     :ivar after_updates: ``{k: P(...) on the return after k updates}`` where both were evaluated there.
+    :ivar per_task: ``{task: {"final": P(...), "auc": P(...)}}`` on each task alone, where they ran on several
+        (tasks can disagree: a pooled tie may be a loss on one and a win on the other).
     """
 
     method: str
@@ -68,17 +70,24 @@ class ContrastStats:
     final: Interval
     auc: Interval
     after_updates: dict[int, Interval] = field(default_factory=dict)
+    per_task: dict[str, dict[str, Interval]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["after_updates"] = {str(k): dataclasses.asdict(v) for k, v in self.after_updates.items()}
+        if not self.per_task:  # written where there is one, so reports written before it read back unchanged
+            data.pop("per_task")
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ContrastStats:
         after = {int(k): Interval(**v) for k, v in data.get("after_updates", {}).items()}
+        per_task = {
+            task: {key: Interval(**value) for key, value in scores.items()}
+            for task, scores in data.get("per_task", {}).items()
+        }
         intervals = {"final": Interval(**data["final"]), "auc": Interval(**data["auc"]), "after_updates": after}
-        return cls(**{**data, **intervals})
+        return cls(**{**data, **intervals, "per_task": per_task})
 
 
 Scores = Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]]
@@ -111,7 +120,16 @@ def contrast_stats(scores: Scores, updates: Sequence[int], resamples: int) -> li
             for key in keys
         }
         after = {k: p[after_key(k)] for k in updates if after_key(k) in p}
-        drawn.append(ContrastStats(contrast.method, contrast.control, contrast.differs, tasks, p[FINAL], p[AUC], after))
+        per_task = {
+            task: {
+                key: probability_of_improvement([ours[key][task]], [theirs[key][task]], n_resamples=resamples)
+                for key in (FINAL, AUC)
+            }
+            for task in (tasks if len(tasks) > 1 else [])
+        }
+        drawn.append(
+            ContrastStats(contrast.method, contrast.control, contrast.differs, tasks, p[FINAL], p[AUC], after, per_task)
+        )
     return drawn if len(drawn) >= 2 else []
 
 
@@ -133,4 +151,21 @@ def contrasts_markdown(contrasts: Sequence[ContrastStats]) -> list[str]:
         cells = [str(c.after_updates[k]) if k in c.after_updates else "-" for k in counts]
         row = [f"{c.method} > {c.control}", c.differs, str(len(c.tasks)), str(c.final), str(c.auc), *cells]
         lines.append("| " + " | ".join(row) + " |")
+    return [*lines, "", *_per_task_markdown(contrasts)]
+
+
+def _per_task_markdown(contrasts: Sequence[ContrastStats]) -> list[str]:
+    """The same contrasts on each task alone, where any ran on several (no lines otherwise)."""
+    tasks = list(dict.fromkeys(task for c in contrasts for task in c.per_task))
+    if not tasks:
+        return []
+    lines = [
+        "The same on each task alone (final; AUC):",
+        "",
+        "| method > control | " + " | ".join(tasks) + " |",
+        "|---|" + "---|" * len(tasks),
+    ]
+    for c in contrasts:
+        cells = [f"{c.per_task[task][FINAL]}; {c.per_task[task][AUC]}" if task in c.per_task else "-" for task in tasks]
+        lines.append(f"| {c.method} > {c.control} | " + " | ".join(cells) + " |")
     return [*lines, ""]
