@@ -120,6 +120,7 @@ def contrast_stats(scores: Scores, updates: Sequence[int], resamples: int) -> li
             for key in keys
         }
         after = {k: p[after_key(k)] for k in updates if after_key(k) in p}
+        # Each task alone too, where there are several: a pooled tie can hide a loss on one task and a win on another.
         per_task = {
             task: {
                 key: probability_of_improvement([ours[key][task]], [theirs[key][task]], n_resamples=resamples)
