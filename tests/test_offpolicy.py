@@ -213,12 +213,12 @@ def test_sac_continues_with_the_entropy_coefficient_it_learned(method: str, tmp_
         base.log_ent_coef.fill_(float(np.log(0.0118)))  # what rl-zoo3's HalfCheetah SAC ends at
     model = eva_rl.adapt(base, gym.make("Pendulum-v1"), method, LoraConfig(r=2), FAST_EVA)
     expected = 0.0 if method == "scratch" else float(np.log(0.0118))
-    assert float(model.log_ent_coef) == pytest.approx(expected, abs=1e-7)
+    assert model.log_ent_coef.item() == pytest.approx(expected, abs=1e-7)
     assert model.ent_coef_optimizer.param_groups[0]["params"][0] is model.log_ent_coef, "the optimizer's tensor"
     if method == "lora":
-        assert float(eva_rl.merge(model).log_ent_coef) == pytest.approx(expected, abs=1e-7)
+        assert eva_rl.merge(model).log_ent_coef.item() == pytest.approx(expected, abs=1e-7)
         model.save(tmp_path / "model.zip")
-        assert float(SAC.load(tmp_path / "model.zip", device="cpu").log_ent_coef) == pytest.approx(expected, abs=1e-7)
+        assert SAC.load(tmp_path / "model.zip", device="cpu").log_ent_coef.item() == pytest.approx(expected, abs=1e-7)
 
 
 def test_a_fixed_entropy_coefficient_given_for_the_run_is_kept() -> None:
