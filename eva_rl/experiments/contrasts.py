@@ -94,6 +94,20 @@ Scores = Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]]
 """``{method: {FINAL | AUC | after_key(k): {task: per-seed scores}}}``."""
 
 
+def on_one_task(
+    ours: Mapping[str, Mapping[str, Sequence[float]]],
+    theirs: Mapping[str, Mapping[str, Sequence[float]]],
+    task: str,
+    resamples: int,
+) -> dict[str, Interval]:
+    """``{FINAL: P, AUC: P}``: P(a run of the one method scores higher than a run of the other) on ``task`` alone,
+    from each method's ``{FINAL | AUC: {task: per-seed scores}}``."""
+    return {
+        key: probability_of_improvement([ours[key][task]], [theirs[key][task]], n_resamples=resamples)
+        for key in (FINAL, AUC)
+    }
+
+
 def contrast_stats(scores: Scores, updates: Sequence[int], resamples: int) -> list[ContrastStats]:
     """The :data:`CONTRASTS` whose two methods ran on a common task, or none where fewer than two can be drawn (a
     page without controls has its P(eva better) column already).
@@ -121,13 +135,7 @@ def contrast_stats(scores: Scores, updates: Sequence[int], resamples: int) -> li
         }
         after = {k: p[after_key(k)] for k in updates if after_key(k) in p}
         # Each task alone too, where there are several: a pooled tie can hide a loss on one task and a win on another.
-        per_task = {
-            task: {
-                key: probability_of_improvement([ours[key][task]], [theirs[key][task]], n_resamples=resamples)
-                for key in (FINAL, AUC)
-            }
-            for task in (tasks if len(tasks) > 1 else [])
-        }
+        per_task = {task: on_one_task(ours, theirs, task, resamples) for task in (tasks if len(tasks) > 1 else [])}
         drawn.append(
             ContrastStats(contrast.method, contrast.control, contrast.differs, tasks, p[FINAL], p[AUC], after, per_task)
         )

@@ -13,7 +13,15 @@ from typing import Any
 import numpy as np
 
 from eva_rl.eva_report import EvaReport
-from eva_rl.experiments.contrasts import AUC, FINAL, ContrastStats, after_key, contrast_stats, contrasts_markdown
+from eva_rl.experiments.contrasts import (
+    AUC,
+    FINAL,
+    ContrastStats,
+    after_key,
+    contrast_stats,
+    contrasts_markdown,
+    on_one_task,
+)
 from eva_rl.experiments.machine import platform_line
 from eva_rl.experiments.plots import method_color, new_figure, save_figure
 from eva_rl.experiments.run_folder import RunFolder, RunResult
@@ -313,12 +321,8 @@ def _compare_with_reference(
         return
     for method, row in task.methods.items():
         if method != reference:
-            row.p_reference_better, row.p_reference_better_auc = (
-                probability_of_improvement(
-                    [scores[reference][key][name]], [scores[method][key][name]], n_resamples=resamples
-                )
-                for key in (FINAL, AUC)
-            )
+            versus = on_one_task(scores[reference], scores[method], name, resamples)
+            row.p_reference_better, row.p_reference_better_auc = versus[FINAL], versus[AUC]
 
 
 def _normalize_aggregates(
