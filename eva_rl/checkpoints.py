@@ -1,8 +1,8 @@
 """Adapter-only checkpoints: the weights a fine-tuning run changed, in safetensors, plus a JSON config.
 
 A full SB3 zip holds every weight and pickles (loading one can run code). An adapter file holds only what
-fine-tuning trained (the LoRA factors, DoRA magnitudes, and any trainable head, bias or ``log_std``), plus the
-base weights that PiSSA/OLoRA rewrote as residuals; it loads with ``safetensors`` and ``json``, no pickle. The
+fine-tuning trained (the LoRA factors, DoRA magnitudes, and any trainable head, bias or ``log_std``), plus a frozen
+A (LoRA-FA: EVA's directions or a seeded draw) and the base weights that PiSSA/OLoRA rewrote as residuals; it loads with ``safetensors`` and ``json``, no pickle. The
 pretrained agent it was trained from supplies everything else.
 
 Format (a folder):
@@ -57,6 +57,8 @@ def adapter_state(model: PPO, method: str | None = None) -> dict[str, Any]:
             f"model.policy is a {type(policy).__name__}; only adapted models have adapter checkpoints"
         )
     keep = {name for name, p in policy.named_parameters() if p.requires_grad}
+    # A frozen A (LoRA-FA) is still the run's own: EVA's directions or a seeded draw the base agent cannot redo
+    keep |= {f"{name}.lora_A" for name in policy.lora_layers}
     method = _method_of(model, method)
     if method is not None and get_method(method).rewrites_base:
         keep |= {f"{name}.base_layer.weight" for name in policy.lora_layers}
@@ -117,7 +119,12 @@ def check_adapter_tensors(tensors: dict[str, torch.Tensor], expected: set[str], 
     finite floating-point tensor."""
     problems = []
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing:
+    if missing and all(key.endswith(".lora_A") for key in missing):
+        problems.append(
+            f"missing tensors {missing}: a frozen-A adapter saved before eva-rl kept its A factors; the fine-tuned "
+            "policy is only in the run's model.zip"
+        )
+    elif missing:
         problems.append(f"missing tensors {missing}")
     if unexpected:
         problems.append(f"tensors this agent's adapters do not have {unexpected}")

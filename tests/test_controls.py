@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from stable_baselines3 import PPO
@@ -82,6 +83,22 @@ def test_frozen_a_methods_train_b_only_and_keep_a_through_save_and_load(method: 
     loaded = PPO.load(tmp_path / "model.zip", device="cpu")
     assert not loaded.policy.lora_config.train_A
     assert not any(layer.lora_A.requires_grad for layer in loaded.policy.lora_layers.values())
+
+
+@pytest.mark.parametrize("method", ["eva-fa", "lora-fa", "lora-orth-fa"])
+def test_frozen_a_adapter_checkpoints_keep_a(method: str, tmp_path: Path) -> None:
+    model = adapted(method)
+    model.learn(128)
+    eva_rl.save_adapter(model, tmp_path / "adapter")
+    loaded = eva_rl.load_adapter(make_pretrained("mlp-discrete"), tmp_path / "adapter")
+    for name, layer in model.policy.lora_layers.items():
+        torch.testing.assert_close(rows(loaded.policy.lora_layers[name]), rows(layer), atol=0, rtol=0)
+    obs = torch.as_tensor(np.stack([model.observation_space.sample() for _ in range(8)]))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.policy.get_distribution(obs).distribution.logits,
+            model.policy.get_distribution(obs).distribution.logits,
+        )
 
 
 def test_rslora_scales_by_alpha_over_sqrt_r_in_the_forward_pass() -> None:
