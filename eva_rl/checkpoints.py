@@ -2,8 +2,8 @@
 
 A full SB3 zip holds every weight and pickles (loading one can run code). An adapter file holds only what
 fine-tuning trained (the LoRA factors, DoRA magnitudes, and any trainable head, bias or ``log_std``), plus a frozen
-A (LoRA-FA: EVA's directions or a seeded draw) and the base weights that PiSSA/OLoRA rewrote as residuals; it loads with ``safetensors`` and ``json``, no pickle. The
-pretrained agent it was trained from supplies everything else.
+A (LoRA-FA: EVA's directions or a seeded draw) and the base weights that PiSSA/OLoRA rewrote as residuals; it loads
+with ``safetensors`` and ``json``, no pickle. The pretrained agent it was trained from supplies everything else.
 
 Format (a folder):
 

@@ -10,6 +10,7 @@ from eva_rl.experiments.stats import (
     Interval,
     curve_at,
     iqm,
+    mean_interval,
     normalized_auc,
     probability_of_improvement,
     score_format,
@@ -34,6 +35,18 @@ def test_stratified_ci_covers_the_true_iqm_about_95_percent_of_the_time() -> Non
         covered += interval.low <= true_iqm <= interval.high
         assert interval.low <= interval.estimate <= interval.high
     assert 0.88 <= covered / trials <= 0.99, covered
+
+
+def test_mean_ci_covers_the_true_mean_about_95_percent_of_the_time() -> None:
+    rng = np.random.default_rng(1)
+    covered = 0
+    for trial in range(200):
+        values = rng.exponential(1.0, size=30)  # skewed: the percentile bootstrap still covers the mean of 1
+        interval = mean_interval(values, n_resamples=500, seed=trial)
+        assert interval.estimate == pytest.approx(values.mean())
+        covered += interval.low <= 1.0 <= interval.high
+    assert 0.85 <= covered / 200 <= 0.99, covered
+    assert mean_interval([0.3, 0.3, 0.3]) == Interval(0.3, 0.3, 0.3)
 
 
 def test_stratified_bootstrap_resamples_within_tasks() -> None:

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -25,6 +26,9 @@ from eva_rl.experiments.run_folder import RunFolder
 from eva_rl.experiments.tasks import EvalSettings, TaskConfig, find_task, known_tasks, load_task
 from eva_rl.experiments.trust import pickle_note
 from eva_rl.files import atomic_save_model, check_writable
+
+if TYPE_CHECKING:
+    from eva_rl.experiments.suites import Suite
 
 ENV_FLAGS = ("env", "config", "gym_package", "env_kwargs", "n_envs", "wrapper", "device", "threads")
 """Which environment and task, and where the computation runs (every command that builds the target env)."""
@@ -244,6 +248,8 @@ def compare_command(args: argparse.Namespace) -> int:
         raise ConfigError("--rank-study runs the suite's rank_study as written: drop --methods, --seeds and --backend")
     if args.tune and (args.report_only or args.seeds or args.backend != "local"):
         raise ConfigError("--tune runs the suite's tuning seeds locally: drop --report-only, --seeds and --backend")
+    if args.anatomy:
+        return anatomy_command(suite, args)
     # One study per flag, one executor class per --backend.
     if args.rank_study and args.tune:
         study = RankTuningSweep(suite, args.log_dir)
@@ -273,6 +279,18 @@ def compare_command(args: argparse.Namespace) -> int:
         print(f"\nResults: {out}/results.md, results.json, sample_efficiency*.png, final_return.png, eva_ranks.png")
         if next(out.rglob(RunFolder.EVENTS), None) is not None:  # committed pages keep no event files
             print(tensorboard_hint(out))
+    return 0
+
+
+def anatomy_command(suite: Suite, args: argparse.Namespace) -> int:
+    """``compare --anatomy``: where the suite's adapter runs moved each layer (runs nothing new)."""
+    from eva_rl.experiments.studies.anatomy import suite_anatomy
+
+    if args.tune or args.rank_study or args.seeds or args.backend != "local":
+        raise ConfigError("--anatomy reads a suite's completed runs: drop --tune, --rank-study, --seeds and --backend")
+    torch_threads(args.threads)
+    suite_anatomy(suite, args.log_dir, args.methods, args.report_only)
+    print(f"\nAnatomy: {args.log_dir / suite.name}/anatomy.md, anatomy.json; each run's in its anatomy.json")
     return 0
 
 
@@ -442,6 +460,7 @@ COMMANDS: dict[str, Command] = {
                 "seeds",
                 "tune",
                 "rank_study",
+                "anatomy",
                 "report_only",
                 "log_dir",
                 "overwrite",

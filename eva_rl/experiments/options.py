@@ -370,6 +370,14 @@ FLAGS: dict[str, Flag] = {
             action="store_true",
         ),
         Flag(
+            ("--anatomy",),
+            "measure where each adapter method's completed runs moved the pretrained agent's layers, on its "
+            "activations in the target env (anatomy.md beside the suite's page; with --report-only: redraw it)",
+            STUDY,
+            None,
+            action="store_true",
+        ),
+        Flag(
             ("--report-only",),
             "run nothing: redraw the page from the completed runs (--methods, --seeds restrict it)",
             STUDY,

@@ -83,6 +83,13 @@ def _bootstrap_interval(
     return Interval(estimate, float(result.confidence_interval.low), float(result.confidence_interval.high))
 
 
+def mean_interval(
+    values: Sequence[float], confidence: float = 0.95, n_resamples: int = 50000, seed: int = 0
+) -> Interval:
+    """The mean of ``values`` with a percentile-bootstrap CI."""
+    return _bootstrap_interval((np.asarray(values, dtype=float),), np.mean, confidence, n_resamples, seed)
+
+
 def _pooled_iqm(*per_task: np.ndarray, axis: int = -1) -> np.ndarray:
     return iqm(np.concatenate(per_task, axis=axis), axis=axis)
 

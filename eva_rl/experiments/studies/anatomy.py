@@ -1,0 +1,185 @@
+"""``eva-rl compare --suite S --anatomy``: where each adapter method's completed runs moved the pretrained agent's
+layers (:mod:`eva_rl.anatomy`), measured on the pretrained agent's own activations in each task's target env.
+
+Each run's figures are kept in its folder (``anatomy.json``, read back by ``--report-only``, committed with the
+run's ``result.json``); the suite's page is ``anatomy.md`` and ``anatomy.json`` beside its ``results.md``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from contextlib import closing
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+import torch
+from stable_baselines3.common.save_util import load_from_zip_file
+
+from eva_rl.adapt import adapter_plan
+from eva_rl.anatomy import InputMoments, adapter_update, collect_input_moments, layer_anatomy
+from eva_rl.checkpoints import read_tensors
+from eva_rl.experiments.environments import agent_env, import_packages
+from eva_rl.experiments.run_folder import RunFolder
+from eva_rl.experiments.stats import mean_interval
+from eva_rl.experiments.suites import Suite
+from eva_rl.experiments.tasks import TaskConfig
+from eva_rl.files import atomic_write_json, atomic_write_text
+from eva_rl.loading import load_pretrained
+from eva_rl.methods import get_method
+from eva_rl.models import wrap_target_env
+from eva_rl.plan import AdapterPlan
+from eva_rl.rollouts import RolloutBatches, policy_forward
+
+ANATOMY = "anatomy.json"
+STEPS = 4096
+"""Env steps of the pretrained agent's rollouts the input moments are taken over (sampled actions, as PPO's)."""
+SEED = 0
+BATCH = 256
+METRICS = ("change", "update_top_share", "a_top_share")
+HEADINGS = {
+    "change": "RMS output change relative to the layer's RMS output, sqrt(E|dW x|^2 / E|W x|^2)",
+    "update_top_share": "share of the update dW on the inputs' top-k principal subspace, |dW U_k|^2 / |dW|^2",
+    "a_top_share": "share of A's rows in the inputs' top-k principal subspace, |A U_k|^2 / |A|^2",
+}
+
+
+def base_layers(task: TaskConfig) -> tuple[dict[str, torch.Tensor], dict[str, InputMoments]]:
+    """The pretrained agent's weight of each layer ``task``'s adapters target, and its input moments over
+    :data:`STEPS` env steps of the agent's rollouts in the target env."""
+    import_packages(task.env_packages)
+    agent = load_pretrained(task.agent_path, device="cpu")
+    method = get_method("lora")
+    plan = adapter_plan(agent.model, method, method.lora_config(task.lora), task.eva)
+    layers = {name: agent.model.policy.get_submodule(name) for name in plan.layers}
+    with closing(agent_env(task, agent, task.n_envs, SEED)) as env:
+        batches = RolloutBatches(agent.model.policy, wrap_target_env(agent.model, env), BATCH, seed=SEED)
+        moments = collect_input_moments(
+            agent.model.policy, layers, itertools.islice(batches, STEPS // BATCH), policy_forward
+        )
+    return {name: layer.weight.detach().cpu() for name, layer in layers.items()}, moments
+
+
+def run_anatomy(
+    folder: RunFolder, weights: dict[str, torch.Tensor], moments: dict[str, InputMoments], k: int
+) -> dict[str, dict[str, float]]:
+    """``{layer: {metric: value}}`` for the adapter a completed run saved (its rank-0 layers left out)."""
+    config = json.loads((folder.adapter_dir / "adapter_config.json").read_text())
+    plan = AdapterPlan.from_dict(config["lora_plan"])
+    tensors = read_tensors(folder.adapter_dir / "adapter.safetensors")
+    if any(f"{name}.lora_A" not in tensors for name, layer in plan.layers.items() if layer.rank):
+        # a frozen-A adapter saved before checkpoints kept A: the run's zip has it (its weights, nothing unpickled)
+        _, params, _ = load_from_zip_file(folder.model_file, load_data=False, device="cpu")
+        tensors = params["policy"]
+    figures = {}
+    for name, layer in plan.layers.items():
+        if layer.rank == 0:
+            continue
+        scaling = layer.alpha / (math.sqrt(layer.rank) if plan.use_rslora else layer.rank)
+        delta, lora_a = adapter_update(tensors, name, scaling, weights[name])
+        figures[name] = {**layer_anatomy(weights[name], delta, lora_a, moments[name], k), "fan_in": layer.fan_in}
+    return figures
+
+
+def _adapter_runs(out: Path, task: str, methods: list[str]) -> dict[str, list[RunFolder]]:
+    """The completed runs of ``methods`` on ``task`` that saved an adapter, by method, in seed order."""
+    runs: dict[str, list[RunFolder]] = {}
+    for method in methods:
+        folders = [RunFolder(path) for path in (out / task / method).glob("seed*")]
+        done = [f for f in folders if f.result_file.is_file() and (f.adapter_dir / "adapter_config.json").is_file()]
+        done += [f for f in folders if f not in done and (f.path / ANATOMY).is_file()]  # committed: no adapter
+        if done:
+            runs[method] = sorted(done, key=lambda f: int(f.path.name.removeprefix("seed")))
+    return runs
+
+
+def suite_anatomy(
+    suite: Suite, log_dir: Path, methods: list[str] | None = None, report_only: bool = False
+) -> dict[str, Any]:
+    """Measure every completed adapter run of ``suite`` (kept per run), then write the suite's ``anatomy.json``
+    and ``anatomy.md``; with ``report_only``, only the runs measured before.
+
+    :return: ``{task: {method: {"seeds", "final_return", "layers": {layer: {metric: mean over seeds}}}}}``.
+    """
+    out = Path(log_dir) / suite.name
+    report: dict[str, Any] = {}
+    for suite_task in suite.tasks:
+        task = suite.task(suite_task)
+        adapters = [m for m in suite.task_methods(suite_task, methods) if get_method(m).trains == "adapters"]
+        runs = _adapter_runs(out, suite_task.task, adapters)
+        base: tuple[dict[str, torch.Tensor], dict[str, InputMoments]] | None = None
+        per_method: dict[str, Any] = {}
+        for method, folders in runs.items():
+            measured = []
+            for folder in folders:
+                if not (folder.path / ANATOMY).is_file():
+                    if report_only:
+                        continue
+                    base = base or base_layers(task)
+                    figures = run_anatomy(folder, *base, task.lora.r)
+                    atomic_write_json(folder.path / ANATOMY, {"steps": STEPS, "seed": SEED, "layers": figures})
+                measured.append(folder)
+            if measured:
+                per_method[method] = _method_summary(measured)
+        report[suite_task.task] = per_method
+    ranks = {t.task: suite.task(t).lora.r for t in suite.tasks}
+    atomic_write_json(out / ANATOMY, {"steps": STEPS, "seed": SEED, "k": ranks, "tasks": report})
+    atomic_write_text(out / "anatomy.md", anatomy_markdown(suite.name, report, ranks, STEPS))
+    return report
+
+
+def _method_summary(folders: list[RunFolder]) -> dict[str, Any]:
+    runs = [json.loads((f.path / ANATOMY).read_text())["layers"] for f in folders]
+    layers = list(dict.fromkeys(name for run in runs for name in run))
+    return {
+        "seeds": len(runs),
+        "final_return": fmean(f.read_result().final_return for f in folders),
+        # each run's mean over its layers, for the summary's CIs over seeds
+        "runs": {m: [fmean(figures[m] for figures in run.values()) for run in runs] for m in METRICS},
+        "layers": {
+            name: {
+                **{m: fmean(run[name][m] for run in runs if name in run) for m in METRICS},
+                "fan_in": next(run[name]["fan_in"] for run in runs if name in run),
+            }
+            for name in layers
+        },
+    }
+
+
+def anatomy_markdown(suite: str, report: dict[str, Any], k: dict[str, int], steps: int) -> str:
+    """The page: per task, one summary row per method, then one table per figure (layers x methods)."""
+    lines = [
+        f"# Anatomy of the updates: suite {suite}",
+        "",
+        "Where fine-tuning moved each adapted layer of the pretrained agent, measured on the pretrained agent's own "
+        f"activations in the target env ({steps} env steps, actions sampled, seed {SEED}); each figure is a mean over "
+        "the method's seeds. k is the task's LoRA rank r; a random direction's share of the top-k subspace is "
+        "k / fan-in. Made by `eva-rl compare --suite {suite} --anatomy` (module eva_rl.anatomy).".replace(
+            "{suite}", suite
+        ),
+    ]
+    for task, methods in report.items():
+        if not methods:
+            continue
+        names = list(methods)
+        lines += ["", f"## {task}", "", "| method | seeds | final return | " + " | ".join(METRICS) + " |"]
+        lines.append("|---" * (3 + len(METRICS)) + "|")
+        for method, summary in methods.items():
+            cells = " | ".join(mean_interval(summary["runs"][m]).format() for m in METRICS)
+            lines.append(f"| {method} | {summary['seeds']} | {summary['final_return']:.3f} | {cells} |")
+        lines += ["", "Above: each run's mean over its layers, then the mean over seeds [95% CI]; below: per layer."]
+        layers = list(dict.fromkeys(name for summary in methods.values() for name in summary["layers"]))
+        fan_in = {name: s["layers"][name]["fan_in"] for s in methods.values() for name in s["layers"]}
+        for metric in METRICS:
+            chance = metric != "change"  # a random direction's share: k / fan-in
+            lines += ["", f"**{metric}**: {HEADINGS[metric]}", ""]
+            lines.append("| layer | " + ("random | " if chance else "") + " | ".join(names) + " |")
+            lines.append("|---" * (1 + chance + len(names)) + "|")
+            for layer in layers:
+                cells = [f"{min(k[task], fan_in[layer]) / fan_in[layer]:.3f}"] if chance else []
+                figures = [methods[m]["layers"].get(layer) for m in names]
+                cells += [f"{f[metric]:.3f}" if f else "-" for f in figures]
+                lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

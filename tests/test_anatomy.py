@@ -1,0 +1,123 @@
+"""Where adapters moved a layer (:mod:`eva_rl.anatomy`): each figure against a direct computation on the stacked
+input rows, and ``compare --anatomy`` on the smoke suite's runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import eva_rl
+from eva_rl.anatomy import InputMoments, adapter_update, collect_input_moments, layer_anatomy
+from eva_rl.eva import layer_input_rows
+from eva_rl.experiments.studies.anatomy import ANATOMY, suite_anatomy
+from tests.test_cli import run_cli
+from tests.test_compare import compare, smoke_suite
+
+pytestmark = pytest.mark.filterwarnings("ignore:EVA:UserWarning")
+
+
+def projector(columns: torch.Tensor) -> torch.Tensor:
+    return columns @ columns.T
+
+
+def test_moments_and_principal_directions_match_an_svd_of_the_stacked_rows() -> None:
+    torch.manual_seed(0)
+    rows = torch.randn(300, 6, dtype=torch.float64) @ torch.diag(torch.tensor([5.0, 3, 2, 1, 0.5, 0.1]).double())
+    rows += torch.tensor([1.0, -2, 0, 0, 3, 0]).double()
+    moments = InputMoments.empty(6)
+    for chunk in rows.split(70):
+        moments.update(chunk)
+    assert moments.rows == 300
+    torch.testing.assert_close(moments.second_moment, rows.T @ rows / 300)
+    _, _, vh = torch.linalg.svd(rows - rows.mean(dim=0), full_matrices=False)
+    torch.testing.assert_close(projector(moments.principal_directions(3)), projector(vh[:3].T))
+
+
+def test_change_and_shares_match_their_definitions_on_the_rows() -> None:
+    torch.manual_seed(1)
+    rows = torch.randn(500, 8, dtype=torch.float64) * torch.linspace(4, 0.2, 8, dtype=torch.float64)
+    moments = InputMoments.empty(8)
+    moments.update(rows)
+    weight, delta, lora_a = torch.randn(5, 8).double(), torch.randn(5, 8).double(), torch.randn(2, 8).double()
+    figures = layer_anatomy(weight, delta, lora_a, moments, k=2)
+    want = math.sqrt((rows @ delta.T).square().sum(1).mean() / (rows @ weight.T).square().sum(1).mean())
+    assert figures["change"] == pytest.approx(want, rel=1e-9)
+    top = moments.principal_directions(2)
+    inside, outside = torch.randn(5, 2).double() @ top.T, delta - delta @ projector(top)
+    assert layer_anatomy(weight, inside, top.T, moments, k=2)["update_top_share"] == pytest.approx(1.0)
+    assert layer_anatomy(weight, inside, top.T, moments, k=2)["a_top_share"] == pytest.approx(1.0)
+    assert layer_anatomy(weight, outside, outside[:2], moments, k=2)["update_top_share"] == pytest.approx(0, abs=1e-12)
+    assert 0 < figures["update_top_share"] < 1 and 0 < figures["a_top_share"] < 1
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_the_update_is_what_the_adapter_adds_to_the_layers_output(kind: str) -> None:
+    torch.manual_seed(2)
+    if kind == "linear":
+        layer, x = eva_rl.LoraLinear(nn.Linear(6, 4), r=2, alpha=3.0), torch.randn(5, 6)
+    else:
+        layer, x = eva_rl.LoraConv2d(nn.Conv2d(3, 4, 2, padding=1), r=2, alpha=3.0), torch.randn(2, 3, 5, 5)
+    nn.init.normal_(layer.lora_B)
+    tensors = {"layer.lora_A": layer.lora_A.detach(), "layer.lora_B": layer.lora_B.detach()}
+    delta, lora_a = adapter_update(tensors, "layer", layer.scaling, layer.base_layer.weight.detach())
+    assert lora_a.shape == (2, layer.fan_in)
+    with torch.no_grad():
+        added = layer(x) - layer.base_layer(x)
+    # the added output, unit by unit, is dW times the rows the weight sees
+    want = added.movedim(1, -1).reshape(-1, 4) if kind == "conv" else added
+    torch.testing.assert_close((layer_input_rows(layer, x).double() @ delta.T).float(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_rewritten_base_weight_counts_in_the_update_and_dora_is_refused() -> None:
+    weight = torch.randn(4, 6)
+    tensors = {"l.lora_A": torch.zeros(2, 6), "l.lora_B": torch.zeros(4, 2), "l.base_layer.weight": weight + 1}
+    delta, _ = adapter_update(tensors, "l", 1.0, weight)
+    torch.testing.assert_close(delta, torch.ones(4, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="DoRA"):
+        adapter_update({**tensors, "l.lora_magnitude": torch.ones(4)}, "l", 1.0, weight)
+
+
+def test_collected_moments_are_those_of_the_rows_each_layer_saw() -> None:
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(2, 3, 2), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 3 * 3, 2))
+    batches = [torch.randn(4, 2, 4, 4) for _ in range(3)]
+    moments = collect_input_moments(net, {"0": net[0], "3": net[3]}, batches, lambda module, batch: module(batch))
+    patches = torch.cat([layer_input_rows(net[0], b) for b in batches]).double()
+    flat = torch.cat([net[2](net[1](net[0](b))) for b in batches]).detach().double()
+    assert moments["0"].rows == patches.shape[0] and moments["3"].rows == 12
+    torch.testing.assert_close(moments["0"].second_moment, patches.T @ patches / patches.shape[0])
+    torch.testing.assert_close(moments["3"].second_moment, flat.T @ flat / 12)
+    assert not net[0]._forward_pre_hooks
+
+
+def test_compare_anatomy_measures_each_adapter_run_and_redraws_from_its_files(tmp_path: Path) -> None:
+    suite = dataclasses.replace(smoke_suite(), methods=["eva", "lora-fa", "full"], seeds=1)
+    compare(suite, tmp_path, echo=lambda line: None)
+    report = suite_anatomy(suite, tmp_path)["PointGoal"]
+    assert set(report) == {"eva", "lora-fa"}  # full fine-tuning has no adapter
+    run = json.loads((tmp_path / "smoke" / "PointGoal" / "eva" / "seed0" / ANATOMY).read_text())
+    k = suite.task(suite.tasks[0]).lora.r
+    for layer, figures in run["layers"].items():
+        chance = min(k, figures["fan_in"]) / figures["fan_in"]
+        assert figures["change"] > 0, layer
+        # EVA's A rows start as the top principal directions of these inputs (its own rollouts: nearly the same)
+        assert figures["a_top_share"] > max(0.5, chance), layer
+    shares = {m: [f["a_top_share"] for f in report[m]["layers"].values()] for m in report}
+    assert sum(shares["eva"]) > sum(shares["lora-fa"])  # a random A's rows mostly miss the top directions
+    page = (tmp_path / "smoke" / "anatomy.md").read_text()
+    assert "## PointGoal" in page and "| eva | 1 |" in page and "| lora-fa | 1 |" in page
+    (tmp_path / "smoke" / "PointGoal" / "eva" / "seed0" / "adapter" / "adapter.safetensors").unlink()
+    assert suite_anatomy(suite, tmp_path, report_only=True)["PointGoal"] == report  # read back, nothing measured
+    assert (tmp_path / "smoke" / "anatomy.md").read_text() == page
+
+
+def test_anatomy_refuses_the_flags_of_other_studies() -> None:
+    done = run_cli("compare.py", "--suite", "smoke", "--anatomy", "--tune")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--anatomy reads a suite's completed runs: drop --tune" in done.stderr
