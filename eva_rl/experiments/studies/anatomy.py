@@ -111,6 +111,7 @@ def suite_anatomy(
         runs = _adapter_runs(out, suite_task.task, adapters)
         base: tuple[dict[str, torch.Tensor], dict[str, InputMoments]] | None = None
         per_method: dict[str, Any] = {}
+        # the pretrained agent's rollouts are taken once per task, and only if a run is not measured yet
         for method, folders in runs.items():
             measured = []
             for folder in folders:
