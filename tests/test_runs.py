@@ -362,6 +362,38 @@ def test_a_kill_while_a_checkpoint_is_written_resumes_from_a_whole_one(
         torch.testing.assert_close(again.policy.state_dict()[key], value, atol=0, rtol=0, msg=key)
 
 
+def test_a_run_cut_off_in_its_first_checkpoint_starts_over_and_ends_as_an_uninterrupted_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from eva_rl.experiments import training
+
+    spec_in = point_goal_run("lora", None, False)
+    uninterrupted = runs.run(spec_in(tmp_path / "whole"), progress=False)
+    spec = spec_in(tmp_path / "killed")
+
+    def killed(model, path, *args, **kwargs):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        (Path(path).parent / ".checkpoint.tmp.zip").write_bytes(b"")  # what a kill mid-write leaves
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(training, "atomic_save_model", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        runs.run(spec, progress=False)
+    monkeypatch.undo()
+    assert spec.folder.first_checkpoint_cut_off and spec.folder.latest_checkpoint() is None
+    with pytest.warns(UserWarning, match="its first checkpoint was cut off while it was written; the run starts over"):
+        again = runs.run(spec, progress=False, resume=True)
+    assert again.eval_curve == uninterrupted.eval_curve
+
+
+def test_a_checkpoint_whose_model_was_written_is_never_started_over(tmp_path: Path) -> None:
+    from eva_rl.experiments.run_folder import RunFolder
+
+    folder = RunFolder(tmp_path)
+    folder.new_checkpoint(1).model_file.write_text("a model whose state was never committed")
+    assert folder.latest_checkpoint() is None and not folder.first_checkpoint_cut_off
+
+
 def test_a_checkpoint_with_a_part_from_another_save_is_not_resumed_from(tmp_path: Path) -> None:
     from eva_rl.experiments.run_folder import RunFolder
 

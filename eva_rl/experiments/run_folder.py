@@ -256,6 +256,17 @@ class RunFolder:
         """Whether a run began checkpointing here (whole or not: the folder holds an unfinished run)."""
         return any(self.checkpoints()) or (self.path / self.STATE).exists()
 
+    @property
+    def first_checkpoint_cut_off(self) -> bool:
+        """Whether the run was cut off while writing its first checkpoint: no checkpoint got as far as its model, so
+        there is nothing to resume from and nothing that starting over would lose."""
+        checkpoints = self.checkpoints()
+        return (
+            bool(checkpoints)
+            and not (self.path / self.STATE).exists()
+            and not any(c.model_file.exists() for c in checkpoints)
+        )
+
     def checkpoints(self) -> list[Checkpoint]:
         """The checkpoint folders, the latest first (whole or not)."""
         folder = self.path / self.CHECKPOINTS

@@ -240,6 +240,12 @@ def _run_locked(spec: RunSpec, settings: dict[str, Any], progress: bool | Progre
     folder = spec.folder
     unfinished = folder.has_checkpoint
     latest = folder.latest_checkpoint() if unfinished else None
+    if unfinished and latest is None and folder.first_checkpoint_cut_off:
+        warnings.warn(
+            f"{spec.run_dir}: its first checkpoint was cut off while it was written; the run starts over", stacklevel=2
+        )
+        folder.clear()
+        unfinished = False
     if unfinished and latest is None:
         raise RunDirError(
             f"{spec.run_dir} holds no whole checkpoint to resume from (each was cut off while it was written, or was "
