@@ -157,15 +157,14 @@ def anatomy_markdown(suite: str, report: dict[str, Any], k: dict[str, int], step
         "Where fine-tuning moved each adapted layer of the pretrained agent, measured on the pretrained agent's own "
         f"activations in the target env ({steps} env steps, actions sampled, seed {SEED}); each figure is a mean over "
         "the method's seeds. k is the task's LoRA rank r; a random direction's share of the top-k subspace is "
-        "k / fan-in. Made by `eva-rl compare --suite {suite} --anatomy` (module eva_rl.anatomy).".replace(
-            "{suite}", suite
-        ),
+        "k / fan-in. The runs, their returns and the platform they ran on: results.md beside this page. Made by "
+        "`eva-rl compare --suite {suite} --anatomy` (module eva_rl.anatomy).".replace("{suite}", suite),
     ]
     for task, methods in report.items():
         if not methods:
             continue
         names = list(methods)
-        lines += ["", f"## {task}", "", "| method | seeds | final return | " + " | ".join(METRICS) + " |"]
+        lines += ["", f"## {task}", "", "| method | seeds | final return (mean) | " + " | ".join(METRICS) + " |"]
         lines.append("|---" * (3 + len(METRICS)) + "|")
         for method, summary in methods.items():
             cells = " | ".join(mean_interval(summary["runs"][m]).format() for m in METRICS)
