@@ -117,7 +117,11 @@ def test_compare_anatomy_measures_each_adapter_run_and_redraws_from_its_files(tm
     assert (tmp_path / "smoke" / "anatomy.md").read_text() == page
 
 
-def test_anatomy_refuses_the_flags_of_other_studies() -> None:
+def test_anatomy_refuses_the_flags_of_other_studies_and_a_suite_without_runs(tmp_path: Path) -> None:
     done = run_cli("compare.py", "--suite", "smoke", "--anatomy", "--tune")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "--anatomy reads a suite's completed runs: drop --tune" in done.stderr
+    done = run_cli("compare.py", "--suite", "smoke", "--anatomy", "--log-dir", str(tmp_path))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    want = f"error: no completed adapter run of suite smoke under {tmp_path / 'smoke'}: run the suite first"
+    assert want in done.stderr

@@ -21,6 +21,7 @@ from stable_baselines3.common.save_util import load_from_zip_file
 from eva_rl.adapt import adapter_plan
 from eva_rl.anatomy import InputMoments, adapter_update, collect_input_moments, layer_anatomy
 from eva_rl.checkpoints import read_tensors
+from eva_rl.errors import ConfigError
 from eva_rl.experiments.environments import agent_env, import_packages
 from eva_rl.experiments.run_folder import RunFolder
 from eva_rl.experiments.stats import mean_interval
@@ -125,6 +126,11 @@ def suite_anatomy(
             if measured:
                 per_method[method] = _method_summary(measured)
         report[suite_task.task] = per_method
+    if not any(report.values()):
+        raise ConfigError(
+            f"no completed adapter run of suite {suite.name} under {out}"
+            + (" has an anatomy.json yet: drop --report-only" if report_only else ": run the suite first")
+        )
     ranks = {t.task: suite.task(t).lora.r for t in suite.tasks}
     atomic_write_json(out / ANATOMY, {"steps": STEPS, "seed": SEED, "k": ranks, "tasks": report})
     atomic_write_text(out / "anatomy.md", anatomy_markdown(suite.name, report, ranks, STEPS))
