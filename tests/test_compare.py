@@ -81,6 +81,23 @@ def test_local_sweep_writes_tables_and_plots_and_a_rerun_skips_completed_runs(tm
     assert not results[0].exists()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failing_run_is_named_and_the_others_complete_before_its_error(tmp_path: Path, workers: int) -> None:
+    from eva_rl.experiments.run_folder import RunDirError
+
+    suite = smoke_suite()
+    (_, broken), *_ = suite.run_specs(tmp_path)
+    broken.run_dir.mkdir(parents=True)
+    (broken.run_dir / "settings.json").write_text("{damaged")
+    lines: list[str] = []
+    with pytest.raises(RunDirError, match="settings.json"):
+        LocalProcesses(workers, echo=lines.append).run([spec for _, spec in suite.run_specs(tmp_path)])
+    failed = f"{broken.task.name} {broken.method} seed{broken.seed}: failed"
+    assert sum(failed in line for line in lines) == 1 and sum("final" in line for line in lines) == 3, lines
+    assert lines[-1] == "1 of 4 runs failed (named above); the first one's error:"
+    assert len(list((tmp_path / "smoke").glob("PointGoal/*/seed*/result.json"))) == 3
+
+
 def test_specs_are_one_per_task_method_seed_with_method_settings(tmp_path: Path) -> None:
     suite = smoke_suite()
     suite.method_settings = {"eva": {"learning_rate": 3e-3, "alpha": 8.0}}

@@ -143,20 +143,32 @@ class LocalProcesses(Executor):
     """A process pool of ``workers`` on this machine (``workers`` 1: one run after the other in this process)."""
 
     def run(self, specs: Sequence[RunSpec], resume: bool = True, overwrite: bool = False) -> list[RunResult]:
+        """As :meth:`Executor.run`; a run that fails is named as it ends and the others go on, so one bad run folder
+        neither stops a sweep nor hides its progress: the first error is raised once every run has ended."""
         jobs = [(spec, resume, overwrite, self.threads) for spec in specs]
-        if self.workers <= 1 or len(specs) <= 1:
-            results = []
-            for done, job in enumerate(jobs, 1):
-                results.append(run_in_worker(*job))
-                self.echo(progress_line(done, len(specs), job[0], results[-1]))
-            return results
         results_at: dict[int, RunResult] = {}
-        with self._pool(len(specs)) as pool:
-            futures = {pool.submit(run_in_worker, *job): i for i, job in enumerate(jobs)}
-            for done, future in enumerate(as_completed(futures), 1):
-                i = futures[future]
-                results_at[i] = future.result()
-                self.echo(progress_line(done, len(specs), specs[i], results_at[i]))
+        failures: list[Exception] = []
+
+        def finished(done: int, i: int, outcome: Callable[[], RunResult]) -> None:
+            try:
+                results_at[i] = outcome()
+            except Exception as error:
+                failures.append(error)
+                self.echo(f"[{done}/{len(specs)}] {specs[i].task.name} {specs[i].method} seed{specs[i].seed}: failed")
+                return
+            self.echo(progress_line(done, len(specs), specs[i], results_at[i]))
+
+        if self.workers <= 1 or len(specs) <= 1:
+            for done, (i, job) in enumerate(enumerate(jobs), 1):
+                finished(done, i, lambda job=job: run_in_worker(*job))
+        else:
+            with self._pool(len(specs)) as pool:
+                futures = {pool.submit(run_in_worker, *job): i for i, job in enumerate(jobs)}
+                for done, future in enumerate(as_completed(futures), 1):
+                    finished(done, futures[future], future.result)
+        if failures:
+            self.echo(f"{len(failures)} of {len(specs)} runs failed (named above); the first one's error:")
+            raise failures[0]
         return [results_at[i] for i in range(len(specs))]
 
     def map(self, function: Callable[..., T], jobs: Sequence[tuple], packages: Sequence[str] = ()) -> list[T]:
