@@ -325,6 +325,14 @@ def test_plots_name_each_methods_tasks_and_seeds_and_stay_readable_with_many_met
     assert tmp_path / "final_return.png" in paths
 
 
+def test_frozen_a_methods_are_dashed_in_the_colour_family_of_the_method_they_shade() -> None:
+    from eva_rl.experiments.plots import method_color, method_linestyle
+
+    assert [method_linestyle(m) for m in ("eva-fa", "lora-fa", "lora-orth-fa")] == ["--"] * 3
+    assert [method_linestyle(m) for m in ("eva", "lora", "lora-orth", "a continual approach")] == ["-"] * 4
+    assert len({method_color(m) for m in ("eva", "eva-fa", "lora", "lora-orth-fa")}) == 4
+
+
 def test_a_rerun_of_some_methods_keeps_the_others_on_the_page_and_names_stale_runs(tmp_path: Path) -> None:
     suite = smoke_suite()
     lines: list[str] = []

@@ -56,6 +56,13 @@ def method_color(method: str) -> str:
     return METHOD_COLORS.get(method) or _OTHER_COLORS[zlib.crc32(method.encode()) % len(_OTHER_COLORS)]
 
 
+def method_linestyle(method: str) -> str:
+    """Dashed for a method whose A stays frozen (``-fa``), so it stands apart from the method it shades."""
+    from eva_rl.methods import get_method, method_names
+
+    return "--" if method in method_names() and not get_method(method).train_A else "-"
+
+
 def save_figure(figure: Any, path: Path) -> Path:
     """Lay ``figure`` out, write it to ``path`` (its folder made) and close it."""
     import matplotlib.pyplot as plt

@@ -23,7 +23,7 @@ from eva_rl.experiments.contrasts import (
     on_one_task,
 )
 from eva_rl.experiments.machine import platform_line
-from eva_rl.experiments.plots import method_color, new_figure, save_figure
+from eva_rl.experiments.plots import method_color, method_linestyle, new_figure, save_figure
 from eva_rl.experiments.run_folder import RunFolder, RunResult
 from eva_rl.experiments.stats import (
     Interval,
@@ -483,7 +483,8 @@ def draw_sample_efficiency(
             axis.plot(base[0], base[1], color="grey", linestyle="--", linewidth=1, label=f"{reference}")
         for method, (x, estimate, low, high) in curves.items():
             seeds = len({r.seed for r in task_runs if r.method == method})
-            axis.plot(x, estimate, color=method_color(method), label=f"{method} ({seeds} seeds)")
+            style = method_linestyle(method)
+            axis.plot(x, estimate, color=method_color(method), linestyle=style, label=f"{method} ({seeds} seeds)")
             axis.fill_between(x, low, high, color=method_color(method), alpha=0.15)
         # the axis: the pretrained methods' range where scratch starts far below it
         title = task_name
@@ -537,7 +538,8 @@ def _zoom_on_the_plateau(axis: Any, curves: Mapping[str, tuple[np.ndarray, ...]]
     span = max(values.max() - values.min(), 1e-3 * (top - bottom))
     inset = axis.inset_axes(min(INSET_PLACES, key=hidden))
     for method, mask in late.items():
-        inset.plot(curves[method][0][mask], curves[method][1][mask], color=method_color(method), linewidth=1.2)
+        x, estimate = curves[method][0][mask], curves[method][1][mask]
+        inset.plot(x, estimate, color=method_color(method), linestyle=method_linestyle(method), linewidth=1.2)
     inset.set_ylim(values.min() - 0.15 * span, values.max() + 0.15 * span)
     inset.set_title("second half, zoomed (IQM)", fontsize=7)
     inset.tick_params(labelsize=6)

@@ -13,7 +13,7 @@ from typing import Any
 
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.machine import platform_line
-from eva_rl.experiments.plots import method_color, new_figure, save_figure
+from eva_rl.experiments.plots import method_color, method_linestyle, new_figure, save_figure
 from eva_rl.experiments.run_folder import RunResult
 from eva_rl.experiments.stats import normalized_auc, stratified_iqm
 from eva_rl.experiments.studies.base import Planned, Study
@@ -143,7 +143,8 @@ def draw_sensitivity(axes: Any, suite: Suite, report: TuningReport) -> None:
         for method, by_point in table.items():
             ys = [by_point[point_name(point)] for point in points]
             color = method_color(method)
-            axis.plot(values, ys, marker="o", markersize=3, color=color, label=method)
+            style = method_linestyle(method)
+            axis.plot(values, ys, marker="o", markersize=3, color=color, linestyle=style, label=method)
             chosen = values.index(report["chosen"][method][key])
             axis.plot(values[chosen], ys[chosen], "o", markersize=9, markerfacecolor="none", color=color)
         axis.set_xscale("log")
