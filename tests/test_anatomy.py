@@ -99,7 +99,13 @@ def test_collected_moments_are_those_of_the_rows_each_layer_saw() -> None:
 def test_compare_anatomy_measures_each_adapter_run_and_redraws_from_its_files(tmp_path: Path) -> None:
     suite = dataclasses.replace(smoke_suite(), methods=["eva", "lora-fa", "full"], seeds=1)
     compare(suite, tmp_path, echo=lambda line: None)
-    report = suite_anatomy(suite, tmp_path)["PointGoal"]
+    lines: list[str] = []
+    report = suite_anatomy(suite, tmp_path, echo=lines.append)["PointGoal"]
+    assert lines == [
+        "PointGoal: the pretrained agent's activations (4096 env steps)",
+        "PointGoal eva: 1 runs measured, 0 read back",
+        "PointGoal lora-fa: 1 runs measured, 0 read back",
+    ]
     assert set(report) == {"eva", "lora-fa"}  # full fine-tuning has no adapter
     run = json.loads((tmp_path / "smoke" / "PointGoal" / "eva" / "seed0" / ANATOMY).read_text())
     k = suite.task(suite.tasks[0]).lora.r
@@ -113,7 +119,8 @@ def test_compare_anatomy_measures_each_adapter_run_and_redraws_from_its_files(tm
     page = (tmp_path / "smoke" / "anatomy.md").read_text()
     assert "## PointGoal" in page and "| eva | 1 |" in page and "| lora-fa | 1 |" in page
     (tmp_path / "smoke" / "PointGoal" / "eva" / "seed0" / "adapter" / "adapter.safetensors").unlink()
-    assert suite_anatomy(suite, tmp_path, report_only=True)["PointGoal"] == report  # read back, nothing measured
+    again = suite_anatomy(suite, tmp_path, report_only=True, echo=lines.append)["PointGoal"]
+    assert again == report and lines[-1] == "PointGoal lora-fa: 0 runs measured, 1 read back"  # nothing measured
     assert (tmp_path / "smoke" / "anatomy.md").read_text() == page
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 from statistics import fmean
@@ -97,10 +98,16 @@ def _adapter_runs(out: Path, task: str, methods: list[str]) -> dict[str, list[Ru
 
 
 def suite_anatomy(
-    suite: Suite, log_dir: Path, methods: list[str] | None = None, report_only: bool = False
+    suite: Suite,
+    log_dir: Path,
+    methods: list[str] | None = None,
+    report_only: bool = False,
+    echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Measure every completed adapter run of ``suite`` (kept per run), then write the suite's ``anatomy.json``
     and ``anatomy.md``; with ``report_only``, only the runs measured before.
+
+    :param echo: Receives a line per task and method (what was measured, what was read back).
 
     :return: ``{task: {method: {"seeds", "final_return", "layers": {layer: {metric: mean over seeds}}}}}``.
     """
@@ -114,17 +121,21 @@ def suite_anatomy(
         per_method: dict[str, Any] = {}
         # the pretrained agent's rollouts are taken once per task, and only if a run is not measured yet
         for method, folders in runs.items():
-            measured = []
+            measured, new = [], 0
             for folder in folders:
                 if not (folder.path / ANATOMY).is_file():
                     if report_only:
                         continue
-                    base = base or base_layers(task)
+                    if base is None:
+                        echo(f"{suite_task.task}: the pretrained agent's activations ({STEPS} env steps)")
+                        base = base_layers(task)
                     figures = run_anatomy(folder, *base, task.lora.r)
                     atomic_write_json(folder.path / ANATOMY, {"steps": STEPS, "seed": SEED, "layers": figures})
+                    new += 1
                 measured.append(folder)
             if measured:
                 per_method[method] = _method_summary(measured)
+                echo(f"{suite_task.task} {method}: {new} runs measured, {len(measured) - new} read back")
         report[suite_task.task] = per_method
     if not any(report.values()):
         raise ConfigError(
