@@ -98,8 +98,10 @@ def _spawned_pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),))
 
 
-def progress_line(done: int, total: int, spec: RunSpec, result: RunResult) -> str:
-    return f"[{done}/{total}] {spec.task.name} {spec.method} seed{spec.seed}: final {result.final_return:.3f}"
+def progress_line(done: int, total: int, spec: RunSpec, result: RunResult | None) -> str:
+    """A finished run's line: its final return, or ``failed`` (``result`` None)."""
+    outcome = "failed" if result is None else f"final {result.final_return:.3f}"
+    return f"[{done}/{total}] {spec.task.name} {spec.method} seed{spec.seed}: {outcome}"
 
 
 def default_workers(runs: int) -> int:
@@ -154,7 +156,7 @@ class LocalProcesses(Executor):
                 results_at[i] = outcome()
             except Exception as error:
                 failures.append(error)
-                self.echo(f"[{done}/{len(specs)}] {specs[i].task.name} {specs[i].method} seed{specs[i].seed}: failed")
+                self.echo(progress_line(done, len(specs), specs[i], None))
                 return
             self.echo(progress_line(done, len(specs), specs[i], results_at[i]))
 
