@@ -175,7 +175,7 @@ def anatomy_markdown(suite: str, report: dict[str, Any], k: dict[str, int], step
         f"activations in the target env ({steps} env steps, actions sampled, seed {SEED}); each figure is a mean over "
         "the method's seeds. k is the task's LoRA rank r; a random direction's share of the top-k subspace is "
         "k / fan-in. The runs, their returns and the platform they ran on: results.md beside this page. Made by "
-        "`eva-rl compare --suite {suite} --anatomy` (module eva_rl.anatomy).".replace("{suite}", suite),
+        f"`eva-rl compare --suite {suite} --anatomy` (module eva_rl.anatomy).",
     ]
     for task, methods in report.items():
         if not methods:
