@@ -15,6 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+LORA_PATHS = ("auto", "merged", "low-rank")
+"""How a LoRA layer may compute its output (:meth:`LoraLayer.set_path`)."""
+
+LOW_RANK_PATH_MIN_WEIGHTS = 1 << 16
+"""From this many base weights (a 256 x 256 Linear) a LoRA layer takes the low-rank path while it trains: the
+crossover measured by ``eva-rl bench --lora-path-only`` (BENCHMARKS.md)."""
+
 
 def weight_fan_in(weight: torch.Tensor) -> int:
     """Input features one output unit of a Linear/Conv2d weight sees: ``in_features``, or ``C*kh*kw``."""
@@ -62,6 +69,7 @@ class LoraLayer(nn.Module):
         self._merged_norm: torch.Tensor | None = None
         self._cache_weights = False
         self._weight_cache: _WeightCache | None = None
+        self.path = "auto"
 
     @property
     def fan_in(self) -> int:
@@ -151,12 +159,37 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
             return self.base_layer(x)
-        if isinstance(self.lora_dropout, nn.Identity):
-            # Without dropout, one call with W + s*BA is exact and far cheaper for RL-sized layers than the
-            # separate low-rank path: the cost of these small networks is the number of ops, not their flops.
+        if isinstance(self.lora_dropout, nn.Identity) and not self._low_rank_pays():
+            # Without dropout, one call with W + s*BA is exact and cheaper for small layers than the separate
+            # low-rank path: the cost of small networks is the number of ops, not their flops.
             cached = self._cache_weights and not torch.is_grad_enabled()
             return self._base_forward(x, self._cached_weight() if cached else self.adapted_weight())
         return self.base_layer(x) + self.scaling * self._adapter(self.lora_dropout(x))
+
+    def _low_rank_pays(self) -> bool:
+        """Whether this call takes the separate low-rank path although ``W + s B A`` would be exact (no dropout).
+
+        With gradients, the one-call path differentiates the whole ``W + s B A``: a full weight gradient (as full
+        fine-tuning pays) and the products that build it, before anything reaches A and B. From
+        :data:`LOW_RANK_PATH_MIN_WEIGHTS` on, that costs more than the low-rank path's few extra ops.
+        """
+        if self.path != "auto":
+            return self.path == "low-rank"
+        large = self.base_layer.weight.numel() >= LOW_RANK_PATH_MIN_WEIGHTS
+        return large and torch.is_grad_enabled() and not self.use_dora
+
+    def set_path(self, path: str) -> None:
+        """How the layer computes while unmerged and without dropout.
+
+        :param path: ``"auto"`` (the default: the one-call ``W + s B A`` path, and the low-rank path while it trains
+            from :data:`LOW_RANK_PATH_MIN_WEIGHTS` base weights on), ``"merged"`` (always one call) or ``"low-rank"``
+            (always ``base(x) + s B A x``, as peft computes). Their outputs agree to rounding.
+        """
+        if path not in LORA_PATHS:
+            raise ValueError(f"LoRA path {path!r} is unknown: expected one of {list(LORA_PATHS)}")
+        if path == "low-rank" and self.use_dora:
+            raise ValueError("the low-rank path does not compute DoRA's weight norm: use path 'auto' or 'merged'")
+        self.path = path
 
     def _cached_weight(self) -> torch.Tensor:
         """:meth:`adapted_weight`, computed once per version of the parameters it is made of (see
@@ -174,6 +207,9 @@ class LoraLayer(nn.Module):
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         return {**state, "_cache_weights": False, "_weight_cache": None}  # a copy is outside any cache block
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__({"path": "auto", **state})  # layers pickled before paths existed
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, dora={self.use_dora}, merged={self.merged}"

@@ -123,3 +123,30 @@ def test_bench_device_crossover_needs_cuda(capsys: pytest.CaptureFixture) -> Non
         pytest.skip("this machine has CUDA")
     assert bench_main(["--device-crossover"]) == 2
     assert "CUDA is not available here" in capsys.readouterr().err
+
+
+def test_bench_lora_path_only_times_both_paths(capsys: pytest.CaptureFixture) -> None:
+    from unittest import mock
+
+    from eva_rl.layers import LoraLayer
+
+    paths = []
+    original = LoraLayer.set_path
+
+    def recording(self: LoraLayer, path: str) -> None:
+        paths.append(path)
+        original(self, path)
+
+    with mock.patch.object(LoraLayer, "set_path", recording):
+        argv = ["--lora-path-only", "--quick", "--env", "PointGoal", "--throughput-steps", "64"]
+        assert bench_main(argv) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["lora_path"]
+    assert [(p["width"], p["batch_size"]) for p in figures["layers"]] == [(64, 64), (256, 64)]
+    for point in figures["layers"]:
+        assert point["merged_over_low_rank"] == pytest.approx(point["merged_us"] / point["low_rank_us"], rel=0.01)
+    ppo = figures["ppo"]
+    assert ppo["task"] == "PointGoal" and ppo["parameters"] > 0
+    auto, merged = ppo["lora_ppo_throughput_ratio_auto"], ppo["lora_ppo_throughput_ratio_merged"]
+    assert len(auto) == len(merged) == 2 and min(auto + merged) > 0
+    assert ppo["auto_gain"] == pytest.approx(sum(auto) / sum(merged))
+    assert {"merged", "low-rank", "auto"} <= set(paths)  # the scan's two paths, then the PPO rounds' two

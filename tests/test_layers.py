@@ -64,6 +64,80 @@ def test_forward_matches_explicit_low_rank_update(kind: str) -> None:
     torch.testing.assert_close(lora(x), expected)
 
 
+def explicit_output(lora: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``base(x) + s B A x`` written out by hand (the oracle of every path)."""
+    base = lora.base_layer
+    if isinstance(lora, LoraLinear):
+        return base(x) + lora.scaling * (x @ lora.lora_A.T @ lora.lora_B.T)
+    hidden = F.conv2d(x, lora.lora_A, None, base.stride, base.padding, base.dilation)
+    return base(x) + lora.scaling * torch.einsum("or,brhw->bohw", lora.lora_B[:, :, 0, 0], hidden)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("path", ["auto", "merged", "low-rank"])
+def test_every_path_matches_the_explicit_update_in_output_and_gradients(kind: str, path: str) -> None:
+    base, x = make_layer(kind)
+    lora = lora_for(kind, base)
+    randomize(lora)
+    lora.set_path(path)
+    x.requires_grad_(True)
+    grads = []
+    for forward in (lora, lambda inputs: explicit_output(lora, inputs)):
+        out = forward(x)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        grads.append([out.detach()] + [t.grad.clone() for t in (x, lora.lora_A, lora.lora_B)])
+        for t in (x, lora.lora_A, lora.lora_B):
+            t.grad = None
+    for got, expected in zip(*grads, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("width", "use_dora", "grad", "low_rank"),
+    [(256, False, True, True), (256, False, False, False), (255, False, True, False), (256, True, True, False)],
+)
+def test_auto_takes_the_low_rank_path_only_for_a_large_layer_that_trains(
+    width: int, use_dora: bool, grad: bool, low_rank: bool
+) -> None:
+    from unittest import mock
+
+    lora = LoraLinear(nn.Linear(256, width), 4, 8.0, use_dora=use_dora)
+    randomize(lora)
+    x = torch.randn(3, 256)
+    with torch.set_grad_enabled(grad), mock.patch.object(LoraLinear, "_adapter", wraps=lora._adapter) as adapter:
+        out = lora(x)
+    assert adapter.called == low_rank
+    if not use_dora:  # DoRA's output is not base + s B A x
+        torch.testing.assert_close(out, explicit_output(lora, x), atol=1e-4, rtol=0)
+    lora.set_path("merged")
+    with torch.set_grad_enabled(grad), mock.patch.object(LoraLinear, "_adapter", wraps=lora._adapter) as adapter:
+        lora(torch.randn(3, 256))
+    assert not adapter.called
+
+
+def test_set_path_names_the_paths_and_refuses_low_rank_dora() -> None:
+    lora = LoraLinear(nn.Linear(6, 5), 2, 4.0, use_dora=True)
+    with pytest.raises(ValueError, match=r"'fast' is unknown: expected one of \['auto', 'merged', 'low-rank'\]"):
+        lora.set_path("fast")
+    with pytest.raises(ValueError, match="DoRA's weight norm"):
+        lora.set_path("low-rank")
+    assert lora.path == "auto"
+
+
+def test_the_path_survives_copies_and_layers_pickled_without_one_take_auto() -> None:
+    import copy
+    import pickle
+
+    lora = LoraLinear(nn.Linear(6, 5), 2, 4.0)
+    lora.set_path("low-rank")
+    assert pickle.loads(pickle.dumps(lora)).path == copy.deepcopy(lora).path == "low-rank"
+    state = lora.__getstate__()
+    del state["path"]
+    old = LoraLinear.__new__(LoraLinear)
+    old.__setstate__(state)
+    assert old.path == "auto"
+
+
 def fresh_output(lora: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's output with its weight computed now, bypassing the no-grad cache (the oracle)."""
     with torch.enable_grad():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import platform
 import time
@@ -30,7 +31,7 @@ from eva_rl.experiments.execute import in_fresh_process
 from eva_rl.experiments.tasks import TaskConfig, find_task, known_tasks
 from eva_rl.experiments.training import eval_mode, evaluate
 from eva_rl.inject import lora_layers
-from eva_rl.layers import cached_adapter_weights, keep_adapted_weights
+from eva_rl.layers import LoraLinear, cached_adapter_weights, keep_adapted_weights
 from eva_rl.loading import algorithm_name, load_agent
 from eva_rl.models import wrap_target_env
 from eva_rl.rollouts import RolloutBatches, policy_forward
@@ -116,6 +117,7 @@ def measure_lora_throughput(
     repeats: int = 3,
     seed: int = 0,
     cached_weights: bool = True,
+    path: str = "auto",
 ) -> dict[str, Any]:
     """Training steps/s of a LoRA-adapted copy of ``model`` against the plain policy, interleaved in one process.
 
@@ -126,9 +128,12 @@ def measure_lora_throughput(
     :param cached_weights: The adapted policy keeps its weights between calls without gradients (its default) and
         both learn with :class:`~eva_rl.callbacks.CachedAdapterWeights`, as eva-rl's runs do (it changes nothing for
         the plain policy); ``False``: every call computes ``W + s B A``.
+    :param path: How the LoRA layers compute (:meth:`~eva_rl.layers.LoraLayer.set_path`).
     """
     env, settings = _target_ppo(task, seed, model.device)
     adapted = adapt(model, env, method="lora", lora=task.lora, **settings)
+    for layer in lora_layers(adapted.policy).values():
+        layer.set_path(path)
     if not cached_weights:  # every call computes W + s B A again (eva-rl's policies keep it by default)
         keep_adapted_weights(lora_layers(adapted.policy).values(), keep=False)
     plain_env, _ = _target_ppo(task, seed, model.device)
@@ -706,6 +711,66 @@ def measure_weight_cache(task_name: str, seed: int = 0, device: str = "cpu", ste
     }
 
 
+def measure_lora_path(task_name: str, seed: int = 0, device: str = "cpu", steps: int = 2048) -> dict[str, Any]:
+    """:func:`measure_lora_throughput` on a task's bundled agent with the LoRA layers' path chosen per call (``auto``,
+    the default) and with the one-call ``W + s B A`` path everywhere (``merged``), twice each, interleaved."""
+    task, model = _bundled_agent(task_name, device)
+    key = f"lora_{algorithm_name(model)}_throughput_ratio"
+    ratios: dict[str, list[float]] = {"auto": [], "merged": []}
+    for _ in range(2):
+        for path in ratios:
+            ratios[path].append(measure_lora_throughput(model, task, steps=steps, seed=seed, path=path)[key])
+    return {
+        "task": task.name,
+        "parameters": sum(p.numel() for p in model.policy.parameters()),
+        f"{key}_auto": ratios["auto"],
+        f"{key}_merged": ratios["merged"],
+        "auto_gain": float(np.mean(ratios["auto"]) / np.mean(ratios["merged"])),
+    }
+
+
+def _lora_step_seconds(layer: torch.nn.Module, x: torch.Tensor, calls: int) -> float:
+    """Mean seconds of one forward and backward pass of ``layer`` on ``x``."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        layer(x).sum().backward()
+    return (time.perf_counter() - start) / calls
+
+
+def measure_lora_paths(
+    widths: Sequence[int] = (64, 128, 256, 512, 1024),
+    batch_sizes: Sequence[int] = (64, 256),
+    r: int = 4,
+    rounds: int = 5,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """A training step (forward and backward) of one ``width x width`` LoRA Linear, a hidden layer whose input needs
+    its gradient, on each path: the one-call ``W + s B A`` (``merged``) and ``base(x) + s B A x`` (``low-rank``).
+
+    Per point, the best of ``rounds`` interleaved rounds, against which :data:`~eva_rl.layers.LOW_RANK_PATH_MIN_WEIGHTS`
+    was set.
+    """
+    torch.manual_seed(seed)
+    points = []
+    for width, batch_size in itertools.product(widths, batch_sizes):
+        layer = LoraLinear(torch.nn.Linear(width, width), r, 2 * r)
+        torch.nn.init.normal_(layer.lora_B)
+        x = torch.randn(batch_size, width, requires_grad=True)
+        calls = max(10, (1 << 27) // (batch_size * width * width))
+        best = {path: float("inf") for path in ("merged", "low-rank")}
+        for _ in range(rounds):
+            for path in best:
+                layer.set_path(path)
+                _lora_step_seconds(layer, x, 3)
+                best[path] = min(best[path], _lora_step_seconds(layer, x, calls))
+        points.append({
+            "width": width, "batch_size": batch_size,
+            "merged_us": round(best["merged"] * 1e6, 1), "low_rank_us": round(best["low-rank"] * 1e6, 1),
+            "merged_over_low_rank": round(best["merged"] / best["low-rank"], 3),
+        })  # fmt: skip
+    return points
+
+
 def bench(args: argparse.Namespace) -> int:
     """``eva-rl bench``: the figures its flags ask for, as one JSON line. ``--device auto`` measures on the CPU, and on
     CUDA too where present."""
@@ -717,6 +782,13 @@ def bench(args: argparse.Namespace) -> int:
     # One group of figures only, when a flag asks for it.
     if args.weight_cache_only:
         print(json.dumps({"weight_cache": measure_weight_cache(args.task, args.seed, args.device, steps)}))
+        return 0
+    if args.lora_path_only:
+        scan = {"widths": (64, 256), "batch_sizes": (64,), "rounds": 1} if args.quick else {}
+        figures: dict[str, Any] = {"layers": measure_lora_paths(seed=args.seed, **scan)}
+        if args.env:
+            figures["ppo"] = measure_lora_path(args.task, args.seed, args.device, steps)
+        print(json.dumps({"lora_path": figures}))
         return 0
     if args.evaluation_only:
         print(json.dumps({"evaluation": measure_evaluation(args.task, args.seed, args.device, 1 if args.quick else 3)}))

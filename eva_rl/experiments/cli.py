@@ -519,6 +519,7 @@ COMMANDS: dict[str, Command] = {
                 "evaluation_only",
                 "meta_world_only",
                 "weight_cache_only",
+                "lora_path_only",
                 "peft_only",
                 "device_crossover",
             ),

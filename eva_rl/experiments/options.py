@@ -479,6 +479,14 @@ FLAGS: dict[str, Flag] = {
             action="store_true",
         ),
         Flag(
+            ("--lora-path-only",),
+            "only a LoRA Linear's training step on its one-call W + s B A path and its low-rank path, by width and "
+            "batch; with --env, the LoRA PPO throughput ratio on its agent with the path chosen per call and merged",
+            BENCH,
+            None,
+            action="store_true",
+        ),
+        Flag(
             ("--weight-cache-only",),
             "only the LoRA PPO throughput ratio on --env with the no-grad weight cache and without",
             BENCH,
