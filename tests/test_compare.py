@@ -82,7 +82,11 @@ def test_local_sweep_writes_tables_and_plots_and_a_rerun_skips_completed_runs(tm
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_a_failing_run_is_named_and_the_others_complete_before_its_error(tmp_path: Path, workers: int) -> None:
+@pytest.mark.parametrize("side_by_side", [False, True])
+def test_a_failing_run_is_named_and_the_others_complete_before_its_error(
+    tmp_path: Path, workers: int, side_by_side: bool
+) -> None:
+    from eva_rl.experiments.execute import SideBySide
     from eva_rl.experiments.run_folder import RunDirError
 
     suite = smoke_suite()
@@ -90,10 +94,15 @@ def test_a_failing_run_is_named_and_the_others_complete_before_its_error(tmp_pat
     broken.run_dir.mkdir(parents=True)
     (broken.run_dir / "settings.json").write_text("{damaged")
     lines: list[str] = []
+    if side_by_side:  # finetune.py's executor: bars show the runs that end well, lines only the failed ones
+        executor = SideBySide(workers, echo=lines.append, progress=False)
+    else:
+        executor = LocalProcesses(workers, echo=lines.append)
     with pytest.raises(RunDirError, match="settings.json"):
-        LocalProcesses(workers, echo=lines.append).run([spec for _, spec in suite.run_specs(tmp_path)])
+        executor.run([spec for _, spec in suite.run_specs(tmp_path)])
     failed = f"{broken.task.name} {broken.method} seed{broken.seed}: failed"
-    assert sum(failed in line for line in lines) == 1 and sum("final" in line for line in lines) == 3, lines
+    finals = 0 if side_by_side else 3
+    assert sum(failed in line for line in lines) == 1 and sum("final" in line for line in lines) == finals, lines
     assert lines[-1] == "1 of 4 runs failed (named above); the first one's error:"
     assert len(list((tmp_path / "smoke").glob("PointGoal/*/seed*/result.json"))) == 3
 

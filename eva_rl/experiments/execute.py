@@ -19,7 +19,7 @@ import signal
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, as_completed, wait
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed, wait
 from multiprocessing.managers import SyncManager
 from queue import Empty
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -141,6 +141,38 @@ class Executor(ABC):
         return [function(*job) for job in jobs]
 
 
+class _Outcomes:
+    """Each run's result or error as the runs end: a line per finished run (``successes``: for the failed ones only,
+    where bars show the rest), and the first error raised only once every run has ended."""
+
+    def __init__(self, specs: Sequence[RunSpec], echo: Callable[[str], None], successes: bool = True) -> None:
+        self.specs, self.echo, self.successes = specs, echo, successes
+        self.results_at: dict[int, RunResult] = {}
+        self.failures: list[Exception] = []
+
+    def record(self, i: int, outcome: Callable[[], RunResult]) -> None:
+        """Run ``i``'s outcome: ``outcome()`` returns its result or raises its error."""
+        done = len(self.results_at) + len(self.failures) + 1
+        try:
+            self.results_at[i] = outcome()
+        except Exception as error:
+            self.failures.append(error)
+            self.echo(progress_line(done, len(self.specs), self.specs[i], None))
+            return
+        if self.successes:
+            self.echo(progress_line(done, len(self.specs), self.specs[i], self.results_at[i]))
+
+    def results(self) -> list[RunResult]:
+        """The results in the runs' order.
+
+        :raises Exception: the first failed run's error, after a line saying how many failed.
+        """
+        if self.failures:
+            self.echo(f"{len(self.failures)} of {len(self.specs)} runs failed (named above); the first one's error:")
+            raise self.failures[0]
+        return [self.results_at[i] for i in range(len(self.specs))]
+
+
 class LocalProcesses(Executor):
     """A process pool of ``workers`` on this machine (``workers`` 1: one run after the other in this process)."""
 
@@ -148,30 +180,16 @@ class LocalProcesses(Executor):
         """As :meth:`Executor.run`; a run that fails is named as it ends and the others go on, so one bad run folder
         neither stops a sweep nor hides its progress: the first error is raised once every run has ended."""
         jobs = [(spec, resume, overwrite, self.threads) for spec in specs]
-        results_at: dict[int, RunResult] = {}
-        failures: list[Exception] = []
-
-        def finished(done: int, i: int, outcome: Callable[[], RunResult]) -> None:
-            try:
-                results_at[i] = outcome()
-            except Exception as error:
-                failures.append(error)
-                self.echo(progress_line(done, len(specs), specs[i], None))
-                return
-            self.echo(progress_line(done, len(specs), specs[i], results_at[i]))
-
+        outcomes = _Outcomes(specs, self.echo)
         if self.workers <= 1 or len(specs) <= 1:
-            for done, (i, job) in enumerate(enumerate(jobs), 1):
-                finished(done, i, lambda job=job: run_in_worker(*job))
+            for i, job in enumerate(jobs):
+                outcomes.record(i, lambda job=job: run_in_worker(*job))
         else:
             with self._pool(len(specs)) as pool:
                 futures = {pool.submit(run_in_worker, *job): i for i, job in enumerate(jobs)}
-                for done, future in enumerate(as_completed(futures), 1):
-                    finished(done, futures[future], future.result)
-        if failures:
-            self.echo(f"{len(failures)} of {len(specs)} runs failed (named above); the first one's error:")
-            raise failures[0]
-        return [results_at[i] for i in range(len(specs))]
+                for future in as_completed(futures):
+                    outcomes.record(futures[future], future.result)
+        return outcomes.results()
 
     def map(self, function: Callable[..., T], jobs: Sequence[tuple], packages: Sequence[str] = ()) -> list[T]:
         if self.workers <= 1 or len(jobs) < 2:
@@ -198,8 +216,14 @@ class SideBySide(LocalProcesses):
         self.progress = progress
 
     def run(self, specs: Sequence[RunSpec], resume: bool = True, overwrite: bool = False) -> list[RunResult]:
+        """As :meth:`LocalProcesses.run`: a failed run is named (above the bars) and the others go on."""
+        outcomes = _Outcomes(specs, tqdm.write if self.progress else self.echo, successes=False)
         if self.workers <= 1 or len(specs) <= 1:
-            return [run_in_worker(spec, resume, overwrite, self.threads, self.progress) for spec in specs]
+            for i, spec in enumerate(specs):
+                outcomes.record(
+                    i, lambda spec=spec: run_in_worker(spec, resume, overwrite, self.threads, self.progress)
+                )
+            return outcomes.results()
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
         manager.start(die_with_parent, (os.getpid(),))
         with manager:
@@ -221,21 +245,20 @@ class SideBySide(LocalProcesses):
                         pool.submit(_run_reporting, spec, i, queue, resume, overwrite, self.threads): i
                         for i, spec in enumerate(specs)
                     }
-                    # Move the bars while waiting; the first failure stops the pool once the runs in progress end.
+                    # Move the bars while waiting; a failed run's bar says so.
                     pending: set[Future] = set(futures)
                     while pending:
-                        done, pending = wait(pending, timeout=0.25, return_when=FIRST_EXCEPTION)
+                        done, pending = wait(pending, timeout=0.25)
                         _show(queue, bars)
                         for future in done:
                             if future.exception() is not None:
-                                pool.shutdown(wait=True, cancel_futures=True)
-                                raise future.exception()
-                    results = {futures[future]: future.result() for future in futures}
+                                bars[futures[future]].set_postfix_str("failed")
+                            outcomes.record(futures[future], future.result)
                 _show(queue, bars)
             finally:
                 for bar in bars:
                     bar.close()
-        return [results[i] for i in range(len(specs))]
+        return outcomes.results()
 
 
 def _run_reporting(spec: RunSpec, index: int, queue: Any, resume: bool, overwrite: bool, threads: int) -> RunResult:

@@ -455,7 +455,7 @@ full fine-tuning's curve beside them in grey dashes (ten overlapping curves are 
 
 def sample_efficiency_figure(tasks: int) -> dict[str, Any]:
     """``new_figure``'s arguments for a sample-efficiency figure: a panel per task, side by side."""
-    return {"nrows": 1, "ncols": tasks, "figsize": (5.0 * tasks, 3.8), "dpi": 120, "squeeze": False}
+    return {"nrows": 1, "ncols": tasks, "figsize": (5.0 * tasks, 4.6), "dpi": 120, "squeeze": False}
 
 
 def draw_sample_efficiency(
@@ -500,7 +500,9 @@ def draw_sample_efficiency(
         axis.set_xlabel("environment steps (EVA's included)")
         axis.set_ylabel(f"eval {report.tasks[task_name].score} (IQM, 95% CI)")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7, loc="lower right")
+        # below the panel, where it can hide no curve
+        labels = len(axis.get_legend_handles_labels()[1])
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=min(labels, 3), frameon=False)
         _zoom_on_the_plateau(axis, {m: c for m, c in curves.items() if get_method(m).pretrained})
 
 
@@ -509,8 +511,8 @@ PLATEAU_SHARE = 0.1
 get a zoomed inset: the differences the results cite (Pendulum's -201 against -205) are invisible on an axis that
 reaches down to the jumpstart (-900)."""
 
-INSET_PLACES = ([0.42, 0.3, 0.54, 0.4], [0.08, 0.3, 0.54, 0.4], [0.08, 0.08, 0.54, 0.4])
-"""Where an inset may go, in the panel's axes fraction (``[x, y, width, height]``); the legend holds the lower right."""
+INSET_PLACES = ([0.42, 0.3, 0.54, 0.4], [0.08, 0.3, 0.54, 0.4], [0.42, 0.08, 0.54, 0.4], [0.08, 0.08, 0.54, 0.4])
+"""Where an inset may go, in the panel's axes fraction (``[x, y, width, height]``)."""
 
 
 def _zoom_on_the_plateau(axis: Any, curves: Mapping[str, tuple[np.ndarray, ...]]) -> None:
