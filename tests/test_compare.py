@@ -328,7 +328,7 @@ def test_plots_name_each_methods_tasks_and_seeds_and_stay_readable_with_many_met
     paths = SuiteStudy(suite, tmp_path.parent).write_page(aggregate(suite, runs), runs)
     tmp_path = tmp_path.parent / "s"
     with Image.open(tmp_path / "sample_efficiency.png") as image:
-        assert image.size == (2 * 5.0 * 120, 3.8 * 120), "one panel per task"
+        assert image.size == (2 * 5.0 * 120, 4.6 * 120), "one panel per task"
     zoo = tmp_path / "sample_efficiency_zoo.png"
     assert (zoo in paths) == (n_methods > 3) == zoo.exists(), "pissa, olora, dora have a figure of their own"
     assert tmp_path / "final_return.png" in paths
@@ -381,6 +381,10 @@ def test_a_panel_whose_curves_end_on_a_plateau_gets_a_zoomed_inset(plateau: list
     if zoomed:
         low, high = axes[0][0].child_axes[0].get_ylim()
         assert -160 < low < high < -145
+    figure.tight_layout()
+    renderer = figure.canvas.get_renderer()
+    legend, panel = axes[0][0].get_legend().get_window_extent(renderer), axes[0][0].get_window_extent(renderer)
+    assert legend.y1 < panel.y0, "the legend lies below the panel, where it hides no curve"
 
 
 def test_a_suites_settings_hold_for_every_run_its_tuning_and_rank_study_included(tmp_path: Path) -> None:
