@@ -175,8 +175,12 @@ class LoraLayer(nn.Module):
         """
         if self.path != "auto":
             return self.path == "low-rank"
-        large = self.base_layer.weight.numel() >= LOW_RANK_PATH_MIN_WEIGHTS
-        return large and torch.is_grad_enabled() and not self.use_dora
+        # gradients first: acting and rollouts, the calls that come one env step at a time, stop there
+        return (
+            torch.is_grad_enabled()
+            and not self.use_dora
+            and self.base_layer.weight.numel() >= LOW_RANK_PATH_MIN_WEIGHTS
+        )
 
     def set_path(self, path: str) -> None:
         """How the layer computes while unmerged and without dropout.

@@ -132,10 +132,11 @@ def measure_lora_throughput(
     """
     env, settings = _target_ppo(task, seed, model.device)
     adapted = adapt(model, env, method="lora", lora=task.lora, **settings)
-    for layer in lora_layers(adapted.policy).values():
+    layers = lora_layers(adapted.policy).values()
+    for layer in layers:
         layer.set_path(path)
     if not cached_weights:  # every call computes W + s B A again (eva-rl's policies keep it by default)
-        keep_adapted_weights(lora_layers(adapted.policy).values(), keep=False)
+        keep_adapted_weights(layers, keep=False)
     plain_env, _ = _target_ppo(task, seed, model.device)
     plain = adapt(model, plain_env, method="full", **settings)
     algorithm = algorithm_name(model)
@@ -784,10 +785,12 @@ def bench(args: argparse.Namespace) -> int:
         print(json.dumps({"weight_cache": measure_weight_cache(args.task, args.seed, args.device, steps)}))
         return 0
     if args.lora_path_only:
-        scan = {"widths": (64, 256), "batch_sizes": (64,), "rounds": 1} if args.quick else {}
-        figures: dict[str, Any] = {"layers": measure_lora_paths(seed=args.seed, **scan)}
+        # the agent's PPO first, so that a bad --env is an error before the minutes of the layer scan
+        figures: dict[str, Any] = {}
         if args.env:
             figures["ppo"] = measure_lora_path(args.task, args.seed, args.device, steps)
+        scan = {"widths": (64, 256), "batch_sizes": (64,), "rounds": 1} if args.quick else {}
+        figures["layers"] = measure_lora_paths(seed=args.seed, **scan)
         print(json.dumps({"lora_path": figures}))
         return 0
     if args.evaluation_only:
