@@ -342,6 +342,13 @@ def test_frozen_a_methods_are_dashed_in_the_colour_family_of_the_method_they_sha
     assert len({method_color(m) for m in ("eva", "eva-fa", "lora", "lora-orth-fa")}) == 4
 
 
+@pytest.mark.parametrize(("seeds", "label"), [(1, "eva (1 seed)"), (10, "eva (10 seeds)")])
+def test_a_legend_entry_counts_its_seeds_in_the_right_number(seeds: int, label: str) -> None:
+    from eva_rl.experiments.plots import method_label
+
+    assert method_label("eva", seeds) == label
+
+
 def test_a_rerun_of_some_methods_keeps_the_others_on_the_page_and_names_stale_runs(tmp_path: Path) -> None:
     suite = smoke_suite()
     lines: list[str] = []

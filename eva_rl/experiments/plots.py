@@ -63,6 +63,11 @@ def method_linestyle(method: str) -> str:
     return "--" if method in method_names() and not get_method(method).train_A else "-"
 
 
+def method_label(method: str, seeds: int) -> str:
+    """A legend entry: the method and how many seeds its line stands on."""
+    return f"{method} ({seeds} seed{'' if seeds == 1 else 's'})"
+
+
 def save_figure(figure: Any, path: Path) -> Path:
     """Lay ``figure`` out, write it to ``path`` (its folder made) and close it."""
     import matplotlib.pyplot as plt

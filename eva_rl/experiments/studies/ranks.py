@@ -19,7 +19,7 @@ import numpy as np
 
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.machine import platform_line
-from eva_rl.experiments.plots import method_color, method_linestyle, new_figure, save_figure
+from eva_rl.experiments.plots import method_color, method_label, method_linestyle, new_figure, save_figure
 from eva_rl.experiments.run_folder import RunResult
 from eva_rl.experiments.stats import (
     Interval,
@@ -216,7 +216,7 @@ def draw_rank_study(axes: Any, report: RankStudyReport) -> None:
                 capsize=3,
                 color=method_color(method),
                 linestyle=method_linestyle(method),
-                label=f"{method} ({max(p.seeds for p in by_rank.values())} seeds)",
+                label=method_label(method, max(p.seeds for p in by_rank.values())),
             )
     titles = ("normalized AUC (mean eval return over the budget)", "eval return where the budget ends")
     for axis, label in zip(axes, titles):

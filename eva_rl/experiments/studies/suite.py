@@ -23,7 +23,7 @@ from eva_rl.experiments.contrasts import (
     on_one_task,
 )
 from eva_rl.experiments.machine import platform_line
-from eva_rl.experiments.plots import method_color, method_linestyle, new_figure, save_figure
+from eva_rl.experiments.plots import method_color, method_label, method_linestyle, new_figure, save_figure
 from eva_rl.experiments.run_folder import RunFolder, RunResult
 from eva_rl.experiments.stats import (
     Interval,
@@ -484,7 +484,7 @@ def draw_sample_efficiency(
         for method, (x, estimate, low, high) in curves.items():
             seeds = len({r.seed for r in task_runs if r.method == method})
             style = method_linestyle(method)
-            axis.plot(x, estimate, color=method_color(method), linestyle=style, label=f"{method} ({seeds} seeds)")
+            axis.plot(x, estimate, color=method_color(method), linestyle=style, label=method_label(method, seeds))
             axis.fill_between(x, low, high, color=method_color(method), alpha=0.15)
         # the axis: the pretrained methods' range where scratch starts far below it
         title = task_name
