@@ -80,7 +80,14 @@ BAD_SUITES = [
     ({"tasks": [{"task": "PointGoal", "threshold": 0.5}], "seeds": [0, -2]}, "list of integers in [0, 2147483647]"),
     (
         {"tasks": [{"task": "PointGoal", "threshold": 0.5}], "tuning_grid": {"learning_rate": [1e-3, "x"]}},
-        "tuning_grid['learning_rate']['eva']['learning_rate']='x' is invalid",
+        "tuning_grid['learning_rate']='x' is invalid",
+    ),
+    (
+        {
+            "tasks": [{"task": "PointGoal", "threshold": 0.5}],
+            "rank_study": {"task": "PointGoal", "ranks": [1, 2], "methods": ["eva"], "tuning_grid": {"lr": [1e-3]}},
+        },
+        "rank_study.tuning_grid keys ['lr'] are invalid",
     ),
     ({"tasks": [{"task": "PointGoal", "threshold": 0.5}], "methods": ["eva", "eva"]}, "eva is listed twice"),
     ({"tasks": [{"task": "PointGoal", "threshold": 0.5}] * 2}, "PointGoal is listed twice"),

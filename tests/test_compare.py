@@ -154,16 +154,15 @@ def test_tuning_sweeps_every_method_alike_and_picks_by_auc(tmp_path: Path) -> No
 
 def test_a_choice_at_the_grids_edge_is_named_with_the_way_to_extend_it() -> None:
     grid = {"learning_rate": [1e-3, 2e-3, 4e-3]}
-    suite = Suite("s", [SuiteTask("A", 0.5)], methods=["eva", "lora"], tuning_grid=grid)
-    notes = at_the_edge(suite, {"eva": {"learning_rate": 4e-3}, "lora": {"learning_rate": 2e-3}})
+    notes = at_the_edge(grid, {"eva": {"learning_rate": 4e-3}, "lora": {"learning_rate": 2e-3}})
     assert notes == [
         "note: the best learning_rate of eva, 0.004, is the grid's largest: the best may lie beyond it "
         "(extend tuning_grid.learning_rate past it and tune again; the runs made are kept)"
     ]
-    assert "smallest" in at_the_edge(suite, {"lora at r = 1": {"learning_rate": 1e-3}})[0]
+    at_rank_one = at_the_edge(grid, {"lora at r = 1": {"learning_rate": 1e-3}}, "rank_study.tuning_grid")
+    assert "smallest" in at_rank_one[0] and "extend rank_study.tuning_grid.learning_rate" in at_rank_one[0]
     # a grid of two values has no inside to prefer
-    two = Suite("s", [SuiteTask("A", 0.5)], methods=["eva"], tuning_grid={"learning_rate": [1e-3, 2e-3]})
-    assert at_the_edge(two, {"eva": {"learning_rate": 2e-3}}) == []
+    assert at_the_edge({"learning_rate": [1e-3, 2e-3]}, {"eva": {"learning_rate": 2e-3}}) == []
 
 
 def test_ray_backend_runs_a_tiny_sweep_on_a_local_instance(tmp_path: Path) -> None:

@@ -203,11 +203,31 @@ def test_tuning_at_every_rank_plans_each_point_and_picks_per_method_and_rank(tmp
         value = 1.0 if best.get((spec.method, r), "learning_rate0.003") == name else 0.0
         runs.append(((r, name), _result(spec.method, 100, value, [[0, value], [4096, value]])))
     report = sweep.report(runs)
-    points = {point_name(p): p for p in tuning_points(suite)}
+    points = {point_name(p): p for p in tuning_points(suite.tuning_grid)}
     assert report["chosen"]["eva"] == {2: points["learning_rate0.001"], 4: points["learning_rate0.01"]}
     assert report["chosen"]["lora"] == {2: points["learning_rate0.003"], 4: points["learning_rate0.003"]}
     study = dataclasses.replace(suite.rank_study, method_settings=report["chosen"])  # what the page says to paste
     assert study.settings_at("eva", 4) == {"learning_rate": 1e-2}
+
+
+def test_a_rank_study_with_a_grid_of_its_own_tunes_on_it_and_shares_only_the_suites_points(tmp_path: Path) -> None:
+    from eva_rl.experiments.studies.tuning import RankTuningSweep, point_name
+
+    suite = load_suite("smoke")  # the suite's grid: 1e-3 / 3e-3 / 1e-2; eva at r = 4 is among its tuning runs
+    own = [3e-3, 6e-3]
+    suite = dataclasses.replace(
+        suite, rank_study=dataclasses.replace(suite.rank_study, tuning_grid={"learning_rate": own})
+    )
+    sweep = RankTuningSweep(suite, tmp_path)
+    assert sweep.grid_key == "rank_study.tuning_grid"
+    planned = sweep.plan()
+    assert sorted({spec.task.ppo["learning_rate"] for _, spec in planned}) == own
+    assert len(planned) == 2 * len(own) * 1 * 2
+    for (r, name), spec in planned:
+        # the suite's sweep made eva at r = 4 and 3e-3, never at 6e-3
+        shared = (r, spec.method, name) == (4, "eva", point_name({"learning_rate": 3e-3}))
+        root = tmp_path / "smoke-tuning" if shared else tmp_path / "smoke-rank-tuning" / f"r{r}"
+        assert spec.run_dir.is_relative_to(root / name)
 
 
 @pytest.mark.parametrize(

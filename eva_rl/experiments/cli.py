@@ -268,13 +268,13 @@ def compare_command(args: argparse.Namespace) -> int:
         chosen = {m: {r: dict(point) for r, point in points.items()} for m, points in report["chosen"].items()}
         print(yaml.safe_dump({"method_settings": chosen}, sort_keys=False))
         by_rank = {f"{m} at r = {r}": point for m, points in chosen.items() for r, point in points.items()}
-        print("\n".join(at_the_edge(suite, by_rank)))
+        print("\n".join(at_the_edge(study.grid, by_rank, study.grid_key)))
     elif args.rank_study:
         print(f"\nRank study: {out}/rank_study.md, rank_study.json, rank_study.png")
     elif args.tune:
         print(f"\nTuning: {out}/tuning.json. For the suite file:")
         print(yaml.safe_dump({"method_settings": report["chosen"]}, sort_keys=False))
-        print("\n".join(at_the_edge(suite, report["chosen"])))
+        print("\n".join(at_the_edge(suite.tuning_grid, report["chosen"])))
     else:
         print(f"\nResults: {out}/results.md, results.json, sample_efficiency*.png, final_return.png, eva_ranks.png")
         if next(out.rglob(RunFolder.EVENTS), None) is not None:  # committed pages keep no event files

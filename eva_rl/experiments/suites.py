@@ -23,6 +23,7 @@ from eva_rl.experiments.tasks import (
     check_folder_name,
     check_method_settings,
     check_seeds,
+    check_setting,
     check_settings,
     find_task,
     is_count,
@@ -67,6 +68,19 @@ class SuiteTask:
             raise ConfigError(f"{where}: score={self.score!r} is invalid: expected one of {list(SCORES)}")
 
 
+def check_tuning_grid(grid: Any, where: str) -> None:
+    """:raises ConfigError: unless ``grid`` is ``{setting: [values]}`` with settings a method takes and values valid
+    for them."""
+    if not isinstance(grid, dict) or not all(isinstance(values, list) and values for values in grid.values()):
+        raise ConfigError(f"{where}={grid!r} is invalid: expected {{setting: [values]}}")
+    unknown = sorted(set(grid) - set(METHOD_SETTINGS))
+    if unknown:
+        raise ConfigError(f"{where} keys {unknown} are invalid: expected keys out of {METHOD_SETTINGS}")
+    for key, values in grid.items():
+        for value in values:
+            check_setting(key, value, f"{where}[{key!r}]")
+
+
 @dataclass
 class RankStudy(Seeded):
     """A suite's rank study: adapter methods at several LoRA ranks on one of its tasks.
@@ -80,6 +94,8 @@ class RankStudy(Seeded):
     :param controls: ``{control: method}``: a study method that takes another one's settings at every rank instead
         of a tuned rate of its own, so that the two differ in one thing (``{eva-span: eva}``: EVA's convergence test
         alone); the rank tuning leaves it out.
+    :param tuning_grid: ``{setting: [values]}`` the rank tuning tries at every rank (default: the suite's
+        ``tuning_grid``): a narrower grid where the suite's tuning ruled part of it out.
     """
 
     task: str
@@ -88,6 +104,7 @@ class RankStudy(Seeded):
     seeds: int | list[int] = 5
     method_settings: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
     controls: dict[str, str] = field(default_factory=dict)
+    tuning_grid: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.task, str) or not self.task:
@@ -129,6 +146,7 @@ class RankStudy(Seeded):
                 f"study's {self.methods}, the method not a control itself and the control without method_settings "
                 "of its own"
             )
+        check_tuning_grid(self.tuning_grid, "rank_study.tuning_grid")
 
     @property
     def tuned_methods(self) -> list[str]:
@@ -206,16 +224,7 @@ class Suite(Seeded):
         for name in ("total_timesteps", "eval_episodes", "resamples"):
             if getattr(self, name) is not None:
                 check_count(getattr(self, name), name)
-        if not isinstance(self.tuning_grid, dict) or not all(
-            isinstance(values, list) and values for values in self.tuning_grid.values()
-        ):
-            raise ConfigError(f"tuning_grid={self.tuning_grid!r} is invalid: expected {{setting: [values]}}")
-        unknown = sorted(set(self.tuning_grid) - set(METHOD_SETTINGS))
-        if unknown:
-            raise ConfigError(f"tuning_grid keys {unknown} are invalid: expected keys out of {METHOD_SETTINGS}")
-        for key, values in self.tuning_grid.items():
-            for value in values:
-                check_method_settings({self.methods[0]: {key: value}}, f"tuning_grid[{key!r}]")
+        check_tuning_grid(self.tuning_grid, "tuning_grid")
         names = [t.task for t in self.tasks]
         check_distinct(names, f"suite {self.name} tasks")
         if self.tuning_tasks is not None:

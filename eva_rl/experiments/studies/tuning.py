@@ -25,29 +25,33 @@ TuningReport = dict[str, Any]
 "platform": line}``."""
 
 
-def tuning_points(suite: Suite) -> list[dict[str, float]]:
-    """Every combination of the tuning grid, e.g. ``[{"learning_rate": 1e-4}, {"learning_rate": 1e-3}]``."""
+def tuning_points(grid: Mapping[str, Sequence[float]]) -> list[dict[str, float]]:
+    """Every combination of a tuning grid, e.g. ``[{"learning_rate": 1e-4}, {"learning_rate": 1e-3}]``."""
     points: list[dict[str, float]] = [{}]
-    for key, values in suite.tuning_grid.items():
+    for key, values in grid.items():
         points = [{**point, key: value} for point in points for value in values]
     return points
 
 
-def at_the_edge(suite: Suite, chosen: Mapping[str, Mapping[str, float]]) -> list[str]:
+def at_the_edge(
+    grid: Mapping[str, Sequence[float]], chosen: Mapping[str, Mapping[str, float]], where: str = "tuning_grid"
+) -> list[str]:
     """A note for every choice that is the smallest or largest value of a grid of three or more: the best may lie
     beyond it, and a fair protocol extends the grid there.
 
+    :param grid: The grid tuned over.
+    :param where: The grid's key in the suite file, named in the note.
     :param chosen: ``{who: point}``, e.g. ``{"eva": {"learning_rate": 0.004}}`` or ``{"eva at r = 1": ...}``.
     """
     notes = []
     for who, point in chosen.items():
         for key, value in point.items():
-            values = sorted(suite.tuning_grid.get(key, []))
+            values = sorted(grid.get(key, []))
             if len(values) >= 3 and value in (values[0], values[-1]):
                 side = "smallest" if value == values[0] else "largest"
                 notes.append(
                     f"note: the best {key} of {who}, {value:g}, is the grid's {side}: the best may lie beyond it "
-                    f"(extend tuning_grid.{key} past it and tune again; the runs made are kept)"
+                    f"(extend {where}.{key} past it and tune again; the runs made are kept)"
                 )
     return notes
 
@@ -88,7 +92,7 @@ class TuningSweep(Study[TuningReport]):
         tasks = [t for t in suite.tasks if suite.tuning_tasks is None or t.task in suite.tuning_tasks]
         return [
             ((point_name(point), suite_task.task), suite.run_spec(suite_task, method, seed, folder, settings=point))
-            for point in tuning_points(suite)
+            for point in tuning_points(suite.tuning_grid)
             for folder in [self.out_dir / point_name(point) / suite.name]
             for suite_task in tasks
             for seed in suite.tuning_seeds
@@ -98,7 +102,7 @@ class TuningSweep(Study[TuningReport]):
     def report(self, runs: list[tuple[tuple[str, str], RunResult]]) -> TuningReport:
         auc: dict[str, dict[str, float]] = {}
         final: dict[str, dict[str, float]] = {}
-        for point in tuning_points(self.suite):
+        for point in tuning_points(self.suite.tuning_grid):
             for method in self.methods:
                 aucs: dict[str, list[float]] = {}
                 finals: dict[str, list[float]] = {}
@@ -109,7 +113,7 @@ class TuningSweep(Study[TuningReport]):
                 auc.setdefault(method, {})[point_name(point)] = float(stratified_iqm(list(aucs.values())).estimate)
                 final.setdefault(method, {})[point_name(point)] = float(stratified_iqm(list(finals.values())).estimate)
         chosen = {
-            method: max(tuning_points(self.suite), key=lambda point: auc[method][point_name(point)])
+            method: max(tuning_points(self.suite.tuning_grid), key=lambda point: auc[method][point_name(point)])
             for method in self.methods
         }
         platform = platform_line(result.platform for _, result in runs)
@@ -136,7 +140,7 @@ def draw_sensitivity(axes: Any, suite: Suite, report: TuningReport) -> None:
     """Normalized AUC and final return (IQM over the tuning seeds and tasks) against the one tuned setting, one line
     per method, each method's chosen value ringed: how sharply each method depends on it."""
     ((key, values),) = suite.tuning_grid.items()
-    points = tuning_points(suite)
+    points = tuning_points(suite.tuning_grid)
     for axis, (table, label) in zip(
         axes, ((report["auc_iqm"], "normalized AUC"), (report["final_iqm"], "final return"))
     ):
@@ -161,8 +165,9 @@ def draw_sensitivity(axes: Any, suite: Suite, report: TuningReport) -> None:
 
 
 class RankTuningSweep(Study[TuningReport]):
-    """The tuning grid at every rank of the suite's rank study (``compare.py --suite NAME --rank-study --tune``): each
-    rank-study method but the controls at each rank r and grid point, on the suite's tuning seeds, on the rank
+    """The tuning grid (the rank study's own, else the suite's) at every rank of the suite's rank study
+    (``compare.py --suite NAME --rank-study --tune``): each rank-study method but the controls at each rank r and grid
+    point, on the suite's tuning seeds, on the rank
     study's task; each (method, r) keeps the point with the best IQM normalized AUC, printed for the rank study's
     ``method_settings``.
 
@@ -174,9 +179,12 @@ class RankTuningSweep(Study[TuningReport]):
 
     def __init__(self, suite: Suite, log_dir: Path, echo: Callable[[str], None] = print) -> None:
         super().__init__(log_dir, echo)
-        if suite.rank_study is None or not suite.tuning_grid:
+        if suite.rank_study is None or not (suite.rank_study.tuning_grid or suite.tuning_grid):
             raise ConfigError(f"suite {suite.name} needs a rank_study and a tuning_grid to tune at every rank")
         self.suite, self.study = suite, suite.rank_study
+        own = bool(self.study.tuning_grid)
+        self.grid = self.study.tuning_grid if own else suite.tuning_grid
+        self.grid_key = "rank_study.tuning_grid" if own else "tuning_grid"  # where the suite file keeps it
         self.title = f"suite {suite.name}'s tuning at every rank"
 
     @property
@@ -189,7 +197,7 @@ class RankTuningSweep(Study[TuningReport]):
         suite_tuning = TuningSweep(suite, self.log_dir).out_dir
         planned = []
         for r in study.ranks:
-            for point in tuning_points(suite):
+            for point in tuning_points(self.grid):
                 folder = self.out_dir / f"r{r}" / point_name(point) / suite.name
                 shared_runs = {m: self._in_suite_tuning(suite_task, m, r, point) for m in study.tuned_methods}
                 for seed in suite.tuning_seeds:
@@ -208,7 +216,8 @@ class RankTuningSweep(Study[TuningReport]):
         suite = self.suite
         lora = suite.run_spec(suite_task, method, suite.tuning_seeds[0], self.out_dir, settings=point).task.lora
         return (
-            (suite.tuning_tasks is None or suite_task.task in suite.tuning_tasks)
+            point in tuning_points(suite.tuning_grid)
+            and (suite.tuning_tasks is None or suite_task.task in suite.tuning_tasks)
             and method in suite.task_methods(suite_task, suite.methods)
             and lora.r == r
             and lora.default_alpha == r
@@ -227,7 +236,7 @@ class RankTuningSweep(Study[TuningReport]):
             }
             for method, by_rank in aucs.items()
         }
-        points = {point_name(point): point for point in tuning_points(self.suite)}
+        points = {point_name(point): point for point in tuning_points(self.grid)}
         chosen = {
             method: {r: points[max(by_point, key=by_point.__getitem__)] for r, by_point in by_rank.items()}
             for method, by_rank in table.items()
