@@ -152,6 +152,65 @@ def test_tuning_sweeps_every_method_alike_and_picks_by_auc(tmp_path: Path) -> No
     ]
 
 
+def _flat_run(task: str, method: str, seed: int, value: float) -> RunResult:
+    """A run whose eval return is ``value`` throughout: its normalized AUC and final return are ``value``."""
+    curve = [[0, value], [4096, value]]
+    return RunResult(
+        task, method, seed, 4096, value, value, value, curve, trainable_params=1, total_params=1, wall_seconds=1.0
+    )
+
+
+def test_a_tuning_sweep_under_way_reports_the_points_it_has_and_says_how_many_runs_are_in(tmp_path: Path) -> None:
+    suite = smoke_suite()  # grid 1e-3 / 3e-3 / 1e-2, methods eva and full, one tuning seed, one task
+    sweep = TuningSweep(suite, tmp_path, echo=lambda line: None)
+    planned = sweep.plan()
+    # eva has runs at two points, full at one
+    returns = {
+        ("eva", "learning_rate0.001"): 0.2,
+        ("eva", "learning_rate0.003"): 0.7,
+        ("full", "learning_rate0.01"): 0.4,
+    }
+    runs = [
+        (key, _flat_run(key[1], spec.method, spec.seed, returns[(spec.method, key[0])]))
+        for key, spec in planned
+        if (spec.method, key[0]) in returns
+    ]
+    report = sweep.report(runs)
+    assert report["auc_iqm"]["eva"] == pytest.approx({"learning_rate0.001": 0.2, "learning_rate0.003": 0.7})
+    assert report["final_iqm"]["full"] == pytest.approx({"learning_rate0.01": 0.4})
+    assert report["chosen"] == {"eva": {"learning_rate": 3e-3}, "full": {"learning_rate": 1e-2}}
+    assert report["partial"] == {"completed": 3, "planned": 6} and len(planned) == 6
+    sweep.write_page(report, runs)  # the sensitivity plot leaves gaps where points have no runs yet
+    assert (tmp_path / "smoke-tuning" / "sensitivity.png").stat().st_size > 10_000
+    # once every run is in, the report says nothing of a sweep under way
+    complete = [(key, _flat_run(key[1], spec.method, spec.seed, 0.5)) for key, spec in planned]
+    assert "partial" not in sweep.report(complete)
+
+
+def test_a_tuning_sweep_scores_a_success_task_by_its_success_rate(tmp_path: Path, monkeypatch) -> None:
+    from eva_rl.experiments.studies.base import Study
+
+    suite = smoke_suite()
+    suite.tasks = [dataclasses.replace(task, score="success") for task in suite.tasks]
+    sweep = TuningSweep(suite, tmp_path, echo=lambda line: None)
+    (key, spec), *_ = sweep.plan()
+    # the return is 50 throughout while the success rate stays at 0.1: the sweep must read the success rate
+    run = dataclasses.replace(_flat_run(key[1], spec.method, spec.seed, 50.0), success_curve=[[0, 0.1], [4096, 0.1]])
+    monkeypatch.setattr(Study, "completed", lambda self: [(key, run)])
+    runs = sweep.completed()
+    assert [result.final_return for _, result in runs] == [0.1]
+    report = sweep.report(runs)
+    assert report["score"] == "success" and report["auc_iqm"][spec.method][key[0]] == pytest.approx(0.1)
+
+
+def test_tune_with_report_only_runs_nothing_and_names_an_empty_sweep(tmp_path: Path, capsys) -> None:
+    from eva_rl.experiments import cli
+
+    assert cli.compare_main(["--suite", "smoke", "--tune", "--report-only", "--log-dir", str(tmp_path)]) == 2
+    assert "no completed runs of suite smoke's tuning sweep" in capsys.readouterr().err
+    assert not (tmp_path / "smoke-tuning").exists()
+
+
 def test_a_choice_at_the_grids_edge_is_named_with_the_way_to_extend_it() -> None:
     grid = {"learning_rate": [1e-3, 2e-3, 4e-3]}
     notes = at_the_edge(grid, {"eva": {"learning_rate": 4e-3}, "lora": {"learning_rate": 2e-3}})

@@ -246,8 +246,8 @@ def compare_command(args: argparse.Namespace) -> int:
         suite.check_methods(args.methods)
     if args.rank_study and (args.methods or args.seeds or args.backend != "local"):
         raise ConfigError("--rank-study runs the suite's rank_study as written: drop --methods, --seeds and --backend")
-    if args.tune and (args.report_only or args.seeds or args.backend != "local"):
-        raise ConfigError("--tune runs the suite's tuning seeds locally: drop --report-only, --seeds and --backend")
+    if args.tune and (args.seeds or args.backend != "local"):
+        raise ConfigError("--tune runs the suite's tuning seeds locally: drop --seeds and --backend")
     if args.anatomy:
         return anatomy_command(suite, args)
     # One study per flag, one executor class per --backend.
@@ -271,6 +271,11 @@ def compare_command(args: argparse.Namespace) -> int:
         print("\n".join(at_the_edge(study.grid, by_rank, study.grid_key)))
     elif args.rank_study:
         print(f"\nRank study: {out}/rank_study.md, rank_study.json, rank_study.png")
+    elif args.tune and (partial := report.get("partial")):
+        print(
+            f"\nTuning: {out}/tuning.json, sensitivity.png. The sweep is under way: {partial['completed']} of its "
+            f"{partial['planned']} runs are in, so no choice is final yet."
+        )
     elif args.tune:
         print(f"\nTuning: {out}/tuning.json. For the suite file:")
         print(yaml.safe_dump({"method_settings": report["chosen"]}, sort_keys=False))

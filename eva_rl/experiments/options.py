@@ -379,7 +379,8 @@ FLAGS: dict[str, Flag] = {
         ),
         Flag(
             ("--report-only",),
-            "run nothing: redraw the page from the completed runs (--methods, --seeds restrict it)",
+            "run nothing: redraw the page from the completed runs (--methods, --seeds restrict it; with --tune: the "
+            "tuning page of a sweep under way)",
             STUDY,
             None,
             action="store_true",

@@ -245,6 +245,10 @@ class Suite(Seeded):
                     f"tuning_seeds {self.tuning_seeds} overlap the rank study's seeds {self.rank_study.seed_list}"
                 )
 
+    def score_of(self, task: str) -> str:
+        """What the page compares on ``task``: ``"return"`` or ``"success"`` (its :class:`SuiteTask`'s score)."""
+        return next(t.score for t in self.tasks if t.task == task)
+
     def check_methods(self, methods: Sequence[str]) -> None:
         """:raises ConfigError: if ``methods`` (a command line's choice) is empty or names a method outside the suite's
         own (their settings were chosen for this suite; another method would run untuned)."""

@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.machine import platform_line
 from eva_rl.experiments.plots import method_color, method_linestyle, new_figure, save_figure
@@ -99,7 +101,17 @@ class TuningSweep(Study[TuningReport]):
             for method in suite.task_methods(suite_task, self.methods)
         ]
 
+    def completed(self) -> list[tuple[tuple[str, str], RunResult]]:
+        """The completed runs, each as its task's page compares it (return or success rate): the sweep tunes for the
+        score the suite reports."""
+        return [
+            ((name, task), result.scored(self.suite.score_of(task))) for (name, task), result in super().completed()
+        ]
+
     def report(self, runs: list[tuple[tuple[str, str], RunResult]]) -> TuningReport:
+        """IQM normalized AUC and final return of each method at each grid point, and each method's best point.
+        A sweep under way (``--report-only``) reports the points each method has runs at and says how many of the
+        planned runs are in (``"partial"``)."""
         auc: dict[str, dict[str, float]] = {}
         final: dict[str, dict[str, float]] = {}
         for point in tuning_points(self.suite.tuning_grid):
@@ -110,20 +122,29 @@ class TuningSweep(Study[TuningReport]):
                     if name == point_name(point) and result.method == method:
                         aucs.setdefault(task, []).append(normalized_auc(*result.sample_curve(), result.budget))
                         finals.setdefault(task, []).append(result.budget_return)
-                auc.setdefault(method, {})[point_name(point)] = float(stratified_iqm(list(aucs.values())).estimate)
-                final.setdefault(method, {})[point_name(point)] = float(stratified_iqm(list(finals.values())).estimate)
-        chosen = {
-            method: max(tuning_points(self.suite.tuning_grid), key=lambda point: auc[method][point_name(point)])
-            for method in self.methods
-        }
+                if aucs:
+                    auc.setdefault(method, {})[point_name(point)] = float(stratified_iqm(list(aucs.values())).estimate)
+                    final.setdefault(method, {})[point_name(point)] = float(
+                        stratified_iqm(list(finals.values())).estimate
+                    )
+        points = {point_name(point): point for point in tuning_points(self.suite.tuning_grid)}
+        # a copy each: shared dicts would print as YAML anchors and aliases
+        chosen = {method: dict(points[max(by_point, key=by_point.__getitem__)]) for method, by_point in auc.items()}
         platform = platform_line(result.platform for _, result in runs)
-        return {
+        report: TuningReport = {
             "auc_iqm": auc,
             "final_iqm": final,
             "chosen": chosen,
             "seeds": self.suite.tuning_seeds,
             "platform": platform,
         }
+        scores = {self.suite.score_of(task) for (_, task), _ in runs}
+        if scores != {"return"}:  # written where it differs, so the pages tuned on returns read back unchanged
+            report["score"] = "/".join(sorted(scores))
+        planned = len(self.plan())
+        if len(runs) < planned:
+            report["partial"] = {"completed": len(runs), "planned": planned}
+        return report
 
     def write_page(self, report: TuningReport, runs: list[tuple[Any, RunResult]]) -> list[Path]:
         """``tuning.json``, and ``sensitivity.png`` where the grid varies one setting (the learning rate)."""
@@ -141,11 +162,11 @@ def draw_sensitivity(axes: Any, suite: Suite, report: TuningReport) -> None:
     per method, each method's chosen value ringed: how sharply each method depends on it."""
     ((key, values),) = suite.tuning_grid.items()
     points = tuning_points(suite.tuning_grid)
-    for axis, (table, label) in zip(
-        axes, ((report["auc_iqm"], "normalized AUC"), (report["final_iqm"], "final return"))
-    ):
+    final = "final success rate" if report.get("score") == "success" else "final return"
+    for axis, (table, label) in zip(axes, ((report["auc_iqm"], "normalized AUC"), (report["final_iqm"], final))):
         for method, by_point in table.items():
-            ys = [by_point[point_name(point)] for point in points]
+            # a point without runs yet (a sweep under way) is a gap in the line
+            ys = [by_point.get(point_name(point), np.nan) for point in points]
             color = method_color(method)
             style = method_linestyle(method)
             axis.plot(values, ys, marker="o", markersize=3, color=color, linestyle=style, label=method)
@@ -160,7 +181,9 @@ def draw_sensitivity(axes: Any, suite: Suite, report: TuningReport) -> None:
         axis.set_ylabel(f"{label} (IQM)")
         axis.grid(alpha=0.3)
     seeds = ", ".join(str(seed) for seed in suite.tuning_seeds)
-    axes[0].set_title(f"{suite.name}: tuning seeds {seeds} (ring: chosen)")
+    partial = report.get("partial")
+    progress = f", {partial['completed']} of {partial['planned']} runs in" if partial else ""
+    axes[0].set_title(f"{suite.name}: tuning seeds {seeds} (ring: chosen{progress})")
     axes[1].legend(fontsize=7, ncol=2)
 
 
@@ -223,6 +246,11 @@ class RankTuningSweep(Study[TuningReport]):
             and lora.default_alpha == r
             and set(suite.method_settings.get(method, {})) <= set(point)
         )
+
+    def completed(self) -> list[tuple[tuple[int, str], RunResult]]:
+        """The completed runs, each scored as the rank study's task is (return or success rate)."""
+        score = self.suite.score_of(self.study.task)
+        return [(key, result.scored(score)) for key, result in super().completed()]
 
     def report(self, runs: list[tuple[tuple[int, str], RunResult]]) -> TuningReport:
         aucs: dict[str, dict[int, dict[str, list[float]]]] = {}
