@@ -263,3 +263,19 @@ def test_a_control_takes_its_methods_rate_at_every_rank_and_is_not_tuned(tmp_pat
         assert specs[(r, "eva-span")].run_dir == tmp_path / "smoke-ranks" / f"r{r}" / "PointGoal" / "eva-span" / "seed0"
     assert study.tuned_methods == ["lora", "eva"]
     assert {spec.method for _, spec in RankTuningSweep(suite, tmp_path).plan()} == {"lora", "eva"}
+
+
+@pytest.mark.parametrize("study_class", ["RankStudyRuns", "RankTuningSweep"])
+def test_the_rank_studies_score_a_success_task_by_its_success_rate(
+    study_class: str, tmp_path: Path, monkeypatch
+) -> None:
+    from eva_rl.experiments.studies import ranks, tuning
+    from eva_rl.experiments.studies.base import Study
+
+    suite = load_suite("smoke")
+    suite.tasks = [dataclasses.replace(task, score="success") for task in suite.tasks]
+    study = getattr(ranks, study_class, None) or getattr(tuning, study_class)
+    # the return is 50 throughout while the success rate is 0.2: the study must read the success rate
+    run = dataclasses.replace(_result("eva", 0, 50.0, [[0, 50.0], [4096, 50.0]]), success_curve=[[0, 0.2], [4096, 0.2]])
+    monkeypatch.setattr(Study, "completed", lambda self: [("key", run)])
+    assert [result.final_return for _, result in study(suite, tmp_path).completed()] == [0.2]
