@@ -188,7 +188,7 @@ def test_a_tuning_sweep_under_way_reports_the_points_it_has_and_says_how_many_ru
 
 
 def test_a_tuning_sweep_scores_a_success_task_by_its_success_rate(tmp_path: Path, monkeypatch) -> None:
-    from eva_rl.experiments.studies.base import Study
+    from eva_rl.experiments.studies import base
 
     suite = smoke_suite()
     suite.tasks = [dataclasses.replace(task, score="success") for task in suite.tasks]
@@ -196,7 +196,9 @@ def test_a_tuning_sweep_scores_a_success_task_by_its_success_rate(tmp_path: Path
     (key, spec), *_ = sweep.plan()
     # the return is 50 throughout while the success rate stays at 0.1: the sweep must read the success rate
     run = dataclasses.replace(_flat_run(key[1], spec.method, spec.seed, 50.0), success_curve=[[0, 0.1], [4096, 0.1]])
-    monkeypatch.setattr(Study, "completed", lambda self: [(key, run)])
+    spec.folder.result_file.parent.mkdir(parents=True)
+    spec.folder.result_file.write_text("{}")  # the one complete run; its result is the one above
+    monkeypatch.setattr(base, "completed_result", lambda spec: run)
     runs = sweep.completed()
     assert [result.final_return for _, result in runs] == [0.1]
     report = sweep.report(runs)

@@ -269,13 +269,16 @@ def test_a_control_takes_its_methods_rate_at_every_rank_and_is_not_tuned(tmp_pat
 def test_the_rank_studies_score_a_success_task_by_its_success_rate(
     study_class: str, tmp_path: Path, monkeypatch
 ) -> None:
-    from eva_rl.experiments.studies import ranks, tuning
-    from eva_rl.experiments.studies.base import Study
+    from eva_rl.experiments.studies import base, ranks, tuning
 
     suite = load_suite("smoke")
     suite.tasks = [dataclasses.replace(task, score="success") for task in suite.tasks]
     study = getattr(ranks, study_class, None) or getattr(tuning, study_class)
     # the return is 50 throughout while the success rate is 0.2: the study must read the success rate
     run = dataclasses.replace(_result("eva", 0, 50.0, [[0, 50.0], [4096, 50.0]]), success_curve=[[0, 0.2], [4096, 0.2]])
-    monkeypatch.setattr(Study, "completed", lambda self: [("key", run)])
-    assert [result.final_return for _, result in study(suite, tmp_path).completed()] == [0.2]
+    study = study(suite, tmp_path)
+    (_, spec), *_ = study.page_plan()
+    spec.folder.result_file.parent.mkdir(parents=True)
+    spec.folder.result_file.write_text("{}")  # the one complete run; its result is the one above
+    monkeypatch.setattr(base, "completed_result", lambda spec: run)
+    assert [result.final_return for _, result in study.completed()] == [0.2]

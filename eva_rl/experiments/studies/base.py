@@ -53,9 +53,13 @@ class Study(ABC, Generic[Report]):
         """The runs the page reports (default: the plan)."""
         return self.plan()
 
+    def score(self, key: Any) -> str:
+        """What the page compares for the run at ``key``: ``"return"`` (default) or ``"success"``."""
+        return "return"
+
     def completed(self) -> list[tuple[Any, RunResult]]:
-        """The page's runs that are complete and made with today's settings; one line names the runs made with
-        other settings, which are left out.
+        """The page's runs that are complete and made with today's settings, each scored as the page compares it
+        (:meth:`score`, :meth:`RunResult.scored`); one line names the runs made with other settings, which are left out.
 
         :raises ConfigError: if none is complete.
         """
@@ -63,7 +67,7 @@ class Study(ABC, Generic[Report]):
         for key, spec in self.page_plan():
             if spec.folder.is_complete:
                 try:
-                    runs.append((key, completed_result(spec)))
+                    runs.append((key, completed_result(spec).scored(self.score(key))))
                 except RunDirError as error:
                     stale.append(str(error))
         if stale:

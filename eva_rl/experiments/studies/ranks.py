@@ -267,10 +267,8 @@ class RankStudyRuns(Study[RankStudyReport]):
                     planned.append((r, spec))
         return planned
 
-    def completed(self) -> list[tuple[int, RunResult]]:
-        """The completed runs, each scored as the rank study's task is (return or success rate)."""
-        score = self.suite.score_of(self.study.task)
-        return [(r, result.scored(score)) for r, result in super().completed()]
+    def score(self, key: int) -> str:
+        return self.suite.score_of(self.study.task)
 
     def report(self, runs: list[tuple[int, RunResult]]) -> RankStudyReport:
         return rank_report(self.suite.name, self.study, runs)

@@ -101,12 +101,9 @@ class TuningSweep(Study[TuningReport]):
             for method in suite.task_methods(suite_task, self.methods)
         ]
 
-    def completed(self) -> list[tuple[tuple[str, str], RunResult]]:
-        """The completed runs, each as its task's page compares it (return or success rate): the sweep tunes for the
-        score the suite reports."""
-        return [
-            ((name, task), result.scored(self.suite.score_of(task))) for (name, task), result in super().completed()
-        ]
+    def score(self, key: tuple[str, str]) -> str:
+        """The score the suite's page compares on the run's task: the sweep tunes for it."""
+        return self.suite.score_of(key[1])
 
     def report(self, runs: list[tuple[tuple[str, str], RunResult]]) -> TuningReport:
         """IQM normalized AUC and final return of each method at each grid point, and each method's best point.
@@ -247,10 +244,8 @@ class RankTuningSweep(Study[TuningReport]):
             and set(suite.method_settings.get(method, {})) <= set(point)
         )
 
-    def completed(self) -> list[tuple[tuple[int, str], RunResult]]:
-        """The completed runs, each scored as the rank study's task is (return or success rate)."""
-        score = self.suite.score_of(self.study.task)
-        return [(key, result.scored(score)) for key, result in super().completed()]
+    def score(self, key: tuple[int, str]) -> str:
+        return self.suite.score_of(self.study.task)
 
     def report(self, runs: list[tuple[tuple[int, str], RunResult]]) -> TuningReport:
         aucs: dict[str, dict[int, dict[str, list[float]]]] = {}
