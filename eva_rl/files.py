@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Callable
@@ -138,8 +139,20 @@ def read_text(path: Path) -> str:
         raise ConfigError(f"{path}: cannot be read ({error})") from error
 
 
-def read_yaml(path: Path, loader: type[yaml.SafeLoader] = yaml.SafeLoader) -> Any:
-    """The YAML document in ``path``, read with a safe loader.
+class ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader that also reads ``1e-3`` as a number: YAML 1.1 (PyYAML) needs a dot (``1.0e-3``) and reads
+    the short form as a string, YAML 1.2 and every config a learning rate is written in read it as a float."""
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(path: Path, loader: type[yaml.SafeLoader] = ConfigLoader) -> Any:
+    """The YAML document in ``path``, read with a safe loader (:class:`ConfigLoader` unless told).
 
     :raises ConfigError: in one line, naming the file: missing, unreadable, too large, with more than
         :data:`MAX_YAML_ALIASES` aliases, or not YAML (with the line and column).

@@ -117,3 +117,20 @@ def test_a_target_env_finds_the_task_it_names_before_a_base_on_the_same_target(t
     assert find_task("Grid-hammer-v3", tmp_path).name == "Grid-hammer"
     assert find_task("Grid-Base", tmp_path).name == "Grid-Base"
     assert find_task("Grid-other-v3", tmp_path) is None
+
+
+def test_a_rate_written_without_a_dot_reads_as_a_number(tmp_path) -> None:
+    from eva_rl.experiments.suites import load_suite
+    from eva_rl.experiments.tasks import load_task
+
+    # PyYAML (YAML 1.1) reads `1e-3` as a string; every config a learning rate is written in reads it as a number
+    task = load_task(_write(tmp_path, "task", "target_env: CartPole-v1\nppo: {learning_rate: 3e-4, ent_coef: 1E-2}\n"))
+    assert task.ppo["learning_rate"] == 3e-4 and task.ppo["ent_coef"] == 0.01
+    suite_text = (
+        "methods: [eva, lora]\ntasks: [{task: PointGoal, threshold: 5e1}]\ntuning_grid: {learning_rate: [1e-3]}\n"
+    )
+    suite = load_suite(str(_write(tmp_path, "suite", suite_text)))
+    assert suite.tuning_grid == {"learning_rate": [1e-3]} and suite.tasks[0].threshold == 50.0
+    # and a value that only looks like one stays the string it is
+    named = load_task(_write(tmp_path, "named", "target_env: CartPole-v1\nenv_kwargs: {layout: 1e3x}\n"))
+    assert named.env_kwargs == {"layout": "1e3x"}
