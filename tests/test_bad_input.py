@@ -71,6 +71,7 @@ def test_a_bad_task_value_is_one_error_line(
     assert message in err and str(config) in err
 
 
+PUBLISHED = {"source": "a paper", "statistic": "mean success", "setting": "offline", "scores": {"eva": 0.9}}
 BAD_SUITES = [
     ({"tasks": [{"task": "PointGoal", "threshold": "high"}]}, "threshold='high' is invalid: expected a finite number"),
     ({"tasks": [{"task": "PointGoal", "threshold": float("inf")}]}, "threshold=inf is invalid"),
@@ -93,6 +94,23 @@ BAD_SUITES = [
     ({"tasks": [{"task": "PointGoal", "threshold": 0.5}] * 2}, "PointGoal is listed twice"),
     ({"tasks": [{"task": "PointGoal", "threshold": 0.5}], "name": "../../x"}, "suite name='../../x' is invalid"),
     ({"tasks": []}, "tasks=[] is invalid: expected a non-empty list"),
+    ({"tasks": [{"task": "PointGoal"}]}, "suite task: missing key(s) ['threshold']; required: ['task', 'threshold']"),
+    (
+        {"tasks": [{"task": "PointGoal", "threshold": 0.5}], "published": {**PUBLISHED, "scores": {"dora": 0.9}}},
+        "published: scores=['dora'] is invalid: expected a non-empty list out of ['eva', 'full']",
+    ),
+    (
+        {"tasks": [{"task": "PointGoal", "threshold": 0.5}], "published": {**PUBLISHED, "scores": {"eva": "high"}}},
+        "published: scores['eva']='high' is invalid: expected a finite number",
+    ),
+    (
+        {"tasks": [{"task": "PointGoal", "threshold": 0.5}], "published": {**PUBLISHED, "source": ""}},
+        "published: source='' is invalid: expected a non-empty string",
+    ),
+    (
+        {"tasks": [{"task": "PointGoal", "threshold": 0.5}], "published": {"source": "x", "scores": {"eva": 0.9}}},
+        "published: missing key(s) ['statistic', 'setting']; required: ['source', 'statistic', 'setting']",
+    ),
 ]
 
 

@@ -529,3 +529,27 @@ def test_a_suite_sets_the_bootstrap_resamples_of_its_page() -> None:
     assert few.tasks["A"].methods["eva"].final != many.tasks["A"].methods["eva"].final  # another bootstrap
     with pytest.raises(ConfigError, match="resamples=0 is invalid"):
         Suite("s", [task], methods=["eva"], resamples=0)
+
+
+def test_a_suite_sets_its_mean_over_tasks_beside_a_papers_figures() -> None:
+    """The paper's statistic is the mean over tasks of each task's mean success: two tasks of different seed counts
+    weigh the same, unlike the pooled IQM, and a method the paper did not run shows a dash."""
+    a, b = SuiteTask("A", 0.5, score="success"), SuiteTask("B", 0.5, score="success")
+    published = {"source": "a paper, Tab. 1", "statistic": "mean success", "setting": "offline", "scores": {"eva": 0.9}}
+    suite = Suite("s", [a, b], methods=["eva", "lora"], published=published)
+    finals = {("A", "eva"): (1.0, 0.8), ("B", "eva"): (0.2, 0.4, 0.3, 0.1), ("A", "lora"): (0.5, 0.7, 0.6)}
+    finals[("B", "lora")] = (0.0, 0.2)
+    runs = [(a if task == "A" else b, _synthetic_run(m, v)) for (task, m), values in finals.items() for v in values]
+    report = aggregate(suite, runs)
+    for method in ("eva", "lora"):
+        expected = np.mean([np.mean(finals[(task, method)]) for task in "AB"])
+        mean = report.published.means[method]
+        assert mean.estimate == pytest.approx(expected) and mean.low <= mean.estimate <= mean.high
+    assert report.published.means["eva"].estimate != pytest.approx(np.mean(finals[("A", "eva")] + finals[("B", "eva")]))
+    page = results_markdown(report)
+    assert "| method | tasks | final success |" in page  # the pooled table names the tasks' score
+    assert f"| eva | 2 | {report.published.means['eva'].format('.3f')} | 0.900 |" in page
+    assert f"| lora | 2 | {report.published.means['lora'].format('.3f')} | - |" in page
+    assert "Published: mean success (a paper, Tab. 1)." in page and "The settings differ: offline" in page
+    assert SuiteReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
+    assert "published" not in aggregate(Suite("s", [a, b], methods=["eva", "lora"]), runs).to_dict()

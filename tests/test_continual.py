@@ -30,6 +30,15 @@ def run_sequence(sequence, log_dir: Path, workers: int = 1, echo=print) -> dict:
     return conduct(ContinualStudy(sequence, log_dir, echo=echo), LocalProcesses(workers, echo=echo))
 
 
+PUBLISHED = {
+    "source": "a paper, Tab. 2",
+    "statistic": "CW20",
+    "setting": "SAC",
+    "approaches": {"PackNet": {"average_success": 0.8, "forgetting": 0.0, "forward_transfer": 0.18},
+                   "A-GEM": {"average_success": 0.45}},
+}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[ContinualStudy, dict]:
     root = tmp_path_factory.mktemp("continual")
@@ -141,6 +150,11 @@ def test_a_clone_of_the_results_regenerates_the_page_without_training(smoke, tmp
         ({"stages": [{"env": "PointGoal-v0", "total_timesteps": 0}] * 2}, "total_timesteps=0 is invalid"),
         ({"stages": [{"env": "PointGoal-v0", "total_timesteps": 10}] * 2}, "PointGoal is listed twice"),
         ({"stages": [{"env": "PointGoal-v0", "total_timesteps": 10, "goal": 1}] * 2}, "unknown key(s) ['goal']"),
+        (
+            {"published": {**PUBLISHED, "approaches": {"PackNet": {"success": 0.8}}}},
+            "approaches['PackNet']={'success': 0.8} is invalid: expected {metric: number} with metrics out of",
+        ),
+        ({"published": {**PUBLISHED, "approaches": {"PackNet": {"forgetting": None}}}}, "forgetting=None is invalid"),
     ],
 )
 def test_bad_sequences_are_one_line_errors(change: dict, message: str, tmp_path: Path) -> None:
@@ -196,7 +210,7 @@ def test_a_success_scored_sequence_reports_continual_worlds_metrics(tmp_path: Pa
     stages = [dataclasses.replace(stage, total_timesteps=512) for stage in sequence.stages[:2]]
     sequence = dataclasses.replace(
         sequence, stages=stages, seeds=[0], eval_episodes=4, eval_freq=256, score="success", continual_world=True,
-        method_settings={**sequence.method_settings, "scratch": {"learning_rate": 1.0e-2}},
+        method_settings={**sequence.method_settings, "scratch": {"learning_rate": 1.0e-2}}, published=PUBLISHED,
     )  # fmt: skip
     report = run_sequence(sequence, tmp_path, echo=lambda line: None)
     study = ContinualStudy(sequence, tmp_path)
@@ -217,6 +231,11 @@ def test_a_success_scored_sequence_reports_continual_worlds_metrics(tmp_path: Pa
     assert "average success after the sequence" in page and "CW forward transfer (vs scratch)" in page
     saved = json.loads((tmp_path / sequence.name / "continual.json").read_text())
     assert "cw_forgetting" in saved["approaches"]["eva"]
+    # the published anchors under the page's own table, a metric a paper did not give as a dash
+    assert "| approach | average success | forgetting | forward transfer |" in page
+    assert "| PackNet | 0.80 | 0.00 | 0.18 |" in page and "| A-GEM | 0.45 | - | - |" in page
+    assert "Published: CW20 (a paper, Tab. 2)." in page and "The settings differ: SAC" in page
+    assert saved["published"]["approaches"]["PackNet"] == PUBLISHED["approaches"]["PackNet"]
 
     class Recording(LocalProcesses):
         def map(self, function, jobs, packages=()):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from eva_rl.errors import ConfigError
+from eva_rl.experiments.published import PublishedApproaches
 from eva_rl.experiments.tasks import (
     CONFIG_DIR,
     SCORES,
@@ -77,6 +78,8 @@ class ContinualSequence(Seeded):
     :param continual_world: Also train every stage from scratch (the single-task reference) and report Continual
         World's forgetting and forward transfer (Wołczyk et al. 2021) beside the page's own; needs ``score:
         success``, since its forward transfer normalizes by ``1 - AUC`` of a score in [0, 1].
+    :param published: Published approaches' figures (:class:`~eva_rl.experiments.published.PublishedApproaches`:
+        Continual World's average success, forgetting, forward transfer) the page sets beside its own.
     """
 
     name: str
@@ -94,6 +97,7 @@ class ContinualSequence(Seeded):
     selection_trials: int = 4
     score: str = "return"
     continual_world: bool = False
+    published: PublishedApproaches | None = None
 
     def __post_init__(self) -> None:
         # each field's type and range, then what the fields must agree on (the score and Continual World's metrics)
@@ -130,6 +134,8 @@ class ContinualSequence(Seeded):
                 "continual_world=true is invalid with score='return': Continual World's forward transfer is defined "
                 "on success rates in [0, 1]; set score: success"
             )
+        if self.published is not None and not isinstance(self.published, PublishedApproaches):
+            self.published = build_config(PublishedApproaches, self.published, "published")
 
 
 def load_sequence(name_or_path: str) -> ContinualSequence:

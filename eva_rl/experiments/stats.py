@@ -105,6 +105,22 @@ def stratified_iqm(
     return _bootstrap_interval(samples, _pooled_iqm, confidence, n_resamples, seed)
 
 
+def _mean_of_task_means(*per_task: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean([np.mean(scores, axis=axis) for scores in per_task], axis=0)
+
+
+def stratified_mean(
+    per_task: Sequence[Sequence[float]], confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> Interval:
+    """The mean over tasks of each task's mean score (every task weighs the same, as a paper's "mean success over
+    the tasks" does), with a stratified-bootstrap CI: seeds are resampled within each task.
+
+    :param per_task: One list of per-seed scores per task.
+    """
+    samples = tuple(np.asarray(s, dtype=float) for s in per_task)
+    return _bootstrap_interval(samples, _mean_of_task_means, confidence, n_resamples, seed)
+
+
 def _probability_of_improvement(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
     """P(X > Y) + 0.5 P(X = Y) from all pairs, i.e. the Mann-Whitney U statistic over n*m."""
     x = np.moveaxis(np.asarray(x), axis, -1)[..., :, None]

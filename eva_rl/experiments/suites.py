@@ -10,6 +10,7 @@ from typing import Any
 
 from eva_rl.config import _is_number
 from eva_rl.errors import ConfigError
+from eva_rl.experiments.published import PublishedScores
 from eva_rl.experiments.runs import RunSpec
 from eva_rl.experiments.tasks import (
     CONFIG_DIR,
@@ -185,6 +186,8 @@ class Suite(Seeded):
         ``compare.py --rank-study``.
     :param resamples: Bootstrap resamples behind every CI of the suite's page (rliable uses 50,000; the suites
         committed before 2026-12-05 keep the 2,000 their pages were made with).
+    :param published: A paper's figures for the suite's methods (:class:`PublishedScores`), set beside the page's
+        mean final score over the tasks.
     """
 
     name: str
@@ -200,6 +203,7 @@ class Suite(Seeded):
     tuning_tasks: list[str] | None = None
     rank_study: RankStudy | None = None
     resamples: int = 2000
+    published: PublishedScores | None = None
 
     def __post_init__(self) -> None:
         check_folder_name(self.name, "suite name")
@@ -244,6 +248,10 @@ class Suite(Seeded):
                 raise ConfigError(
                     f"tuning_seeds {self.tuning_seeds} overlap the rank study's seeds {self.rank_study.seed_list}"
                 )
+        if self.published is not None and not isinstance(self.published, PublishedScores):
+            self.published = build_config(PublishedScores, self.published, "published")
+        if self.published is not None:
+            _check_subset("published: scores", list(self.published.scores), self.methods, f"{self.methods}")
 
     def score_of(self, task: str) -> str:
         """What the page compares on ``task``: ``"return"`` or ``"success"`` (its :class:`SuiteTask`'s score)."""

@@ -576,6 +576,10 @@ def build_config(cls: type, values: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(values) - set(accepted))
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown} in {where}; accepted: {accepted}")
+    required = [f.name for f in dataclasses.fields(cls) if f.default is f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in values]
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {missing}; required: {required}")
     try:
         return cls(**values)
     except ValueError as error:

@@ -34,6 +34,7 @@ from eva_rl.experiments.execute import Executor
 from eva_rl.experiments.finetune import check_agent_fits
 from eva_rl.experiments.machine import platform_line
 from eva_rl.experiments.plots import new_figure, save_figure
+from eva_rl.experiments.published import SEQUENCE_METRICS, PublishedApproaches, published_notes
 from eva_rl.experiments.run_folder import RunDirError, RunFolder, RunResult
 from eva_rl.experiments.runs import RunSpec, run_settings, settings_differences
 from eva_rl.experiments.sequences import ContinualSequence, Stage
@@ -450,6 +451,7 @@ class ContinualStudy(Study[ContinualReport]):
             {
                 "approaches": {name: stats.to_dict() for name, stats in report.items()},
                 "selection": selection["accuracy"],
+                **({"published": dataclasses.asdict(self.sequence.published)} if self.sequence.published else {}),
             },
         )
         platform = platform_line(result.platform for _, result in runs)
@@ -516,6 +518,7 @@ def continual_markdown(
             "on the task with the same budget (the page's: AUC minus full fine-tuning's from the base). Continual "
             "World averages the last 5 evaluations where this page takes the last one, and its CIs are 90%.",
         ]
+    lines += _published_markdown(sequence.published)
     # Forgetting per task, then how well the base policy's subspaces name a stage.
     lines += ["", f"Forgetting per task (mean over seeds, best minus final {score}):", ""]
     names = [s.name for s in sequence.stages]
@@ -535,6 +538,24 @@ def continual_markdown(
             "| accuracy | " + " | ".join(f"{value:.2f}" for value in accuracy.values()) + " |",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _published_markdown(published: PublishedApproaches | None) -> list[str]:
+    """The published approaches' figures under the page's table (none: no section)."""
+    if published is None:
+        return []
+    columns = [metric for metric in SEQUENCE_METRICS if any(metric in f for f in published.approaches.values())]
+    lines = [
+        "",
+        "Published anchors:",
+        "",
+        "| approach | " + " | ".join(metric.replace("_", " ") for metric in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for name, figures in published.approaches.items():
+        cells = [f"{figures[metric]:.2f}" if metric in figures else "-" for metric in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, "", *published_notes(published)[:-1]]
 
 
 def draw_continual(axes: Any, sequence: ContinualSequence, report: ContinualReport) -> None:

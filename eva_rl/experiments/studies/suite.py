@@ -24,6 +24,7 @@ from eva_rl.experiments.contrasts import (
 )
 from eva_rl.experiments.machine import platform_line
 from eva_rl.experiments.plots import method_color, method_label, method_linestyle, new_figure, save_figure
+from eva_rl.experiments.published import PublishedScores, published_notes
 from eva_rl.experiments.run_folder import RunFolder, RunResult
 from eva_rl.experiments.stats import (
     Interval,
@@ -34,6 +35,7 @@ from eva_rl.experiments.stats import (
     score_format,
     steps_to_threshold,
     stratified_iqm,
+    stratified_mean,
 )
 from eva_rl.experiments.studies.base import Planned, Study
 from eva_rl.experiments.suites import Suite, SuiteTask
@@ -179,6 +181,34 @@ def task_normalizers(report: SuiteReport) -> dict[str, tuple[float, float, float
 
 
 @dataclass
+class PublishedComparison:
+    """The page's figures beside a paper's (the suite's ``published:``).
+
+    :ivar published: The paper's figures, what they are and how its setting differs.
+    :ivar means: ``{method: mean over its tasks of the mean final score over seeds}`` with a stratified-bootstrap CI:
+        the statistic a paper's "mean success over the tasks" is.
+    :ivar tasks: ``{method: number of tasks behind its mean}``.
+    """
+
+    published: PublishedScores
+    means: dict[str, Interval]
+    tasks: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **dataclasses.asdict(self.published),
+            "means": {method: dataclasses.asdict(mean) for method, mean in self.means.items()},
+            "tasks": self.tasks,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PublishedComparison:
+        fields = {key: data[key] for key in ("source", "statistic", "setting", "scores")}
+        means = {method: Interval(**mean) for method, mean in data["means"].items()}
+        return cls(PublishedScores(**fields), means, dict(data["tasks"]))
+
+
+@dataclass
 class SuiteReport:
     """A suite's statistics, per task and over tasks; ``results.json`` is its :meth:`to_dict`."""
 
@@ -192,10 +222,18 @@ class SuiteReport:
     """Bootstrap resamples behind the CIs (:attr:`~eva_rl.experiments.suites.Suite.resamples`)."""
     contrasts: list[ContrastStats] = field(default_factory=list)
     """Each method against its control (:func:`~eva_rl.experiments.contrasts.contrast_stats`)."""
+    published: PublishedComparison | None = None
+    """The page beside a paper's figures, where the suite gives them."""
 
     @property
     def methods(self) -> list[str]:
         return list(self.aggregate)
+
+    @property
+    def score(self) -> str:
+        """What the tasks' pages compare: ``"return"``, ``"success"``, or ``"score"`` where the tasks differ."""
+        scores = {task.score for task in self.tasks.values()}
+        return scores.pop() if len(scores) == 1 else "score"
 
     def to_dict(self) -> dict[str, Any]:
         aggregate = {}
@@ -219,6 +257,7 @@ class SuiteReport:
             **({"platform": self.platform} if self.platform else {}),
             **({"resamples": self.resamples} if self.resamples != 2000 else {}),
             **({"contrasts": [c.to_dict() for c in self.contrasts]} if self.contrasts else {}),
+            **({"published": self.published.to_dict()} if self.published else {}),
         }
 
     @classmethod
@@ -239,7 +278,9 @@ class SuiteReport:
         tasks = {name: TaskReport.from_dict(task) for name, task in data["tasks"].items()}
         contrasts = [ContrastStats.from_dict(c) for c in data.get("contrasts", [])]
         resamples = data.get("resamples", 2000)
-        return cls(data["suite"], tasks, aggregate, reference, data.get("platform", ""), resamples, contrasts)
+        published = PublishedComparison.from_dict(data["published"]) if "published" in data else None
+        platform = data.get("platform", "")
+        return cls(data["suite"], tasks, aggregate, reference, platform, resamples, contrasts, published)
 
 
 def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], reference: str = "eva") -> SuiteReport:
@@ -306,6 +347,12 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
         report.aggregate[method] = entry
     _normalize_aggregates(report, scores, resamples)
     report.contrasts = contrast_stats(scores, UPDATES_REPORTED, resamples)
+    if suite.published is not None:
+        report.published = PublishedComparison(
+            suite.published,
+            {m: stratified_mean(list(scores[m][FINAL].values()), n_resamples=resamples) for m in methods},
+            {m: len(scores[m][FINAL]) for m in methods},
+        )
     return report
 
 
@@ -405,7 +452,7 @@ def results_markdown(report: SuiteReport) -> str:
         "",
         f"IQM over seeds and the tasks each method ran on; P({report.reference} better) compares on those tasks.",
         "",
-        f"| method | tasks | final return | normalized AUC | P({report.reference} better), final |"
+        f"| method | tasks | final {report.score} | normalized AUC | P({report.reference} better), final |"
         " final, task-normalized | AUC, task-normalized |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -428,9 +475,32 @@ def results_markdown(report: SuiteReport) -> str:
         " then the IQM over seeds and tasks: 0 is the pretrained agent, 1 is full fine-tuning. Zero-shot -> full's"
         f" final return: {scale or 'no task (full fine-tuning did not run, or did not beat zero-shot)'}.",
         "",
+        *_published_markdown(report),
         *contrasts_markdown(report.contrasts),
     ]
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _published_markdown(report: SuiteReport) -> list[str]:
+    """The page's mean final score over tasks beside the paper's figures (none: no section)."""
+    comparison = report.published
+    if comparison is None:
+        return []
+    spec = score_format(comparison.means.values())
+    lines = [
+        "## Beside the published figures",
+        "",
+        f"Mean over the tasks of each task's mean final {report.score} over seeds (each task weighs the same), "
+        f"95% stratified-bootstrap CI ({report.resamples:,} resamples), beside the paper's figure.",
+        "",
+        f"| method | tasks | mean final {report.score} | published |",
+        "|---|---|---|---|",
+    ]
+    for method, mean in comparison.means.items():
+        figure = comparison.published.scores.get(method)
+        cell = "-" if figure is None else f"{figure:{spec}}"
+        lines.append(f"| {method} | {comparison.tasks[method]} | {mean.format(spec)} | {cell} |")
+    return [*lines, "", *published_notes(comparison.published)]
 
 
 def _iqm_curve(task_runs: Sequence[RunResult], method: str, grid: np.ndarray) -> tuple[np.ndarray, ...] | None:
