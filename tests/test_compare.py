@@ -402,6 +402,17 @@ def test_frozen_a_methods_are_dashed_in_the_colour_family_of_the_method_they_sha
     assert len({method_color(m) for m in ("eva", "eva-fa", "lora", "lora-orth-fa")}) == 4
 
 
+@pytest.mark.parametrize(
+    ("value", "label"),
+    [(1.5625e-5, "1.5625e-5"), (1.25e-4, "1.25e-4"), (1e-3, "1e-3"), (5e-4, "5e-4"), (0.03, "0.03"), (2.5, "2.5"),
+     (64, "64"), (0.0, "0"), (-2e-3, "-2e-3"), (3e5, "3e5")],
+)  # fmt: skip
+def test_a_grid_value_is_labelled_in_one_style_along_a_learning_rate_axis(value: float, label: str) -> None:
+    from eva_rl.experiments.plots import value_label
+
+    assert value_label(value) == label and float(label) == value
+
+
 @pytest.mark.parametrize(("seeds", "label"), [(1, "eva (1 seed)"), (10, "eva (10 seeds)")])
 def test_a_legend_entry_counts_its_seeds_in_the_right_number(seeds: int, label: str) -> None:
     from eva_rl.experiments.plots import method_label

@@ -68,6 +68,15 @@ def method_label(method: str, seeds: int) -> str:
     return f"{method} ({seeds} seed{'' if seeds == 1 else 's'})"
 
 
+def value_label(value: float) -> str:
+    """A setting's value as a tick label, in one style along a learning-rate axis: ``1.5625e-5``, ``1.25e-4``,
+    ``1e-3`` (Python's ``g`` writes ``1.5625e-05`` beside ``0.000125``); values from 0.01 to 10,000 as ``g`` does."""
+    if value == 0 or 1e-2 <= abs(value) < 1e4:
+        return f"{value:g}"
+    mantissa, exponent = f"{value:.6e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
 def save_figure(figure: Any, path: Path) -> Path:
     """Lay ``figure`` out, write it to ``path`` (its folder made) and close it."""
     import matplotlib.pyplot as plt

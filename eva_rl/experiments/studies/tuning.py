@@ -15,7 +15,7 @@ import numpy as np
 
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.machine import platform_line
-from eva_rl.experiments.plots import method_color, method_linestyle, new_figure, save_figure
+from eva_rl.experiments.plots import method_color, method_linestyle, new_figure, save_figure, value_label
 from eva_rl.experiments.run_folder import RunResult
 from eva_rl.experiments.stats import normalized_auc, stratified_iqm
 from eva_rl.experiments.studies.base import Planned, Study
@@ -170,8 +170,8 @@ def draw_sensitivity(axes: Any, suite: Suite, report: TuningReport) -> None:
             chosen = values.index(report["chosen"][method][key])
             axis.plot(values[chosen], ys[chosen], "o", markersize=9, markerfacecolor="none", color=color)
         axis.set_xscale("log")
-        labels = [f"{value:g}" for value in values]  # the grid's own values, not log decades
-        slanted = max(map(len, labels)) > 6  # 3.125e-05 beside 6.25e-05 overlap when level
+        labels = [value_label(value) for value in values]  # the grid's own values, not log decades
+        slanted = max(map(len, labels)) > 6  # 3.125e-5 beside 6.25e-5 overlap when level
         axis.set_xticks(values, labels, rotation=30 if slanted else 0, ha="right" if slanted else "center")
         axis.tick_params(axis="x", which="minor", labelbottom=False)
         axis.set_xlabel(key)
