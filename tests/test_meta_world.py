@@ -143,6 +143,48 @@ def test_the_fast_touching_object_answers_as_meta_worlds_own_on_scripted_episode
     assert touched > 50  # the pads grip objects in these episodes: the comparison covers both answers
 
 
+def test_the_fast_object_quaternion_is_scipys_bit_for_bit() -> None:
+    from scipy.spatial.transform import Rotation
+
+    from envs.meta_world import matrix_quaternion
+
+    noise = np.random.default_rng(0)
+    for matrix in Rotation.random(5000, random_state=0).as_matrix():
+        assert np.array_equal(matrix_quaternion(matrix), Rotation.from_matrix(matrix).as_quat())
+        # off a rotation by 1e-9 SciPy re-orthogonalizes first: the fallback must give its answer too
+        skewed = matrix + noise.normal(0.0, 1e-9, (3, 3))
+        assert np.array_equal(matrix_quaternion(skewed), Rotation.from_matrix(skewed).as_quat())
+    for corner in (np.eye(3), np.diag([1.0, -1.0, -1.0]), np.diag([-1.0, 1.0, -1.0]), np.diag([-1.0, -1.0, 1.0])):
+        assert np.array_equal(matrix_quaternion(corner), Rotation.from_matrix(corner).as_quat())  # ties in the choice
+    with pytest.raises(ValueError, match="determinant"):
+        matrix_quaternion(np.diag([1.0, 1.0, -1.0]))  # a reflection: SciPy's own error
+
+
+def test_every_task_that_asks_scipy_for_its_object_quaternion_gets_the_fast_one_and_the_same_answers() -> None:
+    import inspect
+
+    from metaworld.policies import ENV_POLICY_MAP
+
+    from envs.meta_world import OBJECT_FRAMES, ObjectQuaternion
+
+    asks_scipy = {
+        task
+        for task in MT50
+        if "Rotation.from_matrix" in inspect.getsource(type(gym.make(env_id(task)).unwrapped)._get_quat_objects)
+    }
+    assert asks_scipy == set(OBJECT_FRAMES)
+    for task in sorted(OBJECT_FRAMES):
+        env, expert = gym.make(env_id(task)), ENV_POLICY_MAP[f"{task}-v3"]()
+        core = env.unwrapped
+        assert isinstance(core._get_quat_objects, ObjectQuaternion)
+        noise = np.random.default_rng(0)
+        observation, _ = env.reset(seed=1)
+        for _ in range(30):
+            action = expert.get_action(observation) + noise.normal(0.0, 0.3, 4)
+            observation, *_ = env.step(np.clip(action, -1.0, 1.0))
+            assert np.array_equal(core._get_quat_objects(), type(core)._get_quat_objects(core)), task
+
+
 def test_the_contact_benchmark_times_both_checks(capsys) -> None:
     from eva_rl.experiments.cli import bench_main
 
@@ -151,3 +193,6 @@ def test_the_contact_benchmark_times_both_checks(capsys) -> None:
     assert figures["env"] == "MetaWorld-push-v3"
     assert figures["meta_world_steps_per_s"] > 0 and figures["fast_contacts_steps_per_s"] > 0
     assert figures["speedup"] == pytest.approx(figures["fast_contacts_steps_per_s"] / figures["meta_world_steps_per_s"])
+    project = figures["fast_contacts_and_quaternion_steps_per_s"]
+    assert figures["quaternion_speedup"] == pytest.approx(project / figures["fast_contacts_steps_per_s"])
+    assert figures["total_speedup"] == pytest.approx(project / figures["meta_world_steps_per_s"])

@@ -544,14 +544,20 @@ def measure_bank(task_name: str, seed: int = 0, tasks: int = 5, switches: int = 
     }
 
 
-def _interleaved_medians(rate: Callable[[bool], float], rounds: int) -> tuple[float, float]:
-    """The medians of ``rate(False)`` and ``rate(True)`` over ``rounds`` rounds, alternating within each, so that
-    both sides see the machine's load alike."""
-    timings: dict[bool, list[float]] = {False: [], True: []}
+def _interleaved(rate: Callable[[Any], float], variants: Sequence[Any], rounds: int) -> list[float]:
+    """The median of ``rate(variant)`` for each variant over ``rounds`` rounds, taking the variants in turn within
+    each round, so that all see the machine's load alike."""
+    timings: list[list[float]] = [[] for _ in variants]
     for _ in range(rounds):
-        for fast in (False, True):
-            timings[fast].append(rate(fast))
-    return float(np.median(timings[False])), float(np.median(timings[True]))
+        for timing, variant in zip(timings, variants):
+            timing.append(rate(variant))
+    return [float(np.median(timing)) for timing in timings]
+
+
+def _interleaved_medians(rate: Callable[[bool], float], rounds: int) -> tuple[float, float]:
+    """The medians of ``rate(False)`` and ``rate(True)`` (:func:`_interleaved`)."""
+    slow, fast = _interleaved(rate, (False, True), rounds)
+    return slow, fast
 
 
 def measure_minigrid_view(
@@ -588,8 +594,9 @@ def measure_minigrid_view(
 
 def measure_meta_world_contacts(task: str = "push", steps: int = 2000, rounds: int = 3) -> dict[str, Any]:
     """Env steps per second of a Meta-World task (``envs.meta_world``, its scripted expert acting, noised so that the
-    gripper also misses) with Meta-World's own ``touching_object`` and with :class:`envs.meta_world.TouchingObject`,
-    in interleaved rounds (median of each).
+    gripper also misses) as Meta-World makes it, with :class:`envs.meta_world.TouchingObject` in place of its own
+    ``touching_object``, and with :class:`envs.meta_world.ObjectQuaternion` in place of its ``_get_quat_objects``
+    too (the project's env), in interleaved rounds (median of each).
 
     :raises ConfigError: if Meta-World is not installed.
     """
@@ -601,10 +608,10 @@ def measure_meta_world_contacts(task: str = "push", steps: int = 2000, rounds: i
         raise ConfigError('Meta-World is not installed: pip install -e ".[metaworld]"') from error
     import_packages(["envs"])  # the project's Meta-World ids, as its task files load them
 
-    def steps_per_second(fast: bool) -> float:
+    def steps_per_second(own: tuple[str, ...]) -> float:
         env, expert = gym.make(f"MetaWorld-{task}-v3"), ENV_POLICY_MAP[f"{task}-v3"]()
-        if not fast:  # Meta-World's own method back in place of the instance's
-            del env.unwrapped.touching_object
+        for method in own:  # Meta-World's own method back in place of the instance's
+            delattr(env.unwrapped, method)
         noise = np.random.default_rng(0)
         observation, _ = env.reset(seed=0)
         start = time.perf_counter()
@@ -615,12 +622,16 @@ def measure_meta_world_contacts(task: str = "push", steps: int = 2000, rounds: i
                 observation, _ = env.reset()
         return steps / (time.perf_counter() - start)
 
-    own_rate, fast_rate = _interleaved_medians(steps_per_second, rounds)
+    variants = (("touching_object", "_get_quat_objects"), ("_get_quat_objects",), ())
+    own_rate, fast_rate, project_rate = _interleaved(steps_per_second, variants, rounds)
     return {
         "env": f"MetaWorld-{task}-v3",
         "meta_world_steps_per_s": own_rate,
         "fast_contacts_steps_per_s": fast_rate,
         "speedup": fast_rate / own_rate,
+        "fast_contacts_and_quaternion_steps_per_s": project_rate,
+        "quaternion_speedup": project_rate / fast_rate,
+        "total_speedup": project_rate / own_rate,
     }
 
 

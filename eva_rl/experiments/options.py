@@ -460,7 +460,8 @@ FLAGS: dict[str, Flag] = {
         ),
         Flag(
             ("--meta-world-only",),
-            "only Meta-World's env steps/s (push, scripted expert) with its own contact check and ours",
+            "only Meta-World's env steps/s (push, scripted expert): its own, with our contact check, with our "
+            "quaternion too",
             BENCH,
             None,
             action="store_true",
