@@ -155,6 +155,7 @@ def test_a_clone_of_the_results_regenerates_the_page_without_training(smoke, tmp
             "approaches['PackNet']={'success': 0.8} is invalid: expected {metric: number} with metrics out of",
         ),
         ({"published": {**PUBLISHED, "approaches": {"PackNet": {"forgetting": None}}}}, "forgetting=None is invalid"),
+        ({"suite": 3}, "suite=3 is invalid: expected a suite's name in configs/suites/ or a path"),
     ],
 )
 def test_bad_sequences_are_one_line_errors(change: dict, message: str, tmp_path: Path) -> None:
@@ -251,3 +252,69 @@ def test_continual_worlds_metrics_need_success_scores() -> None:
     sequence = load_sequence("smoke")
     with pytest.raises(ConfigError, match="continual_world=true is invalid with score='return'"):
         dataclasses.replace(sequence, continual_world=True)
+
+
+def _suite_and_sequence(tmp_path: Path, sequence_rate: float | None = None) -> ContinualStudy:
+    """A suite on PointGoal (PointGoal-Shifted-v0) and a sequence whose first stage is that env with the same budget
+    and evaluation: the first stage's runs are the suite's, the second stage's (another goal) the sequence's own."""
+    import yaml
+
+    from eva_rl.experiments.sequences import ContinualSequence, Stage
+
+    suite = {
+        "name": "shared-suite",
+        "tasks": [{"task": "PointGoal", "threshold": 0.5, "total_timesteps": 4096, "eval_freq": 2048}],
+        "methods": ["eva", "lora", "full", "scratch"],
+        "seeds": [0, 1],
+        "eval_episodes": 8,
+        "method_settings": {"eva": {"learning_rate": 3.0e-3}, "full": {"learning_rate": 1.0e-2}},
+    }
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    stages = [
+        Stage(env="PointGoal-Shifted-v0", name="shifted", total_timesteps=4096),
+        Stage(env="PointGoal-v0", name="other", total_timesteps=4096, env_kwargs={"goal": [0.7, 0.3]}),
+    ]
+    own = {"eva": {"learning_rate": sequence_rate}} if sequence_rate else {}
+    sequence = ContinualSequence(
+        "shared", "PointGoal", stages, seeds=[0, 1, 2], eval_episodes=8, eval_freq=2048, method_settings=own,
+        suite=str(tmp_path / "suite.yaml"),
+    )  # fmt: skip
+    return ContinualStudy(sequence, tmp_path / "runs")
+
+
+def test_a_sequence_shares_the_runs_of_its_suite_that_are_the_same_run(tmp_path: Path) -> None:
+    study = _suite_and_sequence(tmp_path)
+    suite_dir = tmp_path / "runs" / "shared-suite"
+    planned = dict(study.plan())
+    shared = {key for key, spec in planned.items() if spec.log_dir == suite_dir}
+    assert study.shared == shared
+    # the first stage's runs of the suite's seeds; seed 2 (not the suite's) and the other goal are the sequence's
+    assert shared == {("shifted", method, seed) for method in ("eva", "lora", "full") for seed in (0, 1)}
+    assert all(spec.log_dir == study.root for key, spec in planned.items() if key not in shared)
+    # the suite's tuned rates apply to the sequence's own runs too (lora has none: the task's)
+    rates = {m: planned[("other", m, 2)].task.ppo["learning_rate"] for m in ("eva", "lora", "full")}
+    assert rates == {"eva": 3.0e-3, "lora": 1.0e-3, "full": 1.0e-2}
+    # the sequential network starts from the suite's run of full fine-tuning
+    assert study.sequential(0, 0).folder.path == planned[("shifted", "full", 0)].folder.path
+    assert study.sequential(1, 0).agent_path == planned[("shifted", "full", 0)].folder.model_file
+    # the console says how many; the runs from the base go to the executor as planned
+    lines: list[str] = []
+    ran: list = []
+
+    class Recording(LocalProcesses):
+        def run(self, specs, overwrite=False):
+            ran.extend(specs)
+
+    study.echo = lines.append
+    study.sequence.sequential = False  # its later stages start from models these runs would make
+    study.carry_out(Recording())
+    assert [spec.folder.path for spec in ran] == [spec.folder.path for spec in planned.values()]
+    assert lines == [f"6 of the 18 runs from the base are suite shared-suite's (the same runs, under {suite_dir})"]
+
+
+def test_a_sequence_makes_its_own_run_where_its_settings_differ_from_its_suites(tmp_path: Path) -> None:
+    study = _suite_and_sequence(tmp_path, sequence_rate=1.0e-2)
+    planned = dict(study.plan())
+    suite_dir = tmp_path / "runs" / "shared-suite"
+    assert planned[("shifted", "eva", 0)].log_dir == study.root  # eva's rate is the sequence's own here
+    assert planned[("shifted", "lora", 0)].log_dir == suite_dir and planned[("shifted", "full", 0)].log_dir == suite_dir

@@ -196,3 +196,14 @@ def test_the_contact_benchmark_times_both_checks(capsys) -> None:
     project = figures["fast_contacts_and_quaternion_steps_per_s"]
     assert figures["quaternion_speedup"] == pytest.approx(project / figures["fast_contacts_steps_per_s"])
     assert figures["total_speedup"] == pytest.approx(project / figures["meta_world_steps_per_s"])
+
+
+def test_the_cw10_sequence_shares_every_run_from_the_base_with_the_cw10_suite(tmp_path) -> None:
+    from eva_rl.experiments.sequences import load_sequence
+    from eva_rl.experiments.studies.continual import ContinualStudy
+
+    study = ContinualStudy(load_sequence("cw10"), tmp_path)
+    planned = study.plan()
+    assert len(planned) == 10 * 4 * 5  # stages x (eva, lora, full, scratch) x seeds
+    assert study.shared == {key for key, _ in planned}  # the suite's folder is the sequence's own: names tell them
+    assert all(spec.log_dir == tmp_path / "cw10" and spec.task.name.startswith("MetaWorld-") for _, spec in planned)

@@ -135,10 +135,19 @@ def run_settings(spec: RunSpec) -> dict[str, Any]:
     changed statistics do not; LoRA settings count only for methods with an adapter policy, EVA's only for methods
     that run EVA.
     """
-    task, method = spec.task, get_method(spec.method)
     settings: dict[str, Any] = {
         "agent_sha256": file_sha256(agent_zip(spec.agent_path)),
         "agent_inputs": {path.name: file_sha256(path) for path in agent_inputs(spec.agent_path)},
+        **task_settings(spec),
+    }
+    return json.loads(json.dumps(settings))
+
+
+def task_settings(spec: RunSpec) -> dict[str, Any]:
+    """:func:`run_settings` but the agent's: what the task, the method and its settings decide (two specs with the
+    same agent file, method and seed and equal task settings are the same run, whatever their folders)."""
+    task, method = spec.task, get_method(spec.method)
+    settings: dict[str, Any] = {
         "target_env": task.target_env,
         "env_kwargs": task.env_kwargs,
         "wrappers": task.wrappers,

@@ -78,6 +78,12 @@ class ContinualSequence(Seeded):
     :param continual_world: Also train every stage from scratch (the single-task reference) and report Continual
         World's forgetting and forward transfer (Wołczyk et al. 2021) beside the page's own; needs ``score:
         success``, since its forward transfer normalizes by ``1 - AUC`` of a score in [0, 1].
+    :param suite: A suite (name or path) whose runs this sequence shares: a stage's run from the base is the suite's
+        run of the same method and seed on the same env wherever the two agree in every setting that decides a run
+        (the agent, the env, the budget, the evaluation, the method's settings), so a benchmark that is both a suite
+        and a sequence (CW10) trains those runs once; elsewhere the sequence makes its own. The suite's ``settings``
+        and ``method_settings`` (its tuned learning rates) apply to every run of the sequence under the sequence's
+        own.
     :param published: Published approaches' figures (:class:`~eva_rl.experiments.published.PublishedApproaches`:
         Continual World's average success, forgetting, forward transfer) the page sets beside its own.
     """
@@ -97,6 +103,7 @@ class ContinualSequence(Seeded):
     selection_trials: int = 4
     score: str = "return"
     continual_world: bool = False
+    suite: str | None = None
     published: PublishedApproaches | None = None
 
     def __post_init__(self) -> None:
@@ -134,6 +141,8 @@ class ContinualSequence(Seeded):
                 "continual_world=true is invalid with score='return': Continual World's forward transfer is defined "
                 "on success rates in [0, 1]; set score: success"
             )
+        if self.suite is not None and (not isinstance(self.suite, str) or not self.suite):
+            raise ConfigError(f"suite={self.suite!r} is invalid: expected a suite's name in configs/suites/ or a path")
         if self.published is not None and not isinstance(self.published, PublishedApproaches):
             self.published = build_config(PublishedApproaches, self.published, "published")
 

@@ -36,10 +36,11 @@ from eva_rl.experiments.machine import platform_line
 from eva_rl.experiments.plots import new_figure, save_figure
 from eva_rl.experiments.published import SEQUENCE_METRICS, PublishedApproaches, published_notes
 from eva_rl.experiments.run_folder import RunDirError, RunFolder, RunResult
-from eva_rl.experiments.runs import RunSpec, run_settings, settings_differences
+from eva_rl.experiments.runs import RunSpec, run_settings, settings_differences, task_settings
 from eva_rl.experiments.sequences import ContinualSequence, Stage
 from eva_rl.experiments.stats import Interval, normalized_auc, stratified_iqm
 from eva_rl.experiments.studies.base import Planned, Study
+from eva_rl.experiments.suites import load_suite
 from eva_rl.experiments.tasks import TaskConfig, find_task
 from eva_rl.experiments.training import evaluate
 from eva_rl.files import atomic_write_json, atomic_write_text, cached_json
@@ -141,6 +142,10 @@ class ContinualStudy(Study[ContinualReport]):
         self.root = self.out_dir
         self.title = f"sequence {sequence.name}"
         self.signatures: dict[str, dict[str, Any]] = {}
+        self.suite = None if sequence.suite is None else load_suite(sequence.suite)
+        self._from_base: dict[tuple[str, str, int], RunSpec] = {}
+        self.shared: set[tuple[str, str, int]] = set()
+        """The keys of the runs from the base that are the suite's."""
 
     @property
     def out_dir(self) -> Path:
@@ -148,11 +153,14 @@ class ContinualStudy(Study[ContinualReport]):
 
     # the plan
     def stage_task(self, stage: Stage, method: str) -> TaskConfig:
-        """The base task as ``method`` fine-tunes it on ``stage``: the stage's env, budget and evaluation."""
-        sequence, base = self.sequence, self.base
+        """The base task as ``method`` fine-tunes it on ``stage``: the stage's env, budget and evaluation, the
+        sequence's settings over its :attr:`suite`'s (a sequence sharing a suite's runs takes its tuned settings)."""
+        sequence, base, suite = self.sequence, self.base, self.suite
         eval_freq = min(sequence.eval_freq or base.eval.freq, stage.total_timesteps)
         overrides = {
+            **(suite.settings if suite else {}),
             **sequence.settings,
+            **(suite.method_settings.get(method, {}) if suite else {}),
             **sequence.method_settings.get(method, {}),
             **({"eval_episodes": sequence.eval_episodes} if sequence.eval_episodes is not None else {}),
             "name": stage.name,
@@ -166,8 +174,34 @@ class ContinualStudy(Study[ContinualReport]):
         return base.with_overrides(overrides, method=method, where=f"sequence {sequence.name}, stage {stage.name}")
 
     def from_base(self, stage: Stage, method: str, seed: int) -> RunSpec:
-        """A stage fine-tuned from the base agent (a bank's adapter, or a full copy)."""
-        return RunSpec(self.stage_task(stage, method), method, seed, self.root, self.base.agent_path, self.device)
+        """A stage fine-tuned from the base agent (a bank's adapter, or a full copy): the sequence's :attr:`suite`'s
+        run where it is the same run (:meth:`suite_run`), else the sequence's own."""
+        key = (stage.name, method, seed)
+        if key not in self._from_base:
+            own = RunSpec(self.stage_task(stage, method), method, seed, self.root, self.base.agent_path, self.device)
+            suite_run = self.suite_run(own)
+            if suite_run is not None:
+                self.shared.add(key)
+            self._from_base[key] = suite_run or own
+        return self._from_base[key]
+
+    def suite_run(self, own: RunSpec) -> RunSpec | None:
+        """The :attr:`suite`'s run that is ``own`` (the same agent file, method, seed and
+        :func:`~eva_rl.experiments.runs.task_settings`), or ``None``."""
+        if self.suite is None or own.seed not in self.suite.seed_list:
+            return None
+        wanted = task_settings(own)
+        for suite_task in self.suite.tasks:
+            if own.method not in self.suite.task_methods(suite_task):
+                continue
+            if self.suite.task(suite_task).target_env != own.task.target_env:
+                continue  # the cheap test first: a suite of ten tasks, a sequence of ten stages
+            spec = self.suite.run_spec(
+                suite_task, own.method, own.seed, self.log_dir / self.suite.name, None, self.device
+            )
+            if spec.agent_path.resolve() == own.agent_path.resolve() and task_settings(spec) == wanted:
+                return spec
+        return None
 
     def sequential(self, index: int, seed: int) -> RunSpec:
         """Stage ``index`` of the one network fine-tuned stage after stage (stage 0 is the full copy's run)."""
@@ -202,7 +236,14 @@ class ContinualStudy(Study[ContinualReport]):
         """The runs from the base, then the sequential network stage by stage (each starts from the model of the
         one before), then every sequential stage evaluated on every task."""
         self.check_stages()
-        executor.run([spec for _, spec in self.plan()], overwrite=overwrite)
+        planned = self.plan()
+        if self.suite is not None:
+            shared = sum(key in self.shared for key, _ in planned)
+            self.echo(
+                f"{shared} of the {len(planned)} runs from the base are suite {self.suite.name}'s (the same runs, "
+                f"under {self.log_dir / self.suite.name})"
+            )
+        executor.run([spec for _, spec in planned], overwrite=overwrite)
         if not self.sequence.sequential:
             return
         for index in range(1, len(self.sequence.stages)):
