@@ -49,6 +49,16 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[ContinualStudy, dic
     return ContinualStudy(sequence, root), report
 
 
+def test_a_page_says_which_runs_it_shares_with_a_suite(smoke) -> None:
+    from eva_rl.experiments.studies.continual import continual_markdown
+
+    plan, report = smoke
+    note = "3 of the 9 runs from the base are suite `s`'s, the same runs made once for both pages."
+    page = continual_markdown(plan.sequence, report, sharing=note)
+    assert page.index(note) < page.index("| approach |")  # above the table it qualifies
+    assert "runs from the base are suite" not in continual_markdown(plan.sequence, report)
+
+
 def _final(run_dir: Path) -> float:
     return json.loads((run_dir / "result.json").read_text())["final_return"]
 
@@ -309,7 +319,9 @@ def test_a_sequence_shares_the_runs_of_its_suite_that_are_the_same_run(tmp_path:
     study.sequence.sequential = False  # its later stages start from models these runs would make
     study.carry_out(Recording())
     assert [spec.folder.path for spec in ran] == [spec.folder.path for spec in planned.values()]
-    assert lines == [f"6 of the 18 runs from the base are suite shared-suite's (the same runs, under {suite_dir})"]
+    assert lines == [study.sharing_note()]
+    assert study.sharing_note().startswith("6 of the 18 runs from the base are suite `shared-suite`'s")
+    assert ContinualStudy(load_sequence("smoke"), tmp_path).sharing_note() == ""
 
 
 def test_a_sequence_makes_its_own_run_where_its_settings_differ_from_its_suites(tmp_path: Path) -> None:

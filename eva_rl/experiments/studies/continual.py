@@ -203,6 +203,17 @@ class ContinualStudy(Study[ContinualReport]):
                 return spec
         return None
 
+    def sharing_note(self) -> str:
+        """One line saying how many runs from the base are the :attr:`suite`'s ("" without a suite)."""
+        if self.suite is None:
+            return ""
+        planned = self.plan()
+        shared = sum(key in self.shared for key, _ in planned)
+        return (
+            f"{shared} of the {len(planned)} runs from the base are suite `{self.suite.name}`'s, the same runs made "
+            f"once for both pages (folder `{self.suite.name}/` of the log dir)."
+        )
+
     def sequential(self, index: int, seed: int) -> RunSpec:
         """Stage ``index`` of the one network fine-tuned stage after stage (stage 0 is the full copy's run)."""
         stage = self.sequence.stages[index]
@@ -236,14 +247,9 @@ class ContinualStudy(Study[ContinualReport]):
         """The runs from the base, then the sequential network stage by stage (each starts from the model of the
         one before), then every sequential stage evaluated on every task."""
         self.check_stages()
-        planned = self.plan()
         if self.suite is not None:
-            shared = sum(key in self.shared for key, _ in planned)
-            self.echo(
-                f"{shared} of the {len(planned)} runs from the base are suite {self.suite.name}'s (the same runs, "
-                f"under {self.log_dir / self.suite.name})"
-            )
-        executor.run([spec for _, spec in planned], overwrite=overwrite)
+            self.echo(self.sharing_note())
+        executor.run([spec for _, spec in self.plan()], overwrite=overwrite)
         if not self.sequence.sequential:
             return
         for index in range(1, len(self.sequence.stages)):
@@ -496,7 +502,8 @@ class ContinualStudy(Study[ContinualReport]):
             },
         )
         platform = platform_line(result.platform for _, result in runs)
-        atomic_write_text(root / "continual.md", continual_markdown(self.sequence, report, selection, platform))
+        page = continual_markdown(self.sequence, report, selection, platform, self.sharing_note())
+        atomic_write_text(root / "continual.md", page)
         figure, axes = new_figure(1, len(report), figsize=(3.6 * len(report), 3.4), dpi=120, sharey=True)
         draw_continual(np.atleast_1d(axes), self.sequence, report)
         return [root / "continual.json", root / "continual.md", save_figure(figure, root / "continual.png")]
@@ -517,10 +524,15 @@ def _sequential_row(sequence: ContinualSequence, log_dir: Path, device: str, ind
 
 
 def continual_markdown(
-    sequence: ContinualSequence, report: ContinualReport, selection: dict[str, Any] | None = None, platform: str = ""
+    sequence: ContinualSequence,
+    report: ContinualReport,
+    selection: dict[str, Any] | None = None,
+    platform: str = "",
+    sharing: str = "",
 ) -> str:
     """``continual.md``: each approach's average return, forgetting, forward transfer and memory; forgetting per
-    task; the adapter selection's accuracy; the runs' platform line."""
+    task; the adapter selection's accuracy; the runs' platform line and, for a sequence sharing a suite's runs,
+    how many (``sharing``)."""
 
     def cell(interval: Interval) -> str:
         return f"{interval.estimate:.3f} [{interval.low:.3f}, {interval.high:.3f}]"
@@ -536,6 +548,7 @@ def continual_markdown(
         f"`{sequence.base_task}`. IQM over {len(sequence.seed_list)} seeds with 95% stratified-bootstrap CIs.",
         "",
         *([platform, ""] if platform else []),
+        *([sharing, ""] if sharing else []),
         f"| approach | average {score} after the sequence | forgetting | forward transfer (AUC vs full) | memory "
         f"| vs one network{continual_world} |",
         "|---|---|---|---|---|---|" + "---|" * (2 if sequence.continual_world else 0),
