@@ -564,3 +564,28 @@ def test_a_suite_sets_its_mean_over_tasks_beside_a_papers_figures() -> None:
     assert "Published: mean success (a paper, Tab. 1)." in page and "The settings differ: offline" in page
     assert SuiteReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
     assert "published" not in aggregate(Suite("s", [a, b], methods=["eva", "lora"]), runs).to_dict()
+
+
+def test_each_progress_line_says_how_long_the_runs_still_to_make_should_take(tmp_path: Path) -> None:
+    from eva_rl.experiments.execute import _Outcomes, duration
+
+    suite = smoke_suite()
+    specs = [spec for _, spec in suite.run_specs(tmp_path)]  # 4 runs, the first complete before the call
+    specs[0].folder.result_file.parent.mkdir(parents=True)
+    specs[0].folder.result_file.write_text("{}")
+    lines: list[str] = []
+    outcomes = _Outcomes(specs, lines.append, workers=2)
+
+    def made(wall: float, success: float | None = None) -> RunResult:
+        run = dataclasses.replace(_flat_run("PointGoal", "eva", 0, 0.5), wall_seconds=wall)
+        return run if success is None else dataclasses.replace(run, success_curve=[[0, 0.0], [4096, success]])
+
+    outcomes.record(0, lambda: made(5000.0))  # skipped: its old wall time says nothing of this machine now
+    assert lines[-1] == "[1/4] PointGoal eva seed0: final 0.500"
+    outcomes.record(1, lambda: made(600.0, success=0.4))
+    assert lines[-1].endswith("final 0.500, success 0.40 (about 10 min to go)")  # 2 left, 2 workers: one wall
+    outcomes.record(2, lambda: made(1200.0))
+    assert lines[-1].endswith("(about 15 min to go)")  # one left: the mean wall, 900 s
+    outcomes.record(3, lambda: made(900.0))
+    assert lines[-1] == "[4/4] PointGoal full seed1: final 0.500"  # nothing left to make: no estimate
+    assert [duration(s) for s in (40, 25 * 60, 3.5 * 3600)] == ["40 s", "25 min", "3.5 h"]

@@ -98,10 +98,23 @@ def _spawned_pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),))
 
 
-def progress_line(done: int, total: int, spec: RunSpec, result: RunResult | None) -> str:
-    """A finished run's line: its final return, or ``failed`` (``result`` None)."""
+def progress_line(done: int, total: int, spec: RunSpec, result: RunResult | None, to_go: float | None = None) -> str:
+    """A finished run's line: its final return (and success rate, where the env reports one), or ``failed``
+    (``result`` None), and the time the runs still to make should take (``to_go`` seconds)."""
     outcome = "failed" if result is None else f"final {result.final_return:.3f}"
-    return f"[{done}/{total}] {spec.task.name} {spec.method} seed{spec.seed}: {outcome}"
+    if result is not None and result.success_curve:
+        outcome += f", success {result.success_curve[-1][1]:.2f}"
+    estimate = "" if to_go is None else f" (about {duration(to_go)} to go)"
+    return f"[{done}/{total}] {spec.task.name} {spec.method} seed{spec.seed}: {outcome}{estimate}"
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` as a person reads a wait: ``40 s``, ``25 min``, ``3.5 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def default_workers(runs: int) -> int:
@@ -143,12 +156,27 @@ class Executor(ABC):
 
 class _Outcomes:
     """Each run's result or error as the runs end: a line per finished run (``successes``: for the failed ones only,
-    where bars show the rest), and the first error raised only once every run has ended."""
+    where bars show the rest), and the first error raised only once every run has ended.
 
-    def __init__(self, specs: Sequence[RunSpec], echo: Callable[[str], None], successes: bool = True) -> None:
-        self.specs, self.echo, self.successes = specs, echo, successes
+    Each line says how long the runs still to make should take: their number times the mean wall time of the runs
+    made by this call, over ``workers`` (runs complete before the call are skipped in no time and count in neither).
+    """
+
+    def __init__(
+        self, specs: Sequence[RunSpec], echo: Callable[[str], None], successes: bool = True, workers: int = 1
+    ) -> None:
+        self.specs, self.echo, self.successes, self.workers = specs, echo, successes, workers
         self.results_at: dict[int, RunResult] = {}
         self.failures: list[Exception] = []
+        self.to_make = {i for i, spec in enumerate(specs) if not spec.folder.is_complete}
+        self.made_walls: list[float] = []
+
+    def to_go(self) -> float | None:
+        """Seconds the runs still to make should take (``None``: none made yet, or none left)."""
+        left = len(self.to_make - set(self.results_at))
+        if not self.made_walls or not left:
+            return None
+        return sum(self.made_walls) / len(self.made_walls) * left / min(self.workers, left)
 
     def record(self, i: int, outcome: Callable[[], RunResult]) -> None:
         """Run ``i``'s outcome: ``outcome()`` returns its result or raises its error."""
@@ -157,10 +185,13 @@ class _Outcomes:
             self.results_at[i] = outcome()
         except Exception as error:
             self.failures.append(error)
-            self.echo(progress_line(done, len(self.specs), self.specs[i], None))
+            self.to_make.discard(i)
+            self.echo(progress_line(done, len(self.specs), self.specs[i], None, self.to_go()))
             return
+        if i in self.to_make:
+            self.made_walls.append(self.results_at[i].wall_seconds)
         if self.successes:
-            self.echo(progress_line(done, len(self.specs), self.specs[i], self.results_at[i]))
+            self.echo(progress_line(done, len(self.specs), self.specs[i], self.results_at[i], self.to_go()))
 
     def results(self) -> list[RunResult]:
         """The results in the runs' order.
@@ -180,7 +211,7 @@ class LocalProcesses(Executor):
         """As :meth:`Executor.run`; a run that fails is named as it ends and the others go on, so one bad run folder
         neither stops a sweep nor hides its progress: the first error is raised once every run has ended."""
         jobs = [(spec, resume, overwrite, self.threads) for spec in specs]
-        outcomes = _Outcomes(specs, self.echo)
+        outcomes = _Outcomes(specs, self.echo, workers=self.workers)
         if self.workers <= 1 or len(specs) <= 1:
             for i, job in enumerate(jobs):
                 outcomes.record(i, lambda job=job: run_in_worker(*job))
@@ -217,7 +248,7 @@ class SideBySide(LocalProcesses):
 
     def run(self, specs: Sequence[RunSpec], resume: bool = True, overwrite: bool = False) -> list[RunResult]:
         """As :meth:`LocalProcesses.run`: a failed run is named (above the bars) and the others go on."""
-        outcomes = _Outcomes(specs, tqdm.write if self.progress else self.echo, successes=False)
+        outcomes = _Outcomes(specs, tqdm.write if self.progress else self.echo, successes=False, workers=self.workers)
         if self.workers <= 1 or len(specs) <= 1:
             for i, spec in enumerate(specs):
                 outcomes.record(
