@@ -116,7 +116,9 @@ def test_a_cloned_base_fine_tunes_on_two_cw10_tasks_and_the_page_scores_success(
     report = aggregate(Suite("cw10-smoke", suite_tasks, methods=["eva", "full"], seeds=1), runs)
     assert set(report.tasks) == {"MetaWorld-hammer", "MetaWorld-push-wall"}
     assert all(0.0 <= row.final.estimate <= 1.0 for task in report.tasks.values() for row in task.methods.values())
-    assert results_markdown(report).count("final success") == 2
+    page = results_markdown(report)
+    assert page.count("final success") == 3  # each task's table and the pooled one
+    assert "| method | tasks | final success | normalized AUC |" in page
 
 
 def test_the_fast_touching_object_answers_as_meta_worlds_own_on_scripted_episodes() -> None:
