@@ -473,7 +473,7 @@ def results_markdown(report: SuiteReport) -> str:
         "",
         "Task-normalized: each run's score as (score - zero-shot) / (full fine-tuning's IQM - zero-shot) on its task,"
         " then the IQM over seeds and tasks: 0 is the pretrained agent, 1 is full fine-tuning. Zero-shot -> full's"
-        f" final return: {scale or 'no task (full fine-tuning did not run, or did not beat zero-shot)'}.",
+        f" final {report.score}: {scale or 'no task (full fine-tuning did not run, or did not beat zero-shot)'}.",
         "",
         *_published_markdown(report),
         *contrasts_markdown(report.contrasts),
