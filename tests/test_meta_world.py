@@ -187,17 +187,41 @@ def test_every_task_that_asks_scipy_for_its_object_quaternion_gets_the_fast_one_
             assert np.array_equal(core._get_quat_objects(), type(core)._get_quat_objects(core)), task
 
 
-def test_the_contact_benchmark_times_both_checks(capsys) -> None:
+def test_an_env_built_from_the_parsed_model_runs_as_one_that_parsed_its_own() -> None:
+    from envs import meta_world
+
+    def episode(env, seed: int) -> list[np.ndarray]:
+        observation, _ = env.reset(seed=seed)
+        actions = np.random.default_rng(seed).uniform(-1.0, 1.0, (40, 4))
+        steps = [env.step(action) for action in actions]
+        return [observation] + [np.append(observation, reward) for observation, reward, *_ in steps]
+
+    for task in CW10:
+        meta_world._PARSED_MODELS.clear()
+        parsed = gym.make(env_id(task))  # Meta-World's own parse
+        copied = gym.make(env_id(task))
+        assert len(meta_world._PARSED_MODELS) == 1 and copied.unwrapped.model is not parsed.unwrapped.model
+        expected = episode(parsed, 1)
+        episode(copied, 2)  # another goal and object position written into this env's model first
+        later = gym.make(env_id(task))  # after both envs changed their models: the cache holds the parse
+        for env in (copied, later):
+            assert all(np.array_equal(a, b) for a, b in zip(episode(env, 1), expected, strict=True)), task
+
+
+def test_the_meta_world_benchmark_times_the_checks_and_the_builds(capsys) -> None:
     from eva_rl.experiments.cli import bench_main
 
     assert bench_main(["--meta-world-only", "--quick"]) == 0
-    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["meta_world_contacts"]
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    figures = printed["meta_world_contacts"]
     assert figures["env"] == "MetaWorld-push-v3"
     assert figures["meta_world_steps_per_s"] > 0 and figures["fast_contacts_steps_per_s"] > 0
     assert figures["speedup"] == pytest.approx(figures["fast_contacts_steps_per_s"] / figures["meta_world_steps_per_s"])
     project = figures["fast_contacts_and_quaternion_steps_per_s"]
     assert figures["quaternion_speedup"] == pytest.approx(project / figures["fast_contacts_steps_per_s"])
     assert figures["total_speedup"] == pytest.approx(project / figures["meta_world_steps_per_s"])
+    assert printed["meta_world_builds"]["envs"] == 4
+    assert printed["meta_world_builds"]["each_parses_s"] > 0 and printed["meta_world_builds"]["parsed_once_s"] > 0
 
 
 def test_the_cw10_sequence_shares_every_run_from_the_base_with_the_cw10_suite(tmp_path) -> None:

@@ -635,6 +635,32 @@ def measure_meta_world_contacts(task: str = "push", steps: int = 2000, rounds: i
     }
 
 
+def measure_meta_world_builds(task: str = "push", envs: int = 18, rounds: int = 3) -> dict[str, Any]:
+    """Seconds to build ``envs`` envs of a Meta-World task (a CW10 run builds 18: 8 to train on, 10 to evaluate),
+    each parsing the task's XML (Meta-World's way) and from the model parsed once
+    (:class:`envs.meta_world.ParsedModel`), in interleaved rounds (median of each).
+
+    :raises ConfigError: if Meta-World is not installed.
+    """
+    import gymnasium as gym
+
+    measure_meta_world_contacts(task, steps=1, rounds=1)  # Meta-World's check and imports: none timed below
+    from envs import meta_world
+
+    def seconds(each_parses: bool) -> float:
+        meta_world._PARSED_MODELS.clear()
+        start = time.perf_counter()
+        for _ in range(envs):
+            if each_parses:
+                meta_world._PARSED_MODELS.clear()
+            gym.make(f"MetaWorld-{task}-v3").close()
+        return time.perf_counter() - start
+
+    parsing, parsed_once = _interleaved(seconds, (True, False), rounds)
+    return {"env": f"MetaWorld-{task}-v3", "envs": envs, "each_parses_s": parsing, "parsed_once_s": parsed_once,
+            "speedup": parsing / parsed_once}  # fmt: skip
+
+
 def measure_acting(task_name: str, seed: int = 0, device: str = "cpu", calls: int = 3000) -> dict[str, Any]:
     """``predict`` calls per second, one observation at a time as an off-policy agent acts, of the task's bundled
     agent (plain), of a LoRA copy keeping its adapted weights between calls (eva-rl's default) and of one computing
@@ -811,7 +837,9 @@ def bench(args: argparse.Namespace) -> int:
         print(json.dumps({"minigrid_view": measure_minigrid_view(steps=1000 if args.quick else 5000)}))
         return 0
     if args.meta_world_only:
-        print(json.dumps({"meta_world_contacts": measure_meta_world_contacts(steps=400 if args.quick else 2000)}))
+        contacts = measure_meta_world_contacts(steps=400 if args.quick else 2000)
+        builds = measure_meta_world_builds(envs=4 if args.quick else 18)
+        print(json.dumps({"meta_world_contacts": contacts, "meta_world_builds": builds}))
         return 0
     if args.device_crossover:
         if not torch.cuda.is_available():
