@@ -185,7 +185,8 @@ class MetaWorldTask(gym.Wrapper):
 
 
 _PARSED_MODELS: dict[tuple[str, int, int], Any] = {}
-"""Each task's ``MjModel`` as parsed from its XML (and sized for rendering), by path, width and height."""
+"""Each task's ``MjModel`` as parsed from its XML (and sized for rendering), by path, width and height: about 1.2 MB
+each, 60 MB for all 50 tasks (pretraining builds 40 in one process)."""
 
 
 class ParsedModel:
