@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import OrderedDict
 from typing import Any
 
 import gymnasium as gym
@@ -184,9 +185,12 @@ class MetaWorldTask(gym.Wrapper):
         return observation.astype(np.float32), float(reward), terminated, truncated, info
 
 
-_PARSED_MODELS: dict[tuple[str, int, int], Any] = {}
-"""Each task's ``MjModel`` as parsed from its XML (and sized for rendering), by path, width and height: about 1.2 MB
-each, 60 MB for all 50 tasks (pretraining builds 40 in one process)."""
+PARSED_MODELS_KEPT = 4
+"""How many tasks' parsed models a process keeps (the most recently used): each holds about 21 MB, and pretraining
+builds the envs of 40 tasks in one process, while a run builds all of its 18 envs of one task."""
+
+_PARSED_MODELS: OrderedDict[tuple[str, int, int], Any] = OrderedDict()
+"""The most recent tasks' ``MjModel`` as parsed from their XML (and sized for rendering), by path, width, height."""
 
 
 class ParsedModel:
@@ -210,7 +214,10 @@ class ParsedModel:
         if key not in _PARSED_MODELS:
             model, data = type(env)._initialize_simulation(env)
             _PARSED_MODELS[key] = copy.deepcopy(model)
+            while len(_PARSED_MODELS) > PARSED_MODELS_KEPT:
+                _PARSED_MODELS.popitem(last=False)
             return model, data
+        _PARSED_MODELS.move_to_end(key)
         model = copy.deepcopy(_PARSED_MODELS[key])
         return model, mujoco.MjData(model)
 

@@ -206,6 +206,12 @@ def test_an_env_built_from_the_parsed_model_runs_as_one_that_parsed_its_own() ->
         later = gym.make(env_id(task))  # after both envs changed their models: the cache holds the parse
         for env in (copied, later):
             assert all(np.array_equal(a, b) for a, b in zip(episode(env, 1), expected, strict=True)), task
+    # a process keeps the most recent tasks' models only (about 21 MB each)
+    assert list(meta_world._PARSED_MODELS) == [(gym.make(env_id(CW10[-1])).unwrapped.fullpath, 480, 480)]
+    for task in CW10[: meta_world.PARSED_MODELS_KEPT + 1]:
+        gym.make(env_id(task))
+    kept = [path for path, _, _ in meta_world._PARSED_MODELS]
+    assert kept == [gym.make(env_id(task)).unwrapped.fullpath for task in CW10[1 : meta_world.PARSED_MODELS_KEPT + 1]]
 
 
 def test_the_meta_world_benchmark_times_the_checks_and_the_builds(capsys) -> None:
