@@ -45,8 +45,12 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[ContinualStudy, dic
     sequence = load_sequence("smoke")  # at a sixteenth of its budget: the banks, not what they learn, are tested here
     stages = [dataclasses.replace(stage, total_timesteps=1024) for stage in sequence.stages]
     sequence = dataclasses.replace(sequence, stages=stages, seeds=[0], eval_episodes=4)
-    report = run_sequence(sequence, root, workers=2, echo=lambda line: None)
+    report = run_sequence(sequence, root, workers=2, echo=SMOKE_LINES.append)
     return ContinualStudy(sequence, root), report
+
+
+SMOKE_LINES: list[str] = []
+"""What the smoke sequence printed."""
 
 
 def test_a_page_says_which_runs_it_shares_with_a_suite(smoke) -> None:
@@ -127,6 +131,12 @@ def test_outputs_and_the_bank_command(smoke, capsys) -> None:
     bank = AdapterBank.load(plan.bank_dir("lora", 0), device="cpu")
     assert all(task.signature is not None for task in bank.tasks.values())
     assert "Picking the adapter for an unlabelled env" in markdown
+    # the evaluations after the runs say what is coming
+    stages = len(plan.sequence.stages)
+    expected = (
+        f"{stages} sequential stage run(s) on all {stages} tasks (4 episodes each): {stages * stages} evaluations"
+    )
+    assert any(line.endswith(expected) for line in SMOKE_LINES)
 
 
 def test_a_clone_of_the_results_regenerates_the_page_without_training(smoke, tmp_path: Path) -> None:

@@ -261,6 +261,12 @@ class ContinualStudy(Study[ContinualReport]):
             for index in range(len(self.sequence.stages))
             if not (self.sequential(index, seed).folder / self._scores_file).is_file()
         ]
+        if jobs:
+            tasks, episodes = len(self.sequence.stages), self.stage_task(self.sequence.stages[0], FULL).eval.episodes
+            self.echo(
+                f"Evaluating each of {len(jobs)} sequential stage run(s) on all {tasks} tasks ({episodes} episodes "
+                f"each): {len(jobs) * tasks} evaluations"
+            )
         executor.map(_sequential_row, jobs, self.base.env_packages)
 
     def _kept_without_start(self, spec: RunSpec) -> bool:
