@@ -340,3 +340,16 @@ def test_a_sequence_makes_its_own_run_where_its_settings_differ_from_its_suites(
     suite_dir = tmp_path / "runs" / "shared-suite"
     assert planned[("shifted", "eva", 0)].log_dir == study.root  # eva's rate is the sequence's own here
     assert planned[("shifted", "lora", 0)].log_dir == suite_dir and planned[("shifted", "full", 0)].log_dir == suite_dir
+
+
+@pytest.mark.parametrize("name", ["RETURNS_ON_EVERY_TASK", "SUCCESS_ON_EVERY_TASK"])
+def test_git_keeps_what_each_sequential_stage_scored_on_every_task(name: str) -> None:
+    """A clone of the results regenerates a sequence's page from these files (the stages' models are not kept), for a
+    sequence scored by return and one scored by success rate alike."""
+    from eva_rl.experiments.run_folder import RunFolder
+
+    kept = f"docs/results/cw10/sequential/push/full/seed0/{getattr(RunFolder, name)}"
+    dropped = "docs/results/cw10/sequential/push/full/seed0/model.zip"
+    check = ["git", "check-ignore", "--no-index", "--stdin"]
+    ignored = subprocess.run(check, input=f"{kept}\n{dropped}", capture_output=True, text=True, check=False).stdout
+    assert ignored.split() == [dropped]
