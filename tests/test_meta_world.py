@@ -121,22 +121,29 @@ def test_a_cloned_base_fine_tunes_on_two_cw10_tasks_and_the_page_scores_success(
     assert "| method | tasks | final success | normalized AUC |" in page
 
 
-def test_the_fast_touching_object_answers_as_meta_worlds_own_on_scripted_episodes() -> None:
+def _noised_expert_steps(task: str, steps: int):
+    """The unwrapped env of ``task`` after each of ``steps`` steps of its scripted expert, noised so that the
+    gripper also misses (seed 1, noise seed 0)."""
     from metaworld.policies import ENV_POLICY_MAP
+
+    env, expert = gym.make(env_id(task)), ENV_POLICY_MAP[f"{task}-v3"]()
+    noise = np.random.default_rng(0)
+    observation, _ = env.reset(seed=1)
+    for _ in range(steps):
+        action = expert.get_action(observation) + noise.normal(0.0, 0.3, 4)
+        observation, *_ = env.step(np.clip(action, -1.0, 1.0))
+        yield env.unwrapped
+
+
+def test_the_fast_touching_object_answers_as_meta_worlds_own_on_scripted_episodes() -> None:
     from metaworld.sawyer_xyz_env import SawyerXYZEnv
 
     from envs.meta_world import TouchingObject
 
     touched = 0
     for task in CW10:
-        env, expert = gym.make(env_id(task)), ENV_POLICY_MAP[f"{task}-v3"]()
-        core = env.unwrapped
-        assert isinstance(core.touching_object, TouchingObject)
-        noise = np.random.default_rng(0)
-        observation, _ = env.reset(seed=1)
-        for _ in range(120):
-            action = expert.get_action(observation) + noise.normal(0.0, 0.3, 4)
-            observation, *_ = env.step(np.clip(action, -1.0, 1.0))
+        for core in _noised_expert_steps(task, 120):
+            assert isinstance(core.touching_object, TouchingObject)
             # every geom a contact names, the object's and others', against Meta-World's own loop
             for geom in {int(g) for g in core.data.contact.geom1} | {int(g) for g in core.data.contact.geom2}:
                 expected = SawyerXYZEnv.touching_object(core, geom)
@@ -165,8 +172,6 @@ def test_the_fast_object_quaternion_is_scipys_bit_for_bit() -> None:
 def test_every_task_that_asks_scipy_for_its_object_quaternion_gets_the_fast_one_and_the_same_answers() -> None:
     import inspect
 
-    from metaworld.policies import ENV_POLICY_MAP
-
     from envs.meta_world import OBJECT_FRAMES, ObjectQuaternion
 
     asks_scipy = {
@@ -176,14 +181,8 @@ def test_every_task_that_asks_scipy_for_its_object_quaternion_gets_the_fast_one_
     }
     assert asks_scipy == set(OBJECT_FRAMES)
     for task in sorted(OBJECT_FRAMES):
-        env, expert = gym.make(env_id(task)), ENV_POLICY_MAP[f"{task}-v3"]()
-        core = env.unwrapped
-        assert isinstance(core._get_quat_objects, ObjectQuaternion)
-        noise = np.random.default_rng(0)
-        observation, _ = env.reset(seed=1)
-        for _ in range(30):
-            action = expert.get_action(observation) + noise.normal(0.0, 0.3, 4)
-            observation, *_ = env.step(np.clip(action, -1.0, 1.0))
+        for core in _noised_expert_steps(task, 30):
+            assert isinstance(core._get_quat_objects, ObjectQuaternion)
             assert np.array_equal(core._get_quat_objects(), type(core)._get_quat_objects(core)), task
 
 

@@ -91,8 +91,4 @@ class PublishedApproaches(Published):
 
 def published_notes(published: Published) -> list[str]:
     """The lines under a page's published table: the source, what the figures are, how the setting differs."""
-    return [
-        f"Published: {published.statistic} ({published.source}).",
-        f"The settings differ: {published.setting}",
-        "",
-    ]
+    return [f"Published: {published.statistic} ({published.source}).", f"The settings differ: {published.setting}"]

@@ -615,7 +615,7 @@ def _published_markdown(published: PublishedApproaches | None) -> list[str]:
     for name, figures in published.approaches.items():
         cells = [f"{figures[metric]:.2f}" if metric in figures else "-" for metric in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return [*lines, "", *published_notes(published)[:-1]]
+    return [*lines, "", *published_notes(published)]
 
 
 def draw_continual(axes: Any, sequence: ContinualSequence, report: ContinualReport) -> None:

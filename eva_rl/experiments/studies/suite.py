@@ -500,7 +500,7 @@ def _published_markdown(report: SuiteReport) -> list[str]:
         figure = comparison.published.scores.get(method)
         cell = "-" if figure is None else f"{figure:{spec}}"
         lines.append(f"| {method} | {comparison.tasks[method]} | {mean.format(spec)} | {cell} |")
-    return [*lines, "", *published_notes(comparison.published)]
+    return [*lines, "", *published_notes(comparison.published), ""]
 
 
 def _iqm_curve(task_runs: Sequence[RunResult], method: str, grid: np.ndarray) -> tuple[np.ndarray, ...] | None:
