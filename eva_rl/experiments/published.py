@@ -18,14 +18,15 @@ SEQUENCE_METRICS = ("average_success", "forgetting", "forward_transfer")
 """Continual World's three figures, the ones a sequence's published rows may give (Wołczyk et al. 2021, Sec. 3)."""
 
 
-def _check_text(value: Any, name: str, where: str) -> None:
+# The messages name the key within ``published:``; build_config puts the section's name (and the file's) before them.
+def _check_text(value: Any, name: str) -> None:
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{where}: {name}={value!r} is invalid: expected a non-empty string")
+        raise ConfigError(f"{name}={value!r} is invalid: expected a non-empty string")
 
 
-def _check_figure(value: Any, name: str, where: str) -> None:
+def _check_figure(value: Any, name: str) -> None:
     if not _is_number(value):
-        raise ConfigError(f"{where}: {name}={value!r} is invalid: expected a finite number")
+        raise ConfigError(f"{name}={value!r} is invalid: expected a finite number")
 
 
 @dataclass
@@ -43,7 +44,7 @@ class Published:
 
     def __post_init__(self) -> None:
         for name in ("source", "statistic", "setting"):
-            _check_text(getattr(self, name), name, "published")
+            _check_text(getattr(self, name), name)
 
 
 @dataclass
@@ -58,9 +59,9 @@ class PublishedScores(Published):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.scores, dict) or not self.scores:
-            raise ConfigError(f"published: scores={self.scores!r} is invalid: expected {{method: number}}")
+            raise ConfigError(f"scores={self.scores!r} is invalid: expected {{method: number}}")
         for method, value in self.scores.items():
-            _check_figure(value, f"scores[{method!r}]", "published")
+            _check_figure(value, f"scores[{method!r}]")
 
 
 @dataclass
@@ -75,18 +76,16 @@ class PublishedApproaches(Published):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.approaches, dict) or not self.approaches:
-            raise ConfigError(
-                f"published: approaches={self.approaches!r} is invalid: expected {{approach: {{metric: number}}}}"
-            )
+            raise ConfigError(f"approaches={self.approaches!r} is invalid: expected {{approach: {{metric: number}}}}")
         for name, figures in self.approaches.items():
-            where = f"published: approaches[{name!r}]"
+            where = f"approaches[{name!r}]"
             if not isinstance(figures, dict) or not figures or set(figures) - set(SEQUENCE_METRICS):
                 raise ConfigError(
                     f"{where}={figures!r} is invalid: expected {{metric: number}} with metrics out of "
                     f"{list(SEQUENCE_METRICS)}"
                 )
             for metric, value in figures.items():
-                _check_figure(value, metric, where)
+                _check_figure(value, f"{where}: {metric}")
 
 
 def published_notes(published: Published) -> list[str]:
