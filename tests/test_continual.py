@@ -219,6 +219,20 @@ def test_a_sequences_eval_freq_holds_in_every_stage_within_its_budget(tmp_path: 
     assert unset.stage_task(sequence.stages[0], "eva").eval.freq == unset.base.eval.freq == 5000
 
 
+def test_seeds_on_the_command_line_narrow_the_sequence_to_them(tmp_path: Path, monkeypatch) -> None:
+    """``eva-rl continual --seeds 1``: every run of the plan (from the base and sequential) and the page are seed 1's
+    alone, so one seed's banks and sequential network complete before the next starts."""
+    import eva_rl.experiments.studies.base as base
+
+    conducted = []
+    monkeypatch.setattr(base, "conduct", lambda study, executor, overwrite=False: conducted.append(study))
+    assert main(["continual", "--sequence", "smoke", "--seeds", "1", "1", "--log-dir", str(tmp_path)]) == 0
+    (study,) = conducted
+    assert study.sequence.seed_list == [1] and load_sequence("smoke").seed_list == [0, 1]
+    assert {spec.seed for _, spec in study.plan()} == {1}
+    assert study.sequential(1, 1).seed == 1
+
+
 def test_continual_world_transfer_normalizes_by_what_scratch_left_to_learn() -> None:
     from eva_rl.experiments.studies.continual import continual_world_transfer
 

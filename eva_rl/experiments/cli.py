@@ -9,6 +9,7 @@ Bad input (an unknown env, a missing or corrupt agent, mismatched spaces, a bad 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import shutil
 import sys
@@ -306,6 +307,8 @@ def continual_command(args: argparse.Namespace) -> int:
     from eva_rl.experiments.studies.continual import ContinualStudy
 
     sequence = load_sequence(args.sequence)
+    if args.seeds:  # a subset first: a seed's banks and sequential network complete before the next seed starts
+        sequence = dataclasses.replace(sequence, seeds=list(dict.fromkeys(args.seeds)))
     study = ContinualStudy(sequence, args.log_dir)
     executor = LocalProcesses.from_flags(args, len(study.plan()))
     conduct(study, executor, overwrite=args.overwrite)
@@ -479,7 +482,7 @@ COMMANDS: dict[str, Command] = {
             "continual",
             "fine-tune a sequence of tasks into adapter banks; report forgetting and memory",
             continual_command,
-            ("sequence", "log_dir", "overwrite", "workers", "threads"),
+            ("sequence", "seeds", "log_dir", "overwrite", "workers", "threads"),
         ),
         Command(
             "inspect",
