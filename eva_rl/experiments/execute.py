@@ -19,14 +19,16 @@ import signal
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import nullcontext
 from multiprocessing.managers import SyncManager
+from pathlib import Path
 from queue import Empty
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tqdm.auto import tqdm
 
-from eva_rl.errors import ConfigError
+from eva_rl.errors import ConfigError, EvaRLError
 from eva_rl.experiments.run_folder import RunResult
 
 if TYPE_CHECKING:  # the command line's help needs neither torch nor SB3, which the runs import
@@ -122,6 +124,42 @@ def default_workers(runs: int) -> int:
     return max(1, min(runs, os.cpu_count() or 1))
 
 
+def prerequisites(specs: Sequence[RunSpec]) -> dict[int, int]:
+    """The runs of ``specs`` that start from another run's model in ``specs`` (a sequential stage), each mapped to
+    that run's index: ``{dependent: prerequisite}``."""
+    by_model = {spec.folder.model_file.resolve(): i for i, spec in enumerate(specs)}
+    found = {j: by_model.get(spec.agent_path.resolve()) for j, spec in enumerate(specs)}
+    return {j: i for j, i in found.items() if i is not None and i != j}
+
+
+def _chain_lengths(after: dict[int, int], count: int) -> list[int]:
+    """How many runs wait, one after the other, on each of ``count`` runs: the longest chain starts first, so a
+    sequence of stages runs beside the independent runs instead of after them."""
+    lengths = [0] * count
+    for run in after:
+        prerequisite, length = after.get(run), 1
+        while prerequisite is not None:
+            if length > count:
+                raise ConfigError(f"run {run} starts from a run that starts, some runs further on, from its own model")
+            lengths[prerequisite] = max(lengths[prerequisite], length)
+            prerequisite, length = after.get(prerequisite), length + 1
+    return lengths
+
+
+def _completed(function: Callable[..., T], *args: Any) -> Future:
+    """``function(*args)`` made here, as a finished future (the one-worker path of :class:`LocalProcesses`)."""
+    future: Future = Future()
+    try:
+        future.set_result(function(*args))
+    except Exception as error:
+        future.set_exception(error)
+    return future
+
+
+class PrerequisiteFailed(EvaRLError):
+    """A run that was to start from another run's model, which failed: it is not attempted."""
+
+
 class Executor(ABC):
     """Carries out runs.
 
@@ -140,7 +178,8 @@ class Executor(ABC):
 
     @abstractmethod
     def run(self, specs: Sequence[RunSpec], resume: bool = True, overwrite: bool = False) -> list[RunResult]:
-        """Carry out ``specs``; the results come in their order.
+        """Carry out ``specs``; the results come in their order. A run that starts from another run's model in
+        ``specs`` (a sequential stage: its ``agent_path`` is that run's ``model.zip``) waits for that run.
 
         :param resume: Continue an interrupted run from its checkpoint (without it, one is an error).
         :param overwrite: Start over a run whose folder holds one made with other settings.
@@ -209,18 +248,47 @@ class LocalProcesses(Executor):
 
     def run(self, specs: Sequence[RunSpec], resume: bool = True, overwrite: bool = False) -> list[RunResult]:
         """As :meth:`Executor.run`; a run that fails is named as it ends and the others go on, so one bad run folder
-        neither stops a sweep nor hides its progress: the first error is raised once every run has ended."""
-        jobs = [(spec, resume, overwrite, self.threads) for spec in specs]
+        neither stops a sweep nor hides its progress: the first error is raised once every run has ended.
+
+        Runs start as workers free up, the longest chain of waiting runs first; a run that another was to start
+        from fails that one too, unattempted."""
         outcomes = _Outcomes(specs, self.echo, workers=self.workers)
-        if self.workers <= 1 or len(specs) <= 1:
-            for i, job in enumerate(jobs):
-                outcomes.record(i, lambda job=job: run_in_worker(*job))
-        else:
-            with self._pool(len(specs)) as pool:
-                futures = {pool.submit(run_in_worker, *job): i for i, job in enumerate(jobs)}
-                for future in as_completed(futures):
-                    outcomes.record(futures[future], future.result)
+        after = prerequisites(specs)
+        waiting: dict[int, list[int]] = {}
+        for run, prerequisite in after.items():
+            waiting.setdefault(prerequisite, []).append(run)
+        chains = _chain_lengths(after, len(specs))
+        ready = [i for i in range(len(specs)) if i not in after]
+        in_flight: dict[Future, int] = {}
+        with self._pool(len(specs)) if self.workers > 1 and len(specs) > 1 else nullcontext() as pool:
+            while ready or in_flight:
+                ready.sort(key=lambda i: (-chains[i], i))
+                while ready and len(in_flight) < self.workers:
+                    i = ready.pop(0)
+                    start = _completed if pool is None else pool.submit
+                    in_flight[start(run_in_worker, specs[i], resume, overwrite, self.threads)] = i
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    i = in_flight.pop(future)
+                    outcomes.record(i, future.result)
+                    if i in outcomes.results_at:
+                        ready += waiting.get(i, [])
+                    else:
+                        self._fail_waiting(i, waiting, outcomes)
         return outcomes.results()
+
+    def _fail_waiting(self, failed: int, waiting: dict[int, list[int]], outcomes: _Outcomes) -> None:
+        """Record every run that waited (directly or further down its chain) on run ``failed`` as failed."""
+        for run in waiting.get(failed, []):
+            starts_from = outcomes.specs[failed].run_dir
+
+            def refuse(run: int = run, starts_from: Path = starts_from) -> RunResult:
+                raise PrerequisiteFailed(
+                    f"{outcomes.specs[run].run_dir} was not run: the run it starts from, {starts_from}, failed"
+                )
+
+            outcomes.record(run, refuse)
+            self._fail_waiting(run, waiting, outcomes)
 
     def map(self, function: Callable[..., T], jobs: Sequence[tuple], packages: Sequence[str] = ()) -> list[T]:
         if self.workers <= 1 or len(jobs) < 2:
@@ -336,6 +404,8 @@ class RayCluster(Executor):
         return cls(args.ray_address, args.threads)
 
     def run(self, specs: Sequence[RunSpec], resume: bool = True, overwrite: bool = False) -> list[RunResult]:
+        if prerequisites(specs):
+            raise ConfigError("the Ray backend runs independent runs: run a sequence's stages with --backend local")
         try:
             import ray
         except ImportError as error:

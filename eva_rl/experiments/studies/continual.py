@@ -244,17 +244,20 @@ class ContinualStudy(Study[ContinualReport]):
 
     # the runs
     def carry_out(self, executor: Executor, overwrite: bool = False) -> None:
-        """The runs from the base, then the sequential network stage by stage (each starts from the model of the
-        one before), then every sequential stage evaluated on every task."""
+        """The runs from the base and the sequential network's stages (each starts from the model of the one before
+        as soon as it is done), then every sequential stage evaluated on every task."""
         self.check_stages()
         if self.suite is not None:
             self.echo(self.sharing_note())
-        executor.run([spec for _, spec in self.plan()], overwrite=overwrite)
+        runs = [spec for _, spec in self.plan()]
+        if self.sequence.sequential:
+            # each chain of stages starts as soon as its first stage (a full copy's run) is done, beside the others
+            count = len(self.sequence.stages)
+            stages = [self.sequential(i, seed) for seed in self.sequence.seed_list for i in range(1, count)]
+            runs += [spec for spec in stages if not self._kept_without_start(spec)]
+        executor.run(runs, overwrite=overwrite)
         if not self.sequence.sequential:
             return
-        for index in range(1, len(self.sequence.stages)):
-            stage_runs = [self.sequential(index, seed) for seed in self.sequence.seed_list]
-            executor.run([spec for spec in stage_runs if not self._kept_without_start(spec)], overwrite=overwrite)
         jobs = [
             (self.sequence, self.log_dir, self.device, index, seed)
             for seed in self.sequence.seed_list
