@@ -507,6 +507,10 @@ def test_the_return_after_k_updates_is_read_where_every_seed_was_evaluated_there
         and "| lora | 0.100 [0.100, 0.100] | - | 0.800 [0.800, 0.800] |" in page
     )
     assert SuiteReport.from_dict(report.to_dict()).tasks["A"].methods["eva"].after_updates == rows["eva"].after_updates
+    assert "Eval return after k updates" in page
+    success = SuiteTask("A", 0.5, score="success")  # the table names the score it reads, as the others do
+    page = results_markdown(aggregate(Suite("s", [success], methods=["eva"]), [(success, run) for run in eva]))
+    assert "Eval success after k updates" in page and "Eval return" not in page
 
 
 def test_pooled_scores_are_normalized_per_task_between_zero_shot_and_full_fine_tuning() -> None:

@@ -392,12 +392,14 @@ def _normalize_aggregates(
 
 
 def _after_updates_table(task: TaskReport, spec: str) -> list[str]:
-    """The return after each reported update count, for the methods evaluated there (none: no table)."""
+    """The score (return or success rate) after each reported update count, for the methods evaluated there (none: no
+    table)."""
     counts = sorted({k for row in task.methods.values() for k in row.after_updates})
     if not counts:
         return []
     lines = [
-        "Eval return after k updates (IQM [95% CI]; an evaluation at exactly that step, EVA's own env steps aside):",
+        f"Eval {task.score} after k updates (IQM [95% CI]; an evaluation at exactly that step, EVA's own env steps "
+        "aside):",
         "",
         "| method | " + " | ".join(f"after {k}" for k in counts) + " |",
         "|---|" + "---|" * len(counts),
