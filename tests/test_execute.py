@@ -56,6 +56,10 @@ def test_a_chain_starts_first_and_each_stage_after_the_one_it_starts_from(tmp_pa
     # c1 heads the longest chain, c2 then leads what is ready; the rest in the order given
     assert made == ["c1", "c2", "a", "b", "c3"]
     assert [r.task for r in results] == [s.task.name for s in specs.values()] and len(lines) == 5
+    # a stage's line names the run it started from, apart from a run of the same task from the pretrained agent
+    c1, c2 = specs["c1"], specs["c2"]
+    assert lines[1].startswith(f"[2/5] {c2.task.name} {c2.method} seed{c2.seed} after {c1.task.name}: final 0.500")
+    assert " after " not in lines[0] + lines[2]
 
 
 def test_a_failed_run_fails_the_runs_that_start_from_it_unattempted(tmp_path: Path, monkeypatch) -> None:

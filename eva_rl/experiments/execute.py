@@ -100,14 +100,26 @@ def _spawned_pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),))
 
 
-def progress_line(done: int, total: int, spec: RunSpec, result: RunResult | None, to_go: float | None = None) -> str:
+def progress_line(
+    done: int,
+    total: int,
+    spec: RunSpec,
+    result: RunResult | None,
+    to_go: float | None = None,
+    after: RunSpec | None = None,
+) -> str:
     """A finished run's line: its final return (and success rate, where the env reports one), or ``failed``
-    (``result`` None), and the time the runs still to make should take (``to_go`` seconds)."""
+    (``result`` None), and the time the runs still to make should take (``to_go`` seconds).
+
+    :param after: The run whose model it started from, where that run is in the same call (a sequential stage): the
+        line names its task, apart from the same task's run from the pretrained agent.
+    """
     outcome = "failed" if result is None else f"final {result.final_return:.3f}"
     if result is not None and result.success_curve:
         outcome += f", success {result.success_curve[-1][1]:.2f}"
     estimate = "" if to_go is None else f" (about {duration(to_go)} to go)"
-    return f"[{done}/{total}] {spec.task.name} {spec.method} seed{spec.seed}: {outcome}{estimate}"
+    start = "" if after is None else f" after {after.task.name}"
+    return f"[{done}/{total}] {spec.task.name} {spec.method} seed{spec.seed}{start}: {outcome}{estimate}"
 
 
 def duration(seconds: float) -> str:
@@ -202,9 +214,15 @@ class _Outcomes:
     """
 
     def __init__(
-        self, specs: Sequence[RunSpec], echo: Callable[[str], None], successes: bool = True, workers: int = 1
+        self,
+        specs: Sequence[RunSpec],
+        echo: Callable[[str], None],
+        successes: bool = True,
+        workers: int = 1,
+        after: dict[int, int] | None = None,
     ) -> None:
         self.specs, self.echo, self.successes, self.workers = specs, echo, successes, workers
+        self.after = after or {}
         self.results_at: dict[int, RunResult] = {}
         self.failures: list[Exception] = []
         self.to_make = {i for i, spec in enumerate(specs) if not spec.folder.is_complete}
@@ -220,17 +238,18 @@ class _Outcomes:
     def record(self, i: int, outcome: Callable[[], RunResult]) -> None:
         """Run ``i``'s outcome: ``outcome()`` returns its result or raises its error."""
         done = len(self.results_at) + len(self.failures) + 1
+        after = self.specs[self.after[i]] if i in self.after else None
         try:
             self.results_at[i] = outcome()
         except Exception as error:
             self.failures.append(error)
             self.to_make.discard(i)
-            self.echo(progress_line(done, len(self.specs), self.specs[i], None, self.to_go()))
+            self.echo(progress_line(done, len(self.specs), self.specs[i], None, self.to_go(), after))
             return
         if i in self.to_make:
             self.made_walls.append(self.results_at[i].wall_seconds)
         if self.successes:
-            self.echo(progress_line(done, len(self.specs), self.specs[i], self.results_at[i], self.to_go()))
+            self.echo(progress_line(done, len(self.specs), self.specs[i], self.results_at[i], self.to_go(), after))
 
     def results(self) -> list[RunResult]:
         """The results in the runs' order.
@@ -252,8 +271,8 @@ class LocalProcesses(Executor):
 
         Runs start as workers free up, the longest chain of waiting runs first; a run that another was to start
         from fails that one too, unattempted."""
-        outcomes = _Outcomes(specs, self.echo, workers=self.workers)
         after = prerequisites(specs)
+        outcomes = _Outcomes(specs, self.echo, workers=self.workers, after=after)
         waiting: dict[int, list[int]] = {}
         for run, prerequisite in after.items():
             waiting.setdefault(prerequisite, []).append(run)
