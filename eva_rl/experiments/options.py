@@ -262,7 +262,7 @@ FLAGS: dict[str, Flag] = {
         ),
         Flag(
             ("--seeds",),
-            "the seeds to run, one or more values (default: the task's, or the suite's)",
+            "the seeds to run, one or more values (default: the task's, the suite's or the sequence's)",
             TRAINING,
             seed,
             setting="seeds",
