@@ -465,6 +465,25 @@ def test_a_panel_whose_curves_end_on_a_plateau_gets_a_zoomed_inset(plateau: list
     assert legend.y1 < panel.y0, "the legend lies below the panel, where it hides no curve"
 
 
+def test_a_suite_of_many_tasks_wraps_its_panels_five_to_a_row() -> None:
+    """CW10's ten tasks would make a figure 50 inches wide: seven tasks take two rows of five, the last three blank."""
+    from eva_rl.experiments.plots import new_figure
+    from eva_rl.experiments.studies.suite import draw_final_returns, draw_sample_efficiency, sample_efficiency_figure
+
+    tasks = [SuiteTask(name, 0.5) for name in "ABCDEFG"]
+    suite = Suite("s", tasks, methods=["eva"])
+    runs = [(task, dataclasses.replace(_synthetic_run("eva", 0.5), task=task.task)) for task in tasks]
+    report = aggregate(suite, runs)
+    assert sample_efficiency_figure(2)["nrows"] == 1 and sample_efficiency_figure(2)["ncols"] == 2
+    for draw in (lambda axes: draw_sample_efficiency(axes, report, runs, ["eva"], list(report.tasks)),
+                 lambda axes: draw_final_returns(axes, report)):  # fmt: skip
+        figure, axes = new_figure(**sample_efficiency_figure(len(tasks)))
+        assert axes.shape == (2, 5)
+        draw(axes)
+        assert [axis.get_title().split()[0] for axis in axes.flat[:7]] == list("ABCDEFG")
+        assert [axis.axison for axis in axes.flat] == [True] * 7 + [False] * 3
+
+
 def test_a_suites_settings_hold_for_every_run_its_tuning_and_rank_study_included(tmp_path: Path) -> None:
     """The committed suites pin ``eva_data: rollouts``, the data source their runs were made with."""
     from eva_rl.experiments.studies.ranks import RankStudyRuns

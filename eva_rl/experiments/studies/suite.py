@@ -525,9 +525,27 @@ CORE_METHODS = ("eva", "lora", "full", "scratch")
 full fine-tuning's curve beside them in grey dashes (ten overlapping curves are unreadable)."""
 
 
+PANELS_PER_ROW = 5
+"""Task panels side by side before a figure wraps to another row (CW10's ten tasks: two rows of five)."""
+
+
+def panel_grid(tasks: int, width: float, height: float) -> dict[str, Any]:
+    """``new_figure``'s arguments for a panel per task, :data:`PANELS_PER_ROW` to a row, each ``width`` x
+    ``height`` inches."""
+    columns = min(tasks, PANELS_PER_ROW)
+    rows = -(-tasks // PANELS_PER_ROW)
+    return {"nrows": rows, "ncols": columns, "figsize": (width * columns, height * rows), "dpi": 120, "squeeze": False}
+
+
 def sample_efficiency_figure(tasks: int) -> dict[str, Any]:
-    """``new_figure``'s arguments for a sample-efficiency figure: a panel per task, side by side."""
-    return {"nrows": 1, "ncols": tasks, "figsize": (5.0 * tasks, 4.6), "dpi": 120, "squeeze": False}
+    """``new_figure``'s arguments for a sample-efficiency figure: a panel per task."""
+    return panel_grid(tasks, 5.0, 4.6)
+
+
+def hide_unused_panels(axes: Any, used: int) -> None:
+    """Blank the panels of a wrapped grid's last row that no task fills."""
+    for axis in np.ravel(axes)[used:]:
+        axis.set_axis_off()
 
 
 def draw_sample_efficiency(
@@ -545,7 +563,8 @@ def draw_sample_efficiency(
     Where training from scratch starts far below every pretrained method, the axis keeps to the pretrained methods'
     range (the title says scratch is clipped), so their differences stay visible.
     """
-    for axis, task_name in zip(axes[0], tasks):
+    hide_unused_panels(axes, len(tasks))
+    for axis, task_name in zip(np.ravel(axes), tasks):
         task_runs = [r for t, r in runs if t.task == task_name]
         # over the training budget, the AUC's window: EVA's own env steps come out of it
         grid = np.linspace(0, max(r.budget for r in task_runs), 40)
@@ -623,6 +642,7 @@ def _zoom_on_the_plateau(axis: Any, curves: Mapping[str, tuple[np.ndarray, ...]]
 def draw_final_returns(axes: Any, report: SuiteReport) -> None:
     """A panel per task: each method's final return on it (IQM over its seeds, 95% CI), a row each. Tasks are never
     pooled: methods that ran other task sets would not compare on one axis."""
+    hide_unused_panels(axes, len(report.tasks))
     for axis, (task, task_report) in zip(np.ravel(axes), report.tasks.items()):
         methods = [m for m in report.methods if m in task_report.methods]
         for row, method in enumerate(methods):
@@ -737,7 +757,7 @@ class SuiteStudy(Study[SuiteReport]):
             paths.append(save_figure(figure, out / "sample_efficiency_zoo.png"))
         tasks = len(report.tasks)
         rows = max(len(task.methods) for task in report.tasks.values())
-        figure, axes = new_figure(1, tasks, figsize=(4.2 * tasks, 0.4 * rows + 1.6), dpi=120, squeeze=False)
+        figure, axes = new_figure(**panel_grid(tasks, 4.2, 0.4 * rows + 1.6))
         draw_final_returns(axes, report)
         figure.suptitle("final return per task (method, seeds)", fontsize=10)
         paths.append(save_figure(figure, out / "final_return.png"))
