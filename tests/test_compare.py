@@ -441,9 +441,15 @@ def test_a_rerun_of_some_methods_keeps_the_others_on_the_page_and_names_stale_ru
         compare(retuned, tmp_path, methods=["eva"], report_only=True, echo=lines.append)
 
 
-@pytest.mark.parametrize(("plateau", "zoomed"), [([-150.0, -152.0], True), ([-500.0, -150.0], False)])
-def test_a_panel_whose_curves_end_on_a_plateau_gets_a_zoomed_inset(plateau: list[float], zoomed: bool) -> None:
-    """Pendulum's methods end within 40 of each other on an axis that starts at -900: an inset shows them apart."""
+@pytest.mark.parametrize(
+    ("plateau", "spread", "zoomed"),
+    [([-150.0, -152.0], 1.0, True), ([-500.0, -150.0], 1.0, False), ([-150.0, -150.0], 0.0, False)],
+)
+def test_a_panel_whose_curves_end_on_a_plateau_gets_a_zoomed_inset(
+    plateau: list[float], spread: float, zoomed: bool
+) -> None:
+    """Pendulum's methods end within 40 of each other on an axis that starts at -900: an inset shows them apart.
+    Curves on one value throughout (a success rate stuck at 0) leave a zoom nothing to show."""
     from eva_rl.experiments.plots import new_figure
     from eva_rl.experiments.studies.suite import draw_sample_efficiency, sample_efficiency_figure
 
@@ -451,7 +457,7 @@ def test_a_panel_whose_curves_end_on_a_plateau_gets_a_zoomed_inset(plateau: list
     suite = Suite("s", [task], methods=["eva", "lora"])
     runs = []
     for i, method in enumerate(["eva", "lora"]):
-        curve = [[0, -900.0], [500, -700.0], [1000, plateau[0] - i], [2000, plateau[1] - i]]
+        curve = [[0, -900.0], [500, -700.0], [1000, plateau[0] - i * spread], [2000, plateau[1] - i * spread]]
         runs.append((task, dataclasses.replace(_synthetic_run(method, curve[-1][1]), eval_curve=curve)))
     figure, axes = new_figure(**sample_efficiency_figure(1))
     draw_sample_efficiency(axes, aggregate(suite, runs), runs, ["eva", "lora"], ["A"])

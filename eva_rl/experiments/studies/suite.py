@@ -618,6 +618,8 @@ def _zoom_on_the_plateau(axis: Any, curves: Mapping[str, tuple[np.ndarray, ...]]
     bottom, top = axis.get_ylim()
     if not values.size or values.max() - values.min() >= PLATEAU_SHARE * (top - bottom):
         return
+    if values.max() == values.min():
+        return  # one value throughout (CW10's success stuck at 0 or 1): nothing for a zoom to tell apart
     # every drawn point (curves and bands) in the panel's axes fraction
     drawn = np.concatenate([np.column_stack([x, y]) for line in axis.get_lines() for x, y in [line.get_data()]])
     drawn = np.concatenate([drawn, *(collection.get_paths()[0].vertices for collection in axis.collections)])
