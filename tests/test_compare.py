@@ -538,6 +538,27 @@ def test_the_return_after_k_updates_is_read_where_every_seed_was_evaluated_there
     assert "Eval success after k updates" in page and "Eval return" not in page
 
 
+def test_a_task_whose_every_evaluation_returned_zero_is_named_on_the_page() -> None:
+    """Meta-World v3's shelf-place pays nothing until the gripper cages the block: a page must say that its zeros
+    compare no learning, and only for a task where every evaluation of every run returned exactly 0."""
+    silent, rewarded = SuiteTask("silent", 0.5), SuiteTask("rewarded", 0.5)
+    suite = Suite("s", [silent, rewarded], methods=["eva", "lora"])
+    zeros = [[0, 0.0], [500, 0.0], [1000, 0.0]]
+    runs = [(silent, _evaluated_run(m, zeros)) for m in ("eva", "lora")]
+    # one nonzero evaluation, in the middle of one run, makes a task rewarded
+    runs += [
+        (rewarded, _evaluated_run("eva", zeros)),
+        (rewarded, _evaluated_run("lora", [[0, 0.0], [500, 0.1], [1000, 0.0]])),
+    ]
+    report = aggregate(suite, runs)
+    assert report.tasks["silent"].rewardless and not report.tasks["rewarded"].rewardless
+    page = results_markdown(report)
+    assert page.count("returned exactly 0") == 1
+    assert page.index("returned exactly 0") < page.index("## rewarded")
+    assert SuiteReport.from_dict(report.to_dict()).tasks["silent"].rewardless
+    assert "rewardless" not in report.to_dict()["tasks"]["rewarded"]  # reports written before it read back the same
+
+
 def test_pooled_scores_are_normalized_per_task_between_zero_shot_and_full_fine_tuning() -> None:
     """Two tasks on scales 100x apart: eva halfway from the pretrained agent to full fine-tuning on both is 0.5 on
     the normalized scale, whatever the raw returns."""

@@ -132,17 +132,26 @@ class TaskReport:
     threshold: float
     methods: dict[str, MethodTaskStats]
     score: str = "return"
+    rewardless: bool = False
+    """Whether every evaluation of every run returned exactly 0: the env's reward never left 0 there, so no method
+    met a learning signal (Meta-World v3's shelf-place pays nothing until the gripper cages the block)."""
 
     def to_dict(self) -> dict[str, Any]:
-        data = {"threshold": self.threshold, "methods": {m: s.to_dict() for m, s in self.methods.items()}}
-        if self.score != "return":  # written where it differs, so reports written before it read back unchanged
+        data: dict[str, Any] = {
+            "threshold": self.threshold,
+            "methods": {m: s.to_dict() for m, s in self.methods.items()},
+        }
+        # written where they differ from the default, so reports written before them read back unchanged
+        if self.score != "return":
             data["score"] = self.score
+        if self.rewardless:
+            data["rewardless"] = True
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TaskReport:
         methods = {m: MethodTaskStats.from_dict(s) for m, s in data["methods"].items()}
-        return cls(data["threshold"], methods, data.get("score", "return"))
+        return cls(data["threshold"], methods, data.get("score", "return"), data.get("rewardless", False))
 
 
 @dataclass
@@ -300,7 +309,8 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
     for task_name, per_method in by_task.items():
         threshold = thresholds[task_name]
         horizon = max(r.budget for rs in per_method.values() for r in rs)
-        task_report = TaskReport(threshold, {}, scores_of[task_name])
+        rewardless = all(value == 0 for rs in per_method.values() for r in rs for _, value in r.eval_curve)
+        task_report = TaskReport(threshold, {}, scores_of[task_name], rewardless)
         for method in methods:
             results = per_method.get(method, [])
             if not results:
@@ -447,6 +457,12 @@ def results_markdown(report: SuiteReport) -> str:
                 f"{retention} | {row.trainable_params:,} | {row.wall_seconds:.0f} |"
             )
         lines.append("")
+        if task.rewardless:
+            lines += [
+                "Every evaluation of every run on this task returned exactly 0: the policies never reached the part "
+                "of the task the env rewards, so its scores cannot tell the methods apart.",
+                "",
+            ]
         lines += _after_updates_table(task, spec)
     # Then every method over the tasks it ran.
     lines += [
