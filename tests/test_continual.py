@@ -18,8 +18,9 @@ from eva_rl.errors import EvaRLError
 from eva_rl.experiments.cli import main
 from eva_rl.experiments.execute import LocalProcesses
 from eva_rl.experiments.sequences import load_sequence
+from eva_rl.experiments.stats import normalized_auc
 from eva_rl.experiments.studies.base import conduct
-from eva_rl.experiments.studies.continual import ContinualStudy
+from eva_rl.experiments.studies.continual import ContinualStudy, continual_world_transfer
 from eva_rl.experiments.tasks import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore:EVA:UserWarning")
@@ -234,8 +235,6 @@ def test_seeds_on_the_command_line_narrow_the_sequence_to_them(tmp_path: Path, m
 
 
 def test_continual_world_transfer_normalizes_by_what_scratch_left_to_learn() -> None:
-    from eva_rl.experiments.studies.continual import continual_world_transfer
-
     # (0.8 - 0.5) / 0.5 = 0.6 and (0.2 - 0.6) / 0.4 = -1.0; a task scratch solves throughout counts 0
     assert continual_world_transfer([0.8, 0.2, 0.9], [0.5, 0.6, 1.0]) == pytest.approx((0.6 - 1.0 + 0.0) / 3)
 
@@ -262,6 +261,12 @@ def test_a_success_scored_sequence_reports_continual_worlds_metrics(tmp_path: Pa
     matrix = sequential.returns  # one seed: the means are that seed's rows
     expected = np.mean([matrix[i + 1][s.name] - matrix[-1][s.name] for i, s in enumerate(stages)])
     assert sequential.cw_forgetting.estimate == pytest.approx(expected)
+    # the sequential stages' transfer from their success curves too, not their returns (CW10's full-seq read 503)
+    stage_runs = [study.sequential(i, 0).folder.read_result() for i in range(len(stages))]
+    own = [normalized_auc(*run.scored("success").sample_curve(), horizon=512) for run in stage_runs]
+    reference = [normalized_auc(*s.folder.read_result().scored("success").sample_curve(), horizon=512) for s in scratch]
+    assert sequential.cw_forward_transfer.estimate == pytest.approx(continual_world_transfer(own, reference))
+    assert -1.0 <= sequential.forward_transfer.estimate <= 1.0
     page = (tmp_path / sequence.name / "continual.md").read_text()
     assert "average success after the sequence" in page and "CW forward transfer (vs scratch)" in page
     saved = json.loads((tmp_path / sequence.name / "continual.json").read_text())

@@ -489,14 +489,14 @@ class ContinualStudy(Study[ContinualReport]):
     def _stage_aucs(
         self, approach: Approach, seed: int, auc: dict[tuple[str, str, int], float], horizon: dict[str, float]
     ) -> list[float]:
-        """The normalized AUC of each stage's run as ``approach`` made it."""
+        """The normalized AUC of each stage's run as ``approach`` made it, of the sequence's score."""
         stages = self.sequence.stages
         if approach.kind is not ApproachKind.SEQUENTIAL:
             return [auc[(s.name, approach.method, seed)] for s in stages]
-        return [
-            normalized_auc(*self.sequential(i, seed).folder.read_result().sample_curve(), horizon=horizon[s.name])
-            for i, s in enumerate(stages)
+        results = [
+            self.sequential(i, seed).folder.read_result().scored(self.sequence.score) for i in range(len(stages))
         ]
+        return [normalized_auc(*r.sample_curve(), horizon=horizon[s.name]) for r, s in zip(results, stages)]
 
     # the page
     def write_page(self, report: ContinualReport, runs: list[tuple[Any, RunResult]]) -> list[Path]:
