@@ -376,10 +376,14 @@ def test_git_keeps_what_each_sequential_stage_scored_on_every_task(name: str) ->
 
 def test_git_keeps_the_adapters_the_cw10_banks_are_built_from() -> None:
     """The cw10 sequence's banks take the eva and lora adapters of the cw10 suite's runs: kept in git, a bank is built
-    on a machine other than the one that trained its first tasks; other methods' adapters and models stay out."""
+    on a machine other than the one that trained its first tasks; other methods' adapters and models stay out, and so
+    do the copies of those adapters a bank holds (rebuilt from the runs')."""
     run = "docs/results/cw10/MetaWorld-push/{}/seed0/{}"
+    bank = "docs/results/cw10/banks/eva/seed0/{}"
     kept = [run.format(method, "adapter/adapter.safetensors") for method in ("eva", "lora")]
+    kept += [bank.format("bank.json"), bank.format("success.json")]
     dropped = [run.format("eva+dora", "adapter/adapter.safetensors"), run.format("eva", "model.zip")]
+    dropped += [bank.format("adapters/push.safetensors"), bank.format("signatures/push.safetensors")]
     check = ["git", "check-ignore", "--no-index", "--stdin"]
     paths = "\n".join(kept + dropped)
     ignored = subprocess.run(check, input=paths, capture_output=True, text=True, check=False).stdout
