@@ -269,6 +269,7 @@ def test_a_success_scored_sequence_reports_continual_worlds_metrics(tmp_path: Pa
     assert -1.0 <= sequential.forward_transfer.estimate <= 1.0
     page = (tmp_path / sequence.name / "continual.md").read_text()
     assert "average success after the sequence" in page and "CW forward transfer (vs scratch)" in page
+    assert "IQM over 1 seed with" in page
     saved = json.loads((tmp_path / sequence.name / "continual.json").read_text())
     assert "cw_forgetting" in saved["approaches"]["eva"]
     # the published anchors under the page's own table, a metric a paper did not give as a dash

@@ -63,9 +63,14 @@ def method_linestyle(method: str) -> str:
     return "--" if method in method_names() and not get_method(method).train_A else "-"
 
 
+def seed_count(seeds: int) -> str:
+    """``"1 seed"``, ``"5 seeds"``."""
+    return f"{seeds} seed{'' if seeds == 1 else 's'}"
+
+
 def method_label(method: str, seeds: int) -> str:
     """A legend entry: the method and how many seeds its line stands on."""
-    return f"{method} ({seeds} seed{'' if seeds == 1 else 's'})"
+    return f"{method} ({seed_count(seeds)})"
 
 
 def value_label(value: float) -> str:

@@ -33,7 +33,7 @@ from eva_rl.experiments.environments import agent_env, import_packages
 from eva_rl.experiments.execute import Executor
 from eva_rl.experiments.finetune import check_agent_fits
 from eva_rl.experiments.machine import platform_line
-from eva_rl.experiments.plots import new_figure, save_figure
+from eva_rl.experiments.plots import new_figure, save_figure, seed_count
 from eva_rl.experiments.published import SEQUENCE_METRICS, PublishedApproaches, published_notes
 from eva_rl.experiments.run_folder import RunDirError, RunFolder, RunResult
 from eva_rl.experiments.runs import RunSpec, run_settings, settings_differences, task_settings
@@ -554,7 +554,7 @@ def continual_markdown(
         f"# Continual sequence `{sequence.name}`",
         "",
         f"Stages: {' -> '.join(f'{s.name} ({s.total_timesteps:,})' for s in sequence.stages)}; base: the agent of "
-        f"`{sequence.base_task}`. IQM over {len(sequence.seed_list)} seeds with 95% stratified-bootstrap CIs.",
+        f"`{sequence.base_task}`. IQM over {seed_count(len(sequence.seed_list))} with 95% stratified-bootstrap CIs.",
         "",
         *([platform, ""] if platform else []),
         *([sharing, ""] if sharing else []),
@@ -631,5 +631,5 @@ def draw_continual(axes: Any, sequence: ContinualSequence, report: ContinualRepo
         axis.set_xticks(range(len(stats.returns)), ["base", *[str(i) for i in range(1, len(names) + 1)]])
         axis.set_xlabel("after stage")
         axis.grid(alpha=0.3)
-    axes[0].set_ylabel(f"eval {sequence.score} (mean of {len(sequence.seed_list)} seeds)")
+    axes[0].set_ylabel(f"eval {sequence.score} (mean of {seed_count(len(sequence.seed_list))})")
     axes[-1].legend(fontsize=7)
