@@ -632,4 +632,4 @@ def draw_continual(axes: Any, sequence: ContinualSequence, report: ContinualRepo
         axis.set_xlabel("after stage")
         axis.grid(alpha=0.3)
     axes[0].set_ylabel(f"eval {sequence.score} (mean of {seed_count(len(sequence.seed_list))})")
-    axes[-1].legend(fontsize=7)
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside the panels: it hides no line
