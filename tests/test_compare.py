@@ -540,9 +540,14 @@ def test_the_return_after_k_updates_is_read_where_every_seed_was_evaluated_there
 
 def test_a_task_whose_every_evaluation_returned_zero_is_named_on_the_page() -> None:
     """Meta-World v3's shelf-place pays nothing until the gripper cages the block: a page must say that its zeros
-    compare no learning, and only for a task where every evaluation of every run returned exactly 0."""
-    silent, rewarded = SuiteTask("silent", 0.5), SuiteTask("rewarded", 0.5)
-    suite = Suite("s", [silent, rewarded], methods=["eva", "lora"])
+    compare no learning, and only for a task where every evaluation of every run returned exactly 0, whatever the
+    page scores (a success-scored task whose success stayed 0 while its returns moved is not such a task)."""
+    silent, rewarded, unsolved = (
+        SuiteTask("silent", 0.5),
+        SuiteTask("rewarded", 0.5),
+        SuiteTask("unsolved", 0.5, score="success"),
+    )
+    suite = Suite("s", [silent, rewarded, unsolved], methods=["eva", "lora"])
     zeros = [[0, 0.0], [500, 0.0], [1000, 0.0]]
     runs = [(silent, _evaluated_run(m, zeros)) for m in ("eva", "lora")]
     # one nonzero evaluation, in the middle of one run, makes a task rewarded
@@ -550,8 +555,14 @@ def test_a_task_whose_every_evaluation_returned_zero_is_named_on_the_page() -> N
         (rewarded, _evaluated_run("eva", zeros)),
         (rewarded, _evaluated_run("lora", [[0, 0.0], [500, 0.1], [1000, 0.0]])),
     ]
+    returns = [[0, 0.0], [500, 2.5], [1000, 3.9]]  # push-back: small returns, no success
+    runs += [
+        (unsolved, dataclasses.replace(_evaluated_run(m, returns), success_curve=zeros).scored("success"))
+        for m in ("eva", "lora")
+    ]
     report = aggregate(suite, runs)
-    assert report.tasks["silent"].rewardless and not report.tasks["rewarded"].rewardless
+    assert [name for name, task in report.tasks.items() if task.rewardless] == ["silent"]
+    assert "return_curve" not in runs[-1][1].to_dict(), "result.json keeps the fields it always had"
     page = results_markdown(report)
     assert page.count("returned exactly 0") == 1
     assert page.index("returned exactly 0") < page.index("## rewarded")

@@ -50,6 +50,8 @@ class RunResult:
         results written before it existed.
     :ivar success_curve: ``[[env step, success rate], ...]`` at the evaluations of ``eval_curve``, for an env that
         reports ``info["success"]`` (Meta-World); ``None`` otherwise.
+    :ivar return_curve: In a copy scored by success rate (:meth:`scored`), the eval returns its ``eval_curve``
+        replaced; ``None`` elsewhere, and never written.
     """
 
     task: str
@@ -72,9 +74,12 @@ class RunResult:
     agent: str | None = None
     platform: dict[str, Any] | None = None
     success_curve: list[list[float]] | None = None
+    return_curve: list[list[float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data.pop("return_curve")
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunResult:
@@ -103,8 +108,18 @@ class RunResult:
             )
         rates = [rate for _, rate in self.success_curve]
         return dataclasses.replace(
-            self, eval_curve=self.success_curve, jumpstart=rates[0], final_return=rates[-1], best_return=max(rates)
+            self,
+            eval_curve=self.success_curve,
+            jumpstart=rates[0],
+            final_return=rates[-1],
+            best_return=max(rates),
+            return_curve=self.eval_curve,
         )
+
+    @property
+    def eval_returns(self) -> list[float]:
+        """The eval returns, whatever the score :meth:`scored` compares."""
+        return [value for _, value in self.return_curve or self.eval_curve]
 
     @property
     def budget(self) -> float:

@@ -133,8 +133,8 @@ class TaskReport:
     methods: dict[str, MethodTaskStats]
     score: str = "return"
     rewardless: bool = False
-    """Whether every evaluation of every run returned exactly 0: the env's reward never left 0 there, so no method
-    met a learning signal (Meta-World v3's shelf-place pays nothing until the gripper cages the block)."""
+    """Whether every evaluation of every run returned exactly 0, whatever the page scores: the env's reward never
+    left 0 there (Meta-World v3's shelf-place pays nothing until the gripper cages the block)."""
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -309,7 +309,7 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
     for task_name, per_method in by_task.items():
         threshold = thresholds[task_name]
         horizon = max(r.budget for rs in per_method.values() for r in rs)
-        rewardless = all(value == 0 for rs in per_method.values() for r in rs for _, value in r.eval_curve)
+        rewardless = all(value == 0 for rs in per_method.values() for r in rs for value in r.eval_returns)
         task_report = TaskReport(threshold, {}, scores_of[task_name], rewardless)
         for method in methods:
             results = per_method.get(method, [])
