@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 from torch import nn
 
 import eva_rl
 from eva_rl.anatomy import InputMoments, adapter_update, collect_input_moments, layer_anatomy
 from eva_rl.eva import layer_input_rows
-from eva_rl.experiments.studies.anatomy import ANATOMY, suite_anatomy
+from eva_rl.experiments.studies.anatomy import ANATOMY, UPDATES, suite_anatomy
 from tests.test_cli import run_cli
 from tests.test_compare import compare, smoke_suite
 
@@ -97,7 +98,7 @@ def test_collected_moments_are_those_of_the_rows_each_layer_saw() -> None:
 
 
 def test_compare_anatomy_measures_each_adapter_run_and_redraws_from_its_files(tmp_path: Path) -> None:
-    suite = dataclasses.replace(smoke_suite(), methods=["eva", "lora-fa", "full"], seeds=1)
+    suite = dataclasses.replace(smoke_suite(), methods=["eva", "lora-fa", "full", "dora"], seeds=1)
     compare(suite, tmp_path, echo=lambda line: None)
     lines: list[str] = []
     report = suite_anatomy(suite, tmp_path, echo=lines.append)["PointGoal"]
@@ -106,7 +107,7 @@ def test_compare_anatomy_measures_each_adapter_run_and_redraws_from_its_files(tm
         "PointGoal eva: 1 runs measured, 0 read back",
         "PointGoal lora-fa: 1 runs measured, 0 read back",
     ]
-    assert set(report) == {"eva", "lora-fa"}  # full fine-tuning has no adapter
+    assert set(report) == {"eva", "lora-fa"}  # full fine-tuning has no adapter, DoRA's update is not s * B A
     run = json.loads((tmp_path / "smoke" / "PointGoal" / "eva" / "seed0" / ANATOMY).read_text())
     k = suite.task(suite.tasks[0]).lora.r
     for layer, figures in run["layers"].items():
@@ -122,6 +123,34 @@ def test_compare_anatomy_measures_each_adapter_run_and_redraws_from_its_files(tm
     again = suite_anatomy(suite, tmp_path, report_only=True, echo=lines.append)["PointGoal"]
     assert again == report and lines[-1] == "PointGoal lora-fa: 0 runs measured, 1 read back"  # nothing measured
     assert (tmp_path / "smoke" / "anatomy.md").read_text() == page
+    # each run's first PPO updates, as its TensorBoard log has them
+    logged = logged_scalars(tmp_path / "smoke" / "PointGoal" / "eva" / "seed0", "train/approx_kl")
+    assert 1 <= len(run["approx_kl"]) <= UPDATES and run["approx_kl"] == pytest.approx(logged[:UPDATES])
+    assert report["eva"]["approx_kl"]["first"] == pytest.approx(logged[:1])
+    # a run measured before the KL was kept gets it from its log, and one whose log is gone has none on the page
+    lora_fa = tmp_path / "smoke" / "PointGoal" / "lora-fa" / "seed0"
+    record = json.loads((lora_fa / ANATOMY).read_text())
+    kl = record.pop("approx_kl")
+    (lora_fa / ANATOMY).write_text(json.dumps(record))
+    suite_anatomy(suite, tmp_path, report_only=True, echo=lines.append)
+    assert json.loads((lora_fa / ANATOMY).read_text())["approx_kl"] == kl
+    assert (tmp_path / "smoke" / "anatomy.md").read_text() == page
+    (lora_fa / ANATOMY).write_text(json.dumps(record))
+    for events in lora_fa.glob("events.out.tfevents.*"):
+        events.unlink()
+    suite_anatomy(suite, tmp_path, report_only=True, echo=lines.append)
+    assert "approx_kl" not in json.loads((lora_fa / ANATOMY).read_text())
+    page = (tmp_path / "smoke" / "anatomy.md").read_text()
+    assert next(line for line in page.splitlines() if "| lora-fa | 1 |" in line).endswith("| - | - |")
+
+
+def logged_scalars(run_dir: Path, tag: str) -> list[float]:
+    """The values of ``tag`` in the run's TensorBoard event files, read event by event."""
+    values = []
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        for event in LegacyEventFileLoader(str(path)).Load():
+            values += [value.simple_value for value in event.summary.value if value.tag == tag]
+    return values
 
 
 def test_anatomy_refuses_the_flags_of_other_studies_and_a_suite_without_runs(tmp_path: Path) -> None:

@@ -1,8 +1,13 @@
 """``eva-rl compare --suite S --anatomy``: where each adapter method's completed runs moved the pretrained agent's
 layers (:mod:`eva_rl.anatomy`), measured on the pretrained agent's own activations in each task's target env.
 
+Beside the layers, each run's first PPO updates: how far each moved the policy (SB3's ``train/approx_kl``, read from
+the run's TensorBoard log). At one learning rate, a method whose init feeds its trainable factors more signal takes
+larger steps, and this is where that shows.
+
 Each run's figures are kept in its folder (``anatomy.json``, read back by ``--report-only``, committed with the
-run's ``result.json``); the suite's page is ``anatomy.md`` and ``anatomy.json`` beside its ``results.md``.
+run's ``result.json``); the suite's page is ``anatomy.md`` and ``anatomy.json`` beside its ``results.md``. DoRA
+methods are left out: their update is not ``scaling * B A``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from eva_rl.anatomy import InputMoments, adapter_update, collect_input_moments, 
 from eva_rl.checkpoints import read_tensors
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.environments import agent_env, import_packages
+from eva_rl.experiments.plots import read_scalars
 from eva_rl.experiments.run_folder import RunFolder
 from eva_rl.experiments.stats import mean_interval
 from eva_rl.experiments.suites import Suite
@@ -41,6 +47,8 @@ STEPS = 4096
 SEED = 0
 BATCH = 256
 METRICS = ("change", "update_top_share", "a_top_share")
+UPDATES = 5
+"""The first PPO updates whose approximate KL each run's figures keep."""
 HEADINGS = {
     "change": "RMS output change relative to the layer's RMS output, sqrt(E|dW x|^2 / E|W x|^2)",
     "update_top_share": "share of the update dW on the inputs' top-k principal subspace, |dW U_k|^2 / |dW|^2",
@@ -85,6 +93,16 @@ def run_anatomy(
     return figures
 
 
+def first_updates_kl(folder: RunFolder) -> list[float] | None:
+    """SB3's ``train/approx_kl`` of the run's first :data:`UPDATES` PPO updates (each the mean over the update's
+    minibatches), from its TensorBoard log; ``None`` where the log is not kept (a committed run) or holds no PPO
+    update."""
+    if not folder.event_files():
+        return None
+    _, values = read_scalars(folder.path, "train/approx_kl")
+    return [float(v) for v in values[:UPDATES]] or None
+
+
 def _adapter_runs(out: Path, task: str, methods: list[str]) -> dict[str, list[RunFolder]]:
     """The completed runs of ``methods`` on ``task`` that saved an adapter, by method, in seed order."""
     runs: dict[str, list[RunFolder]] = {}
@@ -115,7 +133,7 @@ def suite_anatomy(
     report: dict[str, Any] = {}
     for suite_task in suite.tasks:
         task = suite.task(suite_task)
-        adapters = [m for m in suite.task_methods(suite_task, methods) if get_method(m).trains == "adapters"]
+        adapters = [m for m in suite.task_methods(suite_task, methods) if _measurable(m)]
         runs = _adapter_runs(out, suite_task.task, adapters)
         base: tuple[dict[str, torch.Tensor], dict[str, InputMoments]] | None = None
         per_method: dict[str, Any] = {}
@@ -132,6 +150,7 @@ def suite_anatomy(
                     figures = run_anatomy(folder, *base, task.lora.r)
                     atomic_write_json(folder.path / ANATOMY, {"steps": STEPS, "seed": SEED, "layers": figures})
                     new += 1
+                _add_first_updates(folder)
                 measured.append(folder)
             if measured:
                 per_method[method] = _method_summary(measured)
@@ -148,12 +167,32 @@ def suite_anatomy(
     return report
 
 
+def _measurable(method: str) -> bool:
+    spec = get_method(method)
+    return spec.trains == "adapters" and not spec.use_dora
+
+
+def _add_first_updates(folder: RunFolder) -> None:
+    """Keep the run's first updates' KL in its ``anatomy.json`` (measured before they were kept: added, nothing
+    else changed), where its TensorBoard log has them."""
+    record = json.loads((folder.path / ANATOMY).read_text())
+    if "approx_kl" in record:
+        return
+    kl = first_updates_kl(folder)
+    if kl is not None:
+        atomic_write_json(folder.path / ANATOMY, {**record, "approx_kl": kl})
+
+
 def _method_summary(folders: list[RunFolder]) -> dict[str, Any]:
-    runs = [json.loads((f.path / ANATOMY).read_text())["layers"] for f in folders]
+    records = [json.loads((f.path / ANATOMY).read_text()) for f in folders]
+    runs = [record["layers"] for record in records]
     layers = list(dict.fromkeys(name for run in runs for name in run))
+    kl = [record["approx_kl"] for record in records if "approx_kl" in record]
     return {
         "seeds": len(runs),
         "final_return": fmean(f.read_result().final_return for f in folders),
+        # the runs whose TensorBoard log was kept: KL of update 1, and the mean of updates 1-UPDATES
+        "approx_kl": {"first": [run[0] for run in kl], "early": [fmean(run) for run in kl]},
         # each run's mean over its layers, for the summary's CIs over seeds
         "runs": {m: [fmean(figures[m] for figures in run.values()) for run in runs] for m in METRICS},
         "layers": {
@@ -176,16 +215,25 @@ def anatomy_markdown(suite: str, report: dict[str, Any], k: dict[str, int], step
         "the method's seeds. k is the task's LoRA rank r; a random direction's share of the top-k subspace is "
         "k / fan-in. The runs, their returns and the platform they ran on: results.md beside this page. Made by "
         f"`eva-rl compare --suite {suite} --anatomy` (module eva_rl.anatomy).",
+        "",
+        "KL, update 1: how far PPO's first update moved the policy, SB3's `train/approx_kl` (the mean over the "
+        f"update's minibatches) read from the run's TensorBoard log; KL, updates 1-{UPDATES}: the mean of the first "
+        f"{UPDATES}. A learning rate that suits one init can take far larger steps with another. Where some runs' logs "
+        "were not kept (runs made on another machine), the figure says over how many runs it is taken.",
     ]
     for task, methods in report.items():
         if not methods:
             continue
         names = list(methods)
-        lines += ["", f"## {task}", "", "| method | seeds | final return (mean) | " + " | ".join(METRICS) + " |"]
-        lines.append("|---" * (3 + len(METRICS)) + "|")
+        kl_headings = f"KL, update 1 | KL, updates 1-{UPDATES}"
+        lines += ["", f"## {task}", "", "| method | seeds | final return (mean) | " + " | ".join(METRICS)]
+        lines[-1] += f" | {kl_headings} |"
+        lines.append("|---" * (5 + len(METRICS)) + "|")
         for method, summary in methods.items():
-            cells = " | ".join(mean_interval(summary["runs"][m]).format() for m in METRICS)
-            lines.append(f"| {method} | {summary['seeds']} | {summary['final_return']:.3f} | {cells} |")
+            cells = [mean_interval(summary["runs"][m]).format() for m in METRICS]
+            cells += [_kl_cell(summary["approx_kl"][which], summary["seeds"]) for which in ("first", "early")]
+            row = [method, str(summary["seeds"]), f"{summary['final_return']:.3f}", *cells]
+            lines.append("| " + " | ".join(row) + " |")
         lines += ["", "Above: each run's mean over its layers, then the mean over seeds [95% CI]; below: per layer."]
         layers = list(dict.fromkeys(name for summary in methods.values() for name in summary["layers"]))
         fan_in = {name: s["layers"][name]["fan_in"] for s in methods.values() for name in s["layers"]}
@@ -200,3 +248,10 @@ def anatomy_markdown(suite: str, report: dict[str, Any], k: dict[str, int], step
                 cells += [f"{f[metric]:.3f}" if f else "-" for f in figures]
                 lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _kl_cell(values: list[float], seeds: int) -> str:
+    if not values:
+        return "-"
+    cell = mean_interval(values).format()
+    return cell if len(values) == seeds else f"{cell} ({len(values)} of {seeds} runs)"
