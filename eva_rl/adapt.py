@@ -17,6 +17,7 @@ from eva_rl.config import EvaConfig, LoraConfig
 from eva_rl.errors import ConfigError, SpaceMismatchError
 from eva_rl.eva import EvaResult, EvaSession
 from eva_rl.eva_ppo import EVA_ROLLOUT_ALGORITHMS
+from eva_rl.inits import kaiming_signal
 from eva_rl.inject import inject_adapters, merged_state_dict, remove_adapters
 from eva_rl.loading import ALGORITHMS, ON_POLICY, algorithm_name
 from eva_rl.methods import Method, get_method
@@ -156,9 +157,10 @@ def adapt(
     - ``"pissa"`` / ``"olora"``: A and B from the SVD / QR of ``W``, the residual ``W - s B A`` frozen;
     - ``"dora"`` / ``"eva+dora"``: ``"lora"`` / ``"eva"`` with DoRA's trainable magnitude;
     - ``"lora-redist"``: EVA's rank allocation with Kaiming-uniform A (separates EVA's ranks from its directions);
-    - ``"lora-orth"``, ``"eva-rescaled"``, ``"eva-fa"``, ``"lora-fa"``, ``"lora-orth-fa"``, ``"lora-deferred"``:
-      controls (random orthonormal A; EVA's rows at Kaiming-uniform's norm; ``eva`` / ``lora`` / ``lora-orth`` with
-      A frozen; ``lora`` whose first update waits for EVA as ``eva``'s does);
+    - ``"lora-orth"``, ``"eva-rescaled"``, ``"eva-signal"``, ``"eva-fa"``, ``"lora-fa"``, ``"lora-orth-fa"``,
+      ``"lora-deferred"``: controls (random orthonormal A; EVA's rows at Kaiming-uniform's norm; EVA's rows carrying
+      a Kaiming-uniform row's output variance; ``eva`` / ``lora`` / ``lora-orth`` with A frozen; ``lora`` whose first
+      update waits for EVA as ``eva``'s does);
     - ``"eva-own"``: ``"eva"`` on rollouts of its own before training, whatever ``eva.data_source`` says;
     - ``"eva-span"``: ``"eva"`` whose convergence test is each layer's span (``EvaConfig.convergence="subspace"``);
     - ``"head"``: no adapters; only the action and value heads (and ``log_std``) train;
@@ -246,6 +248,8 @@ def init_adapters(policy: LoraPolicyMixin, method: Method, result: EvaResult | N
     for name, layer in policy.lora_layers.items():
         if method.eva_directions and result is not None:
             layer.set_lora_A(result.A[name])
+            if method.match_signal:
+                kaiming_signal(layer, result.explained_variance_ratio[name])
         elif method.init is not None:
             method.init(layer)
         if method.rescale is not None:

@@ -1,5 +1,6 @@
 """Adapter initializations besides Kaiming-uniform and EVA: PiSSA and OLoRA from the weight, and the controls that
-take EVA's geometry or its scale apart (random orthonormal rows, rows at Kaiming's norm).
+take EVA's geometry or its scale apart (random orthonormal rows, rows at Kaiming's norm, rows carrying Kaiming's
+signal).
 
 Both take A and B from the pretrained weight itself and keep the residual ``W - s B A`` as the frozen base, so the
 layer's output is unchanged at step 0 and the adapter starts on the weight's principal (PiSSA) or orthonormal
@@ -75,3 +76,18 @@ def kaiming_row_norm(layer: LoraLayer) -> None:
     A control: EVA's subspace with LoRA's step size (EVA's rows have unit norm, about 1.7x Kaiming's)."""
     rows = layer.lora_A.reshape(layer.r, -1)
     rows.mul_(KAIMING_ROW_NORM / rows.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+@torch.no_grad()
+def kaiming_signal(layer: LoraLayer, explained_variance_ratio: torch.Tensor) -> None:
+    """Scale every row of A, EVA's principal directions in order, so that its output on the inputs EVA read varies
+    as much as a Kaiming-uniform row's does on average: row ``i`` gets norm ``1 / sqrt(3 fan_in ratio_i)``, with
+    ``ratio_i`` its component's share of the inputs' total variance ``tr(C)``, since a unit direction's output
+    variance is ``ratio_i tr(C)`` and a Kaiming-uniform row's (entries of variance ``1 / (3 fan_in)``) is
+    ``tr(C) / (3 fan_in)``. A control: EVA's subspace with the signal LoRA's B sees, so that an Adam step on B moves
+    the layer's output as far as it does with Kaiming-uniform A; a row norm alone (:func:`kaiming_row_norm`) leaves
+    EVA's rows on the inputs' largest directions, where a step moves the output most."""
+    ratios = explained_variance_ratio[: layer.r].to(torch.float64).clamp_min(1e-12)
+    rows = layer.lora_A.reshape(layer.r, -1)
+    norms = (3 * layer.fan_in * ratios).rsqrt().to(rows.dtype).unsqueeze(1)
+    rows.mul_(norms / rows.norm(dim=1, keepdim=True).clamp_min(1e-12))

@@ -37,6 +37,8 @@ class Method:
     :param use_dora: DoRA's trainable magnitude per output unit on every adapter.
     :param rescale: Runs on each adapter after its A is set (EVA's directions, ``init`` or Kaiming-uniform), e.g. to
         change A's row norms; B stays 0.
+    :param match_signal: Scales each of EVA's directions (with ``eva_directions``) so that its output on the inputs EVA
+        read varies as much as a Kaiming-uniform row's (:func:`~eva_rl.inits.kaiming_signal`).
     :param train_A: A trains; ``False`` freezes it at its init (LoRA-FA): only the subspace the init chose adapts.
     :param eva_ranks: Takes EVA's rank allocation (with ``runs_eva``); ``False`` keeps the configured ranks, so that
         EVA, run without ``eva_directions`` either, only sets when the first update comes (on PPO's rollouts) or
@@ -57,6 +59,7 @@ class Method:
     rewrites_base: bool = False
     use_dora: bool = False
     rescale: Callable[[LoraLayer], None] | None = None
+    match_signal: bool = False
     train_A: bool = True
     eva_ranks: bool = True
     eva_data: Literal["rollouts", "ppo"] | None = None
@@ -97,6 +100,8 @@ def register_method(method: Method) -> Method:
         raise ConfigError(f"a method named {method.name!r} is already registered")
     if method.eva_directions and not method.runs_eva:
         raise ConfigError(f"method {method.name!r}: eva_directions needs runs_eva")
+    if method.match_signal and not method.eva_directions:
+        raise ConfigError(f"method {method.name!r}: match_signal scales EVA's directions: it needs eva_directions")
     if method.eva_data is not None and (not method.runs_eva or method.eva_data not in ("rollouts", "ppo")):
         wanted = "runs_eva and 'rollouts' or 'ppo'"
         raise ConfigError(f"method {method.name!r}: eva_data={method.eva_data!r} needs {wanted}")
@@ -188,6 +193,13 @@ for _method in (
         runs_eva=True,
         eva_directions=True,
         rescale=_kaiming_row_norm,
+    ),
+    Method(
+        "eva-signal",
+        "eva with each A row scaled so its output on EVA's data varies as a Kaiming-uniform row's: LoRA's signal",
+        runs_eva=True,
+        eva_directions=True,
+        match_signal=True,
     ),
     Method(
         "eva-fa",

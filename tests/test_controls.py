@@ -1,7 +1,7 @@
 """The controls that take EVA's init apart: random orthonormal A (``lora-orth``), EVA's rows at Kaiming-uniform's
-norm (``eva-rescaled``), A frozen (``eva-fa``, ``lora-fa``, ``lora-orth-fa``), and rsLoRA's ``alpha / sqrt(r)``
-scaling. That each keeps the pretrained policy's outputs at step 0 is checked with every other method in
-``tests/test_methods.py``."""
+norm (``eva-rescaled``) or carrying its signal (``eva-signal``), A frozen (``eva-fa``, ``lora-fa``,
+``lora-orth-fa``), and rsLoRA's ``alpha / sqrt(r)`` scaling. That each keeps the pretrained policy's outputs at step
+0 is checked with every other method in ``tests/test_methods.py``."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from torch import nn
 
 import eva_rl
 from eva_rl import EvaConfig, LoraConfig
-from eva_rl.inits import KAIMING_ROW_NORM
+from eva_rl.inits import KAIMING_ROW_NORM, kaiming_signal
+from eva_rl.layers import LoraLinear
 from eva_rl.plan import AdapterPlan
 from tests.conftest import VARIANTS, make_pretrained
 
@@ -67,6 +68,42 @@ def test_eva_rescaled_keeps_evas_directions_at_kaimings_norm() -> None:
     for name, layer in rescaled.policy.lora_layers.items():
         want = rows(eva.policy.lora_layers[name])  # unit-norm principal directions
         torch.testing.assert_close(rows(layer), KAIMING_ROW_NORM * want, atol=1e-5, rtol=0)
+
+
+def test_kaiming_signal_rows_vary_on_the_inputs_as_kaiming_uniform_rows_do() -> None:
+    generator = torch.Generator().manual_seed(0)
+    fan_in, rank = 24, 4
+    scales = torch.logspace(0, -2, fan_in, dtype=torch.float64)  # a few directions carry most of the variance
+    inputs = torch.randn(20000, fan_in, generator=generator, dtype=torch.float64) * scales + 3.0
+    variances, vectors = torch.linalg.eigh(torch.cov(inputs.T))
+    layer = LoraLinear(nn.Linear(fan_in, 8), r=rank, alpha=rank)
+    layer.set_lora_A(vectors[:, -rank:].flip(1).T.float())  # the top directions, as EVA sets A
+    kaiming_signal(layer, variances.flip(0)[:rank] / variances.sum())
+    signal = (inputs @ rows(layer).double().T).var(dim=0)
+    # the oracle: how much a Kaiming-uniform row's output varies on these inputs, over many draws of the row
+    kaiming = torch.empty(20000, fan_in)
+    nn.init.kaiming_uniform_(kaiming, a=math.sqrt(5), generator=generator)
+    expected = (inputs @ kaiming.double().T).var(dim=0).mean().item()
+    assert signal.tolist() == pytest.approx([expected] * rank, rel=0.03)
+    cosines = nn.functional.cosine_similarity(rows(layer).double(), vectors[:, -rank:].flip(1).T, dim=1)
+    torch.testing.assert_close(cosines.abs(), torch.ones(rank, dtype=torch.float64))
+    # the top directions carry more than an average direction's variance, so their rows are shorter than Kaiming's
+    norms = rows(layer).norm(dim=1)
+    assert (norms < KAIMING_ROW_NORM).all() and (norms.diff() > 0).all()
+
+
+def test_eva_signal_keeps_evas_directions_and_ranks_with_kaimings_signal() -> None:
+    eva, signal = adapted("eva"), adapted("eva-signal")
+    assert signal.policy.lora_ranks == eva.policy.lora_ranks
+    for name, layer in signal.policy.lora_layers.items():
+        ratios = torch.tensor(signal.policy.eva_report.explained_variance_ratio[name][: layer.r])
+        want = rows(eva.policy.lora_layers[name]) / (3 * layer.fan_in * ratios).sqrt().unsqueeze(1)
+        torch.testing.assert_close(rows(layer), want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_method_matching_evas_signal_needs_evas_directions() -> None:
+    with pytest.raises(eva_rl.ConfigError, match="match_signal scales EVA's directions: it needs eva_directions"):
+        eva_rl.register_method(eva_rl.Method("signal-only", "no EVA", match_signal=True))
 
 
 @pytest.mark.parametrize("method", ["eva-fa", "lora-fa", "lora-orth-fa"])

@@ -2,8 +2,8 @@
 of the one beats a run of the other, on final return, normalized AUC and the return after the first updates.
 
 Each control keeps EVA's init but for one thing (or LoRA's, but for one thing), so the contrasts together tell
-"EVA's subspace helps" from "EVA's row norm changes the step size" from "training A matters": a suite page shows
-them where at least two can be drawn.
+"EVA's subspace helps" from "EVA's row norm (or the signal its rows carry) changes the step size" from "training A
+matters": a suite page shows them where at least two can be drawn.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ CONTRASTS: tuple[Contrast, ...] = (
     Contrast("eva-rescaled", "lora", "data subspace and ranks against random ones, both at Kaiming's row norm"),
     Contrast("eva-fa", "lora-orth-fa", "the subspace alone: A frozen at unit row norm, only B trains"),
     Contrast("eva", "eva-rescaled", "row norm, unit against Kaiming's, in EVA's subspace"),
+    Contrast("eva-signal", "lora", "data subspace and ranks against random ones, both feeding B Kaiming's signal"),
+    Contrast("eva", "eva-signal", "the signal into B, EVA's own against Kaiming's, in EVA's subspace"),
     Contrast("lora-orth", "lora", "row norm, unit orthonormal against Kaiming-uniform, random subspace"),
     Contrast("eva", "eva-fa", "A trains or stays frozen, EVA's subspace"),
     Contrast("lora", "lora-fa", "A trains or stays frozen, random subspace"),

@@ -39,6 +39,7 @@ METHOD_COLORS = {
     "lora-orth": "#ffbb78",
     "lora-fa": "#a05d00",
     "eva-rescaled": "#aec7e8",
+    "eva-signal": "#6baed6",
     "eva-fa": "#0b3c5d",
     "lora-orth-fa": "#e6550d",
     "lora-deferred": "#843c39",
