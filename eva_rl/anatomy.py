@@ -7,7 +7,10 @@ task. After fine-tuning, three figures per adapted layer say what training made 
   the inputs ``x`` (biases left out): how far the adapter moved the layer, whatever its weights' scale;
 - ``update_top_share``: the share of ``dW``'s squared Frobenius norm that acts on the inputs' top-``k`` principal
   subspace, ``|dW U_k|^2 / |dW|^2`` (a random ``dW`` scores ``k / fan_in``): where the update aims;
-- ``a_top_share``: the same share for the adapter's ``A`` rows (EVA's start scores about 1, a random A ``k / fan_in``).
+- ``a_top_share``: the same share for the adapter's ``A`` rows (EVA's start scores about 1, a random A ``k / fan_in``);
+- ``a_signal``: the RMS output of an ``A`` row on the inputs, relative to a Kaiming-uniform row's expected one,
+  ``sqrt((E|A x|^2 / r) / (E|x|^2 / (3 fan_in)))``: how much input B sees, hence how far an Adam step on B (whose
+  size the learning rate sets) moves the layer's output (LoRA's start scores about 1).
 
 ``dW = scaling * B A`` in the layout of ``weight.reshape(out, -1)`` (a Conv2d's unfolded patches, as EVA sees
 them), plus the change of the base weight where a method rewrote it (PiSSA, OLoRA).
@@ -106,16 +109,19 @@ def adapter_update(
 def layer_anatomy(
     base_weight: torch.Tensor, delta: torch.Tensor, lora_a: torch.Tensor, moments: InputMoments, k: int
 ) -> dict[str, float]:
-    """``change``, ``update_top_share`` and ``a_top_share`` of one layer (module docstring), ``k`` capped at the
-    layer's fan-in."""
+    """``change``, ``update_top_share``, ``a_top_share`` and ``a_signal`` of one layer (module docstring), ``k``
+    capped at the layer's fan-in."""
     weight = base_weight.reshape(base_weight.shape[0], -1).to(torch.float64)
     second = moments.second_moment
     top = moments.principal_directions(min(k, weight.shape[1]))
     output = torch.trace(weight @ second @ weight.T)
     moved = torch.trace(delta @ second @ delta.T)
     delta_norm = delta.square().sum()
+    kaiming_row = torch.trace(second) / (3 * weight.shape[1])  # E[(a.x)^2] of a row with entries of variance 1/(3n)
+    a_row = torch.trace(lora_a @ second @ lora_a.T) / lora_a.shape[0]
     return {
         "change": float(torch.sqrt(moved / output)) if output > 0 else float("nan"),
         "update_top_share": float((delta @ top).square().sum() / delta_norm) if delta_norm > 0 else float("nan"),
         "a_top_share": float((lora_a @ top).square().sum() / lora_a.square().sum()),
+        "a_signal": float(torch.sqrt(a_row / kaiming_row)) if kaiming_row > 0 else float("nan"),
     }

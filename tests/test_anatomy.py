@@ -55,6 +55,15 @@ def test_change_and_shares_match_their_definitions_on_the_rows() -> None:
     assert layer_anatomy(weight, inside, top.T, moments, k=2)["a_top_share"] == pytest.approx(1.0)
     assert layer_anatomy(weight, outside, outside[:2], moments, k=2)["update_top_share"] == pytest.approx(0, abs=1e-12)
     assert 0 < figures["update_top_share"] < 1 and 0 < figures["a_top_share"] < 1
+    kaiming_row = (rows.square().sum(1).mean() / (3 * 8)).sqrt().item()
+    assert figures["a_signal"] * kaiming_row == pytest.approx((rows @ lora_a.T).square().mean().sqrt().item(), rel=1e-9)
+    # Kaiming-uniform rows (LoRA's A) score 1 on average; the top principal direction more, the last one less
+    kaiming = torch.empty(4000, 8)
+    nn.init.kaiming_uniform_(kaiming, a=math.sqrt(5))
+    assert layer_anatomy(weight, delta, kaiming.double(), moments, k=2)["a_signal"] == pytest.approx(1, rel=0.03)
+    unit = torch.eye(8, dtype=torch.float64)
+    assert layer_anatomy(weight, delta, unit[:1], moments, k=2)["a_signal"] > 2  # x_0 varies most
+    assert layer_anatomy(weight, delta, unit[7:], moments, k=2)["a_signal"] < 1
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
@@ -142,6 +151,17 @@ def test_compare_anatomy_measures_each_adapter_run_and_redraws_from_its_files(tm
     assert "approx_kl" not in json.loads((lora_fa / ANATOMY).read_text())
     page = (tmp_path / "smoke" / "anatomy.md").read_text()
     assert next(line for line in page.splitlines() if "| lora-fa | 1 |" in line).endswith("| - | - |")
+    # runs measured before a figure was kept: left out of it, and a figure no run has is not on the page
+    for method in ("eva", "lora-fa"):
+        folder = tmp_path / "smoke" / "PointGoal" / method / "seed0"
+        record = json.loads((folder / ANATOMY).read_text())
+        for figures in record["layers"].values():
+            del figures["a_signal"]
+        (folder / ANATOMY).write_text(json.dumps(record))
+        suite_anatomy(suite, tmp_path, report_only=True, echo=lines.append)
+        page = (tmp_path / "smoke" / "anatomy.md").read_text()
+        assert ("a_signal" in page) == (method == "eva")
+    assert "| eva | 1 |" in page and "**change**" in page
 
 
 def logged_scalars(run_dir: Path, tag: str) -> list[float]:

@@ -46,14 +46,18 @@ STEPS = 4096
 """Env steps of the pretrained agent's rollouts the input moments are taken over (sampled actions, as PPO's)."""
 SEED = 0
 BATCH = 256
-METRICS = ("change", "update_top_share", "a_top_share")
+METRICS = ("change", "update_top_share", "a_top_share", "a_signal")
 UPDATES = 5
 """The first PPO updates whose approximate KL each run's figures keep."""
 HEADINGS = {
     "change": "RMS output change relative to the layer's RMS output, sqrt(E|dW x|^2 / E|W x|^2)",
     "update_top_share": "share of the update dW on the inputs' top-k principal subspace, |dW U_k|^2 / |dW|^2",
     "a_top_share": "share of A's rows in the inputs' top-k principal subspace, |A U_k|^2 / |A|^2",
+    "a_signal": "RMS output of an A row on the inputs relative to a Kaiming-uniform row's, "
+    "sqrt((E|A x|^2 / r) / (E|x|^2 / (3 fan_in))): the input B sees (LoRA's start: about 1)",
 }
+SHARES = ("update_top_share", "a_top_share")
+"""The figures a random direction scores ``k / fan_in`` on (the pages' "random" column)."""
 
 
 def base_layers(task: TaskConfig) -> tuple[dict[str, torch.Tensor], dict[str, InputMoments]]:
@@ -193,16 +197,25 @@ def _method_summary(folders: list[RunFolder]) -> dict[str, Any]:
         "final_return": fmean(f.read_result().final_return for f in folders),
         # the runs whose TensorBoard log was kept: KL of update 1, and the mean of updates 1-UPDATES
         "approx_kl": {"first": [run[0] for run in kl], "early": [fmean(run) for run in kl]},
-        # each run's mean over its layers, for the summary's CIs over seeds
-        "runs": {m: [fmean(figures[m] for figures in run.values()) for run in runs] for m in METRICS},
+        # each run's mean over its layers, for the summary's CIs over seeds (runs measured before a figure was
+        # kept lack it: they are left out of that figure)
+        "runs": {m: [fmean(f[m] for f in run.values()) for run in runs if _has(run, m)] for m in METRICS},
         "layers": {
             name: {
-                **{m: fmean(run[name][m] for run in runs if name in run) for m in METRICS},
+                **{m: _mean_or_none([run[name][m] for run in runs if m in run.get(name, {})]) for m in METRICS},
                 "fan_in": next(run[name]["fan_in"] for run in runs if name in run),
             }
             for name in layers
         },
     }
+
+
+def _has(run: dict[str, dict[str, float]], metric: str) -> bool:
+    return all(metric in figures for figures in run.values())
+
+
+def _mean_or_none(values: list[float]) -> float | None:
+    return fmean(values) if values else None
 
 
 def anatomy_markdown(suite: str, report: dict[str, Any], k: dict[str, int], steps: int) -> str:
@@ -219,38 +232,40 @@ def anatomy_markdown(suite: str, report: dict[str, Any], k: dict[str, int], step
         "KL, update 1: how far PPO's first update moved the policy, SB3's `train/approx_kl` (the mean over the "
         f"update's minibatches) read from the run's TensorBoard log; KL, updates 1-{UPDATES}: the mean of the first "
         f"{UPDATES}. A learning rate that suits one init can take far larger steps with another. Where some runs' logs "
-        "were not kept (runs made on another machine), the figure says over how many runs it is taken.",
+        "were not kept (runs made on another machine), the figure says over how many runs it is taken, as it does "
+        "for a figure some runs were measured before it was kept.",
     ]
     for task, methods in report.items():
         if not methods:
             continue
         names = list(methods)
+        metrics = [m for m in METRICS if any(s["runs"][m] for s in methods.values())]
         kl_headings = f"KL, update 1 | KL, updates 1-{UPDATES}"
-        lines += ["", f"## {task}", "", "| method | seeds | final return (mean) | " + " | ".join(METRICS)]
+        lines += ["", f"## {task}", "", "| method | seeds | final return (mean) | " + " | ".join(metrics)]
         lines[-1] += f" | {kl_headings} |"
-        lines.append("|---" * (5 + len(METRICS)) + "|")
+        lines.append("|---" * (5 + len(metrics)) + "|")
         for method, summary in methods.items():
-            cells = [mean_interval(summary["runs"][m]).format() for m in METRICS]
-            cells += [_kl_cell(summary["approx_kl"][which], summary["seeds"]) for which in ("first", "early")]
+            cells = [_interval_cell(summary["runs"][m], summary["seeds"]) for m in metrics]
+            cells += [_interval_cell(summary["approx_kl"][which], summary["seeds"]) for which in ("first", "early")]
             row = [method, str(summary["seeds"]), f"{summary['final_return']:.3f}", *cells]
             lines.append("| " + " | ".join(row) + " |")
         lines += ["", "Above: each run's mean over its layers, then the mean over seeds [95% CI]; below: per layer."]
         layers = list(dict.fromkeys(name for summary in methods.values() for name in summary["layers"]))
         fan_in = {name: s["layers"][name]["fan_in"] for s in methods.values() for name in s["layers"]}
-        for metric in METRICS:
-            chance = metric != "change"  # a random direction's share: k / fan-in
+        for metric in metrics:
+            chance = metric in SHARES  # a random direction's share: k / fan-in
             lines += ["", f"**{metric}**: {HEADINGS[metric]}", ""]
             lines.append("| layer | " + ("random | " if chance else "") + " | ".join(names) + " |")
             lines.append("|---" * (1 + chance + len(names)) + "|")
             for layer in layers:
                 cells = [f"{min(k[task], fan_in[layer]) / fan_in[layer]:.3f}"] if chance else []
                 figures = [methods[m]["layers"].get(layer) for m in names]
-                cells += [f"{f[metric]:.3f}" if f else "-" for f in figures]
+                cells += ["-" if f is None or f[metric] is None else f"{f[metric]:.3f}" for f in figures]
                 lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _kl_cell(values: list[float], seeds: int) -> str:
+def _interval_cell(values: list[float], seeds: int) -> str:
     if not values:
         return "-"
     cell = mean_interval(values).format()
