@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -590,6 +591,25 @@ def test_pooled_scores_are_normalized_per_task_between_zero_shot_and_full_fine_t
     page = results_markdown(report)
     assert "A 0.000 -> 1.000; B 100.000 -> 300.000" in page
     assert SuiteReport.from_dict(report.to_dict()).aggregate["eva"].final_normalized == eva.final_normalized
+
+
+def test_reading_a_runs_log_keeps_tensorboards_warnings_off_the_console(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from eva_rl.experiments.plots import read_scalars
+
+    def reload(accumulator: EventAccumulator) -> EventAccumulator:  # what it says on a resumed run's log
+        logging.getLogger("tensorboard").warning("Detected out of order event.step likely caused by a TF restart")
+        return accumulator
+
+    monkeypatch.setattr(EventAccumulator, "Reload", reload)
+    level = logging.getLogger("tensorboard").level
+    with caplog.at_level(logging.WARNING):
+        steps, _ = read_scalars(tmp_path, "train/approx_kl")
+    assert steps.size == 0 and "out of order" not in caplog.text
+    assert logging.getLogger("tensorboard").level == level
 
 
 def test_a_suite_sets_the_bootstrap_resamples_of_its_page() -> None:

@@ -3,6 +3,7 @@ draw on axes and never read disk), and the figure of a task's runs from their Te
 
 from __future__ import annotations
 
+import logging
 import zlib
 from pathlib import Path
 from typing import Any
@@ -95,9 +96,17 @@ def save_figure(figure: Any, path: Path) -> Path:
 
 
 def read_scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
-    """Steps and values of one scalar tag in a run folder (empty arrays when absent)."""
+    """Steps and values of one scalar tag in a run folder (empty arrays when absent). A resumed run's log repeats the
+    steps after its checkpoint; TensorBoard keeps the resumed ones, and its warning about them is kept off the
+    console."""
     accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    accumulator.Reload()
+    tensorboard = logging.getLogger("tensorboard")
+    level = tensorboard.level
+    tensorboard.setLevel(logging.ERROR)
+    try:
+        accumulator.Reload()
+    finally:
+        tensorboard.setLevel(level)
     if tag not in accumulator.Tags()["scalars"]:
         return np.array([]), np.array([])
     events = accumulator.Scalars(tag)
