@@ -2,8 +2,8 @@
 layers (:mod:`eva_rl.anatomy`), measured on the pretrained agent's own activations in each task's target env.
 
 Beside the layers, each run's first PPO updates: how far each moved the policy (SB3's ``train/approx_kl``, read from
-the run's TensorBoard log). At one learning rate, a method whose init feeds its trainable factors more signal takes
-larger steps, and this is where that shows.
+the run's TensorBoard log). At one learning rate one init can take far larger first steps than another (EVA's
+against LoRA's on CW10), and this is where that shows.
 
 Each run's figures are kept in its folder (``anatomy.json``, read back by ``--report-only``, committed with the
 run's ``result.json``); the suite's page is ``anatomy.md`` and ``anatomy.json`` beside its ``results.md``. DoRA
