@@ -74,8 +74,7 @@ def orthonormal_init(layer: LoraLayer) -> None:
 def kaiming_row_norm(layer: LoraLayer) -> None:
     """Scale every row of A to Kaiming-uniform's expected row norm (:data:`KAIMING_ROW_NORM`), its direction kept.
     A control: EVA's subspace with LoRA's step size (EVA's rows have unit norm, about 1.7x Kaiming's)."""
-    rows = layer.lora_A.reshape(layer.r, -1)
-    rows.mul_(KAIMING_ROW_NORM / rows.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    _set_row_norms(layer, torch.full((layer.r,), KAIMING_ROW_NORM))
 
 
 @torch.no_grad()
@@ -88,6 +87,10 @@ def kaiming_signal(layer: LoraLayer, explained_variance_ratio: torch.Tensor) -> 
     the layer's output as far as it does with Kaiming-uniform A; a row norm alone (:func:`kaiming_row_norm`) leaves
     EVA's rows on the inputs' largest directions, where a step moves the output most."""
     ratios = explained_variance_ratio[: layer.r].to(torch.float64).clamp_min(1e-12)
+    _set_row_norms(layer, (3 * layer.fan_in * ratios).rsqrt())
+
+
+def _set_row_norms(layer: LoraLayer, norms: torch.Tensor) -> None:
+    """Scale row ``i`` of A to norm ``norms[i]``, its direction kept (in place, under the caller's ``no_grad``)."""
     rows = layer.lora_A.reshape(layer.r, -1)
-    norms = (3 * layer.fan_in * ratios).rsqrt().to(rows.dtype).unsqueeze(1)
-    rows.mul_(norms / rows.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    rows.mul_(norms.to(rows.dtype).unsqueeze(1) / rows.norm(dim=1, keepdim=True).clamp_min(1e-12))
