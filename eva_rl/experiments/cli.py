@@ -249,8 +249,12 @@ def compare_command(args: argparse.Namespace) -> int:
         raise ConfigError("--rank-study runs the suite's rank_study as written: drop --methods, --seeds and --backend")
     if args.tune and (args.seeds or args.backend != "local"):
         raise ConfigError("--tune runs the suite's tuning seeds locally: drop --seeds and --backend")
+    if args.anatomy and args.first_update:
+        raise ConfigError("--anatomy and --first-update are two studies: pass one")
     if args.anatomy:
         return anatomy_command(suite, args)
+    if args.first_update:
+        return first_update_command(suite, args)
     # One study per flag, one executor class per --backend.
     if args.rank_study and args.tune:
         study = RankTuningSweep(suite, args.log_dir)
@@ -285,6 +289,21 @@ def compare_command(args: argparse.Namespace) -> int:
         print(f"\nResults: {out}/results.md, results.json, sample_efficiency*.png, final_return.png, eva_ranks.png")
         if next(out.rglob(RunFolder.EVENTS), None) is not None:  # committed pages keep no event files
             print(tensorboard_hint(out))
+    return 0
+
+
+def first_update_command(suite: Suite, args: argparse.Namespace) -> int:
+    """``compare --first-update``: each adapter method's first PPO update from one shared rollout."""
+    from eva_rl.experiments.studies.first_update import suite_first_update
+
+    if args.tune or args.rank_study or args.backend != "local":
+        raise ConfigError(
+            "--first-update measures the suite's own seeds locally: drop --tune, --rank-study and --backend"
+        )
+    torch_threads(args.threads)
+    suite_first_update(suite, args.log_dir, args.methods, args.seeds, args.report_only)
+    out = args.log_dir / suite.name
+    print(f"\nFirst updates: {out}/first_update.md, first_update.json; each seed's under {out}/first-update/")
     return 0
 
 
@@ -469,6 +488,7 @@ COMMANDS: dict[str, Command] = {
                 "tune",
                 "rank_study",
                 "anatomy",
+                "first_update",
                 "report_only",
                 "log_dir",
                 "overwrite",

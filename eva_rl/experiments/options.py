@@ -378,6 +378,15 @@ FLAGS: dict[str, Flag] = {
             action="store_true",
         ),
         Flag(
+            ("--first-update",),
+            "make each adapter method's first PPO update from one and the same rollout of the pretrained agent, at its "
+            "rate and at fractions of it, and measure how far it moves the policy (first_update.md beside the suite's "
+            "page; with --report-only: redraw it)",
+            STUDY,
+            None,
+            action="store_true",
+        ),
+        Flag(
             ("--report-only",),
             "run nothing: redraw the page from the completed runs (--methods, --seeds restrict it; with --tune: the "
             "tuning page of a sweep under way)",

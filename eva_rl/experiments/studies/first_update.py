@@ -1,0 +1,347 @@
+"""``eva-rl compare --suite S --first-update``: the first PPO update each adapter init makes from one and the same
+rollout, at the method's rate and at fractions of it.
+
+A run's first update (``compare --anatomy`` reads it from the run's log) mixes what the init does with what the
+run's own rollout held. Here every method of a seed updates on one rollout, collected once by the pretrained policy
+(which every adapter method is at step 0), with the same minibatch order, so the inits alone differ. Each update is
+measured by:
+
+- the KL from the pretrained policy to the updated one, ``E_s KL(pi_0(.|s) || pi_1(.|s))`` over the rollout's
+  states, exactly (SB3's ``train/approx_kl``, which the runs log, is kept beside it);
+- the same KL with one adapted layer's update alone kept (the others' adapters, and the heads, back at their init):
+  which layer carries the step;
+- each layer's B path straightness, ``|B_T - B_0| / sum_t |B_t+1 - B_t|`` over the update's optimizer steps: 1 where
+  Adam's steps all point one way and add up, near 0 where they cancel.
+
+Each method updates at its rate times each of :data:`FACTORS`; the page gives, for each method, the fraction of its
+rate at which its first update moves the policy as far as LoRA's does at LoRA's rate. The EVA methods read their
+own rollouts of the pretrained policy before the update (``data_source="rollouts"``, the run's seed), not PPO's.
+
+Each method's figures are kept per seed (``<log_dir>/<suite>/first-update/<task>/<method>/seed<k>.json``, so the
+study resumes); the page is ``first_update.md`` and ``first_update.json`` beside the suite's ``results.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+import numpy as np
+import torch
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.distributions import kl_divergence
+from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+
+from eva_rl.adapt import adapt
+from eva_rl.errors import ConfigError
+from eva_rl.experiments.environments import agent_env, import_packages
+from eva_rl.experiments.runs import RunSpec, check_algorithm_settings, run_algorithm
+from eva_rl.experiments.stats import mean_interval
+from eva_rl.experiments.suites import Suite, SuiteTask
+from eva_rl.files import atomic_write_json, atomic_write_text
+from eva_rl.loading import PretrainedAgent, load_pretrained
+from eva_rl.methods import get_method
+
+FACTORS = (1.0, 0.25, 0.0625, 0.015625)
+"""The fractions of each method's rate its first update is made at."""
+REFERENCE = "lora"
+"""The method whose first update, at its own rate, the others' rates are matched to."""
+HEADS = "heads"
+"""The component of the trainable parameters outside the adapters (action and value heads, ``log_std``)."""
+FOLDER = "first-update"
+
+
+def measurable(method: str) -> bool:
+    """A method whose update is ``scaling * B A`` on frozen weights (DoRA's is not)."""
+    spec = get_method(method)
+    return spec.trains == "adapters" and not spec.use_dora
+
+
+def first_update_methods(suite: Suite, suite_task: SuiteTask, methods: list[str] | None) -> list[str]:
+    """The adapter methods of ``suite_task`` the study measures."""
+    return [m for m in suite.task_methods(suite_task, methods) if measurable(m)]
+
+
+def record_path(out: Path, task: str, method: str, seed: int) -> Path:
+    return out / FOLDER / task / method / f"seed{seed}.json"
+
+
+def measure_seed(specs: dict[str, RunSpec], seed: int) -> dict[str, dict[str, Any]]:
+    """``{method: record}`` for one seed of one task: each method's first update from the pretrained policy's rollout
+    of that seed, at its rate times each of :data:`FACTORS`."""
+    task = next(iter(specs.values())).task
+    import_packages(task.env_packages)
+    agent = load_pretrained(next(iter(specs.values())).agent_path, device="cpu")
+    check_algorithm_settings(task, agent)
+    rollout: RolloutBuffer | None = None
+    records = {}
+    for method, spec in specs.items():
+        with closing(agent_env(spec.task, agent, spec.task.n_envs, seed, training=spec.task.update_obs_stats)) as env:
+            model = _adapted(spec, agent, env)
+        if rollout is None:  # every adapter method is the pretrained policy at step 0: one rollout serves them all
+            rollout = _base_rollout(model, spec, agent, seed)
+        rate = float(model.lr_schedule(1.0))
+        records[method] = {
+            "seed": seed,
+            "learning_rate": rate,
+            "factors": {str(f): _first_update(model, rollout, rate * f, seed) for f in FACTORS},
+        }
+    return records
+
+
+def _adapted(spec: RunSpec, agent: PretrainedAgent, env: Any) -> OnPolicyAlgorithm:
+    """The model a run of ``spec`` starts from, EVA on its own rollouts of the pretrained policy."""
+    task = spec.task
+    hyperparameters = {**task.ppo, "seed": spec.seed, "device": "cpu", "verbose": 0, "tensorboard_log": None}
+    eva = dataclasses.replace(task.eva, data_source="rollouts", seed=spec.seed)
+    model = adapt(agent.model, env, spec.method, task.lora, eva, False, run_algorithm(task, agent), **hyperparameters)
+    if not isinstance(model, OnPolicyAlgorithm):
+        raise ConfigError(f"--first-update measures PPO's (or A2C's) first update; {task.name} trains with {model}")
+    model.set_logger(Logger(None, []))
+    return model
+
+
+def _base_rollout(model: OnPolicyAlgorithm, spec: RunSpec, agent: PretrainedAgent, seed: int) -> RolloutBuffer:
+    """One rollout of the pretrained policy (``model`` at step 0) in the task's env, seeded as the run's."""
+    task = spec.task
+    with closing(agent_env(task, agent, task.n_envs, seed, training=task.update_obs_stats)) as env:
+        model.set_env(env)
+        model.set_random_seed(seed)  # the env's resets and the sampled actions: the same rollout every time
+        _, callback = model._setup_learn(model.n_steps * model.n_envs, callback=None)
+        callback.on_training_start(locals(), globals())
+        model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
+    return copy.deepcopy(model.rollout_buffer)
+
+
+def _components(model: BaseAlgorithm) -> dict[str, list[torch.nn.Parameter]]:
+    """The trainable parameters by what they belong to: each adapted layer, then :data:`HEADS`."""
+    layers = {name: [layer.lora_A, layer.lora_B] for name, layer in model.policy.lora_layers.items() if layer.r}
+    taken = {id(p) for params in layers.values() for p in params}
+    heads = [p for p in model.policy.parameters() if p.requires_grad and id(p) not in taken]
+    return {**layers, HEADS: heads} if heads else layers
+
+
+def _first_update(model: OnPolicyAlgorithm, rollout: RolloutBuffer, rate: float, seed: int) -> dict[str, Any]:
+    """One PPO update of ``model`` on ``rollout`` at ``rate`` from its init (restored after)."""
+    policy = model.policy
+    components = _components(model)
+    initial = {name: [p.detach().clone() for p in params] for name, params in components.items()}
+    optimizer_state = copy.deepcopy(policy.optimizer.state_dict())
+    observations = torch.as_tensor(rollout.observations).reshape(-1, *rollout.obs_shape)
+    with torch.no_grad():
+        # SB3 hands back its one distribution object, refilled at every call: keep this call's
+        before = copy.copy(policy.get_distribution(observations))
+    model.rollout_buffer = copy.deepcopy(rollout)
+    model.lr_schedule = lambda _: rate
+    layers = {name: params[1] for name, params in components.items() if name != HEADS}
+    np.random.seed(seed)  # the minibatches' order: one for every method
+    with _path_lengths(policy.optimizer, layers) as path:
+        model.train()
+    # approx_kl is a numpy scalar in SB3's logger
+    figures: dict[str, Any] = {
+        "kl": _kl(policy, before, observations),
+        "approx_kl": float(model.logger.name_to_value["train/approx_kl"]),
+        "layers": {},
+    }
+    trained = {name: [p.detach().clone() for p in params] for name, params in components.items()}
+    for name, params in components.items():
+        # this component's update alone: every other one back at its init
+        _load(components, initial)
+        _load({name: params}, {name: trained[name]})
+        alone = _kl(policy, before, observations)
+        figures["layers"][name] = {"kl_alone": alone}
+        if name in layers:
+            displacement = float((trained[name][1] - initial[name][1]).norm())
+            figures["layers"][name]["straightness"] = displacement / path[name] if path[name] else 0.0
+    _load(components, initial)
+    policy.optimizer.load_state_dict(optimizer_state)
+    return figures
+
+
+def _load(components: dict[str, list[torch.nn.Parameter]], values: dict[str, list[torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for name, params in components.items():
+            for param, value in zip(params, values[name], strict=True):
+                param.copy_(value)
+
+
+def _kl(policy: Any, before: Any, observations: torch.Tensor) -> float:
+    """``E_s KL(before(.|s) || policy(.|s))`` over ``observations``."""
+    with torch.no_grad():
+        kl = kl_divergence(before, policy.get_distribution(observations))
+    return float((kl.sum(dim=-1) if kl.dim() > 1 else kl).mean())
+
+
+@contextmanager
+def _path_lengths(optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor]) -> Iterator[dict[str, float]]:
+    """``{name: sum over optimizer steps of |param after - param before|}`` over the block's steps."""
+    lengths = dict.fromkeys(params, 0.0)
+    before: dict[str, torch.Tensor] = {}
+
+    def pre_step(*_: Any) -> None:
+        before.update({name: p.detach().clone() for name, p in params.items()})
+
+    def post_step(*_: Any) -> None:
+        for name, p in params.items():
+            lengths[name] += float((p.detach() - before[name]).norm())
+
+    handles = [optimizer.register_step_pre_hook(pre_step), optimizer.register_step_post_hook(post_step)]
+    try:
+        yield lengths
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def suite_first_update(
+    suite: Suite,
+    log_dir: Path,
+    methods: list[str] | None = None,
+    seeds: list[int] | None = None,
+    report_only: bool = False,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Measure each (task, seed) not measured yet (kept per method and seed), then write the suite's
+    ``first_update.json`` and ``first_update.md``; with ``report_only``, only what was measured before.
+
+    :return: ``{task: {method: summary}}`` (:func:`_summary`).
+    """
+    out = Path(log_dir) / suite.name
+    seeds = seeds or suite.seed_list
+    methods_of = {t.task: first_update_methods(suite, t, methods) for t in suite.tasks}
+    # seed by seed, so that a study cut short has every task's first seeds
+    for seed in [] if report_only else seeds:
+        for suite_task in suite.tasks:
+            paths = {m: record_path(out, suite_task.task, m, seed) for m in methods_of[suite_task.task]}
+            missing = {m: suite.run_spec(suite_task, m, seed, out) for m, p in paths.items() if not p.is_file()}
+            if not missing:
+                continue
+            echo(f"{suite_task.task} seed {seed}: the first update of {', '.join(missing)}")
+            for method, record in measure_seed(missing, seed).items():
+                atomic_write_json(paths[method], record)
+                echo(f"  {method}: KL {record['factors']['1.0']['kl']:.4g} at its rate")
+    report: dict[str, Any] = {}
+    for task, task_methods in methods_of.items():
+        paths = {m: [record_path(out, task, m, seed) for seed in seeds] for m in task_methods}
+        records = {m: [json.loads(p.read_text()) for p in ps if p.is_file()] for m, ps in paths.items()}
+        report[task] = {m: _summary(r) for m, r in records.items() if r}
+    if not any(report.values()):
+        raise ConfigError(
+            f"no first update of suite {suite.name} is measured under {out / FOLDER}"
+            + (": drop --report-only" if report_only else "")
+        )
+    for methods_report in report.values():
+        _add_matched_rates(methods_report)
+    atomic_write_json(out / "first_update.json", {"factors": list(FACTORS), "tasks": report})
+    atomic_write_text(out / "first_update.md", first_update_markdown(suite.name, report))
+    return report
+
+
+def _summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per factor, the seeds' KLs; at the method's rate (factor 1), each layer's figures averaged over seeds."""
+    at_rate = [r["factors"]["1.0"] for r in records]
+    layers = list(dict.fromkeys(name for r in at_rate for name in r["layers"]))
+    return {
+        "seeds": [r["seed"] for r in records],
+        "learning_rate": records[0]["learning_rate"],
+        "kl": {str(f): [r["factors"][str(f)]["kl"] for r in records] for f in FACTORS},
+        "approx_kl": [r["approx_kl"] for r in at_rate],
+        "layers": {
+            name: {
+                metric: fmean(r["layers"][name][metric] for r in at_rate if metric in r["layers"].get(name, {}))
+                for metric in ("kl_alone", "straightness")
+                if any(metric in r["layers"].get(name, {}) for r in at_rate)
+            }
+            for name in layers
+        },
+    }
+
+
+def matched_factor(kl: dict[str, float], target: float) -> float | None:
+    """The largest fraction of the rate at which the KL (``{factor: mean KL}``) would equal ``target``, interpolated
+    linearly in log KL against log rate between the two factors that bracket it; ``None`` outside the factors'
+    range."""
+    if target <= 0:
+        return None
+    # from the method's own rate down: the largest fraction at which the KL comes down to the target
+    points = sorted(((math.log(float(f)), math.log(v)) for f, v in kl.items() if v > 0), reverse=True)
+    goal = math.log(target)
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        if min(y0, y1) <= goal <= max(y0, y1):
+            return math.exp(x0 + (goal - y0) * (x1 - x0) / (y1 - y0)) if y1 != y0 else math.exp(x0)
+    return None
+
+
+def _add_matched_rates(methods: dict[str, Any]) -> None:
+    """Each method's ``matched``: the fraction of its rate at which its mean first-update KL equals the
+    reference's at the reference's rate."""
+    if REFERENCE not in methods:
+        return
+    target = fmean(methods[REFERENCE]["kl"]["1.0"])
+    for summary in methods.values():
+        summary["matched"] = matched_factor({f: fmean(v) for f, v in summary["kl"].items()}, target)
+
+
+def _factor_name(factor: float) -> str:
+    return "its rate" if factor == 1 else f"rate / {round(1 / factor)}"
+
+
+def first_update_markdown(suite: str, report: dict[str, Any]) -> str:
+    """The page: per task, one row per method (KL at each fraction of its rate, the matched rate), then the
+    per-layer figures at the method's rate."""
+    lines = [
+        f"# The first PPO update from one rollout: suite {suite}",
+        "",
+        "Each method's first update from the pretrained policy, every method of a seed on one and the same rollout "
+        "(the pretrained policy's, which every adapter method is at step 0) in the same minibatch order, so the inits "
+        "alone differ. KL: the exact mean KL from the pretrained policy to the updated one over the rollout's "
+        "states, mean over seeds [95% CI]; SB3's `train/approx_kl` (the runs' logs' figure) at the method's rate "
+        f"beside it. Matched: the fraction of the method's rate at which its mean KL equals {REFERENCE}'s at "
+        f"{REFERENCE}'s rate (interpolated in log KL against log rate; '-' outside the fractions measured). EVA's "
+        "methods read their own rollouts of the pretrained policy, not PPO's. Made by "
+        f"`eva-rl compare --suite {suite} --first-update` (module eva_rl.experiments.studies.first_update).",
+    ]
+    for task, methods in report.items():
+        if not methods:
+            continue
+        lines += ["", f"## {task}", ""]
+        headings = ["method", "seeds", "rate", *(f"KL at {_factor_name(f)}" for f in FACTORS)]
+        headings += ["approx. KL at its rate", "matched"]
+        lines += ["| " + " | ".join(headings) + " |", "|---" * len(headings) + "|"]
+        for method, s in methods.items():
+            cells = [method, str(len(s["seeds"])), f"{s['learning_rate']:.3g}"]
+            cells += [mean_interval(s["kl"][str(f)]).format() for f in FACTORS]
+            cells.append(mean_interval(s["approx_kl"]).format())
+            cells.append("-" if s.get("matched") is None else f"1 / {1 / s['matched']:.3g}")
+            lines.append("| " + " | ".join(cells) + " |")
+        names = list(methods)
+        components = list(dict.fromkeys(c for s in methods.values() for c in s["layers"]))
+        lines += [
+            "",
+            "At each method's rate, per layer: the KL with that layer's update alone kept (the rest at their init), "
+            "and B's path straightness (|B_T - B_0| over the summed lengths of the optimizer's steps: 1 where they "
+            "all point one way); mean over seeds.",
+            "",
+            "| layer | " + " | ".join(f"{m}: KL alone | {m}: straightness" for m in names) + " |",
+            "|---" * (1 + 2 * len(names)) + "|",
+        ]
+        for component in components:
+            cells = []
+            for method in names:
+                figures = methods[method]["layers"].get(component, {})
+                cells += [_figure(figures.get("kl_alone")), _figure(figures.get("straightness"))]
+            lines.append(f"| {component} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"

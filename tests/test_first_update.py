@@ -1,0 +1,124 @@
+"""``compare --first-update``: each adapter init's first PPO update from one shared rollout
+(:mod:`eva_rl.experiments.studies.first_update`)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+import torch
+
+from eva_rl.experiments.environments import agent_env, import_packages
+from eva_rl.experiments.studies.first_update import (
+    FACTORS,
+    _adapted,
+    _base_rollout,
+    _first_update,
+    _kl,
+    matched_factor,
+    record_path,
+    suite_first_update,
+)
+from eva_rl.loading import load_pretrained
+from tests.test_cli import run_cli
+from tests.test_compare import smoke_suite
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0, 3.0])
+def test_matched_factor_inverts_a_power_law_between_the_factors(power: float) -> None:
+    kl = {str(f): 0.5 * f**power for f in FACTORS}
+    target = 0.5 * 0.1**power  # between 1/16 and 1/4
+    assert matched_factor(kl, target) == pytest.approx(0.1)
+    assert matched_factor(kl, kl["1.0"]) == pytest.approx(1.0)
+    assert matched_factor(kl, 2.0) is None and matched_factor(kl, 1e-9) is None and matched_factor(kl, 0.0) is None
+
+
+def test_matched_factor_takes_the_largest_fraction_on_a_curve_that_turns() -> None:
+    kl = {"1.0": 4.0, "0.25": 1.0, "0.0625": 4.0, "0.015625": 1.0}
+    assert matched_factor(kl, 2.0) == pytest.approx(0.25 ** (1 / 2))
+
+
+@pytest.fixture(scope="module")
+def smoke_model():
+    suite = dataclasses.replace(smoke_suite(), methods=["lora"], seeds=1)
+    spec = suite.run_spec(suite.tasks[0], "lora", 0, Path("unused"))
+    import_packages(spec.task.env_packages)
+    agent = load_pretrained(spec.agent_path, device="cpu")
+    with closing(agent_env(spec.task, agent, spec.task.n_envs, 0)) as env:
+        model = _adapted(spec, agent, env)
+    return model, _base_rollout(model, spec, agent, 0), _base_rollout(model, spec, agent, 0)
+
+
+def test_kl_is_the_closed_form_kl_from_the_policy_before_a_change(smoke_model) -> None:
+    model, rollout, _ = smoke_model
+    policy = model.policy
+    observations = torch.as_tensor(rollout.observations).reshape(-1, *rollout.obs_shape)
+    bias = policy.action_net.base_layer.bias
+    with torch.no_grad():
+        before = copy.copy(policy.get_distribution(observations))
+        log_p0 = before.distribution.logits.double().log_softmax(-1)  # PointGoal's actions are discrete
+        bias.add_(torch.linspace(-0.5, 0.5, bias.numel()))
+        log_p1 = policy.get_distribution(observations).distribution.logits.double().log_softmax(-1)
+        closed = (log_p0.exp() * (log_p0 - log_p1)).sum(-1).mean()
+        assert float(closed) > 1e-3
+        assert _kl(policy, before, observations) == pytest.approx(float(closed), rel=1e-5)
+        bias.sub_(torch.linspace(-0.5, 0.5, bias.numel()))
+    assert _kl(policy, before, observations) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_a_first_update_leaves_the_model_at_its_init_and_repeats_exactly(smoke_model) -> None:
+    model, rollout, again = smoke_model
+    torch.testing.assert_close(torch.as_tensor(rollout.observations), torch.as_tensor(again.observations))
+    params = [p.detach().clone() for p in model.policy.parameters()]
+    first = _first_update(model, rollout, 1e-2, seed=0)
+    for param, saved in zip(model.policy.parameters(), params, strict=True):
+        torch.testing.assert_close(param.detach(), saved)
+    assert not model.policy.optimizer.state  # Adam starts afresh for the next rate
+    assert _first_update(model, rollout, 1e-2, seed=0) == first
+    assert first["kl"] > 0 and first["approx_kl"] > 0
+    policy_layers = {n: f for n, f in first["layers"].items() if "value" not in n}
+    value_layers = {n: f for n, f in first["layers"].items() if "value" in n}
+    assert all(f["kl_alone"] > 0 for f in policy_layers.values()) and value_layers
+    assert all(f["kl_alone"] == 0 for f in value_layers.values())  # the critic moves no action distribution
+    assert all(0 < f["straightness"] <= 1 for f in first["layers"].values() if "straightness" in f)
+    smaller = _first_update(model, rollout, 1e-5, seed=0)  # far below the rate (in between, PPO clips: not monotone)
+    assert smaller["kl"] < first["kl"]
+
+
+def test_compare_first_update_measures_each_seed_once_and_redraws_the_page(tmp_path: Path) -> None:
+    suite = dataclasses.replace(smoke_suite(), methods=["lora", "eva", "dora", "full"], seeds=1)
+    lines: list[str] = []
+    report = suite_first_update(suite, tmp_path, echo=lines.append)["PointGoal"]
+    assert set(report) == {"lora", "eva"}  # DoRA's update is not s * B A; full fine-tuning has no adapter
+    assert lines[0] == "PointGoal seed 0: the first update of lora, eva"
+    record = json.loads(record_path(tmp_path / "smoke", "PointGoal", "eva", 0).read_text())
+    assert list(record["factors"]) == [str(f) for f in FACTORS] and record["learning_rate"] == pytest.approx(1e-2)
+    assert report["lora"]["matched"] == pytest.approx(1.0)  # the reference matches itself at its own rate
+    page = (tmp_path / "smoke" / "first_update.md").read_text()
+    assert "## PointGoal" in page and "| eva | 1 | 0.01 |" in page and "KL at rate / 64" in page
+    lines.clear()
+    assert suite_first_update(suite, tmp_path, echo=lines.append) == suite_first_update(
+        suite, tmp_path, report_only=True, echo=lines.append
+    )
+    assert lines == []  # nothing measured twice
+    assert (tmp_path / "smoke" / "first_update.md").read_text() == page
+    assert math.isfinite(
+        json.loads((tmp_path / "smoke" / "first_update.json").read_text())["tasks"]["PointGoal"]["eva"]["kl"]["1.0"][0]
+    )
+
+
+def test_first_update_refuses_other_studies_flags_and_a_suite_not_measured(tmp_path: Path) -> None:
+    done = run_cli("compare.py", "--suite", "smoke", "--first-update", "--anatomy")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "error: --anatomy and --first-update are two studies: pass one" in done.stderr
+    done = run_cli("compare.py", "--suite", "smoke", "--first-update", "--tune")
+    assert done.returncode == 2 and "drop --tune, --rank-study and --backend" in done.stderr
+    done = run_cli("compare.py", "--suite", "smoke", "--first-update", "--report-only", "--log-dir", str(tmp_path))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    want = f"error: no first update of suite smoke is measured under {tmp_path / 'smoke' / 'first-update'}"
+    assert want in done.stderr
