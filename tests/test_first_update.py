@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from eva_rl.experiments.environments import agent_env, import_packages
+from eva_rl.experiments.environments import import_packages
 from eva_rl.experiments.studies.first_update import (
     FACTORS,
     _adapted,
-    _base_rollout,
+    _finish_eva,
     _first_update,
     _kl,
+    _Rollouts,
     matched_factor,
     record_path,
     suite_first_update,
@@ -49,9 +50,8 @@ def smoke_model():
     spec = suite.run_spec(suite.tasks[0], "lora", 0, Path("unused"))
     import_packages(spec.task.env_packages)
     agent = load_pretrained(spec.agent_path, device="cpu")
-    with closing(agent_env(spec.task, agent, spec.task.n_envs, 0)) as env:
-        model = _adapted(spec, agent, env)
-    return model, _base_rollout(model, spec, agent, 0), _base_rollout(model, spec, agent, 0)
+    with closing(_Rollouts(spec, agent, 0)) as rollouts, closing(_Rollouts(spec, agent, 0)) as again:
+        yield _adapted(spec, agent), rollouts[0], again[0]
 
 
 def test_kl_is_the_closed_form_kl_from_the_policy_before_a_change(smoke_model) -> None:
@@ -122,3 +122,22 @@ def test_first_update_refuses_other_studies_flags_and_a_suite_not_measured(tmp_p
     assert done.returncode == 2 and "Traceback" not in done.stderr
     want = f"error: no first update of suite smoke is measured under {tmp_path / 'smoke' / 'first-update'}"
     assert want in done.stderr
+
+
+def test_eva_reads_the_rollouts_from_the_first_until_it_converges_as_in_a_run() -> None:
+    suite = dataclasses.replace(smoke_suite(), methods=["eva"], seeds=1)
+    spec = suite.run_spec(suite.tasks[0], "eva", 0, Path("unused"))
+    import_packages(spec.task.env_packages)
+    agent = load_pretrained(spec.agent_path, device="cpu")
+    with closing(_Rollouts(spec, agent, 0)) as rollouts:
+        model = _adapted(spec, agent)
+        assert model.eva_pending  # the run's EVA: on PPO's rollouts
+        read = _finish_eva(model, rollouts, spec.task.total_timesteps)
+        assert not model.eva_pending and read == len(rollouts.kept) >= 1
+        # oracle: the first layer's inputs are the observations; its A's top row is their top principal direction
+        observations = torch.cat(
+            [torch.as_tensor(r.observations).reshape(-1, *r.obs_shape).flatten(1) for r in rollouts.kept]
+        ).double()
+        top = torch.linalg.svd(observations - observations.mean(0), full_matrices=False).Vh[0]
+        lora_a = model.policy.lora_layers["mlp_extractor.policy_net.0"].lora_A.detach().double()
+        assert abs(float(lora_a[0] @ top)) / float(lora_a[0].norm()) > 0.95

@@ -14,8 +14,9 @@ measured by:
   Adam's steps all point one way and add up, near 0 where they cancel.
 
 Each method updates at its rate times each of :data:`FACTORS`; the page gives, for each method, the fraction of its
-rate at which its first update moves the policy as far as LoRA's does at LoRA's rate. The EVA methods read their
-own rollouts of the pretrained policy before the update (``data_source="rollouts"``, the run's seed), not PPO's.
+rate at which its first update moves the policy as far as LoRA's does at LoRA's rate. EVA reads what it reads in a
+run: the pretrained policy's rollouts from the first on, until it converges (the task's ``EvaConfig``); its first
+update is then, as in a run, on the first rollout.
 
 Each method's figures are kept per seed (``<log_dir>/<suite>/first-update/<task>/<method>/seed<k>.json``, so the
 study resumes); the page is ``first_update.md`` and ``first_update.json`` beside the suite's ``results.md``.
@@ -28,7 +29,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -43,6 +44,7 @@ from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 
 from eva_rl.adapt import adapt
 from eva_rl.errors import ConfigError
+from eva_rl.eva_ppo import EvaRolloutsMixin
 from eva_rl.experiments.environments import agent_env, import_packages
 from eva_rl.experiments.runs import RunSpec, check_algorithm_settings, run_algorithm
 from eva_rl.experiments.stats import mean_interval
@@ -76,50 +78,102 @@ def record_path(out: Path, task: str, method: str, seed: int) -> Path:
 
 
 def measure_seed(specs: dict[str, RunSpec], seed: int) -> dict[str, dict[str, Any]]:
-    """``{method: record}`` for one seed of one task: each method's first update from the pretrained policy's rollout
-    of that seed, at its rate times each of :data:`FACTORS`."""
-    task = next(iter(specs.values())).task
-    import_packages(task.env_packages)
-    agent = load_pretrained(next(iter(specs.values())).agent_path, device="cpu")
-    check_algorithm_settings(task, agent)
-    rollout: RolloutBuffer | None = None
+    """``{method: record}`` for one seed of one task: each method's first update from the pretrained policy's first
+    rollout of that seed, at its rate times each of :data:`FACTORS`."""
+    spec = next(iter(specs.values()))
+    import_packages(spec.task.env_packages)
+    agent = load_pretrained(spec.agent_path, device="cpu")
+    check_algorithm_settings(spec.task, agent)
     records = {}
-    for method, spec in specs.items():
-        with closing(agent_env(spec.task, agent, spec.task.n_envs, seed, training=spec.task.update_obs_stats)) as env:
-            model = _adapted(spec, agent, env)
-        if rollout is None:  # every adapter method is the pretrained policy at step 0: one rollout serves them all
-            rollout = _base_rollout(model, spec, agent, seed)
-        rate = float(model.lr_schedule(1.0))
-        records[method] = {
-            "seed": seed,
-            "learning_rate": rate,
-            "factors": {str(f): _first_update(model, rollout, rate * f, seed) for f in FACTORS},
-        }
+    with closing(_Rollouts(spec, agent, seed)) as rollouts:
+        for method, method_spec in specs.items():
+            model = _adapted(method_spec, agent)
+            read = _finish_eva(model, rollouts, method_spec.task.total_timesteps)
+            rate = float(model.lr_schedule(1.0))
+            records[method] = {
+                "seed": seed,
+                "learning_rate": rate,
+                "ranks": model.policy.lora_ranks,
+                "eva_rollouts": read,
+                "factors": {str(f): _first_update(model, rollouts[0], rate * f, seed) for f in FACTORS},
+            }
     return records
 
 
-def _adapted(spec: RunSpec, agent: PretrainedAgent, env: Any) -> OnPolicyAlgorithm:
-    """The model a run of ``spec`` starts from, EVA on its own rollouts of the pretrained policy."""
+class _Rollouts:
+    """The pretrained policy's rollouts in the task's env, one after another as a run collects them, kept; the
+    collector is a LoRA model at step 0, which acts as the pretrained policy (its update restores it)."""
+
+    def __init__(self, spec: RunSpec, agent: PretrainedAgent, seed: int) -> None:
+        task = spec.task
+        self.env = agent_env(task, agent, task.n_envs, seed, training=task.update_obs_stats)
+        lora = dataclasses.replace(spec, method="lora")
+        self.collector = _adapted(lora, agent, self.env)
+        with _own_generators(self):
+            self.collector.set_random_seed(seed)  # the env's resets and the sampled actions: the same every time
+            _, self.callback = self.collector._setup_learn(self.steps, callback=None)
+        self.callback.on_training_start(locals(), globals())
+        self.kept: list[RolloutBuffer] = []
+
+    def __getitem__(self, i: int) -> RolloutBuffer:
+        collector = self.collector
+        while len(self.kept) <= i:
+            # in the collector's own random streams: what runs between two rollouts (a model's init) moves neither
+            with _own_generators(self):
+                collector.collect_rollouts(collector.env, self.callback, collector.rollout_buffer, collector.n_steps)
+            self.kept.append(copy.deepcopy(collector.rollout_buffer))
+        return self.kept[i]
+
+    @property
+    def steps(self) -> int:
+        """Env steps of one rollout."""
+        return self.collector.n_steps * self.collector.n_envs
+
+    def close(self) -> None:
+        self.env.close()
+
+
+@contextmanager
+def _own_generators(owner: Any) -> Iterator[None]:
+    """torch's and numpy's global generators in the states ``owner`` left them in last (the process's states
+    restored after)."""
+    with torch.random.fork_rng(devices=[]):
+        outside = np.random.get_state()
+        if hasattr(owner, "generator_states"):
+            torch.set_rng_state(owner.generator_states[0])
+            np.random.set_state(owner.generator_states[1])
+        try:
+            yield
+        finally:
+            owner.generator_states = (torch.get_rng_state(), np.random.get_state())
+            np.random.set_state(outside)
+
+
+def _adapted(spec: RunSpec, agent: PretrainedAgent, env: Any = None) -> OnPolicyAlgorithm:
+    """The model a run of ``spec`` starts from (EVA, where the method runs it, still to read the rollouts)."""
     task = spec.task
     hyperparameters = {**task.ppo, "seed": spec.seed, "device": "cpu", "verbose": 0, "tensorboard_log": None}
-    eva = dataclasses.replace(task.eva, data_source="rollouts", seed=spec.seed)
-    model = adapt(agent.model, env, spec.method, task.lora, eva, False, run_algorithm(task, agent), **hyperparameters)
+    eva = dataclasses.replace(task.eva, seed=spec.seed)
+    with closing(agent_env(task, agent, task.n_envs, spec.seed)) if env is None else nullcontext(env) as model_env:
+        algorithm = run_algorithm(task, agent)
+        model = adapt(agent.model, model_env, spec.method, task.lora, eva, False, algorithm, **hyperparameters)
     if not isinstance(model, OnPolicyAlgorithm):
         raise ConfigError(f"--first-update measures PPO's (or A2C's) first update; {task.name} trains with {model}")
     model.set_logger(Logger(None, []))
     return model
 
 
-def _base_rollout(model: OnPolicyAlgorithm, spec: RunSpec, agent: PretrainedAgent, seed: int) -> RolloutBuffer:
-    """One rollout of the pretrained policy (``model`` at step 0) in the task's env, seeded as the run's."""
-    task = spec.task
-    with closing(agent_env(task, agent, task.n_envs, seed, training=task.update_obs_stats)) as env:
-        model.set_env(env)
-        model.set_random_seed(seed)  # the env's resets and the sampled actions: the same rollout every time
-        _, callback = model._setup_learn(model.n_steps * model.n_envs, callback=None)
-        callback.on_training_start(locals(), globals())
-        model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
-    return copy.deepcopy(model.rollout_buffer)
+def _finish_eva(model: OnPolicyAlgorithm, rollouts: _Rollouts, total_timesteps: int) -> int:
+    """EVA, where ``model`` runs it on PPO's rollouts, fed the rollouts a run feeds it (from the first, until it
+    converges or the budget's last); the number of rollouts it read."""
+    if not isinstance(model, EvaRolloutsMixin):
+        return 0
+    read = 0
+    while model.eva_pending:
+        model.rollout_buffer = copy.deepcopy(rollouts[read])
+        read += 1
+        model._feed_eva(last=read * rollouts.steps >= total_timesteps)
+    return read
 
 
 def _components(model: BaseAlgorithm) -> dict[str, list[torch.nn.Parameter]]:
@@ -306,8 +360,8 @@ def first_update_markdown(suite: str, report: dict[str, Any]) -> str:
         "alone differ. KL: the exact mean KL from the pretrained policy to the updated one over the rollout's "
         "states, mean over seeds [95% CI]; SB3's `train/approx_kl` (the runs' logs' figure) at the method's rate "
         f"beside it. Matched: the fraction of the method's rate at which its mean KL equals {REFERENCE}'s at "
-        f"{REFERENCE}'s rate (interpolated in log KL against log rate; '-' outside the fractions measured). EVA's "
-        "methods read their own rollouts of the pretrained policy, not PPO's. Made by "
+        f"{REFERENCE}'s rate (interpolated in log KL against log rate; '-' outside the fractions measured). EVA "
+        "reads the rollouts from the first on, as in a run, until it converges. Made by "
         f"`eva-rl compare --suite {suite} --first-update` (module eva_rl.experiments.studies.first_update).",
     ]
     for task, methods in report.items():
