@@ -16,7 +16,8 @@ from torch import nn
 import eva_rl
 from eva_rl.anatomy import InputMoments, adapter_update, collect_input_moments, layer_anatomy
 from eva_rl.eva import layer_input_rows
-from eva_rl.experiments.studies.anatomy import ANATOMY, UPDATES, suite_anatomy
+from eva_rl.experiments.run_folder import RunFolder
+from eva_rl.experiments.studies.anatomy import ANATOMY, UPDATES, first_logged_update, suite_anatomy
 from tests.test_cli import run_cli
 from tests.test_compare import compare, smoke_suite
 
@@ -136,6 +137,14 @@ def test_compare_anatomy_measures_each_adapter_run_and_redraws_from_its_files(tm
     logged = logged_scalars(tmp_path / "smoke" / "PointGoal" / "eva" / "seed0", "train/approx_kl")
     assert 1 <= len(run["approx_kl"]) <= UPDATES and run["approx_kl"] == pytest.approx(logged[:UPDATES])
     assert report["eva"]["approx_kl"]["first"] == pytest.approx(logged[:1])
+    # which update the first logged KL is, against the step the log holds it at (one rollout per update)
+    for method in ("eva", "lora-fa"):
+        folder = RunFolder(tmp_path / "smoke" / "PointGoal" / method / "seed0")
+        settings = folder.read_result().settings
+        rollout = settings["hyperparameters"].get("n_steps", 2048) * settings["n_envs"]
+        assert logged_steps(folder.path, "train/approx_kl")[0] == first_logged_update(folder) * rollout, method
+        assert report[method]["first_logged_update"] == [first_logged_update(folder)]
+    assert report["lora-fa"]["first_logged_update"] == [1] and report["eva"]["first_logged_update"][0] > 1
     # a run measured before the KL was kept gets it from its log, and one whose log is gone has none on the page
     lora_fa = tmp_path / "smoke" / "PointGoal" / "lora-fa" / "seed0"
     record = json.loads((lora_fa / ANATOMY).read_text())
@@ -171,6 +180,15 @@ def logged_scalars(run_dir: Path, tag: str) -> list[float]:
         for event in LegacyEventFileLoader(str(path)).Load():
             values += [value.simple_value for value in event.summary.value if value.tag == tag]
     return values
+
+
+def logged_steps(run_dir: Path, tag: str) -> list[int]:
+    """The steps ``tag`` is logged at in the run's TensorBoard event files, read event by event."""
+    steps = []
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        for event in LegacyEventFileLoader(str(path)).Load():
+            steps += [event.step for value in event.summary.value if value.tag == tag]
+    return steps
 
 
 def test_anatomy_refuses_the_flags_of_other_studies_and_a_suite_without_runs(tmp_path: Path) -> None:

@@ -1,9 +1,12 @@
 """``eva-rl compare --suite S --anatomy``: where each adapter method's completed runs moved the pretrained agent's
 layers (:mod:`eva_rl.anatomy`), measured on the pretrained agent's own activations in each task's target env.
 
-Beside the layers, each run's first PPO updates: how far each moved the policy (SB3's ``train/approx_kl``, read from
-the run's TensorBoard log). At one learning rate one init can take far larger first steps than another (EVA's
-against LoRA's on CW10), and this is where that shows.
+Beside the layers, the first PPO updates each run logged: how far each moved the policy (SB3's ``train/approx_kl``,
+read from the run's TensorBoard log). A method whose updates wait for EVA (EVA on PPO's rollouts, ``lora-deferred``)
+makes them in a row once EVA converges, in one ``train()``, and SB3's logger keeps a tag's last value: its first KL
+logged is the last update of that row's, on a rollout the pretrained policy collected, so it measures how far the
+whole row moved the policy. The page says which update each method's first logged KL is; ``compare --first-update``
+(:mod:`~eva_rl.experiments.studies.first_update`) measures a single first update from one shared rollout.
 
 Each run's figures are kept in its folder (``anatomy.json``, read back by ``--report-only``, committed with the
 run's ``result.json``); the suite's page is ``anatomy.md`` and ``anatomy.json`` beside its ``results.md``. DoRA
@@ -107,6 +110,19 @@ def first_updates_kl(folder: RunFolder) -> list[float] | None:
     return [float(v) for v in values[:UPDATES]] or None
 
 
+def first_logged_update(folder: RunFolder) -> int | None:
+    """Which update the run's first logged KL is: 1, or for a run whose updates waited for EVA the last of the row
+    it made once EVA converged (the rollouts EVA read before the one it converged on, plus that one); ``None`` for a
+    run that waited whose settings were not recorded."""
+    eva = folder.read_eva()
+    if eva is None or not eva.deferred_steps:
+        return 1
+    settings = folder.recorded_settings()
+    if settings is None:
+        return None
+    return 1 + eva.deferred_steps // (settings["hyperparameters"]["n_steps"] * settings["n_envs"])
+
+
 def _adapter_runs(out: Path, task: str, methods: list[str]) -> dict[str, list[RunFolder]]:
     """The completed runs of ``methods`` on ``task`` that saved an adapter, by method, in seed order."""
     runs: dict[str, list[RunFolder]] = {}
@@ -192,8 +208,10 @@ def _method_summary(folders: list[RunFolder]) -> dict[str, Any]:
     runs = [record["layers"] for record in records]
     layers = list(dict.fromkeys(name for run in runs for name in run))
     kl = [record["approx_kl"] for record in records if "approx_kl" in record]
+    logged = [first_logged_update(f) for f, record in zip(folders, records, strict=True) if "approx_kl" in record]
     return {
         "seeds": len(runs),
+        "first_logged_update": logged,
         "final_return": fmean(f.read_result().final_return for f in folders),
         # the runs whose TensorBoard log was kept: KL of update 1, and the mean of updates 1-UPDATES
         "approx_kl": {"first": [run[0] for run in kl], "early": [fmean(run) for run in kl]},
@@ -229,23 +247,28 @@ def anatomy_markdown(suite: str, report: dict[str, Any], k: dict[str, int], step
         "k / fan-in. The runs, their returns and the platform they ran on: results.md beside this page. Made by "
         f"`eva-rl compare --suite {suite} --anatomy` (module eva_rl.anatomy).",
         "",
-        "KL, update 1: how far PPO's first update moved the policy, SB3's `train/approx_kl` (the mean over the "
-        f"update's minibatches) read from the run's TensorBoard log; KL, updates 1-{UPDATES}: the mean of the first "
-        f"{UPDATES}. A learning rate that suits one init can take far larger steps with another. Where some runs' logs "
-        "were not kept (runs made on another machine), the figure says over how many runs it is taken, as it does "
-        "for a figure some runs were measured before it was kept.",
+        "KL, first logged: how far the run's first logged PPO update moved the policy, SB3's `train/approx_kl` (the "
+        "mean over the last epoch's minibatches) read from the run's TensorBoard log; KL, first "
+        f"{UPDATES} logged: the mean of the first {UPDATES}. Which update: the update the first logged KL is. A "
+        "method whose updates wait for EVA makes them in a row once EVA converges, and SB3's logger keeps the last "
+        "value, so its first KL logged is the last update of that row's (the n-th), on a rollout the pretrained policy "
+        "collected: how far the whole row of n updates moved the policy, where LoRA's is one update's. A single "
+        "first update from one shared rollout: `compare --first-update`. Where some runs' logs were not kept (runs "
+        "made on another machine), the figure says over how many runs it is taken, as it does for a figure some runs "
+        "were measured before it was kept.",
     ]
     for task, methods in report.items():
         if not methods:
             continue
         names = list(methods)
         metrics = [m for m in METRICS if any(s["runs"][m] for s in methods.values())]
-        kl_headings = f"KL, update 1 | KL, updates 1-{UPDATES}"
+        kl_headings = f"which update | KL, first logged | KL, first {UPDATES} logged"
         lines += ["", f"## {task}", "", "| method | seeds | final return (mean) | " + " | ".join(metrics)]
         lines[-1] += f" | {kl_headings} |"
-        lines.append("|---" * (5 + len(metrics)) + "|")
+        lines.append("|---" * (6 + len(metrics)) + "|")
         for method, summary in methods.items():
             cells = [_interval_cell(summary["runs"][m], summary["seeds"]) for m in metrics]
+            cells.append(_range_cell(summary["first_logged_update"]))
             cells += [_interval_cell(summary["approx_kl"][which], summary["seeds"]) for which in ("first", "early")]
             row = [method, str(summary["seeds"]), f"{summary['final_return']:.3f}", *cells]
             lines.append("| " + " | ".join(row) + " |")
@@ -270,3 +293,13 @@ def _interval_cell(values: list[float], seeds: int) -> str:
         return "-"
     cell = mean_interval(values).format()
     return cell if len(values) == seeds else f"{cell} ({len(values)} of {seeds} runs)"
+
+
+def _range_cell(values: list[int | None]) -> str:
+    known = [v for v in values if v is not None]
+    if not known:
+        return "-"
+    low, high = min(known), max(known)
+    if len(known) < len(values):
+        return f"{low}-{high} ({len(known)} of {len(values)} runs)"
+    return str(low) if low == high else f"{low}-{high}"
