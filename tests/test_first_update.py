@@ -20,6 +20,7 @@ from eva_rl.experiments.studies.first_update import (
     _finish_eva,
     _first_update,
     _kl,
+    _matched_cell,
     _Rollouts,
     matched_factor,
     record_path,
@@ -42,6 +43,10 @@ def test_matched_factor_inverts_a_power_law_between_the_factors(power: float) ->
 def test_matched_factor_takes_the_largest_fraction_on_a_curve_that_turns() -> None:
     kl = {"1.0": 4.0, "0.25": 1.0, "0.0625": 4.0, "0.015625": 1.0}
     assert matched_factor(kl, 2.0) == pytest.approx(0.25 ** (1 / 2))
+    # where no fraction brackets the reference's KL, the page says on which side it lies
+    assert _matched_cell({"matched": 0.3, "kl_over_reference": 40.0}) == "1 / 3.33"
+    assert _matched_cell({"matched": None, "kl_over_reference": 0.9}) == ">= 1"
+    assert _matched_cell({"matched": None, "kl_over_reference": 1e4}) == "< 1 / 64"
 
 
 @pytest.fixture(scope="module")

@@ -343,6 +343,7 @@ def _add_matched_rates(methods: dict[str, Any]) -> None:
     target = fmean(methods[REFERENCE]["kl"]["1.0"])
     for summary in methods.values():
         summary["matched"] = matched_factor({f: fmean(v) for f, v in summary["kl"].items()}, target)
+        summary["kl_over_reference"] = fmean(summary["kl"]["1.0"]) / target if target > 0 else None
 
 
 def _factor_name(factor: float) -> str:
@@ -360,8 +361,8 @@ def first_update_markdown(suite: str, report: dict[str, Any]) -> str:
         "alone differ. KL: the exact mean KL from the pretrained policy to the updated one over the rollout's "
         "states, mean over seeds [95% CI]; SB3's `train/approx_kl` (the runs' logs' figure) at the method's rate "
         f"beside it. Matched: the fraction of the method's rate at which its mean KL equals {REFERENCE}'s at "
-        f"{REFERENCE}'s rate (interpolated in log KL against log rate; '-' outside the fractions measured). EVA "
-        "reads the rollouts from the first on, as in a run, until it converges. Made by "
+        f"{REFERENCE}'s rate (interpolated in log KL against log rate; '>= 1' where its own rate moves it no "
+        "further). EVA reads the rollouts from the first on, as in a run, until it converges. Made by "
         f"`eva-rl compare --suite {suite} --first-update` (module eva_rl.experiments.studies.first_update).",
     ]
     for task, methods in report.items():
@@ -375,26 +376,30 @@ def first_update_markdown(suite: str, report: dict[str, Any]) -> str:
             cells = [method, str(len(s["seeds"])), f"{s['learning_rate']:.3g}"]
             cells += [mean_interval(s["kl"][str(f)]).format() for f in FACTORS]
             cells.append(mean_interval(s["approx_kl"]).format())
-            cells.append("-" if s.get("matched") is None else f"1 / {1 / s['matched']:.3g}")
+            cells.append(_matched_cell(s))
             lines.append("| " + " | ".join(cells) + " |")
-        names = list(methods)
         components = list(dict.fromkeys(c for s in methods.values() for c in s["layers"]))
-        lines += [
-            "",
-            "At each method's rate, per layer: the KL with that layer's update alone kept (the rest at their init), "
-            "and B's path straightness (|B_T - B_0| over the summed lengths of the optimizer's steps: 1 where they "
-            "all point one way); mean over seeds.",
-            "",
-            "| layer | " + " | ".join(f"{m}: KL alone | {m}: straightness" for m in names) + " |",
-            "|---" * (1 + 2 * len(names)) + "|",
-        ]
-        for component in components:
-            cells = []
-            for method in names:
-                figures = methods[method]["layers"].get(component, {})
-                cells += [_figure(figures.get("kl_alone")), _figure(figures.get("straightness"))]
-            lines.append(f"| {component} | " + " | ".join(cells) + " |")
+        for metric, heading in (
+            ("kl_alone", "the KL with that layer's update alone kept (the rest at their init)"),
+            ("straightness", "B's path straightness, |B_T - B_0| over the summed lengths of the optimizer's steps"),
+        ):
+            shown = [c for c in components if any(metric in s["layers"].get(c, {}) for s in methods.values())]
+            lines += ["", f"At each method's rate, per layer, mean over seeds: {heading}.", ""]
+            lines += ["| method | " + " | ".join(shown) + " |", "|---" * (1 + len(shown)) + "|"]
+            for method, s in methods.items():
+                cells = [_figure(s["layers"].get(c, {}).get(metric)) for c in shown]
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _matched_cell(summary: dict[str, Any]) -> str:
+    """The matched fraction; where none is in the fractions' range, which side it lies on."""
+    if summary.get("matched") is not None:
+        return f"1 / {1 / summary['matched']:.3g}"
+    ratio = summary.get("kl_over_reference")
+    if ratio is None:
+        return "-"
+    return ">= 1" if ratio <= 1 else f"< 1 / {round(1 / FACTORS[-1])}"
 
 
 def _figure(value: float | None) -> str:
