@@ -106,6 +106,7 @@ def test_compare_first_update_measures_each_seed_once_and_redraws_the_page(tmp_p
     assert report["lora"]["matched"] == pytest.approx(1.0)  # the reference matches itself at its own rate
     page = (tmp_path / "smoke" / "first_update.md").read_text()
     assert "## PointGoal" in page and "| eva | 1 | 0.01 |" in page and "KL at rate / 64" in page
+    assert (tmp_path / "smoke" / "first_update.png").stat().st_size > 10_000
     lines.clear()
     assert suite_first_update(suite, tmp_path, echo=lines.append) == suite_first_update(
         suite, tmp_path, report_only=True, echo=lines.append

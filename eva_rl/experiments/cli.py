@@ -303,7 +303,7 @@ def first_update_command(suite: Suite, args: argparse.Namespace) -> int:
     torch_threads(args.threads)
     suite_first_update(suite, args.log_dir, args.methods, args.seeds, args.report_only)
     out = args.log_dir / suite.name
-    print(f"\nFirst updates: {out}/first_update.md, first_update.json; each seed's under {out}/first-update/")
+    print(f"\nFirst updates: {out}/first_update.md, .json, .png; each seed's under {out}/first-update/")
     return 0
 
 

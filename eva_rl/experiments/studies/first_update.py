@@ -46,6 +46,7 @@ from eva_rl.adapt import adapt
 from eva_rl.errors import ConfigError
 from eva_rl.eva_ppo import EvaRolloutsMixin
 from eva_rl.experiments.environments import agent_env, import_packages
+from eva_rl.experiments.plots import method_color, method_label, method_linestyle, new_figure, save_figure
 from eva_rl.experiments.runs import RunSpec, check_algorithm_settings, run_algorithm
 from eva_rl.experiments.stats import mean_interval
 from eva_rl.experiments.suites import Suite, SuiteTask
@@ -297,7 +298,34 @@ def suite_first_update(
         _add_matched_rates(methods_report)
     atomic_write_json(out / "first_update.json", {"factors": list(FACTORS), "tasks": report})
     atomic_write_text(out / "first_update.md", first_update_markdown(suite.name, report))
+    save_figure(draw_first_update(report), out / "first_update.png")
     return report
+
+
+def draw_first_update(report: dict[str, Any]) -> Any:
+    """One panel per task: each method's mean first-update KL against the fraction of its rate, log-log."""
+    tasks = [task for task, methods in report.items() if methods]
+    columns = min(5, len(tasks))
+    rows = -(-len(tasks) // columns)
+    figure, axes = new_figure(rows, columns, figsize=(3.2 * columns, 2.9 * rows), dpi=110, squeeze=False)
+    for axis, task in zip(axes.flat, tasks, strict=False):
+        for method, summary in report[task].items():
+            kl = [fmean(summary["kl"][str(f)]) for f in FACTORS]
+            axis.plot(FACTORS, kl, marker="o", color=method_color(method), linestyle=method_linestyle(method))
+            axis.lines[-1].set_label(method_label(method, len(summary["seeds"])))
+        axis.set(xscale="log", yscale="log", title=task, xlabel="fraction of the method's rate")
+        axis.set_xticks(FACTORS, [_factor_label(f) for f in FACTORS])
+        axis.legend(fontsize=6)
+    for axis in axes.flat[len(tasks) :]:
+        axis.set_visible(False)
+    for axis in axes[:, 0]:
+        axis.set_ylabel("KL of the first update")
+    figure.tight_layout()
+    return figure
+
+
+def _factor_label(factor: float) -> str:
+    return "1" if factor == 1 else f"1/{round(1 / factor)}"
 
 
 def _summary(records: list[dict[str, Any]]) -> dict[str, Any]:
