@@ -103,9 +103,11 @@ def test_compare_first_update_measures_each_seed_once_and_redraws_the_page(tmp_p
     assert lines[0] == "PointGoal seed 0: the first update of lora, eva"
     record = json.loads(record_path(tmp_path / "smoke", "PointGoal", "eva", 0).read_text())
     assert list(record["factors"]) == [str(f) for f in FACTORS] and record["learning_rate"] == pytest.approx(1e-2)
+    assert record["platform"]["threads"] == torch.get_num_threads() and record["platform"]["device"] == "cpu"
     assert report["lora"]["matched"] == pytest.approx(1.0)  # the reference matches itself at its own rate
     page = (tmp_path / "smoke" / "first_update.md").read_text()
     assert "## PointGoal" in page and "| eva | 1 | 0.01 |" in page and "KL at rate / 64" in page
+    assert f"Platform: {record['platform']['cpu']}; torch {torch.__version__}" in page
     assert (tmp_path / "smoke" / "first_update.png").stat().st_size > 10_000
     lines.clear()
     assert suite_first_update(suite, tmp_path, echo=lines.append) == suite_first_update(

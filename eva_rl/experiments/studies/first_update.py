@@ -46,6 +46,7 @@ from eva_rl.adapt import adapt
 from eva_rl.errors import ConfigError
 from eva_rl.eva_ppo import EvaRolloutsMixin
 from eva_rl.experiments.environments import agent_env, import_packages
+from eva_rl.experiments.machine import describe_platform, platform_line
 from eva_rl.experiments.plots import method_color, method_label, method_linestyle, new_figure, save_figure
 from eva_rl.experiments.runs import RunSpec, check_algorithm_settings, run_algorithm
 from eva_rl.experiments.stats import mean_interval
@@ -93,6 +94,7 @@ def measure_seed(specs: dict[str, RunSpec], seed: int) -> dict[str, dict[str, An
             rate = float(model.lr_schedule(1.0))
             records[method] = {
                 "seed": seed,
+                "platform": describe_platform("cpu", spec.task.target_env),
                 "learning_rate": rate,
                 "ranks": model.policy.lora_ranks,
                 "eva_rollouts": read,
@@ -334,6 +336,7 @@ def _summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     layers = list(dict.fromkeys(name for r in at_rate for name in r["layers"]))
     return {
         "seeds": [r["seed"] for r in records],
+        "platforms": [r.get("platform") for r in records],
         "learning_rate": records[0]["learning_rate"],
         "kl": {str(f): [r["factors"][str(f)]["kl"] for r in records] for f in FACTORS},
         "approx_kl": [r["approx_kl"] for r in at_rate],
@@ -393,6 +396,8 @@ def first_update_markdown(suite: str, report: dict[str, Any]) -> str:
         "further). EVA reads the rollouts from the first on, as in a run, until it converges. Made by "
         f"`eva-rl compare --suite {suite} --first-update` (module eva_rl.experiments.studies.first_update).",
     ]
+    platforms = [p for methods in report.values() for s in methods.values() for p in s["platforms"]]
+    lines += ["", platform_line(platforms)]
     for task, methods in report.items():
         if not methods:
             continue
