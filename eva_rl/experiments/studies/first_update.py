@@ -161,7 +161,9 @@ def _adapted(spec: RunSpec, agent: PretrainedAgent, env: Any = None) -> OnPolicy
         algorithm = run_algorithm(task, agent)
         model = adapt(agent.model, model_env, spec.method, task.lora, eva, False, algorithm, **hyperparameters)
     if not isinstance(model, OnPolicyAlgorithm):
-        raise ConfigError(f"--first-update measures PPO's (or A2C's) first update; {task.name} trains with {model}")
+        raise ConfigError(
+            f"--first-update measures PPO's (or A2C's) first update; {task.name} trains with {type(model).__name__}"
+        )
     model.set_logger(Logger(None, []))
     return model
 
