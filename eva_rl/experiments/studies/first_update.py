@@ -19,7 +19,7 @@ run: the pretrained policy's rollouts from the first on, until it converges (the
 update is then, as in a run, on the first rollout.
 
 Each method's figures are kept per seed (``<log_dir>/<suite>/first-update/<task>/<method>/seed<k>.json``, so the
-study resumes); the page is ``first_update.md`` and ``first_update.json`` beside the suite's ``results.md``.
+study resumes); the page is ``first_update.md``, ``.json`` and ``.png`` beside the suite's ``results.md``.
 """
 
 from __future__ import annotations
