@@ -76,6 +76,12 @@ class Method:
         """The LoRA rank (``r``) means something for this method."""
         return self.trains == "adapters"
 
+    @property
+    def low_rank_update(self) -> bool:
+        """Its update of each adapted layer is ``scaling * B A`` on frozen weights (DoRA's also rescales them): what
+        ``compare --anatomy`` and ``--first-update`` measure."""
+        return self.trains == "adapters" and not self.use_dora
+
     def lora_config(self, lora: LoraConfig) -> LoraConfig:
         """``lora`` as this method uses it (DoRA switched on; no adapters and trainable heads for head-only)."""
         if self.trains == "heads":

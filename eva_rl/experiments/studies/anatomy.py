@@ -153,7 +153,7 @@ def suite_anatomy(
     report: dict[str, Any] = {}
     for suite_task in suite.tasks:
         task = suite.task(suite_task)
-        adapters = [m for m in suite.task_methods(suite_task, methods) if _measurable(m)]
+        adapters = [m for m in suite.task_methods(suite_task, methods) if get_method(m).low_rank_update]
         runs = _adapter_runs(out, suite_task.task, adapters)
         base: tuple[dict[str, torch.Tensor], dict[str, InputMoments]] | None = None
         per_method: dict[str, Any] = {}
@@ -185,11 +185,6 @@ def suite_anatomy(
     atomic_write_json(out / ANATOMY, {"steps": STEPS, "seed": SEED, "k": ranks, "tasks": report})
     atomic_write_text(out / "anatomy.md", anatomy_markdown(suite.name, report, ranks, STEPS))
     return report
-
-
-def _measurable(method: str) -> bool:
-    spec = get_method(method)
-    return spec.trains == "adapters" and not spec.use_dora
 
 
 def _add_first_updates(folder: RunFolder) -> None:

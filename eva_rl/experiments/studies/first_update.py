@@ -64,15 +64,9 @@ HEADS = "heads"
 FOLDER = "first-update"
 
 
-def measurable(method: str) -> bool:
-    """A method whose update is ``scaling * B A`` on frozen weights (DoRA's is not)."""
-    spec = get_method(method)
-    return spec.trains == "adapters" and not spec.use_dora
-
-
 def first_update_methods(suite: Suite, suite_task: SuiteTask, methods: list[str] | None) -> list[str]:
     """The adapter methods of ``suite_task`` the study measures."""
-    return [m for m in suite.task_methods(suite_task, methods) if measurable(m)]
+    return [m for m in suite.task_methods(suite_task, methods) if get_method(m).low_rank_update]
 
 
 def record_path(out: Path, task: str, method: str, seed: int) -> Path:
@@ -105,7 +99,7 @@ def measure_seed(specs: dict[str, RunSpec], seed: int) -> dict[str, dict[str, An
 
 class _Rollouts:
     """The pretrained policy's rollouts in the task's env, one after another as a run collects them, kept; the
-    collector is a LoRA model at step 0, which acts as the pretrained policy (its update restores it)."""
+    collector is a LoRA model at step 0 that never trains, so it acts as the pretrained policy."""
 
     def __init__(self, spec: RunSpec, agent: PretrainedAgent, seed: int) -> None:
         task = spec.task
