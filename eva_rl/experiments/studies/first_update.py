@@ -397,6 +397,7 @@ def first_update_markdown(suite: str, report: dict[str, Any]) -> str:
     for task, methods in report.items():
         if not methods:
             continue
+        # one row per method: its KL at each fraction of its rate, then the rate at which it takes LoRA's step
         lines += ["", f"## {task}", ""]
         headings = ["method", "seeds", "rate", *(f"KL at {_factor_name(f)}" for f in FACTORS)]
         headings += ["approx. KL at its rate", "matched"]
@@ -407,6 +408,7 @@ def first_update_markdown(suite: str, report: dict[str, Any]) -> str:
             cells.append(mean_interval(s["approx_kl"]).format())
             cells.append(_matched_cell(s))
             lines.append("| " + " | ".join(cells) + " |")
+        # then, at each method's rate, one table per layer figure (methods as rows, layers as columns)
         components = list(dict.fromkeys(c for s in methods.values() for c in s["layers"]))
         for metric, heading in (
             ("kl_alone", "the KL with that layer's update alone kept (the rest at their init)"),
