@@ -173,22 +173,23 @@ def test_compare_anatomy_measures_each_adapter_run_and_redraws_from_its_files(tm
     assert "| eva | 1 |" in page and "**change**" in page
 
 
-def logged_scalars(run_dir: Path, tag: str) -> list[float]:
-    """The values of ``tag`` in the run's TensorBoard event files, read event by event."""
-    values = []
+def logged_events(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of each record of ``tag`` in the run's TensorBoard event files, read event by event."""
+    records = []
     for path in sorted(run_dir.glob("events.out.tfevents.*")):
         for event in LegacyEventFileLoader(str(path)).Load():
-            values += [value.simple_value for value in event.summary.value if value.tag == tag]
-    return values
+            records += [(event.step, value.simple_value) for value in event.summary.value if value.tag == tag]
+    return records
+
+
+def logged_scalars(run_dir: Path, tag: str) -> list[float]:
+    """The values of ``tag`` in the run's TensorBoard event files."""
+    return [value for _, value in logged_events(run_dir, tag)]
 
 
 def logged_steps(run_dir: Path, tag: str) -> list[int]:
-    """The steps ``tag`` is logged at in the run's TensorBoard event files, read event by event."""
-    steps = []
-    for path in sorted(run_dir.glob("events.out.tfevents.*")):
-        for event in LegacyEventFileLoader(str(path)).Load():
-            steps += [event.step for value in event.summary.value if value.tag == tag]
-    return steps
+    """The steps ``tag`` is logged at in the run's TensorBoard event files."""
+    return [step for step, _ in logged_events(run_dir, tag)]
 
 
 def test_anatomy_refuses_the_flags_of_other_studies_and_a_suite_without_runs(tmp_path: Path) -> None:

@@ -266,6 +266,11 @@ class Suite(Seeded):
         """The methods run on ``suite_task``: ``methods`` (default: the suite's), less those the task leaves out."""
         return [m for m in methods or self.methods if suite_task.methods is None or m in suite_task.methods]
 
+    def low_rank_methods(self, suite_task: SuiteTask, methods: Sequence[str] | None = None) -> list[str]:
+        """The methods of ``suite_task`` whose update is ``scaling * B A`` (``Method.low_rank_update``): those
+        ``--anatomy`` and ``--first-update`` measure."""
+        return [m for m in self.task_methods(suite_task, methods) if get_method(m).low_rank_update]
+
     def task(self, suite_task: SuiteTask) -> TaskConfig:
         """The task file of ``suite_task``.
 

@@ -153,7 +153,7 @@ def suite_anatomy(
     report: dict[str, Any] = {}
     for suite_task in suite.tasks:
         task = suite.task(suite_task)
-        adapters = [m for m in suite.task_methods(suite_task, methods) if get_method(m).low_rank_update]
+        adapters = suite.low_rank_methods(suite_task, methods)
         runs = _adapter_runs(out, suite_task.task, adapters)
         base: tuple[dict[str, torch.Tensor], dict[str, InputMoments]] | None = None
         per_method: dict[str, Any] = {}

@@ -50,10 +50,9 @@ from eva_rl.experiments.machine import describe_platform, platform_line
 from eva_rl.experiments.plots import method_color, method_label, method_linestyle, new_figure, save_figure
 from eva_rl.experiments.runs import RunSpec, check_algorithm_settings, run_algorithm
 from eva_rl.experiments.stats import mean_interval
-from eva_rl.experiments.suites import Suite, SuiteTask
+from eva_rl.experiments.suites import Suite
 from eva_rl.files import atomic_write_json, atomic_write_text
 from eva_rl.loading import PretrainedAgent, load_pretrained
-from eva_rl.methods import get_method
 
 FACTORS = (1.0, 0.25, 0.0625, 0.015625)
 """The fractions of each method's rate its first update is made at."""
@@ -62,11 +61,6 @@ REFERENCE = "lora"
 HEADS = "heads"
 """The component of the trainable parameters outside the adapters (action and value heads, ``log_std``)."""
 FOLDER = "first-update"
-
-
-def first_update_methods(suite: Suite, suite_task: SuiteTask, methods: list[str] | None) -> list[str]:
-    """The adapter methods of ``suite_task`` the study measures."""
-    return [m for m in suite.task_methods(suite_task, methods) if get_method(m).low_rank_update]
 
 
 def record_path(out: Path, task: str, method: str, seed: int) -> Path:
@@ -106,7 +100,8 @@ class _Rollouts:
         self.env = agent_env(task, agent, task.n_envs, seed, training=task.update_obs_stats)
         lora = dataclasses.replace(spec, method="lora")
         self.collector = _adapted(lora, agent, self.env)
-        with _own_generators(self):
+        self.generator_states: tuple[torch.Tensor, Any] | None = None
+        with self._own_generators():
             self.collector.set_random_seed(seed)  # the env's resets and the sampled actions: the same every time
             _, self.callback = self.collector._setup_learn(self.steps, callback=None)
         self.callback.on_training_start(locals(), globals())
@@ -116,7 +111,7 @@ class _Rollouts:
         collector = self.collector
         while len(self.kept) <= i:
             # in the collector's own random streams: what runs between two rollouts (a model's init) moves neither
-            with _own_generators(self):
+            with self._own_generators():
                 collector.collect_rollouts(collector.env, self.callback, collector.rollout_buffer, collector.n_steps)
             self.kept.append(copy.deepcopy(collector.rollout_buffer))
         return self.kept[i]
@@ -129,21 +124,20 @@ class _Rollouts:
     def close(self) -> None:
         self.env.close()
 
-
-@contextmanager
-def _own_generators(owner: Any) -> Iterator[None]:
-    """torch's and numpy's global generators in the states ``owner`` left them in last (the process's states
-    restored after)."""
-    with torch.random.fork_rng(devices=[]):
-        outside = np.random.get_state()
-        if hasattr(owner, "generator_states"):
-            torch.set_rng_state(owner.generator_states[0])
-            np.random.set_state(owner.generator_states[1])
-        try:
-            yield
-        finally:
-            owner.generator_states = (torch.get_rng_state(), np.random.get_state())
-            np.random.set_state(outside)
+    @contextmanager
+    def _own_generators(self) -> Iterator[None]:
+        """torch's and numpy's global generators in the states the collector left them in last (the process's
+        states restored after)."""
+        with torch.random.fork_rng(devices=[]):
+            outside = np.random.get_state()
+            if self.generator_states is not None:
+                torch.set_rng_state(self.generator_states[0])
+                np.random.set_state(self.generator_states[1])
+            try:
+                yield
+            finally:
+                self.generator_states = (torch.get_rng_state(), np.random.get_state())
+                np.random.set_state(outside)
 
 
 def _adapted(spec: RunSpec, agent: PretrainedAgent, env: Any = None) -> OnPolicyAlgorithm:
@@ -270,7 +264,7 @@ def suite_first_update(
     """
     out = Path(log_dir) / suite.name
     seeds = seeds or suite.seed_list
-    methods_of = {t.task: first_update_methods(suite, t, methods) for t in suite.tasks}
+    methods_of = {t.task: suite.low_rank_methods(t, methods) for t in suite.tasks}
     # seed by seed, so that a study cut short has every task's first seeds
     for seed in [] if report_only else seeds:
         for suite_task in suite.tasks:
