@@ -1,5 +1,6 @@
-"""EVA's report in an SB3 logger (TensorBoard): one text table and one chart under ``init/``, no scalars, so
-TensorBoard's first group is the evaluation (``eval/``; groups are sorted by name)."""
+"""EVA's report in an SB3 logger (TensorBoard): one text table and one chart under ``init/``, which sorts after the
+evaluation (``eval/``; TensorBoard sorts groups by name), as do the catch-up row's scalars
+(:class:`~eva_rl.eva_ppo.EvaRolloutsMixin`)."""
 
 from __future__ import annotations
 

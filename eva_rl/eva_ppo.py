@@ -132,12 +132,23 @@ class EvaRolloutsMixin:
                 return
             # EVA is done: the kept rollouts' updates, oldest first, then this rollout's
             current = self._rollout()
-            for kept in self.eva_rollouts:
-                self._train_on(kept)
+            kls = []
+            for rollout in [*self.eva_rollouts, current]:
+                self._train_on(rollout)
+                kls.append(self.logger.name_to_value.get("train/approx_kl"))
             self.eva_rollouts = []
-            self._train_on(current)
+            self._record_catch_up(kls)
             return
         super().train()  # type: ignore[misc]
+
+    def _record_catch_up(self, kls: list[float | None]) -> None:
+        """Log the updates made in a row once EVA was done: SB3's logger keeps a tag's last value, so ``train/`` shows
+        only the row's last update; its first (the adapted policy's first update, as any method's) and largest get
+        tags of their own (``init/``, beside EVA's report). A2C logs no KL: only the row's length then."""
+        self.logger.record("init/catch_up_updates", len(kls))
+        if all(kl is not None for kl in kls):
+            self.logger.record("init/catch_up_first_approx_kl", float(kls[0]))
+            self.logger.record("init/catch_up_max_approx_kl", float(max(kls)))
 
 
 class EvaPPO(EvaRolloutsMixin, PPO):

@@ -17,7 +17,7 @@ import eva_rl
 from eva_rl.anatomy import InputMoments, adapter_update, collect_input_moments, layer_anatomy
 from eva_rl.eva import layer_input_rows
 from eva_rl.experiments.run_folder import RunFolder
-from eva_rl.experiments.studies.anatomy import ANATOMY, UPDATES, first_logged_update, suite_anatomy
+from eva_rl.experiments.studies.anatomy import ANATOMY, UPDATES, _range_cell, first_logged_update, suite_anatomy
 from tests.test_cli import run_cli
 from tests.test_compare import compare, smoke_suite
 
@@ -190,6 +190,20 @@ def logged_scalars(run_dir: Path, tag: str) -> list[float]:
 def logged_steps(run_dir: Path, tag: str) -> list[int]:
     """The steps ``tag`` is logged at in the run's TensorBoard event files."""
     return [step for step, _ in logged_events(run_dir, tag)]
+
+
+@pytest.mark.parametrize(
+    ("values", "cell"),
+    [
+        ([1, 1], "1"),
+        ([1, 7, 3], "1-7"),
+        ([7, None], "7 (1 of 2 runs)"),
+        ([3, None, 9], "3-9 (2 of 3 runs)"),
+        ([None], "-"),
+    ],
+)
+def test_the_which_update_cell_gives_the_range_and_how_many_runs_it_covers(values: list, cell: str) -> None:
+    assert _range_cell(values) == cell
 
 
 def test_anatomy_refuses_the_flags_of_other_studies_and_a_suite_without_runs(tmp_path: Path) -> None:

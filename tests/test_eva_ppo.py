@@ -12,6 +12,7 @@ import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.logger import KVWriter, Logger
 
 import eva_rl
 from eva_rl import EvaConfig, LoraConfig
@@ -201,6 +202,44 @@ def test_every_rollout_eva_read_is_trained_on_with_its_own_data(monkeypatch: pyt
     assert len(trained_on) == len(recorder.observations) == rollouts
     for got, collected in zip(trained_on, recorder.observations):
         np.testing.assert_array_equal(got, collected)
+
+
+class KeepDumps(KVWriter):
+    """An SB3 logger output that keeps every dumped set of values."""
+
+    def __init__(self) -> None:
+        self.dumps: list[dict] = []
+
+    def write(self, key_values: dict, key_excluded: dict, step: int = 0) -> None:
+        self.dumps.append(dict(key_values))
+
+
+def test_the_catch_up_rows_first_and_largest_kl_are_logged_beside_its_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train/approx_kl`` keeps only the row's last update; ``init/`` gets its first and largest and its length."""
+    base = make_pretrained("mlp-discrete")
+    eva = EvaConfig(batch_size=BATCH, max_batches=60, on_max_batches="warn", data_source="ppo")
+    env = make_vec_env(VARIANTS["mlp-discrete"][0], n_envs=N_ENVS, seed=0)
+    model = eva_rl.adapt(base, env, "eva", LoraConfig(r=2), eva, n_steps=N_STEPS, batch_size=64, n_epochs=2)
+    output = KeepDumps()
+    model.set_logger(Logger(None, [output]))
+    kls: list[float] = []
+    plain_train = PPO.train
+
+    def recording_train(self: PPO) -> None:
+        plain_train(self)
+        kls.append(self.logger.name_to_value["train/approx_kl"])
+
+    monkeypatch.setattr(PPO, "train", recording_train)
+    model.learn(5 * N_STEPS * N_ENVS)
+    row = model.policy.eva_report.deferred_steps // (N_STEPS * N_ENVS) + 1
+    assert row >= 2, "the test needs EVA to read two rollouts"
+    assert len(set(kls[:row])) == row, "the row's updates must differ for the test to tell them apart"
+    logged = [d for d in output.dumps if "init/catch_up_updates" in d]
+    assert len(logged) == 1
+    assert logged[0]["init/catch_up_updates"] == row
+    assert logged[0]["init/catch_up_first_approx_kl"] == pytest.approx(kls[0])
+    assert logged[0]["init/catch_up_max_approx_kl"] == pytest.approx(max(kls[:row]))
+    assert logged[0]["train/approx_kl"] == pytest.approx(kls[row - 1])
 
 
 @pytest.mark.parametrize(

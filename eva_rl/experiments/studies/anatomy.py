@@ -295,6 +295,5 @@ def _range_cell(values: list[int | None]) -> str:
     if not known:
         return "-"
     low, high = min(known), max(known)
-    if len(known) < len(values):
-        return f"{low}-{high} ({len(known)} of {len(values)} runs)"
-    return str(low) if low == high else f"{low}-{high}"
+    cell = str(low) if low == high else f"{low}-{high}"
+    return cell if len(known) == len(values) else f"{cell} ({len(known)} of {len(values)} runs)"

@@ -777,7 +777,9 @@ class SuiteStudy(Study[SuiteReport]):
         rows = max(len(task.methods) for task in report.tasks.values())
         figure, axes = new_figure(**panel_grid(tasks, 4.2, 0.4 * rows + 1.6))
         draw_final_returns(axes, report)
-        figure.suptitle("final return per task (method, seeds)", fontsize=10)
+        scores = {task.score for task in report.tasks.values()}
+        score = scores.pop() if len(scores) == 1 else "score"
+        figure.suptitle(f"final {score} per task (method, seeds)", fontsize=10)
         paths.append(save_figure(figure, out / "final_return.png"))
         ranks = eva_ranks(report, self._eva_reports(runs))
         if ranks:
