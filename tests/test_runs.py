@@ -301,6 +301,27 @@ def test_a_change_to_the_agents_statistics_or_zoo_config_makes_its_runs_stale(tm
         runs.run(spec, progress=False)
 
 
+def test_evas_cap_is_no_difference_for_a_run_whose_eva_converged_before_it(tmp_path: Path) -> None:
+    """A run whose EVA converged before the recorded and the asked cap is the same run under both; one whose
+    EVA would have hit the asked cap is not, and any other change still counts."""
+    spec = point_goal_spec(tmp_path, data_source="rollouts")  # EVA reads until it converges, not until the budget
+    first = runs.run(spec, progress=False)
+    eva = spec.folder.read_eva()
+    assert all(eva.converged.values()) and eva.batches_used < spec.task.eva.max_batches
+
+    def asking(**changes) -> runs.RunSpec:
+        return dataclasses.replace(
+            spec, task=spec.task.with_overrides(dict(eva=dataclasses.replace(spec.task.eva, **changes)))
+        )
+
+    for same in (asking(on_max_batches="warn"), asking(max_batches=eva.batches_used + 1, on_max_batches="warn")):
+        assert runs.completed_result(same) == first and runs.run(same, progress=False) == first
+    with pytest.raises(runs.RunDirError, match=rf"eva.max_batches: 100 -> {eva.batches_used}\)"):
+        runs.completed_result(asking(max_batches=eva.batches_used))
+    with pytest.raises(runs.RunDirError, match=r"\(eva.tau: [0-9.]+ -> 0.5\)"):  # the cap's change left out
+        runs.run(asking(on_max_batches="warn", tau=0.5), progress=False)
+
+
 def test_results_written_before_the_agents_inputs_were_recorded_are_not_stale() -> None:
     recorded = {"agent_sha256": "a", "total_timesteps": 10}
     assert runs.settings_differences(recorded, {**recorded, "agent_inputs": {"vecnormalize.pkl": "b"}}) == []

@@ -116,12 +116,13 @@ def check_run_dir(spec: RunSpec, settings: dict[str, Any], resume: bool = False,
         if overwrite:  # a damaged record: started over like a stale one
             return True
         raise
-    stale = recorded is not None and bool(settings_differences(recorded, settings))
+    differences = [] if recorded is None else run_differences(folder, recorded, settings)
+    stale = bool(differences)
     kept = "a completed" if folder.is_complete else None
     if kept is None and folder.has_checkpoint:
         kept = "an unfinished"
     if stale and kept and not overwrite:
-        raise RunDirError(_stale_message(run_dir, kept, recorded, settings))
+        raise RunDirError(_stale_message(run_dir, kept, differences))
     if kept == "an unfinished" and not stale and not resume:
         raise RunDirError(f"{run_dir} holds an unfinished run; pass --resume to continue it, or use another --log-dir")
     return stale
@@ -198,6 +199,27 @@ def settings_differences(recorded: dict[str, Any], current: dict[str, Any]) -> l
     ]
 
 
+EVA_CAP_SETTINGS = ("eva.max_batches", "eva.on_max_batches")
+"""EVA's batch cap and what it does there: settings that a run whose EVA converged before the cap never used."""
+
+
+def run_differences(folder: RunFolder, recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """:func:`settings_differences` of the run in ``folder``, less those its run never used: EVA's cap where the
+    run's EVA converged before both the recorded and the current cap (the two settings then make the same run)."""
+    differences = settings_differences(recorded, current)
+    capped = [d for d in differences if d.split(":")[0] in EVA_CAP_SETTINGS]
+    if capped and _converged_before_caps(folder.read_eva(), recorded, current):
+        return [d for d in differences if d not in capped]
+    return differences
+
+
+def _converged_before_caps(eva: EvaReport | None, recorded: dict[str, Any], current: dict[str, Any]) -> bool:
+    if eva is None or not eva.converged or not all(eva.converged.values()):
+        return False
+    caps = [settings.get("eva", {}).get("max_batches") for settings in (recorded, current)]
+    return all(cap is None or eva.batches_used < cap for cap in caps)
+
+
 def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in settings.items():
@@ -208,11 +230,10 @@ def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _stale_message(run_dir: Path, kind: str, recorded: dict[str, Any], settings: dict[str, Any]) -> str:
-    differences = "; ".join(settings_differences(recorded, settings))
+def _stale_message(run_dir: Path, kind: str, differences: list[str]) -> str:
     return (
-        f"{run_dir} holds {kind} run made with other settings ({differences}); pass --overwrite to start it over "
-        "with these settings, or use another --log-dir"
+        f"{run_dir} holds {kind} run made with other settings ({'; '.join(differences)}); pass --overwrite to start "
+        "it over with these settings, or use another --log-dir"
     )
 
 
@@ -222,8 +243,9 @@ def _completed(spec: RunSpec, settings: dict[str, Any]) -> RunResult:
     :raises RunDirError: naming the settings that differ.
     """
     result = spec.folder.read_result()
-    if result.settings is not None and settings_differences(result.settings, settings):
-        raise RunDirError(_stale_message(spec.run_dir, "a completed", result.settings, settings))
+    differences = [] if result.settings is None else run_differences(spec.folder, result.settings, settings)
+    if differences:
+        raise RunDirError(_stale_message(spec.run_dir, "a completed", differences))
     return result
 
 

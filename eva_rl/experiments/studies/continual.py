@@ -36,7 +36,7 @@ from eva_rl.experiments.machine import platform_line
 from eva_rl.experiments.plots import new_figure, save_figure, seed_count
 from eva_rl.experiments.published import SEQUENCE_METRICS, PublishedApproaches, published_notes
 from eva_rl.experiments.run_folder import RunDirError, RunFolder, RunResult
-from eva_rl.experiments.runs import RunSpec, run_settings, settings_differences, task_settings
+from eva_rl.experiments.runs import RunSpec, run_differences, run_settings, task_settings
 from eva_rl.experiments.sequences import ContinualSequence, Stage
 from eva_rl.experiments.stats import Interval, normalized_auc, stratified_iqm
 from eva_rl.experiments.studies.base import Planned, Study
@@ -284,7 +284,7 @@ class ContinualStudy(Study[ContinualReport]):
         current = run_settings(dataclasses.replace(spec, agent_path=self.base.agent_path))
         recorded.pop("agent_sha256", None)
         current.pop("agent_sha256", None)
-        differences = settings_differences(recorded, current)
+        differences = run_differences(spec.folder, recorded, current)
         if differences:
             raise RunDirError(
                 f"{spec.run_dir} holds a completed run made with other settings ({'; '.join(differences)}) and its "
