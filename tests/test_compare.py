@@ -101,7 +101,7 @@ def test_a_failing_run_is_named_and_the_others_complete_before_its_error(
         executor = LocalProcesses(workers, echo=lines.append)
     with pytest.raises(RunDirError, match="settings.json"):
         executor.run([spec for _, spec in suite.run_specs(tmp_path)])
-    failed = f"{broken.task.name} {broken.method} seed{broken.seed}: failed"
+    failed = f"{broken.task.name} {broken.method} seed{broken.seed}: failed (RunDirError: "
     finals = 0 if side_by_side else 3
     assert sum(failed in line for line in lines) == 1 and sum("final" in line for line in lines) == finals, lines
     assert lines[-1] == "1 of 4 runs failed (named above); the first one's error:"

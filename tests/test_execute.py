@@ -69,7 +69,8 @@ def test_a_failed_run_fails_the_runs_that_start_from_it_unattempted(tmp_path: Pa
     with pytest.raises(RuntimeError, match="c1 broke"):  # the first error, once every run has ended
         LocalProcesses(1, echo=lines.append).run(list(specs.values()))
     assert made == ["c1", "a", "b"]
-    assert sum(line.endswith(": failed") for line in lines) == 3
+    assert sum(line.endswith(": failed (RuntimeError: c1 broke)") for line in lines) == 1
+    assert sum(": failed (PrerequisiteFailed: " in line for line in lines) == 2
     assert "3 of 5 runs failed" in lines[-1]
 
     outcomes = []

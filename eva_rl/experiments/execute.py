@@ -107,19 +107,29 @@ def progress_line(
     result: RunResult | None,
     to_go: float | None = None,
     after: RunSpec | None = None,
+    error: BaseException | None = None,
 ) -> str:
     """A finished run's line: its final return (and success rate, where the env reports one), or ``failed``
-    (``result`` None), and the time the runs still to make should take (``to_go`` seconds).
+    (``result`` None) and why, and the time the runs still to make should take (``to_go`` seconds).
 
     :param after: The run whose model it started from, where that run is in the same call (a sequential stage): the
         line names its task, apart from the same task's run from the pretrained agent.
+    :param error: A failed run's error: its type and first line follow ``failed``, so a sweep's log says why as the
+        run ends, not only once every run has.
     """
     outcome = "failed" if result is None else f"final {result.final_return:.3f}"
+    if result is None and error is not None:
+        outcome += f" ({_first_line(error)})"
     if result is not None and result.success_curve:
         outcome += f", success {result.success_curve[-1][1]:.2f}"
     estimate = "" if to_go is None else f" (about {duration(to_go)} to go)"
     start = "" if after is None else f" after {after.task.name}"
     return f"[{done}/{total}] {spec.task.name} {spec.method} seed{spec.seed}{start}: {outcome}{estimate}"
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    line = f"{type(error).__name__}: {str(error).strip()}".splitlines()[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def duration(seconds: float) -> str:
@@ -244,7 +254,7 @@ class _Outcomes:
         except Exception as error:
             self.failures.append(error)
             self.to_make.discard(i)
-            self.echo(progress_line(done, len(self.specs), self.specs[i], None, self.to_go(), after))
+            self.echo(progress_line(done, len(self.specs), self.specs[i], None, self.to_go(), after, error))
             return
         if i in self.to_make:
             self.made_walls.append(self.results_at[i].wall_seconds)
