@@ -301,13 +301,16 @@ def test_a_change_to_the_agents_statistics_or_zoo_config_makes_its_runs_stale(tm
         runs.run(spec, progress=False)
 
 
-def test_evas_cap_is_no_difference_for_a_run_whose_eva_converged_before_it(tmp_path: Path) -> None:
-    """A run whose EVA converged before the recorded and the asked cap is the same run under both; one whose
-    EVA would have hit the asked cap is not, and any other change still counts."""
-    spec = point_goal_spec(tmp_path, data_source="rollouts")  # EVA reads until it converges, not until the budget
+@pytest.mark.parametrize("stopped_by", ["convergence", "the budget"])
+def test_evas_cap_is_no_difference_for_a_run_whose_eva_stopped_before_it(tmp_path: Path, stopped_by: str) -> None:
+    """A run whose EVA stopped (converged, or its budget ended) before the recorded and the asked cap is the same run
+    under both; one whose EVA would have hit the asked cap is not, and any other change still counts."""
+    # EVA on rollouts of its own reads until it converges; on PPO's two rollouts it stops where the budget ends
+    spec = point_goal_spec(tmp_path, data_source="rollouts" if stopped_by == "convergence" else "ppo")
     first = runs.run(spec, progress=False)
     eva = spec.folder.read_eva()
-    assert all(eva.converged.values()) and eva.batches_used < spec.task.eva.max_batches
+    assert all(eva.converged.values()) == (stopped_by == "convergence")
+    assert eva.batches_used < spec.task.eva.max_batches
 
     def asking(**changes) -> runs.RunSpec:
         return dataclasses.replace(

@@ -200,24 +200,23 @@ def settings_differences(recorded: dict[str, Any], current: dict[str, Any]) -> l
 
 
 EVA_CAP_SETTINGS = ("eva.max_batches", "eva.on_max_batches")
-"""EVA's batch cap and what it does there: settings that a run whose EVA converged before the cap never used."""
+"""EVA's batch cap and what it does there: settings that a run whose EVA stopped before the cap never used."""
 
 
 def run_differences(folder: RunFolder, recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """:func:`settings_differences` of the run in ``folder``, less those its run never used: EVA's cap where the
-    run's EVA converged before both the recorded and the current cap (the two settings then make the same run)."""
+    run's EVA stopped (converged, or its budget ended) before both the recorded and the current cap (the two
+    settings then make the same run)."""
     differences = settings_differences(recorded, current)
     capped = [d for d in differences if d.split(":")[0] in EVA_CAP_SETTINGS]
-    if capped and _converged_before_caps(folder.read_eva(), recorded, current):
+    if capped and _stopped_before_caps(folder.read_eva(), recorded, current):
         return [d for d in differences if d not in capped]
     return differences
 
 
-def _converged_before_caps(eva: EvaReport | None, recorded: dict[str, Any], current: dict[str, Any]) -> bool:
-    if eva is None or not eva.converged or not all(eva.converged.values()):
-        return False
+def _stopped_before_caps(eva: EvaReport | None, recorded: dict[str, Any], current: dict[str, Any]) -> bool:
     caps = [settings.get("eva", {}).get("max_batches") for settings in (recorded, current)]
-    return all(cap is None or eva.batches_used < cap for cap in caps)
+    return eva is not None and all(cap is None or eva.batches_used < cap for cap in caps)
 
 
 def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
