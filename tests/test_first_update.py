@@ -149,3 +149,17 @@ def test_eva_reads_the_rollouts_from_the_first_until_it_converges_as_in_a_run() 
         top = torch.linalg.svd(observations - observations.mean(0), full_matrices=False).Vh[0]
         lora_a = model.policy.lora_layers["mlp_extractor.policy_net.0"].lora_A.detach().double()
         assert abs(float(lora_a[0] @ top)) / float(lora_a[0].norm()) > 0.95
+
+
+def test_the_page_keeps_three_significant_digits_of_a_small_kl() -> None:
+    """A 1M agent's first update at its small rate moves the policy by a KL of 1e-4: the page must not round it
+    to 0.000."""
+    from eva_rl.experiments.studies.first_update import FACTORS, _summary, first_update_markdown
+
+    def record(seed: int, kl: float) -> dict:
+        factors = {str(f): {"kl": kl * f, "approx_kl": kl * f, "layers": {}} for f in FACTORS}
+        return {"seed": seed, "learning_rate": 3.125e-5, "factors": factors}
+
+    summary = _summary([record(0, 1.2e-4), record(1, 1.2e-4)])
+    page = first_update_markdown("smoke", {"Task": {"lora": summary}})
+    assert "| lora | 2 | 3.13e-05 | 0.00012 [0.00012, 0.00012] | 3e-05 [3e-05, 3e-05] |" in page

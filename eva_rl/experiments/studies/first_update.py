@@ -398,8 +398,9 @@ def first_update_markdown(suite: str, report: dict[str, Any]) -> str:
         lines += ["| " + " | ".join(headings) + " |", "|---" * len(headings) + "|"]
         for method, s in methods.items():
             cells = [method, str(len(s["seeds"])), f"{s['learning_rate']:.3g}"]
-            cells += [mean_interval(s["kl"][str(f)]).format() for f in FACTORS]
-            cells.append(mean_interval(s["approx_kl"]).format())
+            # three significant digits: a KL spans 1e-5 (a 1M agent's first update at its small rate) to 10 and more
+            cells += [mean_interval(s["kl"][str(f)]).format(".3g") for f in FACTORS]
+            cells.append(mean_interval(s["approx_kl"]).format(".3g"))
             cells.append(_matched_cell(s))
             lines.append("| " + " | ".join(cells) + " |")
         # then, at each method's rate, one table per layer figure (methods as rows, layers as columns)
