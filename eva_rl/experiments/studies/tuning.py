@@ -180,7 +180,8 @@ def draw_sensitivity(axes: Any, suite: Suite, report: TuningReport) -> None:
     seeds = ", ".join(str(seed) for seed in suite.tuning_seeds)
     partial = report.get("partial")
     progress = f", {partial['completed']} of {partial['planned']} runs in" if partial else ""
-    axes[0].set_title(f"{suite.name}: tuning seeds {seeds} (ring: chosen{progress})")
+    # over both panels: over the first alone, a sweep's progress made it run off the figure's left edge
+    axes[0].figure.suptitle(f"{suite.name}: tuning seeds {seeds} (ring: chosen{progress})", fontsize=11)
     axes[1].legend(fontsize=7, ncol=2)
 
 
