@@ -13,6 +13,7 @@ import inspect
 import json
 import time
 import warnings
+from collections.abc import Collection
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,8 +183,9 @@ they existed: a result that records none is not stale for it while the run asks 
 record that only got more detailed, like ``agent_inputs``)."""
 
 
-def settings_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``["key: recorded -> current", ...]`` for every (dotted, nested) setting that differs."""
+def settings_differences(recorded: dict[str, Any], current: dict[str, Any], ignored: Collection[str] = ()) -> list[str]:
+    """``["key: recorded -> current", ...]`` for every (dotted, nested) setting that differs, but those in
+    ``ignored``."""
     old, new = _flatten(recorded), _flatten(current)
     for added, before in ADDED_SETTINGS.items():
         if any(key == added or key.startswith(f"{added}.") for key in old):
@@ -195,7 +197,7 @@ def settings_differences(recorded: dict[str, Any], current: dict[str, Any]) -> l
     return [
         f"{key}: {old.get(key, missing)!r} -> {new.get(key, missing)!r}"
         for key in sorted(old.keys() | new.keys())
-        if old.get(key, missing) != new.get(key, missing)
+        if old.get(key, missing) != new.get(key, missing) and key not in ignored
     ]
 
 
@@ -208,9 +210,9 @@ def run_differences(folder: RunFolder, recorded: dict[str, Any], current: dict[s
     run's EVA stopped (converged, or its budget ended) before both the recorded and the current cap (the two
     settings then make the same run)."""
     differences = settings_differences(recorded, current)
-    capped = [d for d in differences if d.split(":")[0] in EVA_CAP_SETTINGS]
-    if capped and _stopped_before_caps(folder.read_eva(), recorded, current):
-        return [d for d in differences if d not in capped]
+    uncapped = settings_differences(recorded, current, ignored=EVA_CAP_SETTINGS)
+    if len(uncapped) < len(differences) and _stopped_before_caps(folder.read_eva(), recorded, current):
+        return uncapped
     return differences
 
 
