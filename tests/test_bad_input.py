@@ -84,6 +84,23 @@ BAD_SUITES = [
         "tuning_grid['learning_rate']='x' is invalid",
     ),
     (
+        {"tasks": [{"task": "PointGoal", "threshold": 0.5}], "method_tuning_grid": {"dora": {"learning_rate": [1e-4]}}},
+        "method_tuning_grid={'dora': {'learning_rate': [0.0001]}} is invalid: expected {method: {setting: [values]}} "
+        "with methods out of the suite's ['eva', 'full']",
+    ),
+    (
+        {
+            "tasks": [{"task": "PointGoal", "threshold": 0.5}],
+            "tuning_grid": {"learning_rate": [1e-3]},
+            "method_tuning_grid": {"eva": {"r": [8]}},
+        },
+        "method_tuning_grid['eva'] keys ['r'] are invalid: expected keys out of tuning_grid's ['learning_rate']",
+    ),
+    (
+        {"tasks": [{"task": "PointGoal", "threshold": 0.5}], "method_tuning_grid": {"eva": {"learning_rate": [-1]}}},
+        "method_tuning_grid['eva']['learning_rate']=-1 is invalid",
+    ),
+    (
         {
             "tasks": [{"task": "PointGoal", "threshold": 0.5}],
             "rank_study": {"task": "PointGoal", "ranks": [1, 2], "methods": ["eva"], "tuning_grid": {"lr": [1e-3]}},

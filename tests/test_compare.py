@@ -14,7 +14,7 @@ from eva_rl.experiments.execute import LocalProcesses, RayCluster
 from eva_rl.experiments.run_folder import RunResult
 from eva_rl.experiments.studies.base import conduct
 from eva_rl.experiments.studies.suite import SuiteReport, SuiteStudy, aggregate, results_markdown
-from eva_rl.experiments.studies.tuning import TuningSweep, at_the_edge
+from eva_rl.experiments.studies.tuning import TuningSweep, at_the_edge, edge_notes
 from eva_rl.experiments.suites import SUITE_DIR, Suite, SuiteTask, load_suite
 from eva_rl.experiments.tasks import ConfigError, find_task
 
@@ -186,6 +186,28 @@ def test_a_tuning_sweep_under_way_reports_the_points_it_has_and_says_how_many_ru
     # once every run is in, the report says nothing of a sweep under way
     complete = [(key, _flat_run(key[1], spec.method, spec.seed, 0.5)) for key, spec in planned]
     assert "partial" not in sweep.report(complete)
+
+
+def test_a_methods_own_tuning_values_are_tried_for_it_alone_and_can_be_chosen(tmp_path: Path) -> None:
+    suite = dataclasses.replace(smoke_suite(), method_tuning_grid={"eva": {"learning_rate": [3e-4, 1e-2]}})
+    assert suite.tuning_grid_of("eva") == {"learning_rate": [3e-4, 1e-3, 3e-3, 1e-2]}  # 1e-2 once
+    assert suite.tuning_grid_of("full") == suite.tuning_grid
+    sweep = TuningSweep(suite, tmp_path, echo=lambda line: None)
+    planned = sweep.plan()
+    by_method = {m: sorted(key[0] for key, spec in planned if spec.method == m) for m in ("eva", "full")}
+    assert by_method["eva"] == ["learning_rate0.0003", "learning_rate0.001", "learning_rate0.003", "learning_rate0.01"]
+    assert by_method["full"] == ["learning_rate0.001", "learning_rate0.003", "learning_rate0.01"]
+    # eva's own value wins: chosen, and at its grid's edge, the note names where to extend eva's values
+    returns = dict(zip(by_method["eva"], (0.9, 0.5, 0.3, 0.1)))  # 3e-4 best, then falling with the rate
+    runs = [(key, _flat_run(key[1], spec.method, spec.seed, returns[key[0]])) for key, spec in planned]
+    report = sweep.report(runs)
+    assert report["chosen"] == {"eva": {"learning_rate": 3e-4}, "full": {"learning_rate": 1e-3}}
+    assert "partial" not in report and set(report["auc_iqm"]["full"]) == set(by_method["full"])
+    # both at their grid's smallest: eva is told to extend its own values, full the shared grid
+    eva_note, full_note = edge_notes(suite, report["chosen"])
+    assert "best learning_rate of eva, 0.0003, is the grid's smallest" in eva_note
+    assert "extend method_tuning_grid.eva.learning_rate past it" in eva_note
+    assert "of full, 0.001, is the grid's smallest" in full_note and "extend tuning_grid.learning_rate" in full_note
 
 
 def test_a_tuning_sweep_scores_a_success_task_by_its_success_rate(tmp_path: Path, monkeypatch) -> None:

@@ -211,7 +211,7 @@ def test_tuning_at_every_rank_plans_each_point_and_picks_per_method_and_rank(tmp
 
 
 def test_a_rank_study_with_a_grid_of_its_own_tunes_on_it_and_shares_only_the_suites_points(tmp_path: Path) -> None:
-    from eva_rl.experiments.studies.tuning import RankTuningSweep, point_name
+    from eva_rl.experiments.studies.tuning import RankTuningSweep, TuningSweep, point_name
 
     suite = load_suite("smoke")  # the suite's grid: 1e-3 / 3e-3 / 1e-2; eva at r = 4 is among its tuning runs
     own = [3e-3, 6e-3]
@@ -228,6 +228,13 @@ def test_a_rank_study_with_a_grid_of_its_own_tunes_on_it_and_shares_only_the_sui
         shared = (r, spec.method, name) == (4, "eva", point_name({"learning_rate": 3e-3}))
         root = tmp_path / "smoke-tuning" if shared else tmp_path / "smoke-rank-tuning" / f"r{r}"
         assert spec.run_dir.is_relative_to(root / name)
+    # once eva's own suite tuning tries 6e-3 too, its run there at r = 4 is shared as well
+    suite = dataclasses.replace(suite, method_tuning_grid={"eva": {"learning_rate": [6e-3]}})
+    suite_runs = {spec.run_dir for _, spec in TuningSweep(suite, tmp_path).plan()}
+    for (r, _), spec in RankTuningSweep(suite, tmp_path).plan():
+        shared = (r, spec.method) == (4, "eva")
+        assert (spec.run_dir in suite_runs) == shared
+        assert spec.run_dir.is_relative_to(tmp_path / "smoke-tuning") == shared
 
 
 @pytest.mark.parametrize(

@@ -239,7 +239,7 @@ def compare_command(args: argparse.Namespace) -> int:
     from eva_rl.experiments.studies.base import conduct
     from eva_rl.experiments.studies.ranks import RankStudyRuns
     from eva_rl.experiments.studies.suite import SuiteStudy
-    from eva_rl.experiments.studies.tuning import RankTuningSweep, TuningSweep, at_the_edge
+    from eva_rl.experiments.studies.tuning import RankTuningSweep, TuningSweep, at_the_edge, edge_notes
     from eva_rl.experiments.suites import load_suite
 
     suite = load_suite(args.suite)
@@ -284,7 +284,7 @@ def compare_command(args: argparse.Namespace) -> int:
     elif args.tune:
         print(f"\nTuning: {out}/tuning.json. For the suite file:")
         print(yaml.safe_dump({"method_settings": report["chosen"]}, sort_keys=False))
-        print("\n".join(at_the_edge(suite.tuning_grid, report["chosen"])))
+        print("\n".join(edge_notes(suite, report["chosen"])))
     else:
         print(f"\nResults: {out}/results.md, results.json, sample_efficiency*.png, final_return.png, eva_ranks.png")
         if next(out.rglob(RunFolder.EVENTS), None) is not None:  # committed pages keep no event files

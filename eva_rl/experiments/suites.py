@@ -181,6 +181,9 @@ class Suite(Seeded):
         were made with).
     :param tuning_seeds: Seeds of the tuning sweep (kept apart from ``seeds``, which report results).
     :param tuning_grid: ``{setting: [values]}`` tried for every method alike, e.g. ``{learning_rate: [...]}``.
+    :param method_tuning_grid: ``{method: {setting: [values]}}``: values one method's tuning tries besides the
+        ``tuning_grid``'s, e.g. below it where that method's best was the grid's smallest (the other methods, whose
+        best lay inside it, make no runs there).
     :param tuning_tasks: Tasks the tuning sweep runs on (default: all); the chosen settings apply to every task.
     :param rank_study: Methods at several ranks on one of the tasks (:class:`RankStudy`), run by
         ``compare.py --rank-study``.
@@ -200,6 +203,7 @@ class Suite(Seeded):
     settings: dict[str, Any] = field(default_factory=dict)
     tuning_seeds: list[int] = field(default_factory=lambda: [100, 101])
     tuning_grid: dict[str, list[float]] = field(default_factory=dict)
+    method_tuning_grid: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     tuning_tasks: list[str] | None = None
     rank_study: RankStudy | None = None
     resamples: int = 2000
@@ -229,6 +233,7 @@ class Suite(Seeded):
             if getattr(self, name) is not None:
                 check_count(getattr(self, name), name)
         check_tuning_grid(self.tuning_grid, "tuning_grid")
+        self._check_method_tuning_grid()
         names = [t.task for t in self.tasks]
         check_distinct(names, f"suite {self.name} tasks")
         if self.tuning_tasks is not None:
@@ -252,6 +257,34 @@ class Suite(Seeded):
             self.published = build_config(PublishedScores, self.published, "published")
         if self.published is not None:
             _check_subset("published: scores", list(self.published.scores), self.methods, f"{self.methods}")
+
+    def _check_method_tuning_grid(self) -> None:
+        extra = self.method_tuning_grid
+        if not isinstance(extra, dict) or set(extra) - set(self.methods):
+            raise ConfigError(
+                f"method_tuning_grid={extra!r} is invalid: expected {{method: {{setting: [values]}}}} with methods out "
+                f"of the suite's {self.methods}"
+            )
+        for method, grid in extra.items():
+            where = f"method_tuning_grid[{method!r}]"
+            check_tuning_grid(grid, where)
+            # one tuned setting per sweep, the one the sensitivity plot draws: a method tries more of its values
+            if set(grid) - set(self.tuning_grid):
+                raise ConfigError(
+                    f"{where} keys {sorted(set(grid) - set(self.tuning_grid))} are invalid: expected keys out of "
+                    f"tuning_grid's {sorted(self.tuning_grid)}"
+                )
+
+    def tuning_grid_of(self, method: str) -> dict[str, list[float]]:
+        """The grid ``method``'s tuning tries: ``tuning_grid`` with ``method_tuning_grid``'s values for it, sorted."""
+        extra = self.method_tuning_grid.get(method, {})
+        return {key: sorted(set(values) | set(extra.get(key, []))) for key, values in self.tuning_grid.items()}
+
+    @property
+    def full_tuning_grid(self) -> dict[str, list[float]]:
+        """Every value some method's tuning tries, sorted: the tuning page's x-axis."""
+        grids = [self.tuning_grid_of(method) for method in self.methods]
+        return {key: sorted({value for grid in grids for value in grid[key]}) for key in self.tuning_grid}
 
     def score_of(self, task: str) -> str:
         """What the page compares on ``task``: ``"return"`` or ``"success"`` (its :class:`SuiteTask`'s score)."""

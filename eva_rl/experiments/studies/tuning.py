@@ -1,5 +1,6 @@
-"""The tuning sweep (``compare.py --suite NAME --tune``): the same small grid for every method on the suite's tuning
-seeds and tasks; each method keeps the grid point with the best IQM normalized AUC (sample efficiency).
+"""The tuning sweep (``compare.py --suite NAME --tune``): the same small grid for every method (and a method's own
+values beyond it) on the suite's tuning seeds and tasks; each method keeps the grid point with the best IQM
+normalized AUC (sample efficiency).
 
 Its page is ``<log_dir>/<suite>-tuning/tuning.json``; the choices are printed ready to paste into the suite's
 ``method_settings``.
@@ -58,6 +59,17 @@ def at_the_edge(
     return notes
 
 
+def edge_notes(suite: Suite, chosen: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """:func:`at_the_edge` for each method's choice against the grid it tried: a method with values of its own
+    (``method_tuning_grid``) is told to extend those, the other methods' grid left as it is."""
+    return [
+        note
+        for method, point in chosen.items()
+        for where in [f"method_tuning_grid.{method}" if method in suite.method_tuning_grid else "tuning_grid"]
+        for note in at_the_edge(suite.tuning_grid_of(method), {method: point}, where)
+    ]
+
+
 def point_name(point: dict[str, float]) -> str:
     """A grid point as a folder name: ``learning_rate0.001``."""
     return "-".join(f"{key}{value:g}" for key, value in point.items()) or "default"
@@ -89,16 +101,18 @@ class TuningSweep(Study[TuningReport]):
         return self.log_dir / f"{self.suite.name}-tuning"
 
     def plan(self) -> Planned:
-        """Every grid point x method x tuning seed x tuning task; a point's runs go to ``<point>/<suite>/``."""
+        """Every grid point x method x tuning seed x tuning task, a method's own grid points (``method_tuning_grid``)
+        for it alone; a point's runs go to ``<point>/<suite>/``."""
         suite = self.suite
         tasks = [t for t in suite.tasks if suite.tuning_tasks is None or t.task in suite.tuning_tasks]
         return [
             ((point_name(point), suite_task.task), suite.run_spec(suite_task, method, seed, folder, settings=point))
-            for point in tuning_points(suite.tuning_grid)
+            for point in tuning_points(suite.full_tuning_grid)
             for folder in [self.out_dir / point_name(point) / suite.name]
             for suite_task in tasks
             for seed in suite.tuning_seeds
             for method in suite.task_methods(suite_task, self.methods)
+            if point in tuning_points(suite.tuning_grid_of(method))
         ]
 
     def score(self, key: tuple[str, str]) -> str:
@@ -111,7 +125,7 @@ class TuningSweep(Study[TuningReport]):
         planned runs are in (``"partial"``)."""
         auc: dict[str, dict[str, float]] = {}
         final: dict[str, dict[str, float]] = {}
-        for point in tuning_points(self.suite.tuning_grid):
+        for point in tuning_points(self.suite.full_tuning_grid):
             for method in self.methods:
                 aucs: dict[str, list[float]] = {}
                 finals: dict[str, list[float]] = {}
@@ -124,7 +138,7 @@ class TuningSweep(Study[TuningReport]):
                     final.setdefault(method, {})[point_name(point)] = float(
                         stratified_iqm(list(finals.values())).estimate
                     )
-        points = {point_name(point): point for point in tuning_points(self.suite.tuning_grid)}
+        points = {point_name(point): point for point in tuning_points(self.suite.full_tuning_grid)}
         # a copy each: shared dicts would print as YAML anchors and aliases
         chosen = {method: dict(points[max(by_point, key=by_point.__getitem__)]) for method, by_point in auc.items()}
         platform = platform_line(result.platform for _, result in runs)
@@ -157,8 +171,8 @@ class TuningSweep(Study[TuningReport]):
 def draw_sensitivity(axes: Any, suite: Suite, report: TuningReport) -> None:
     """Normalized AUC and final return (IQM over the tuning seeds and tasks) against the one tuned setting, one line
     per method, each method's chosen value ringed: how sharply each method depends on it."""
-    ((key, values),) = suite.tuning_grid.items()
-    points = tuning_points(suite.tuning_grid)
+    ((key, values),) = suite.full_tuning_grid.items()
+    points = tuning_points(suite.full_tuning_grid)
     final = "final success rate" if report.get("score") == "success" else "final return"
     for axis, (table, label) in zip(axes, ((report["auc_iqm"], "normalized AUC"), (report["final_iqm"], final))):
         for method, by_point in table.items():
@@ -237,7 +251,7 @@ class RankTuningSweep(Study[TuningReport]):
         suite = self.suite
         lora = suite.run_spec(suite_task, method, suite.tuning_seeds[0], self.out_dir, settings=point).task.lora
         return (
-            point in tuning_points(suite.tuning_grid)
+            point in tuning_points(suite.tuning_grid_of(method))
             and (suite.tuning_tasks is None or suite_task.task in suite.tuning_tasks)
             and method in suite.task_methods(suite_task, suite.methods)
             and lora.r == r
