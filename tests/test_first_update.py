@@ -163,3 +163,20 @@ def test_the_page_keeps_three_significant_digits_of_a_small_kl() -> None:
     summary = _summary([record(0, 1.2e-4), record(1, 1.2e-4)])
     page = first_update_markdown("smoke", {"Task": {"lora": summary}})
     assert "| lora | 2 | 3.13e-05 | 0.00012 [0.00012, 0.00012] | 3e-05 [3e-05, 3e-05] |" in page
+
+
+def test_the_plot_has_one_legend_naming_each_method_once_with_its_seeds() -> None:
+    import matplotlib.pyplot as plt
+
+    from eva_rl.experiments.studies.first_update import draw_first_update
+
+    def summary(seeds: int) -> dict:
+        return {"seeds": list(range(seeds)), "kl": {str(f): [f * 1e-2] * seeds for f in FACTORS}}
+
+    # lora has 3 seeds on both tasks, eva 3 on one and 2 on the other
+    report = {"a": {"lora": summary(3), "eva": summary(3)}, "b": {"lora": summary(3), "eva": summary(2)}}
+    figure = draw_first_update(report)
+    legends = [axis.get_legend() for axis in figure.axes if axis.get_legend() is not None]
+    assert len(legends) == 1
+    assert [text.get_text() for text in legends[0].get_texts()] == ["lora (3 seeds)", "eva (2-3 seeds)"]
+    plt.close(figure)

@@ -299,21 +299,33 @@ def draw_first_update(report: dict[str, Any]) -> Any:
     tasks = [task for task, methods in report.items() if methods]
     columns = min(5, len(tasks))
     rows = -(-len(tasks) // columns)
-    figure, axes = new_figure(rows, columns, figsize=(3.2 * columns, 2.9 * rows), dpi=110, squeeze=False)
+    figure, axes = new_figure(rows, columns, figsize=(3.2 * columns + 1.6, 2.9 * rows), dpi=110, squeeze=False)
+    seeds: dict[str, set[int]] = {}
     for axis, task in zip(axes.flat, tasks, strict=False):
         for method, summary in report[task].items():
             kl = [fmean(summary["kl"][str(f)]) for f in FACTORS]
             axis.plot(FACTORS, kl, marker="o", color=method_color(method), linestyle=method_linestyle(method))
-            axis.lines[-1].set_label(method_label(method, len(summary["seeds"])))
+            axis.lines[-1].set_label(method)
+            seeds.setdefault(method, set()).add(len(summary["seeds"]))
         axis.set(xscale="log", yscale="log", title=task, xlabel="fraction of the method's rate")
         axis.set_xticks(FACTORS, [_factor_label(f) for f in FACTORS])
-        axis.legend(fontsize=6)
     for axis in axes.flat[len(tasks) :]:
         axis.set_visible(False)
     for axis in axes[:, 0]:
         axis.set_ylabel("KL of the first update")
-    figure.tight_layout()
+    # one legend beside the panels, each method once: eight methods' legend inside a panel hid its lines
+    handles = {line.get_label(): line for axis in axes.flat for line in axis.lines}
+    labels = [_legend_label(method, seeds[method]) for method in handles]
+    # on the first row's last panel, outside it: the layout leaves it room
+    axes[0, -1].legend(list(handles.values()), labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     return figure
+
+
+def _legend_label(method: str, seed_counts: set[int]) -> str:
+    """``lora (3 seeds)``, or ``lora (2-3 seeds)`` where tasks have different numbers of its seeds."""
+    if len(seed_counts) == 1:
+        return method_label(method, next(iter(seed_counts)))
+    return f"{method} ({min(seed_counts)}-{max(seed_counts)} seeds)"
 
 
 def _factor_label(factor: float) -> str:
