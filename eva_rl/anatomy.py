@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from eva_rl.eva import layer_input_rows
+from eva_rl.layers import LoraLayer, weight_fan_in
 
 
 @dataclass
@@ -65,8 +66,9 @@ def collect_input_moments(
     batches: Iterable[Any],
     forward_fn: Callable[[nn.Module, Any], Any],
 ) -> dict[str, InputMoments]:
-    """The input moments of each of ``layers`` (by name) over ``forward_fn(policy, batch)`` for every batch."""
-    moments = {name: InputMoments.empty(int(layer.weight[0].numel())) for name, layer in layers.items()}
+    """The input moments of each of ``layers`` (by name: plain or adapted layers) over ``forward_fn(policy, batch)``
+    for every batch."""
+    moments = {name: InputMoments.empty(_fan_in(layer)) for name, layer in layers.items()}
 
     def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(layer: nn.Module, args: tuple[Any, ...]) -> None:
@@ -83,6 +85,10 @@ def collect_input_moments(
         for handle in handles:
             handle.remove()
     return moments
+
+
+def _fan_in(layer: nn.Module) -> int:
+    return layer.fan_in if isinstance(layer, LoraLayer) else weight_fan_in(layer.weight)
 
 
 def adapter_update(
@@ -117,11 +123,17 @@ def layer_anatomy(
     output = torch.trace(weight @ second @ weight.T)
     moved = torch.trace(delta @ second @ delta.T)
     delta_norm = delta.square().sum()
-    kaiming_row = torch.trace(second) / (3 * weight.shape[1])  # E[(a.x)^2] of a row with entries of variance 1/(3n)
-    a_row = torch.trace(lora_a @ second @ lora_a.T) / lora_a.shape[0]
     return {
         "change": float(torch.sqrt(moved / output)) if output > 0 else float("nan"),
         "update_top_share": float((delta @ top).square().sum() / delta_norm) if delta_norm > 0 else float("nan"),
         "a_top_share": float((lora_a @ top).square().sum() / lora_a.square().sum()),
-        "a_signal": float(torch.sqrt(a_row / kaiming_row)) if kaiming_row > 0 else float("nan"),
+        "a_signal": row_signal(lora_a, second),
     }
+
+
+def row_signal(rows: torch.Tensor, second: torch.Tensor) -> float:
+    """``a_signal`` (module docstring) of ``rows`` ``(r, fan_in)`` on inputs of second moment ``second``: their RMS
+    output relative to a Kaiming-uniform row's expected one."""
+    kaiming_row = torch.trace(second) / (3 * rows.shape[1])  # E[(a.x)^2] of a row with entries of variance 1/(3n)
+    row = torch.trace(rows @ second @ rows.T) / rows.shape[0]
+    return float(torch.sqrt(row / kaiming_row)) if kaiming_row > 0 else float("nan")

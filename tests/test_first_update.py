@@ -10,6 +10,7 @@ import math
 from contextlib import closing
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,6 +94,42 @@ def test_a_first_update_leaves_the_model_at_its_init_and_repeats_exactly(smoke_m
     assert all(0 < f["straightness"] <= 1 for f in first["layers"].values() if "straightness" in f)
     smaller = _first_update(model, rollout, 1e-5, seed=0)  # far below the rate (in between, PPO clips: not monotone)
     assert smaller["kl"] < first["kl"]
+
+
+def test_a_signals_against_the_layers_own_inputs_and_the_trained_a(smoke_model) -> None:
+    model, rollout, _ = smoke_model
+    policy = model.policy
+    observations = torch.as_tensor(rollout.observations).reshape(-1, *rollout.obs_shape)
+    layers = {name: layer for name, layer in policy.lora_layers.items() if layer.r}
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    hooks = [
+        layer.register_forward_pre_hook(lambda _, args, name=name: inputs[name].append(args[0].detach().double()))
+        for name, layer in layers.items()
+    ]
+    with torch.no_grad():
+        policy.get_distribution(observations), policy.predict_values(observations)
+    for hook in hooks:
+        hook.remove()
+    start = {name: layer.lora_A.detach().double().clone() for name, layer in layers.items()}
+    params = [p.detach().clone() for p in policy.parameters()]
+    figures = _first_update(model, rollout, 1e-2, seed=0)
+    # the same update again, kept this time: the study's is restored after it (and repeats exactly)
+    model.rollout_buffer, model.lr_schedule = copy.deepcopy(rollout), lambda _: 1e-2
+    np.random.seed(0)
+    model.train()
+    for name, layer in layers.items():
+        x = inputs[name][0]  # PointGoal's layers are Linear: the rows are the inputs
+        kaiming = x.square().sum(1).mean() / (3 * x.shape[1])
+        signal = ((x @ start[name].T).square().mean() / kaiming).sqrt()
+        moved = x @ (layer.lora_A.detach().double() - start[name]).T
+        update = (moved.square().mean() / (x @ start[name].T).square().mean()).sqrt()
+        assert figures["layers"][name]["a_signal"] == pytest.approx(float(signal), rel=1e-9)
+        assert figures["layers"][name]["a_update_signal"] == pytest.approx(float(update), rel=1e-6)
+    assert all(figures["layers"][name]["a_update_signal"] > 0 for name in layers)
+    with torch.no_grad():  # the module's model back at its init for the tests after this one
+        for param, saved in zip(policy.parameters(), params, strict=True):
+            param.copy_(saved)
+    policy.optimizer.state.clear()
 
 
 def test_compare_first_update_measures_each_seed_once_and_redraws_the_page(tmp_path: Path) -> None:

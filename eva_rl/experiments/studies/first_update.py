@@ -11,7 +11,11 @@ measured by:
 - the same KL with one adapted layer's update alone kept (the others' adapters, and the heads, back at their init):
   which layer carries the step;
 - each layer's B path straightness, ``|B_T - B_0| / sum_t |B_t+1 - B_t|`` over the update's optimizer steps: 1 where
-  Adam's steps all point one way and add up, near 0 where they cancel.
+  Adam's steps all point one way and add up, near 0 where they cancel;
+- each layer's A on the rollout's inputs ``x``: its signal at init (``a_signal``, the anatomy's: its rows' RMS output
+  relative to a Kaiming-uniform row's), and its update's output relative to its start,
+  ``sqrt(E|(A_T - A_0) x|^2 / E|A_0 x|^2)`` (``a_update_signal``): how much of what B reads after the update A's own
+  training put there (0 where A is frozen).
 
 Each method updates at its rate times each of :data:`FACTORS`; the page gives, for each method, the fraction of its
 rate at which its first update moves the policy as far as LoRA's does at LoRA's rate. EVA reads what it reads in a
@@ -43,6 +47,7 @@ from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 
 from eva_rl.adapt import adapt
+from eva_rl.anatomy import collect_input_moments, row_signal
 from eva_rl.errors import ConfigError
 from eva_rl.eva_ppo import EvaRolloutsMixin
 from eva_rl.experiments.environments import agent_env, import_packages
@@ -61,6 +66,13 @@ REFERENCE = "lora"
 HEADS = "heads"
 """The component of the trainable parameters outside the adapters (action and value heads, ``log_std``)."""
 FOLDER = "first-update"
+LAYER_METRICS = {
+    "kl_alone": "the KL with that layer's update alone kept (the rest at their init)",
+    "straightness": "B's path straightness, |B_T - B_0| over the summed lengths of the optimizer's steps",
+    "a_signal": "A's signal at init, its rows' RMS output on the rollout's inputs relative to a Kaiming-uniform row's",
+    "a_update_signal": "the RMS output of A's update on the rollout's inputs relative to A's at init (0: A frozen)",
+}
+"""Each layer's figures at the method's rate, as the page heads their tables."""
 
 
 def record_path(out: Path, task: str, method: str, seed: int) -> Path:
@@ -187,6 +199,8 @@ def _first_update(model: OnPolicyAlgorithm, rollout: RolloutBuffer, rate: float,
     with torch.no_grad():
         # SB3 hands back its one distribution object, refilled at every call: keep this call's
         before = copy.copy(policy.get_distribution(observations))
+    adapted = {name: policy.lora_layers[name] for name in components if name != HEADS}
+    inputs = collect_input_moments(policy, adapted, [observations], _policy_and_value)
     model.rollout_buffer = copy.deepcopy(rollout)
     model.lr_schedule = lambda _: rate
     layers = {name: params[1] for name, params in components.items() if name != HEADS}
@@ -209,9 +223,29 @@ def _first_update(model: OnPolicyAlgorithm, rollout: RolloutBuffer, rate: float,
         if name in layers:
             displacement = float((trained[name][1] - initial[name][1]).norm())
             figures["layers"][name]["straightness"] = displacement / path[name] if path[name] else 0.0
+            figures["layers"][name].update(_a_signals(initial[name][0], trained[name][0], inputs[name].second_moment))
     _load(components, initial)
     policy.optimizer.load_state_dict(optimizer_state)
     return figures
+
+
+def _policy_and_value(policy: Any, observations: torch.Tensor) -> None:
+    """Both heads' forward: every adapted layer, the value network's too, sees its inputs."""
+    policy.get_distribution(observations)
+    policy.predict_values(observations)
+
+
+def _a_signals(initial: torch.Tensor, trained: torch.Tensor, second: torch.Tensor) -> dict[str, float]:
+    """``a_signal`` and ``a_update_signal`` (module docstring) of a layer's A before and after the update, on inputs
+    of second moment ``second``."""
+    start = initial.reshape(initial.shape[0], -1).to(torch.float64)
+    update = trained.reshape(trained.shape[0], -1).to(torch.float64) - start
+    start_output = torch.trace(start @ second @ start.T)
+    moved = torch.trace(update @ second @ update.T)
+    return {
+        "a_signal": row_signal(start, second),
+        "a_update_signal": float(torch.sqrt(moved / start_output)) if start_output > 0 else float("nan"),
+    }
 
 
 def _load(components: dict[str, list[torch.nn.Parameter]], values: dict[str, list[torch.Tensor]]) -> None:
@@ -345,7 +379,7 @@ def _summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         "layers": {
             name: {
                 metric: fmean(r["layers"][name][metric] for r in at_rate if metric in r["layers"].get(name, {}))
-                for metric in ("kl_alone", "straightness")
+                for metric in LAYER_METRICS
                 if any(metric in r["layers"].get(name, {}) for r in at_rate)
             }
             for name in layers
@@ -417,11 +451,10 @@ def first_update_markdown(suite: str, report: dict[str, Any]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         # then, at each method's rate, one table per layer figure (methods as rows, layers as columns)
         components = list(dict.fromkeys(c for s in methods.values() for c in s["layers"]))
-        for metric, heading in (
-            ("kl_alone", "the KL with that layer's update alone kept (the rest at their init)"),
-            ("straightness", "B's path straightness, |B_T - B_0| over the summed lengths of the optimizer's steps"),
-        ):
+        for metric, heading in LAYER_METRICS.items():
             shown = [c for c in components if any(metric in s["layers"].get(c, {}) for s in methods.values())]
+            if not shown:  # records made before the figure joined the study
+                continue
             lines += ["", f"At each method's rate, per layer, mean over seeds: {heading}.", ""]
             lines += ["| method | " + " | ".join(shown) + " |", "|---" * (1 + len(shown)) + "|"]
             for method, s in methods.items():
