@@ -152,6 +152,9 @@ def test_compare_first_update_measures_each_seed_once_and_redraws_the_page(tmp_p
     )
     assert lines == []  # nothing measured twice
     assert (tmp_path / "smoke" / "first_update.md").read_text() == page
+    # a command naming the methods in another order redraws the same page: the suite's order
+    suite_first_update(suite, tmp_path, methods=["eva", "lora"], report_only=True)
+    assert (tmp_path / "smoke" / "first_update.md").read_text() == page
     assert math.isfinite(
         json.loads((tmp_path / "smoke" / "first_update.json").read_text())["tasks"]["PointGoal"]["eva"]["kl"]["1.0"][0]
     )

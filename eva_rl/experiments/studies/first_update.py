@@ -298,7 +298,9 @@ def suite_first_update(
     """
     out = Path(log_dir) / suite.name
     seeds = seeds or suite.seed_list
-    methods_of = {t.task: suite.low_rank_methods(t, methods) for t in suite.tasks}
+    # in the suite's order, whatever the command's: a page redrawn later reads the same
+    chosen = [m for m in suite.methods if methods is None or m in methods]
+    methods_of = {t.task: suite.low_rank_methods(t, chosen) for t in suite.tasks}
     # seed by seed, so that a study cut short has every task's first seeds
     for seed in [] if report_only else seeds:
         for suite_task in suite.tasks:
