@@ -68,7 +68,8 @@ def test_local_sweep_writes_tables_and_plots_and_a_rerun_skips_completed_runs(tm
     assert retention.format() in (out / "results.md").read_text()
     assert report.aggregate["full"].p_reference_better is not None
     markdown = (out / "results.md").read_text()
-    assert "## PointGoal (threshold 0.5)" in markdown and "| eva | 2 |" in markdown
+    assert "## PointGoal (threshold 0.5)" in markdown and "| eva | 2 | 0.01 |" in markdown  # the rate it ran at
+    assert rows["eva"].learning_rates == [pytest.approx(1e-2)]
 
     results = sorted(out.glob("PointGoal/*/seed*/result.json"))
     assert len(results) == 4
@@ -117,6 +118,20 @@ def test_specs_are_one_per_task_method_seed_with_method_settings(tmp_path: Path)
     assert eva.task.ppo["learning_rate"] == 3e-3 and eva.task.lora.alpha == 8.0
     assert full.task.ppo["learning_rate"] == 1e-3
     assert eva.task.total_timesteps == 4096 and eva.run_dir == tmp_path / "smoke" / "PointGoal" / "eva" / "seed0"
+
+
+def test_a_pages_rate_cell_names_every_rate_its_runs_were_made_at() -> None:
+    from eva_rl.experiments.studies.suite import rate_cell, run_learning_rates
+
+    def made_at(rate: object) -> RunResult:
+        settings = {"hyperparameters": {"learning_rate": rate}}
+        return dataclasses.replace(_flat_run("PointGoal", "eva", 0, 0.5), settings=settings)
+
+    unrecorded = _flat_run("PointGoal", "eva", 1, 0.5)
+    runs = [made_at(2.5e-4), made_at(1.25e-4), made_at(2.5e-4), made_at("lin_3e-4"), unrecorded]
+    assert run_learning_rates(runs) == [1.25e-4, 2.5e-4, "lin_3e-4"]  # distinct, numbers first; none recorded: left out
+    assert rate_cell(run_learning_rates(runs)) == "1.25e-4 / 2.5e-4 / lin_3e-4"
+    assert rate_cell(run_learning_rates(runs[:1])) == "2.5e-4" and rate_cell([]) == "-"
 
 
 def test_bad_suites_are_clear_errors(tmp_path: Path) -> None:

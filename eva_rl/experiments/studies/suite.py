@@ -23,7 +23,14 @@ from eva_rl.experiments.contrasts import (
     on_one_task,
 )
 from eva_rl.experiments.machine import platform_line
-from eva_rl.experiments.plots import method_color, method_label, method_linestyle, new_figure, save_figure
+from eva_rl.experiments.plots import (
+    method_color,
+    method_label,
+    method_linestyle,
+    new_figure,
+    save_figure,
+    value_label,
+)
 from eva_rl.experiments.published import PublishedScores, published_notes
 from eva_rl.experiments.run_folder import RunFolder, RunResult
 from eva_rl.experiments.stats import (
@@ -60,6 +67,7 @@ class MethodTaskStats:
     :ivar p_reference_better: Probability that a run of the report's reference method (EVA) scores a higher final
         return on this task than a run of this one (``None`` for the reference itself, or where it did not run here).
     :ivar p_reference_better_auc: The same on the normalized AUC.
+    :ivar learning_rates: The distinct learning rates its runs were made at (empty where no run recorded one).
     """
 
     seeds: int
@@ -75,6 +83,7 @@ class MethodTaskStats:
     source_retention_ci: Interval | None = None
     p_reference_better: Interval | None = None
     p_reference_better_auc: Interval | None = None
+    learning_rates: list[Any] = field(default_factory=list)
 
     _OPTIONAL_INTERVALS = ("source_retention_ci", "p_reference_better", "p_reference_better_auc")
 
@@ -82,6 +91,8 @@ class MethodTaskStats:
         data = dataclasses.asdict(self)
         # written only where there are any, so a report written before them reads back unchanged
         data.pop("after_updates")
+        if not self.learning_rates:
+            data.pop("learning_rates")
         if self.after_updates:
             data["after_updates"] = {str(k): dataclasses.asdict(v) for k, v in self.after_updates.items()}
         for name in self._OPTIONAL_INTERVALS:
@@ -101,6 +112,20 @@ class MethodTaskStats:
 
 UPDATES_REPORTED = (5, 10, 25)
 """The update counts after which a suite page reports the return: EVA's argument is about the first updates."""
+
+
+def run_learning_rates(results: Sequence[RunResult]) -> list[Any]:
+    """The distinct learning rates ``results`` were made at, as each recorded it (a number, or a schedule's name),
+    numbers first and ascending; runs that recorded none are left out."""
+    rates = {((result.settings or {}).get("hyperparameters") or {}).get("learning_rate") for result in results}
+    rates.discard(None)
+    numbers = sorted(rate for rate in rates if isinstance(rate, int | float))
+    return numbers + sorted(str(rate) for rate in rates if not isinstance(rate, int | float))
+
+
+def rate_cell(rates: Sequence[Any]) -> str:
+    """A page's rate cell: the one rate, ``1e-4 / 2.5e-4`` where runs differ, ``-`` where none recorded it."""
+    return " / ".join(value_label(rate) if isinstance(rate, int | float) else str(rate) for rate in rates) or "-"
 
 
 def values_after_updates(results: Sequence[RunResult]) -> dict[int, list[float]]:
@@ -333,6 +358,7 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
                 wall_seconds=float(np.mean([r.wall_seconds for r in results])),
                 after_updates={k: stratified_iqm([v], n_resamples=resamples) for k, v in after.items()},
                 source_retention_ci=stratified_iqm([sources], n_resamples=resamples) if sources else None,
+                learning_rates=run_learning_rates(results),
             )
             scores[method][FINAL][task_name] = finals
             scores[method][AUC][task_name] = aucs
@@ -429,7 +455,8 @@ def results_markdown(report: SuiteReport) -> str:
         "environment steps, and they come out of the training budget: the final return is the eval return where the "
         "budget ends (interpolated between two evaluations where EVA's steps moved them), the normalized AUC the mean "
         "eval return over the budget (the pretrained policy's while EVA collects). "
-        "wall s: mean wall-clock seconds of a run (evaluations included).",
+        "rate: the learning rate its runs were made at. wall s: mean wall-clock seconds of a run (evaluations "
+        "included).",
         "",
         report.platform,
         "",
@@ -438,10 +465,11 @@ def results_markdown(report: SuiteReport) -> str:
         lines += [
             f"## {task_name} (threshold {task.threshold})",
             "",
-            f"| method | seeds | jumpstart | final {task.score} | normalized AUC | P({report.reference} better), "
-            f"final | P({report.reference} better), AUC | steps to threshold (median) | reached | source retention | "
+            f"| method | seeds | rate | jumpstart | final {task.score} | normalized AUC | "
+            f"P({report.reference} better), final | P({report.reference} better), AUC | steps to threshold (median) | "
+            "reached | source retention | "
             "trainable params | wall s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         spec = score_format(row.final for row in task.methods.values())
         for method, row in task.methods.items():
@@ -452,7 +480,8 @@ def results_markdown(report: SuiteReport) -> str:
             steps = "never" if median is None else f"{median:,.0f}"
             versus = [str(p) if p is not None else "-" for p in (row.p_reference_better, row.p_reference_better_auc)]
             lines.append(
-                f"| {method} | {row.seeds} | {row.jumpstart:{spec}} | {row.final.format(spec)} | "
+                f"| {method} | {row.seeds} | {rate_cell(row.learning_rates)} | {row.jumpstart:{spec}} | "
+                f"{row.final.format(spec)} | "
                 f"{row.auc.format(spec)} | {' | '.join(versus)} | {steps} | {row.reached_threshold}/{row.seeds} | "
                 f"{retention} | {row.trainable_params:,} | {row.wall_seconds:.0f} |"
             )
