@@ -81,6 +81,12 @@ class RunResult:
         data.pop("return_curve")
         return data
 
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """The algorithm's constructor arguments the run recorded (``learning_rate``, ``n_steps`` ...); empty where it
+        recorded none."""
+        return (self.settings or {}).get("hyperparameters") or {}
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunResult:
         """Read ``result.json`` content; fields added later get their defaults, unknown ones are ignored.

@@ -117,7 +117,7 @@ UPDATES_REPORTED = (5, 10, 25)
 def run_learning_rates(results: Sequence[RunResult]) -> list[Any]:
     """The distinct learning rates ``results`` were made at, as each recorded it (a number, or a schedule's name),
     numbers first and ascending; runs that recorded none are left out."""
-    rates = {((result.settings or {}).get("hyperparameters") or {}).get("learning_rate") for result in results}
+    rates = {result.hyperparameters.get("learning_rate") for result in results}
     rates.discard(None)
     numbers = sorted(rate for rate in rates if isinstance(rate, int | float))
     return numbers + sorted(str(rate) for rate in rates if not isinstance(rate, int | float))
@@ -137,7 +137,7 @@ def values_after_updates(results: Sequence[RunResult]) -> dict[int, list[float]]
         values = []
         for result in results:
             settings = result.settings or {}
-            n_steps = (settings.get("hyperparameters") or {}).get("n_steps")
+            n_steps = result.hyperparameters.get("n_steps")
             if result.algorithm not in ("ppo", "a2c") or n_steps is None or "n_envs" not in settings:
                 return after
             at = dict((int(step), value) for step, value in result.eval_curve)
