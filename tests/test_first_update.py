@@ -23,6 +23,7 @@ from eva_rl.experiments.studies.first_update import (
     _kl,
     _matched_cell,
     _Rollouts,
+    layer_inputs,
     matched_factor,
     record_path,
     suite_first_update,
@@ -81,18 +82,20 @@ def test_a_first_update_leaves_the_model_at_its_init_and_repeats_exactly(smoke_m
     model, rollout, again = smoke_model
     torch.testing.assert_close(torch.as_tensor(rollout.observations), torch.as_tensor(again.observations))
     params = [p.detach().clone() for p in model.policy.parameters()]
-    first = _first_update(model, rollout, 1e-2, seed=0)
+    inputs = layer_inputs(model, rollout)
+    first = _first_update(model, rollout, 1e-2, seed=0, inputs=inputs)
     for param, saved in zip(model.policy.parameters(), params, strict=True):
         torch.testing.assert_close(param.detach(), saved)
     assert not model.policy.optimizer.state  # Adam starts afresh for the next rate
-    assert _first_update(model, rollout, 1e-2, seed=0) == first
+    assert _first_update(model, rollout, 1e-2, seed=0, inputs=inputs) == first
     assert first["kl"] > 0 and first["approx_kl"] > 0
     policy_layers = {n: f for n, f in first["layers"].items() if "value" not in n}
     value_layers = {n: f for n, f in first["layers"].items() if "value" in n}
     assert all(f["kl_alone"] > 0 for f in policy_layers.values()) and value_layers
     assert all(f["kl_alone"] == 0 for f in value_layers.values())  # the critic moves no action distribution
     assert all(0 < f["straightness"] <= 1 for f in first["layers"].values() if "straightness" in f)
-    smaller = _first_update(model, rollout, 1e-5, seed=0)  # far below the rate (in between, PPO clips: not monotone)
+    # far below the rate (in between, PPO clips: not monotone)
+    smaller = _first_update(model, rollout, 1e-5, seed=0, inputs=inputs)
     assert smaller["kl"] < first["kl"]
 
 
@@ -112,7 +115,7 @@ def test_a_signals_against_the_layers_own_inputs_and_the_trained_a(smoke_model) 
         hook.remove()
     start = {name: layer.lora_A.detach().double().clone() for name, layer in layers.items()}
     params = [p.detach().clone() for p in policy.parameters()]
-    figures = _first_update(model, rollout, 1e-2, seed=0)
+    figures = _first_update(model, rollout, 1e-2, seed=0, inputs=layer_inputs(model, rollout))
     # the same update again, kept this time: the study's is restored after it (and repeats exactly)
     model.rollout_buffer, model.lr_schedule = copy.deepcopy(rollout), lambda _: 1e-2
     np.random.seed(0)

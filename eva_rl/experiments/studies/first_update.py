@@ -47,7 +47,7 @@ from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 
 from eva_rl.adapt import adapt
-from eva_rl.anatomy import collect_input_moments, row_signal
+from eva_rl.anatomy import InputMoments, collect_input_moments, row_signal
 from eva_rl.errors import ConfigError
 from eva_rl.eva_ppo import EvaRolloutsMixin
 from eva_rl.experiments.environments import agent_env, import_packages
@@ -92,13 +92,14 @@ def measure_seed(specs: dict[str, RunSpec], seed: int) -> dict[str, dict[str, An
             model = _adapted(method_spec, agent)
             read = _finish_eva(model, rollouts, method_spec.task.total_timesteps)
             rate = float(model.lr_schedule(1.0))
+            inputs = layer_inputs(model, rollouts[0])  # at the init every factor's update starts from
             records[method] = {
                 "seed": seed,
                 "platform": describe_platform("cpu", spec.task.target_env),
                 "learning_rate": rate,
                 "ranks": model.policy.lora_ranks,
                 "eva_rollouts": read,
-                "factors": {str(f): _first_update(model, rollouts[0], rate * f, seed) for f in FACTORS},
+                "factors": {str(f): _first_update(model, rollouts[0], rate * f, seed, inputs) for f in FACTORS},
             }
     return records
 
@@ -189,18 +190,29 @@ def _components(model: BaseAlgorithm) -> dict[str, list[torch.nn.Parameter]]:
     return {**layers, HEADS: heads} if heads else layers
 
 
-def _first_update(model: OnPolicyAlgorithm, rollout: RolloutBuffer, rate: float, seed: int) -> dict[str, Any]:
-    """One PPO update of ``model`` on ``rollout`` at ``rate`` from its init (restored after)."""
+def layer_inputs(model: OnPolicyAlgorithm, rollout: RolloutBuffer) -> dict[str, InputMoments]:
+    """The input moments of each adapted layer of ``model`` over ``rollout``'s observations."""
+    adapted = {name: layer for name, layer in model.policy.lora_layers.items() if layer.r}
+    return collect_input_moments(model.policy, adapted, [_observations(rollout)], _policy_and_value)
+
+
+def _observations(rollout: RolloutBuffer) -> torch.Tensor:
+    return torch.as_tensor(rollout.observations).reshape(-1, *rollout.obs_shape)
+
+
+def _first_update(
+    model: OnPolicyAlgorithm, rollout: RolloutBuffer, rate: float, seed: int, inputs: dict[str, InputMoments]
+) -> dict[str, Any]:
+    """One PPO update of ``model`` on ``rollout`` at ``rate`` from its init (restored after); ``inputs``: its
+    layers' input moments at that init (:func:`layer_inputs`)."""
     policy = model.policy
     components = _components(model)
     initial = {name: [p.detach().clone() for p in params] for name, params in components.items()}
     optimizer_state = copy.deepcopy(policy.optimizer.state_dict())
-    observations = torch.as_tensor(rollout.observations).reshape(-1, *rollout.obs_shape)
+    observations = _observations(rollout)
     with torch.no_grad():
         # SB3 hands back its one distribution object, refilled at every call: keep this call's
         before = copy.copy(policy.get_distribution(observations))
-    adapted = {name: policy.lora_layers[name] for name in components if name != HEADS}
-    inputs = collect_input_moments(policy, adapted, [observations], _policy_and_value)
     model.rollout_buffer = copy.deepcopy(rollout)
     model.lr_schedule = lambda _: rate
     layers = {name: params[1] for name, params in components.items() if name != HEADS}
