@@ -509,6 +509,37 @@ def test_a_panel_whose_curves_end_on_a_plateau_gets_a_zoomed_inset(
     assert legend.y1 < panel.y0, "the legend lies below the panel, where it hides no curve"
 
 
+@pytest.mark.parametrize(("pretrained", "clipped"), [([0.6, 0.9], True), ([1.0, 1.0], False)])
+def test_scratch_far_below_is_clipped_only_where_the_pretrained_curves_span_a_range(
+    pretrained: list[float], clipped: bool
+) -> None:
+    """Scratch starting far below keeps the axis to the pretrained methods' range; where every pretrained run sits
+    at one score (CW10's handle-press-side at success 1.0 throughout) that range is a point, and the axis is left
+    whole rather than collapsed onto it."""
+    import warnings
+
+    from eva_rl.experiments.plots import new_figure
+    from eva_rl.experiments.studies.suite import draw_sample_efficiency, sample_efficiency_figure
+
+    task = SuiteTask("A", 0.5)
+    suite = Suite("s", [task], methods=["scratch", "lora"])
+    curves = {"lora": [[0, pretrained[0]], [1000, pretrained[1]]], "scratch": [[0, -50.0], [1000, -40.0]]}
+    runs = [
+        (task, dataclasses.replace(_synthetic_run(method, curve[-1][1]), eval_curve=curve, seed=seed))
+        for method, curve in curves.items()
+        for seed in (0, 1)
+    ]
+    figure, axes = new_figure(**sample_efficiency_figure(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns of a singular axis, and expands it past every curve
+        draw_sample_efficiency(axes, aggregate(suite, runs), runs, ["scratch", "lora"], ["A"])
+    panel = axes[0][0]
+    low, high = panel.get_ylim()
+    assert ("scratch clipped" in panel.get_title()) == clipped
+    assert low < high
+    assert (low > -40.0) == clipped
+
+
 def test_a_suite_of_many_tasks_wraps_its_panels_five_to_a_row() -> None:
     """CW10's ten tasks would make a figure 50 inches wide: seven tasks take two rows of five, the last three blank."""
     from eva_rl.experiments.plots import new_figure

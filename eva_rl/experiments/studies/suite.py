@@ -629,7 +629,9 @@ def draw_sample_efficiency(
             low = min(float(c[2].min()) for c in pretrained)
             high = max(float(c[3].max()) for c in pretrained)
             span = high - low
-            if min(float(c[2].min()) for m, c in curves.items() if not get_method(m).pretrained) < low - span:
+            # a flat range (every pretrained run at one score, e.g. success 1.0 throughout) has no scale to clip to
+            scratch_low = min(float(c[2].min()) for m, c in curves.items() if not get_method(m).pretrained)
+            if span > 0 and scratch_low < low - span:
                 axis.set_ylim(low - 0.1 * span, high + 0.1 * span)
                 title += " (scratch clipped below)"
         axis.set_title(title, fontsize=10)
