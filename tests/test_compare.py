@@ -479,6 +479,32 @@ def test_a_rerun_of_some_methods_keeps_the_others_on_the_page_and_names_stale_ru
         compare(retuned, tmp_path, methods=["eva"], report_only=True, echo=lines.append)
 
 
+@pytest.mark.parametrize(("untuned", "noted"), [([], None), (["eva"], "eva"), (["eva", "full"], "eva, full")])
+def test_a_suite_run_names_the_methods_it_runs_at_a_rate_no_tuning_chose(
+    tmp_path: Path, untuned: list[str], noted: str | None
+) -> None:
+    """mujoco-2m listed scratch and full before their tuning: their runs would take the task's rate unremarked."""
+
+    class Planner:
+        """An executor that runs nothing, keeping the runs it was given."""
+
+        def run(self, specs, overwrite=False):
+            self.specs = specs
+
+    suite = smoke_suite()
+    suite.method_settings = {m: s for m, s in suite.method_settings.items() if m not in untuned}
+    lines: list[str] = []
+    executor = Planner()
+    SuiteStudy(suite, tmp_path, echo=lines.append).carry_out(executor)
+    assert len(executor.specs) == 4  # the note holds no run back
+    notes = [line for line in lines if line.startswith("note:")]
+    if noted is None:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and notes[0].startswith(f"note: {noted} run at a learning_rate no tuning chose")
+        assert f"--tune --methods {noted.replace(', ', ',')}" in notes[0]
+
+
 @pytest.mark.parametrize(
     ("plateau", "spread", "zoomed"),
     [([-150.0, -152.0], 1.0, True), ([-500.0, -150.0], 1.0, False), ([-150.0, -150.0], 0.0, False)],

@@ -286,6 +286,14 @@ class Suite(Seeded):
         grids = [self.tuning_grid_of(method) for method in self.methods]
         return {key: sorted({value for grid in grids for value in grid[key]}) for key in self.tuning_grid}
 
+    def untuned(self, methods: Sequence[str] | None = None) -> dict[str, list[str]]:
+        """Of ``methods`` (default: the suite's), each one ``method_settings`` gives no value of a ``tuning_grid``
+        setting, with those settings: its runs take the task's value (or ``settings``'), which no tuning chose."""
+        missing = {
+            m: sorted(set(self.tuning_grid) - set(self.method_settings.get(m, {}))) for m in methods or self.methods
+        }
+        return {m: keys for m, keys in missing.items() if keys}
+
     def score_of(self, task: str) -> str:
         """What the page compares on ``task``: ``"return"`` or ``"success"`` (its :class:`SuiteTask`'s score)."""
         return next(t.score for t in self.tasks if t.task == task)

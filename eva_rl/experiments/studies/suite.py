@@ -22,6 +22,7 @@ from eva_rl.experiments.contrasts import (
     contrasts_markdown,
     on_one_task,
 )
+from eva_rl.experiments.execute import Executor
 from eva_rl.experiments.machine import platform_line
 from eva_rl.experiments.plots import (
     method_color,
@@ -778,6 +779,17 @@ class SuiteStudy(Study[SuiteReport]):
 
     def page_plan(self) -> Planned:
         return self.plan() if self.report_only else self.suite.run_specs(self.log_dir)
+
+    def carry_out(self, executor: Executor, overwrite: bool = False) -> None:
+        """The runs, after a line naming the methods that run at a value no tuning chose (:meth:`Suite.untuned`)."""
+        if untuned := self.suite.untuned(self.methods):
+            keys = sorted({key for missing in untuned.values() for key in missing})
+            self.echo(
+                f"note: {', '.join(untuned)} run at a {' and '.join(keys)} no tuning chose: the suite's "
+                f"method_settings gives them none (python scripts/compare.py --suite {self.suite.name} --tune "
+                f"--methods {','.join(untuned)} tunes them)"
+            )
+        super().carry_out(executor, overwrite)
 
     def score(self, key: SuiteTask) -> str:
         return key.score
