@@ -289,3 +289,45 @@ def test_the_rank_studies_score_a_success_task_by_its_success_rate(
     spec.folder.result_file.write_text("{}")  # the one complete run; its result is the one above
     monkeypatch.setattr(base, "completed_result", lambda spec: run)
     assert [result.final_return for _, result in study.completed()] == [0.2]
+
+
+def test_each_rank_reports_the_score_after_k_updates_and_the_steps_to_the_threshold() -> None:
+    """EVA's argument is about the first updates: the rank study reports them beside the final return (10 env steps
+    a rollout here, so after 5, 10 and 25 updates are the evaluations at 50, 100 and 250 steps), checked against the
+    curves read by hand."""
+    rng = np.random.default_rng(1)
+    study = RankStudy(task="T", ranks=[1, 4], methods=["lora", "eva"], seeds=5)
+    ppo = {"hyperparameters": {"n_steps": 10}, "n_envs": 1}
+    steps = [0, 50, 100, 150, 250, 300]
+    runs, expected, reached = [], {}, {}
+    for r in study.ranks:
+        for method in study.methods:
+            for seed in range(5):
+                values = np.sort(rng.uniform(0, 1, len(steps)))  # rising curves: the first value >= 0.5 is reached
+                curve = [[s, float(v)] for s, v in zip(steps, values)]
+                run = dataclasses.replace(_result(method, seed, curve[-1][1], curve), settings=ppo)
+                # EVA's own env steps shift the curve for the threshold, not the update count
+                runs.append((r, dataclasses.replace(run, eva_env_steps=7 if method == "eva" else 0)))
+                for k, step in ((5, 50), (10, 100), (25, 250)):
+                    expected.setdefault((method, r, k), []).append(curve[steps.index(step)][1])
+                shift = 7 if method == "eva" else 0
+                first = next((s + shift for s, v in curve if v >= 0.5 and s + shift <= 300), None)
+                reached.setdefault((method, r), []).append(first)
+    report = rank_report("s", study, runs, threshold=0.5)
+    for (method, r, k), values in expected.items():
+        assert report.points[method][r].after_updates[k].estimate == pytest.approx(iqm(values))
+    for (method, r), firsts in reached.items():
+        point = report.points[method][r]
+        assert point.reached_threshold == sum(f is not None for f in firsts)
+        median = np.median([np.inf if f is None else f for f in firsts])
+        assert point.steps_to_threshold_median == (None if np.isinf(median) else pytest.approx(median))
+    markdown = rank_markdown(report)
+    columns = "| after 5 updates | after 10 updates | after 25 updates | steps to threshold (median) | reached |"
+    assert columns in markdown
+    point = report.points["eva"][4]
+    assert f"| {point.after_updates[5]} | {point.after_updates[10]} | {point.after_updates[25]} |" in markdown
+    assert "Threshold: 0.5." in markdown and report.to_dict()["threshold"] == 0.5
+    assert set(report.to_dict()["methods"]["eva"]["4"]["after_updates"]) == {5, 10, 25}
+    # off-policy runs (or a study without a threshold) have neither: the columns are left out
+    plain = rank_report("s", study, [(r, dataclasses.replace(x, settings=None)) for r, x in runs])
+    assert "after 5 updates" not in rank_markdown(plain) and "steps to threshold" not in rank_markdown(plain)

@@ -17,7 +17,7 @@ import dataclasses
 import fcntl
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,9 @@ import numpy as np
 from eva_rl.errors import ConfigError, EvaRLError
 from eva_rl.eva_report import EvaReport
 from eva_rl.files import STATS, atomic_write_json, cached_json, file_sha256, read_text
+
+UPDATES_REPORTED = (5, 10, 25)
+"""The update counts after which the pages report the score: EVA's argument is about the first updates."""
 
 
 class RunDirError(EvaRLError, ValueError):
@@ -127,6 +130,15 @@ class RunResult:
         """The eval returns, whatever the score :meth:`scored` compares."""
         return [value for _, value in self.return_curve or self.eval_curve]
 
+    def score_after_updates(self, k: int) -> float | None:
+        """The eval score after ``k`` updates of an on-policy run (PPO, A2C): its evaluation at exactly
+        ``k * n_steps * n_envs`` env steps (EVA's own env steps make no update and are not counted); ``None`` where it
+        was not evaluated there, with no interpolation between evaluations, or where the run is off-policy."""
+        n_steps, n_envs = self.hyperparameters.get("n_steps"), (self.settings or {}).get("n_envs")
+        if self.algorithm not in ("ppo", "a2c") or n_steps is None or n_envs is None:
+            return None
+        return {int(step): value for step, value in self.eval_curve}.get(k * n_steps * n_envs)
+
     @property
     def budget(self) -> float:
         """The env steps of training, the eval curve's last step: the window every AUC is taken over, so that env
@@ -150,6 +162,19 @@ class RunResult:
         if self.eva_env_steps > 0:
             steps, returns = np.insert(steps, 0, 0.0), np.insert(returns, 0, returns[0])
         return steps, returns
+
+
+def values_after_updates(
+    results: Sequence[RunResult], counts: Sequence[int] = UPDATES_REPORTED
+) -> dict[int, list[float]]:
+    """``{k: each run's score after k updates}`` (:meth:`RunResult.score_after_updates`) for the ``counts`` at which
+    every one of ``results`` was evaluated."""
+    after = {}
+    for k in counts:
+        values = [result.score_after_updates(k) for result in results]
+        if values and None not in values:
+            after[k] = values
+    return after
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,13 @@ import numpy as np
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.machine import platform_line
 from eva_rl.experiments.plots import method_color, method_label, method_linestyle, new_figure, save_figure
-from eva_rl.experiments.run_folder import RunResult
+from eva_rl.experiments.run_folder import RunResult, values_after_updates
 from eva_rl.experiments.stats import (
     Interval,
     normalized_auc,
     probability_of_improvement,
     score_format,
+    steps_to_threshold,
     stratified_iqm,
 )
 from eva_rl.experiments.studies.base import Planned, Study
@@ -35,12 +36,22 @@ from eva_rl.files import atomic_write_json, atomic_write_text
 
 @dataclass
 class RankPoint:
-    """One method at one rank, over its seeds: IQM with 95% stratified-bootstrap CIs."""
+    """One method at one rank, over its seeds: IQM with 95% stratified-bootstrap CIs.
+
+    :ivar after_updates: ``{k: IQM score after k updates}`` for the k of
+        :data:`~eva_rl.experiments.run_folder.UPDATES_REPORTED` at which every seed was evaluated.
+    :ivar steps_to_threshold_median: Median env steps (EVA's own included) to the task's threshold; ``None`` where
+        most seeds never reach it, or the study was given no threshold.
+    :ivar reached_threshold: Seeds that reached it (``None``: no threshold given).
+    """
 
     seeds: int
     final: Interval
     auc: Interval
     trainable_params: int
+    after_updates: dict[int, Interval] = dataclasses.field(default_factory=dict)
+    steps_to_threshold_median: float | None = None
+    reached_threshold: int | None = None
 
 
 @dataclass
@@ -62,6 +73,7 @@ class RankStudyReport:
     baseline: str = "lora"
     p_better_than_baseline: dict[str, dict[int, Interval]] = dataclasses.field(default_factory=dict)
     p_better_than_baseline_auc: dict[str, dict[int, Interval]] = dataclasses.field(default_factory=dict)
+    threshold: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,6 +94,7 @@ class RankStudyReport:
                 for method, by_rank in self.p_reference_better_auc.items()
             },
             **({"platform": self.platform} if self.platform else {}),
+            **({"threshold": self.threshold} if self.threshold is not None else {}),
             **{
                 f"p_better_than_{self.baseline}_{score}": {
                     method: {str(r): dataclasses.asdict(p) for r, p in by_rank.items()}
@@ -93,35 +106,52 @@ class RankStudyReport:
         }
 
 
+def _rank_point(
+    results: Sequence[RunResult], finals: list[float], aucs: list[float], threshold: float | None
+) -> RankPoint:
+    """One method at one rank from its seeds' results (and their final scores and AUCs)."""
+    after = values_after_updates(results)
+    point = RankPoint(
+        len(results),
+        stratified_iqm([finals]),
+        stratified_iqm([aucs]),
+        int(np.mean([result.trainable_params for result in results])),
+        {k: stratified_iqm([values]) for k, values in after.items()},
+    )
+    if threshold is not None:
+        reached = [steps_to_threshold(*result.sample_curve(), threshold, result.budget) for result in results]
+        median = float(np.median([np.inf if steps is None else steps for steps in reached]))
+        point.steps_to_threshold_median = None if np.isinf(median) else median
+        point.reached_threshold = sum(steps is not None for steps in reached)
+    return point
+
+
 def rank_report(
     suite: str,
     study: RankStudy,
     runs: Sequence[tuple[int, RunResult]],
     reference: str = "eva",
     baseline: str = "lora",
+    threshold: float | None = None,
 ) -> RankStudyReport:
     """Aggregate ``(r, result)`` pairs; the AUC's horizon is the training budget, as in the suite's report.
 
     :param reference: The method the others are compared with, rank by rank.
     :param baseline: The method every method but the reference is compared with too.
+    :param threshold: The task's threshold, for the env steps each point takes to reach it.
     """
     horizon = max(result.budget for _, result in runs)
-    # Per method and rank: every seed's final return, AUC and adapter size.
+    # Per method and rank: every seed's result, final return and AUC.
+    results: dict[str, dict[int, list[RunResult]]] = {}
     finals: dict[str, dict[int, list[float]]] = {}
     aucs: dict[str, dict[int, list[float]]] = {}
-    params: dict[str, dict[int, list[int]]] = {}
     for r, result in runs:
+        results.setdefault(result.method, {}).setdefault(r, []).append(result)
         finals.setdefault(result.method, {}).setdefault(r, []).append(result.budget_return)
         aucs.setdefault(result.method, {}).setdefault(r, []).append(normalized_auc(*result.sample_curve(), horizon))
-        params.setdefault(result.method, {}).setdefault(r, []).append(result.trainable_params)
     points = {
         method: {
-            r: RankPoint(
-                len(finals[method][r]),
-                stratified_iqm([finals[method][r]]),
-                stratified_iqm([aucs[method][r]]),
-                int(np.mean(params[method][r])),
-            )
+            r: _rank_point(results[method][r], finals[method][r], aucs[method][r], threshold)
             for r in study.ranks
             if r in finals[method]
         }
@@ -151,30 +181,44 @@ def rank_report(
         baseline,
         {method: better(finals, method, baseline) for method in controls},
         {method: better(aucs, method, baseline) for method in controls},
+        threshold,
     )
 
 
 def rank_markdown(report: RankStudyReport) -> str:
-    """``rank_study.md``: final return and AUC per method and rank, and P(reference better) per rank."""
+    """``rank_study.md``: final return, AUC, the score after k updates and the steps to the threshold per method and
+    rank, and P(reference better) per rank."""
     spec = score_format(point.final for by_rank in report.points.values() for point in by_rank.values())
     lines = [
         f"# Rank study of suite `{report.suite}` on {report.task}",
         "",
         "IQM over seeds with 95% stratified-bootstrap CIs; alpha = r at every rank. EVA's own env steps come out of "
-        "the training budget: final return where the budget ends, normalized AUC the mean eval return over it.",
+        "the training budget: final return where the budget ends, normalized AUC the mean eval return over it, steps "
+        "to the threshold counting them. After k updates: the evaluation made after exactly k PPO updates (EVA's own "
+        "env steps make none)." + (f" Threshold: {report.threshold:g}." if report.threshold is not None else ""),
         "",
         report.platform,
         "",
-        "| method | r | seeds | trainable params | final return | normalized AUC |",
-        "|---|---|---|---|---|---|",
     ]
-    # one row per method and rank
+    # one row per method and rank; the score after k updates where every seed was evaluated there, and the steps to
+    # the threshold where the study was given one
+    points = [point for by_rank in report.points.values() for point in by_rank.values()]
+    counts = sorted({k for point in points for k in point.after_updates})
+    threshold = any(point.reached_threshold is not None for point in points)
+    columns = ["method", "r", "seeds", "trainable params", "final return", "normalized AUC"]
+    columns += [f"after {k} updates" for k in counts]
+    columns += ["steps to threshold (median)", "reached"] if threshold else []
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for method, by_rank in report.points.items():
         for r, point in by_rank.items():
-            lines.append(
-                f"| {method} | {r} | {point.seeds} | {point.trainable_params:,} | {point.final.format(spec)} | "
-                f"{point.auc.format(spec)} |"
-            )
+            cells = [method, str(r), str(point.seeds), f"{point.trainable_params:,}"]
+            cells += [point.final.format(spec), point.auc.format(spec)]
+            cells += [point.after_updates[k].format(spec) if k in point.after_updates else "-" for k in counts]
+            if threshold:
+                median = point.steps_to_threshold_median
+                cells.append(f"{median:,.0f}" if median is not None else "never")
+                cells.append(f"{point.reached_threshold}/{point.seeds}")
+            lines.append("| " + " | ".join(cells) + " |")
     # then how often the reference beats each method, and each other method the baseline, one column per rank
     tables = {
         f"P({report.reference}'s final return beats the method's)": report.p_reference_better,
@@ -271,7 +315,8 @@ class RankStudyRuns(Study[RankStudyReport]):
         return self.suite.score_of(self.study.task)
 
     def report(self, runs: list[tuple[int, RunResult]]) -> RankStudyReport:
-        return rank_report(self.suite.name, self.study, runs)
+        threshold = next(t.threshold for t in self.suite.tasks if t.task == self.study.task)
+        return rank_report(self.suite.name, self.study, runs, threshold=threshold)
 
     def write_page(self, report: RankStudyReport, runs: list[tuple[int, RunResult]]) -> list[Path]:
         out = self.out_dir

@@ -33,7 +33,7 @@ from eva_rl.experiments.plots import (
     value_label,
 )
 from eva_rl.experiments.published import PublishedScores, published_notes
-from eva_rl.experiments.run_folder import RunFolder, RunResult
+from eva_rl.experiments.run_folder import UPDATES_REPORTED, RunFolder, RunResult, values_after_updates
 from eva_rl.experiments.stats import (
     Interval,
     curve_at,
@@ -111,10 +111,6 @@ class MethodTaskStats:
         return cls(**fields)
 
 
-UPDATES_REPORTED = (5, 10, 25)
-"""The update counts after which a suite page reports the return: EVA's argument is about the first updates."""
-
-
 def run_learning_rates(results: Sequence[RunResult]) -> list[Any]:
     """The distinct learning rates ``results`` were made at, as each recorded it (a number, or a schedule's name),
     numbers first and ascending; runs that recorded none are left out."""
@@ -127,28 +123,6 @@ def run_learning_rates(results: Sequence[RunResult]) -> list[Any]:
 def rate_cell(rates: Sequence[Any]) -> str:
     """A page's rate cell: the one rate, ``1e-4 / 2.5e-4`` where runs differ, ``-`` where none recorded it."""
     return " / ".join(value_label(rate) if isinstance(rate, int | float) else str(rate) for rate in rates) or "-"
-
-
-def values_after_updates(results: Sequence[RunResult]) -> dict[int, list[float]]:
-    """``{k: each run's eval return after k updates}`` for the k of :data:`UPDATES_REPORTED` at which every run of
-    an on-policy algorithm was evaluated (its eval curve has a point at ``k * n_steps * n_envs`` steps, EVA's own env
-    steps not counted: they make no update); no interpolation between evaluations."""
-    after: dict[int, list[float]] = {}
-    for k in UPDATES_REPORTED:
-        values = []
-        for result in results:
-            settings = result.settings or {}
-            n_steps = result.hyperparameters.get("n_steps")
-            if result.algorithm not in ("ppo", "a2c") or n_steps is None or "n_envs" not in settings:
-                return after
-            at = dict((int(step), value) for step, value in result.eval_curve)
-            step = k * n_steps * settings["n_envs"]
-            if step not in at:
-                break
-            values.append(at[step])
-        else:
-            after[k] = values
-    return after
 
 
 @dataclass
