@@ -715,6 +715,7 @@ def test_a_suite_sets_the_bootstrap_resamples_of_its_page() -> None:
     assert few.tasks["A"].methods["eva"].final != many.tasks["A"].methods["eva"].final  # another bootstrap
     with pytest.raises(ConfigError, match="resamples=0 is invalid"):
         Suite("s", [task], methods=["eva"], resamples=0)
+    assert Suite("s", [task], methods=["eva"]).resamples == 50000  # rliable's, unless the suite says otherwise
 
 
 def test_a_suite_sets_its_mean_over_tasks_beside_a_papers_figures() -> None:

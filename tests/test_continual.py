@@ -117,6 +117,7 @@ def test_outputs_and_the_bank_command(smoke, capsys) -> None:
         assert (plan.root / name).is_file(), name
     markdown = (plan.root / "continual.md").read_text()
     assert "| full-seq |" in markdown and "goal-a (1,024) -> goal-b (1,024) -> goal-c" in markdown
+    assert "stratified-bootstrap CIs (50,000 resamples)" in markdown  # rliable's, as the suites' pages
     assert main(["inspect", str(plan.bank_dir("eva", 0)), "--evaluate"]) == 0
     out = capsys.readouterr().out
     returns = json.loads((plan.bank_dir("eva", 0) / "returns.json").read_text())
@@ -167,6 +168,7 @@ def test_a_clone_of_the_results_regenerates_the_page_without_training(smoke, tmp
         ({"stages": [{"env": "PointGoal-v0", "total_timesteps": 10}]}, "at least two stages"),
         ({"methods": ["full"]}, "methods=['full'] is invalid"),
         ({"seeds": 0}, "seeds=0 is invalid"),
+        ({"resamples": "many"}, "resamples='many' is invalid"),
         ({"eval_freq": 0}, "eval_freq=0 is invalid"),
         ({"stages": [{"env": "PointGoal-v0", "total_timesteps": 0}] * 2}, "total_timesteps=0 is invalid"),
         ({"stages": [{"env": "PointGoal-v0", "total_timesteps": 10}] * 2}, "PointGoal is listed twice"),

@@ -327,6 +327,9 @@ def test_each_rank_reports_the_score_after_k_updates_and_the_steps_to_the_thresh
     point = report.points["eva"][4]
     assert f"| {point.after_updates[5]} | {point.after_updates[10]} | {point.after_updates[25]} |" in markdown
     assert "Threshold: 0.5." in markdown and report.to_dict()["threshold"] == 0.5
+    # the suite's bootstrap, which the page names
+    assert "(2,000 resamples)" in markdown and report.to_dict()["resamples"] == 2000
+    assert "(50,000 resamples)" in rank_markdown(rank_report("s", study, runs, threshold=0.5, resamples=50000))
     assert set(report.to_dict()["methods"]["eva"]["4"]["after_updates"]) == {5, 10, 25}
     # off-policy runs (or a study without a threshold) have neither: the columns are left out
     plain = rank_report("s", study, [(r, dataclasses.replace(x, settings=None)) for r, x in runs])

@@ -9,6 +9,7 @@ from typing import Any
 
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.published import PublishedApproaches
+from eva_rl.experiments.stats import RESAMPLES
 from eva_rl.experiments.tasks import (
     CONFIG_DIR,
     SCORES,
@@ -86,6 +87,7 @@ class ContinualSequence(Seeded):
         own.
     :param published: Published approaches' figures (:class:`~eva_rl.experiments.published.PublishedApproaches`:
         Continual World's average success, forgetting, forward transfer) the page sets beside its own.
+    :param resamples: Bootstrap resamples behind every CI of the page (default: rliable's 50,000).
     """
 
     name: str
@@ -105,11 +107,12 @@ class ContinualSequence(Seeded):
     continual_world: bool = False
     suite: str | None = None
     published: PublishedApproaches | None = None
+    resamples: int = RESAMPLES
 
     def __post_init__(self) -> None:
         # each field's type and range, then what the fields must agree on (the score and Continual World's metrics)
         check_folder_name(self.name, "sequence name")
-        for name in ("signature_steps", "selection_trials"):
+        for name in ("signature_steps", "selection_trials", "resamples"):
             check_count(getattr(self, name), name)
         steps = self.selection_steps
         if not isinstance(steps, list) or not steps or not all(map(is_count, steps)):

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+RESAMPLES = 50_000
+"""Bootstrap resamples behind a page's CIs: rliable's default (Agarwal et al. 2021)."""
+
 
 def iqm(values: Sequence[float] | np.ndarray, axis: int = -1) -> float | np.ndarray:
     """Interquartile mean: the mean of the middle 50% (``scipy.stats.trim_mean`` with 25% cut at each end)."""

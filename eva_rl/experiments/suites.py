@@ -12,6 +12,7 @@ from eva_rl.config import _is_number
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.published import PublishedScores
 from eva_rl.experiments.runs import RunSpec
+from eva_rl.experiments.stats import RESAMPLES
 from eva_rl.experiments.tasks import (
     CONFIG_DIR,
     METHOD_SETTINGS,
@@ -187,8 +188,8 @@ class Suite(Seeded):
     :param tuning_tasks: Tasks the tuning sweep runs on (default: all); the chosen settings apply to every task.
     :param rank_study: Methods at several ranks on one of the tasks (:class:`RankStudy`), run by
         ``compare.py --rank-study``.
-    :param resamples: Bootstrap resamples behind every CI of the suite's page (rliable uses 50,000; the suites
-        committed before 2026-12-05 keep the 2,000 their pages were made with).
+    :param resamples: Bootstrap resamples behind every CI of the suite's pages, its rank study's included (default:
+        rliable's 50,000).
     :param published: A paper's figures for the suite's methods (:class:`PublishedScores`), set beside the page's
         mean final score over the tasks.
     """
@@ -206,7 +207,7 @@ class Suite(Seeded):
     method_tuning_grid: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     tuning_tasks: list[str] | None = None
     rank_study: RankStudy | None = None
-    resamples: int = 2000
+    resamples: int = RESAMPLES
     published: PublishedScores | None = None
 
     def __post_init__(self) -> None:

@@ -425,7 +425,7 @@ class ContinualStudy(Study[ContinualReport]):
             for s in stages
             if self.sequence.continual_world
         }
-        report = {}
+        report, resamples = {}, self.sequence.resamples
         for approach in approaches(self.sequence):
             matrices, memory, averages, forgetting, transfer = [], [], [], [], []
             cw_forgetting, cw_transfer = [], []
@@ -453,13 +453,13 @@ class ContinualStudy(Study[ContinualReport]):
                     {name: float(np.mean([m[k][name] for m in matrices])) for name in matrices[0][k]}
                     for k in range(len(matrices[0]))
                 ],
-                average_final=stratified_iqm([averages]),
-                forgetting=stratified_iqm([forgetting]),
+                average_final=stratified_iqm([averages], n_resamples=resamples),
+                forgetting=stratified_iqm([forgetting], n_resamples=resamples),
                 forgetting_per_task={name: float(np.mean(values)) for name, values in per_task.items()},
-                forward_transfer=stratified_iqm([transfer]),
+                forward_transfer=stratified_iqm([transfer], n_resamples=resamples),
                 memory_bytes=int(np.mean(memory)),
-                cw_forgetting=stratified_iqm([cw_forgetting]) if cw_forgetting else None,
-                cw_forward_transfer=stratified_iqm([cw_transfer]) if cw_transfer else None,
+                cw_forgetting=stratified_iqm([cw_forgetting], n_resamples=resamples) if cw_forgetting else None,
+                cw_forward_transfer=stratified_iqm([cw_transfer], n_resamples=resamples) if cw_transfer else None,
             )
         return report
 
@@ -554,7 +554,8 @@ def continual_markdown(
         f"# Continual sequence `{sequence.name}`",
         "",
         f"Stages: {' -> '.join(f'{s.name} ({s.total_timesteps:,})' for s in sequence.stages)}; base: the agent of "
-        f"`{sequence.base_task}`. IQM over {seed_count(len(sequence.seed_list))} with 95% stratified-bootstrap CIs.",
+        f"`{sequence.base_task}`. IQM over {seed_count(len(sequence.seed_list))} with 95% stratified-bootstrap CIs "
+        f"({sequence.resamples:,} resamples).",
         "",
         *([platform, ""] if platform else []),
         *([sharing, ""] if sharing else []),

@@ -74,6 +74,7 @@ class RankStudyReport:
     p_better_than_baseline: dict[str, dict[int, Interval]] = dataclasses.field(default_factory=dict)
     p_better_than_baseline_auc: dict[str, dict[int, Interval]] = dataclasses.field(default_factory=dict)
     threshold: float | None = None
+    resamples: int = 2000
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +96,7 @@ class RankStudyReport:
             },
             **({"platform": self.platform} if self.platform else {}),
             **({"threshold": self.threshold} if self.threshold is not None else {}),
+            "resamples": self.resamples,
             **{
                 f"p_better_than_{self.baseline}_{score}": {
                     method: {str(r): dataclasses.asdict(p) for r, p in by_rank.items()}
@@ -107,16 +109,16 @@ class RankStudyReport:
 
 
 def _rank_point(
-    results: Sequence[RunResult], finals: list[float], aucs: list[float], threshold: float | None
+    results: Sequence[RunResult], finals: list[float], aucs: list[float], threshold: float | None, resamples: int
 ) -> RankPoint:
     """One method at one rank from its seeds' results (and their final scores and AUCs)."""
     after = values_after_updates(results)
     point = RankPoint(
         len(results),
-        stratified_iqm([finals]),
-        stratified_iqm([aucs]),
+        stratified_iqm([finals], n_resamples=resamples),
+        stratified_iqm([aucs], n_resamples=resamples),
         int(np.mean([result.trainable_params for result in results])),
-        {k: stratified_iqm([values]) for k, values in after.items()},
+        {k: stratified_iqm([values], n_resamples=resamples) for k, values in after.items()},
     )
     if threshold is not None:
         reached = [steps_to_threshold(*result.sample_curve(), threshold, result.budget) for result in results]
@@ -133,12 +135,14 @@ def rank_report(
     reference: str = "eva",
     baseline: str = "lora",
     threshold: float | None = None,
+    resamples: int = 2000,
 ) -> RankStudyReport:
     """Aggregate ``(r, result)`` pairs; the AUC's horizon is the training budget, as in the suite's report.
 
     :param reference: The method the others are compared with, rank by rank.
     :param baseline: The method every method but the reference is compared with too.
     :param threshold: The task's threshold, for the env steps each point takes to reach it.
+    :param resamples: Bootstrap resamples behind each CI (the suite's).
     """
     horizon = max(result.budget for _, result in runs)
     # Per method and rank: every seed's result, final return and AUC.
@@ -151,7 +155,7 @@ def rank_report(
         aucs.setdefault(result.method, {}).setdefault(r, []).append(normalized_auc(*result.sample_curve(), horizon))
     points = {
         method: {
-            r: _rank_point(results[method][r], finals[method][r], aucs[method][r], threshold)
+            r: _rank_point(results[method][r], finals[method][r], aucs[method][r], threshold, resamples)
             for r in study.ranks
             if r in finals[method]
         }
@@ -162,7 +166,7 @@ def rank_report(
     # Rank by rank, the reference method against each other one, and each of the rest against the baseline.
     def better(scores: dict[str, dict[int, list[float]]], first: str, second: str) -> dict[int, Interval]:
         return {
-            r: probability_of_improvement([scores[first][r]], [scores[second][r]])
+            r: probability_of_improvement([scores[first][r]], [scores[second][r]], n_resamples=resamples)
             for r in study.ranks
             if r in scores[first] and r in scores[second]
         }
@@ -182,6 +186,7 @@ def rank_report(
         {method: better(finals, method, baseline) for method in controls},
         {method: better(aucs, method, baseline) for method in controls},
         threshold,
+        resamples,
     )
 
 
@@ -192,7 +197,8 @@ def rank_markdown(report: RankStudyReport) -> str:
     lines = [
         f"# Rank study of suite `{report.suite}` on {report.task}",
         "",
-        "IQM over seeds with 95% stratified-bootstrap CIs; alpha = r at every rank. EVA's own env steps come out of "
+        f"IQM over seeds with 95% stratified-bootstrap CIs ({report.resamples:,} resamples); alpha = r at every rank. "
+        "EVA's own env steps come out of "
         "the training budget: final return where the budget ends, normalized AUC the mean eval return over it, steps "
         "to the threshold counting them. After k updates: the evaluation made after exactly k PPO updates (EVA's own "
         "env steps make none)." + (f" Threshold: {report.threshold:g}." if report.threshold is not None else ""),
@@ -316,7 +322,7 @@ class RankStudyRuns(Study[RankStudyReport]):
 
     def report(self, runs: list[tuple[int, RunResult]]) -> RankStudyReport:
         threshold = next(t.threshold for t in self.suite.tasks if t.task == self.study.task)
-        return rank_report(self.suite.name, self.study, runs, threshold=threshold)
+        return rank_report(self.suite.name, self.study, runs, threshold=threshold, resamples=self.suite.resamples)
 
     def write_page(self, report: RankStudyReport, runs: list[tuple[int, RunResult]]) -> list[Path]:
         out = self.out_dir
