@@ -198,10 +198,10 @@ def rank_markdown(report: RankStudyReport) -> str:
         f"# Rank study of suite `{report.suite}` on {report.task}",
         "",
         f"IQM over seeds with 95% stratified-bootstrap CIs ({report.resamples:,} resamples); alpha = r at every rank. "
-        "EVA's own env steps come out of "
-        "the training budget: final return where the budget ends, normalized AUC the mean eval return over it, steps "
-        "to the threshold counting them. After k updates: the evaluation made after exactly k PPO updates (EVA's own "
-        "env steps make none)." + (f" Threshold: {report.threshold:g}." if report.threshold is not None else ""),
+        "EVA's own env steps come out of the training budget: final return where the budget ends, normalized AUC the "
+        "mean eval return over it, steps to the threshold counting them. After k updates: the evaluation made after "
+        "exactly k updates (EVA's own env steps make none)."
+        + (f" Threshold: {report.threshold:g}." if report.threshold is not None else ""),
         "",
         report.platform,
         "",
