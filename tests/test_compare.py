@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -716,6 +717,27 @@ def test_a_suite_sets_the_bootstrap_resamples_of_its_page() -> None:
     with pytest.raises(ConfigError, match="resamples=0 is invalid"):
         Suite("s", [task], methods=["eva"], resamples=0)
     assert Suite("s", [task], methods=["eva"]).resamples == 50000  # rliable's, unless the suite says otherwise
+
+
+def test_a_suite_page_shows_its_tuning_sweeps_sensitivity_plot_once_the_sweep_drew_one(tmp_path: Path) -> None:
+    """Issue 27's protocol puts a learning-rate sensitivity plot on every page: the suite's page embeds its tuning
+    page's, by a link that resolves from the page's folder."""
+    task = SuiteTask("A", 0.5)
+    suite = Suite("s", [task], methods=["eva", "lora"])
+    runs = [(task, dataclasses.replace(_synthetic_run(m, v), task="A")) for m, v in (("eva", 0.6), ("lora", 0.4))]
+    study = SuiteStudy(suite, tmp_path)
+    report = aggregate(suite, runs)
+    study.write_page(report, runs)
+    assert "sensitivity" not in (study.out_dir / "results.md").read_text()  # no sweep yet: no dead link
+    tuning = suite.tuning_folder(tmp_path)
+    tuning.mkdir()
+    (tuning / "sensitivity.png").write_bytes(b"png")
+    study.write_page(report, runs)
+    page = (study.out_dir / "results.md").read_text()
+    links = re.findall(r"\]\(([^)]+)\)", page)
+    assert "../s-tuning/sensitivity.png" in links and "../s-tuning/tuning.json" in links
+    assert (study.out_dir / "../s-tuning/sensitivity.png").resolve() == (tuning / "sensitivity.png").resolve()
+    assert page.index("sensitivity.png") < page.index("## A")  # under the opening, before the tables
 
 
 def test_a_suite_sets_its_mean_over_tasks_beside_a_papers_figures() -> None:

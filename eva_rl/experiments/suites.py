@@ -287,6 +287,10 @@ class Suite(Seeded):
         grids = [self.tuning_grid_of(method) for method in self.methods]
         return {key: sorted({value for grid in grids for value in grid[key]}) for key in self.tuning_grid}
 
+    def tuning_folder(self, log_dir: Path) -> Path:
+        """Where ``compare.py --tune`` writes the suite's tuning page (``tuning.json``, ``sensitivity.png``)."""
+        return Path(log_dir) / f"{self.name}-tuning"
+
     def untuned(self, methods: Sequence[str] | None = None) -> dict[str, list[str]]:
         """Of ``methods`` (default: the suite's), each one ``method_settings`` gives no value of a ``tuning_grid``
         setting, with those settings: its runs take the task's value (or ``settings``'), which no tuning chose."""

@@ -421,8 +421,11 @@ def _after_updates_table(task: TaskReport, spec: str) -> list[str]:
     return [*lines, ""]
 
 
-def results_markdown(report: SuiteReport) -> str:
-    """``results.md``: a table per task and one for the suite."""
+def results_markdown(report: SuiteReport, sensitivity: str | None = None) -> str:
+    """``results.md``: a table per task and one for the suite.
+
+    :param sensitivity: The tuning sweep's sensitivity plot, relative to the page, shown under the opening.
+    """
     lines = [
         f"# Suite `{report.suite}`",
         "",
@@ -436,6 +439,16 @@ def results_markdown(report: SuiteReport) -> str:
         report.platform,
         "",
     ]
+    if sensitivity is not None:
+        lines += [
+            "Each method's rate is the best of the suite's tuning sweep (on its tuning seeds, apart from the result "
+            "seeds) where the suite file took that choice; a method the sweep did not tune runs at the rate the suite "
+            "file names. The sweep's final score and normalized AUC against the learning rate, one line per method "
+            f"([tuning.json]({Path(sensitivity).parent.as_posix()}/tuning.json)):",
+            "",
+            f"![learning-rate sensitivity of the suite's tuning sweep]({sensitivity})",
+            "",
+        ]
     for task_name, task in report.tasks.items():
         lines += [
             f"## {task_name} (threshold {task.threshold})",
@@ -776,7 +789,9 @@ class SuiteStudy(Study[SuiteReport]):
         ``final_return.png`` and, where a method ran EVA, ``eva_ranks.png``."""
         out = self.out_dir
         atomic_write_json(out / "results.json", report.to_dict())
-        atomic_write_text(out / "results.md", results_markdown(report))
+        tuning = self.suite.tuning_folder(self.log_dir)
+        sensitivity = f"../{tuning.name}/sensitivity.png" if (tuning / "sensitivity.png").is_file() else None
+        atomic_write_text(out / "results.md", results_markdown(report, sensitivity))
         methods = report.methods
         core = [m for m in methods if m in CORE_METHODS] or methods
         zoo = [m for m in methods if m not in core]

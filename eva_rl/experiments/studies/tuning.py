@@ -98,7 +98,7 @@ class TuningSweep(Study[TuningReport]):
 
     @property
     def out_dir(self) -> Path:
-        return self.log_dir / f"{self.suite.name}-tuning"
+        return self.suite.tuning_folder(self.log_dir)
 
     def plan(self) -> Planned:
         """Every grid point x method x tuning seed x tuning task, a method's own grid points (``method_tuning_grid``)
