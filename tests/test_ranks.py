@@ -327,6 +327,14 @@ def test_each_rank_reports_the_score_after_k_updates_and_the_steps_to_the_thresh
     point = report.points["eva"][4]
     assert f"| {point.after_updates[5]} | {point.after_updates[10]} | {point.after_updates[25]} |" in markdown
     assert "Threshold: 0.5." in markdown and report.to_dict()["threshold"] == 0.5
+    # EVA against each method after k updates, rank by rank, from the same hand-read values
+    for k in (5, 10, 25):
+        for r in study.ranks:
+            eva, lora = expected[("eva", r, k)], expected[("lora", r, k)]
+            won = np.mean([(a > b) + 0.5 * (a == b) for a in eva for b in lora])
+            assert report.p_reference_better_after[k]["lora"][r].estimate == pytest.approx(won)
+        assert f"P(eva's score after {k} updates beats the method's), per rank:" in markdown
+    assert set(report.to_dict()["p_eva_better_after_updates"]) == {"5", "10", "25"}
     # the suite's bootstrap, which the page names
     assert "(2,000 resamples)" in markdown and report.to_dict()["resamples"] == 2000
     assert "(50,000 resamples)" in rank_markdown(rank_report("s", study, runs, threshold=0.5, resamples=50000))
@@ -334,3 +342,4 @@ def test_each_rank_reports_the_score_after_k_updates_and_the_steps_to_the_thresh
     # off-policy runs (or a study without a threshold) have neither: the columns are left out
     plain = rank_report("s", study, [(r, dataclasses.replace(x, settings=None)) for r, x in runs])
     assert "after 5 updates" not in rank_markdown(plain) and "steps to threshold" not in rank_markdown(plain)
+    assert "score after" not in rank_markdown(plain) and "p_eva_better_after_updates" not in plain.to_dict()

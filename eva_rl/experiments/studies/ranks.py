@@ -20,7 +20,7 @@ import numpy as np
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.machine import platform_line
 from eva_rl.experiments.plots import method_color, method_label, method_linestyle, new_figure, save_figure
-from eva_rl.experiments.run_folder import RunResult, values_after_updates
+from eva_rl.experiments.run_folder import UPDATES_REPORTED, RunResult, values_after_updates
 from eva_rl.experiments.stats import (
     Interval,
     normalized_auc,
@@ -75,6 +75,8 @@ class RankStudyReport:
     p_better_than_baseline_auc: dict[str, dict[int, Interval]] = dataclasses.field(default_factory=dict)
     threshold: float | None = None
     resamples: int = 2000
+    p_reference_better_after: dict[int, dict[str, dict[int, Interval]]] = dataclasses.field(default_factory=dict)
+    """``[k][method][r]``: the probability that the reference's score after k updates beats the method's."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -97,6 +99,19 @@ class RankStudyReport:
             **({"platform": self.platform} if self.platform else {}),
             **({"threshold": self.threshold} if self.threshold is not None else {}),
             "resamples": self.resamples,
+            **(
+                {
+                    f"p_{self.reference}_better_after_updates": {
+                        str(k): {
+                            method: {str(r): dataclasses.asdict(p) for r, p in by_rank.items()}
+                            for method, by_rank in by_method.items()
+                        }
+                        for k, by_method in self.p_reference_better_after.items()
+                    }
+                }
+                if self.p_reference_better_after
+                else {}
+            ),
             **{
                 f"p_better_than_{self.baseline}_{score}": {
                     method: {str(r): dataclasses.asdict(p) for r, p in by_rank.items()}
@@ -109,10 +124,14 @@ class RankStudyReport:
 
 
 def _rank_point(
-    results: Sequence[RunResult], finals: list[float], aucs: list[float], threshold: float | None, resamples: int
+    results: Sequence[RunResult],
+    finals: list[float],
+    aucs: list[float],
+    after: dict[int, list[float]],
+    threshold: float | None,
+    resamples: int,
 ) -> RankPoint:
-    """One method at one rank from its seeds' results (and their final scores and AUCs)."""
-    after = values_after_updates(results)
+    """One method at one rank from its seeds' results (and their final scores, AUCs and scores after k updates)."""
     point = RankPoint(
         len(results),
         stratified_iqm([finals], n_resamples=resamples),
@@ -153,9 +172,13 @@ def rank_report(
         results.setdefault(result.method, {}).setdefault(r, []).append(result)
         finals.setdefault(result.method, {}).setdefault(r, []).append(result.budget_return)
         aucs.setdefault(result.method, {}).setdefault(r, []).append(normalized_auc(*result.sample_curve(), horizon))
+    # and each seed's score after k updates (``[method][r][k]``), where every seed of the point was evaluated there
+    after = {method: {r: values_after_updates(rs) for r, rs in by_rank.items()} for method, by_rank in results.items()}
     points = {
         method: {
-            r: _rank_point(results[method][r], finals[method][r], aucs[method][r], threshold, resamples)
+            r: _rank_point(
+                results[method][r], finals[method][r], aucs[method][r], after[method][r], threshold, resamples
+            )
             for r in study.ranks
             if r in finals[method]
         }
@@ -172,6 +195,12 @@ def rank_report(
         }
 
     others = [m for m in finals if m != reference] if reference in finals else []
+    # the same after k updates: [k][method][r], for the counts the reference and every other method were evaluated at
+    by_count = {
+        k: {m: {r: counts[k] for r, counts in after[m].items() if k in counts} for m in [reference, *others]}
+        for k in UPDATES_REPORTED
+        if any(k in counts for counts in after.get(reference, {}).values())
+    }
     controls = [m for m in finals if m not in (reference, baseline)] if baseline in finals else []
     return RankStudyReport(
         suite,
@@ -187,6 +216,7 @@ def rank_report(
         {method: better(aucs, method, baseline) for method in controls},
         threshold,
         resamples,
+        {k: {method: better(scores, reference, method) for method in others} for k, scores in by_count.items()},
     )
 
 
@@ -229,6 +259,10 @@ def rank_markdown(report: RankStudyReport) -> str:
     tables = {
         f"P({report.reference}'s final return beats the method's)": report.p_reference_better,
         f"P({report.reference}'s normalized AUC beats the method's)": report.p_reference_better_auc,
+        **{
+            f"P({report.reference}'s score after {k} updates beats the method's)": table
+            for k, table in report.p_reference_better_after.items()
+        },
         f"P(the method's final return beats {report.baseline}'s)": report.p_better_than_baseline,
         f"P(the method's normalized AUC beats {report.baseline}'s)": report.p_better_than_baseline_auc,
     }
