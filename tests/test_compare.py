@@ -567,6 +567,33 @@ def test_scratch_far_below_is_clipped_only_where_the_pretrained_curves_span_a_ra
     assert (low > -40.0) == clipped
 
 
+@pytest.mark.parametrize(("score", "finals", "whole"), [("success", [0.0, 0.0], True), ("return", [0.9, 1.0], False)])
+def test_a_success_rates_panels_span_zero_to_one(score: str, finals: list[float], whole: bool) -> None:
+    """CW10's shelf-place ends at success 0 for every method: its panels read -0.04 to 0.04, and window-close's 0.90
+    to 1.00 beside it; a rate's panels span [0, 1] (final and curves), a return's keep to its values."""
+    from eva_rl.experiments.plots import new_figure
+    from eva_rl.experiments.studies.suite import (
+        draw_final_returns,
+        draw_sample_efficiency,
+        panel_grid,
+        sample_efficiency_figure,
+    )
+
+    task = SuiteTask("A", 0.5, score=score)
+    suite = Suite("s", [task], methods=["eva", "lora"])
+    runs = [
+        (task, dataclasses.replace(_synthetic_run(m, v), task="A", eval_curve=[[0, v], [1000, v]]))
+        for m, v in zip(["eva", "lora"], finals)
+    ]
+    figure, axes = new_figure(**panel_grid(1, 4.2, 2.4))
+    draw_final_returns(axes, aggregate(suite, runs))
+    figure_, curves = new_figure(**sample_efficiency_figure(1))
+    draw_sample_efficiency(curves, aggregate(suite, runs), runs, ["eva", "lora"], ["A"])
+    for low, high in (np.ravel(axes)[0].get_xlim(), np.ravel(curves)[0].get_ylim()):
+        assert (low <= 0.0 and high >= 1.0) == whole and low < high
+        assert low > -0.1  # never a negative rate
+
+
 def test_a_suite_of_many_tasks_wraps_its_panels_five_to_a_row() -> None:
     """CW10's ten tasks would make a figure 50 inches wide: seven tasks take two rows of five, the last three blank."""
     from eva_rl.experiments.plots import new_figure

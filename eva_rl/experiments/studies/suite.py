@@ -594,7 +594,7 @@ def draw_sample_efficiency(
     :param reference: A method drawn in grey dashes beside them (full fine-tuning beside the method zoo).
 
     Where training from scratch starts far below every pretrained method, the axis keeps to the pretrained methods'
-    range (the title says scratch is clipped), so their differences stay visible.
+    range (the title says scratch is clipped), so their differences stay visible; a success rate's axis is [0, 1].
     """
     hide_unused_panels(axes, len(tasks))
     for axis, task_name in zip(np.ravel(axes), tasks):
@@ -610,10 +610,12 @@ def draw_sample_efficiency(
             style = method_linestyle(method)
             axis.plot(x, estimate, color=method_color(method), linestyle=style, label=method_label(method, seeds))
             axis.fill_between(x, low, high, color=method_color(method), alpha=0.15)
-        # the axis: the pretrained methods' range where scratch starts far below it
+        # the axis: a success rate's [0, 1]; a return's, the pretrained methods' range where scratch starts far below
         title = task_name
         pretrained = [c for m, c in curves.items() if get_method(m).pretrained]
-        if pretrained and any(not get_method(m).pretrained for m in curves):
+        if report.tasks[task_name].score == "success":
+            axis.set_ylim(-0.05, 1.05)
+        elif pretrained and any(not get_method(m).pretrained for m in curves):
             low = min(float(c[2].min()) for c in pretrained)
             high = max(float(c[3].max()) for c in pretrained)
             span = high - low
@@ -678,7 +680,7 @@ def _zoom_on_the_plateau(axis: Any, curves: Mapping[str, tuple[np.ndarray, ...]]
 
 def draw_final_returns(axes: Any, report: SuiteReport) -> None:
     """A panel per task: each method's final return on it (IQM over its seeds, 95% CI), a row each. Tasks are never
-    pooled: methods that ran other task sets would not compare on one axis."""
+    pooled: methods that ran other task sets would not compare on one axis. A success rate's axis is all of [0, 1]."""
     hide_unused_panels(axes, len(report.tasks))
     for axis, (task, task_report) in zip(np.ravel(axes), report.tasks.items()):
         methods = [m for m in report.methods if m in task_report.methods]
@@ -695,6 +697,8 @@ def draw_final_returns(axes: Any, report: SuiteReport) -> None:
             )
         axis.set_yticks(range(len(methods)), [f"{m} ({task_report.methods[m].seeds})" for m in methods], fontsize=8)
         axis.set_ylim(len(methods) - 0.5, -0.5)
+        if task_report.score == "success":  # a rate: the whole of [0, 1], so panels read alike and none goes negative
+            axis.set_xlim(-0.05, 1.05)
         axis.set_xlabel(f"final eval {task_report.score}, IQM (95% CI)", fontsize=8)
         axis.set_title(task, fontsize=9)
         axis.grid(alpha=0.3)
