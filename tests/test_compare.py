@@ -224,6 +224,18 @@ def test_a_methods_own_tuning_values_are_tried_for_it_alone_and_can_be_chosen(tm
     assert "best learning_rate of eva, 0.0003, is the grid's smallest" in eva_note
     assert "extend method_tuning_grid.eva.learning_rate past it" in eva_note
     assert "of full, 0.001, is the grid's smallest" in full_note and "extend tuning_grid.learning_rate" in full_note
+    # a sweep of full alone plans, reports and draws full's grid, eva's own values left out (mujoco-2m's page drew
+    # lora-orth-fa's two rates past the grid before that method's tuning ran)
+    from eva_rl.experiments.plots import new_figure
+    from eva_rl.experiments.studies.tuning import draw_sensitivity
+
+    alone = TuningSweep(suite, tmp_path, ["full"], echo=lambda line: None)
+    assert suite.tuning_grid_over(["full"]) == suite.tuning_grid
+    assert {key[0] for key, _ in alone.plan()} == set(by_method["full"])
+    report = alone.report([(key, run) for key, run in runs if run.method == "full"])
+    figure, axes = new_figure(1, 2)
+    draw_sensitivity(axes, suite, report, suite.tuning_grid_over(["full"]))
+    assert [tick.get_text() for tick in axes[0].get_xticklabels()] == ["1e-3", "3e-3", "0.01"]
 
 
 def test_a_tuning_sweep_scores_a_success_task_by_its_success_rate(tmp_path: Path, monkeypatch) -> None:

@@ -281,10 +281,10 @@ class Suite(Seeded):
         extra = self.method_tuning_grid.get(method, {})
         return {key: sorted(set(values) | set(extra.get(key, []))) for key, values in self.tuning_grid.items()}
 
-    @property
-    def full_tuning_grid(self) -> dict[str, list[float]]:
-        """Every value some method's tuning tries, sorted: the tuning page's x-axis."""
-        grids = [self.tuning_grid_of(method) for method in self.methods]
+    def tuning_grid_over(self, methods: Sequence[str] | None = None) -> dict[str, list[float]]:
+        """Every value the tuning of some of ``methods`` (default: the suite's) tries, sorted: the tuning page's
+        x-axis."""
+        grids = [self.tuning_grid_of(method) for method in methods or self.methods]
         return {key: sorted({value for grid in grids for value in grid[key]}) for key in self.tuning_grid}
 
     def tuning_folder(self, log_dir: Path) -> Path:

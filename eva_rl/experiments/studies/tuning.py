@@ -107,7 +107,7 @@ class TuningSweep(Study[TuningReport]):
         tasks = [t for t in suite.tasks if suite.tuning_tasks is None or t.task in suite.tuning_tasks]
         return [
             ((point_name(point), suite_task.task), suite.run_spec(suite_task, method, seed, folder, settings=point))
-            for point in tuning_points(suite.full_tuning_grid)
+            for point in tuning_points(suite.tuning_grid_over(self.methods))
             for folder in [self.out_dir / point_name(point) / suite.name]
             for suite_task in tasks
             for seed in suite.tuning_seeds
@@ -125,7 +125,7 @@ class TuningSweep(Study[TuningReport]):
         planned runs are in (``"partial"``)."""
         auc: dict[str, dict[str, float]] = {}
         final: dict[str, dict[str, float]] = {}
-        for point in tuning_points(self.suite.full_tuning_grid):
+        for point in tuning_points(self.suite.tuning_grid_over(self.methods)):
             for method in self.methods:
                 aucs: dict[str, list[float]] = {}
                 finals: dict[str, list[float]] = {}
@@ -138,7 +138,7 @@ class TuningSweep(Study[TuningReport]):
                     final.setdefault(method, {})[point_name(point)] = float(
                         stratified_iqm(list(finals.values())).estimate
                     )
-        points = {point_name(point): point for point in tuning_points(self.suite.full_tuning_grid)}
+        points = {point_name(point): point for point in tuning_points(self.suite.tuning_grid_over(self.methods))}
         # a copy each: shared dicts would print as YAML anchors and aliases
         chosen = {method: dict(points[max(by_point, key=by_point.__getitem__)]) for method, by_point in auc.items()}
         platform = platform_line(result.platform for _, result in runs)
@@ -163,16 +163,19 @@ class TuningSweep(Study[TuningReport]):
         written = [self.out_dir / "tuning.json"]
         if len(self.suite.tuning_grid) == 1:
             figure, axes = new_figure(1, 2, figsize=(10, 4), dpi=120)
-            draw_sensitivity(axes, self.suite, report)
+            draw_sensitivity(axes, self.suite, report, self.suite.tuning_grid_over(self.methods))
             written.append(save_figure(figure, self.out_dir / "sensitivity.png"))
         return written
 
 
-def draw_sensitivity(axes: Any, suite: Suite, report: TuningReport) -> None:
+def draw_sensitivity(axes: Any, suite: Suite, report: TuningReport, grid: dict[str, list[float]]) -> None:
     """Normalized AUC and final return (IQM over the tuning seeds and tasks) against the one tuned setting, one line
-    per method, each method's chosen value ringed: how sharply each method depends on it."""
-    ((key, values),) = suite.full_tuning_grid.items()
-    points = tuning_points(suite.full_tuning_grid)
+    per method, each method's chosen value ringed: how sharply each method depends on it.
+
+    :param grid: The x-axis: every value the sweep's methods try (:meth:`Suite.tuning_grid_over`).
+    """
+    ((key, values),) = grid.items()
+    points = tuning_points(grid)
     final = "final success rate" if report.get("score") == "success" else "final return"
     for axis, (table, label) in zip(axes, ((report["auc_iqm"], "normalized AUC"), (report["final_iqm"], final))):
         for method, by_point in table.items():
