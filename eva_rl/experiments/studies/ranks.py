@@ -79,48 +79,36 @@ class RankStudyReport:
     """``[k][method][r]``: the probability that the reference's score after k updates beats the method's."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "suite": self.suite,
             "task": self.task,
             "ranks": self.ranks,
-            "methods": {
-                method: {str(r): dataclasses.asdict(point) for r, point in by_rank.items()}
-                for method, by_rank in self.points.items()
-            },
+            "methods": _by_method_and_rank(self.points),
             "reference": self.reference,
-            f"p_{self.reference}_better_final": {
-                method: {str(r): dataclasses.asdict(p) for r, p in by_rank.items()}
-                for method, by_rank in self.p_reference_better.items()
-            },
-            f"p_{self.reference}_better_auc": {
-                method: {str(r): dataclasses.asdict(p) for r, p in by_rank.items()}
-                for method, by_rank in self.p_reference_better_auc.items()
-            },
-            **({"platform": self.platform} if self.platform else {}),
-            **({"threshold": self.threshold} if self.threshold is not None else {}),
-            "resamples": self.resamples,
-            **(
-                {
-                    f"p_{self.reference}_better_after_updates": {
-                        str(k): {
-                            method: {str(r): dataclasses.asdict(p) for r, p in by_rank.items()}
-                            for method, by_rank in by_method.items()
-                        }
-                        for k, by_method in self.p_reference_better_after.items()
-                    }
-                }
-                if self.p_reference_better_after
-                else {}
-            ),
-            **{
-                f"p_better_than_{self.baseline}_{score}": {
-                    method: {str(r): dataclasses.asdict(p) for r, p in by_rank.items()}
-                    for method, by_rank in table.items()
-                }
-                for score, table in (("final", self.p_better_than_baseline), ("auc", self.p_better_than_baseline_auc))
-                if table
-            },
+            f"p_{self.reference}_better_final": _by_method_and_rank(self.p_reference_better),
+            f"p_{self.reference}_better_auc": _by_method_and_rank(self.p_reference_better_auc),
         }
+        # the fields added later, written where they hold something, so that older pages read back unchanged
+        if self.platform:
+            data["platform"] = self.platform
+        if self.threshold is not None:
+            data["threshold"] = self.threshold
+        data["resamples"] = self.resamples
+        if self.p_reference_better_after:
+            data[f"p_{self.reference}_better_after_updates"] = {
+                str(k): _by_method_and_rank(table) for k, table in self.p_reference_better_after.items()
+            }
+        for score, table in (("final", self.p_better_than_baseline), ("auc", self.p_better_than_baseline_auc)):
+            if table:
+                data[f"p_better_than_{self.baseline}_{score}"] = _by_method_and_rank(table)
+        return data
+
+
+def _by_method_and_rank(table: dict[str, dict[int, Any]]) -> dict[str, dict[str, Any]]:
+    """``{method: {r: dataclass}}`` as JSON: ranks as strings, each entry as a dict."""
+    return {
+        method: {str(r): dataclasses.asdict(entry) for r, entry in by_rank.items()} for method, by_rank in table.items()
+    }
 
 
 def _rank_point(
