@@ -94,6 +94,7 @@ class TuningSweep(Study[TuningReport]):
         if methods is not None:
             suite.check_methods(methods)
         self.suite, self.methods = suite, list(methods or suite.methods)
+        self.grid = suite.tuning_grid_over(self.methods)  # every value some of its methods try: the page's x-axis
         self.title = f"suite {suite.name}'s tuning sweep"
 
     @property
@@ -107,7 +108,7 @@ class TuningSweep(Study[TuningReport]):
         tasks = [t for t in suite.tasks if suite.tuning_tasks is None or t.task in suite.tuning_tasks]
         return [
             ((point_name(point), suite_task.task), suite.run_spec(suite_task, method, seed, folder, settings=point))
-            for point in tuning_points(suite.tuning_grid_over(self.methods))
+            for point in tuning_points(self.grid)
             for folder in [self.out_dir / point_name(point) / suite.name]
             for suite_task in tasks
             for seed in suite.tuning_seeds
@@ -125,7 +126,7 @@ class TuningSweep(Study[TuningReport]):
         planned runs are in (``"partial"``)."""
         auc: dict[str, dict[str, float]] = {}
         final: dict[str, dict[str, float]] = {}
-        for point in tuning_points(self.suite.tuning_grid_over(self.methods)):
+        for point in tuning_points(self.grid):
             for method in self.methods:
                 aucs: dict[str, list[float]] = {}
                 finals: dict[str, list[float]] = {}
@@ -138,7 +139,7 @@ class TuningSweep(Study[TuningReport]):
                     final.setdefault(method, {})[point_name(point)] = float(
                         stratified_iqm(list(finals.values())).estimate
                     )
-        points = {point_name(point): point for point in tuning_points(self.suite.tuning_grid_over(self.methods))}
+        points = {point_name(point): point for point in tuning_points(self.grid)}
         # a copy each: shared dicts would print as YAML anchors and aliases
         chosen = {method: dict(points[max(by_point, key=by_point.__getitem__)]) for method, by_point in auc.items()}
         platform = platform_line(result.platform for _, result in runs)
@@ -163,7 +164,7 @@ class TuningSweep(Study[TuningReport]):
         written = [self.out_dir / "tuning.json"]
         if len(self.suite.tuning_grid) == 1:
             figure, axes = new_figure(1, 2, figsize=(10, 4), dpi=120)
-            draw_sensitivity(axes, self.suite, report, self.suite.tuning_grid_over(self.methods))
+            draw_sensitivity(axes, self.suite, report, self.grid)
             written.append(save_figure(figure, self.out_dir / "sensitivity.png"))
         return written
 
