@@ -164,6 +164,13 @@ def steps_to_threshold(
     return None
 
 
+def median_steps_to_threshold(reached: Sequence[float | None]) -> float | None:
+    """The median of runs' :func:`steps_to_threshold`, a run that never reached it (``None``) counting as never;
+    ``None`` where the median run never did."""
+    median = float(np.median([np.inf if steps is None else steps for steps in reached]))
+    return None if np.isinf(median) else median
+
+
 def normalized_auc(steps: Sequence[float], returns: Sequence[float], horizon: float | None = None) -> float:
     """Area under the eval curve divided by its step span: the curve's average return over training.
 

@@ -23,6 +23,7 @@ from eva_rl.experiments.plots import method_color, method_label, method_linestyl
 from eva_rl.experiments.run_folder import UPDATES_REPORTED, RunResult, values_after_updates
 from eva_rl.experiments.stats import (
     Interval,
+    median_steps_to_threshold,
     normalized_auc,
     probability_of_improvement,
     score_format,
@@ -129,8 +130,7 @@ def _rank_point(
     )
     if threshold is not None:
         reached = [steps_to_threshold(*result.sample_curve(), threshold, result.budget) for result in results]
-        median = float(np.median([np.inf if steps is None else steps for steps in reached]))
-        point.steps_to_threshold_median = None if np.isinf(median) else median
+        point.steps_to_threshold_median = median_steps_to_threshold(reached)
         point.reached_threshold = sum(steps is not None for steps in reached)
     return point
 

@@ -38,6 +38,7 @@ from eva_rl.experiments.stats import (
     Interval,
     curve_at,
     iqm,
+    median_steps_to_threshold,
     normalized_auc,
     probability_of_improvement,
     score_format,
@@ -318,7 +319,6 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
             finals = [r.budget_return for r in results]
             aucs = [normalized_auc(*r.sample_curve(), horizon=horizon) for r in results]
             reached = [steps_to_threshold(*r.sample_curve(), threshold, r.budget) for r in results]
-            steps = [s if s is not None else np.inf for s in reached]
             sources = [r.source_return for r in results if r.source_return is not None]
             after = values_after_updates(results)
             task_report.methods[method] = MethodTaskStats(
@@ -326,7 +326,7 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
                 final=stratified_iqm([finals], n_resamples=resamples),
                 jumpstart=float(iqm([r.jumpstart for r in results])),
                 auc=stratified_iqm([aucs], n_resamples=resamples),
-                steps_to_threshold_median=None if np.isinf(np.median(steps)) else float(np.median(steps)),
+                steps_to_threshold_median=median_steps_to_threshold(reached),
                 reached_threshold=sum(s is not None for s in reached),
                 source_retention=float(iqm(sources)) if sources else None,
                 trainable_params=int(np.mean([r.trainable_params for r in results])),
