@@ -64,7 +64,7 @@ def test_contrasts_count_pairs_over_the_tasks_both_methods_ran_on_final_auc_and_
         assert alone["final"].estimate == pytest.approx(_pairs_better(scores("eva", task, 3), scores("lora", task, 3)))
     assert eva_lora.final.estimate == pytest.approx(np.mean([eva_lora.per_task[t]["final"].estimate for t in "AB"]))
     page = results_markdown(report)
-    assert "## Controls" in page and f"| eva > lora-orth | {CONTRASTS[1].differs} | 2 |" in page
+    assert "## Controls" in page and f"| eva > lora-orth | {CONTRASTS[1].differs} | - | 2 |" in page
     alone = eva_lora.per_task
     assert f"| eva > lora | {alone['A']['final']}; {alone['A']['auc']} | {alone['B']['final']}; " in page
     assert SuiteReport.from_dict(report.to_dict()).contrasts == report.contrasts
@@ -90,3 +90,24 @@ def test_a_method_always_ahead_of_its_control_scores_one_and_a_tie_one_half() ->
     assert report.contrasts == [] and "## Controls" not in results_markdown(report)
     assert "contrasts" not in report.to_dict()  # the pages made before contrasts read back unchanged
     assert dataclasses.replace(report, contrasts=[]) == SuiteReport.from_dict(report.to_dict())
+
+
+def test_the_controls_table_names_each_sides_rate_and_a_one_task_contrast_fills_its_tasks_column() -> None:
+    a, b = SuiteTask("A", 0.5), SuiteTask("B", 0.5)
+    suite = Suite("s", [a, b], methods=["eva", "lora", "lora-orth"])
+    curve = [[0, 0.0], [160, 0.5], [320, 0.6], [800, 0.9]]
+
+    def run(method: str, rate: float) -> RunResult:
+        result = _run(method, curve)
+        result.settings["hyperparameters"]["learning_rate"] = rate
+        return result
+
+    runs = [(t, run(m, 1e-3 if m == "eva" else 5e-4)) for t in (a, b) for m in ("eva", "lora") for _ in range(3)]
+    runs += [(a, run("lora-orth", 5e-4)) for _ in range(3)]  # on A only
+    page = results_markdown(aggregate(suite, runs))
+    assert f"| eva > lora | {CONTRASTS[0].differs} | 1e-3 vs 5e-4 | 2 |" in page  # two rates: named apart
+    assert f"| lora-orth > lora | {CONTRASTS[7].differs} | 5e-4 | 1 |" in page  # one rate: once
+    report = aggregate(suite, runs)
+    one_task = next(c for c in report.contrasts if c.control == "lora-orth")
+    assert not one_task.per_task
+    assert f"| eva > lora-orth | {one_task.final}; {one_task.auc} | - |" in page

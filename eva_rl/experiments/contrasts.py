@@ -144,29 +144,40 @@ def contrast_stats(scores: Scores, updates: Sequence[int], resamples: int) -> li
     return drawn if len(drawn) >= 2 else []
 
 
-def contrasts_markdown(contrasts: Sequence[ContrastStats]) -> list[str]:
-    """The page's section on the controls (no lines without contrasts)."""
+def contrasts_markdown(contrasts: Sequence[ContrastStats], rates: Mapping[str, str] | None = None) -> list[str]:
+    """The page's section on the controls (no lines without contrasts).
+
+    :param rates: Each method's learning-rate cell, as its task tables show it: a pair run at two rates differs in
+        the rate too, and its rates column says so.
+    """
     if not contrasts:
         return []
+    rates = rates or {}
     counts = sorted({k for c in contrasts for k in c.after_updates})
     lines = [
         "## Controls",
         "",
         "P(a run of the method scores higher than a run of its control), averaged over the tasks both ran, 95% CIs; "
-        "0.5 is a tie. Each pair differs in one thing, each method at its own tuned learning rate.",
+        "0.5 is a tie. Each pair's inits differ in one thing; the rates column gives the learning rate of each "
+        "(method vs control where they differ: the pair then differs in its rate too).",
         "",
-        "| method > control | what differs | tasks | final | AUC | " + " | ".join(f"after {k}" for k in counts) + " |",
-        "|---|---|---|---|---|" + "---|" * len(counts),
+        "| method > control | what differs | rates | tasks | final | AUC | "
+        + " | ".join(f"after {k}" for k in counts)
+        + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(counts),
     ]
     for c in contrasts:
         cells = [str(c.after_updates[k]) if k in c.after_updates else "-" for k in counts]
-        row = [f"{c.method} > {c.control}", c.differs, str(len(c.tasks)), str(c.final), str(c.auc), *cells]
+        ours, theirs = rates.get(c.method, "-"), rates.get(c.control, "-")
+        rate = ours if ours == theirs else f"{ours} vs {theirs}"
+        row = [f"{c.method} > {c.control}", c.differs, rate, str(len(c.tasks)), str(c.final), str(c.auc), *cells]
         lines.append("| " + " | ".join(row) + " |")
     return [*lines, "", *_per_task_markdown(contrasts)]
 
 
 def _per_task_markdown(contrasts: Sequence[ContrastStats]) -> list[str]:
-    """The same contrasts on each task alone, where any ran on several (no lines otherwise)."""
+    """The same contrasts on each task alone, where any ran on several (no lines otherwise); a contrast drawn on one
+    task shows its pooled figure, which is that task's, in that task's column."""
     tasks = list(dict.fromkeys(task for c in contrasts for task in c.per_task))
     if not tasks:
         return []
@@ -177,6 +188,7 @@ def _per_task_markdown(contrasts: Sequence[ContrastStats]) -> list[str]:
         "|---|" + "---|" * len(tasks),
     ]
     for c in contrasts:
-        cells = [f"{c.per_task[task][FINAL]}; {c.per_task[task][AUC]}" if task in c.per_task else "-" for task in tasks]
+        alone = c.per_task or {t: {FINAL: c.final, AUC: c.auc} for t in c.tasks}
+        cells = [f"{alone[task][FINAL]}; {alone[task][AUC]}" if task in alone else "-" for task in tasks]
         lines.append(f"| {c.method} > {c.control} | " + " | ".join(cells) + " |")
     return [*lines, ""]

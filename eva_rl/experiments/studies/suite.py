@@ -5,7 +5,7 @@ statistics (``results.json``), tables (``results.md``) and figures (``sample_eff
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,7 +115,13 @@ class MethodTaskStats:
 def run_learning_rates(results: Sequence[RunResult]) -> list[Any]:
     """The distinct learning rates ``results`` were made at, as each recorded it (a number, or a schedule's name),
     numbers first and ascending; runs that recorded none are left out."""
-    rates = {result.hyperparameters.get("learning_rate") for result in results}
+    return distinct_rates(result.hyperparameters.get("learning_rate") for result in results)
+
+
+def distinct_rates(values: Iterable[Any]) -> list[Any]:
+    """The distinct learning rates among ``values``, numbers first and ascending, then schedules' names; ``None``
+    (a run that recorded none) left out."""
+    rates = set(values)
     rates.discard(None)
     numbers = sorted(rate for rate in rates if isinstance(rate, int | float))
     return numbers + sorted(str(rate) for rate in rates if not isinstance(rate, int | float))
@@ -511,9 +517,18 @@ def results_markdown(report: SuiteReport, sensitivity: str | None = None) -> str
         f" final {report.score}: {scale or 'no task (full fine-tuning did not run, or did not beat zero-shot)'}.",
         "",
         *_published_markdown(report),
-        *contrasts_markdown(report.contrasts),
+        *contrasts_markdown(report.contrasts, _rate_cells(report)),
     ]
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _rate_cells(report: SuiteReport) -> dict[str, str]:
+    """Each method's learning-rate cell over the tasks it ran (its distinct rates, as a task table shows them)."""
+    rates: dict[str, list[Any]] = {}
+    for task in report.tasks.values():
+        for method, row in task.methods.items():
+            rates.setdefault(method, []).extend(row.learning_rates)
+    return {method: rate_cell(distinct_rates(values)) for method, values in rates.items()}
 
 
 def _published_markdown(report: SuiteReport) -> list[str]:
