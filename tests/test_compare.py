@@ -46,6 +46,9 @@ def test_every_shipped_suite_names_its_own_file_and_tasks_with_agents(path: Path
         assert task.agent_path.is_file(), task.agent_path
         for method in suite.task_methods(suite_task):
             suite.run_spec(suite_task, method, 0, path)  # every method's settings apply to the task
+    if suite.shares is not None:  # the suite it shares runs with is shipped too, and shares none itself
+        assert suite.shared_suite.name == suite.shares
+        assert any(spec.log_dir.name == suite.shares for _, spec in suite.run_specs(path))
 
 
 def test_local_sweep_writes_tables_and_plots_and_a_rerun_skips_completed_runs(tmp_path: Path) -> None:
@@ -826,3 +829,57 @@ def test_each_progress_line_says_how_long_the_runs_still_to_make_should_take(tmp
     outcomes.record(3, lambda: made(900.0))
     assert lines[-1] == "[4/4] PointGoal full seed1: final 0.500"  # nothing left to make: no estimate
     assert [duration(s) for s in (40, 25 * 60, 3.5 * 3600)] == ["40 s", "25 min", "3.5 h"]
+
+
+def _shared_suites(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Suite, Suite]:
+    """Suite ``made`` (eva at 3e-3, lora at 1e-3, seeds 0-1) in a suite folder of its own, and a suite that reruns
+    eva at lora's rate on seeds 0-2 and shares the rest of ``made``'s runs."""
+    import yaml
+
+    monkeypatch.setattr("eva_rl.experiments.suites.SUITE_DIR", tmp_path)
+    task = {"task": "PointGoal", "threshold": 0.5, "total_timesteps": 2048, "eval_freq": 1024}
+    rates = {"eva": {"learning_rate": 3e-3}, "lora": {"learning_rate": 1e-3}}
+    made = {"name": "made", "tasks": [task], "methods": ["eva", "lora"], "seeds": [0, 1], "method_settings": rates}
+    (tmp_path / "made.yaml").write_text(yaml.safe_dump(made))
+    one_rate = {"eva": {"learning_rate": 1e-3}, "lora": {"learning_rate": 1e-3}}
+    sharing = {**made, "name": "at-one-rate", "seeds": [0, 1, 2], "method_settings": one_rate, "shares": "made"}
+    (tmp_path / "at-one-rate.yaml").write_text(yaml.safe_dump(sharing))
+    return load_suite("made"), load_suite("at-one-rate")
+
+
+def test_a_suite_shares_the_runs_of_the_suite_it_names_where_they_are_the_same_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made, sharing = _shared_suites(tmp_path, monkeypatch)
+    runs = tmp_path / "runs"
+    where = {(spec.method, spec.seed): spec.log_dir.name for _, spec in sharing.run_specs(runs)}
+    # lora's runs of made's seeds are made's; seed 2 is not made's, and eva runs at another rate: their own
+    assert where == {
+        ("eva", 0): "at-one-rate", ("lora", 0): "made", ("eva", 1): "at-one-rate", ("lora", 1): "made",
+        ("eva", 2): "at-one-rate", ("lora", 2): "at-one-rate",
+    }  # fmt: skip
+    assert made.run_specs(runs)[1][1].folder.path == sharing.run_specs(runs)[1][1].folder.path
+    # a shared run missing is made in the shared suite's folder, once: made's page then reads it too
+    lines: list[str] = []
+    report = compare(sharing, runs, methods=["lora"], seeds=[0], echo=lines.append)
+    assert (runs / "made" / "PointGoal" / "lora" / "seed0" / "result.json").is_file()
+    assert not (runs / "at-one-rate" / "PointGoal" / "lora").exists()
+    note = "1 of the page's 1 runs (lora) are suite `made`'s, the same runs made once for both pages"
+    assert report.sharing.startswith(note) and note in (runs / "at-one-rate" / "results.md").read_text()
+    assert SuiteReport.from_dict(report.to_dict()) == report
+    assert compare(made, runs, report_only=True).tasks["PointGoal"].methods["lora"].seeds == 1
+    assert compare(made, runs, report_only=True).sharing == ""
+
+
+def test_a_suite_shares_runs_only_with_another_suite_that_makes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made, sharing = _shared_suites(tmp_path, monkeypatch)
+    with pytest.raises(ConfigError, match="shares='made' is invalid: expected another suite's name than its own"):
+        dataclasses.replace(made, shares="made")
+    with pytest.raises(ConfigError, match="that suite shares suite 'made''s runs itself; expected the suite that"):
+        dataclasses.replace(made, name="chained", shares="at-one-rate")
+    with pytest.raises(ConfigError, match="suite other: shares='nope' is invalid: unknown suite 'nope'; known"):
+        dataclasses.replace(made, name="other", shares="nope")
+    with pytest.raises(ConfigError, match="shares=3 is invalid: expected one folder name"):
+        dataclasses.replace(made, name="other", shares=3)

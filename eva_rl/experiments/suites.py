@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from eva_rl.config import _is_number
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.published import PublishedScores
-from eva_rl.experiments.runs import RunSpec
+from eva_rl.experiments.runs import RunSpec, task_settings
 from eva_rl.experiments.stats import RESAMPLES
 from eva_rl.experiments.tasks import (
     CONFIG_DIR,
@@ -192,6 +193,9 @@ class Suite(Seeded):
         rliable's 50,000).
     :param published: A paper's figures for the suite's methods (:class:`PublishedScores`), set beside the page's
         mean final score over the tasks.
+    :param shares: Another suite's name: each run of this suite that is one of that suite's (the same task, agent,
+        method, seed and settings) is that suite's run, read from and made in its folder, once for both pages (a
+        suite that reruns one method at another learning rate shares the other methods' runs).
     """
 
     name: str
@@ -209,9 +213,15 @@ class Suite(Seeded):
     rank_study: RankStudy | None = None
     resamples: int = RESAMPLES
     published: PublishedScores | None = None
+    shares: str | None = None
 
     def __post_init__(self) -> None:
         check_folder_name(self.name, "suite name")
+        if self.shares is not None:
+            check_folder_name(self.shares, "shares")
+            if self.shares == self.name:
+                raise ConfigError(f"shares={self.shares!r} is invalid: expected another suite's name than its own")
+            self.shared_suite  # noqa: B018 - loaded now: a bad name is an error before any run is planned
         if not isinstance(self.tasks, list) or not self.tasks:
             raise ConfigError(f"suite {self.name} tasks={self.tasks!r} is invalid: expected a non-empty list")
         self.tasks = [
@@ -355,13 +365,51 @@ class Suite(Seeded):
     def run_specs(
         self, log_dir: Path, methods: Sequence[str] | None = None, seeds: Sequence[int] | None = None
     ) -> list[tuple[SuiteTask, RunSpec]]:
-        """Every (task, method, seed) run of the suite, writing under ``<log_dir>/<suite>/``."""
-        return [
-            (suite_task, self.run_spec(suite_task, method, seed, log_dir / self.name))
-            for suite_task in self.tasks
-            for seed in seeds or self.seed_list
-            for method in self.task_methods(suite_task, methods)
-        ]
+        """Every (task, method, seed) run of the suite, writing under ``<log_dir>/<suite>/``, or under the folder of
+        the suite it :attr:`shares` where the run is that suite's."""
+        specs = []
+        for suite_task in self.tasks:
+            for seed in seeds or self.seed_list:
+                for method in self.task_methods(suite_task, methods):
+                    own = self.run_spec(suite_task, method, seed, log_dir / self.name)
+                    shared = None if self.shares is None else self.shared_suite.same_run(own, log_dir)
+                    specs.append((suite_task, shared or own))
+        return specs
+
+    @cached_property
+    def shared_suite(self) -> Suite:
+        """The suite this one :attr:`shares` runs with.
+
+        :raises ConfigError: if there is none, or it shares another's runs itself (share that one's directly).
+        """
+        if self.shares is None:
+            raise ConfigError(f"suite {self.name} shares no other suite's runs")
+        try:
+            other = load_suite(self.shares)
+        except ConfigError as error:
+            raise ConfigError(f"suite {self.name}: shares={self.shares!r} is invalid: {error}") from None
+        if other.shares is not None:
+            raise ConfigError(
+                f"suite {self.name}: shares={self.shares!r} is invalid: that suite shares suite {other.shares!r}'s "
+                f"runs itself; expected the suite that makes them (shares: {other.shares})"
+            )
+        return other
+
+    def same_run(self, own: RunSpec, log_dir: Path) -> RunSpec | None:
+        """This suite's run under ``<log_dir>/<suite>/`` that is ``own`` (the same agent file, task, method, seed and
+        :func:`~eva_rl.experiments.runs.task_settings`), or ``None``: how another suite or a sequence shares it."""
+        if own.seed not in self.seed_list:
+            return None
+        wanted = task_settings(own)
+        for suite_task in self.tasks:
+            if own.method not in self.task_methods(suite_task):
+                continue
+            if self.task(suite_task).target_env != own.task.target_env:
+                continue  # the cheap test first: a suite of ten tasks, a sequence of ten stages
+            spec = self.run_spec(suite_task, own.method, own.seed, Path(log_dir) / self.name, None, own.device)
+            if spec.agent_path.resolve() == own.agent_path.resolve() and task_settings(spec) == wanted:
+                return spec
+        return None
 
 
 def _check_subset(what: str, values: list[str], allowed: Sequence[str], accepted: str) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
 from statistics import fmean
@@ -123,15 +123,14 @@ def first_logged_update(folder: RunFolder) -> int | None:
     return 1 + eva.deferred_steps // (settings["hyperparameters"]["n_steps"] * settings["n_envs"])
 
 
-def _adapter_runs(out: Path, task: str, methods: list[str]) -> dict[str, list[RunFolder]]:
-    """The completed runs of ``methods`` on ``task`` that saved an adapter, by method, in seed order."""
+def _adapter_runs(folders: Sequence[tuple[str, RunFolder]]) -> dict[str, list[RunFolder]]:
+    """Of ``(method, folder)`` pairs in seed order, the completed runs that saved an adapter (or were measured before
+    their adapter was dropped: committed runs), by method."""
     runs: dict[str, list[RunFolder]] = {}
-    for method in methods:
-        folders = [RunFolder(path) for path in (out / task / method).glob("seed*")]
-        done = [f for f in folders if f.result_file.is_file() and (f.adapter_dir / "adapter_config.json").is_file()]
-        done += [f for f in folders if f not in done and (f.path / ANATOMY).is_file()]  # committed: no adapter
-        if done:
-            runs[method] = sorted(done, key=lambda f: int(f.path.name.removeprefix("seed")))
+    for method, folder in folders:
+        saved = folder.result_file.is_file() and (folder.adapter_dir / "adapter_config.json").is_file()
+        if saved or (folder.path / ANATOMY).is_file():
+            runs.setdefault(method, []).append(folder)
     return runs
 
 
@@ -154,7 +153,9 @@ def suite_anatomy(
     for suite_task in suite.tasks:
         task = suite.task(suite_task)
         adapters = suite.low_rank_methods(suite_task, methods)
-        runs = _adapter_runs(out, suite_task.task, adapters)
+        # the suite's own folders, or the shared suite's where a run is its (Suite.shares), seed by seed
+        specs = [spec for t, spec in suite.run_specs(log_dir, adapters) if t is suite_task] if adapters else []
+        runs = _adapter_runs([(spec.method, spec.folder) for spec in sorted(specs, key=lambda spec: spec.seed)])
         base: tuple[dict[str, torch.Tensor], dict[str, InputMoments]] | None = None
         per_method: dict[str, Any] = {}
         # the pretrained agent's rollouts are taken once per task, and only if a run is not measured yet

@@ -36,7 +36,7 @@ from eva_rl.experiments.machine import platform_line
 from eva_rl.experiments.plots import new_figure, save_figure, seed_count
 from eva_rl.experiments.published import SEQUENCE_METRICS, PublishedApproaches, published_notes
 from eva_rl.experiments.run_folder import RunDirError, RunFolder, RunResult
-from eva_rl.experiments.runs import RunSpec, run_differences, run_settings, task_settings
+from eva_rl.experiments.runs import RunSpec, run_differences, run_settings
 from eva_rl.experiments.sequences import ContinualSequence, Stage
 from eva_rl.experiments.stats import Interval, normalized_auc, stratified_iqm
 from eva_rl.experiments.studies.base import Planned, Study
@@ -186,22 +186,8 @@ class ContinualStudy(Study[ContinualReport]):
         return self._from_base[key]
 
     def suite_run(self, own: RunSpec) -> RunSpec | None:
-        """The :attr:`suite`'s run that is ``own`` (the same agent file, method, seed and
-        :func:`~eva_rl.experiments.runs.task_settings`), or ``None``."""
-        if self.suite is None or own.seed not in self.suite.seed_list:
-            return None
-        wanted = task_settings(own)
-        for suite_task in self.suite.tasks:
-            if own.method not in self.suite.task_methods(suite_task):
-                continue
-            if self.suite.task(suite_task).target_env != own.task.target_env:
-                continue  # the cheap test first: a suite of ten tasks, a sequence of ten stages
-            spec = self.suite.run_spec(
-                suite_task, own.method, own.seed, self.log_dir / self.suite.name, None, self.device
-            )
-            if spec.agent_path.resolve() == own.agent_path.resolve() and task_settings(spec) == wanted:
-                return spec
-        return None
+        """The :attr:`suite`'s run that is ``own`` (:meth:`~eva_rl.experiments.suites.Suite.same_run`), or ``None``."""
+        return None if self.suite is None else self.suite.same_run(own, self.log_dir)
 
     def sharing_note(self) -> str:
         """One line saying how many runs from the base are the :attr:`suite`'s ("" without a suite)."""

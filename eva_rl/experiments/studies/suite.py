@@ -240,6 +240,8 @@ class SuiteReport:
     """Each method against its control (:func:`~eva_rl.experiments.contrasts.contrast_stats`)."""
     published: PublishedComparison | None = None
     """The page beside a paper's figures, where the suite gives them."""
+    sharing: str = ""
+    """One line naming the page's runs that are another suite's (:attr:`~eva_rl.experiments.suites.Suite.shares`)."""
 
     @property
     def methods(self) -> list[str]:
@@ -274,6 +276,7 @@ class SuiteReport:
             **({"resamples": self.resamples} if self.resamples != 2000 else {}),
             **({"contrasts": [c.to_dict() for c in self.contrasts]} if self.contrasts else {}),
             **({"published": self.published.to_dict()} if self.published else {}),
+            **({"sharing": self.sharing} if self.sharing else {}),
         }
 
     @classmethod
@@ -296,7 +299,8 @@ class SuiteReport:
         resamples = data.get("resamples", 2000)
         published = PublishedComparison.from_dict(data["published"]) if "published" in data else None
         platform = data.get("platform", "")
-        return cls(data["suite"], tasks, aggregate, reference, platform, resamples, contrasts, published)
+        sharing = data.get("sharing", "")
+        return cls(data["suite"], tasks, aggregate, reference, platform, resamples, contrasts, published, sharing)
 
 
 def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], reference: str = "eva") -> SuiteReport:
@@ -444,6 +448,7 @@ def results_markdown(report: SuiteReport, sensitivity: str | None = None) -> str
         "",
         report.platform,
         "",
+        *([report.sharing, ""] if report.sharing else []),
     ]
     if sensitivity is not None:
         lines += [
@@ -801,7 +806,24 @@ class SuiteStudy(Study[SuiteReport]):
         return key.score
 
     def report(self, runs: list[tuple[SuiteTask, RunResult]]) -> SuiteReport:
-        return aggregate(self.suite, runs)
+        report = aggregate(self.suite, runs)
+        report.sharing = self.sharing_note()
+        return report
+
+    def sharing_note(self) -> str:
+        """One line saying how many of the page's completed runs are the shared suite's ("" where none is)."""
+        shares = self.suite.shares
+        if shares is None:
+            return ""
+        done = [spec for _, spec in self.page_plan() if spec.folder.is_complete]
+        shared = [spec for spec in done if spec.log_dir != self.out_dir]
+        if not shared:
+            return ""
+        methods = ", ".join(dict.fromkeys(spec.method for spec in shared))
+        return (
+            f"{len(shared)} of the page's {len(done)} runs ({methods}) are suite `{shares}`'s, the same runs made once "
+            f"for both pages (folder `{shares}/` of the log dir)."
+        )
 
     def write_page(self, report: SuiteReport, runs: list[tuple[SuiteTask, RunResult]]) -> list[Path]:
         """``results.json``, ``results.md``, ``sample_efficiency.png`` (IQM curves with CI bands),
@@ -841,10 +863,15 @@ class SuiteStudy(Study[SuiteReport]):
 
     def _eva_reports(self, runs: list[tuple[SuiteTask, RunResult]]) -> list[tuple[str, str, EvaReport]]:
         """``(task, method, EVA report)`` of the runs that ran EVA, in the order the page lists methods and seeds."""
+        # a run of the suite this one shares runs with sits in that suite's folder
+        planned = self.page_plan() if self.suite.shares else []
+        folders = {(spec.task.name, spec.method, spec.seed): spec.folder for _, spec in planned}
         reports = []
         for _, result in runs:
             if get_method(result.method).runs_eva:
-                eva = RunFolder.of(self.out_dir, result.task, result.method, result.seed).read_eva()
+                key = (result.task, result.method, result.seed)
+                folder = folders.get(key) or RunFolder.of(self.out_dir, *key)
+                eva = folder.read_eva()
                 if eva is not None:
                     reports.append((result.task, result.method, eva))
         return reports
