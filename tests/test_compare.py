@@ -821,7 +821,7 @@ def test_each_progress_line_says_how_long_the_runs_still_to_make_should_take(tmp
         return run if success is None else dataclasses.replace(run, success_curve=[[0, 0.0], [4096, success]])
 
     outcomes.record(0, lambda: made(5000.0))  # skipped: its old wall time says nothing of this machine now
-    assert lines[-1] == "[1/4] PointGoal eva seed0: final 0.500"
+    assert lines[-1] == "[1/4] PointGoal eva seed0: final 0.500 (complete before)"
     outcomes.record(1, lambda: made(600.0, success=0.4))
     assert lines[-1].endswith("final 0.500, success 0.40 (about 10 min to go)")  # 2 left, 2 workers: one wall
     outcomes.record(2, lambda: made(1200.0))

@@ -108,6 +108,7 @@ def progress_line(
     to_go: float | None = None,
     after: RunSpec | None = None,
     error: BaseException | None = None,
+    earlier: bool = False,
 ) -> str:
     """A finished run's line: its final return (and success rate, where the env reports one), or ``failed``
     (``result`` None) and why, and the time the runs still to make should take (``to_go`` seconds).
@@ -116,6 +117,8 @@ def progress_line(
         line names its task, apart from the same task's run from the pretrained agent.
     :param error: A failed run's error: its type and first line follow ``failed``, so a sweep's log says why as the
         run ends, not only once every run has.
+    :param earlier: The run was complete before this call (skipped): the line says so, so that a resumed sweep's
+        log does not read as if it made its runs again.
     """
     outcome = "failed" if result is None else f"final {result.final_return:.3f}"
     if result is None and error is not None:
@@ -123,6 +126,8 @@ def progress_line(
     if result is not None and result.success_curve:
         outcome += f", success {result.success_curve[-1][1]:.2f}"
     estimate = "" if to_go is None else f" (about {duration(to_go)} to go)"
+    if earlier:
+        estimate = " (complete before)" + estimate
     start = "" if after is None else f" after {after.task.name}"
     return f"[{done}/{total}] {spec.task.name} {spec.method} seed{spec.seed}{start}: {outcome}{estimate}"
 
@@ -256,10 +261,12 @@ class _Outcomes:
             self.to_make.discard(i)
             self.echo(progress_line(done, len(self.specs), self.specs[i], None, self.to_go(), after, error))
             return
-        if i in self.to_make:
+        earlier = i not in self.to_make
+        if not earlier:
             self.made_walls.append(self.results_at[i].wall_seconds)
         if self.successes:
-            self.echo(progress_line(done, len(self.specs), self.specs[i], self.results_at[i], self.to_go(), after))
+            result, to_go = self.results_at[i], self.to_go()
+            self.echo(progress_line(done, len(self.specs), self.specs[i], result, to_go, after, earlier=earlier))
 
     def results(self) -> list[RunResult]:
         """The results in the runs' order.
