@@ -205,6 +205,9 @@ def test_a_tuning_sweep_under_way_reports_the_points_it_has_and_says_how_many_ru
     # once every run is in, the report says nothing of a sweep under way
     complete = [(key, _flat_run(key[1], spec.method, spec.seed, 0.5)) for key, spec in planned]
     assert "partial" not in sweep.report(complete)
+    # a method the sweep never started (a control run at another's rate) leaves a complete sweep complete
+    eva_alone = [(key, run) for key, run in complete if run.method == "eva"]
+    assert "partial" not in sweep.report(eva_alone) and "partial" in sweep.report(eva_alone[1:])
 
 
 def test_a_methods_own_tuning_values_are_tried_for_it_alone_and_can_be_chosen(tmp_path: Path) -> None:

@@ -123,7 +123,8 @@ class TuningSweep(Study[TuningReport]):
     def report(self, runs: list[tuple[tuple[str, str], RunResult]]) -> TuningReport:
         """IQM normalized AUC and final return of each method at each grid point, and each method's best point.
         A sweep under way (``--report-only``) reports the points each method has runs at and says how many of the
-        planned runs are in (``"partial"``)."""
+        planned runs of its methods with a run are in (``"partial"``): a method the sweep never started (a control
+        that runs at another method's rate) is not a sweep under way."""
         auc: dict[str, dict[str, float]] = {}
         final: dict[str, dict[str, float]] = {}
         for point in tuning_points(self.grid):
@@ -153,7 +154,8 @@ class TuningSweep(Study[TuningReport]):
         scores = {self.suite.score_of(task) for (_, task), _ in runs}
         if scores != {"return"}:  # written where it differs, so the pages tuned on returns read back unchanged
             report["score"] = "/".join(sorted(scores))
-        planned = len(self.plan())
+        started = {result.method for _, result in runs}
+        planned = sum(spec.method in started for _, spec in self.plan())
         if len(runs) < planned:
             report["partial"] = {"completed": len(runs), "planned": planned}
         return report
