@@ -809,6 +809,36 @@ def test_a_suite_sets_its_mean_over_tasks_beside_a_papers_figures() -> None:
     assert "published" not in aggregate(Suite("s", [a, b], methods=["eva", "lora"]), runs).to_dict()
 
 
+def test_the_published_comparison_adds_the_mean_over_the_seeds_every_method_has_on_every_task() -> None:
+    """A suite under way (seeds 0-2 everywhere, 3-4 on one task) is set beside a paper's 3 seeds on those seeds
+    alone too; a method run on one task only has no such mean, and a balanced suite gets no extra column."""
+    a, b = SuiteTask("A", 0.5, score="success"), SuiteTask("B", 0.5, score="success")
+    published = {"source": "a paper", "statistic": "mean success", "setting": "offline", "scores": {"eva": 0.9}}
+    suite = Suite("s", [a, b], methods=["eva", "lora", "lora-orth"], published=published)
+    finals = {("A", "eva"): 5, ("B", "eva"): 3, ("A", "lora"): 4, ("B", "lora"): 3, ("A", "lora-orth"): 2}
+
+    def run(task: SuiteTask, method: str, seed: int) -> tuple[SuiteTask, RunResult]:
+        value = round(0.1 * seed + (0.05 if task is a else 0.0) + (0.3 if method == "eva" else 0.0), 2)
+        return task, dataclasses.replace(_synthetic_run(method, value), seed=seed, task=task.task)
+
+    runs = [run(a if t == "A" else b, m, seed) for (t, m), seeds in finals.items() for seed in range(seeds)]
+    comparison = aggregate(suite, runs).published
+    assert comparison.common_seeds == [0, 1, 2] and set(comparison.common_means) == {"eva", "lora"}
+    for method in ("eva", "lora"):
+        oracle = np.mean([np.mean([r.final_return for t, r in runs if t is task and r.method == method and r.seed < 3])
+                          for task in (a, b)])  # fmt: skip
+        assert comparison.common_means[method].estimate == pytest.approx(oracle)
+        assert comparison.common_means[method].estimate != pytest.approx(comparison.means[method].estimate)
+    page = results_markdown(aggregate(suite, runs))
+    assert "| method | tasks | mean final success | seeds 0-2 | published |" in page
+    assert f"| lora-orth | 1 | {comparison.means['lora-orth'].format('.3f')} | - | - |" in page
+    report = aggregate(suite, runs)
+    assert SuiteReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
+    balanced = [(t, r) for t, r in runs if r.seed < 3 and r.method != "lora-orth"]
+    assert aggregate(suite, balanced).published.common_seeds == []
+    assert "| method | tasks | mean final success | published |" in results_markdown(aggregate(suite, balanced))
+
+
 def test_each_progress_line_says_how_long_the_runs_still_to_make_should_take(tmp_path: Path) -> None:
     from eva_rl.experiments.execute import _Outcomes, duration
 

@@ -204,24 +204,66 @@ class PublishedComparison:
     :ivar means: ``{method: mean over its tasks of the mean final score over seeds}`` with a stratified-bootstrap CI:
         the statistic a paper's "mean success over the tasks" is.
     :ivar tasks: ``{method: number of tasks behind its mean}``.
+    :ivar common_seeds: The seeds that every method run on every task has on every task, where some runs lie outside
+        them (a suite under way, or tasks with more seeds): the balanced design a paper's table reports.
+    :ivar common_means: Each such method's mean over those seeds alone, as :attr:`means` (empty with no
+        :attr:`common_seeds`).
     """
 
     published: PublishedScores
     means: dict[str, Interval]
     tasks: dict[str, int]
+    common_seeds: list[int] = field(default_factory=list)
+    common_means: dict[str, Interval] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             **dataclasses.asdict(self.published),
             "means": {method: dataclasses.asdict(mean) for method, mean in self.means.items()},
             "tasks": self.tasks,
         }
+        if self.common_seeds:  # written where there are some, so the pages made before read back unchanged
+            data["common_seeds"] = self.common_seeds
+            data["common_means"] = {method: dataclasses.asdict(mean) for method, mean in self.common_means.items()}
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PublishedComparison:
         fields = {key: data[key] for key in ("source", "statistic", "setting", "scores")}
         means = {method: Interval(**mean) for method, mean in data["means"].items()}
-        return cls(PublishedScores(**fields), means, dict(data["tasks"]))
+        common = {method: Interval(**mean) for method, mean in data.get("common_means", {}).items()}
+        return cls(PublishedScores(**fields), means, dict(data["tasks"]), list(data.get("common_seeds", [])), common)
+
+
+def published_comparison(
+    published: PublishedScores,
+    by_task: Mapping[str, Mapping[str, Sequence[RunResult]]],
+    methods: Sequence[str],
+    resamples: int,
+) -> PublishedComparison:
+    """Each method's mean over tasks of its mean final score over seeds, beside ``published``; and, where some runs
+    lie outside the seeds every method run on every task has there, the same over those seeds alone.
+
+    :param by_task: ``{task: {method: its runs there}}``.
+    """
+    finals = {
+        method: [[r.budget_return for r in runs[method]] for runs in by_task.values() if runs.get(method)]
+        for method in methods
+    }
+    means = {m: stratified_mean(values, n_resamples=resamples) for m, values in finals.items() if values}
+    tasks = {m: len(values) for m, values in finals.items() if values}
+    everywhere = [m for m in methods if tasks.get(m) == len(by_task)]
+    seeds = [{r.seed for r in runs[m]} for runs in by_task.values() for m in everywhere]
+    common = sorted(set.intersection(*seeds)) if seeds else []
+    if not common or all(found == set(common) for found in seeds):
+        return PublishedComparison(published, means, tasks)
+    common_means = {
+        m: stratified_mean(
+            [[r.budget_return for r in runs[m] if r.seed in common] for runs in by_task.values()], n_resamples=resamples
+        )
+        for m in everywhere
+    }
+    return PublishedComparison(published, means, tasks, common, common_means)
 
 
 @dataclass
@@ -369,11 +411,7 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
     _normalize_aggregates(report, scores, resamples)
     report.contrasts = contrast_stats(scores, UPDATES_REPORTED, resamples)
     if suite.published is not None:
-        report.published = PublishedComparison(
-            suite.published,
-            {m: stratified_mean(list(scores[m][FINAL].values()), n_resamples=resamples) for m in methods},
-            {m: len(scores[m][FINAL]) for m in methods},
-        )
+        report.published = published_comparison(suite.published, by_task, methods, resamples)
     return report
 
 
@@ -542,20 +580,40 @@ def _published_markdown(report: SuiteReport) -> list[str]:
     if comparison is None:
         return []
     spec = score_format(comparison.means.values())
+    # the balanced column only where some runs lie outside the seeds every method has everywhere
+    seeds = seeds_label(comparison.common_seeds)
+    balanced = (
+        f" The seeds {seeds} column takes only the seeds every method run on every task has there, as many on each "
+        "task, the design a paper's table reports."
+        if comparison.common_seeds
+        else ""
+    )
     lines = [
         "## Beside the published figures",
         "",
         f"Mean over the tasks of each task's mean final {report.score} over seeds (each task weighs the same), "
-        f"95% stratified-bootstrap CI ({report.resamples:,} resamples), beside the paper's figure.",
+        f"95% stratified-bootstrap CI ({report.resamples:,} resamples), beside the paper's figure.{balanced}",
         "",
-        f"| method | tasks | mean final {report.score} | published |",
-        "|---|---|---|---|",
+        f"| method | tasks | mean final {report.score} | " + (f"seeds {seeds} | " if seeds else "") + "published |",
+        "|---|---|---|" + ("---|" if seeds else "") + "---|",
     ]
+    # a row per method, a dash where the paper (or the balanced column) has no figure for it
     for method, mean in comparison.means.items():
         figure = comparison.published.scores.get(method)
-        cell = "-" if figure is None else f"{figure:{spec}}"
-        lines.append(f"| {method} | {comparison.tasks[method]} | {mean.format(spec)} | {cell} |")
+        cells = [str(comparison.tasks[method]), mean.format(spec)]
+        if seeds:
+            common = comparison.common_means.get(method)
+            cells.append("-" if common is None else common.format(spec))
+        cells.append("-" if figure is None else f"{figure:{spec}}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return [*lines, "", *published_notes(comparison.published), ""]
+
+
+def seeds_label(seeds: Sequence[int]) -> str:
+    """``"0-2"`` for a run of consecutive seeds, ``"0, 2, 5"`` otherwise, ``""`` for none."""
+    if len(seeds) > 1 and list(seeds) == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds))
 
 
 def _iqm_curve(task_runs: Sequence[RunResult], method: str, grid: np.ndarray) -> tuple[np.ndarray, ...] | None:
