@@ -149,12 +149,13 @@ def suite_anatomy(
     :return: ``{task: {method: {"seeds", "final_return", "layers": {layer: {metric: mean over seeds}}}}}``.
     """
     out = Path(log_dir) / suite.name
+    # the suite's own folders, or the shared suite's where a run is its (Suite.shares), planned once
+    planned = suite.run_specs(log_dir, methods)
     report: dict[str, Any] = {}
     for suite_task in suite.tasks:
         task = suite.task(suite_task)
         adapters = suite.low_rank_methods(suite_task, methods)
-        # the suite's own folders, or the shared suite's where a run is its (Suite.shares), seed by seed
-        specs = [spec for t, spec in suite.run_specs(log_dir, adapters) if t is suite_task] if adapters else []
+        specs = [spec for t, spec in planned if t is suite_task and spec.method in adapters]
         runs = _adapter_runs([(spec.method, spec.folder) for spec in sorted(specs, key=lambda spec: spec.seed)])
         base: tuple[dict[str, torch.Tensor], dict[str, InputMoments]] | None = None
         per_method: dict[str, Any] = {}

@@ -246,23 +246,24 @@ def published_comparison(
 
     :param by_task: ``{task: {method: its runs there}}``.
     """
-    finals = {
-        method: [[r.budget_return for r in runs[method]] for runs in by_task.values() if runs.get(method)]
-        for method in methods
-    }
-    means = {m: stratified_mean(values, n_resamples=resamples) for m, values in finals.items() if values}
-    tasks = {m: len(values) for m, values in finals.items() if values}
+
+    def finals(method: str, seeds: Sequence[int] | None = None) -> list[list[float]]:
+        """The method's final scores per task it ran, of ``seeds`` only where given."""
+        return [
+            [r.budget_return for r in runs[method] if seeds is None or r.seed in seeds]
+            for runs in by_task.values()
+            if runs.get(method)
+        ]
+
+    ran = {m: values for m in methods if (values := finals(m))}
+    means = {m: stratified_mean(values, n_resamples=resamples) for m, values in ran.items()}
+    tasks = {m: len(values) for m, values in ran.items()}
     everywhere = [m for m in methods if tasks.get(m) == len(by_task)]
     seeds = [{r.seed for r in runs[m]} for runs in by_task.values() for m in everywhere]
     common = sorted(set.intersection(*seeds)) if seeds else []
     if not common or all(found == set(common) for found in seeds):
         return PublishedComparison(published, means, tasks)
-    common_means = {
-        m: stratified_mean(
-            [[r.budget_return for r in runs[m] if r.seed in common] for runs in by_task.values()], n_resamples=resamples
-        )
-        for m in everywhere
-    }
+    common_means = {m: stratified_mean(finals(m, common), n_resamples=resamples) for m in everywhere}
     return PublishedComparison(published, means, tasks, common, common_means)
 
 
