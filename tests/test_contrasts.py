@@ -90,6 +90,11 @@ def test_a_method_always_ahead_of_its_control_scores_one_and_a_tie_one_half() ->
     assert report.contrasts == [] and "## Controls" not in results_markdown(report)
     assert "contrasts" not in report.to_dict()  # the pages made before contrasts read back unchanged
     assert dataclasses.replace(report, contrasts=[]) == SuiteReport.from_dict(report.to_dict())
+    # a page of one control pair alone (no eva) draws its one contrast
+    pair = Suite("s", [task], methods=["eva-fa", "lora-orth-fa"])
+    report = aggregate(pair, [(task, _run(m, curve)) for m in ("eva-fa", "lora-orth-fa") for _ in range(3)])
+    assert [(c.method, c.control) for c in report.contrasts] == [("eva-fa", "lora-orth-fa")]
+    assert "| eva-fa > lora-orth-fa |" in results_markdown(report)
 
 
 def test_the_controls_table_names_each_sides_rate_and_a_one_task_contrast_fills_its_tasks_column() -> None:

@@ -3,7 +3,7 @@ of the one beats a run of the other, on final return, normalized AUC and the ret
 
 Each control keeps EVA's init but for one thing (or LoRA's, but for one thing), so the contrasts together tell
 "EVA's subspace helps" from "EVA's row norm (or the signal its rows carry) changes the step size" from "training A
-matters": a suite page shows them where at least two can be drawn.
+matters": a suite page shows them unless the only one drawn is EVA against another method.
 """
 
 from __future__ import annotations
@@ -110,13 +110,17 @@ def on_one_task(
     }
 
 
-def contrast_stats(scores: Scores, updates: Sequence[int], resamples: int) -> list[ContrastStats]:
-    """The :data:`CONTRASTS` whose two methods ran on a common task, or none where fewer than two can be drawn (a
-    page without controls has its P(eva better) column already).
+def contrast_stats(
+    scores: Scores, updates: Sequence[int], resamples: int, reference: str = "eva"
+) -> list[ContrastStats]:
+    """The :data:`CONTRASTS` whose two methods ran on a common task, or none where the only one drawn is the page's
+    reference method against another (its P(eva better) column shows that one already). A page of two controls
+    alone, such as the frozen-A pair at their own rates, keeps its one contrast.
 
     :param scores: Every method's per-seed scores per task.
     :param updates: The update counts whose returns are compared where both methods have them.
     :param resamples: Bootstrap resamples behind each CI.
+    :param reference: The page's reference method, the one its P(... better) columns compare.
     """
     drawn = []
     for contrast in CONTRASTS:
@@ -141,7 +145,7 @@ def contrast_stats(scores: Scores, updates: Sequence[int], resamples: int) -> li
         drawn.append(
             ContrastStats(contrast.method, contrast.control, contrast.differs, tasks, p[FINAL], p[AUC], after, per_task)
         )
-    return drawn if len(drawn) >= 2 else []
+    return [] if len(drawn) == 1 and drawn[0].method == reference else drawn
 
 
 def contrasts_markdown(contrasts: Sequence[ContrastStats], rates: Mapping[str, str] | None = None) -> list[str]:
