@@ -79,7 +79,7 @@ def test_a_method_always_ahead_of_its_control_scores_one_and_a_tie_one_half() ->
         "eva": {"final": {"A": [0.5]}, "auc": {"A": [0.5]}},
         "eva-rescaled": {"final": {"A": [0.4]}, "auc": {"A": [0.5]}},
     }
-    drawn = {(c.method, c.control): c for c in contrast_stats(scores, (5,), resamples=500)}
+    drawn = {(c.method, c.control): c for c in contrast_stats(scores, (5,), resamples=500, reference="eva")}
     assert drawn[("eva-fa", "lora-orth-fa")].final.estimate == 1.0
     assert drawn[("eva-fa", "lora-orth-fa")].auc.estimate == 0.5
     assert drawn[("eva", "eva-rescaled")].after_updates == {}  # no early returns recorded

@@ -110,9 +110,7 @@ def on_one_task(
     }
 
 
-def contrast_stats(
-    scores: Scores, updates: Sequence[int], resamples: int, reference: str = "eva"
-) -> list[ContrastStats]:
+def contrast_stats(scores: Scores, updates: Sequence[int], resamples: int, *, reference: str) -> list[ContrastStats]:
     """The :data:`CONTRASTS` whose two methods ran on a common task, or none where the only one drawn is the page's
     reference method against another (its P(eva better) column shows that one already). A page of two controls
     alone, such as the frozen-A pair at their own rates, keeps its one contrast.

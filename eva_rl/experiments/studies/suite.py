@@ -410,7 +410,7 @@ def aggregate(suite: Suite, runs: Sequence[tuple[SuiteTask, RunResult]], referen
             )
         report.aggregate[method] = entry
     _normalize_aggregates(report, scores, resamples)
-    report.contrasts = contrast_stats(scores, UPDATES_REPORTED, resamples, reference)
+    report.contrasts = contrast_stats(scores, UPDATES_REPORTED, resamples, reference=reference)
     if suite.published is not None:
         report.published = published_comparison(suite.published, by_task, methods, resamples)
     return report
