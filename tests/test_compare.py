@@ -353,6 +353,20 @@ def test_methods_run_on_fewer_tasks_are_aggregated_and_compared_on_their_own_tas
     assert "| lora | 1 |" in results_markdown(report)
 
 
+@pytest.mark.parametrize("methods", [["eva", "lora"], ["eva-fa", "lora-orth-fa"]])
+def test_a_page_without_its_reference_has_no_columns_comparing_with_it(methods: list[str]) -> None:
+    task = SuiteTask("A", 0.5)
+    suite = Suite("s", [task], methods=methods)
+    report = aggregate(suite, [(task, _synthetic_run(m, v)) for m in methods for v in (0.2, 0.4, 0.6)])
+    markdown = results_markdown(report)
+    assert ("P(eva better)" in markdown) == ("eva" in methods)
+    # every row of the task and suite tables has as many cells as its header
+    for table in ("| method | seeds |", "| method | tasks |"):
+        rows = markdown[markdown.index(table) :].split("\n\n")[0].splitlines()
+        assert len(rows) == 2 + len(methods)
+        assert {row.count("|") for row in rows} == {rows[0].count("|")}
+
+
 def test_each_task_table_gives_p_eva_better_there_as_the_mann_whitney_statistic() -> None:
     from scipy.stats import mannwhitneyu
 

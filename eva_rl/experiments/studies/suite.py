@@ -499,16 +499,16 @@ def results_markdown(report: SuiteReport, sensitivity: str | None = None) -> str
             f"![learning-rate sensitivity of the suite's tuning sweep]({sensitivity})",
             "",
         ]
+    # A page without its reference method (a page of two controls) has nothing for its P(... better) columns.
+    compared = report.reference in report.aggregate
+    versus_header = f"P({report.reference} better), final | P({report.reference} better), AUC | " if compared else ""
     for task_name, task in report.tasks.items():
-        lines += [
-            f"## {task_name} (threshold {task.threshold})",
-            "",
+        header = (
             f"| method | seeds | rate | jumpstart | final {task.score} | normalized AUC | "
-            f"P({report.reference} better), final | P({report.reference} better), AUC | steps to threshold (median) | "
-            "reached | source retention | "
-            "trainable params | wall s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
+            f"{versus_header}steps to threshold (median) | reached | source retention | "
+            "trainable params | wall s |"
+        )
+        lines += [f"## {task_name} (threshold {task.threshold})", "", header, "|---" * header.count(" | ") + "|---|"]
         spec = score_format(row.final for row in task.methods.values())
         for method, row in task.methods.items():
             retention = "n/a" if row.source_retention is None else f"{row.source_retention:{spec}}"
@@ -517,10 +517,11 @@ def results_markdown(report: SuiteReport, sensitivity: str | None = None) -> str
             median = row.steps_to_threshold_median
             steps = "never" if median is None else f"{median:,.0f}"
             versus = [str(p) if p is not None else "-" for p in (row.p_reference_better, row.p_reference_better_auc)]
+            versus_cells = f"{' | '.join(versus)} | " if compared else ""
             lines.append(
                 f"| {method} | {row.seeds} | {rate_cell(row.learning_rates)} | {row.jumpstart:{spec}} | "
                 f"{row.final.format(spec)} | "
-                f"{row.auc.format(spec)} | {' | '.join(versus)} | {steps} | {row.reached_threshold}/{row.seeds} | "
+                f"{row.auc.format(spec)} | {versus_cells}{steps} | {row.reached_threshold}/{row.seeds} | "
                 f"{retention} | {row.trainable_params:,} | {row.wall_seconds:.0f} |"
             )
         lines.append("")
@@ -532,14 +533,19 @@ def results_markdown(report: SuiteReport, sensitivity: str | None = None) -> str
             ]
         lines += _after_updates_table(task, spec)
     # Then every method over the tasks it ran.
+    versus_header = f"P({report.reference} better), final | " if compared else ""
+    header = (
+        f"| method | tasks | final {report.score} | normalized AUC | {versus_header}final, task-normalized | "
+        "AUC, task-normalized |"
+    )
     lines += [
         "## All tasks",
         "",
-        f"IQM over seeds and the tasks each method ran on; P({report.reference} better) compares on those tasks.",
+        "IQM over seeds and the tasks each method ran on"
+        + (f"; P({report.reference} better) compares on those tasks." if compared else "."),
         "",
-        f"| method | tasks | final {report.score} | normalized AUC | P({report.reference} better), final |"
-        " final, task-normalized | AUC, task-normalized |",
-        "|---|---|---|---|---|---|---|",
+        header,
+        "|---" * header.count(" | ") + "|---|",
     ]
     spec = score_format(row.final for row in report.aggregate.values())
     for method, row in report.aggregate.items():
@@ -548,9 +554,10 @@ def results_markdown(report: SuiteReport, sensitivity: str | None = None) -> str
             "-" if interval is None else interval.format(".3f")
             for interval in (row.final_normalized, row.auc_normalized)
         ]
+        versus_cell = f"{poi if poi else '-'} | " if compared else ""
         lines.append(
             f"| {method} | {len(row.tasks)} | {row.final.format(spec)} | {row.auc.format(spec)} | "
-            f"{poi if poi else '-'} | {' | '.join(normalized)} |"
+            f"{versus_cell}{' | '.join(normalized)} |"
         )
     normalizers = task_normalizers(report)
     scale = "; ".join(f"{task} {zero:{spec}} -> {final:{spec}}" for task, (zero, final, _) in normalizers.items())
