@@ -470,6 +470,11 @@ def _after_updates_table(task: TaskReport, spec: str) -> list[str]:
     return [*lines, ""]
 
 
+def _table_head(columns: Sequence[str]) -> list[str]:
+    """A markdown table's header row and separator."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def results_markdown(report: SuiteReport, sensitivity: str | None = None) -> str:
     """``results.md``: a table per task and one for the suite.
 
@@ -501,14 +506,11 @@ def results_markdown(report: SuiteReport, sensitivity: str | None = None) -> str
         ]
     # A page without its reference method (a page of two controls) has nothing for its P(... better) columns.
     compared = report.reference in report.aggregate
-    versus_header = f"P({report.reference} better), final | P({report.reference} better), AUC | " if compared else ""
+    versus = [f"P({report.reference} better), final", f"P({report.reference} better), AUC"] if compared else []
     for task_name, task in report.tasks.items():
-        header = (
-            f"| method | seeds | rate | jumpstart | final {task.score} | normalized AUC | "
-            f"{versus_header}steps to threshold (median) | reached | source retention | "
-            "trainable params | wall s |"
-        )
-        lines += [f"## {task_name} (threshold {task.threshold})", "", header, "|---" * header.count(" | ") + "|---|"]
+        columns = ["method", "seeds", "rate", "jumpstart", f"final {task.score}", "normalized AUC", *versus]
+        columns += ["steps to threshold (median)", "reached", "source retention", "trainable params", "wall s"]
+        lines += [f"## {task_name} (threshold {task.threshold})", "", *_table_head(columns)]
         spec = score_format(row.final for row in task.methods.values())
         for method, row in task.methods.items():
             retention = "n/a" if row.source_retention is None else f"{row.source_retention:{spec}}"
@@ -516,8 +518,8 @@ def results_markdown(report: SuiteReport, sensitivity: str | None = None) -> str
                 retention = row.source_retention_ci.format(spec)
             median = row.steps_to_threshold_median
             steps = "never" if median is None else f"{median:,.0f}"
-            versus = [str(p) if p is not None else "-" for p in (row.p_reference_better, row.p_reference_better_auc)]
-            versus_cells = f"{' | '.join(versus)} | " if compared else ""
+            p_cells = [str(p) if p is not None else "-" for p in (row.p_reference_better, row.p_reference_better_auc)]
+            versus_cells = f"{' | '.join(p_cells)} | " if compared else ""
             lines.append(
                 f"| {method} | {row.seeds} | {rate_cell(row.learning_rates)} | {row.jumpstart:{spec}} | "
                 f"{row.final.format(spec)} | "
@@ -533,19 +535,15 @@ def results_markdown(report: SuiteReport, sensitivity: str | None = None) -> str
             ]
         lines += _after_updates_table(task, spec)
     # Then every method over the tasks it ran.
-    versus_header = f"P({report.reference} better), final | " if compared else ""
-    header = (
-        f"| method | tasks | final {report.score} | normalized AUC | {versus_header}final, task-normalized | "
-        "AUC, task-normalized |"
-    )
+    columns = ["method", "tasks", f"final {report.score}", "normalized AUC", *versus[:1]]
+    columns += ["final, task-normalized", "AUC, task-normalized"]
     lines += [
         "## All tasks",
         "",
         "IQM over seeds and the tasks each method ran on"
         + (f"; P({report.reference} better) compares on those tasks." if compared else "."),
         "",
-        header,
-        "|---" * header.count(" | ") + "|---|",
+        *_table_head(columns),
     ]
     spec = score_format(row.final for row in report.aggregate.values())
     for method, row in report.aggregate.items():
