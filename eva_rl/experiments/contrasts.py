@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from eva_rl.experiments.markdown import table, table_row
 from eva_rl.experiments.stats import Interval, probability_of_improvement
 
 
@@ -163,17 +164,14 @@ def contrasts_markdown(contrasts: Sequence[ContrastStats], rates: Mapping[str, s
         "0.5 is a tie. Each pair's inits differ in one thing; the rates column gives the learning rate of each "
         "(method vs control where they differ: the pair then differs in its rate too).",
         "",
-        "| method > control | what differs | rates | tasks | final | AUC | "
-        + " | ".join(f"after {k}" for k in counts)
-        + " |",
-        "|---|---|---|---|---|---|" + "---|" * len(counts),
+        *table(["method > control", "what differs", "rates", "tasks", "final", "AUC", *(f"after {k}" for k in counts)]),
     ]
     for c in contrasts:
         cells = [str(c.after_updates[k]) if k in c.after_updates else "-" for k in counts]
         ours, theirs = rates.get(c.method, "-"), rates.get(c.control, "-")
         rate = ours if ours == theirs else f"{ours} vs {theirs}"
         row = [f"{c.method} > {c.control}", c.differs, rate, str(len(c.tasks)), str(c.final), str(c.auc), *cells]
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append(table_row(row))
     return [*lines, "", *_per_task_markdown(contrasts)]
 
 
@@ -183,14 +181,9 @@ def _per_task_markdown(contrasts: Sequence[ContrastStats]) -> list[str]:
     tasks = list(dict.fromkeys(task for c in contrasts for task in c.per_task))
     if not tasks:
         return []
-    lines = [
-        "The same on each task alone (final; AUC):",
-        "",
-        "| method > control | " + " | ".join(tasks) + " |",
-        "|---|" + "---|" * len(tasks),
-    ]
+    rows = []
     for c in contrasts:
         alone = c.per_task or {t: {FINAL: c.final, AUC: c.auc} for t in c.tasks}
         cells = [f"{alone[task][FINAL]}; {alone[task][AUC]}" if task in alone else "-" for task in tasks]
-        lines.append(f"| {c.method} > {c.control} | " + " | ".join(cells) + " |")
-    return [*lines, ""]
+        rows.append([f"{c.method} > {c.control}", *cells])
+    return ["The same on each task alone (final; AUC):", "", *table(["method > control", *tasks], rows), ""]

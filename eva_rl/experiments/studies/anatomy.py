@@ -32,6 +32,7 @@ from eva_rl.anatomy import InputMoments, adapter_update, collect_input_moments, 
 from eva_rl.checkpoints import read_tensors
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.environments import agent_env, import_packages
+from eva_rl.experiments.markdown import table, table_row
 from eva_rl.experiments.plots import read_scalars
 from eva_rl.experiments.run_folder import RunFolder
 from eva_rl.experiments.stats import mean_interval
@@ -259,29 +260,26 @@ def anatomy_markdown(suite: str, report: dict[str, Any], k: dict[str, int], step
             continue
         names = list(methods)
         metrics = [m for m in METRICS if any(s["runs"][m] for s in methods.values())]
-        kl_headings = f"which update | KL, first logged | KL, first {UPDATES} logged"
-        lines += ["", f"## {task}", "", "| method | seeds | final return (mean) | " + " | ".join(metrics)]
-        lines[-1] += f" | {kl_headings} |"
-        lines.append("|---" * (6 + len(metrics)) + "|")
+        columns = ["method", "seeds", "final return (mean)", *metrics]
+        columns += ["which update", "KL, first logged", f"KL, first {UPDATES} logged"]
+        lines += ["", f"## {task}", "", *table(columns)]
         for method, summary in methods.items():
             cells = [_interval_cell(summary["runs"][m], summary["seeds"]) for m in metrics]
             cells.append(_range_cell(summary["first_logged_update"]))
             cells += [_interval_cell(summary["approx_kl"][which], summary["seeds"]) for which in ("first", "early")]
-            row = [method, str(summary["seeds"]), f"{summary['final_return']:.3f}", *cells]
-            lines.append("| " + " | ".join(row) + " |")
+            lines.append(table_row([method, str(summary["seeds"]), f"{summary['final_return']:.3f}", *cells]))
         lines += ["", "Above: each run's mean over its layers, then the mean over seeds [95% CI]; below: per layer."]
         layers = list(dict.fromkeys(name for summary in methods.values() for name in summary["layers"]))
         fan_in = {name: s["layers"][name]["fan_in"] for s in methods.values() for name in s["layers"]}
         for metric in metrics:
             chance = metric in SHARES  # a random direction's share: k / fan-in
             lines += ["", f"**{metric}**: {HEADINGS[metric]}", ""]
-            lines.append("| layer | " + ("random | " if chance else "") + " | ".join(names) + " |")
-            lines.append("|---" * (1 + chance + len(names)) + "|")
+            lines += table(["layer", *(["random"] if chance else []), *names])
             for layer in layers:
                 cells = [f"{min(k[task], fan_in[layer]) / fan_in[layer]:.3f}"] if chance else []
                 figures = [methods[m]["layers"].get(layer) for m in names]
                 cells += ["-" if f is None or f[metric] is None else f"{f[metric]:.3f}" for f in figures]
-                lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+                lines.append(table_row([layer, *cells]))
     return "\n".join(lines) + "\n"
 
 

@@ -33,6 +33,7 @@ from eva_rl.experiments.environments import agent_env, import_packages
 from eva_rl.experiments.execute import Executor
 from eva_rl.experiments.finetune import check_agent_fits
 from eva_rl.experiments.machine import platform_line
+from eva_rl.experiments.markdown import table
 from eva_rl.experiments.plots import new_figure, save_figure, seed_count
 from eva_rl.experiments.published import SEQUENCE_METRICS, PublishedApproaches, published_notes
 from eva_rl.experiments.run_folder import RunDirError, RunFolder, RunResult
@@ -535,7 +536,16 @@ def continual_markdown(
     copies = Approach(ApproachKind.COPIES, FULL).name
     full_bytes = report[copies].memory_bytes / len(sequence.stages)
     score = sequence.score
-    continual_world = " | CW forgetting | CW forward transfer (vs scratch)" if sequence.continual_world else ""
+    columns = ["approach", f"average {score} after the sequence", "forgetting", "forward transfer (AUC vs full)"]
+    columns += ["memory", "vs one network"]
+    columns += ["CW forgetting", "CW forward transfer (vs scratch)"] if sequence.continual_world else []
+    rows = []
+    for approach, stats in report.items():
+        cells = [approach, cell(stats.average_final), cell(stats.forgetting), cell(stats.forward_transfer)]
+        cells += [f"{stats.memory_bytes / 1024:,.0f} KiB", f"{stats.memory_bytes / full_bytes:.2f}x"]
+        if stats.cw_forgetting is not None and stats.cw_forward_transfer is not None:
+            cells += [cell(stats.cw_forgetting), cell(stats.cw_forward_transfer)]
+        rows.append(cells)
     lines = [
         f"# Continual sequence `{sequence.name}`",
         "",
@@ -545,20 +555,8 @@ def continual_markdown(
         "",
         *([platform, ""] if platform else []),
         *([sharing, ""] if sharing else []),
-        f"| approach | average {score} after the sequence | forgetting | forward transfer (AUC vs full) | memory "
-        f"| vs one network{continual_world} |",
-        "|---|---|---|---|---|---|" + "---|" * (2 if sequence.continual_world else 0),
+        *table(columns, rows),
     ]
-    for approach, stats in report.items():
-        measured = (
-            f" | {cell(stats.cw_forgetting)} | {cell(stats.cw_forward_transfer)}"
-            if stats.cw_forgetting is not None and stats.cw_forward_transfer is not None
-            else ""
-        )
-        lines.append(
-            f"| {approach} | {cell(stats.average_final)} | {cell(stats.forgetting)} | {cell(stats.forward_transfer)} | "
-            f"{stats.memory_bytes / 1024:,.0f} KiB | {stats.memory_bytes / full_bytes:.2f}x{measured} |"
-        )
     if sequence.continual_world:
         lines += [
             "",
@@ -572,9 +570,8 @@ def continual_markdown(
     # Forgetting per task, then how well the base policy's subspaces name a stage.
     lines += ["", f"Forgetting per task (mean over seeds, best minus final {score}):", ""]
     names = [s.name for s in sequence.stages]
-    lines += ["| approach | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for approach, stats in report.items():
-        lines.append(f"| {approach} | " + " | ".join(f"{stats.forgetting_per_task[n]:.3f}" for n in names) + " |")
+    rows = [[approach, *(f"{stats.forgetting_per_task[n]:.3f}" for n in names)] for approach, stats in report.items()]
+    lines += table(["approach", *names], rows)
     if selection:
         accuracy = selection["accuracy"]
         lines += [
@@ -583,9 +580,9 @@ def continual_markdown(
             f"{sequence.signature_steps} steps per signature; {selection['trials']} rollouts per stage): share of "
             "rollouts whose stage was named right.",
             "",
-            "| unlabelled env steps | " + " | ".join(accuracy) + " |",
-            "|---|" + "---|" * len(accuracy),
-            "| accuracy | " + " | ".join(f"{value:.2f}" for value in accuracy.values()) + " |",
+            *table(
+                ["unlabelled env steps", *accuracy], [["accuracy", *(f"{value:.2f}" for value in accuracy.values())]]
+            ),
         ]
     return "\n".join(lines) + "\n"
 
@@ -595,17 +592,12 @@ def _published_markdown(published: PublishedApproaches | None) -> list[str]:
     if published is None:
         return []
     columns = [metric for metric in SEQUENCE_METRICS if any(metric in f for f in published.approaches.values())]
-    lines = [
-        "",
-        "Published anchors:",
-        "",
-        "| approach | " + " | ".join(metric.replace("_", " ") for metric in columns) + " |",
-        "|---|" + "---|" * len(columns),
+    rows = [
+        [name, *(f"{figures[metric]:.2f}" if metric in figures else "-" for metric in columns)]
+        for name, figures in published.approaches.items()
     ]
-    for name, figures in published.approaches.items():
-        cells = [f"{figures[metric]:.2f}" if metric in figures else "-" for metric in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return [*lines, "", *published_notes(published)]
+    headings = ["approach", *(metric.replace("_", " ") for metric in columns)]
+    return ["", "Published anchors:", "", *table(headings, rows), "", *published_notes(published)]
 
 
 def draw_continual(axes: Any, sequence: ContinualSequence, report: ContinualReport) -> None:

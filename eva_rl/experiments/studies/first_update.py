@@ -52,6 +52,7 @@ from eva_rl.errors import ConfigError
 from eva_rl.eva_ppo import EvaRolloutsMixin
 from eva_rl.experiments.environments import agent_env, import_packages
 from eva_rl.experiments.machine import describe_platform, platform_line
+from eva_rl.experiments.markdown import table, table_row
 from eva_rl.experiments.plots import method_color, method_label, method_linestyle, new_figure, save_figure
 from eva_rl.experiments.runs import RunSpec, check_algorithm_settings, run_algorithm
 from eva_rl.experiments.stats import mean_interval
@@ -455,14 +456,14 @@ def first_update_markdown(suite: str, report: dict[str, Any]) -> str:
         lines += ["", f"## {task}", ""]
         headings = ["method", "seeds", "rate", *(f"KL at {_factor_name(f)}" for f in FACTORS)]
         headings += ["approx. KL at its rate", "matched"]
-        lines += ["| " + " | ".join(headings) + " |", "|---" * len(headings) + "|"]
+        lines += table(headings)
         for method, s in methods.items():
             cells = [method, str(len(s["seeds"])), f"{s['learning_rate']:.3g}"]
             # three significant digits: a KL spans 1e-5 (a 1M agent's first update at its small rate) to 10 and more
             cells += [mean_interval(s["kl"][str(f)]).format(".3g") for f in FACTORS]
             cells.append(mean_interval(s["approx_kl"]).format(".3g"))
             cells.append(_matched_cell(s))
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append(table_row(cells))
         # then, at each method's rate, one table per layer figure (methods as rows, layers as columns)
         components = list(dict.fromkeys(c for s in methods.values() for c in s["layers"]))
         for metric, heading in LAYER_METRICS.items():
@@ -470,10 +471,10 @@ def first_update_markdown(suite: str, report: dict[str, Any]) -> str:
             if not shown:  # records made before the figure joined the study
                 continue
             lines += ["", f"At each method's rate, per layer, mean over seeds: {heading}.", ""]
-            lines += ["| method | " + " | ".join(shown) + " |", "|---" * (1 + len(shown)) + "|"]
-            for method, s in methods.items():
-                cells = [_figure(s["layers"].get(c, {}).get(metric)) for c in shown]
-                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            rows = [
+                [method, *(_figure(s["layers"].get(c, {}).get(metric)) for c in shown)] for method, s in methods.items()
+            ]
+            lines += table(["method", *shown], rows)
     return "\n".join(lines) + "\n"
 
 

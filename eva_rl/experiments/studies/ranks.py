@@ -19,6 +19,7 @@ import numpy as np
 
 from eva_rl.errors import ConfigError
 from eva_rl.experiments.machine import platform_line
+from eva_rl.experiments.markdown import table, table_row
 from eva_rl.experiments.plots import method_color, method_label, method_linestyle, new_figure, save_figure
 from eva_rl.experiments.run_folder import UPDATES_REPORTED, RunResult, values_after_updates
 from eva_rl.experiments.stats import (
@@ -97,11 +98,11 @@ class RankStudyReport:
         data["resamples"] = self.resamples
         if self.p_reference_better_after:
             data[f"p_{self.reference}_better_after_updates"] = {
-                str(k): _by_method_and_rank(table) for k, table in self.p_reference_better_after.items()
+                str(k): _by_method_and_rank(p) for k, p in self.p_reference_better_after.items()
             }
-        for score, table in (("final", self.p_better_than_baseline), ("auc", self.p_better_than_baseline_auc)):
-            if table:
-                data[f"p_better_than_{self.baseline}_{score}"] = _by_method_and_rank(table)
+        for score, p in (("final", self.p_better_than_baseline), ("auc", self.p_better_than_baseline_auc)):
+            if p:
+                data[f"p_better_than_{self.baseline}_{score}"] = _by_method_and_rank(p)
         return data
 
 
@@ -232,7 +233,7 @@ def rank_markdown(report: RankStudyReport) -> str:
     columns = ["method", "r", "seeds", "trainable params", "final return", "normalized AUC"]
     columns += [f"after {k} updates" for k in counts]
     columns += ["steps to threshold (median)", "reached"] if threshold else []
-    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += table(columns)
     for method, by_rank in report.points.items():
         for r, point in by_rank.items():
             cells = [method, str(r), str(point.seeds), f"{point.trainable_params:,}"]
@@ -242,7 +243,7 @@ def rank_markdown(report: RankStudyReport) -> str:
                 median = point.steps_to_threshold_median
                 cells.append(f"{median:,.0f}" if median is not None else "never")
                 cells.append(f"{point.reached_threshold}/{point.seeds}")
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append(table_row(cells))
     # then how often the reference beats each method, and each other method the baseline, one column per rank
     tables = {
         f"P({report.reference}'s final return beats the method's)": report.p_reference_better,
@@ -254,19 +255,13 @@ def rank_markdown(report: RankStudyReport) -> str:
         f"P(the method's final return beats {report.baseline}'s)": report.p_better_than_baseline,
         f"P(the method's normalized AUC beats {report.baseline}'s)": report.p_better_than_baseline_auc,
     }
-    for title, table in tables.items():
-        if not table:
+    for title, p in tables.items():
+        if not p:
             continue
-        lines += [
-            "",
-            f"{title}, per rank:",
-            "",
-            "| method | " + " | ".join(f"r = {r}" for r in report.ranks) + " |",
-            "|---|" + "---|" * len(report.ranks),
+        rows = [
+            [method, *(str(by_rank[r]) if r in by_rank else "-" for r in report.ranks)] for method, by_rank in p.items()
         ]
-        for method, by_rank in table.items():
-            cells = [str(by_rank[r]) if r in by_rank else "-" for r in report.ranks]
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines += ["", f"{title}, per rank:", "", *table(["method", *(f"r = {r}" for r in report.ranks)], rows)]
     return "\n".join(lines) + "\n"
 
 

@@ -24,6 +24,7 @@ from eva_rl.experiments.contrasts import (
 )
 from eva_rl.experiments.execute import Executor
 from eva_rl.experiments.machine import platform_line
+from eva_rl.experiments.markdown import table, table_row
 from eva_rl.experiments.plots import (
     method_color,
     method_label,
@@ -461,18 +462,12 @@ def _after_updates_table(task: TaskReport, spec: str) -> list[str]:
         f"Eval {task.score} after k updates (IQM [95% CI]; an evaluation at exactly that step, EVA's own env steps "
         "aside):",
         "",
-        "| method | " + " | ".join(f"after {k}" for k in counts) + " |",
-        "|---|" + "---|" * len(counts),
     ]
-    for method, row in task.methods.items():
-        cells = [row.after_updates[k].format(spec) if k in row.after_updates else "-" for k in counts]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return [*lines, ""]
-
-
-def _table_head(columns: Sequence[str]) -> list[str]:
-    """A markdown table's header row and separator."""
-    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    rows = [
+        [method, *(row.after_updates[k].format(spec) if k in row.after_updates else "-" for k in counts)]
+        for method, row in task.methods.items()
+    ]
+    return [*lines, *table(["method", *(f"after {k}" for k in counts)], rows), ""]
 
 
 def results_markdown(report: SuiteReport, sensitivity: str | None = None) -> str:
@@ -510,7 +505,7 @@ def results_markdown(report: SuiteReport, sensitivity: str | None = None) -> str
     for task_name, task in report.tasks.items():
         columns = ["method", "seeds", "rate", "jumpstart", f"final {task.score}", "normalized AUC", *versus]
         columns += ["steps to threshold (median)", "reached", "source retention", "trainable params", "wall s"]
-        lines += [f"## {task_name} (threshold {task.threshold})", "", *_table_head(columns)]
+        lines += [f"## {task_name} (threshold {task.threshold})", "", *table(columns)]
         spec = score_format(row.final for row in task.methods.values())
         for method, row in task.methods.items():
             retention = "n/a" if row.source_retention is None else f"{row.source_retention:{spec}}"
@@ -519,13 +514,10 @@ def results_markdown(report: SuiteReport, sensitivity: str | None = None) -> str
             median = row.steps_to_threshold_median
             steps = "never" if median is None else f"{median:,.0f}"
             p_cells = [str(p) if p is not None else "-" for p in (row.p_reference_better, row.p_reference_better_auc)]
-            versus_cells = f"{' | '.join(p_cells)} | " if compared else ""
-            lines.append(
-                f"| {method} | {row.seeds} | {rate_cell(row.learning_rates)} | {row.jumpstart:{spec}} | "
-                f"{row.final.format(spec)} | "
-                f"{row.auc.format(spec)} | {versus_cells}{steps} | {row.reached_threshold}/{row.seeds} | "
-                f"{retention} | {row.trainable_params:,} | {row.wall_seconds:.0f} |"
-            )
+            cells = [method, str(row.seeds), rate_cell(row.learning_rates), f"{row.jumpstart:{spec}}"]
+            cells += [row.final.format(spec), row.auc.format(spec), *(p_cells if compared else [])]
+            cells += [steps, f"{row.reached_threshold}/{row.seeds}", retention, f"{row.trainable_params:,}"]
+            lines.append(table_row([*cells, f"{row.wall_seconds:.0f}"]))
         lines.append("")
         if task.rewardless:
             lines += [
@@ -543,7 +535,7 @@ def results_markdown(report: SuiteReport, sensitivity: str | None = None) -> str
         "IQM over seeds and the tasks each method ran on"
         + (f"; P({report.reference} better) compares on those tasks." if compared else "."),
         "",
-        *_table_head(columns),
+        *table(columns),
     ]
     spec = score_format(row.final for row in report.aggregate.values())
     for method, row in report.aggregate.items():
@@ -552,11 +544,9 @@ def results_markdown(report: SuiteReport, sensitivity: str | None = None) -> str
             "-" if interval is None else interval.format(".3f")
             for interval in (row.final_normalized, row.auc_normalized)
         ]
-        versus_cell = f"{poi if poi else '-'} | " if compared else ""
-        lines.append(
-            f"| {method} | {len(row.tasks)} | {row.final.format(spec)} | {row.auc.format(spec)} | "
-            f"{versus_cell}{' | '.join(normalized)} |"
-        )
+        versus_cells = [str(poi) if poi else "-"] if compared else []
+        cells = [method, str(len(row.tasks)), row.final.format(spec), row.auc.format(spec), *versus_cells]
+        lines.append(table_row([*cells, *normalized]))
     normalizers = task_normalizers(report)
     scale = "; ".join(f"{task} {zero:{spec}} -> {final:{spec}}" for task, (zero, final, _) in normalizers.items())
     lines += [
