@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 from eva_rl.algorithms import ALGORITHM_NAMES
 from eva_rl.config import CONVERGENCE_TESTS, DATA_SOURCES
 from eva_rl.experiments.execute import BACKENDS
+from eva_rl.experiments.markdown import table, table_row
 from eva_rl.experiments.run_folder import RunFolder
 from eva_rl.experiments.tasks import SEED, is_seed
 from eva_rl.methods import method_names
@@ -538,7 +539,7 @@ def task_overrides(args: argparse.Namespace) -> dict[str, tuple[str, Any]]:
 def flag_table(commands: dict[str, Sequence[str]]) -> str:
     """The Markdown table of every flag (the CLI reference in ``docs/cli.md``): its meaning and default, and the
     commands that take it (``commands``: ``{command: its flags}``)."""
-    lines = ["| flag | meaning | commands |", "|---|---|---|"]
+    lines = table(["flag", "meaning", "commands"])
     for name, flag in FLAGS.items():
         takers = [command for command, names in commands.items() if name in names]
         if not takers:
@@ -547,5 +548,5 @@ def flag_table(commands: dict[str, Sequence[str]]) -> str:
         text = flag.help.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
         if flag.default is not None and "default" not in text:
             text += f" (default: {flag.default})"
-        lines.append(f"| {shown} | {text} | {', '.join(takers)} |")
+        lines.append(table_row([shown, text, ", ".join(takers)]))
     return "\n".join(lines)

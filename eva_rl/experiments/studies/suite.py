@@ -590,18 +590,17 @@ def _published_markdown(report: SuiteReport) -> list[str]:
         f"Mean over the tasks of each task's mean final {report.score} over seeds (each task weighs the same), "
         f"95% stratified-bootstrap CI ({report.resamples:,} resamples), beside the paper's figure.{balanced}",
         "",
-        f"| method | tasks | mean final {report.score} | " + (f"seeds {seeds} | " if seeds else "") + "published |",
-        "|---|---|---|" + ("---|" if seeds else "") + "---|",
+        *table(["method", "tasks", f"mean final {report.score}", *([f"seeds {seeds}"] if seeds else []), "published"]),
     ]
     # a row per method, a dash where the paper (or the balanced column) has no figure for it
     for method, mean in comparison.means.items():
         figure = comparison.published.scores.get(method)
-        cells = [str(comparison.tasks[method]), mean.format(spec)]
+        cells = [method, str(comparison.tasks[method]), mean.format(spec)]
         if seeds:
             common = comparison.common_means.get(method)
             cells.append("-" if common is None else common.format(spec))
         cells.append("-" if figure is None else f"{figure:{spec}}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append(table_row(cells))
     return [*lines, "", *published_notes(comparison.published), ""]
 
 
